@@ -1,0 +1,117 @@
+//! Auth bodies (seed 000 §1): register, login, refresh.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// `POST /api/auth/register/`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct RegisterRequest {
+    pub email: String,
+    pub password: String,
+    #[serde(default)]
+    pub username: Option<String>,
+}
+
+/// `POST /api/auth/login/`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct LoginRequest {
+    pub email: String,
+    pub password: String,
+}
+
+/// `POST /api/auth/refresh/`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct RefreshRequest {
+    pub refresh: String,
+}
+
+/// Answer of login and refresh: a short-lived access JWT and a single-use refresh token.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct TokenPair {
+    pub access: String,
+    pub refresh: String,
+}
+
+/// Answer of register.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct RegisteredUser {
+    pub id: String,
+    pub email: String,
+    pub username: Option<String>,
+}
+
+/// The smallest password length accepted at registration.
+pub const MIN_PASSWORD_LEN: usize = 8;
+/// The largest password accepted (bounds hashing cost).
+pub const MAX_PASSWORD_LEN: usize = 256;
+
+/// Checks an email address for the shape `local@domain.tld` and normalises it to lower case.
+pub fn normalize_email(email: &str) -> Result<String, &'static str> {
+    let email = email.trim();
+    if email.is_empty() {
+        return Err("email is required");
+    }
+    if email.len() > 254 || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("email is not a valid address");
+    }
+    let Some((local, domain)) = email.split_once('@') else {
+        return Err("email is not a valid address");
+    };
+    if local.is_empty() || domain.contains('@') || !domain.contains('.') || domain.starts_with('.')
+        || domain.ends_with('.')
+    {
+        return Err("email is not a valid address");
+    }
+    Ok(email.to_ascii_lowercase())
+}
+
+/// Refuses empty, short, overlong and single-character-class passwords.
+pub fn check_password_strength(password: &str) -> Result<(), String> {
+    if password.is_empty() {
+        return Err("password is required".into());
+    }
+    let chars = password.chars().count();
+    if chars < MIN_PASSWORD_LEN {
+        return Err(format!("password must be at least {MIN_PASSWORD_LEN} characters"));
+    }
+    if password.len() > MAX_PASSWORD_LEN {
+        return Err(format!("password must be at most {MAX_PASSWORD_LEN} bytes"));
+    }
+    let classes = [
+        password.chars().any(|c| c.is_ascii_lowercase()),
+        password.chars().any(|c| c.is_ascii_uppercase()),
+        password.chars().any(|c| c.is_ascii_digit()),
+        password.chars().any(|c| !c.is_ascii_alphanumeric()),
+    ];
+    if classes.iter().filter(|c| **c).count() < 2 {
+        return Err("password is too weak: mix letters with digits, capitals or symbols".into());
+    }
+    let first = password.chars().next();
+    if password.chars().all(|c| Some(c) == first) {
+        return Err("password is too weak".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_are_checked_and_lowercased() {
+        assert_eq!(normalize_email(" Ann@Example.COM ").unwrap(), "ann@example.com");
+        for bad in ["", "ann", "ann@", "@x.io", "ann@localhost", "a b@x.io", "a@b@x.io", "a@.x"] {
+            assert!(normalize_email(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn weak_passwords_are_refused() {
+        for bad in ["", "short1", "alllowercase", "12345678", "AAAAAAAAAA"] {
+            assert!(check_password_strength(bad).is_err(), "{bad:?} must be refused");
+        }
+        assert!(check_password_strength(&"a1".repeat(200)).is_err(), "overlong");
+        assert!(check_password_strength("correct horse 1").is_ok());
+        assert!(check_password_strength("Tr0ub4dor&3").is_ok());
+    }
+}

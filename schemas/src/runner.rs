@@ -1,0 +1,194 @@
+//! The runner protocol (`/runner/v1/*`): registration, the runner's outbound WebSocket to its
+//! queue, and the idempotent event batches a runner posts for the jobs it holds.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::events::LogStream;
+use crate::jobs::{Iteration, RalphParams};
+use crate::status::{CompletionReason, JobType};
+
+/// `POST /runner/v1/register` (bearer: the operator's registration token).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct RegisterRunnerRequest {
+    pub name: String,
+}
+
+/// Answer of `POST /runner/v1/register`. The token is shown once; the edge keeps only its hash.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct RegisterRunnerResponse {
+    pub runner_id: String,
+    pub token: String,
+}
+
+/// A job a runner holds, with the lease it holds it under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct HeldJob {
+    pub job_id: String,
+    pub lease_id: String,
+}
+
+/// Messages a runner sends on `/runner/v1/connect`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RunnerMessage {
+    /// First message after connecting: free capacity and the jobs still running here (after a
+    /// reconnect), whose leases the queue re-attaches to this socket.
+    Hello { name: String, capacity: u32, running: Vec<HeldJob>, version: String },
+    /// Sent every `heartbeat_secs`: renews the leases of the jobs listed.
+    Heartbeat { running: Vec<HeldJob> },
+    /// The answer to an [`EdgeMessage::Request`].
+    Reply { request_id: String, result: Value },
+}
+
+/// A repository a runner is asked to mirror or fetch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RepoSpec {
+    pub github_org: String,
+    pub github_repo: String,
+}
+
+/// The per-repository outcome of a sync or clone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RepoResult {
+    pub repo: String,
+    pub success: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// An edge-to-runner request that expects a [`RunnerMessage::Reply`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum RunnerRequest {
+    /// `git fetch` every listed mirror (`POST /sync`); reply: `Vec<RepoResult>`.
+    Sync { repos: Vec<RepoSpec> },
+    /// Create (or refresh) the bare mirror of every listed repository; reply: `Vec<RepoResult>`.
+    Clone { repos: Vec<RepoSpec> },
+}
+
+/// Everything a runner needs to run one job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Assignment {
+    pub job_id: String,
+    pub lease_id: String,
+    /// 1 for the first dispatch, +1 for each requeue.
+    pub attempt: u32,
+    pub job_type: JobType,
+    pub prompt: String,
+    pub title: Option<String>,
+    pub branch_name: String,
+    pub github_org: String,
+    pub github_repo: String,
+    /// The branch the work starts from and the pull request targets; the remote's HEAD if absent.
+    pub base_branch: Option<String>,
+    pub ralph: Option<RalphParams>,
+}
+
+/// Messages the queue sends to a runner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EdgeMessage {
+    /// Answer to `hello`.
+    Welcome { runner_id: String, heartbeat_secs: u32, lease_secs: u32 },
+    /// Run this job now.
+    Assign { assignment: Assignment },
+    /// Stop this job at once (container or process killed, worktree removed).
+    Cancel { job_id: String },
+    /// A user's message for a running task job's agent.
+    Deliver { job_id: String, message: String },
+    /// Finish a task job: close the agent's input and complete.
+    Complete { job_id: String },
+    /// Stop a ralph job after its current iteration.
+    Stop { job_id: String },
+    /// Repository work answered with a `reply`.
+    Request { request_id: String, request: RunnerRequest },
+    /// A protocol error (the socket stays open).
+    Error { message: String },
+}
+
+/// What a runner reports about a job it holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RunnerEvent {
+    /// A line of output or a system note.
+    Log { stream: LogStream, content: String },
+    /// A structured agent event (one line of `claude-stream-json`).
+    Agent { event: Value },
+    /// The job started running on this runner.
+    Started { message: String },
+    /// A ralph iteration finished.
+    Iteration { iteration: Iteration },
+    /// The job ended.
+    Finished {
+        outcome: Outcome,
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pr_url: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        completion_reason: Option<CompletionReason>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        total_iterations: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error_message: Option<String>,
+    },
+}
+
+/// How a job ended on the runner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Completed,
+    Failed,
+}
+
+/// One event with its runner-side index: dense from 0 per lease, so a retried batch is stored once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct IndexedEvent {
+    pub index: u64,
+    #[serde(flatten)]
+    pub event: RunnerEvent,
+}
+
+/// `POST /runner/v1/jobs/<job_id>/events` (bearer: the runner token).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct EventBatch {
+    pub lease_id: String,
+    pub events: Vec<IndexedEvent>,
+}
+
+/// Answer to an [`EventBatch`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct BatchAck {
+    /// Events stored by this call.
+    pub stored: u32,
+    /// Events already stored by an earlier try of the same batch.
+    pub duplicates: u32,
+    /// False when the lease is no longer this runner's (cancelled, requeued): stop the job.
+    pub lease_valid: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn indexed_events_are_flat() {
+        let ev = IndexedEvent { index: 4, event: RunnerEvent::Log { stream: LogStream::Stdout, content: "hi".into() } };
+        let v = serde_json::to_value(&ev).unwrap();
+        assert_eq!(v, json!({"index": 4, "type": "log", "stream": "stdout", "content": "hi"}));
+        assert_eq!(serde_json::from_value::<IndexedEvent>(v).unwrap(), ev);
+    }
+
+    #[test]
+    fn edge_messages_are_tagged() {
+        let m = EdgeMessage::Cancel { job_id: "j".into() };
+        assert_eq!(serde_json::to_value(&m).unwrap(), json!({"type": "cancel", "job_id": "j"}));
+        let r = EdgeMessage::Request { request_id: "r".into(), request: RunnerRequest::Sync { repos: vec![] } };
+        assert_eq!(serde_json::to_value(&r).unwrap()["request"]["op"], "sync");
+    }
+}
