@@ -1,1 +1,30 @@
+//! Kiln's control plane: a Cloudflare Worker. Pure logic (auth, queue) is plain Rust tested
+//! natively; the Worker entry, handlers and Durable Objects build only for wasm32.
 
+pub mod auth;
+pub mod queue_core;
+pub mod time;
+
+#[cfg(target_arch = "wasm32")]
+mod api;
+#[cfg(target_arch = "wasm32")]
+mod env;
+#[cfg(target_arch = "wasm32")]
+mod http;
+#[cfg(target_arch = "wasm32")]
+mod job_room;
+#[cfg(target_arch = "wasm32")]
+mod queue_object;
+#[cfg(target_arch = "wasm32")]
+mod store;
+
+#[cfg(target_arch = "wasm32")]
+pub use job_room::JobRoom;
+#[cfg(target_arch = "wasm32")]
+pub use queue_object::Queue;
+
+#[cfg(target_arch = "wasm32")]
+#[worker::event(fetch)]
+async fn fetch(req: worker::Request, env: worker::Env, _ctx: worker::Context) -> worker::Result<worker::Response> {
+    api::handle(req, env).await
+}

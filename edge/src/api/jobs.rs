@@ -1,0 +1,376 @@
+//! Seed 003's jobs API over the core: the job index in D1, the job's room, its queue.
+
+use kiln_schemas::events::{EventBody, ServerEvent};
+use kiln_schemas::jobs::{
+    generated_branch, CancelResponse, CreateJobResponse, Health, IterationList, JobList, JobTarget, ListQuery, NewJob,
+    QueueCounts, QueueView, RetryResponse, RunnerCounts,
+};
+use kiln_schemas::runner::Assignment;
+use kiln_schemas::status::{JobStatus, JobType};
+use worker::{Method, Request};
+
+use super::Ctx;
+use crate::auth::Principal;
+use crate::env::{self, new_id, now_ms};
+use crate::http::{self, body_json, json, json_status, ApiError, ApiResult};
+use crate::job_room::{InitRequest, RoomMeta, TransitionRequest, TransitionResult};
+use crate::queue_core::Pending;
+use crate::queue_object::{EnqueueRequest, Position, Stats};
+use crate::store::{self, JobPatch, JobRow};
+use crate::time::rfc3339;
+
+const DEFAULT_QUEUE: &str = "default";
+
+async fn stats(ctx: &Ctx) -> ApiResult<Stats> {
+    http::call(&env::queue(&ctx.env, DEFAULT_QUEUE)?, Method::Get, "/stats", None::<&()>).await
+}
+
+pub async fn health(ctx: &Ctx) -> ApiResult {
+    let st = stats(ctx).await?;
+    json(&Health {
+        status: "ok".into(),
+        queue: QueueCounts { running: st.running, queued: st.queued, max_concurrent: st.max_concurrent },
+        runners: RunnerCounts { connected: st.runners_connected, free_slots: st.free_slots },
+    })
+}
+
+pub async fn queue(ctx: &Ctx, who: &Principal) -> ApiResult {
+    let q = env::queue(&ctx.env, DEFAULT_QUEUE)?;
+    let path = format!("/snapshot?owner={}", urlencode(who.owner()));
+    json(&http::call::<QueueView>(&q, Method::Get, &path, None::<&()>).await?)
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub async fn list(req: Request, ctx: &Ctx, who: &Principal) -> ApiResult {
+    let url = req.url()?;
+    let pairs: Vec<(String, String)> = url.query_pairs().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let q = ListQuery::parse(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))).map_err(ApiError::BadRequest)?;
+    let (rows, total) = store::list_jobs(&env::db(&ctx.env)?, who.owner(), &q).await?;
+    json(&JobList { jobs: rows.iter().map(JobRow::view).collect(), total })
+}
+
+async fn room_events(ctx: &Ctx, job_id: &str, kind: Option<&str>) -> ApiResult<Vec<ServerEvent>> {
+    let room = env::job_room(&ctx.env, job_id)?;
+    let path = match kind {
+        Some(k) => format!("/events?kind={k}"),
+        None => "/events".to_string(),
+    };
+    http::call(&room, Method::Get, &path, None::<&()>).await
+}
+
+pub async fn get(req: Request, ctx: &Ctx, who: &Principal, id: &str) -> ApiResult {
+    let row = store::owned_job(&env::db(&ctx.env)?, id, who.owner()).await?;
+    let mut view = row.view();
+    let url = req.url()?;
+    let include = url.query_pairs().any(|(k, v)| k == "includeMessages" && (v == "true" || v == "1"));
+    if include {
+        let events = room_events(ctx, id, None).await?;
+        view.messages = Some(events.iter().filter_map(|e| e.body.as_job_message()).collect());
+    }
+    json(&view)
+}
+
+/// Resolves where a new job's code lives; a client must be the caller's own.
+async fn resolve_target(ctx: &Ctx, who: &Principal, job: &NewJob) -> ApiResult<(String, String, Option<String>, Option<String>, Option<String>)> {
+    let db = env::db(&ctx.env)?;
+    match &job.target {
+        JobTarget::Repo { github_org, github_repo } => {
+            Ok((github_org.clone(), github_repo.clone(), None, job.repository_id.clone(), None))
+        }
+        JobTarget::Client { client_id } => {
+            let client = store::get_client(&db, client_id, who.owner())
+                .await?
+                .ok_or_else(|| ApiError::NotFound("client not found".into()))?;
+            let repos = store::repos_of_owner(&db, who.owner()).await?;
+            let repo = match &job.repository_id {
+                Some(rid) => repos.iter().find(|r| &r.id == rid && r.client_id == client.id),
+                None => repos.iter().find(|r| r.client_id == client.id),
+            }
+            .ok_or_else(|| ApiError::BadRequest("the client has no such repository; add one with POST /clients/:id/repository".into()))?;
+            Ok((
+                repo.owner_name.clone(),
+                repo.repo_name.clone(),
+                Some(client.id.clone()),
+                Some(repo.id.clone()),
+                Some(repo.default_branch.clone()),
+            ))
+        }
+    }
+}
+
+/// Stores a validated job, opens its room and queues it.
+async fn submit(ctx: &Ctx, who: &Principal, job: NewJob, original_job_id: Option<String>, branch_override: Option<String>) -> ApiResult<(JobRow, u32)> {
+    let (github_org, github_repo, client_id, repository_id, base_branch) = resolve_target(ctx, who, &job).await?;
+    let id = new_id();
+    let now = now_ms();
+    let created_at = rfc3339(now);
+    let branch_name = branch_override
+        .or(job.branch_name.clone())
+        .unwrap_or_else(|| generated_branch(job.job_type, &id));
+    let params = serde_json::json!({ "ralph": job.ralph });
+    let row = JobRow {
+        id: id.clone(),
+        owner: who.owner().to_string(),
+        job_type: job.job_type.as_str().to_string(),
+        status: JobStatus::Queued.as_str().to_string(),
+        queue: DEFAULT_QUEUE.to_string(),
+        prompt: job.prompt.clone(),
+        title: job.title.clone(),
+        branch_name: branch_name.clone(),
+        client_id,
+        feature_id: job.feature_id.clone(),
+        repository_id,
+        github_org: github_org.clone(),
+        github_repo: github_repo.clone(),
+        base_branch: base_branch.clone(),
+        created_by_team_member_id: job.created_by_team_member_id.clone(),
+        params: params.to_string(),
+        priority: job.priority as i64,
+        attempts: 0,
+        pr_url: None,
+        completion_reason: None,
+        total_iterations: None,
+        error_message: None,
+        original_job_id: original_job_id.clone(),
+        created_at: created_at.clone(),
+        updated_at: created_at.clone(),
+        started_at: None,
+        completed_at: None,
+        created_ms: now,
+        status_seq: 0,
+        client_name: None,
+    };
+    store::insert_job(&env::db(&ctx.env)?, &row).await?;
+
+    let room = env::job_room(&ctx.env, &id)?;
+    let message = match &original_job_id {
+        Some(orig) => format!("job queued (retry of {orig})"),
+        None => "job queued".to_string(),
+    };
+    let meta = RoomMeta {
+        job_id: id.clone(),
+        owner: row.owner.clone(),
+        job_type: job.job_type,
+        queue: row.queue.clone(),
+        status: JobStatus::Queued,
+        lease_id: None,
+        attempt: 0,
+    };
+    let _: RoomMeta = http::call(&room, Method::Post, "/init", Some(&InitRequest { meta, message })).await?;
+
+    let pending = Pending {
+        job_id: id.clone(),
+        priority: job.priority,
+        order: 0,
+        attempts: 0,
+        owner: row.owner.clone(),
+        title: job.title.clone(),
+        created_at: created_at.clone(),
+    };
+    let assignment = Assignment {
+        job_id: id.clone(),
+        lease_id: String::new(),
+        attempt: 0,
+        job_type: job.job_type,
+        prompt: job.prompt.clone(),
+        title: job.title.clone(),
+        branch_name,
+        github_org,
+        github_repo,
+        base_branch,
+        ralph: job.ralph.clone(),
+    };
+    let q = env::queue(&ctx.env, &row.queue)?;
+    let pos: Position = http::call(&q, Method::Post, "/enqueue", Some(&EnqueueRequest { pending, assignment })).await?;
+    Ok((row, pos.position))
+}
+
+pub async fn create(mut req: Request, ctx: &Ctx, who: &Principal) -> ApiResult {
+    let body = body_json(&mut req).await?;
+    let job = NewJob::parse(&body).map_err(ApiError::BadRequest)?;
+    let (row, position) = submit(ctx, who, job.clone(), None, None).await?;
+    let ralph = job.ralph;
+    Ok(json_status(
+        &CreateJobResponse {
+            id: row.id,
+            status: JobStatus::Queued,
+            position,
+            branch_name: row.branch_name,
+            created_at: row.created_at,
+            job_type: Some(job.job_type),
+            max_iterations: ralph.as_ref().map(|r| r.max_iterations),
+            completion_promise: ralph.as_ref().map(|r| r.completion_promise.clone()),
+            feedback_commands: ralph.as_ref().map(|r| r.feedback_commands.clone()),
+        },
+        201,
+    ))
+}
+
+async fn transition(ctx: &Ctx, job_id: &str, to: JobStatus, message: &str) -> ApiResult<TransitionResult> {
+    let room = env::job_room(&ctx.env, job_id)?;
+    let req = TransitionRequest {
+        to,
+        message: message.to_string(),
+        patch: JobPatch::default(),
+        lease: None,
+        if_lease: None,
+        from_queue: false,
+    };
+    http::call(&room, Method::Post, "/transition", Some(&req)).await
+}
+
+pub async fn cancel(ctx: &Ctx, who: &Principal, id: &str) -> ApiResult {
+    let row = store::owned_job(&env::db(&ctx.env)?, id, who.owner()).await?;
+    let moved = transition(ctx, id, JobStatus::Cancelled, "job cancelled by user").await.map_err(|e| match e {
+        ApiError::Conflict(_) => ApiError::BadRequest(format!("job is {}; only queued or running jobs can be cancelled", row.status)),
+        other => other,
+    })?;
+    json(&CancelResponse { id: id.to_string(), status: JobStatus::Cancelled, was_running: moved.from == JobStatus::Running })
+}
+
+pub async fn retry(ctx: &Ctx, who: &Principal, id: &str) -> ApiResult {
+    let row = store::owned_job(&env::db(&ctx.env)?, id, who.owner()).await?;
+    if !matches!(row.status(), JobStatus::Failed | JobStatus::Cancelled) {
+        return Err(ApiError::BadRequest(format!("job is {}; only failed or cancelled jobs can be retried", row.status)));
+    }
+    let target = match (&row.client_id, &row.repository_id) {
+        (Some(client_id), _) => JobTarget::Client { client_id: client_id.clone() },
+        _ => JobTarget::Repo { github_org: row.github_org.clone(), github_repo: row.github_repo.clone() },
+    };
+    let job = NewJob {
+        prompt: row.prompt.clone(),
+        target,
+        branch_name: Some(row.branch_name.clone()),
+        job_type: row.job_type(),
+        feature_id: row.feature_id.clone(),
+        repository_id: row.repository_id.clone(),
+        title: row.title.clone(),
+        created_by_team_member_id: row.created_by_team_member_id.clone(),
+        ralph: row.ralph(),
+        priority: row.priority as i32,
+    };
+    let branch = format!("{}-retry-{}", row.branch_name, now_ms());
+    let (new_row, position) = submit(ctx, who, job, Some(row.id.clone()), Some(branch)).await?;
+    // The original's channel says where its work went.
+    let room = env::job_room(&ctx.env, id)?;
+    let note = EventBody::Log {
+        stream: kiln_schemas::events::LogStream::System,
+        content: format!("retried as job {}", new_row.id),
+        timestamp: rfc3339(now_ms()),
+    };
+    let _: serde_json::Value = http::call(&room, Method::Post, "/append", Some(&serde_json::json!({ "events": [note] }))).await?;
+    Ok(json_status(
+        &RetryResponse {
+            id: new_row.id,
+            original_job_id: row.id,
+            status: JobStatus::Queued,
+            branch_name: new_row.branch_name,
+            position,
+            created_at: new_row.created_at,
+        },
+        201,
+    ))
+}
+
+/// Relays to the runner that holds a running job.
+async fn relay(ctx: &Ctx, row: &JobRow, kind: &str, message: Option<&str>) -> ApiResult<()> {
+    let q = env::queue(&ctx.env, &row.queue)?;
+    let body = serde_json::json!({ "job_id": row.id, "kind": kind, "message": message });
+    let _: serde_json::Value = http::call(&q, Method::Post, "/relay", Some(&body)).await?;
+    Ok(())
+}
+
+pub async fn message(mut req: Request, ctx: &Ctx, who: &Principal, id: &str) -> ApiResult {
+    let row = store::owned_job(&env::db(&ctx.env)?, id, who.owner()).await?;
+    let body = body_json(&mut req).await?;
+    let text = match body.get("message") {
+        Some(serde_json::Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        Some(serde_json::Value::String(_)) | None | Some(serde_json::Value::Null) => {
+            return Err(ApiError::BadRequest("message is required".into()))
+        }
+        Some(_) => return Err(ApiError::BadRequest("message must be a string".into())),
+    };
+    if text.len() > kiln_schemas::events::MAX_CHAT_BYTES {
+        return Err(ApiError::BadRequest("message is over 64 KiB".into()));
+    }
+    if row.job_type() != JobType::Task {
+        return Err(ApiError::BadRequest("not a task job: only task jobs accept messages".into()));
+    }
+    if row.status() != JobStatus::Running {
+        return Err(ApiError::BadRequest(format!("job is {}; messages go to running task jobs only", row.status)));
+    }
+    relay(ctx, &row, "deliver", Some(&text)).await?;
+    let room = env::job_room(&ctx.env, id)?;
+    let _: serde_json::Value = http::call(
+        &room,
+        Method::Post,
+        "/user-message",
+        Some(&serde_json::json!({ "sender": who.display_name(), "content": text })),
+    )
+    .await?;
+    json(&serde_json::json!({ "id": id, "messageSent": true }))
+}
+
+pub async fn complete(ctx: &Ctx, who: &Principal, id: &str) -> ApiResult {
+    let row = store::owned_job(&env::db(&ctx.env)?, id, who.owner()).await?;
+    if row.job_type() != JobType::Task {
+        return Err(ApiError::BadRequest("not a task job".into()));
+    }
+    match row.status() {
+        JobStatus::Running => {
+            relay(ctx, &row, "complete", None).await?;
+            json(&serde_json::json!({ "id": id, "status": "completing" }))
+        }
+        JobStatus::Queued => {
+            // Nothing ran yet: there is no session to finish.
+            Err(ApiError::BadRequest("job is queued; cancel it instead".into()))
+        }
+        other => Err(ApiError::BadRequest(format!("job is {}; only running task jobs can be completed", other.as_str()))),
+    }
+}
+
+pub async fn stop(ctx: &Ctx, who: &Principal, id: &str) -> ApiResult {
+    let row = store::owned_job(&env::db(&ctx.env)?, id, who.owner()).await?;
+    if row.job_type() != JobType::Ralph {
+        return Err(ApiError::BadRequest("not a ralph job".into()));
+    }
+    if row.status() != JobStatus::Running {
+        return Err(ApiError::BadRequest(format!("job is {}; only running ralph jobs can be stopped", row.status)));
+    }
+    relay(ctx, &row, "stop", None).await?;
+    json(&serde_json::json!({
+        "id": id,
+        "message": "Stop requested - job will complete after current iteration and create PR with partial work"
+    }))
+}
+
+pub async fn iterations(ctx: &Ctx, who: &Principal, id: &str) -> ApiResult {
+    let row = store::owned_job(&env::db(&ctx.env)?, id, who.owner()).await?;
+    if row.job_type() != JobType::Ralph {
+        return Err(ApiError::BadRequest("not a ralph job".into()));
+    }
+    let events = room_events(ctx, id, Some("iteration")).await?;
+    let iterations: Vec<_> = events
+        .into_iter()
+        .filter_map(|e| match e.body {
+            EventBody::Iteration { iteration, .. } => Some(iteration),
+            _ => None,
+        })
+        .collect();
+    let view = row.view();
+    json(&IterationList {
+        job_id: row.id.clone(),
+        current_iteration: iterations.iter().map(|i| i.iteration_number).max().unwrap_or(0),
+        max_iterations: view.max_iterations.unwrap_or(kiln_schemas::jobs::DEFAULT_MAX_ITERATIONS),
+        completion_reason: view.completion_reason,
+        iterations,
+    })
+}

@@ -1,0 +1,123 @@
+//! The Worker's routes: one flat table, each face in its own module. Authentication happens here,
+//! once, before any handler runs.
+
+mod auth;
+mod clients;
+mod jobs;
+mod runner;
+mod ws;
+
+use worker::{Env, Method, Request, Response};
+
+use crate::auth::{bearer, jwt, tokens, Principal};
+use crate::env::{now_ms, Config};
+use crate::http::{ApiError, ApiResult};
+use crate::time::from_ms;
+
+/// Everything a handler needs.
+pub struct Ctx {
+    pub env: Env,
+    pub config: Config,
+}
+
+pub async fn handle(req: Request, env: Env) -> worker::Result<Response> {
+    let ctx = Ctx { config: Config::from_env(&env), env };
+    Ok(route(req, &ctx).await.unwrap_or_else(ApiError::into_response))
+}
+
+async fn route(req: Request, ctx: &Ctx) -> ApiResult {
+    let path = req.path();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let method = req.method();
+    match (method.clone(), segments.as_slice()) {
+        // Unauthenticated.
+        // `GET /health`: queue counts (seed 003).
+        (Method::Get, ["health"]) => jobs::health(ctx).await,
+        // `POST /api/auth/register/`
+        (Method::Post, ["api", "auth", "register"]) => auth::register(req, ctx).await,
+        // `POST /api/auth/login/`
+        (Method::Post, ["api", "auth", "login"]) => auth::login(req, ctx).await,
+        // `POST /api/auth/refresh/`
+        (Method::Post, ["api", "auth", "refresh"]) => auth::refresh(req, ctx).await,
+        // Runner protocol: its own credentials.
+        (_, ["runner", "v1", rest @ ..]) => runner::route(req, ctx, method, rest).await,
+        // The live channel: header or (dev) query token.
+        // `GET /ws/jobs/<id>/` (WebSocket)
+        (Method::Get, ["ws", "jobs", job_id]) => {
+            let who = authenticate_socket(&req, ctx).await?;
+            ws::connect(req, ctx, &who, job_id).await
+        }
+        _ => {
+            let who = authenticate(&req, ctx).await?;
+            route_authenticated(req, ctx, &who, method, &segments).await
+        }
+    }
+}
+
+async fn route_authenticated(req: Request, ctx: &Ctx, who: &Principal, method: Method, segments: &[&str]) -> ApiResult {
+    match (method, segments) {
+        // `GET /jobs` · `POST /jobs`
+        (Method::Get, ["jobs"]) => jobs::list(req, ctx, who).await,
+        (Method::Post, ["jobs"]) => jobs::create(req, ctx, who).await,
+        // `GET /jobs/:id`
+        (Method::Get, ["jobs", id]) => jobs::get(req, ctx, who, id).await,
+        // `POST /jobs/:id/cancel` · `retry` · `message` · `complete` · `stop`
+        (Method::Post, ["jobs", id, "cancel"]) => jobs::cancel(ctx, who, id).await,
+        (Method::Post, ["jobs", id, "retry"]) => jobs::retry(ctx, who, id).await,
+        (Method::Post, ["jobs", id, "message"]) => jobs::message(req, ctx, who, id).await,
+        (Method::Post, ["jobs", id, "complete"]) => jobs::complete(ctx, who, id).await,
+        (Method::Post, ["jobs", id, "stop"]) => jobs::stop(ctx, who, id).await,
+        // `GET /jobs/:id/iterations`
+        (Method::Get, ["jobs", id, "iterations"]) => jobs::iterations(ctx, who, id).await,
+        // `GET /queue`
+        (Method::Get, ["queue"]) => jobs::queue(ctx, who).await,
+        // `GET /clients` · `POST /clients` (Kiln's way to create one)
+        (Method::Get, ["clients"]) => clients::list(ctx, who).await,
+        (Method::Post, ["clients"]) => clients::create(req, ctx, who).await,
+        // `GET /clients/:id` · `POST /clients/:id/repository`
+        (Method::Get, ["clients", id]) => clients::get(ctx, who, id).await,
+        (Method::Post, ["clients", id, "repository"]) => clients::add_repository(req, ctx, who, id).await,
+        // `POST /sync` · `POST /repos/clone` · `POST /repos/:id/clone`
+        (Method::Post, ["sync"]) => clients::sync(ctx, who).await,
+        (Method::Post, ["repos", "clone"]) => clients::clone_all(ctx, who).await,
+        (Method::Post, ["repos", id, "clone"]) => clients::clone_one(ctx, who, id).await,
+        _ => Err(ApiError::NotFound("no such endpoint".into())),
+    }
+}
+
+/// Checks a bearer token: the service credential or a user's access JWT.
+fn principal_from_token(token: &str, config: &Config) -> ApiResult<Principal> {
+    if !config.agent_api_secret.is_empty()
+        && tokens::constant_time_eq(token.as_bytes(), config.agent_api_secret.as_bytes())
+    {
+        return Ok(Principal::Service);
+    }
+    if config.jwt_secret.is_empty() {
+        return Err(ApiError::Internal("JWT_SECRET is not set".into()));
+    }
+    jwt::verify(config.jwt_secret.as_bytes(), token, from_ms(now_ms())).map_err(|e| ApiError::Unauthorized(e.to_string()))
+}
+
+async fn authenticate(req: &Request, ctx: &Ctx) -> ApiResult<Principal> {
+    let header = req.headers().get("authorization")?;
+    let Some(header) = header else {
+        return Err(ApiError::Unauthorized("authentication required: send Authorization: Bearer <token>".into()));
+    };
+    let token = bearer(Some(&header)).ok_or_else(|| ApiError::Unauthorized("malformed Authorization header".into()))?;
+    principal_from_token(token, &ctx.config)
+}
+
+/// Sockets: the header as for requests, or `?token=` while `ALLOW_WS_TOKEN_QUERY=true`.
+async fn authenticate_socket(req: &Request, ctx: &Ctx) -> ApiResult<Principal> {
+    if req.headers().get("authorization")?.is_some() {
+        return authenticate(req, ctx).await;
+    }
+    let url = req.url()?;
+    match url.query_pairs().find(|(k, _)| k == "token") {
+        Some(_) if !ctx.config.allow_ws_token_query => {
+            Err(ApiError::Unauthorized("?token= is disabled; send Authorization: Bearer <token>".into()))
+        }
+        Some((_, token)) => principal_from_token(&token, &ctx.config),
+        None => Err(ApiError::Unauthorized("authentication required".into())),
+    }
+}

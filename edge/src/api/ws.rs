@@ -1,0 +1,34 @@
+//! `/ws/jobs/<id>/`: the per-job live channel (seed 000 §4), served by the job's room.
+
+use worker::{Headers, Request, RequestInit};
+
+use super::Ctx;
+use crate::auth::Principal;
+use crate::env;
+use crate::http::{ApiError, ApiResult};
+use crate::store;
+
+pub async fn connect(req: Request, ctx: &Ctx, who: &Principal, job_id: &str) -> ApiResult {
+    let upgrade = req.headers().get("upgrade")?.unwrap_or_default();
+    if !upgrade.eq_ignore_ascii_case("websocket") {
+        return Err(ApiError::BadRequest("this endpoint expects a WebSocket upgrade".into()));
+    }
+    // Owner-scoped like every other read: another user's job is a 404.
+    store::owned_job(&env::db(&ctx.env)?, job_id, who.owner()).await?;
+    let url = req.url()?;
+    let after = url.query_pairs().find(|(k, _)| k == "after").map(|(_, v)| v.to_string());
+    let mut target = worker::Url::parse("https://room/ws").expect("static url");
+    {
+        let mut q = target.query_pairs_mut();
+        if let Some(after) = &after {
+            q.append_pair("after", after);
+        }
+        q.append_pair("sender", who.display_name());
+    }
+    let headers = Headers::new();
+    headers.set("upgrade", "websocket")?;
+    let mut init = RequestInit::new();
+    init.with_headers(headers);
+    let forwarded = Request::new_with_init(target.as_str(), &init)?;
+    Ok(env::job_room(&ctx.env, job_id)?.fetch_with_request(forwarded).await?)
+}

@@ -1,0 +1,76 @@
+//! Typed access to the Worker's bindings, vars and secrets.
+
+use worker::{Env, ObjectNamespace, Stub, D1Database};
+
+use crate::queue_core::Limits;
+
+pub struct Config {
+    pub jwt_secret: String,
+    pub agent_api_secret: String,
+    pub runner_registration_token: String,
+    pub access_ttl_secs: i64,
+    pub refresh_ttl_secs: i64,
+    pub allow_ws_token_query: bool,
+    pub limits: Limits,
+    pub heartbeat_secs: u32,
+}
+
+fn var(env: &Env, name: &str) -> Option<String> {
+    env.secret(name).ok().map(|s| s.to_string()).or_else(|| env.var(name).ok().map(|v| v.to_string()))
+}
+
+fn num<T: std::str::FromStr>(env: &Env, name: &str, default: T) -> T {
+    var(env, name).and_then(|v| v.trim().parse().ok()).unwrap_or(default)
+}
+
+impl Config {
+    pub fn from_env(env: &Env) -> Config {
+        Config {
+            jwt_secret: var(env, "JWT_SECRET").unwrap_or_default(),
+            agent_api_secret: var(env, "AGENT_API_SECRET").unwrap_or_default(),
+            runner_registration_token: var(env, "RUNNER_REGISTRATION_TOKEN").unwrap_or_default(),
+            access_ttl_secs: num(env, "ACCESS_TOKEN_TTL_SECS", 900),
+            refresh_ttl_secs: num(env, "REFRESH_TOKEN_TTL_SECS", 30 * 24 * 3600),
+            allow_ws_token_query: var(env, "ALLOW_WS_TOKEN_QUERY").is_some_and(|v| v == "true"),
+            limits: Limits {
+                max_concurrent: num(env, "MAX_CONCURRENT_JOBS", 2),
+                lease_ms: num::<i64>(env, "LEASE_SECS", 30) * 1000,
+                max_attempts: num(env, "MAX_ATTEMPTS", 3),
+            },
+            heartbeat_secs: num(env, "HEARTBEAT_SECS", 5),
+        }
+    }
+}
+
+pub fn db(env: &Env) -> worker::Result<D1Database> {
+    env.d1("DB")
+}
+
+fn namespace(env: &Env, binding: &str) -> worker::Result<ObjectNamespace> {
+    env.durable_object(binding)
+}
+
+/// The JobRoom object of a job.
+pub fn job_room(env: &Env, job_id: &str) -> worker::Result<Stub> {
+    namespace(env, "JOB_ROOM")?.id_from_name(job_id)?.get_stub()
+}
+
+/// The Queue object of a queue.
+pub fn queue(env: &Env, name: &str) -> worker::Result<Stub> {
+    namespace(env, "QUEUE")?.id_from_name(name)?.get_stub()
+}
+
+pub fn now_ms() -> i64 {
+    worker::Date::now().as_millis() as i64
+}
+
+/// 16 or 32 random bytes from the runtime's CSPRNG.
+pub fn random<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    getrandom::getrandom(&mut buf).expect("the Workers runtime has crypto.getRandomValues");
+    buf
+}
+
+pub fn new_id() -> String {
+    uuid::Uuid::from_bytes(random::<16>()).to_string()
+}

@@ -1,0 +1,109 @@
+//! One error envelope for every REST answer (`{"error": "..."}`), JSON helpers, and typed calls
+//! between the Worker and its Durable Objects.
+
+use serde::{de::DeserializeOwned, Serialize};
+use worker::{Headers, Method, Request, RequestInit, Response, Stub};
+
+/// An error answer. `Internal` is logged and shown only as "internal error".
+#[derive(Debug)]
+pub enum ApiError {
+    BadRequest(String),
+    Unauthorized(String),
+    NotFound(String),
+    Conflict(String),
+    Unavailable(String),
+    Internal(String),
+}
+
+pub type ApiResult<T = Response> = Result<T, ApiError>;
+
+impl From<worker::Error> for ApiError {
+    fn from(e: worker::Error) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+impl From<serde_json::Error> for ApiError {
+    fn from(e: serde_json::Error) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+impl ApiError {
+    pub fn into_response(self) -> Response {
+        let (status, msg) = match self {
+            ApiError::BadRequest(m) => (400, m),
+            ApiError::Unauthorized(m) => (401, m),
+            ApiError::NotFound(m) => (404, m),
+            ApiError::Conflict(m) => (409, m),
+            ApiError::Unavailable(m) => (503, m),
+            ApiError::Internal(m) => {
+                worker::console_error!("internal error: {m}");
+                (500, "internal error".to_string())
+            }
+        };
+        error_response(status, &msg)
+    }
+}
+
+pub fn error_response(status: u16, msg: &str) -> Response {
+    json_status(&kiln_schemas::ErrorBody { error: msg.to_string() }, status)
+}
+
+pub fn json<T: Serialize>(value: &T) -> ApiResult {
+    Ok(Response::from_json(value)?)
+}
+
+pub fn json_status<T: Serialize>(value: &T, status: u16) -> Response {
+    Response::from_json(value).map(|r| r.with_status(status)).unwrap_or_else(|_| Response::empty().unwrap().with_status(500))
+}
+
+/// Reads a JSON body; malformed JSON is a 400.
+pub async fn body_json(req: &mut Request) -> ApiResult<serde_json::Value> {
+    let text = req.text().await.map_err(|_| ApiError::BadRequest("could not read request body".into()))?;
+    serde_json::from_str(&text).map_err(|_| ApiError::BadRequest("request body is not valid JSON".into()))
+}
+
+/// Reads a typed JSON body; malformed JSON or a wrong shape is a 400.
+pub async fn body_as<T: DeserializeOwned>(req: &mut Request) -> ApiResult<T> {
+    let value = body_json(req).await?;
+    serde_json::from_value(value).map_err(|e| ApiError::BadRequest(format!("invalid request body: {}", strip_serde(&e))))
+}
+
+/// serde's messages name fields and types, never internal state; drop the position suffix.
+fn strip_serde(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    match s.find(" at line ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// A JSON call to a Durable Object's internal API. Answers with status ≥ 400 carrying
+/// `{"error"}` come back as the matching [`ApiError`].
+pub async fn call<T: DeserializeOwned>(stub: &Stub, method: Method, path: &str, body: Option<&impl Serialize>) -> ApiResult<T> {
+    let mut init = RequestInit::new();
+    init.with_method(method);
+    if let Some(body) = body {
+        let headers = Headers::new();
+        headers.set("content-type", "application/json")?;
+        init.with_headers(headers);
+        init.with_body(Some(serde_json::to_string(body)?.into()));
+    }
+    let req = Request::new_with_init(&format!("https://do{path}"), &init)?;
+    let mut resp = stub.fetch_with_request(req).await?;
+    let status = resp.status_code();
+    let text = resp.text().await?;
+    if status >= 400 {
+        let msg = serde_json::from_str::<kiln_schemas::ErrorBody>(&text).map(|e| e.error).unwrap_or(text);
+        return Err(match status {
+            400 => ApiError::BadRequest(msg),
+            401 => ApiError::Unauthorized(msg),
+            404 => ApiError::NotFound(msg),
+            409 => ApiError::Conflict(msg),
+            503 => ApiError::Unavailable(msg),
+            _ => ApiError::Internal(msg),
+        });
+    }
+    Ok(serde_json::from_str(&text)?)
+}

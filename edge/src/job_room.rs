@@ -1,0 +1,469 @@
+//! The JobRoom Durable Object, one per job: the job's event log (dense `seq`), its WebSockets
+//! (hibernation API) and its status as single writer (it updates the job's D1 row).
+//!
+//! Internal API (called by the Worker and the Queue object, never exposed):
+//! `POST /init`, `POST /transition`, `POST /append`, `POST /runner-batch`, `GET /events`, `GET /ws`.
+
+use std::cell::RefCell;
+
+use kiln_schemas::events::{parse_cursor, ClientMessage, EventBody, LogStream, ServerEvent, SocketError};
+use kiln_schemas::runner::{BatchAck, EventBatch, Outcome, RunnerEvent};
+use kiln_schemas::status::{JobStatus, JobType};
+use serde::{Deserialize, Serialize};
+use worker::{
+    durable_object, wasm_bindgen, DurableObject, Env, Method, Request, Response, SqlStorage, SqlStorageValue, State,
+    WebSocket, WebSocketIncomingMessage, WebSocketPair,
+};
+
+use crate::env::{self, now_ms};
+use crate::http::{self, body_as, json, ApiError, ApiResult};
+use crate::store::{self, JobPatch};
+use crate::time::rfc3339;
+
+/// What the room knows of its job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoomMeta {
+    pub job_id: String,
+    pub owner: String,
+    pub job_type: JobType,
+    pub queue: String,
+    pub status: JobStatus,
+    #[serde(default)]
+    pub lease_id: Option<String>,
+    #[serde(default)]
+    pub attempt: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InitRequest {
+    pub meta: RoomMeta,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TransitionRequest {
+    pub to: JobStatus,
+    pub message: String,
+    #[serde(default)]
+    pub patch: JobPatch,
+    /// Set by the queue when it dispatches (`to = running`).
+    #[serde(default)]
+    pub lease: Option<(String, u32)>,
+    /// Only move if the job is currently held under this lease (lease expiry).
+    #[serde(default)]
+    pub if_lease: Option<String>,
+    /// The queue already forgot the job; don't tell it again.
+    #[serde(default)]
+    pub from_queue: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TransitionResult {
+    pub from: JobStatus,
+    pub to: JobStatus,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AppendRequest {
+    pub events: Vec<EventBody>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Appended {
+    pub last_seq: u64,
+}
+
+/// Attached to each socket, so it survives hibernation.
+#[derive(Debug, Serialize, Deserialize)]
+struct SocketInfo {
+    sender: String,
+}
+
+#[durable_object]
+pub struct JobRoom {
+    state: State,
+    env: Env,
+    meta: RefCell<Option<RoomMeta>>,
+    next_seq: RefCell<Option<u64>>,
+}
+
+impl JobRoom {
+    fn sql(&self) -> SqlStorage {
+        self.state.storage().sql()
+    }
+
+    fn ensure_schema(&self) -> worker::Result<()> {
+        let sql = self.sql();
+        sql.exec("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)", None)?;
+        sql.exec("CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, body TEXT NOT NULL)", None)?;
+        sql.exec("CREATE TABLE IF NOT EXISTS runner_idx (lease_id TEXT NOT NULL, idx INTEGER NOT NULL, PRIMARY KEY (lease_id, idx))", None)?;
+        Ok(())
+    }
+
+    fn load_meta(&self) -> ApiResult<Option<RoomMeta>> {
+        if let Some(m) = self.meta.borrow().as_ref() {
+            return Ok(Some(m.clone()));
+        }
+        #[derive(Deserialize)]
+        struct Row {
+            v: String,
+        }
+        let rows: Vec<Row> = self.sql().exec("SELECT v FROM meta WHERE k = 'meta'", None)?.to_array()?;
+        let meta = match rows.first() {
+            Some(r) => Some(serde_json::from_str::<RoomMeta>(&r.v)?),
+            None => None,
+        };
+        *self.meta.borrow_mut() = meta.clone();
+        Ok(meta)
+    }
+
+    fn meta(&self) -> ApiResult<RoomMeta> {
+        self.load_meta()?.ok_or_else(|| ApiError::NotFound("job not found".into()))
+    }
+
+    fn save_meta(&self, meta: &RoomMeta) -> ApiResult<()> {
+        self.sql().exec(
+            "INSERT INTO meta (k, v) VALUES ('meta', ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+            vec![SqlStorageValue::from(serde_json::to_string(meta)?)],
+        )?;
+        *self.meta.borrow_mut() = Some(meta.clone());
+        Ok(())
+    }
+
+    fn next_seq(&self) -> ApiResult<u64> {
+        if let Some(n) = *self.next_seq.borrow() {
+            return Ok(n);
+        }
+        #[derive(Deserialize)]
+        struct Row {
+            m: Option<i64>,
+        }
+        let rows: Vec<Row> = self.sql().exec("SELECT MAX(seq) AS m FROM events", None)?.to_array()?;
+        let n = rows.first().and_then(|r| r.m).unwrap_or(0) as u64 + 1;
+        *self.next_seq.borrow_mut() = Some(n);
+        Ok(n)
+    }
+
+    /// Appends events with the next seqs and sends them to every socket. Synchronous: nothing can
+    /// interleave between the write and the broadcast, which is what makes replay-then-follow exact.
+    fn append(&self, bodies: Vec<EventBody>) -> ApiResult<u64> {
+        let mut seq = self.next_seq()?;
+        let sockets = self.state.get_websockets();
+        for body in bodies {
+            let kind = match &body {
+                EventBody::JobStatus { .. } => "jobStatus",
+                EventBody::StageUpdate { .. } => "stageUpdate",
+                EventBody::Log { .. } => "log",
+                EventBody::Iteration { .. } => "iteration",
+                EventBody::AgentEvent { .. } => "agentEvent",
+            };
+            let text = serde_json::to_string(&ServerEvent { seq, body })?;
+            self.sql().exec(
+                "INSERT INTO events (seq, kind, body) VALUES (?, ?, ?)",
+                vec![SqlStorageValue::from(seq as i64), SqlStorageValue::from(kind.to_string()), SqlStorageValue::from(text.clone())],
+            )?;
+            for ws in &sockets {
+                let _ = ws.send_with_str(&text);
+            }
+            seq += 1;
+        }
+        *self.next_seq.borrow_mut() = Some(seq);
+        Ok(seq - 1)
+    }
+
+    fn events_after(&self, after: u64, kind: Option<&str>) -> ApiResult<Vec<String>> {
+        #[derive(Deserialize)]
+        struct Row {
+            body: String,
+        }
+        let rows: Vec<Row> = match kind {
+            Some(k) => self
+                .sql()
+                .exec(
+                    "SELECT body FROM events WHERE seq > ? AND kind = ? ORDER BY seq",
+                    vec![SqlStorageValue::from(after as i64), SqlStorageValue::from(k.to_string())],
+                )?
+                .to_array()?,
+            None => self
+                .sql()
+                .exec("SELECT body FROM events WHERE seq > ? ORDER BY seq", vec![SqlStorageValue::from(after as i64)])?
+                .to_array()?,
+        };
+        Ok(rows.into_iter().map(|r| r.body).collect())
+    }
+
+    fn status_event(meta: &RoomMeta, message: &str, patch: &JobPatch) -> EventBody {
+        EventBody::JobStatus {
+            job_id: meta.job_id.clone(),
+            status: meta.status.as_str().to_string(),
+            message: message.to_string(),
+            timestamp: rfc3339(now_ms()),
+            pr_url: patch.pr_url.clone(),
+            completion_reason: patch
+                .completion_reason
+                .as_deref()
+                .and_then(|c| serde_json::from_value(serde_json::Value::String(c.into())).ok()),
+            total_iterations: patch.total_iterations.map(|n| n as u32),
+            error_message: patch.error_message.clone(),
+        }
+    }
+
+    async fn init(&self, req: InitRequest) -> ApiResult {
+        if let Some(meta) = self.load_meta()? {
+            return json(&meta);
+        }
+        self.save_meta(&req.meta)?;
+        self.append(vec![Self::status_event(&req.meta, &req.message, &JobPatch::default())])?;
+        json(&req.meta)
+    }
+
+    /// The one place a job's status changes.
+    async fn transition(&self, req: TransitionRequest) -> ApiResult<TransitionResult> {
+        let mut meta = self.meta()?;
+        let from = meta.status;
+        if let Some(lease) = &req.if_lease {
+            if meta.lease_id.as_deref() != Some(lease.as_str()) || from != JobStatus::Running {
+                return Err(ApiError::Conflict("job is no longer held under that lease".into()));
+            }
+        }
+        if !from.can_become(req.to) {
+            return Err(ApiError::Conflict(format!("job is {}; it cannot become {}", from.as_str(), req.to.as_str())));
+        }
+        meta.status = req.to;
+        match (&req.lease, req.to) {
+            (Some((lease_id, attempt)), JobStatus::Running) => {
+                meta.lease_id = Some(lease_id.clone());
+                meta.attempt = *attempt;
+            }
+            _ => meta.lease_id = None,
+        }
+        self.save_meta(&meta)?;
+        let mut patch = req.patch.clone();
+        if req.lease.is_some() {
+            patch.attempts = Some(meta.attempt as i64);
+        }
+        let seq = self.append(vec![Self::status_event(&meta, &req.message, &patch)])?;
+        let db = env::db(&self.env)?;
+        store::update_job_status(&db, &meta.job_id, meta.status, seq, &rfc3339(now_ms()), &patch).await?;
+        if meta.status.is_terminal() && !req.from_queue {
+            let queue = env::queue(&self.env, &meta.queue)?;
+            let _: serde_json::Value =
+                http::call(
+                    &queue,
+                    Method::Post,
+                    "/release",
+                    Some(&serde_json::json!({"job_id": meta.job_id, "cancel": meta.status == JobStatus::Cancelled})),
+                )
+                .await?;
+        }
+        Ok(TransitionResult { from, to: meta.status })
+    }
+
+    async fn runner_batch(&self, batch: EventBatch) -> ApiResult<BatchAck> {
+        let meta = self.meta()?;
+        if meta.status != JobStatus::Running || meta.lease_id.as_deref() != Some(batch.lease_id.as_str()) {
+            return Ok(BatchAck { stored: 0, duplicates: 0, lease_valid: false });
+        }
+        let (mut stored, mut duplicates) = (0, 0);
+        let mut bodies = vec![];
+        let mut finished = None;
+        for ev in batch.events {
+            #[derive(Deserialize)]
+            struct Row {
+                #[allow(dead_code)]
+                idx: i64,
+            }
+            let seen: Vec<Row> = self
+                .sql()
+                .exec(
+                    "SELECT idx FROM runner_idx WHERE lease_id = ? AND idx = ?",
+                    vec![SqlStorageValue::from(batch.lease_id.clone()), SqlStorageValue::from(ev.index as i64)],
+                )?
+                .to_array()?;
+            if !seen.is_empty() {
+                duplicates += 1;
+                continue;
+            }
+            self.sql().exec(
+                "INSERT INTO runner_idx (lease_id, idx) VALUES (?, ?)",
+                vec![SqlStorageValue::from(batch.lease_id.clone()), SqlStorageValue::from(ev.index as i64)],
+            )?;
+            stored += 1;
+            let ts = rfc3339(now_ms());
+            match ev.event {
+                RunnerEvent::Log { stream, content } => bodies.push(EventBody::Log { stream, content, timestamp: ts }),
+                RunnerEvent::Agent { event } => bodies.push(EventBody::AgentEvent { event, timestamp: ts }),
+                RunnerEvent::Started { message } => {
+                    bodies.push(EventBody::Log { stream: LogStream::System, content: message, timestamp: ts })
+                }
+                RunnerEvent::Iteration { iteration } => bodies.push(EventBody::Iteration { iteration, timestamp: ts }),
+                RunnerEvent::Finished { outcome, message, pr_url, completion_reason, total_iterations, error_message } => {
+                    finished = Some((
+                        outcome,
+                        message,
+                        JobPatch {
+                            pr_url,
+                            completion_reason: completion_reason
+                                .and_then(|c| serde_json::to_value(c).ok())
+                                .and_then(|v| v.as_str().map(str::to_string)),
+                            total_iterations: total_iterations.map(|n| n as i64),
+                            error_message,
+                            attempts: None,
+                        },
+                    ));
+                }
+            }
+        }
+        if !bodies.is_empty() {
+            self.append(bodies)?;
+        }
+        if let Some((outcome, message, patch)) = finished {
+            let to = match outcome {
+                Outcome::Completed => JobStatus::Completed,
+                Outcome::Failed => JobStatus::Failed,
+            };
+            self.transition(TransitionRequest { to, message, patch, lease: None, if_lease: None, from_queue: false }).await?;
+        }
+        Ok(BatchAck { stored, duplicates, lease_valid: true })
+    }
+
+    fn accept_socket(&self, req: &Request) -> ApiResult {
+        self.meta()?;
+        let url = req.url()?;
+        let mut after = None;
+        let mut sender = String::from("user");
+        for (k, v) in url.query_pairs() {
+            match k.as_ref() {
+                "after" => after = Some(v.to_string()),
+                "sender" => sender = v.to_string(),
+                _ => {}
+            }
+        }
+        let after = parse_cursor(after.as_deref()).map_err(ApiError::BadRequest)?;
+        let pair = WebSocketPair::new()?;
+        self.state.accept_web_socket(&pair.server);
+        pair.server.serialize_attachment(SocketInfo { sender })?;
+        for text in self.events_after(after, None)? {
+            pair.server.send_with_str(&text)?;
+        }
+        Ok(Response::from_websocket(pair.client)?)
+    }
+
+    async fn on_chat(&self, ws: &WebSocket, text: &str) -> ApiResult<()> {
+        let content = match ClientMessage::parse(text) {
+            Ok(ClientMessage::Chat { content }) => content,
+            Err(message) => {
+                ws.send(&SocketError { message })?;
+                return Ok(());
+            }
+        };
+        let sender = ws.deserialize_attachment::<SocketInfo>()?.map(|s| s.sender).unwrap_or_else(|| "user".into());
+        self.record_user_message(&sender, &content, "chat").await
+    }
+
+    /// Records a user's message as a `stageUpdate` (role user) and, for a running task job,
+    /// relays it to the agent.
+    async fn record_user_message(&self, sender: &str, content: &str, source: &str) -> ApiResult<()> {
+        let meta = self.meta()?;
+        self.append(vec![EventBody::StageUpdate {
+            role: "user".into(),
+            sender: sender.to_string(),
+            content: content.to_string(),
+            metadata: serde_json::json!({ "source": source }),
+            timestamp: rfc3339(now_ms()),
+        }])?;
+        if meta.job_type == JobType::Task && meta.status == JobStatus::Running && source == "chat" {
+            let queue = env::queue(&self.env, &meta.queue)?;
+            let _ = http::call::<serde_json::Value>(
+                &queue,
+                Method::Post,
+                "/relay",
+                Some(&serde_json::json!({"job_id": meta.job_id, "kind": "deliver", "message": content})),
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    async fn route(&self, mut req: Request) -> ApiResult {
+        let path = req.path();
+        match (req.method(), path.as_str()) {
+            (Method::Post, "/init") => self.init(body_as(&mut req).await?).await,
+            (Method::Post, "/transition") => json(&self.transition(body_as(&mut req).await?).await?),
+            (Method::Post, "/append") => {
+                self.meta()?;
+                let r: AppendRequest = body_as(&mut req).await?;
+                json(&Appended { last_seq: self.append(r.events)? })
+            }
+            (Method::Post, "/user-message") => {
+                #[derive(Deserialize)]
+                struct Msg {
+                    sender: String,
+                    content: String,
+                }
+                let m: Msg = body_as(&mut req).await?;
+                self.record_user_message(&m.sender, &m.content, "api").await?;
+                json(&serde_json::json!({"ok": true}))
+            }
+            (Method::Post, "/runner-batch") => json(&self.runner_batch(body_as(&mut req).await?).await?),
+            (Method::Get, "/events") => {
+                self.meta()?;
+                let url = req.url()?;
+                let kind = url.query_pairs().find(|(k, _)| k == "kind").map(|(_, v)| v.to_string());
+                let bodies = self.events_after(0, kind.as_deref())?;
+                let events: Vec<serde_json::Value> =
+                    bodies.iter().filter_map(|b| serde_json::from_str(b).ok()).collect();
+                json(&events)
+            }
+            (Method::Get, "/meta") => json(&self.meta()?),
+            (Method::Get, "/ws") => self.accept_socket(&req),
+            _ => Err(ApiError::NotFound("no such room route".into())),
+        }
+    }
+}
+
+impl DurableObject for JobRoom {
+    fn new(state: State, env: Env) -> Self {
+        let room = Self { state, env, meta: RefCell::new(None), next_seq: RefCell::new(None) };
+        if let Err(e) = room.ensure_schema() {
+            worker::console_error!("job room schema: {e}");
+        }
+        room
+    }
+
+    async fn fetch(&self, req: Request) -> worker::Result<Response> {
+        Ok(self.route(req).await.unwrap_or_else(ApiError::into_response))
+    }
+
+    async fn websocket_message(&self, ws: WebSocket, message: WebSocketIncomingMessage) -> worker::Result<()> {
+        let text = match message {
+            WebSocketIncomingMessage::String(s) => s,
+            WebSocketIncomingMessage::Binary(_) => {
+                ws.send(&SocketError { message: "binary frames are not supported; send JSON text".into() })?;
+                return Ok(());
+            }
+        };
+        if let Err(e) = self.on_chat(&ws, &text).await {
+            let message = match e {
+                ApiError::Internal(m) => {
+                    worker::console_error!("chat: {m}");
+                    "internal error".to_string()
+                }
+                ApiError::BadRequest(m) | ApiError::Conflict(m) | ApiError::NotFound(m) | ApiError::Unauthorized(m)
+                | ApiError::Unavailable(m) => m,
+            };
+            ws.send(&SocketError { message })?;
+        }
+        Ok(())
+    }
+
+    async fn websocket_close(&self, ws: WebSocket, code: usize, _reason: String, _was_clean: bool) -> worker::Result<()> {
+        let code = if code == 1005 || code == 1006 || !(1000..5000).contains(&code) { 1000 } else { code as u16 };
+        let _ = ws.close(Some(code), Some("closing"));
+        Ok(())
+    }
+
+    async fn websocket_error(&self, _ws: WebSocket, _error: worker::Error) -> worker::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,368 @@
+//! D1 access: users, refresh tokens, the job index, clients and repositories, runners. Every
+//! query binds its parameters; every read of an owned resource filters by owner.
+
+use kiln_schemas::jobs::{ClientRef, FeatureRef, JobView, ListQuery, RalphParams, RepositoryRef};
+use kiln_schemas::status::{CompletionReason, JobStatus, JobType};
+use serde::{Deserialize, Serialize};
+use wasm_bindgen::JsValue;
+use worker::D1Database;
+
+use crate::http::{ApiError, ApiResult};
+
+pub fn s(v: &str) -> JsValue {
+    JsValue::from_str(v)
+}
+
+pub fn opt(v: Option<&str>) -> JsValue {
+    v.map(JsValue::from_str).unwrap_or(JsValue::NULL)
+}
+
+pub fn n(v: i64) -> JsValue {
+    JsValue::from_f64(v as f64)
+}
+
+/// A row of `jobs`, joined with its client's name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRow {
+    pub id: String,
+    pub owner: String,
+    pub job_type: String,
+    pub status: String,
+    pub queue: String,
+    pub prompt: String,
+    pub title: Option<String>,
+    pub branch_name: String,
+    pub client_id: Option<String>,
+    pub feature_id: Option<String>,
+    pub repository_id: Option<String>,
+    pub github_org: String,
+    pub github_repo: String,
+    pub base_branch: Option<String>,
+    pub created_by_team_member_id: Option<String>,
+    pub params: String,
+    pub priority: i64,
+    pub attempts: i64,
+    pub pr_url: Option<String>,
+    pub completion_reason: Option<String>,
+    pub total_iterations: Option<i64>,
+    pub error_message: Option<String>,
+    pub original_job_id: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub started_at: Option<String>,
+    pub completed_at: Option<String>,
+    pub created_ms: i64,
+    #[serde(default)]
+    pub status_seq: i64,
+    #[serde(default)]
+    pub client_name: Option<String>,
+}
+
+impl JobRow {
+    pub fn status(&self) -> JobStatus {
+        JobStatus::parse(&self.status).unwrap_or(JobStatus::Failed)
+    }
+
+    pub fn job_type(&self) -> JobType {
+        JobType::parse(&self.job_type).unwrap_or(JobType::Code)
+    }
+
+    pub fn ralph(&self) -> Option<RalphParams> {
+        serde_json::from_str::<serde_json::Value>(&self.params)
+            .ok()
+            .and_then(|v| serde_json::from_value(v.get("ralph")?.clone()).ok())
+    }
+
+    pub fn view(&self) -> JobView {
+        let ralph = self.ralph();
+        JobView {
+            id: self.id.clone(),
+            status: self.status(),
+            job_type: self.job_type(),
+            prompt: self.prompt.clone(),
+            title: self.title.clone(),
+            branch_name: self.branch_name.clone(),
+            client: self.client_id.clone().map(|id| ClientRef { id, name: self.client_name.clone().unwrap_or_default() }),
+            feature: self.feature_id.clone().map(|id| FeatureRef { id, title: None }),
+            repository: Some(RepositoryRef {
+                id: self.repository_id.clone(),
+                owner_name: self.github_org.clone(),
+                repo_name: self.github_repo.clone(),
+            }),
+            priority: self.priority as i32,
+            attempts: self.attempts as u32,
+            pr_url: self.pr_url.clone(),
+            error_message: self.error_message.clone(),
+            original_job_id: self.original_job_id.clone(),
+            created_by_team_member_id: self.created_by_team_member_id.clone(),
+            max_iterations: ralph.as_ref().map(|r| r.max_iterations),
+            completion_promise: ralph.as_ref().map(|r| r.completion_promise.clone()),
+            feedback_commands: ralph.as_ref().map(|r| r.feedback_commands.clone()),
+            completion_reason: self
+                .completion_reason
+                .as_deref()
+                .and_then(|c| serde_json::from_value::<CompletionReason>(serde_json::Value::String(c.into())).ok()),
+            total_iterations: self.total_iterations.map(|n| n as u32),
+            created_at: self.created_at.clone(),
+            updated_at: self.updated_at.clone(),
+            started_at: self.started_at.clone(),
+            completed_at: self.completed_at.clone(),
+            messages: None,
+        }
+    }
+}
+
+const JOB_SELECT: &str = "SELECT j.*, c.name AS client_name FROM jobs j LEFT JOIN clients c ON c.id = j.client_id";
+
+pub async fn insert_job(db: &D1Database, j: &JobRow) -> ApiResult<()> {
+    db.prepare(
+        "INSERT INTO jobs (id, owner, job_type, status, queue, prompt, title, branch_name, client_id, feature_id,
+           repository_id, github_org, github_repo, base_branch, created_by_team_member_id, params, priority, attempts,
+           original_job_id, created_at, updated_at, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, 0, ?18, ?19, ?19, ?20)",
+    )
+    .bind(&[
+        s(&j.id),
+        s(&j.owner),
+        s(&j.job_type),
+        s(&j.status),
+        s(&j.queue),
+        s(&j.prompt),
+        opt(j.title.as_deref()),
+        s(&j.branch_name),
+        opt(j.client_id.as_deref()),
+        opt(j.feature_id.as_deref()),
+        opt(j.repository_id.as_deref()),
+        s(&j.github_org),
+        s(&j.github_repo),
+        opt(j.base_branch.as_deref()),
+        opt(j.created_by_team_member_id.as_deref()),
+        s(&j.params),
+        n(j.priority),
+        opt(j.original_job_id.as_deref()),
+        s(&j.created_at),
+        n(j.created_ms),
+    ])?
+    .run()
+    .await?;
+    Ok(())
+}
+
+/// A job by id, only if `owner` owns it.
+pub async fn get_job(db: &D1Database, id: &str, owner: &str) -> ApiResult<Option<JobRow>> {
+    Ok(db
+        .prepare(format!("{JOB_SELECT} WHERE j.id = ?1 AND j.owner = ?2"))
+        .bind(&[s(id), s(owner)])?
+        .first::<JobRow>(None)
+        .await?)
+}
+
+/// A job by id whoever owns it (internal use: Durable Objects, runners).
+pub async fn get_job_any(db: &D1Database, id: &str) -> ApiResult<Option<JobRow>> {
+    Ok(db.prepare(format!("{JOB_SELECT} WHERE j.id = ?1")).bind(&[s(id)])?.first::<JobRow>(None).await?)
+}
+
+/// The job or 404, owner-scoped: another owner's job is indistinguishable from a missing one.
+pub async fn owned_job(db: &D1Database, id: &str, owner: &str) -> ApiResult<JobRow> {
+    get_job(db, id, owner).await?.ok_or_else(|| ApiError::NotFound("job not found".into()))
+}
+
+pub async fn list_jobs(db: &D1Database, owner: &str, q: &ListQuery) -> ApiResult<(Vec<JobRow>, u64)> {
+    let mut filter = String::from(" WHERE j.owner = ?1");
+    let mut args = vec![s(owner)];
+    if !q.statuses.is_empty() {
+        let marks: Vec<String> = q
+            .statuses
+            .iter()
+            .map(|st| {
+                args.push(s(st.as_str()));
+                format!("?{}", args.len())
+            })
+            .collect();
+        filter.push_str(&format!(" AND j.status IN ({})", marks.join(",")));
+    }
+    if let Some(c) = &q.client_id {
+        args.push(s(c));
+        filter.push_str(&format!(" AND j.client_id = ?{}", args.len()));
+    }
+    if let Some(f) = &q.feature_id {
+        args.push(s(f));
+        filter.push_str(&format!(" AND j.feature_id = ?{}", args.len()));
+    }
+    #[derive(Deserialize)]
+    struct Count {
+        total: i64,
+    }
+    let total = db
+        .prepare(format!("SELECT COUNT(*) AS total FROM jobs j{filter}"))
+        .bind(&args)?
+        .first::<Count>(None)
+        .await?
+        .map_or(0, |c| c.total as u64);
+    let mut page_args = args.clone();
+    page_args.push(n(q.limit as i64));
+    page_args.push(n(q.offset as i64));
+    let rows = db
+        .prepare(format!(
+            "{JOB_SELECT}{filter} ORDER BY j.created_ms DESC, j.id DESC LIMIT ?{} OFFSET ?{}",
+            args.len() + 1,
+            args.len() + 2
+        ))
+        .bind(&page_args)?
+        .all()
+        .await?
+        .results::<JobRow>()?;
+    Ok((rows, total))
+}
+
+/// Fields a status change may set on the job row.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct JobPatch {
+    pub pr_url: Option<String>,
+    pub completion_reason: Option<String>,
+    pub total_iterations: Option<i64>,
+    pub error_message: Option<String>,
+    pub attempts: Option<i64>,
+}
+
+pub async fn update_job_status(
+    db: &D1Database,
+    id: &str,
+    status: JobStatus,
+    status_seq: u64,
+    now: &str,
+    patch: &JobPatch,
+) -> ApiResult<()> {
+    let started = (status == JobStatus::Running).then_some(now);
+    let completed = status.is_terminal().then_some(now);
+    db.prepare(
+        "UPDATE jobs SET status = ?2, updated_at = ?3,
+           started_at = COALESCE(?4, started_at), completed_at = COALESCE(?5, completed_at),
+           pr_url = COALESCE(?6, pr_url), completion_reason = COALESCE(?7, completion_reason),
+           total_iterations = COALESCE(?8, total_iterations), error_message = COALESCE(?9, error_message),
+           attempts = COALESCE(?10, attempts), status_seq = ?11
+         WHERE id = ?1 AND status_seq < ?11",
+    )
+    .bind(&[
+        s(id),
+        s(status.as_str()),
+        s(now),
+        opt(started),
+        opt(completed),
+        opt(patch.pr_url.as_deref()),
+        opt(patch.completion_reason.as_deref()),
+        patch.total_iterations.map(n).unwrap_or(JsValue::NULL),
+        opt(patch.error_message.as_deref()),
+        patch.attempts.map(n).unwrap_or(JsValue::NULL),
+        n(status_seq as i64),
+    ])?
+    .run()
+    .await?;
+    Ok(())
+}
+
+// ---- clients and repositories ----
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientRow {
+    pub id: String,
+    pub owner: String,
+    pub name: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepoRow {
+    pub id: String,
+    pub client_id: String,
+    pub owner: String,
+    pub owner_name: String,
+    pub repo_name: String,
+    pub default_branch: String,
+    pub created_at: String,
+}
+
+pub async fn insert_client(db: &D1Database, c: &ClientRow) -> ApiResult<()> {
+    db.prepare("INSERT INTO clients (id, owner, name, created_at) VALUES (?1, ?2, ?3, ?4)")
+        .bind(&[s(&c.id), s(&c.owner), s(&c.name), s(&c.created_at)])?
+        .run()
+        .await?;
+    Ok(())
+}
+
+pub async fn get_client(db: &D1Database, id: &str, owner: &str) -> ApiResult<Option<ClientRow>> {
+    Ok(db
+        .prepare("SELECT * FROM clients WHERE id = ?1 AND owner = ?2")
+        .bind(&[s(id), s(owner)])?
+        .first::<ClientRow>(None)
+        .await?)
+}
+
+pub async fn list_clients(db: &D1Database, owner: &str) -> ApiResult<Vec<ClientRow>> {
+    Ok(db
+        .prepare("SELECT * FROM clients WHERE owner = ?1 ORDER BY created_at, id")
+        .bind(&[s(owner)])?
+        .all()
+        .await?
+        .results()?)
+}
+
+pub async fn repos_of_owner(db: &D1Database, owner: &str) -> ApiResult<Vec<RepoRow>> {
+    Ok(db
+        .prepare("SELECT * FROM repositories WHERE owner = ?1 ORDER BY created_at, id")
+        .bind(&[s(owner)])?
+        .all()
+        .await?
+        .results()?)
+}
+
+pub async fn get_repo(db: &D1Database, id: &str, owner: &str) -> ApiResult<Option<RepoRow>> {
+    Ok(db
+        .prepare("SELECT * FROM repositories WHERE id = ?1 AND owner = ?2")
+        .bind(&[s(id), s(owner)])?
+        .first::<RepoRow>(None)
+        .await?)
+}
+
+/// Inserts a repository, or answers the existing one for the same client and org/repo.
+pub async fn upsert_repo(db: &D1Database, r: &RepoRow) -> ApiResult<RepoRow> {
+    db.prepare(
+        "INSERT INTO repositories (id, client_id, owner, owner_name, repo_name, default_branch, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (client_id, owner_name, repo_name) DO UPDATE SET default_branch = excluded.default_branch",
+    )
+    .bind(&[s(&r.id), s(&r.client_id), s(&r.owner), s(&r.owner_name), s(&r.repo_name), s(&r.default_branch), s(&r.created_at)])?
+    .run()
+    .await?;
+    db.prepare("SELECT * FROM repositories WHERE client_id = ?1 AND owner_name = ?2 AND repo_name = ?3")
+        .bind(&[s(&r.client_id), s(&r.owner_name), s(&r.repo_name)])?
+        .first::<RepoRow>(None)
+        .await?
+        .ok_or_else(|| ApiError::Internal("repository vanished after insert".into()))
+}
+
+// ---- runners ----
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunnerRow {
+    pub id: String,
+    pub name: String,
+    pub token_hash: String,
+    pub created_at: String,
+}
+
+pub async fn insert_runner(db: &D1Database, r: &RunnerRow) -> ApiResult<()> {
+    db.prepare("INSERT INTO runners (id, name, token_hash, created_at) VALUES (?1, ?2, ?3, ?4)")
+        .bind(&[s(&r.id), s(&r.name), s(&r.token_hash), s(&r.created_at)])?
+        .run()
+        .await?;
+    Ok(())
+}
+
+pub async fn runner_by_token_hash(db: &D1Database, hash: &str) -> ApiResult<Option<RunnerRow>> {
+    Ok(db
+        .prepare("SELECT id, name, token_hash, created_at FROM runners WHERE token_hash = ?1")
+        .bind(&[s(hash)])?
+        .first::<RunnerRow>(None)
+        .await?)
+}
