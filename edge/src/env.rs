@@ -72,5 +72,5 @@ pub fn random<const N: usize>() -> [u8; N] {
 }
 
 pub fn new_id() -> String {
-    uuid::Uuid::from_bytes(random::<16>()).to_string()
+    uuid::Builder::from_random_bytes(random::<16>()).into_uuid().to_string()
 }
