@@ -259,12 +259,17 @@ pub async fn retry(ctx: &Ctx, who: &Principal, id: &str) -> ApiResult {
     };
     let branch = format!("{}-retry-{}", row.branch_name, now_ms());
     let (new_row, position) = submit(ctx, who, job, Some(row.id.clone()), Some(branch)).await?;
-    // The original's channel says where its work went.
+    // The original's channel says where its work went (its status itself does not change).
     let room = env::job_room(&ctx.env, id)?;
-    let note = EventBody::Log {
-        stream: kiln_schemas::events::LogStream::System,
-        content: format!("retried as job {}", new_row.id),
+    let note = EventBody::JobStatus {
+        job_id: row.id.clone(),
+        status: row.status.clone(),
+        message: format!("retried as job {}", new_row.id),
         timestamp: rfc3339(now_ms()),
+        pr_url: None,
+        completion_reason: None,
+        total_iterations: None,
+        error_message: None,
     };
     let _: serde_json::Value = http::call(&room, Method::Post, "/append", Some(&serde_json::json!({ "events": [note] }))).await?;
     Ok(json_status(
