@@ -1,0 +1,72 @@
+//! Shared pieces of the benchmark commands: an edge to measure, a user token, percentiles and
+//! the printed table.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// The edge to measure: `KILN_BENCH_URL` if set, else a fresh `wrangler dev` with `vars`.
+pub async fn edge_for_bench(vars: &[(&str, &str)]) -> anyhow::Result<(Option<crate::TestEdge>, String)> {
+    if let Ok(url) = std::env::var("KILN_BENCH_URL") {
+        return Ok((None, url.trim_end_matches('/').to_string()));
+    }
+    let edge = crate::TestEdge::start(vars).await?;
+    let url = edge.url();
+    Ok((Some(edge), url))
+}
+
+/// Registers `email` and answers an access token.
+pub async fn user_token(http: &reqwest::Client, base: &str, email: &str) -> anyhow::Result<String> {
+    let creds = json!({"email": email, "password": "bench-Password-1"});
+    http.post(format!("{base}/api/auth/register/")).json(&creds).send().await?.error_for_status()?;
+    let pair: Value = http.post(format!("{base}/api/auth/login/")).json(&creds).send().await?.error_for_status()?.json().await?;
+    pair["access"].as_str().map(str::to_string).ok_or_else(|| anyhow::anyhow!("login answered {pair}"))
+}
+
+/// The `p`th percentile of sorted samples (nearest rank).
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+pub struct Row {
+    pub name: String,
+    pub samples: usize,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub extra: String,
+}
+
+pub fn print_table(title: &str, rows: &[Row]) {
+    println!("\n{title}");
+    println!("| {:<36} | {:>7} | {:>9} | {:>9} | {}", "measurement", "samples", "p50 ms", "p99 ms", "notes");
+    println!("|{:-<38}|{:->9}|{:->11}|{:->11}|{:-<40}", "", "", "", "", "");
+    for r in rows {
+        println!(
+            "| {:<36} | {:>7} | {:>9.2} | {:>9.2} | {}",
+            r.name,
+            r.samples,
+            r.p50.as_secs_f64() * 1000.0,
+            r.p99.as_secs_f64() * 1000.0,
+            r.extra
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let s: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&s, 50.0), Duration::from_millis(50));
+        assert_eq!(percentile(&s, 99.0), Duration::from_millis(99));
+        assert_eq!(percentile(&s[..1], 99.0), Duration::from_millis(1));
+        assert_eq!(percentile(&[], 50.0), Duration::ZERO);
+    }
+}
+

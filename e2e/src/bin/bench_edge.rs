@@ -1,0 +1,143 @@
+//! Benchmarks of the control plane on loopback (issue 2's targets), printed as a table:
+//! - `GET /jobs/:id` latency at 32 concurrent clients;
+//! - fan-out latency from one event appended (a chat message) to its arrival at each of 100
+//!   WebSocket subscribers of the same job.
+//!
+//! `cargo run --release -p kiln-e2e --bin bench_edge` starts its own `wrangler dev`; set
+//! `KILN_BENCH_URL=http://127.0.0.1:8787` to measure an edge that is already running.
+
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use kiln_e2e::bench::{percentile, print_table, Row};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+const GET_CLIENTS: usize = 32;
+const GET_REQUESTS: usize = 4000;
+const SUBSCRIBERS: usize = 100;
+const FANOUT_EVENTS: usize = 50;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let (_edge, base) = kiln_e2e::bench::edge_for_bench(&[]).await?;
+    let http = reqwest::Client::new();
+    let email = format!("bench-{}@example.com", uuid::Uuid::new_v4());
+    let token = kiln_e2e::bench::user_token(&http, &base, &email).await?;
+    let job: Value = http
+        .post(format!("{base}/jobs"))
+        .bearer_auth(&token)
+        .json(&json!({"prompt": "benchmark", "githubOrg": "kiln", "githubRepo": "bench", "branchName": "bench/one"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let job_id = job["id"].as_str().ok_or_else(|| anyhow::anyhow!("no job id: {job}"))?.to_string();
+
+    // --- GET /jobs/:id at 32 concurrent clients ---
+    let url = format!("{base}/jobs/{job_id}");
+    for _ in 0..50 {
+        http.get(&url).bearer_auth(&token).send().await?.error_for_status()?;
+    }
+    let started = Instant::now();
+    let mut tasks = vec![];
+    for _ in 0..GET_CLIENTS {
+        let (http, url, token) = (http.clone(), url.clone(), token.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::with_capacity(GET_REQUESTS / GET_CLIENTS);
+            for _ in 0..GET_REQUESTS / GET_CLIENTS {
+                let t = Instant::now();
+                let resp = http.get(&url).bearer_auth(&token).send().await?;
+                anyhow::ensure!(resp.status() == 200, "GET answered {}", resp.status());
+                resp.bytes().await?;
+                samples.push(t.elapsed());
+            }
+            anyhow::Ok(samples)
+        }));
+    }
+    let mut get_samples = vec![];
+    for t in tasks {
+        get_samples.extend(t.await??);
+    }
+    let get_elapsed = started.elapsed();
+
+    // --- fan-out to 100 subscribers ---
+    let ws_base = base.replacen("http", "ws", 1);
+    let mut subscribers = vec![];
+    for _ in 0..SUBSCRIBERS {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("{ws_base}/ws/jobs/{job_id}/?token={token}")).await?;
+        subscribers.push(ws);
+    }
+    // Drain each subscriber's replay.
+    let mut last_seq = 0;
+    for ws in subscribers.iter_mut() {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next()).await?.ok_or_else(|| anyhow::anyhow!("closed"))??;
+        let v: Value = serde_json::from_str(msg.to_text()?)?;
+        last_seq = last_seq.max(v["seq"].as_u64().unwrap_or(0));
+    }
+    let (mut sender, _) = tokio_tungstenite::connect_async(format!("{ws_base}/ws/jobs/{job_id}/?token={token}&after={last_seq}")).await?;
+    let mut readers = vec![];
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    for mut ws in subscribers {
+        let tx = tx.clone();
+        readers.push(tokio::spawn(async move {
+            while let Some(Ok(msg)) = ws.next().await {
+                if let Message::Text(text) = msg {
+                    let v: Value = serde_json::from_str(&text).unwrap_or_default();
+                    if let Some(content) = v["content"].as_str() {
+                        let _ = tx.send((content.to_string(), Instant::now()));
+                    }
+                }
+            }
+        }));
+    }
+    drop(tx);
+    let mut fan_samples = vec![];
+    let fan_started = Instant::now();
+    for i in 0..FANOUT_EVENTS {
+        let content = format!("fan-out {i}");
+        let sent = Instant::now();
+        sender.send(Message::Text(json!({"kind": "chat", "content": content}).to_string().into())).await?;
+        let mut got = 0;
+        while got < SUBSCRIBERS {
+            let (c, at) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("subscribers closed"))?;
+            if c == content {
+                fan_samples.push(at - sent);
+                got += 1;
+            }
+        }
+    }
+    let fan_elapsed = fan_started.elapsed();
+    for r in readers {
+        r.abort();
+    }
+
+    get_samples.sort();
+    fan_samples.sort();
+    print_table(
+        "Kiln edge on wrangler dev (loopback)",
+        &[
+            Row {
+                name: format!("GET /jobs/:id, {GET_CLIENTS} clients"),
+                samples: get_samples.len(),
+                p50: percentile(&get_samples, 50.0),
+                p99: percentile(&get_samples, 99.0),
+                extra: format!("{:.0} req/s (target p50 ≤ 10 ms)", GET_REQUESTS as f64 / get_elapsed.as_secs_f64()),
+            },
+            Row {
+                name: format!("fan-out to {SUBSCRIBERS} sockets"),
+                samples: fan_samples.len(),
+                p50: percentile(&fan_samples, 50.0),
+                p99: percentile(&fan_samples, 99.0),
+                extra: format!(
+                    "{} events in {:.2} s (target p99 ≤ 50 ms)",
+                    FANOUT_EVENTS,
+                    fan_elapsed.as_secs_f64()
+                ),
+            },
+        ],
+    );
+    Ok(())
+}

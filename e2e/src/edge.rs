@@ -1,0 +1,235 @@
+//! [`TestEdge`]: Kiln's real Worker on a local workerd (`wrangler dev`), one per test or shared,
+//! each with its own migrated D1 database and Durable Object storage in a temporary directory.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use tempfile::TempDir;
+use tokio::sync::OnceCell;
+
+use crate::procs::{tail, GroupChild};
+use crate::{free_port, repo_root, Api};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A running `wrangler dev` serving the repository's Worker (edge/build/worker/shim.mjs).
+pub struct TestEdge {
+    port: u16,
+    vars: Vec<(String, String)>,
+    dir: TempDir,
+    proc: Option<GroupChild>,
+}
+
+impl TestEdge {
+    /// Starts `wrangler dev` on a free port over a fresh copy of a migrated state directory, with
+    /// `vars` overriding wrangler.toml's `[vars]` (e.g. `("MAX_CONCURRENT_JOBS", "1")`), and waits
+    /// until `GET /health` answers.
+    pub async fn start(vars: &[(&str, &str)]) -> anyhow::Result<TestEdge> {
+        let template = migrated_template().await?;
+        let dir = tempfile::Builder::new().prefix("kiln-edge-").tempdir()?;
+        copy_dir(template, &dir.path().join("state")).context("copying the migrated state")?;
+        let mut edge = TestEdge {
+            port: free_port(),
+            vars: vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            dir,
+            proc: None,
+        };
+        edge.spawn().await?;
+        Ok(edge)
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `ws://127.0.0.1:<port>`.
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// An HTTP client for this edge.
+    pub fn api(&self) -> Api {
+        Api::new(&self.url())
+    }
+
+    /// Where D1, Durable Object storage and queues persist (`--persist-to`).
+    pub fn persist_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// wrangler's and workerd's output so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Stops wrangler dev (and workerd) and starts it again on the same port and state.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.spawn().await
+    }
+
+    /// Stops wrangler dev and workerd: SIGTERM to the group, SIGKILL after 10 s.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.terminate(Duration::from_secs(10));
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("wrangler.log")
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let root = repo_root();
+        let shim = root.join("edge/build/worker/shim.mjs");
+        if !shim.exists() {
+            bail!("{} is missing: build the Worker first with scripts/build-edge (scripts/test does)", shim.display());
+        }
+        let mut cmd = wrangler_command()?;
+        cmd.args(["dev", "--ip", "127.0.0.1", "--port", &self.port.to_string()])
+            .arg("--persist-to")
+            .arg(self.persist_dir())
+            .args(["--show-interactive-dev-session=false", "--inspector-port", &free_port().to_string()]);
+        for (k, v) in &self.vars {
+            cmd.arg("--var").arg(format!("{k}:{v}"));
+        }
+        let log = self.log_path();
+        std::fs::write(&log, format!("--- wrangler dev on port {}\n", self.port)).ok();
+        let mut proc = GroupChild::spawn("wrangler dev", cmd, &log)?;
+
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+        let health = format!("{}/health", self.url());
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = proc.exited() {
+                bail!("wrangler dev exited with {status} before answering; its log:\n{}", tail(&log, 8000));
+            }
+            if let Ok(resp) = http.get(&health).send().await {
+                // wrangler's proxy answers 502/503 while workerd is still loading the Worker.
+                if !matches!(resp.status().as_u16(), 502 | 503) {
+                    break;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                proc.terminate(Duration::from_secs(5));
+                bail!("GET {health} did not answer within {READY_TIMEOUT:?}; wrangler's log:\n{}", tail(&log, 8000));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.proc = Some(proc);
+        Ok(())
+    }
+}
+
+impl Drop for TestEdge {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `node_modules/.bin/wrangler` run from the repository root, offline and quiet, with its config
+/// and caches inside the repository's ignored `.kiln/` directory.
+pub(crate) fn wrangler_command() -> anyhow::Result<Command> {
+    let root = repo_root();
+    let bin = root.join("node_modules/.bin/wrangler");
+    if !bin.exists() {
+        bail!("{} is missing: run scripts/setup", bin.display());
+    }
+    let mut cmd = Command::new(bin);
+    cmd.current_dir(&root)
+        .env("WRANGLER_SEND_METRICS", "false")
+        .env("WRANGLER_SEND_ERROR_REPORTS", "false")
+        .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
+        .env("WRANGLER_HIDE_BANNER", "true")
+        .env("XDG_CONFIG_HOME", root.join(".kiln/xdg/config"))
+        .env("XDG_CACHE_HOME", root.join(".kiln/xdg/cache"))
+        .env("NO_COLOR", "1")
+        .env("FORCE_COLOR", "0");
+    Ok(cmd)
+}
+
+static TEMPLATE: OnceCell<PathBuf> = OnceCell::const_new();
+
+/// A state directory with every D1 migration applied, built once per set of migrations (keyed by
+/// their content, wrangler.toml and the npm lockfile) and copied for each edge: applying
+/// migrations costs seconds, copying a few files does not.
+async fn migrated_template() -> anyhow::Result<&'static PathBuf> {
+    TEMPLATE
+        .get_or_try_init(|| async {
+            tokio::task::spawn_blocking(build_template).await.map_err(|e| anyhow!("template builder panicked: {e}"))?
+        })
+        .await
+}
+
+fn build_template() -> anyhow::Result<PathBuf> {
+    let root = repo_root();
+    let key = template_key(&root)?;
+    let templates = root.join(".kiln/e2e/templates");
+    let done = templates.join(format!("{key:016x}"));
+    if done.join(".complete").exists() {
+        return Ok(done);
+    }
+    std::fs::create_dir_all(&templates)?;
+    let work = tempfile::Builder::new().prefix("building-").tempdir_in(&templates)?;
+    let state = work.path().join("state");
+    std::fs::create_dir_all(&state)?;
+    let out = wrangler_command()?
+        .args(["d1", "migrations", "apply", "DB", "--local", "--persist-to"])
+        .arg(&state)
+        .env("CI", "true") // never ask for confirmation
+        .output()
+        .context("running wrangler d1 migrations apply")?;
+    if !out.status.success() {
+        bail!(
+            "wrangler d1 migrations apply failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::fs::write(state.join(".complete"), b"")?;
+    // Another test process may have finished the same template meanwhile: either copy is good.
+    match std::fs::rename(&state, &done) {
+        Ok(()) => {}
+        Err(_) if done.join(".complete").exists() => {}
+        Err(e) => return Err(e).context(format!("moving the template to {}", done.display())),
+    }
+    Ok(done)
+}
+
+fn template_key(root: &Path) -> anyhow::Result<u64> {
+    let mut h = DefaultHasher::new();
+    let mut migrations: Vec<PathBuf> = match std::fs::read_dir(root.join("migrations")) {
+        Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+        Err(_) => vec![],
+    };
+    migrations.sort();
+    for p in migrations.iter().chain([&root.join("wrangler.toml"), &root.join("package-lock.json")]) {
+        p.file_name().hash(&mut h);
+        std::fs::read(p).unwrap_or_default().hash(&mut h);
+    }
+    Ok(h.finish())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else if entry.file_name() != ".complete" {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
