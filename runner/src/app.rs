@@ -1,0 +1,179 @@
+//! The runner assembled: credentials, executor choice, workspaces, the job table, the edge
+//! session and the health API. `Application::build` binds the health port (0 picks a free one, for
+//! tests) and `run_until_stopped` runs until the given shutdown future resolves.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::config::{Config, EdgeCredential, ExecutorKind};
+use crate::docker::{DockerClient, DockerExecutor};
+use crate::edge::connection::{EdgeStatus, Session};
+use crate::edge::{self, EdgeClient, EdgeError};
+use crate::executor::process::ProcessExecutor;
+use crate::executor::{ExecError, Executor};
+use crate::github::GithubClient;
+use crate::health::{self, HealthState};
+use crate::jobs::{CancelToken, JobServices, Supervisor};
+use crate::workspace::Workspaces;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("no credential for the edge: set RUNNER_TOKEN, or RUNNER_REGISTRATION_TOKEN to register")]
+    NoCredential,
+    #[error("registering with the edge failed: {0}")]
+    Register(#[source] EdgeError),
+    #[error("RUNNER_EXECUTOR=docker but no Docker daemon answers ({0}); start one or set DOCKER_HOST")]
+    NoDocker(#[source] ExecError),
+    #[error("the image {0} is not present in the Docker daemon (no registry is assumed): build or load it first")]
+    NoImage(String),
+    #[error("checking the image failed: {0}")]
+    ImageCheck(#[source] ExecError),
+    #[error("creating {path}: {source}")]
+    Dir { path: String, source: std::io::Error },
+    #[error("binding the health API on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("the health API failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+pub struct Application {
+    listener: tokio::net::TcpListener,
+    port: u16,
+    runner_name: String,
+    supervisor: Supervisor,
+    health: Arc<HealthState>,
+    session: Session,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> Result<Application, StartError> {
+        let http = edge::http_client();
+        let token = match &config.credential {
+            Some(EdgeCredential::Token(t)) => t.clone(),
+            Some(EdgeCredential::Registration(reg)) => {
+                let r = edge::register(&http, &config.edge_url, reg, &config.name).await.map_err(StartError::Register)?;
+                tracing::info!(runner_id = %r.runner_id, name = %config.name, "registered with the edge (set RUNNER_TOKEN to reuse this registration)");
+                r.token
+            }
+            None => return Err(StartError::NoCredential),
+        };
+
+        let (executor, docker): (Arc<dyn Executor>, Option<DockerClient>) = match config.executor {
+            Some(ExecutorKind::Docker) => {
+                let client = DockerClient::connect(config.docker_host.as_deref()).await.map_err(StartError::NoDocker)?;
+                (docker_executor(&config, client.clone()).await?, Some(client))
+            }
+            Some(ExecutorKind::Process) => {
+                (Arc::new(ProcessExecutor), DockerClient::connect(config.docker_host.as_deref()).await.ok())
+            }
+            None => match DockerClient::connect(config.docker_host.as_deref()).await {
+                Ok(client) => (docker_executor(&config, client.clone()).await?, Some(client)),
+                Err(e) => {
+                    tracing::info!(error = %e, "no Docker daemon answers; using the process executor");
+                    (Arc::new(ProcessExecutor), None)
+                }
+            },
+        };
+        if executor.kind() == ExecutorKind::Process && !config.mounts.is_empty() {
+            tracing::warn!("RUNNER_MOUNTS only applies to the docker executor; ignored");
+        }
+
+        for dir in [&config.repos_dir, &config.worktrees_dir] {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|source| StartError::Dir { path: dir.display().to_string(), source })?;
+        }
+        let workspaces = Arc::new(Workspaces::new(
+            config.repos_dir.clone(),
+            config.worktrees_dir.clone(),
+            &config.git_base_url,
+            config.github_token.as_deref(),
+        ));
+        let git_version = workspaces.git().version().await;
+        if git_version.is_none() {
+            tracing::warn!("git is not available: jobs will fail to prepare their workspaces");
+        }
+
+        let client = EdgeClient::new(http.clone(), config.edge_url.clone(), token);
+        let services = Arc::new(JobServices {
+            executor: executor.clone(),
+            workspaces: workspaces.clone(),
+            github: GithubClient::new(http, &config.github_api_url, config.github_token.clone()),
+            edge: client.clone(),
+            agent: config.agent.clone(),
+            runner_name: config.name.clone(),
+        });
+        let supervisor = Supervisor::new(services, config.max_concurrent_jobs);
+
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let port = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?.port();
+
+        let status = Arc::new(EdgeStatus::default());
+        let health = Arc::new(HealthState {
+            name: config.name.clone(),
+            supervisor: supervisor.clone(),
+            docker,
+            git_version,
+            agent: config.agent.clone(),
+            edge_url: config.edge_url.to_string(),
+            edge: status.clone(),
+            executor: executor.kind(),
+        });
+        let session = Session { client, name: config.name.clone(), supervisor: supervisor.clone(), workspaces, status };
+        tracing::info!(
+            name = %config.name,
+            executor = executor.kind().as_str(),
+            capacity = config.max_concurrent_jobs,
+            port,
+            edge = %config.edge_url,
+            "runner ready"
+        );
+        Ok(Application { listener, port, runner_name: config.name, supervisor, health, session })
+    }
+
+    /// The bound port of the health API.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn name(&self) -> &str {
+        &self.runner_name
+    }
+
+    /// The job table (tests look at it).
+    pub fn supervisor(&self) -> Supervisor {
+        self.supervisor.clone()
+    }
+
+    /// Serves until `shutdown` resolves; then cancels the jobs (their workspaces are cleaned up)
+    /// and closes the edge session.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
+        let stop = CancelToken::default();
+        let session = tokio::spawn(self.session.run(stop.clone()));
+        let server_stop = stop.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(self.listener, health::router(self.health))
+                .with_graceful_shutdown(async move { server_stop.cancelled().await })
+                .await
+        });
+        shutdown.await;
+        tracing::info!("stopping: cancelling the jobs held here");
+        self.supervisor.shutdown().await;
+        stop.cancel();
+        let _ = session.await;
+        match server.await {
+            Ok(r) => r.map_err(StartError::Serve),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+async fn docker_executor(config: &Config, client: DockerClient) -> Result<Arc<dyn Executor>, StartError> {
+    if !client.has_image(&config.image).await.map_err(StartError::ImageCheck)? {
+        return Err(StartError::NoImage(config.image.clone()));
+    }
+    Ok(Arc::new(DockerExecutor::new(client, config.image.clone(), config.limits.clone(), config.mounts.clone())))
+}

@@ -1,0 +1,579 @@
+//! The runner's settings: command-line flags and environment variables (clap), an optional TOML
+//! file whose keys are the lowercase variable names, and defaults. Precedence: flag or environment
+//! variable, then the file, then the default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use clap::Parser;
+use serde::Deserialize;
+
+pub const DEFAULT_EDGE_URL: &str = "http://127.0.0.1:8787";
+pub const DEFAULT_IMAGE: &str = "kiln-busybox:latest";
+pub const DEFAULT_AGENT_CMD: &str =
+    "claude --print --verbose --output-format stream-json --dangerously-skip-permissions";
+pub const DEFAULT_MAX_CONCURRENT_JOBS: u32 = 2;
+pub const DEFAULT_REPOS_DIR: &str = "~/repos";
+pub const DEFAULT_WORKTREES_DIR: &str = "~/worktrees";
+pub const DEFAULT_GIT_BASE_URL: &str = "https://github.com";
+pub const DEFAULT_GITHUB_API_URL: &str = "https://api.github.com";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8788";
+pub const DEFAULT_MEMORY_MB: u64 = 2048;
+pub const DEFAULT_CPUS: f64 = 1.0;
+pub const DEFAULT_PIDS: i64 = 512;
+pub const DEFAULT_NETWORK: &str = "none";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("could not read the config file {path}: {source}")]
+    ReadFile { path: PathBuf, source: std::io::Error },
+    #[error("the config file {path} is not valid: {source}")]
+    ParseFile { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, message: message.into() }
+}
+
+/// Which executor runs the jobs' commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecutorKind {
+    Docker,
+    Process,
+}
+
+impl ExecutorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutorKind::Docker => "docker",
+            ExecutorKind::Process => "process",
+        }
+    }
+}
+
+impl FromStr for ExecutorKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "docker" => Ok(ExecutorKind::Docker),
+            "process" => Ok(ExecutorKind::Process),
+            other => Err(format!("must be docker or process (got {other:?})")),
+        }
+    }
+}
+
+/// How the agent's stdout is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentFormat {
+    /// Every line is a log line.
+    Text,
+    /// Every stdout line that parses as JSON is a structured agent event.
+    ClaudeStreamJson,
+}
+
+impl AgentFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentFormat::Text => "text",
+            AgentFormat::ClaudeStreamJson => "claude-stream-json",
+        }
+    }
+}
+
+impl FromStr for AgentFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "text" => Ok(AgentFormat::Text),
+            "claude-stream-json" => Ok(AgentFormat::ClaudeStreamJson),
+            other => Err(format!("must be text or claude-stream-json (got {other:?})")),
+        }
+    }
+}
+
+/// An extra bind mount for job containers: `host:container[:ro]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub host: PathBuf,
+    pub container: String,
+    pub read_only: bool,
+}
+
+impl Mount {
+    /// The mount in Docker's `Binds` syntax.
+    pub fn to_bind(&self) -> String {
+        let mode = if self.read_only { ":ro" } else { "" };
+        format!("{}:{}{}", self.host.display(), self.container, mode)
+    }
+}
+
+/// Parses `RUNNER_MOUNTS`: comma-separated `host:container[:ro|:rw]`, both paths absolute.
+pub fn parse_mounts(spec: &str) -> Result<Vec<Mount>, String> {
+    let mut mounts = Vec::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let parts: Vec<&str> = item.split(':').collect();
+        let (host, container, read_only) = match parts.as_slice() {
+            [h, c] => (*h, *c, false),
+            [h, c, "ro"] => (*h, *c, true),
+            [h, c, "rw"] => (*h, *c, false),
+            [_, _, mode] => return Err(format!("{item:?}: mode must be ro or rw (got {mode:?})")),
+            _ => return Err(format!("{item:?} is not host:container[:ro]")),
+        };
+        if !host.starts_with('/') || !container.starts_with('/') {
+            return Err(format!("{item:?}: both paths must be absolute"));
+        }
+        if container == "/" || container == "/app" || container.starts_with("/app/") {
+            return Err(format!("{item:?}: {container} is reserved for the job's workspace"));
+        }
+        mounts.push(Mount { host: PathBuf::from(host), container: container.to_string(), read_only });
+    }
+    Ok(mounts)
+}
+
+/// Resource limits and network of a job container.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerLimits {
+    pub memory_mb: u64,
+    pub cpus: f64,
+    pub pids: i64,
+    pub network: String,
+}
+
+impl Default for ContainerLimits {
+    fn default() -> Self {
+        ContainerLimits {
+            memory_mb: DEFAULT_MEMORY_MB,
+            cpus: DEFAULT_CPUS,
+            pids: DEFAULT_PIDS,
+            network: DEFAULT_NETWORK.into(),
+        }
+    }
+}
+
+/// The agent profile: a command line run with `sh -c` and the format of its output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentProfile {
+    pub command: String,
+    pub format: AgentFormat,
+}
+
+/// How the runner proves who it is to the edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EdgeCredential {
+    /// A runner token from an earlier registration.
+    Token(String),
+    /// An operator's registration token: the runner registers at start and uses the token it gets.
+    Registration(String),
+}
+
+/// Settings from flags and environment variables. Every field is optional so the file and the
+/// defaults can fill the gaps; `runner --help` lists them all.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(name = "runner", version, about = "Kiln's self-hosted runner: takes jobs from the edge and runs them in a container (or process group) per job over a git worktree.")]
+pub struct Args {
+    /// TOML file with settings; its keys are the lowercase variable names (e.g. runner_edge_url = "...").
+    #[arg(long = "config", env = "RUNNER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Base URL of the Kiln edge (the WebSocket URL is derived: http→ws, https→wss) [default: http://127.0.0.1:8787]
+    #[arg(long, env = "RUNNER_EDGE_URL")]
+    pub edge_url: Option<String>,
+    /// Runner token from an earlier registration.
+    #[arg(long, env = "RUNNER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Operator's registration token: used to register at start when no RUNNER_TOKEN is set.
+    #[arg(long, env = "RUNNER_REGISTRATION_TOKEN", hide_env_values = true)]
+    pub registration_token: Option<String>,
+    /// Name this runner registers and connects under [default: the host name]
+    #[arg(long, env = "RUNNER_NAME")]
+    pub name: Option<String>,
+    /// docker or process [default: docker when a Docker daemon answers a ping, else process]
+    #[arg(long, env = "RUNNER_EXECUTOR")]
+    pub executor: Option<String>,
+    /// Image of job containers [default: kiln-busybox:latest]
+    #[arg(long, env = "RUNNER_IMAGE")]
+    pub image: Option<String>,
+    /// Agent command line, run with `sh -c` in the job's workspace; prompt on stdin, env JOB_ID and ITERATION [default: claude --print --verbose --output-format stream-json --dangerously-skip-permissions]
+    #[arg(long, env = "RUNNER_AGENT_CMD")]
+    pub agent_cmd: Option<String>,
+    /// Agent output format: text or claude-stream-json [default: claude-stream-json]
+    #[arg(long, env = "RUNNER_AGENT_FORMAT")]
+    pub agent_format: Option<String>,
+    /// Jobs run at once: the runner's capacity [default: 2]
+    #[arg(long, env = "MAX_CONCURRENT_JOBS")]
+    pub max_concurrent_jobs: Option<u32>,
+    /// Bare mirrors, one per repository: <dir>/<org>/<repo>.git [default: ~/repos]
+    #[arg(long, env = "REPOS_DIR")]
+    pub repos_dir: Option<PathBuf>,
+    /// Job worktrees: <dir>/<job_id> [default: ~/worktrees]
+    #[arg(long, env = "WORKTREES_DIR")]
+    pub worktrees_dir: Option<PathBuf>,
+    /// Repositories are fetched and pushed at <base>/<org>/<repo>.git [default: https://github.com]
+    #[arg(long, env = "RUNNER_GIT_BASE_URL")]
+    pub git_base_url: Option<String>,
+    /// GitHub token for git over https and for opening pull requests.
+    #[arg(long, env = "GITHUB_TOKEN", hide_env_values = true)]
+    pub github_token: Option<String>,
+    /// GitHub REST API base URL [default: https://api.github.com]
+    #[arg(long, env = "GITHUB_API_URL")]
+    pub github_api_url: Option<String>,
+    /// Address of the local health API [default: 127.0.0.1:8788]
+    #[arg(long, env = "RUNNER_LISTEN")]
+    pub listen: Option<String>,
+    /// Memory limit of a job container in MiB [default: 2048]
+    #[arg(long, env = "RUNNER_MEMORY_MB")]
+    pub memory_mb: Option<u64>,
+    /// CPU limit of a job container [default: 1.0]
+    #[arg(long, env = "RUNNER_CPUS")]
+    pub cpus: Option<f64>,
+    /// Process limit of a job container [default: 512]
+    #[arg(long, env = "RUNNER_PIDS")]
+    pub pids: Option<i64>,
+    /// Docker network mode of job containers [default: none]
+    #[arg(long, env = "RUNNER_NETWORK")]
+    pub network: Option<String>,
+    /// Extra bind mounts for job containers: host:container[:ro], comma-separated.
+    #[arg(long, env = "RUNNER_MOUNTS")]
+    pub mounts: Option<String>,
+    /// Docker daemon address [default: unix:///var/run/docker.sock]
+    #[arg(long, env = "DOCKER_HOST")]
+    pub docker_host: Option<String>,
+}
+
+/// The same settings read from `--config`, keyed by their lowercase variable names.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSettings {
+    pub runner_edge_url: Option<String>,
+    pub runner_token: Option<String>,
+    pub runner_registration_token: Option<String>,
+    pub runner_name: Option<String>,
+    pub runner_executor: Option<String>,
+    pub runner_image: Option<String>,
+    pub runner_agent_cmd: Option<String>,
+    pub runner_agent_format: Option<String>,
+    pub max_concurrent_jobs: Option<u32>,
+    pub repos_dir: Option<PathBuf>,
+    pub worktrees_dir: Option<PathBuf>,
+    pub runner_git_base_url: Option<String>,
+    pub github_token: Option<String>,
+    pub github_api_url: Option<String>,
+    pub runner_listen: Option<String>,
+    pub runner_memory_mb: Option<u64>,
+    pub runner_cpus: Option<f64>,
+    pub runner_pids: Option<i64>,
+    pub runner_network: Option<String>,
+    pub runner_mounts: Option<String>,
+    pub docker_host: Option<String>,
+}
+
+impl FileSettings {
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::ReadFile { path: path.to_path_buf(), source })?;
+        Self::parse(&text)
+            .map_err(|source| ConfigError::ParseFile { path: path.to_path_buf(), source: Box::new(source) })
+    }
+}
+
+/// The resolved settings the runner works with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub edge_url: url::Url,
+    pub credential: Option<EdgeCredential>,
+    pub name: String,
+    /// `None`: docker when a daemon answers, else process.
+    pub executor: Option<ExecutorKind>,
+    pub image: String,
+    pub agent: AgentProfile,
+    pub max_concurrent_jobs: u32,
+    pub repos_dir: PathBuf,
+    pub worktrees_dir: PathBuf,
+    pub git_base_url: String,
+    pub github_token: Option<String>,
+    pub github_api_url: String,
+    pub listen: SocketAddr,
+    pub limits: ContainerLimits,
+    pub mounts: Vec<Mount>,
+    pub docker_host: Option<String>,
+}
+
+/// What resolution needs from the machine, passed in so resolution stays a pure function.
+#[derive(Debug, Clone, Default)]
+pub struct Host {
+    pub home: Option<PathBuf>,
+    pub hostname: String,
+}
+
+impl Host {
+    pub fn current() -> Host {
+        let hostname = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "kiln-runner".to_string());
+        Host { home: std::env::var_os("HOME").map(PathBuf::from), hostname }
+    }
+}
+
+fn expand_home(path: PathBuf, host: &Host) -> Result<PathBuf, String> {
+    let s = path.to_string_lossy();
+    if s == "~" || s.starts_with("~/") {
+        let home = host.home.as_ref().ok_or("uses ~ but HOME is not set")?;
+        return Ok(home.join(s.trim_start_matches('~').trim_start_matches('/')));
+    }
+    Ok(path)
+}
+
+fn non_empty(v: Option<String>) -> Option<String> {
+    v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+}
+
+impl Config {
+    /// Reads flags and environment, then the config file they name, and resolves.
+    pub fn load() -> Result<Config, ConfigError> {
+        let args = Args::parse();
+        let file = match &args.config {
+            Some(path) => FileSettings::read(path)?,
+            None => FileSettings::default(),
+        };
+        Config::resolve(args, file, &Host::current())
+    }
+
+    /// Flags and environment beat the file, which beats the defaults.
+    pub fn resolve(args: Args, file: FileSettings, host: &Host) -> Result<Config, ConfigError> {
+        let edge = non_empty(args.edge_url.or(file.runner_edge_url)).unwrap_or_else(|| DEFAULT_EDGE_URL.into());
+        let edge_url = url::Url::parse(&edge).map_err(|e| invalid("RUNNER_EDGE_URL", format!("{edge:?}: {e}")))?;
+        if !matches!(edge_url.scheme(), "http" | "https") {
+            return Err(invalid("RUNNER_EDGE_URL", "must be an http:// or https:// URL"));
+        }
+
+        let credential = match (
+            non_empty(args.token.or(file.runner_token)),
+            non_empty(args.registration_token.or(file.runner_registration_token)),
+        ) {
+            (Some(t), _) => Some(EdgeCredential::Token(t)),
+            (None, Some(r)) => Some(EdgeCredential::Registration(r)),
+            (None, None) => None,
+        };
+
+        let name = non_empty(args.name.or(file.runner_name)).unwrap_or_else(|| host.hostname.clone());
+        let executor = non_empty(args.executor.or(file.runner_executor))
+            .map(|s| s.parse::<ExecutorKind>().map_err(|e| invalid("RUNNER_EXECUTOR", e)))
+            .transpose()?;
+        let image = non_empty(args.image.or(file.runner_image)).unwrap_or_else(|| DEFAULT_IMAGE.into());
+        let agent = AgentProfile {
+            command: non_empty(args.agent_cmd.or(file.runner_agent_cmd)).unwrap_or_else(|| DEFAULT_AGENT_CMD.into()),
+            format: non_empty(args.agent_format.or(file.runner_agent_format))
+                .map(|s| s.parse::<AgentFormat>().map_err(|e| invalid("RUNNER_AGENT_FORMAT", e)))
+                .transpose()?
+                .unwrap_or(AgentFormat::ClaudeStreamJson),
+        };
+
+        let max_concurrent_jobs =
+            args.max_concurrent_jobs.or(file.max_concurrent_jobs).unwrap_or(DEFAULT_MAX_CONCURRENT_JOBS);
+        if max_concurrent_jobs == 0 {
+            return Err(invalid("MAX_CONCURRENT_JOBS", "must be at least 1"));
+        }
+
+        let repos_dir = expand_home(
+            args.repos_dir.or(file.repos_dir).unwrap_or_else(|| DEFAULT_REPOS_DIR.into()),
+            host,
+        )
+        .map_err(|e| invalid("REPOS_DIR", e))?;
+        let worktrees_dir = expand_home(
+            args.worktrees_dir.or(file.worktrees_dir).unwrap_or_else(|| DEFAULT_WORKTREES_DIR.into()),
+            host,
+        )
+        .map_err(|e| invalid("WORKTREES_DIR", e))?;
+
+        let git_base_url = non_empty(args.git_base_url.or(file.runner_git_base_url))
+            .unwrap_or_else(|| DEFAULT_GIT_BASE_URL.into())
+            .trim_end_matches('/')
+            .to_string();
+        url::Url::parse(&git_base_url).map_err(|e| invalid("RUNNER_GIT_BASE_URL", format!("{git_base_url:?}: {e}")))?;
+
+        let github_api_url = non_empty(args.github_api_url.or(file.github_api_url))
+            .unwrap_or_else(|| DEFAULT_GITHUB_API_URL.into())
+            .trim_end_matches('/')
+            .to_string();
+        url::Url::parse(&github_api_url).map_err(|e| invalid("GITHUB_API_URL", format!("{github_api_url:?}: {e}")))?;
+
+        let listen_s = non_empty(args.listen.or(file.runner_listen)).unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen = listen_s
+            .parse::<SocketAddr>()
+            .map_err(|e| invalid("RUNNER_LISTEN", format!("{listen_s:?}: {e}")))?;
+
+        let limits = ContainerLimits {
+            memory_mb: args.memory_mb.or(file.runner_memory_mb).unwrap_or(DEFAULT_MEMORY_MB),
+            cpus: args.cpus.or(file.runner_cpus).unwrap_or(DEFAULT_CPUS),
+            pids: args.pids.or(file.runner_pids).unwrap_or(DEFAULT_PIDS),
+            network: non_empty(args.network.or(file.runner_network)).unwrap_or_else(|| DEFAULT_NETWORK.into()),
+        };
+        if limits.memory_mb < 6 {
+            return Err(invalid("RUNNER_MEMORY_MB", "must be at least 6 (Docker's minimum)"));
+        }
+        if !(limits.cpus > 0.0 && limits.cpus.is_finite()) {
+            return Err(invalid("RUNNER_CPUS", "must be a positive number"));
+        }
+        if limits.pids < 1 {
+            return Err(invalid("RUNNER_PIDS", "must be at least 1"));
+        }
+
+        let mounts = match non_empty(args.mounts.or(file.runner_mounts)) {
+            Some(spec) => parse_mounts(&spec).map_err(|e| invalid("RUNNER_MOUNTS", e))?,
+            None => Vec::new(),
+        };
+
+        Ok(Config {
+            edge_url,
+            credential,
+            name,
+            executor,
+            image,
+            agent,
+            max_concurrent_jobs,
+            repos_dir,
+            worktrees_dir,
+            git_base_url,
+            github_token: non_empty(args.github_token.or(file.github_token)),
+            github_api_url,
+            listen,
+            limits,
+            mounts,
+            docker_host: non_empty(args.docker_host.or(file.docker_host)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> Host {
+        Host { home: Some("/home/kiln".into()), hostname: "box-1".into() }
+    }
+
+    #[test]
+    fn defaults_fill_everything() {
+        let c = Config::resolve(Args::default(), FileSettings::default(), &host()).unwrap();
+        assert_eq!(c.edge_url.as_str(), "http://127.0.0.1:8787/");
+        assert_eq!(c.credential, None);
+        assert_eq!(c.name, "box-1");
+        assert_eq!(c.executor, None);
+        assert_eq!(c.image, "kiln-busybox:latest");
+        assert_eq!(c.agent.format, AgentFormat::ClaudeStreamJson);
+        assert_eq!(c.max_concurrent_jobs, 2);
+        assert_eq!(c.repos_dir, PathBuf::from("/home/kiln/repos"));
+        assert_eq!(c.worktrees_dir, PathBuf::from("/home/kiln/worktrees"));
+        assert_eq!(c.git_base_url, "https://github.com");
+        assert_eq!(c.github_api_url, "https://api.github.com");
+        assert_eq!(c.listen, "127.0.0.1:8788".parse().unwrap());
+        assert_eq!(c.limits, ContainerLimits::default());
+        assert!(c.mounts.is_empty());
+    }
+
+    #[test]
+    fn flags_beat_file_beats_defaults() {
+        let file = FileSettings::parse(
+            r#"
+            runner_edge_url = "http://file:1"
+            runner_name = "from-file"
+            max_concurrent_jobs = 7
+            runner_image = "file-image"
+            runner_registration_token = "reg"
+            "#,
+        )
+        .unwrap();
+        let flags = Args { edge_url: Some("https://flag:2".into()), max_concurrent_jobs: Some(3), ..Default::default() };
+        let c = Config::resolve(flags, file, &host()).unwrap();
+        assert_eq!(c.edge_url.as_str(), "https://flag:2/");
+        assert_eq!(c.max_concurrent_jobs, 3);
+        assert_eq!(c.name, "from-file");
+        assert_eq!(c.image, "file-image");
+        assert_eq!(c.credential, Some(EdgeCredential::Registration("reg".into())));
+    }
+
+    #[test]
+    fn a_runner_token_beats_a_registration_token() {
+        let file = FileSettings { runner_registration_token: Some("reg".into()), ..Default::default() };
+        let c = Config::resolve(Args { token: Some("tok".into()), ..Default::default() }, file, &host()).unwrap();
+        assert_eq!(c.credential, Some(EdgeCredential::Token("tok".into())));
+    }
+
+    #[test]
+    fn flags_parse_from_the_command_line() {
+        let a = Args::try_parse_from(["runner", "--edge-url", "http://e:1", "--max-concurrent-jobs", "4", "--cpus", "0.5"]).unwrap();
+        assert_eq!((a.edge_url.as_deref(), a.max_concurrent_jobs, a.cpus), (Some("http://e:1"), Some(4), Some(0.5)));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        assert!(FileSettings::parse("runner_edge_ulr = \"x\"").is_err());
+        assert!(FileSettings::parse("max_concurrent_jobs = \"two\"").is_err());
+    }
+
+    #[test]
+    fn bad_values_name_their_setting() {
+        let cases: Vec<(Args, &str)> = vec![
+            (Args { executor: Some("vm".into()), ..Default::default() }, "RUNNER_EXECUTOR"),
+            (Args { agent_format: Some("xml".into()), ..Default::default() }, "RUNNER_AGENT_FORMAT"),
+            (Args { edge_url: Some("ftp://x".into()), ..Default::default() }, "RUNNER_EDGE_URL"),
+            (Args { max_concurrent_jobs: Some(0), ..Default::default() }, "MAX_CONCURRENT_JOBS"),
+            (Args { listen: Some("nowhere".into()), ..Default::default() }, "RUNNER_LISTEN"),
+            (Args { mounts: Some("relative:/x".into()), ..Default::default() }, "RUNNER_MOUNTS"),
+            (Args { cpus: Some(0.0), ..Default::default() }, "RUNNER_CPUS"),
+        ];
+        for (flags, key) in cases {
+            let err = Config::resolve(flags, FileSettings::default(), &host()).unwrap_err();
+            assert!(err.to_string().starts_with(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn home_is_expanded_only_at_the_start() {
+        let file = FileSettings { repos_dir: Some("~/r".into()), worktrees_dir: Some("/srv/~/w".into()), ..Default::default() };
+        let c = Config::resolve(Args::default(), file, &host()).unwrap();
+        assert_eq!(c.repos_dir, PathBuf::from("/home/kiln/r"));
+        assert_eq!(c.worktrees_dir, PathBuf::from("/srv/~/w"));
+        let no_home = Host { home: None, hostname: "h".into() };
+        assert!(Config::resolve(Args::default(), FileSettings::default(), &no_home).is_err());
+    }
+
+    #[test]
+    fn mounts_parse() {
+        assert_eq!(
+            parse_mounts(" /opt/agents:/agents:ro, /data:/data ,/x:/y:rw").unwrap(),
+            vec![
+                Mount { host: "/opt/agents".into(), container: "/agents".into(), read_only: true },
+                Mount { host: "/data".into(), container: "/data".into(), read_only: false },
+                Mount { host: "/x".into(), container: "/y".into(), read_only: false },
+            ]
+        );
+        assert_eq!(parse_mounts("").unwrap(), vec![]);
+        assert_eq!(parse_mounts("/a:/b:ro").unwrap()[0].to_bind(), "/a:/b:ro");
+        for bad in ["/a", "/a:b", "a:/b", "/a:/b:rx", "/a:/b:ro:x", "/a:/app", "/a:/app/x", "/a:/"] {
+            assert!(parse_mounts(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn help_lists_every_setting() {
+        use clap::CommandFactory;
+        let help = Args::command().render_long_help().to_string();
+        for var in [
+            "RUNNER_CONFIG", "RUNNER_EDGE_URL", "RUNNER_TOKEN", "RUNNER_REGISTRATION_TOKEN", "RUNNER_NAME",
+            "RUNNER_EXECUTOR", "RUNNER_IMAGE", "RUNNER_AGENT_CMD", "RUNNER_AGENT_FORMAT", "MAX_CONCURRENT_JOBS",
+            "REPOS_DIR", "WORKTREES_DIR", "RUNNER_GIT_BASE_URL", "GITHUB_TOKEN", "GITHUB_API_URL", "RUNNER_LISTEN",
+            "RUNNER_MEMORY_MB", "RUNNER_CPUS", "RUNNER_PIDS", "RUNNER_NETWORK", "RUNNER_MOUNTS", "DOCKER_HOST",
+        ] {
+            assert!(help.contains(&format!("[env: {var}")), "--help misses {var}");
+        }
+    }
+}

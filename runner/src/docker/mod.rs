@@ -1,0 +1,266 @@
+//! The Docker executor (bollard): one container per job named `project_engine_<job_id>_container`,
+//! the worktree bind-mounted at `/app`, resource limits, `init` on, kept alive by a sleep loop; each
+//! command is a `docker exec`. Architecture invariant: this is the only module that talks to Docker.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use bollard::errors::Error as BollardError;
+use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{CreateContainerOptionsBuilder, RemoveContainerOptionsBuilder};
+use bollard::Docker;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use kiln_schemas::events::LogStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{ContainerLimits, ExecutorKind, Mount};
+use crate::executor::{ExecError, ExecSpec, Execution, Executor, OutputChunk, Sandbox, StdinWriter, OUTPUT_CHANNEL};
+
+/// Where a job's worktree appears inside its container.
+pub const WORKDIR: &str = "/app";
+
+/// The container name of a job.
+pub fn container_name(job_id: &str) -> String {
+    format!("project_engine_{job_id}_container")
+}
+
+fn docker_err(e: BollardError) -> ExecError {
+    ExecError::Docker(e.to_string())
+}
+
+fn is_not_found(e: &BollardError) -> bool {
+    matches!(e, BollardError::DockerResponseServerError { status_code: 404, .. })
+}
+
+/// A connection to a Docker daemon that answered a ping.
+#[derive(Clone)]
+pub struct DockerClient {
+    docker: Docker,
+}
+
+impl DockerClient {
+    /// Connects to `host` (`unix://`, `tcp://`, `http://`), or to `DOCKER_HOST` / the default socket,
+    /// negotiates the API version (dockerd 20.10 speaks 1.41) and pings.
+    pub async fn connect(host: Option<&str>) -> Result<DockerClient, ExecError> {
+        let docker = match host {
+            Some(h) => Docker::connect_with_host(h),
+            None => Docker::connect_with_local_defaults(),
+        }
+        .map_err(docker_err)?;
+        let docker = tokio::time::timeout(Duration::from_secs(5), docker.negotiate_version())
+            .await
+            .map_err(|_| ExecError::Docker("no answer within 5 s".into()))?
+            .map_err(docker_err)?;
+        docker.ping().await.map_err(docker_err)?;
+        Ok(DockerClient { docker })
+    }
+
+    /// The daemon's version, if it answers within two seconds.
+    pub async fn version(&self) -> Option<String> {
+        let v = tokio::time::timeout(Duration::from_secs(2), self.docker.version()).await.ok()?.ok()?;
+        v.version
+    }
+
+    pub async fn has_image(&self, image: &str) -> Result<bool, ExecError> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(docker_err(e)),
+        }
+    }
+
+    /// Whether a container of this name exists (tests use it to see a cancel's effect).
+    pub async fn container_exists(&self, name: &str) -> Result<bool, ExecError> {
+        match self.docker.inspect_container(name, None).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(docker_err(e)),
+        }
+    }
+
+    /// The container's host config as Docker reports it (limits, binds, network, init).
+    pub async fn container_host_config(&self, name: &str) -> Result<Option<HostConfig>, ExecError> {
+        let c = self.docker.inspect_container(name, None).await.map_err(docker_err)?;
+        Ok(c.host_config)
+    }
+
+    /// Force-removes a container (kills what runs in it); a missing one is fine.
+    pub async fn remove_container(&self, name: &str) -> Result<(), ExecError> {
+        let opts = RemoveContainerOptionsBuilder::default().force(true).v(true).build();
+        match self.docker.remove_container(name, Some(opts)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            // "removal already in progress": a concurrent remove of the same container.
+            Err(BollardError::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+            Err(e) => Err(docker_err(e)),
+        }
+    }
+}
+
+/// Job containers on one daemon.
+pub struct DockerExecutor {
+    client: DockerClient,
+    image: String,
+    limits: ContainerLimits,
+    mounts: Vec<Mount>,
+    /// `uid:gid` for containers when the runner is not root, so files in the worktree stay the
+    /// runner's to commit and remove.
+    user: Option<String>,
+}
+
+impl DockerExecutor {
+    pub fn new(client: DockerClient, image: String, limits: ContainerLimits, mounts: Vec<Mount>) -> Self {
+        let uid = nix::unistd::getuid();
+        let user = (!uid.is_root()).then(|| format!("{}:{}", uid, nix::unistd::getgid()));
+        DockerExecutor { client, image, limits, mounts, user }
+    }
+
+    pub fn client(&self) -> &DockerClient {
+        &self.client
+    }
+
+    fn container_body(&self, job_id: &str, worktree: &Path) -> ContainerCreateBody {
+        let mut binds = vec![format!("{}:{}", worktree.display(), WORKDIR)];
+        binds.extend(self.mounts.iter().map(Mount::to_bind));
+        let memory = (self.limits.memory_mb * 1024 * 1024) as i64;
+        let mut env = vec![format!("JOB_ID={job_id}")];
+        if self.user.is_some() {
+            env.push("HOME=/tmp".into());
+        }
+        ContainerCreateBody {
+            image: Some(self.image.clone()),
+            // Exec sessions need a running container; `init` reaps them and makes the stop quick.
+            cmd: Some(vec!["sh".into(), "-c".into(), "while :; do sleep 3600; done".into()]),
+            working_dir: Some(WORKDIR.into()),
+            env: Some(env),
+            user: self.user.clone(),
+            labels: Some(HashMap::from([("kiln.job_id".to_string(), job_id.to_string())])),
+            host_config: Some(HostConfig {
+                binds: Some(binds),
+                memory: Some(memory),
+                memory_swap: Some(memory),
+                nano_cpus: Some((self.limits.cpus * 1e9) as i64),
+                pids_limit: Some(self.limits.pids),
+                network_mode: Some(self.limits.network.clone()),
+                init: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+impl Executor for DockerExecutor {
+    fn kind(&self) -> ExecutorKind {
+        ExecutorKind::Docker
+    }
+
+    fn create_sandbox<'a>(&'a self, job_id: &'a str, worktree: &'a Path) -> BoxFuture<'a, Result<Box<dyn Sandbox>, ExecError>> {
+        async move {
+            let name = container_name(job_id);
+            // A container left by a crashed runner or an earlier attempt of this job.
+            self.client.remove_container(&name).await?;
+            let opts = CreateContainerOptionsBuilder::default().name(&name).build();
+            let docker = &self.client.docker;
+            docker.create_container(Some(opts), self.container_body(job_id, worktree)).await.map_err(docker_err)?;
+            let sandbox = DockerSandbox { client: self.client.clone(), name };
+            if let Err(e) = docker.start_container(&sandbox.name, None).await {
+                let _ = sandbox.client.remove_container(&sandbox.name).await;
+                return Err(docker_err(e));
+            }
+            Ok(Box::new(sandbox) as Box<dyn Sandbox>)
+        }
+        .boxed()
+    }
+}
+
+/// One job's container.
+pub struct DockerSandbox {
+    client: DockerClient,
+    name: String,
+}
+
+impl DockerSandbox {
+    async fn start(&self, spec: ExecSpec) -> Result<Execution, ExecError> {
+        let docker = self.client.docker.clone();
+        let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let created = docker
+            .create_exec(
+                &self.name,
+                CreateExecOptions {
+                    attach_stdin: Some(spec.stdin),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    tty: Some(false),
+                    env: Some(env),
+                    cmd: Some(vec!["sh".to_string(), "-c".to_string(), spec.command.clone()]),
+                    working_dir: Some(WORKDIR.to_string()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| if is_not_found(&e) { ExecError::SandboxGone } else { docker_err(e) })?;
+        let started = docker
+            .start_exec(&created.id, Some(StartExecOptions { detach: false, tty: false, output_capacity: Some(64 * 1024) }))
+            .await
+            .map_err(docker_err)?;
+        let StartExecResults::Attached { mut output, input } = started else {
+            return Err(ExecError::Docker("exec started detached".into()));
+        };
+        let stdin = spec.stdin.then_some(input as StdinWriter);
+
+        let (tx, rx) = mpsc::channel(OUTPUT_CHANNEL);
+        let (exit_tx, exit_rx) = oneshot::channel();
+        let exec_id = created.id;
+        tokio::spawn(async move {
+            use bollard::container::LogOutput;
+            while let Some(item) = output.next().await {
+                let chunk = match item {
+                    Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
+                        OutputChunk { stream: LogStream::Stdout, data: message.to_vec() }
+                    }
+                    Ok(LogOutput::StdErr { message }) => OutputChunk { stream: LogStream::Stderr, data: message.to_vec() },
+                    Ok(LogOutput::StdIn { .. }) => continue,
+                    Err(_) => break,
+                };
+                if tx.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+            drop(tx);
+            let _ = exit_tx.send(exit_code(&docker, &exec_id).await);
+        });
+        Ok(Execution { stdin, output: rx, exit: exit_rx })
+    }
+}
+
+/// The exit code of a finished exec. Docker may report it a moment after the output closes.
+async fn exit_code(docker: &Docker, exec_id: &str) -> Result<i32, ExecError> {
+    for _ in 0..100 {
+        let info = docker.inspect_exec(exec_id).await.map_err(|e| {
+            if is_not_found(&e) {
+                ExecError::SandboxGone
+            } else {
+                docker_err(e)
+            }
+        })?;
+        match (info.running, info.exit_code) {
+            (Some(false), Some(code)) => return Ok(code as i32),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    Err(ExecError::Docker(format!("exec {exec_id} did not report an exit code")))
+}
+
+impl Sandbox for DockerSandbox {
+    fn exec(&self, spec: ExecSpec) -> BoxFuture<'_, Result<Execution, ExecError>> {
+        self.start(spec).boxed()
+    }
+
+    fn destroy(&self) -> BoxFuture<'_, Result<(), ExecError>> {
+        async move { self.client.remove_container(&self.name).await }.boxed()
+    }
+}

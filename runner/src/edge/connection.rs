@@ -1,0 +1,223 @@
+//! The runner's session on `/runner/v1/connect`: `hello` (with the jobs still held, after a
+//! reconnect), `welcome`, heartbeats every `heartbeat_secs`, and the edge's messages handed to the
+//! job table. A lost connection is retried with backoff; jobs keep running meanwhile.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use kiln_schemas::runner::{EdgeMessage, RepoResult, RunnerMessage, RunnerRequest};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{connect_url, EdgeClient};
+use crate::backoff::Backoff;
+use crate::jobs::{CancelToken, JobControl, Supervisor};
+use crate::workspace::{RepoRef, Workspaces};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("WebSocket: {0}")]
+    WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the edge refused the session: {0}")]
+    Refused(String),
+    #[error("invalid runner token for an HTTP header")]
+    BadToken,
+}
+
+/// Whether the session is up (for `/health`).
+#[derive(Debug, Default)]
+pub struct EdgeStatus {
+    connected: AtomicBool,
+}
+
+impl EdgeStatus {
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    fn set(&self, up: bool) {
+        self.connected.store(up, Ordering::SeqCst);
+    }
+}
+
+pub struct Session {
+    pub client: EdgeClient,
+    pub name: String,
+    pub supervisor: Supervisor,
+    pub workspaces: Arc<Workspaces>,
+    pub status: Arc<EdgeStatus>,
+}
+
+impl Session {
+    /// Keeps a session up until `shutdown`.
+    pub async fn run(self, shutdown: CancelToken) {
+        let mut backoff = Backoff::default();
+        loop {
+            let result = tokio::select! {
+                r = self.serve_once(&mut backoff) => r,
+                _ = shutdown.cancelled() => break,
+            };
+            self.status.set(false);
+            match result {
+                Ok(()) => tracing::warn!("the edge closed the connection"),
+                Err(e) => tracing::warn!(error = %e, "edge connection failed"),
+            }
+            let delay = backoff.next_delay();
+            tracing::info!(retry_in_ms = delay.as_millis() as u64, "reconnecting to the edge");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        self.status.set(false);
+    }
+
+    fn hello(&self) -> RunnerMessage {
+        RunnerMessage::Hello {
+            name: self.name.clone(),
+            capacity: self.supervisor.capacity(),
+            running: self.supervisor.held(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    async fn serve_once(&self, backoff: &mut Backoff) -> Result<(), SessionError> {
+        let url = connect_url(self.client.base());
+        let mut request = url.as_str().into_client_request()?;
+        let auth = HeaderValue::from_str(&format!("Bearer {}", self.client.token())).map_err(|_| SessionError::BadToken)?;
+        request.headers_mut().insert("Authorization", auth);
+        let (ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(request))
+            .await
+            .map_err(|_| SessionError::Timeout(CONNECT_TIMEOUT))??;
+        let (mut tx, mut rx) = ws.split();
+        tx.send(encode(&self.hello())).await?;
+
+        let welcome = tokio::time::timeout(WELCOME_TIMEOUT, async {
+            while let Some(msg) = rx.next().await {
+                match msg? {
+                    Message::Text(text) => match serde_json::from_str::<EdgeMessage>(&text) {
+                        Ok(EdgeMessage::Welcome { runner_id, heartbeat_secs, lease_secs }) => {
+                            return Ok((runner_id, heartbeat_secs, lease_secs))
+                        }
+                        Ok(EdgeMessage::Error { message }) => return Err(SessionError::Refused(message)),
+                        _ => tracing::warn!(message = %text, "message before welcome; ignored"),
+                    },
+                    Message::Close(frame) => {
+                        return Err(SessionError::Refused(frame.map(|f| f.reason.to_string()).unwrap_or_default()))
+                    }
+                    _ => {}
+                }
+            }
+            Err(SessionError::Refused("closed before welcome".into()))
+        })
+        .await
+        .map_err(|_| SessionError::Timeout(WELCOME_TIMEOUT))??;
+        let (runner_id, heartbeat_secs, lease_secs) = welcome;
+        self.status.set(true);
+        *backoff = Backoff::default();
+        tracing::info!(runner_id, heartbeat_secs, lease_secs, held = self.supervisor.held().len(), "connected to the edge");
+
+        let period = Duration::from_secs(heartbeat_secs.max(1) as u64);
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let (replies, mut reply_rx) = mpsc::unbounded_channel::<RunnerMessage>();
+        loop {
+            tokio::select! {
+                msg = rx.next() => match msg {
+                    None => return Ok(()),
+                    Some(Err(e)) => return Err(e.into()),
+                    Some(Ok(Message::Text(text))) => self.handle(&text, &replies),
+                    Some(Ok(Message::Close(_))) => return Ok(()),
+                    Some(Ok(_)) => {}
+                },
+                _ = heartbeat.tick() => {
+                    tx.send(encode(&RunnerMessage::Heartbeat { running: self.supervisor.held() })).await?;
+                }
+                Some(reply) = reply_rx.recv() => tx.send(encode(&reply)).await?,
+            }
+        }
+    }
+
+    fn handle(&self, text: &str, replies: &mpsc::UnboundedSender<RunnerMessage>) {
+        let msg = match serde_json::from_str::<EdgeMessage>(text) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, message = %text, "unknown message from the edge; ignored");
+                return;
+            }
+        };
+        let unknown = |job_id: &str| tracing::warn!(job_id, "message for a job this runner does not hold; ignored");
+        match msg {
+            EdgeMessage::Welcome { .. } => {}
+            EdgeMessage::Assign { assignment } => self.supervisor.assign(assignment),
+            EdgeMessage::Cancel { job_id } => {
+                if !self.supervisor.cancel(&job_id) {
+                    unknown(&job_id)
+                }
+            }
+            EdgeMessage::Deliver { job_id, message } => {
+                if !self.supervisor.control(&job_id, JobControl::Deliver(message)) {
+                    unknown(&job_id)
+                }
+            }
+            EdgeMessage::Complete { job_id } => {
+                if !self.supervisor.control(&job_id, JobControl::Complete) {
+                    unknown(&job_id)
+                }
+            }
+            EdgeMessage::Stop { job_id } => {
+                if !self.supervisor.control(&job_id, JobControl::Stop) {
+                    unknown(&job_id)
+                }
+            }
+            EdgeMessage::Request { request_id, request } => {
+                let workspaces = self.workspaces.clone();
+                let replies = replies.clone();
+                tokio::spawn(async move {
+                    let results = answer_request(&workspaces, &request).await;
+                    let result = serde_json::to_value(results).expect("repo results serialize");
+                    let _ = replies.send(RunnerMessage::Reply { request_id, result });
+                });
+            }
+            EdgeMessage::Error { message } => tracing::warn!(message, "the edge reported a protocol error"),
+        }
+    }
+}
+
+fn encode(msg: &RunnerMessage) -> Message {
+    Message::Text(serde_json::to_string(msg).expect("runner messages serialize").into())
+}
+
+/// Carries out a repository request: every listed repository's mirror is created if missing and
+/// fetched. Repositories are handled concurrently; each gets its own result.
+pub async fn answer_request(workspaces: &Workspaces, request: &RunnerRequest) -> Vec<RepoResult> {
+    let (repos, with_path) = match request {
+        RunnerRequest::Sync { repos } => (repos, false),
+        RunnerRequest::Clone { repos } => (repos, true),
+    };
+    let work = repos.iter().map(|spec| async move {
+        let slug = format!("{}/{}", spec.github_org, spec.github_repo);
+        let result = match RepoRef::new(&spec.github_org, &spec.github_repo) {
+            Ok(repo) => workspaces.sync(&repo).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(path) => RepoResult {
+                repo: slug,
+                success: true,
+                path: with_path.then(|| path.to_string_lossy().into_owned()),
+                error: None,
+            },
+            Err(e) => RepoResult { repo: slug, success: false, path: None, error: Some(e.to_string()) },
+        }
+    });
+    futures::future::join_all(work).await
+}

@@ -1,0 +1,129 @@
+//! Talking to the edge: registration and event batches over HTTP (this module), and the runner's
+//! outbound WebSocket session (`connection`).
+
+pub mod connection;
+
+use std::time::Duration;
+
+use kiln_schemas::runner::{BatchAck, EventBatch, RegisterRunnerRequest, RegisterRunnerResponse};
+use url::Url;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("request to {url} failed: {source}")]
+    Http { url: String, source: reqwest::Error },
+    #[error("{url} answered {status}: {body}")]
+    Status { url: String, status: u16, body: String },
+}
+
+impl EdgeError {
+    /// Whether trying the same request again may help.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            EdgeError::Http { .. } => true,
+            EdgeError::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
+        }
+    }
+}
+
+/// `base` plus an absolute path, keeping any path prefix the base has.
+pub fn endpoint(base: &Url, path: &str) -> Url {
+    let mut url = base.clone();
+    url.set_path(&format!("{}{}", base.path().trim_end_matches('/'), path));
+    url.set_query(None);
+    url
+}
+
+/// The WebSocket URL of `/runner/v1/connect`: http→ws, https→wss.
+pub fn connect_url(base: &Url) -> Url {
+    let mut url = endpoint(base, "/runner/v1/connect");
+    let scheme = if base.scheme() == "https" { "wss" } else { "ws" };
+    url.set_scheme(scheme).expect("ws and wss are valid for an http(s) URL");
+    url
+}
+
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .user_agent(concat!("kiln-runner/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("a client with rustls and default settings builds")
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(url: &Url, res: Result<reqwest::Response, reqwest::Error>) -> Result<T, EdgeError> {
+    let http = |source| EdgeError::Http { url: url.to_string(), source };
+    let res = res.map_err(http)?;
+    let status = res.status();
+    if !status.is_success() {
+        let mut body = res.text().await.unwrap_or_default();
+        body.truncate(500);
+        return Err(EdgeError::Status { url: url.to_string(), status: status.as_u16(), body });
+    }
+    res.json::<T>().await.map_err(http)
+}
+
+/// Exchanges an operator's registration token for a runner token.
+pub async fn register(http: &reqwest::Client, base: &Url, registration_token: &str, name: &str) -> Result<RegisterRunnerResponse, EdgeError> {
+    let url = endpoint(base, "/runner/v1/register");
+    let res = http
+        .post(url.clone())
+        .bearer_auth(registration_token)
+        .json(&RegisterRunnerRequest { name: name.to_string() })
+        .send()
+        .await;
+    read_json(&url, res).await
+}
+
+/// The runner's authenticated HTTP client for the edge.
+#[derive(Clone)]
+pub struct EdgeClient {
+    http: reqwest::Client,
+    base: Url,
+    token: String,
+}
+
+impl EdgeClient {
+    pub fn new(http: reqwest::Client, base: Url, token: String) -> Self {
+        EdgeClient { http, base, token }
+    }
+
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// `POST /runner/v1/jobs/{job_id}/events`.
+    pub async fn post_events(&self, job_id: &str, batch: &EventBatch) -> Result<BatchAck, EdgeError> {
+        let mut url = endpoint(&self.base, "/runner/v1/jobs");
+        url.path_segments_mut().expect("http URLs have paths").push(job_id).push("events");
+        let res = self.http.post(url.clone()).bearer_auth(&self.token).json(batch).send().await;
+        read_json(&url, res).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_keep_prefixes_and_switch_schemes() {
+        let base = Url::parse("http://127.0.0.1:8787").unwrap();
+        assert_eq!(endpoint(&base, "/runner/v1/register").as_str(), "http://127.0.0.1:8787/runner/v1/register");
+        assert_eq!(connect_url(&base).as_str(), "ws://127.0.0.1:8787/runner/v1/connect");
+        let base = Url::parse("https://kiln.example.com/edge/?x=1").unwrap();
+        assert_eq!(connect_url(&base).as_str(), "wss://kiln.example.com/edge/runner/v1/connect");
+    }
+
+    #[test]
+    fn transient_errors() {
+        let status = |s| EdgeError::Status { url: "u".into(), status: s, body: String::new() };
+        assert!(status(503).is_transient());
+        assert!(status(429).is_transient());
+        assert!(!status(401).is_transient());
+        assert!(!status(404).is_transient());
+    }
+}

@@ -1,0 +1,381 @@
+//! One job's life on this runner: wait for a slot, `started`, worktree and sandbox, the handler
+//! of its kind, `finished`, clean-up. A cancel (or a lost lease) drops the handler wherever it
+//! is, removes the sandbox and the worktree, and sends nothing more.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use kiln_schemas::runner::{Assignment, Outcome, RunnerEvent};
+use kiln_schemas::status::{CompletionReason, JobType};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, Semaphore};
+
+use super::{CancelToken, JobControl, JobServices};
+use crate::executor::{ExecError, ExecSpec, Execution, Sandbox, StdinWriter};
+use crate::github::NewPullRequest;
+use crate::output::OutputCollector;
+use crate::reporter::{self, EventSink};
+use crate::workspace::{RepoRef, Worktree};
+
+pub(super) async fn run_job(
+    services: Arc<JobServices>,
+    assignment: Assignment,
+    slots: Arc<Semaphore>,
+    started: Arc<AtomicBool>,
+    controls: mpsc::UnboundedReceiver<JobControl>,
+    cancel: CancelToken,
+) {
+    let job_id = assignment.job_id.clone();
+    let on_lost = cancel.clone();
+    let lost_id = job_id.clone();
+    let (sink, reporter) = reporter::spawn(services.edge.clone(), job_id.clone(), assignment.lease_id.clone(), move || {
+        tracing::warn!(job_id = lost_id, "lease no longer valid; stopping the job");
+        on_lost.cancel();
+    });
+
+    let permit = tokio::select! {
+        p = slots.acquire_owned() => p.expect("the slot semaphore is never closed"),
+        _ = cancel.cancelled() => {
+            reporter.abort();
+            return;
+        }
+    };
+    started.store(true, Ordering::SeqCst);
+
+    let mut job = JobRun { services, assignment, sink, worktree: None, sandbox: None };
+    let finished = tokio::select! {
+        f = job.execute(controls) => Some(f),
+        _ = cancel.cancelled() => None,
+    };
+    let JobRun { sink, worktree, sandbox, services, .. } = job;
+    match finished {
+        Some(event) => {
+            if let RunnerEvent::Finished { outcome, .. } = &event {
+                tracing::info!(job_id, ?outcome, "job finished");
+            }
+            sink.send(event).await;
+            drop(sink);
+            let cleanup = cleanup(&services, &job_id, worktree, sandbox);
+            let (_, end) = tokio::join!(cleanup, reporter);
+            tracing::debug!(job_id, ?end, "events delivered");
+        }
+        None => {
+            reporter.abort();
+            drop(sink);
+            let t = Instant::now();
+            cleanup(&services, &job_id, worktree, sandbox).await;
+            tracing::info!(job_id, cleanup_ms = t.elapsed().as_millis() as u64, "job cancelled and cleaned up");
+        }
+    }
+    drop(permit);
+}
+
+async fn cleanup(services: &JobServices, job_id: &str, worktree: Option<Worktree>, sandbox: Option<Arc<dyn Sandbox>>) {
+    if let Some(sandbox) = sandbox {
+        if let Err(e) = sandbox.destroy().await {
+            tracing::warn!(job_id, error = %e, "could not remove the job's sandbox");
+        }
+    }
+    if let Some(wt) = worktree {
+        services.workspaces.remove_worktree(&wt).await;
+    }
+    let _ = tokio::fs::remove_file(progress_path(services, job_id)).await;
+}
+
+/// Where a ralph job keeps its progress notes: beside the worktree, so they are never committed.
+pub(super) fn progress_path(services: &JobServices, job_id: &str) -> PathBuf {
+    services.workspaces.worktrees_dir().join(format!("{job_id}.progress.md"))
+}
+
+/// The `finished` event of a failed job.
+pub(super) fn failed(message: impl Into<String>) -> RunnerEvent {
+    let message = message.into();
+    RunnerEvent::Finished {
+        outcome: Outcome::Failed,
+        message: message.clone(),
+        pr_url: None,
+        completion_reason: None,
+        total_iterations: None,
+        error_message: Some(message),
+    }
+}
+
+/// What an agent run or command produced.
+pub(super) struct CommandResult {
+    /// `None` when the command could not be run or its exit code is unknown.
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub summary: String,
+    pub promise_detected: bool,
+}
+
+impl CommandResult {
+    pub fn succeeded(&self) -> bool {
+        self.exit_code == Some(0)
+    }
+
+    /// A one-line description of a failure.
+    pub fn failure(&self, what: &str) -> String {
+        match (&self.error, self.exit_code) {
+            (Some(e), _) => format!("{what} could not run: {e}"),
+            (None, Some(code)) => format!("{what} exited with code {code}"),
+            (None, None) => format!("{what} ended without an exit code"),
+        }
+    }
+}
+
+/// Published work.
+pub(super) enum Published {
+    NothingToCommit,
+    PullRequest(String),
+}
+
+pub(super) struct JobRun {
+    pub services: Arc<JobServices>,
+    pub assignment: Assignment,
+    pub sink: EventSink,
+    pub worktree: Option<Worktree>,
+    pub sandbox: Option<Arc<dyn Sandbox>>,
+}
+
+impl JobRun {
+    pub fn job_id(&self) -> &str {
+        &self.assignment.job_id
+    }
+
+    async fn execute(&mut self, controls: mpsc::UnboundedReceiver<JobControl>) -> RunnerEvent {
+        let a = &self.assignment;
+        let s = &self.services;
+        self.sink
+            .send(RunnerEvent::Started {
+                message: format!(
+                    "Job started on runner {} ({} executor, attempt {})",
+                    s.runner_name,
+                    s.executor.kind().as_str(),
+                    a.attempt
+                ),
+            })
+            .await;
+        let repo = match RepoRef::new(&a.github_org, &a.github_repo) {
+            Ok(r) => r,
+            Err(e) => return failed(e.to_string()),
+        };
+        self.sink.system(format!("Fetching {} and creating the worktree on branch {}", repo.slug(), a.branch_name)).await;
+        let t = Instant::now();
+        let wt = match s.workspaces.create_worktree(&repo, &a.job_id, &a.branch_name, a.base_branch.as_deref()).await {
+            Ok(wt) => wt,
+            Err(e) => return failed(format!("Preparing the workspace failed: {e}")),
+        };
+        self.sink
+            .system(format!("Worktree ready on {} from {} in {} ms", wt.branch, wt.base_branch, t.elapsed().as_millis()))
+            .await;
+        let path = wt.path.clone();
+        self.worktree = Some(wt);
+
+        let t = Instant::now();
+        let sandbox = match s.executor.create_sandbox(&a.job_id, &path).await {
+            Ok(sb) => Arc::from(sb),
+            Err(e) => return failed(format!("Creating the {} sandbox failed: {e}", s.executor.kind().as_str())),
+        };
+        self.sandbox = Some(sandbox);
+        self.sink
+            .system(format!("{} sandbox ready in {} ms", s.executor.kind().as_str(), t.elapsed().as_millis()))
+            .await;
+
+        match self.assignment.job_type {
+            JobType::Code => self.run_code().await,
+            JobType::Task => self.run_task(controls).await,
+            JobType::Ralph => self.run_ralph(controls).await,
+        }
+    }
+
+    pub fn sandbox(&self) -> &Arc<dyn Sandbox> {
+        self.sandbox.as_ref().expect("the sandbox exists while a handler runs")
+    }
+
+    pub fn worktree(&self) -> &Worktree {
+        self.worktree.as_ref().expect("the worktree exists while a handler runs")
+    }
+
+    pub fn agent_spec(&self, iteration: u32) -> ExecSpec {
+        ExecSpec::new(self.services.agent.command.clone(), self.job_id(), iteration).with_stdin()
+    }
+
+    /// Starts a command; output is streamed as events by [`JobRun::stream`].
+    pub async fn start(&self, spec: ExecSpec) -> Result<Execution, ExecError> {
+        self.sandbox().exec(spec).await
+    }
+
+    /// Streams an execution's output as events until it ends, then returns its result. While it
+    /// runs, ralph's `stop` is noted in `stop_requested`; other messages are ignored.
+    pub async fn stream(
+        &self,
+        mut exec: Execution,
+        mut collector: OutputCollector,
+        mut controls: Option<(&mut mpsc::UnboundedReceiver<JobControl>, &mut bool)>,
+    ) -> CommandResult {
+        loop {
+            let control = async {
+                match controls.as_mut() {
+                    Some((rx, _)) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                chunk = exec.output.recv() => match chunk {
+                    Some(chunk) => {
+                        for ev in collector.feed(&chunk) {
+                            self.sink.send(ev).await;
+                        }
+                    }
+                    None => break,
+                },
+                Some(c) = control => {
+                    if c == JobControl::Stop {
+                        if let Some((_, stop)) = controls.as_mut() {
+                            if !**stop {
+                                self.sink.system("Stop requested: the job stops after this iteration").await;
+                            }
+                            **stop = true;
+                        }
+                    }
+                }
+            }
+        }
+        for ev in collector.finish() {
+            self.sink.send(ev).await;
+        }
+        let (exit_code, error) = match exec.exit_code().await {
+            Ok(code) => (Some(code), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        CommandResult { exit_code, error, summary: collector.summary(), promise_detected: collector.promise_detected() }
+    }
+
+    /// Runs the agent once with the prompt on stdin (then closed).
+    pub async fn run_agent(
+        &self,
+        prompt: &str,
+        iteration: u32,
+        promise: Option<String>,
+        controls: Option<(&mut mpsc::UnboundedReceiver<JobControl>, &mut bool)>,
+    ) -> CommandResult {
+        let mut exec = match self.start(self.agent_spec(iteration)).await {
+            Ok(e) => e,
+            Err(e) => {
+                return CommandResult { exit_code: None, error: Some(e.to_string()), summary: String::new(), promise_detected: false }
+            }
+        };
+        if let Some(stdin) = exec.stdin.take() {
+            tokio::spawn(write_and_close(stdin, prompt_line(prompt)));
+        }
+        self.stream(exec, OutputCollector::new(self.services.agent.format, promise), controls).await
+    }
+
+    /// Runs a command without input (ralph's feedback commands); its output is plain text.
+    pub async fn run_command(
+        &self,
+        command: &str,
+        iteration: u32,
+        controls: Option<(&mut mpsc::UnboundedReceiver<JobControl>, &mut bool)>,
+    ) -> CommandResult {
+        let exec = match self.start(ExecSpec::new(command, self.job_id(), iteration)).await {
+            Ok(e) => e,
+            Err(e) => {
+                return CommandResult { exit_code: None, error: Some(e.to_string()), summary: String::new(), promise_detected: false }
+            }
+        };
+        self.stream(exec, OutputCollector::new(crate::config::AgentFormat::Text, None), controls).await
+    }
+
+    /// The pull request title: the job's title, else the prompt's first line.
+    pub fn title(&self) -> String {
+        let a = &self.assignment;
+        let base = a
+            .title
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| a.prompt.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("Kiln job"));
+        let mut title: String = base.chars().take(72).collect();
+        if base.chars().count() > 72 {
+            title.push('…');
+        }
+        title
+    }
+
+    /// Commits everything in the worktree, pushes the branch, opens the pull request.
+    pub async fn publish(&self, body: &str) -> Result<Published, String> {
+        let wt = self.worktree();
+        let ws = &self.services.workspaces;
+        let title = self.title();
+        let message = format!("{title}\n\nKiln job {}", self.job_id());
+        let sha = match ws.commit_all(wt, &message).await {
+            Ok(None) => return Ok(Published::NothingToCommit),
+            Ok(Some(sha)) => sha,
+            Err(e) => return Err(format!("Committing the changes failed: {e}")),
+        };
+        self.sink.system(format!("Committed {}", &sha[..sha.len().min(12)])).await;
+        ws.push(wt).await.map_err(|e| format!("Pushing branch {} failed: {e}", wt.branch))?;
+        self.sink.system(format!("Pushed branch {}", wt.branch)).await;
+        let pr = NewPullRequest { title, head: wt.branch.clone(), base: wt.base_branch.clone(), body: body.to_string() };
+        let url = self
+            .services
+            .github
+            .open_pull_request(&wt.repo, &pr)
+            .await
+            .map_err(|e| format!("Pushed branch {} but opening the pull request failed: {e}", wt.branch))?;
+        self.sink.system(format!("Opened pull request {url}")).await;
+        Ok(Published::PullRequest(url))
+    }
+
+    pub fn finished(
+        &self,
+        outcome: Outcome,
+        message: String,
+        pr_url: Option<String>,
+        completion_reason: Option<CompletionReason>,
+        total_iterations: Option<u32>,
+        error_message: Option<String>,
+    ) -> RunnerEvent {
+        RunnerEvent::Finished { outcome, message, pr_url, completion_reason, total_iterations, error_message }
+    }
+}
+
+/// The text written to an agent's stdin for a prompt or message: ends with one newline.
+pub(super) fn prompt_line(text: &str) -> String {
+    let mut s = text.trim_end_matches(['\n', '\r']).to_string();
+    s.push('\n');
+    s
+}
+
+/// Writes `text`, then closes the stream so the agent reads end-of-file. A broken pipe (the
+/// agent did not read its input) is not an error.
+pub(super) async fn write_and_close(mut stdin: StdinWriter, text: String) {
+    let _ = stdin.write_all(text.as_bytes()).await;
+    let _ = stdin.flush().await;
+    let _ = stdin.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_lines_end_in_one_newline() {
+        assert_eq!(prompt_line("hi"), "hi\n");
+        assert_eq!(prompt_line("hi\n\n"), "hi\n");
+        assert_eq!(prompt_line("a\nb"), "a\nb\n");
+    }
+
+    #[test]
+    fn failures_describe_themselves() {
+        let r = CommandResult { exit_code: Some(3), error: None, summary: String::new(), promise_detected: false };
+        assert_eq!(r.failure("the agent"), "the agent exited with code 3");
+        assert!(!r.succeeded());
+        let r = CommandResult { exit_code: None, error: Some("gone".into()), summary: String::new(), promise_detected: false };
+        assert_eq!(r.failure("the agent"), "the agent could not run: gone");
+    }
+}

@@ -1,0 +1,286 @@
+//! Command output to events: chunks are split into lines, lines become `log` events (or `agent`
+//! events for JSON lines of a `claude-stream-json` agent), and the tail of stdout is kept for a
+//! ralph iteration's summary and completion-promise check.
+
+use kiln_schemas::events::LogStream;
+use kiln_schemas::runner::RunnerEvent;
+use serde_json::Value;
+
+use crate::config::AgentFormat;
+use crate::executor::OutputChunk;
+
+/// Longest line sent as one event; longer output is cut into pieces of this size.
+pub const MAX_LINE_BYTES: usize = 256 * 1024;
+/// Characters of output an iteration summary keeps.
+pub const SUMMARY_CHARS: usize = 500;
+
+/// Splits a byte stream into lines (`\n`, with a trailing `\r` dropped), lossily as UTF-8.
+#[derive(Debug, Default)]
+pub struct LineSplitter {
+    buf: Vec<u8>,
+}
+
+impl LineSplitter {
+    pub fn push(&mut self, data: &[u8]) -> Vec<String> {
+        let mut lines = Vec::new();
+        for &b in data {
+            if b == b'\n' {
+                lines.push(Self::take(&mut self.buf));
+            } else {
+                self.buf.push(b);
+                if self.buf.len() >= MAX_LINE_BYTES {
+                    lines.push(Self::take(&mut self.buf));
+                }
+            }
+        }
+        lines
+    }
+
+    /// The last line, if output ended without a newline.
+    pub fn finish(&mut self) -> Option<String> {
+        (!self.buf.is_empty()).then(|| Self::take(&mut self.buf))
+    }
+
+    fn take(buf: &mut Vec<u8>) -> String {
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+        let line = String::from_utf8_lossy(buf).into_owned();
+        buf.clear();
+        line
+    }
+}
+
+/// The event for one line of output.
+pub fn line_event(format: AgentFormat, stream: LogStream, line: String) -> RunnerEvent {
+    if format == AgentFormat::ClaudeStreamJson && stream == LogStream::Stdout {
+        if let Some(event) = parse_json_object(&line) {
+            return RunnerEvent::Agent { event };
+        }
+    }
+    RunnerEvent::Log { stream, content: line }
+}
+
+fn parse_json_object(line: &str) -> Option<Value> {
+    let trimmed = line.trim();
+    if !trimmed.starts_with('{') {
+        return None;
+    }
+    serde_json::from_str::<Value>(trimmed).ok().filter(Value::is_object)
+}
+
+/// The human-readable text of a `claude-stream-json` event: the final result, or an assistant
+/// message's text blocks.
+pub fn agent_text(event: &Value) -> Option<String> {
+    match event.get("type")?.as_str()? {
+        "result" => event.get("result")?.as_str().map(str::to_string),
+        "assistant" => {
+            let texts: Vec<&str> = event
+                .pointer("/message/content")?
+                .as_array()?
+                .iter()
+                .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
+                .filter_map(|b| b.get("text").and_then(Value::as_str))
+                .collect();
+            (!texts.is_empty()).then(|| texts.join("\n"))
+        }
+        _ => None,
+    }
+}
+
+/// The last `n` characters of `s`.
+pub fn tail_chars(s: &str, n: usize) -> &str {
+    let count = s.chars().count();
+    if count <= n {
+        return s;
+    }
+    let (idx, _) = s.char_indices().nth(count - n).expect("index within the string");
+    &s[idx..]
+}
+
+/// Turns one command's output into events and remembers what a ralph iteration needs.
+#[derive(Debug)]
+pub struct OutputCollector {
+    format: AgentFormat,
+    stdout: LineSplitter,
+    stderr: LineSplitter,
+    promise: Option<String>,
+    promise_seen: bool,
+    /// Recent stdout text, bounded.
+    tail: String,
+}
+
+impl OutputCollector {
+    pub fn new(format: AgentFormat, promise: Option<String>) -> Self {
+        OutputCollector {
+            format,
+            stdout: LineSplitter::default(),
+            stderr: LineSplitter::default(),
+            promise: promise.filter(|p| !p.is_empty()),
+            promise_seen: false,
+            tail: String::new(),
+        }
+    }
+
+    pub fn feed(&mut self, chunk: &OutputChunk) -> Vec<RunnerEvent> {
+        let lines = match chunk.stream {
+            LogStream::Stderr => self.stderr.push(&chunk.data),
+            _ => self.stdout.push(&chunk.data),
+        };
+        lines.into_iter().map(|l| self.line(chunk.stream, l)).collect()
+    }
+
+    /// Flushes unterminated last lines.
+    pub fn finish(&mut self) -> Vec<RunnerEvent> {
+        let mut events = Vec::new();
+        if let Some(l) = self.stdout.finish() {
+            events.push(self.line(LogStream::Stdout, l));
+        }
+        if let Some(l) = self.stderr.finish() {
+            events.push(self.line(LogStream::Stderr, l));
+        }
+        events
+    }
+
+    fn line(&mut self, stream: LogStream, line: String) -> RunnerEvent {
+        let event = line_event(self.format, stream, line);
+        if stream == LogStream::Stdout {
+            let text = match &event {
+                RunnerEvent::Agent { event } => agent_text(event),
+                RunnerEvent::Log { content, .. } => Some(content.clone()),
+                _ => None,
+            };
+            if let Some(p) = &self.promise {
+                let raw_has = matches!(&event, RunnerEvent::Log { content, .. } if content.contains(p.as_str()));
+                if raw_has || text.as_deref().is_some_and(|t| t.contains(p.as_str())) {
+                    self.promise_seen = true;
+                }
+            }
+            if let Some(t) = text {
+                if !self.tail.is_empty() {
+                    self.tail.push('\n');
+                }
+                self.tail.push_str(&t);
+                if self.tail.len() > 8 * SUMMARY_CHARS {
+                    self.tail = tail_chars(&self.tail, 2 * SUMMARY_CHARS).to_string();
+                }
+            }
+        }
+        event
+    }
+
+    pub fn promise_detected(&self) -> bool {
+        self.promise_seen
+    }
+
+    /// The last ~500 characters of stdout text.
+    pub fn summary(&self) -> String {
+        tail_chars(self.tail.trim(), SUMMARY_CHARS).to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn out(s: &str) -> OutputChunk {
+        OutputChunk { stream: LogStream::Stdout, data: s.as_bytes().to_vec() }
+    }
+
+    #[test]
+    fn lines_are_split_across_chunks() {
+        let mut s = LineSplitter::default();
+        assert_eq!(s.push(b"hel"), Vec::<String>::new());
+        assert_eq!(s.push(b"lo\r\nwor"), vec!["hello"]);
+        assert_eq!(s.push(b"ld\n\n"), vec!["world", ""]);
+        assert_eq!(s.finish(), None);
+        s.push(b"tail");
+        assert_eq!(s.finish(), Some("tail".into()));
+        assert_eq!(s.push(&[0xff, b'\n']), vec!["\u{fffd}"]);
+    }
+
+    #[test]
+    fn overlong_lines_are_cut() {
+        let mut s = LineSplitter::default();
+        let lines = s.push(&vec![b'x'; MAX_LINE_BYTES * 2 + 3]);
+        assert_eq!(lines.len(), 2);
+        assert_eq!(s.finish().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn json_lines_become_agent_events_only_for_stream_json_stdout() {
+        let line = r#"{"type":"system","subtype":"init"}"#.to_string();
+        assert_eq!(
+            line_event(AgentFormat::ClaudeStreamJson, LogStream::Stdout, line.clone()),
+            RunnerEvent::Agent { event: json!({"type": "system", "subtype": "init"}) }
+        );
+        assert!(matches!(line_event(AgentFormat::Text, LogStream::Stdout, line.clone()), RunnerEvent::Log { .. }));
+        assert!(matches!(
+            line_event(AgentFormat::ClaudeStreamJson, LogStream::Stderr, line),
+            RunnerEvent::Log { stream: LogStream::Stderr, .. }
+        ));
+        for text in ["plain text", "{not json", "42", "[1,2]", ""] {
+            assert_eq!(
+                line_event(AgentFormat::ClaudeStreamJson, LogStream::Stdout, text.into()),
+                RunnerEvent::Log { stream: LogStream::Stdout, content: text.into() }
+            );
+        }
+    }
+
+    #[test]
+    fn agent_text_reads_results_and_assistant_messages() {
+        assert_eq!(agent_text(&json!({"type": "result", "result": "done"})).as_deref(), Some("done"));
+        let msg = json!({"type": "assistant", "message": {"content": [
+            {"type": "text", "text": "a"}, {"type": "tool_use", "name": "x"}, {"type": "text", "text": "b"}]}});
+        assert_eq!(agent_text(&msg).as_deref(), Some("a\nb"));
+        assert_eq!(agent_text(&json!({"type": "system"})), None);
+    }
+
+    #[test]
+    fn the_promise_is_seen_in_stdout_only() {
+        let mut c = OutputCollector::new(AgentFormat::Text, Some("RALPH_COMPLETE".into()));
+        c.feed(&OutputChunk { stream: LogStream::Stderr, data: b"RALPH_COMPLETE\n".to_vec() });
+        assert!(!c.promise_detected());
+        c.feed(&out("all done RALPH_COMP"));
+        assert!(!c.promise_detected());
+        c.feed(&out("LETE\n"));
+        assert!(c.promise_detected());
+    }
+
+    #[test]
+    fn the_promise_is_seen_inside_stream_json() {
+        let mut c = OutputCollector::new(AgentFormat::ClaudeStreamJson, Some("DONE".into()));
+        let events = c.feed(&out("{\"type\":\"result\",\"result\":\"all DONE\"}\n"));
+        assert!(matches!(events[0], RunnerEvent::Agent { .. }));
+        assert!(c.promise_detected());
+        assert_eq!(c.summary(), "all DONE");
+    }
+
+    #[test]
+    fn no_promise_means_never_detected() {
+        let mut c = OutputCollector::new(AgentFormat::Text, Some(String::new()));
+        c.feed(&out("anything\n"));
+        assert!(!c.promise_detected());
+    }
+
+    #[test]
+    fn summaries_keep_the_last_500_characters() {
+        let mut c = OutputCollector::new(AgentFormat::Text, None);
+        for i in 0..400 {
+            c.feed(&out(&format!("line {i} é\n")));
+        }
+        let s = c.summary();
+        assert_eq!(s.chars().count(), SUMMARY_CHARS);
+        assert!(s.ends_with("line 399 é"));
+        assert_eq!(tail_chars("héllo", 3), "llo");
+        assert_eq!(tail_chars("hi", 3), "hi");
+    }
+
+    #[test]
+    fn finish_flushes_partial_lines() {
+        let mut c = OutputCollector::new(AgentFormat::Text, None);
+        assert!(c.feed(&out("no newline")).is_empty());
+        assert_eq!(c.finish(), vec![RunnerEvent::Log { stream: LogStream::Stdout, content: "no newline".into() }]);
+    }
+}

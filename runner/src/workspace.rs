@@ -1,0 +1,360 @@
+//! Git workspaces: a bare mirror per repository at `REPOS_DIR/<org>/<repo>.git`, and a worktree per
+//! job at `WORKTREES_DIR/<job_id>` on the job's branch. Every git operation on a mirror (fetch,
+//! worktree add and remove, commit, push) holds that mirror's lock, so concurrent jobs on one
+//! repository never race on its refs. User-supplied names are validated and never reach git as
+//! options. Commands inside a worktree name its git directory explicitly, so a `.git` file the
+//! agent rewrote cannot point git at configuration (and hooks) of the agent's making.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use kiln_schemas::validate::{is_branch_name, is_repo_component};
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+
+pub const AUTHOR_NAME: &str = "Kiln";
+pub const AUTHOR_EMAIL: &str = "kiln@localhost";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("could not run git: {0}")]
+    Spawn(std::io::Error),
+    #[error("`git {command}` failed (exit code {code}): {stderr}")]
+    Failed { command: String, code: i32, stderr: String },
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> GitError {
+    let context = context.into();
+    move |source| GitError::Io { context, source }
+}
+
+/// A repository on the git host, by owner and name (both validated).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RepoRef {
+    pub org: String,
+    pub repo: String,
+}
+
+impl RepoRef {
+    pub fn new(org: &str, repo: &str) -> Result<RepoRef, GitError> {
+        if !is_repo_component(org) {
+            return Err(GitError::Invalid(format!("{org:?} is not a valid GitHub owner name")));
+        }
+        if !is_repo_component(repo) {
+            return Err(GitError::Invalid(format!("{repo:?} is not a valid GitHub repository name")));
+        }
+        Ok(RepoRef { org: org.to_string(), repo: repo.to_string() })
+    }
+
+    /// `org/repo`.
+    pub fn slug(&self) -> String {
+        format!("{}/{}", self.org, self.repo)
+    }
+}
+
+/// A job id as it may appear in a path: letters, digits, `-` and `_` only.
+pub fn is_job_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 100 && !s.starts_with('-') && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+}
+
+/// Runs git with a fixed environment: no prompts, C locale, Kiln as author and committer, and
+/// the GitHub token (if any) as an HTTP header scoped to the git host, passed through the
+/// environment so it never shows on a command line.
+#[derive(Debug, Clone)]
+pub struct Git {
+    env: Vec<(String, String)>,
+}
+
+impl Git {
+    pub fn new(base_url: &str, token: Option<&str>) -> Git {
+        let mut env: Vec<(String, String)> = [
+            ("GIT_TERMINAL_PROMPT", "0"),
+            ("LC_ALL", "C"),
+            ("GIT_AUTHOR_NAME", AUTHOR_NAME),
+            ("GIT_AUTHOR_EMAIL", AUTHOR_EMAIL),
+            ("GIT_COMMITTER_NAME", AUTHOR_NAME),
+            ("GIT_COMMITTER_EMAIL", AUTHOR_EMAIL),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        if let Some(token) = token.filter(|_| base_url.starts_with("https://") || base_url.starts_with("http://")) {
+            let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
+            env.push(("GIT_CONFIG_COUNT".into(), "1".into()));
+            env.push(("GIT_CONFIG_KEY_0".into(), format!("http.{}/.extraHeader", base_url.trim_end_matches('/'))));
+            env.push(("GIT_CONFIG_VALUE_0".into(), format!("Authorization: Basic {basic}")));
+        }
+        Git { env }
+    }
+
+    /// `git <args>` in `cwd`; stdout on success.
+    pub async fn run(&self, cwd: &Path, args: &[&str]) -> Result<String, GitError> {
+        let mut cmd = tokio::process::Command::new("git");
+        cmd.args(args)
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for var in ["GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_CONFIG_PARAMETERS"] {
+            cmd.env_remove(var);
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().await.map_err(GitError::Spawn)?;
+        if out.status.success() {
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if stderr.len() > 2000 {
+            stderr = format!("...{}", crate::output::tail_chars(&stderr, 2000));
+        }
+        Err(GitError::Failed { command: args.join(" "), code: out.status.code().unwrap_or(-1), stderr })
+    }
+
+    /// `git --version`, e.g. `2.47.3`.
+    pub async fn version(&self) -> Option<String> {
+        let out = self.run(Path::new("/"), &["--version"]).await.ok()?;
+        out.trim().strip_prefix("git version ").map(str::to_string)
+    }
+}
+
+/// A job's worktree.
+#[derive(Debug, Clone)]
+pub struct Worktree {
+    pub repo: RepoRef,
+    pub path: PathBuf,
+    /// The worktree's own git directory inside the mirror (`<mirror>/worktrees/<name>`).
+    pub git_dir: PathBuf,
+    pub branch: String,
+    /// The branch the work started from and the pull request targets.
+    pub base_branch: String,
+}
+
+impl Worktree {
+    fn git_args<'a>(&'a self, git_dir: &'a str, work_tree: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+        let mut all = vec!["--git-dir", git_dir, "--work-tree", work_tree, "-c", "core.hooksPath=/dev/null"];
+        all.extend_from_slice(args);
+        all
+    }
+}
+
+/// Mirrors and worktrees on this runner.
+pub struct Workspaces {
+    repos_dir: PathBuf,
+    worktrees_dir: PathBuf,
+    base_url: String,
+    git: Git,
+    locks: Mutex<HashMap<RepoRef, Arc<AsyncMutex<()>>>>,
+}
+
+impl Workspaces {
+    pub fn new(repos_dir: PathBuf, worktrees_dir: PathBuf, base_url: &str, token: Option<&str>) -> Workspaces {
+        let base_url = base_url.trim_end_matches('/').to_string();
+        Workspaces { git: Git::new(&base_url, token), repos_dir, worktrees_dir, base_url, locks: Mutex::default() }
+    }
+
+    pub fn git(&self) -> &Git {
+        &self.git
+    }
+
+    pub fn worktrees_dir(&self) -> &Path {
+        &self.worktrees_dir
+    }
+
+    pub fn mirror_path(&self, repo: &RepoRef) -> PathBuf {
+        self.repos_dir.join(&repo.org).join(format!("{}.git", repo.repo))
+    }
+
+    pub fn remote_url(&self, repo: &RepoRef) -> String {
+        format!("{}/{}/{}.git", self.base_url, repo.org, repo.repo)
+    }
+
+    pub fn worktree_path(&self, job_id: &str) -> PathBuf {
+        self.worktrees_dir.join(job_id)
+    }
+
+    async fn lock(&self, repo: &RepoRef) -> OwnedMutexGuard<()> {
+        let lock = self.locks.lock().unwrap().entry(repo.clone()).or_default().clone();
+        lock.lock_owned().await
+    }
+
+    /// Creates the mirror if needed and fetches every branch of the remote. Returns its path.
+    pub async fn sync(&self, repo: &RepoRef) -> Result<PathBuf, GitError> {
+        let _guard = self.lock(repo).await;
+        self.sync_locked(repo).await
+    }
+
+    async fn sync_locked(&self, repo: &RepoRef) -> Result<PathBuf, GitError> {
+        let mirror = self.mirror_path(repo);
+        let url = self.remote_url(repo);
+        let parent = mirror.parent().expect("mirrors live under REPOS_DIR/<org>");
+        tokio::fs::create_dir_all(parent).await.map_err(io_err(format!("creating {}", parent.display())))?;
+        if !mirror.join("HEAD").is_file() {
+            if mirror.exists() {
+                tokio::fs::remove_dir_all(&mirror).await.map_err(io_err(format!("removing a broken mirror {}", mirror.display())))?;
+            }
+            let m = mirror.to_string_lossy();
+            self.git.run(parent, &["init", "--bare", "--quiet", "--", &m]).await?;
+            // The default refspec of `remote add` keeps the remote's branches under
+            // refs/remotes/origin/, apart from the jobs' own branches under refs/heads/.
+            self.git.run(&mirror, &["remote", "add", "--", "origin", &url]).await?;
+        } else {
+            self.git.run(&mirror, &["remote", "set-url", "--", "origin", &url]).await?;
+        }
+        self.git.run(&mirror, &["fetch", "--prune", "--quiet", "origin"]).await?;
+        // An empty remote has no HEAD to follow; that is only an error for a job without a base.
+        if let Err(e) = self.git.run(&mirror, &["remote", "set-head", "origin", "--auto"]).await {
+            tracing::debug!(repo = %repo.slug(), error = %e, "remote HEAD unknown");
+        }
+        Ok(mirror)
+    }
+
+    /// Fetches the repository and adds the job's worktree on `branch`, started from `base` (the
+    /// remote's default branch when `None`). A leftover worktree of the same job is replaced.
+    pub async fn create_worktree(&self, repo: &RepoRef, job_id: &str, branch: &str, base: Option<&str>) -> Result<Worktree, GitError> {
+        if !is_job_id(job_id) {
+            return Err(GitError::Invalid(format!("{job_id:?} is not a valid job id")));
+        }
+        if !is_branch_name(branch) {
+            return Err(GitError::Invalid(format!("{branch:?} is not a valid branch name")));
+        }
+        if let Some(b) = base.filter(|b| !is_branch_name(b)) {
+            return Err(GitError::Invalid(format!("{b:?} is not a valid base branch name")));
+        }
+        let _guard = self.lock(repo).await;
+        let mirror = self.sync_locked(repo).await?;
+
+        let base_branch = match base {
+            Some(b) => {
+                let r = format!("refs/remotes/origin/{b}");
+                if self.git.run(&mirror, &["rev-parse", "--verify", "--quiet", &format!("{r}^{{commit}}")]).await.is_err() {
+                    return Err(GitError::Invalid(format!("base branch {b:?} does not exist in {}", repo.slug())));
+                }
+                b.to_string()
+            }
+            None => {
+                let head = self
+                    .git
+                    .run(&mirror, &["symbolic-ref", "--quiet", "refs/remotes/origin/HEAD"])
+                    .await
+                    .map_err(|_| GitError::Invalid(format!("{} has no default branch (is it empty?)", repo.slug())))?;
+                head.trim().trim_start_matches("refs/remotes/origin/").to_string()
+            }
+        };
+
+        tokio::fs::create_dir_all(&self.worktrees_dir)
+            .await
+            .map_err(io_err(format!("creating {}", self.worktrees_dir.display())))?;
+        let path = self.worktree_path(job_id);
+        if path.exists() {
+            self.remove_locked(&mirror, &path, None).await;
+        }
+        let p = path.to_string_lossy();
+        let start = format!("refs/remotes/origin/{base_branch}");
+        self.git.run(&mirror, &["worktree", "add", "--quiet", "--no-track", "-B", branch, "--", &p, &start]).await?;
+
+        let dotgit = tokio::fs::read_to_string(path.join(".git")).await.map_err(io_err("reading the new worktree's .git"))?;
+        let git_dir = dotgit
+            .trim()
+            .strip_prefix("gitdir: ")
+            .map(PathBuf::from)
+            .ok_or_else(|| GitError::Invalid(format!("unexpected .git file in {}", path.display())))?;
+        Ok(Worktree { repo: repo.clone(), path, git_dir, branch: branch.to_string(), base_branch })
+    }
+
+    async fn in_worktree(&self, wt: &Worktree, args: &[&str]) -> Result<String, GitError> {
+        let gd = wt.git_dir.to_string_lossy();
+        let tree = wt.path.to_string_lossy();
+        self.git.run(&wt.path, &wt.git_args(&gd, &tree, args)).await
+    }
+
+    /// Stages everything and commits it; `None` when there is nothing to commit.
+    pub async fn commit_all(&self, wt: &Worktree, message: &str) -> Result<Option<String>, GitError> {
+        let _guard = self.lock(&wt.repo).await;
+        self.in_worktree(wt, &["add", "--all"]).await?;
+        if self.in_worktree(wt, &["status", "--porcelain"]).await?.trim().is_empty() {
+            return Ok(None);
+        }
+        self.in_worktree(wt, &["commit", "--quiet", "--no-verify", "-m", message]).await?;
+        let sha = self.in_worktree(wt, &["rev-parse", "HEAD"]).await?;
+        Ok(Some(sha.trim().to_string()))
+    }
+
+    /// Pushes the job's branch to the remote.
+    pub async fn push(&self, wt: &Worktree) -> Result<(), GitError> {
+        let _guard = self.lock(&wt.repo).await;
+        let refspec = format!("HEAD:refs/heads/{}", wt.branch);
+        self.in_worktree(wt, &["push", "--quiet", "--no-verify", "origin", "--", &refspec]).await?;
+        Ok(())
+    }
+
+    /// Removes the worktree and its local branch (the remote keeps what was pushed).
+    pub async fn remove_worktree(&self, wt: &Worktree) {
+        let _guard = self.lock(&wt.repo).await;
+        let mirror = self.mirror_path(&wt.repo);
+        self.remove_locked(&mirror, &wt.path, Some(&wt.branch)).await;
+    }
+
+    async fn remove_locked(&self, mirror: &Path, path: &Path, branch: Option<&str>) {
+        let p = path.to_string_lossy();
+        if let Err(e) = self.git.run(mirror, &["worktree", "remove", "--force", "--force", "--", &p]).await {
+            tracing::debug!(path = %p, error = %e, "git worktree remove failed; deleting the directory");
+        }
+        if path.exists() {
+            if let Err(e) = tokio::fs::remove_dir_all(path).await {
+                tracing::warn!(path = %p, error = %e, "could not delete a worktree directory");
+            }
+        }
+        let _ = self.git.run(mirror, &["worktree", "prune"]).await;
+        if let Some(branch) = branch {
+            let _ = self.git.run(mirror, &["branch", "--quiet", "-D", "--", branch]).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_refs_and_job_ids_are_validated() {
+        assert!(RepoRef::new("org", "repo").is_ok());
+        for (o, r) in [("-o", "r"), ("o", ".."), ("o/x", "r"), ("o", "r.git"), ("", "r")] {
+            assert!(RepoRef::new(o, r).is_err(), "{o}/{r}");
+        }
+        assert!(is_job_id("14cddf8f-ce78-4b49-9eb4-9d17a7d1f568"));
+        for bad in ["", "-x", "a/b", "..", "a b", "a.b"] {
+            assert!(!is_job_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn paths_and_urls() {
+        let ws = Workspaces::new("/r".into(), "/w".into(), "file:///tmp/remotes/", None);
+        let repo = RepoRef::new("acme", "site").unwrap();
+        assert_eq!(ws.mirror_path(&repo), PathBuf::from("/r/acme/site.git"));
+        assert_eq!(ws.remote_url(&repo), "file:///tmp/remotes/acme/site.git");
+        assert_eq!(ws.worktree_path("j1"), PathBuf::from("/w/j1"));
+    }
+
+    #[test]
+    fn the_token_is_a_header_scoped_to_the_git_host() {
+        let git = Git::new("https://github.com", Some("t0k"));
+        let get = |k: &str| git.env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        assert_eq!(get("GIT_CONFIG_KEY_0").as_deref(), Some("http.https://github.com/.extraHeader"));
+        let value = get("GIT_CONFIG_VALUE_0").unwrap();
+        let b64 = value.strip_prefix("Authorization: Basic ").unwrap();
+        let decoded = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        assert_eq!(decoded, b"x-access-token:t0k");
+        assert!(Git::new("file:///tmp/x", Some("t0k")).env.iter().all(|(k, _)| k != "GIT_CONFIG_COUNT"));
+        assert!(Git::new("https://github.com", None).env.iter().all(|(k, _)| k != "GIT_CONFIG_COUNT"));
+    }
+}
