@@ -369,6 +369,10 @@ async fn a_job_fails_for_good_when_its_runners_keep_vanishing() {
         let job = api.wait_status(&w.token, &id, "running", JOB_TIMEOUT).await;
         assert_eq!(job["attempts"], attempt);
         runner.kill();
+        if attempt == 1 {
+            let job = api.wait_status(&w.token, &id, "queued", Duration::from_secs(20)).await;
+            assert!(has_message(job["messages"].as_array().unwrap(), "system", "requeued after attempt 1 of 2"), "{job:#}");
+        }
     }
     let job = api.wait_status(&w.token, &id, "failed", Duration::from_secs(20)).await;
     assert!(job["error_message"].as_str().unwrap().contains("runner lost"), "{job}");
