@@ -140,7 +140,24 @@ pub struct Worktree {
 
 impl Worktree {
     fn git_args<'a>(&'a self, git_dir: &'a str, work_tree: &'a str, args: &[&'a str]) -> Vec<&'a str> {
-        let mut all = vec!["--git-dir", git_dir, "--work-tree", work_tree, "-c", "core.hooksPath=/dev/null"];
+        // Nested repositories the agent made are never entered: git would read their
+        // configuration (an fsmonitor command, say) to look for changes inside them.
+        let mut all = vec![
+            "--git-dir",
+            git_dir,
+            "--work-tree",
+            work_tree,
+            "-c",
+            "core.hooksPath=/dev/null",
+            "-c",
+            "core.fsmonitor=false",
+            "-c",
+            "diff.ignoreSubmodules=all",
+            "-c",
+            "submodule.recurse=false",
+            "-c",
+            "push.recurseSubmodules=no",
+        ];
         all.extend_from_slice(args);
         all
     }
@@ -279,9 +296,19 @@ impl Workspaces {
     /// Stages everything and commits it; `None` when there is nothing to commit.
     pub async fn commit_all(&self, wt: &Worktree, message: &str) -> Result<Option<String>, GitError> {
         let _guard = self.lock(&wt.repo).await;
-        self.in_worktree(wt, &["add", "--all"]).await?;
-        if self.in_worktree(wt, &["status", "--porcelain"]).await?.trim().is_empty() {
-            return Ok(None);
+        // A path git cannot add (a nested repository without commits, an unreadable file) must
+        // not cost the rest of the work: add what can be added and say what could not.
+        match self.in_worktree(wt, &["add", "--all", "--ignore-errors"]).await {
+            Ok(_) => {}
+            Err(GitError::Failed { code: 1, stderr, .. }) => {
+                tracing::warn!(path = %wt.path.display(), %stderr, "some paths could not be added")
+            }
+            Err(e) => return Err(e),
+        }
+        match self.in_worktree(wt, &["diff", "--cached", "--quiet"]).await {
+            Ok(_) => return Ok(None),
+            Err(GitError::Failed { code: 1, .. }) => {}
+            Err(e) => return Err(e),
         }
         self.in_worktree(wt, &["commit", "--quiet", "--no-verify", "-m", message]).await?;
         let sha = self.in_worktree(wt, &["rev-parse", "HEAD"]).await?;

@@ -262,7 +262,11 @@ impl JobRun {
         promise: Option<String>,
         controls: Option<(&mut mpsc::UnboundedReceiver<JobControl>, &mut bool)>,
     ) -> CommandResult {
-        let mut exec = match self.start(self.agent_spec(iteration)).await {
+        let mut spec = self.agent_spec(iteration);
+        if let Some(p) = &promise {
+            spec.env.push(("COMPLETION_PROMISE".into(), p.clone()));
+        }
+        let mut exec = match self.start(spec).await {
             Ok(e) => e,
             Err(e) => {
                 return CommandResult { exit_code: None, error: Some(e.to_string()), summary: String::new(), promise_detected: false }

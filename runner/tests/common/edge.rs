@@ -1,0 +1,263 @@
+//! A fake edge speaking the runner protocol: registration, the WebSocket session (it records what
+//! the runner says and lets the test push messages), and event batches (deduplicated by index,
+//! with switches for failing posts and invalid leases).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::{SinkExt, StreamExt};
+use kiln_schemas::runner::{
+    Assignment, BatchAck, EdgeMessage, EventBatch, RegisterRunnerRequest, RegisterRunnerResponse, RunnerEvent, RunnerMessage,
+};
+use tokio::sync::mpsc;
+
+pub const REGISTRATION_TOKEN: &str = "test-registration-token";
+pub const HEARTBEAT_SECS: u32 = 1;
+
+enum Command {
+    Send(EdgeMessage),
+    Close,
+}
+
+#[derive(Default)]
+struct EdgeState {
+    tokens: Mutex<Vec<String>>,
+    names: Mutex<Vec<String>>,
+    received: Mutex<Vec<RunnerMessage>>,
+    outbox: Mutex<Option<mpsc::UnboundedSender<Command>>>,
+    events: Mutex<HashMap<String, BTreeMap<u64, RunnerEvent>>>,
+    batches: Mutex<Vec<(String, EventBatch)>>,
+    invalid: Mutex<HashSet<String>>,
+    fail_posts: AtomicU32,
+    failed_posts: AtomicU32,
+    duplicates: AtomicU32,
+}
+
+pub struct FakeEdge {
+    pub url: String,
+    state: Arc<EdgeState>,
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers.get("authorization")?.to_str().ok()?.strip_prefix("Bearer ").map(str::to_string)
+}
+
+async fn register(State(s): State<Arc<EdgeState>>, headers: HeaderMap, Json(req): Json<RegisterRunnerRequest>) -> Response {
+    if bearer(&headers).as_deref() != Some(REGISTRATION_TOKEN) {
+        return (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": "bad registration token"}))).into_response();
+    }
+    let token = format!("runner-token-{}", uuid::Uuid::new_v4());
+    s.tokens.lock().unwrap().push(token.clone());
+    s.names.lock().unwrap().push(req.name);
+    Json(RegisterRunnerResponse { runner_id: "runner-1".into(), token }).into_response()
+}
+
+fn authorized(s: &EdgeState, headers: &HeaderMap) -> bool {
+    bearer(headers).is_some_and(|t| s.tokens.lock().unwrap().contains(&t))
+}
+
+async fn connect(State(s): State<Arc<EdgeState>>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
+    if !authorized(&s, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    ws.on_upgrade(move |socket| session(s, socket))
+}
+
+async fn session(s: Arc<EdgeState>, socket: WebSocket) {
+    let (mut tx, mut rx) = socket.split();
+    // hello first, then welcome
+    let Some(Ok(Message::Text(first))) = rx.next().await else { return };
+    let hello: RunnerMessage = serde_json::from_str(&first).expect("the first message is a runner message");
+    assert!(matches!(hello, RunnerMessage::Hello { .. }), "first message must be hello: {first}");
+    s.received.lock().unwrap().push(hello);
+    let welcome = EdgeMessage::Welcome { runner_id: "runner-1".into(), heartbeat_secs: HEARTBEAT_SECS, lease_secs: 30 };
+    if tx.send(Message::Text(serde_json::to_string(&welcome).unwrap().into())).await.is_err() {
+        return;
+    }
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+    *s.outbox.lock().unwrap() = Some(out_tx);
+    loop {
+        tokio::select! {
+            msg = rx.next() => match msg {
+                Some(Ok(Message::Text(t))) => {
+                    let m: RunnerMessage = serde_json::from_str(&t).expect("runner messages parse");
+                    s.received.lock().unwrap().push(m);
+                }
+                Some(Ok(_)) => {}
+                _ => break,
+            },
+            cmd = out_rx.recv() => match cmd {
+                Some(Command::Send(m)) => {
+                    if tx.send(Message::Text(serde_json::to_string(&m).unwrap().into())).await.is_err() { break; }
+                }
+                Some(Command::Close) | None => {
+                    let _ = tx.close().await;
+                    break;
+                }
+            },
+        }
+    }
+}
+
+async fn events(State(s): State<Arc<EdgeState>>, headers: HeaderMap, Path(job_id): Path<String>, Json(batch): Json<EventBatch>) -> Response {
+    if !authorized(&s, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    if s.fail_posts.load(Ordering::SeqCst) > 0 {
+        s.fail_posts.fetch_sub(1, Ordering::SeqCst);
+        s.failed_posts.fetch_add(1, Ordering::SeqCst);
+        // Store the batch anyway: the runner cannot tell a lost answer from a lost request.
+        store(&s, &job_id, &batch);
+        return (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response();
+    }
+    if s.invalid.lock().unwrap().contains(&job_id) {
+        return Json(BatchAck { stored: 0, duplicates: 0, lease_valid: false }).into_response();
+    }
+    let (stored, duplicates) = store(&s, &job_id, &batch);
+    Json(BatchAck { stored, duplicates, lease_valid: true }).into_response()
+}
+
+fn store(s: &EdgeState, job_id: &str, batch: &EventBatch) -> (u32, u32) {
+    s.batches.lock().unwrap().push((job_id.to_string(), batch.clone()));
+    let mut all = s.events.lock().unwrap();
+    let log = all.entry(job_id.to_string()).or_default();
+    let (mut stored, mut dups) = (0, 0);
+    for ev in &batch.events {
+        match log.get(&ev.index) {
+            Some(existing) => {
+                assert_eq!(existing, &ev.event, "index {} was reused for a different event", ev.index);
+                dups += 1;
+            }
+            None => {
+                log.insert(ev.index, ev.event.clone());
+                stored += 1;
+            }
+        }
+    }
+    s.duplicates.fetch_add(dups, Ordering::SeqCst);
+    (stored, dups)
+}
+
+impl FakeEdge {
+    pub async fn start() -> FakeEdge {
+        let state = Arc::new(EdgeState::default());
+        let app = Router::new()
+            .route("/runner/v1/register", post(register))
+            .route("/runner/v1/connect", get(connect))
+            .route("/runner/v1/jobs/{job_id}/events", post(events))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        FakeEdge { url, state }
+    }
+
+    /// Sends a message on the current session (waits for one).
+    pub async fn send(&self, msg: EdgeMessage) {
+        wait_until("a runner session", Duration::from_secs(10), || self.state.outbox.lock().unwrap().is_some()).await;
+        let outbox = self.state.outbox.lock().unwrap();
+        outbox.as_ref().unwrap().send(Command::Send(msg)).ok().expect("session alive");
+    }
+
+    pub async fn assign(&self, assignment: Assignment) {
+        self.send(EdgeMessage::Assign { assignment }).await;
+    }
+
+    /// Closes the current session (the runner must reconnect).
+    pub fn disconnect(&self) {
+        if let Some(tx) = self.state.outbox.lock().unwrap().take() {
+            let _ = tx.send(Command::Close);
+        }
+    }
+
+    pub fn received(&self) -> Vec<RunnerMessage> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    pub fn hellos(&self) -> Vec<RunnerMessage> {
+        self.received().into_iter().filter(|m| matches!(m, RunnerMessage::Hello { .. })).collect()
+    }
+
+    pub fn registered_names(&self) -> Vec<String> {
+        self.state.names.lock().unwrap().clone()
+    }
+
+    pub async fn wait_hellos(&self, n: usize) -> Vec<RunnerMessage> {
+        wait_until(&format!("{n} hello(s)"), Duration::from_secs(15), || self.hellos().len() >= n).await;
+        self.hellos()
+    }
+
+    /// The job's stored events in index order.
+    pub fn events(&self, job_id: &str) -> Vec<RunnerEvent> {
+        self.state.events.lock().unwrap().get(job_id).map(|m| m.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Every batch posted for the job, failed ones included.
+    pub fn batches(&self, job_id: &str) -> Vec<EventBatch> {
+        self.state.batches.lock().unwrap().iter().filter(|(j, _)| j == job_id).map(|(_, b)| b.clone()).collect()
+    }
+
+    pub async fn wait_event(&self, job_id: &str, what: &str, secs: u64, pred: impl Fn(&RunnerEvent) -> bool) -> Vec<RunnerEvent> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let evs = self.events(job_id);
+            if evs.iter().any(&pred) {
+                return evs;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("timed out after {secs} s waiting for {what} of job {job_id}; events so far:\n{evs:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn wait_finished(&self, job_id: &str, secs: u64) -> Vec<RunnerEvent> {
+        self.wait_event(job_id, "finished", secs, |e| matches!(e, RunnerEvent::Finished { .. })).await
+    }
+
+    pub async fn wait_reply(&self, request_id: &str) -> serde_json::Value {
+        let find = || {
+            self.received().into_iter().find_map(|m| match m {
+                RunnerMessage::Reply { request_id: r, result } if r == request_id => Some(result),
+                _ => None,
+            })
+        };
+        wait_until(&format!("reply {request_id}"), Duration::from_secs(30), || find().is_some()).await;
+        find().unwrap()
+    }
+
+    pub fn invalidate_lease(&self, job_id: &str) {
+        self.state.invalid.lock().unwrap().insert(job_id.to_string());
+    }
+
+    pub fn fail_next_posts(&self, n: u32) {
+        self.state.fail_posts.store(n, Ordering::SeqCst);
+    }
+
+    pub fn failed_posts(&self) -> u32 {
+        self.state.failed_posts.load(Ordering::SeqCst)
+    }
+
+    pub fn duplicates(&self) -> u32 {
+        self.state.duplicates.load(Ordering::SeqCst)
+    }
+}
+
+/// Polls `cond` every 20 ms; panics with `what` after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

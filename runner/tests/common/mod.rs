@@ -1,0 +1,303 @@
+//! Shared pieces of the runner's integration tests: git remotes in temporary directories, the
+//! stand-in agent, a fake edge and a fake GitHub, and a whole runner wired to them.
+#![allow(dead_code)] // each test binary uses a different part
+
+pub mod edge;
+pub mod github;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use kiln_runner::config::{AgentFormat, AgentProfile, Config, ContainerLimits, EdgeCredential, ExecutorKind, Mount};
+use kiln_runner::jobs::Supervisor;
+use kiln_runner::Application;
+use kiln_schemas::jobs::RalphParams;
+use kiln_schemas::runner::{Assignment, Outcome, RunnerEvent};
+use kiln_schemas::status::{CompletionReason, JobType};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+pub use edge::{wait_until, FakeEdge};
+pub use github::FakeGithub;
+
+pub const ORG: &str = "acme";
+pub const REPO: &str = "site";
+
+/// `tests/agents`, holding `agent.sh` (see its header for the words a prompt can use).
+pub fn agents_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/agents")
+}
+
+/// Where job containers see `tests/agents`.
+pub const CONTAINER_AGENTS: &str = "/kiln-test/agents";
+
+pub fn agent_cmd(executor: ExecutorKind) -> String {
+    match executor {
+        ExecutorKind::Process => format!("sh {}/agent.sh", agents_dir().display()),
+        ExecutorKind::Docker => format!("sh {CONTAINER_AGENTS}/agent.sh"),
+    }
+}
+
+/// Runs git synchronously (test set-up and checks); panics on failure.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com")
+        .output()
+        .expect("git runs");
+    assert!(out.status.success(), "git {args:?} in {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Bare repositories standing in for GitHub, at `<dir>/<org>/<repo>.git`.
+pub struct Remotes {
+    pub dir: TempDir,
+}
+
+impl Remotes {
+    pub fn new() -> Remotes {
+        Remotes { dir: tempfile::Builder::new().prefix("kiln-remotes-").tempdir().unwrap() }
+    }
+
+    /// `file://` base URL (RUNNER_GIT_BASE_URL).
+    pub fn base_url(&self) -> String {
+        format!("file://{}", self.dir.path().display())
+    }
+
+    pub fn path(&self, org: &str, repo: &str) -> PathBuf {
+        self.dir.path().join(org).join(format!("{repo}.git"))
+    }
+
+    /// A repository whose default branch `main` holds README.md, plus a branch `develop`
+    /// holding DEVELOP.md as well.
+    pub fn create(&self, org: &str, repo: &str) -> PathBuf {
+        let bare = self.path(org, repo);
+        std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
+        git(self.dir.path(), &["init", "--quiet", "--bare", "--initial-branch=main", bare.to_str().unwrap()]);
+        let work = tempfile::tempdir().unwrap();
+        let w = work.path();
+        git(w, &["init", "--quiet", "--initial-branch=main"]);
+        std::fs::write(w.join("README.md"), format!("# {repo}\n")).unwrap();
+        git(w, &["add", "README.md"]);
+        git(w, &["commit", "--quiet", "-m", "initial"]);
+        git(w, &["push", "--quiet", bare.to_str().unwrap(), "main"]);
+        git(w, &["checkout", "--quiet", "-b", "develop"]);
+        std::fs::write(w.join("DEVELOP.md"), "develop\n").unwrap();
+        git(w, &["add", "DEVELOP.md"]);
+        git(w, &["commit", "--quiet", "-m", "develop work"]);
+        git(w, &["push", "--quiet", bare.to_str().unwrap(), "develop"]);
+        bare
+    }
+
+    pub fn branches(&self, org: &str, repo: &str) -> Vec<String> {
+        git(&self.path(org, repo), &["for-each-ref", "--format=%(refname:short)", "refs/heads/"])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// A file at a revision, if present.
+    pub fn show(&self, org: &str, repo: &str, rev_path: &str) -> Option<String> {
+        let out = Command::new("git").args(["show", rev_path]).current_dir(self.path(org, repo)).output().unwrap();
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Files of a revision.
+    pub fn files(&self, org: &str, repo: &str, rev: &str) -> Vec<String> {
+        git(&self.path(org, repo), &["ls-tree", "-r", "--name-only", rev]).lines().map(str::to_string).collect()
+    }
+}
+
+pub fn assignment(job_type: JobType, prompt: &str) -> Assignment {
+    let job_id = uuid::Uuid::new_v4().to_string();
+    Assignment {
+        branch_name: format!("kiln/{}-{}", job_type.as_str(), &job_id[..8]),
+        lease_id: format!("lease-{}", &job_id[..8]),
+        job_id,
+        attempt: 1,
+        job_type,
+        prompt: prompt.to_string(),
+        title: None,
+        github_org: ORG.into(),
+        github_repo: REPO.into(),
+        base_branch: None,
+        ralph: (job_type == JobType::Ralph).then(|| RalphParams {
+            max_iterations: 5,
+            completion_promise: "RALPH_COMPLETE".into(),
+            feedback_commands: vec![],
+        }),
+    }
+}
+
+pub struct RunnerOptions {
+    pub executor: ExecutorKind,
+    pub capacity: u32,
+    pub format: AgentFormat,
+    pub docker_host: Option<String>,
+}
+
+impl Default for RunnerOptions {
+    fn default() -> Self {
+        RunnerOptions { executor: ExecutorKind::Process, capacity: 2, format: AgentFormat::Text, docker_host: None }
+    }
+}
+
+/// A runner (in this process) wired to a fake edge, a fake GitHub and local git remotes.
+pub struct TestRunner {
+    pub edge: FakeEdge,
+    pub github: FakeGithub,
+    pub remotes: Remotes,
+    pub dirs: TempDir,
+    pub port: u16,
+    pub supervisor: Supervisor,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestRunner {
+    pub async fn start(opts: RunnerOptions) -> TestRunner {
+        let edge = FakeEdge::start().await;
+        let github = FakeGithub::start().await;
+        let remotes = Remotes::new();
+        remotes.create(ORG, REPO);
+        let dirs = tempfile::Builder::new().prefix("kiln-runner-test-").tempdir().unwrap();
+        let config = Config {
+            edge_url: edge.url.parse().unwrap(),
+            credential: Some(EdgeCredential::Registration(edge::REGISTRATION_TOKEN.into())),
+            name: "test-runner".into(),
+            executor: Some(opts.executor),
+            image: "kiln-busybox:latest".into(),
+            agent: AgentProfile { command: agent_cmd(opts.executor), format: opts.format },
+            max_concurrent_jobs: opts.capacity,
+            repos_dir: dirs.path().join("repos"),
+            worktrees_dir: dirs.path().join("worktrees"),
+            git_base_url: remotes.base_url(),
+            github_token: Some("gh-test-token".into()),
+            github_api_url: github.url.clone(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            limits: ContainerLimits { memory_mb: 256, cpus: 1.0, pids: 128, network: "none".into() },
+            mounts: vec![Mount { host: agents_dir(), container: CONTAINER_AGENTS.into(), read_only: true }],
+            docker_host: opts.docker_host,
+        };
+        let app = Application::build(config).await.expect("the runner starts");
+        let port = app.port();
+        let supervisor = app.supervisor();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            app.run_until_stopped(async move {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        edge.wait_hellos(1).await;
+        TestRunner { edge, github, remotes, dirs, port, supervisor, stop: Some(stop), task: Some(task) }
+    }
+
+    pub fn worktrees_dir(&self) -> PathBuf {
+        self.dirs.path().join("worktrees")
+    }
+
+    pub fn repos_dir(&self) -> PathBuf {
+        self.dirs.path().join("repos")
+    }
+
+    pub async fn health(&self) -> serde_json::Value {
+        reqwest::get(format!("http://127.0.0.1:{}/health", self.port)).await.unwrap().json().await.unwrap()
+    }
+
+    /// Assigns the job and waits for its `finished` event.
+    pub async fn run(&self, a: Assignment, secs: u64) -> Vec<RunnerEvent> {
+        let id = a.job_id.clone();
+        self.edge.assign(a).await;
+        self.edge.wait_finished(&id, secs).await
+    }
+
+    /// Waits until the job is no longer held (its clean-up is done).
+    pub async fn wait_released(&self, job_id: &str) {
+        let sup = self.supervisor.clone();
+        wait_until("the job to be released", Duration::from_secs(20), || sup.held().iter().all(|h| h.job_id != job_id)).await;
+    }
+
+    /// Stops the runner gracefully (jobs cancelled, workspaces removed).
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task).await.expect("the runner stops").unwrap();
+        }
+    }
+}
+
+/// The job's `finished` event, as a tuple of its fields.
+pub fn finished(events: &[RunnerEvent]) -> (Outcome, String, Option<String>, Option<CompletionReason>, Option<u32>, Option<String>) {
+    match events.last() {
+        Some(RunnerEvent::Finished { outcome, message, pr_url, completion_reason, total_iterations, error_message }) => (
+            *outcome,
+            message.clone(),
+            pr_url.clone(),
+            *completion_reason,
+            *total_iterations,
+            error_message.clone(),
+        ),
+        other => panic!("the last event is not finished: {other:?}\nall: {events:#?}"),
+    }
+}
+
+/// Checks the envelope every job's log must have: `started` first, `finished` last and only once.
+pub fn assert_started_and_finished(events: &[RunnerEvent]) {
+    assert!(matches!(events.first(), Some(RunnerEvent::Started { .. })), "first event: {:?}", events.first());
+    assert!(matches!(events.last(), Some(RunnerEvent::Finished { .. })), "last event: {:?}", events.last());
+    let n = events.iter().filter(|e| matches!(e, RunnerEvent::Finished { .. })).count();
+    assert_eq!(n, 1, "exactly one finished event");
+}
+
+/// Stdout lines among the events.
+pub fn stdout_lines(events: &[RunnerEvent]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            RunnerEvent::Log { stream: kiln_schemas::events::LogStream::Stdout, content } => Some(content.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+pub fn stderr_lines(events: &[RunnerEvent]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            RunnerEvent::Log { stream: kiln_schemas::events::LogStream::Stderr, content } => Some(content.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The Docker daemon the tests use: `DOCKER_HOST`, else the repository's private one
+/// (`.kiln/docker/docker.sock`, started by `scripts/dockerd`). Panics with directions when neither
+/// answers: the Docker tests fail rather than skip.
+pub async fn docker_host() -> String {
+    let host = std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| {
+        let sock = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.kiln/docker/docker.sock");
+        format!("unix://{}", sock.canonicalize().unwrap_or(sock).display())
+    });
+    match kiln_runner::docker::DockerClient::connect(Some(&host)).await {
+        Ok(client) => {
+            assert!(
+                client.has_image("kiln-busybox:latest").await.unwrap(),
+                "the Docker daemon at {host} has no image kiln-busybox:latest: run scripts/dockerd to build it"
+            );
+            host
+        }
+        Err(e) => panic!(
+            "the Docker tests need a running daemon: none answers at {host} ({e}). Start one with scripts/dockerd \
+             (or point DOCKER_HOST at one that has the image kiln-busybox:latest)."
+        ),
+    }
+}
