@@ -580,3 +580,30 @@ async fn a_retried_event_batch_is_stored_once() {
     let (_, ack) = api.send(Method::POST, &path, Some(&runner_token), Some(late)).await;
     assert_eq!(ack["lease_valid"], false);
 }
+
+/// The edge restarts under a running job: the runner reconnects with backoff, re-announces the
+/// job under its lease, and the job finishes on its first attempt with nothing lost.
+#[tokio::test]
+async fn a_runner_reconnects_after_an_edge_restart_and_finishes_its_job() {
+    let mut w = World::start(&[]).await;
+    let api = w.api();
+    let agent = "echo before restart; sleep 6; echo after restart";
+    let runner = w.runner(agent, "process", &[]).await;
+    w.wait_runners(1).await;
+    let id = api
+        .create_job(&w.token, json!({"githubOrg": "acme", "githubRepo": "shop", "prompt": "p", "branchName": "b/restart"}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    api.wait_status(&w.token, &id, "running", JOB_TIMEOUT).await;
+    w.edge.restart().await.expect("restarting wrangler dev");
+    let api = w.api();
+    let job = api.wait_status(&w.token, &id, "completed", JOB_TIMEOUT).await;
+    assert_eq!(job["attempts"], 1, "the lease survived the restart: {job:#}");
+    let messages = job["messages"].as_array().unwrap();
+    assert!(has_message(messages, "stdout", "before restart"), "{messages:#?}");
+    assert!(has_message(messages, "stdout", "after restart"), "{messages:#?}");
+    let health: Value = reqwest::get(runner.health_url()).await.unwrap().json().await.unwrap();
+    assert_eq!(health["edge"]["connected"], true, "{health}");
+}
