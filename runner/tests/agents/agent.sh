@@ -5,7 +5,8 @@
 #   promise@N  print the completion promise ($COMPLETION_PROMISE) from iteration N on
 #   fail       exit 1 after printing to stdout and stderr
 #   flaky      exit 1 the first time each iteration runs (a marker in /tmp remembers)
-#   hang       write its pid to /tmp/kiln-hang-$JOB_ID.pid, start a child, and sleep forever
+#   hang       write its pid to /tmp/kiln-hang-$JOB_ID.pid (its child's to .child) and run
+#              forever, printing a line every second
 #   slow       sleep 1 second before finishing
 #   json       print claude-stream-json lines
 #   echo       interactive: answer each further line with "echo: <line>" until stdin closes
@@ -32,7 +33,7 @@ case " $prompt " in *" hang "*)
   echo $$ > "/tmp/kiln-hang-${JOB_ID}.pid"
   sleep 1000 &
   echo $! > "/tmp/kiln-hang-${JOB_ID}.child"
-  while :; do sleep 1; done ;;
+  while :; do sleep 1; echo "agent: still working"; done ;;
 esac
 case " $prompt " in *" slow "*) sleep 1 ;; esac
 case " $prompt " in *" flaky "*)

@@ -155,8 +155,8 @@ pub struct TestRunner {
     pub dirs: TempDir,
     pub port: u16,
     pub supervisor: Supervisor,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    stop: std::sync::Mutex<Option<oneshot::Sender<()>>>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl TestRunner {
@@ -196,7 +196,16 @@ impl TestRunner {
             .unwrap();
         });
         edge.wait_hellos(1).await;
-        TestRunner { edge, github, remotes, dirs, port, supervisor, stop: Some(stop), task: Some(task) }
+        TestRunner {
+            edge,
+            github,
+            remotes,
+            dirs,
+            port,
+            supervisor,
+            stop: std::sync::Mutex::new(Some(stop)),
+            task: std::sync::Mutex::new(Some(task)),
+        }
     }
 
     pub fn worktrees_dir(&self) -> PathBuf {
@@ -225,11 +234,12 @@ impl TestRunner {
     }
 
     /// Stops the runner gracefully (jobs cancelled, workspaces removed).
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
+    pub async fn stop(&self) {
+        if let Some(stop) = self.stop.lock().unwrap().take() {
             let _ = stop.send(());
         }
-        if let Some(task) = self.task.take() {
+        let task = self.task.lock().unwrap().take();
+        if let Some(task) = task {
             tokio::time::timeout(Duration::from_secs(30), task).await.expect("the runner stops").unwrap();
         }
     }
