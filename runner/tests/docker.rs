@@ -1,0 +1,228 @@
+//! The Docker executor against a real daemon (`DOCKER_HOST`, else the repository's private
+//! `.kiln/docker/docker.sock` from `scripts/dockerd`) with the image `kiln-busybox:latest`. These
+//! tests fail, with directions, when no daemon answers.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use kiln_runner::config::{ContainerLimits, ExecutorKind, Mount};
+use kiln_runner::docker::{container_name, DockerClient, DockerExecutor};
+use kiln_runner::executor::{ExecSpec, Execution, Executor};
+use kiln_schemas::events::LogStream;
+use kiln_schemas::runner::{EdgeMessage, Outcome, RunnerEvent};
+use kiln_schemas::status::{CompletionReason, JobType};
+use tokio::io::AsyncWriteExt;
+
+async fn collect(mut exec: Execution) -> (String, String, i32) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    while let Some(chunk) = exec.output.recv().await {
+        match chunk.stream {
+            LogStream::Stderr => err.extend(chunk.data),
+            _ => out.extend(chunk.data),
+        }
+    }
+    let code = exec.exit_code().await.unwrap();
+    (String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap(), code)
+}
+
+async fn executor(limits: ContainerLimits) -> (DockerClient, DockerExecutor) {
+    let host = docker_host().await;
+    let client = DockerClient::connect(Some(&host)).await.unwrap();
+    let mounts = vec![Mount { host: agents_dir(), container: CONTAINER_AGENTS.into(), read_only: true }];
+    (client.clone(), DockerExecutor::new(client, "kiln-busybox:latest".into(), limits, mounts))
+}
+
+fn job_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+#[tokio::test]
+async fn a_job_container_has_the_documented_shape() {
+    let (client, exec) = executor(ContainerLimits { memory_mb: 256, cpus: 0.5, pids: 64, network: "none".into() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_id();
+
+    let t = Instant::now();
+    let sb = exec.create_sandbox(&job, dir.path()).await.unwrap();
+    eprintln!("docker: container create + start in {} ms", t.elapsed().as_millis());
+
+    let name = container_name(&job);
+    assert_eq!(name, format!("project_engine_{job}_container"));
+    assert!(client.container_exists(&name).await.unwrap());
+    let hc = client.container_host_config(&name).await.unwrap().unwrap();
+    assert_eq!(hc.memory, Some(256 * 1024 * 1024));
+    assert_eq!(hc.nano_cpus, Some(500_000_000));
+    assert_eq!(hc.pids_limit, Some(64));
+    assert_eq!(hc.network_mode.as_deref(), Some("none"));
+    assert_eq!(hc.init, Some(true));
+    let binds = hc.binds.unwrap();
+    assert!(binds.contains(&format!("{}:/app", dir.path().display())), "{binds:?}");
+    assert!(binds.contains(&format!("{}:{CONTAINER_AGENTS}:ro", agents_dir().display())), "{binds:?}");
+
+    let t = Instant::now();
+    let mut e = sb
+        .exec(ExecSpec::new("cat; echo \"$JOB_ID $ITERATION $(pwd)\"; ls /sys/class/net; echo to-stderr >&2; echo made > here.txt", &job, 3).with_stdin())
+        .await
+        .unwrap();
+    let mut stdin = e.stdin.take().unwrap();
+    stdin.write_all(b"the prompt\n").await.unwrap();
+    stdin.shutdown().await.unwrap();
+    let (out, err, code) = collect(e).await;
+    eprintln!("docker: exec with stdin, round trip in {} ms", t.elapsed().as_millis());
+    assert_eq!(code, 0);
+    assert_eq!(out, format!("the prompt\n{job} 3 /app\nlo\n"), "stdin reached the command, env and cwd are set, only loopback");
+    assert_eq!(err, "to-stderr\n");
+    assert_eq!(std::fs::read_to_string(dir.path().join("here.txt")).unwrap(), "made\n", "/app is the worktree");
+
+    assert_eq!(collect(sb.exec(ExecSpec::new("exit 5", &job, 1)).await.unwrap()).await.2, 5);
+    let (out, _, _) = collect(sb.exec(ExecSpec::new(format!("sh {CONTAINER_AGENTS}/agent.sh"), &job, 1)).await.unwrap()).await;
+    assert!(out.starts_with(&format!("agent: job {job} iteration 1 prompt: ")), "the mounted agent runs: {out}");
+
+    let t = Instant::now();
+    sb.destroy().await.unwrap();
+    eprintln!("docker: idle container force-removed in {} ms", t.elapsed().as_millis());
+    assert!(!client.container_exists(&name).await.unwrap());
+    sb.destroy().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_pids_limit_is_enforced() {
+    let (_, exec) = executor(ContainerLimits { memory_mb: 128, cpus: 1.0, pids: 16, network: "none".into() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_id();
+    let sb = exec.create_sandbox(&job, dir.path()).await.unwrap();
+    let (_, err, _) = collect(
+        sb.exec(ExecSpec::new("i=0; while [ $i -lt 40 ]; do sleep 30 & i=$((i+1)); done; echo spawned", &job, 1)).await.unwrap(),
+    )
+    .await;
+    sb.destroy().await.unwrap();
+    assert!(err.contains("fork"), "forks beyond the pids limit fail: {err:?}");
+}
+
+#[tokio::test]
+async fn the_memory_limit_is_enforced() {
+    let (_, exec) = executor(ContainerLimits { memory_mb: 32, cpus: 1.0, pids: 64, network: "none".into() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_id();
+    let sb = exec.create_sandbox(&job, dir.path()).await.unwrap();
+    // `tail -c` keeps what it reads in memory: 64 MiB does not fit in 32.
+    let (_, _, code) = collect(sb.exec(ExecSpec::new("head -c 67108864 /dev/zero | tail -c 67108864 > /dev/null", &job, 1)).await.unwrap()).await;
+    sb.destroy().await.unwrap();
+    assert_eq!(code, 137, "the OOM killer ends the command");
+}
+
+#[tokio::test]
+async fn destroying_a_busy_container_ends_its_commands_quickly() {
+    let (client, exec) = executor(ContainerLimits::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_id();
+    let sb = exec.create_sandbox(&job, dir.path()).await.unwrap();
+    let mut e = sb.exec(ExecSpec::new("echo working; while :; do sleep 1; done", &job, 1)).await.unwrap();
+    let first = e.output.recv().await.unwrap();
+    assert_eq!(first.data, b"working\n");
+
+    let t = Instant::now();
+    sb.destroy().await.unwrap();
+    let removed = t.elapsed();
+    while e.output.recv().await.is_some() {}
+    let ended = t.elapsed();
+    eprintln!("docker: busy container force-removed in {} ms, its exec stream ended after {} ms", removed.as_millis(), ended.as_millis());
+    assert!(!client.container_exists(&container_name(&job)).await.unwrap());
+    assert!(ended < Duration::from_secs(5), "{ended:?}");
+    // The exit code of a killed exec may be unknown, but asking must not hang.
+    let _ = tokio::time::timeout(Duration::from_secs(5), e.exit_code()).await.expect("the exit code answer does not hang");
+}
+
+async fn docker_runner() -> TestRunner {
+    let host = docker_host().await;
+    TestRunner::start(RunnerOptions { executor: ExecutorKind::Docker, docker_host: Some(host), ..Default::default() }).await
+}
+
+#[tokio::test]
+async fn a_code_job_runs_in_its_container_and_opens_a_pull_request() {
+    let runner = docker_runner().await;
+    let h = runner.health().await;
+    assert_eq!(h["executor"], "docker");
+    assert_eq!(h["docker"]["available"], true);
+    assert!(h["docker"]["version"].as_str().unwrap().starts_with("20.10"), "{h}");
+
+    let a = assignment(JobType::Code, "write in a container");
+    let (job, branch) = (a.job_id.clone(), a.branch_name.clone());
+    let events = runner.run(a, 60).await;
+    assert_started_and_finished(&events);
+    let (outcome, _, pr_url, ..) = finished(&events);
+    assert_eq!(outcome, Outcome::Completed, "{events:#?}");
+    assert!(pr_url.is_some());
+    assert!(stdout_lines(&events).iter().any(|l| l == &format!("agent: job {job} iteration 1 prompt: write in a container")));
+    assert_eq!(runner.remotes.show(ORG, REPO, &format!("{branch}:kiln/iteration-1.txt")).as_deref(), Some("write in a container\n"));
+    runner.wait_released(&job).await;
+    let client = DockerClient::connect(Some(&docker_host().await)).await.unwrap();
+    assert!(!client.container_exists(&container_name(&job)).await.unwrap(), "the container is removed after the job");
+    runner.stop().await;
+}
+
+#[tokio::test]
+async fn a_task_job_talks_to_its_agent_through_docker_exec() {
+    let runner = docker_runner().await;
+    let a = assignment(JobType::Task, "echo hello");
+    let job = a.job_id.clone();
+    runner.edge.assign(a).await;
+    runner.edge.wait_event(&job, "the greeting", 30, |e| matches!(e, RunnerEvent::Log { content, .. } if content.ends_with("prompt: echo hello"))).await;
+    runner.edge.send(EdgeMessage::Deliver { job_id: job.clone(), message: "ping".into() }).await;
+    runner.edge.wait_event(&job, "the answer", 10, |e| matches!(e, RunnerEvent::Log { content, .. } if content == "echo: ping")).await;
+    runner.edge.send(EdgeMessage::Complete { job_id: job.clone() }).await;
+    let events = runner.edge.wait_finished(&job, 15).await;
+    assert_eq!(finished(&events).0, Outcome::Completed);
+    assert!(stdout_lines(&events).contains(&"agent: input closed".to_string()), "closing stdin reaches the exec'd agent");
+    runner.stop().await;
+}
+
+#[tokio::test]
+async fn a_ralph_job_runs_agent_and_feedback_in_one_container() {
+    let runner = docker_runner().await;
+    let mut a = assignment(JobType::Ralph, "write promise@2");
+    a.ralph.as_mut().unwrap().feedback_commands = vec!["test -f kiln/iteration-1.txt && ls /sys/class/net".into()];
+    let events = runner.run(a, 60).await;
+    let (outcome, _, pr_url, reason, total, _) = finished(&events);
+    assert_eq!((outcome, reason, total), (Outcome::Completed, Some(CompletionReason::PromiseDetected), Some(2)), "{events:#?}");
+    assert!(pr_url.is_some());
+    let passed: Vec<bool> = events
+        .iter()
+        .filter_map(|e| match e {
+            RunnerEvent::Iteration { iteration } => Some(iteration.feedback_results[0].passed),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(passed, vec![true, true]);
+    runner.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancel_removes_the_container_within_seconds() {
+    let runner = docker_runner().await;
+    let client = DockerClient::connect(Some(&docker_host().await)).await.unwrap();
+    let a = assignment(JobType::Code, "hang");
+    let job = a.job_id.clone();
+    runner.edge.assign(a).await;
+    runner.edge.wait_event(&job, "agent output", 30, |e| matches!(e, RunnerEvent::Log { content, .. } if content.starts_with("agent: job"))).await;
+    let name = container_name(&job);
+    assert!(client.container_exists(&name).await.unwrap());
+
+    let t = Instant::now();
+    runner.edge.send(EdgeMessage::Cancel { job_id: job.clone() }).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.container_exists(&name).await.unwrap() {
+        assert!(Instant::now() < deadline, "the container is still there 10 s after the cancel");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let gone = t.elapsed();
+    runner.wait_released(&job).await;
+    let released = t.elapsed();
+    eprintln!("docker: Cancel to container gone in {} ms, to job released in {} ms", gone.as_millis(), released.as_millis());
+    assert!(!runner.worktrees_dir().join(&job).exists());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!runner.edge.events(&job).iter().any(|e| matches!(e, RunnerEvent::Finished { .. })));
+    runner.stop().await;
+}
