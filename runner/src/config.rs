@@ -195,7 +195,7 @@ pub struct Args {
     /// Image of job containers [default: kiln-busybox:latest]
     #[arg(long, env = "RUNNER_IMAGE")]
     pub image: Option<String>,
-    /// Agent command line, run with `sh -c` in the job's workspace; prompt on stdin, env JOB_ID and ITERATION [default: claude --print --verbose --output-format stream-json --dangerously-skip-permissions]
+    /// Agent command line, run with `sh -c` in the job's workspace; prompt on stdin, env JOB_ID and ITERATION (and COMPLETION_PROMISE for ralph jobs) [default: claude --print --verbose --output-format stream-json --dangerously-skip-permissions]
     #[arg(long, env = "RUNNER_AGENT_CMD")]
     pub agent_cmd: Option<String>,
     /// Agent output format: text or claude-stream-json [default: claude-stream-json]
