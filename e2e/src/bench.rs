@@ -5,14 +5,22 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-/// The edge to measure: `KILN_BENCH_URL` if set, else a fresh `wrangler dev` with `vars`.
-pub async fn edge_for_bench(vars: &[(&str, &str)]) -> anyhow::Result<(Option<crate::TestEdge>, String)> {
+/// The edges to measure: `KILN_BENCH_URL` if set, else a fresh edge on each server in turn, with
+/// `vars`. Each comes with a label for the table.
+pub async fn edges_for_bench(vars: &[(&str, &str)]) -> anyhow::Result<Vec<(String, Option<crate::TestEdge>, String)>> {
     if let Ok(url) = std::env::var("KILN_BENCH_URL") {
-        return Ok((None, url.trim_end_matches('/').to_string()));
+        return Ok(vec![("given edge".into(), None, url.trim_end_matches('/').to_string())]);
     }
-    let edge = crate::TestEdge::start(vars).await?;
-    let url = edge.url();
-    Ok((Some(edge), url))
+    let mut out = vec![];
+    for (label, server) in [
+        ("wrangler dev", crate::EdgeServer::WranglerDev),
+        ("workerd, no inspector", crate::EdgeServer::NoInspector),
+    ] {
+        let edge = crate::TestEdge::start_with(server, vars).await?;
+        let url = edge.url();
+        out.push((label.to_string(), Some(edge), url));
+    }
+    Ok(out)
 }
 
 /// Registers `email` and answers an access token.

@@ -16,8 +16,19 @@ use crate::{free_port, repo_root, Api};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How the Worker is served on workerd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EdgeServer {
+    /// The `wrangler dev` command, as `scripts/dev` runs it (with its DevTools inspector).
+    WranglerDev,
+    /// `scripts/serve-edge.mjs`: wrangler's programmatic dev server with the inspector off, which
+    /// the benchmarks also measure (the inspector costs every subrequest).
+    NoInspector,
+}
+
 /// A running `wrangler dev` serving the repository's Worker (edge/build/worker/shim.mjs).
 pub struct TestEdge {
+    server: EdgeServer,
     port: u16,
     vars: Vec<(String, String)>,
     dir: TempDir,
@@ -29,10 +40,16 @@ impl TestEdge {
     /// `vars` overriding wrangler.toml's `[vars]` (e.g. `("MAX_CONCURRENT_JOBS", "1")`), and waits
     /// until `GET /health` answers.
     pub async fn start(vars: &[(&str, &str)]) -> anyhow::Result<TestEdge> {
+        Self::start_with(EdgeServer::WranglerDev, vars).await
+    }
+
+    /// [`TestEdge::start`] on the given server.
+    pub async fn start_with(server: EdgeServer, vars: &[(&str, &str)]) -> anyhow::Result<TestEdge> {
         let template = migrated_template().await?;
         let dir = tempfile::Builder::new().prefix("kiln-edge-").tempdir()?;
         copy_dir(template, &dir.path().join("state")).context("copying the migrated state")?;
         let mut edge = TestEdge {
+            server,
             port: free_port(),
             vars: vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             dir,
@@ -94,11 +111,21 @@ impl TestEdge {
         if !shim.exists() {
             bail!("{} is missing: build the Worker first with scripts/build-edge (scripts/test does)", shim.display());
         }
-        let mut cmd = wrangler_command()?;
-        cmd.args(["dev", "--ip", "127.0.0.1", "--port", &self.port.to_string()])
-            .arg("--persist-to")
-            .arg(self.persist_dir())
-            .args(["--show-interactive-dev-session=false", "--inspector-port", &free_port().to_string()]);
+        let mut cmd = match self.server {
+            EdgeServer::WranglerDev => {
+                let mut cmd = wrangler_command()?;
+                cmd.args(["dev", "--ip", "127.0.0.1", "--show-interactive-dev-session=false"])
+                    .args(["--inspector-port", &free_port().to_string()]);
+                cmd
+            }
+            EdgeServer::NoInspector => {
+                let mut node = Command::new("node");
+                node.arg(root.join("scripts/serve-edge.mjs"));
+                offline_and_quiet(&mut node, &root);
+                node
+            }
+        };
+        cmd.args(["--port", &self.port.to_string()]).arg("--persist-to").arg(self.persist_dir());
         for (k, v) in &self.vars {
             cmd.arg("--var").arg(format!("{k}:{v}"));
         }
@@ -145,7 +172,14 @@ pub(crate) fn wrangler_command() -> anyhow::Result<Command> {
         bail!("{} is missing: run scripts/setup", bin.display());
     }
     let mut cmd = Command::new(bin);
-    cmd.current_dir(&root)
+    offline_and_quiet(&mut cmd, &root);
+    Ok(cmd)
+}
+
+/// Runs from the repository root with wrangler offline and quiet, its config and caches inside
+/// the repository's ignored `.kiln/` directory.
+fn offline_and_quiet(cmd: &mut Command, root: &Path) {
+    cmd.current_dir(root)
         .env("WRANGLER_SEND_METRICS", "false")
         .env("WRANGLER_SEND_ERROR_REPORTS", "false")
         .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
@@ -154,7 +188,6 @@ pub(crate) fn wrangler_command() -> anyhow::Result<Command> {
         .env("XDG_CACHE_HOME", root.join(".kiln/xdg/cache"))
         .env("NO_COLOR", "1")
         .env("FORCE_COLOR", "0");
-    Ok(cmd)
 }
 
 static TEMPLATE: OnceCell<PathBuf> = OnceCell::const_new();

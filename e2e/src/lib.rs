@@ -16,7 +16,7 @@ mod procs;
 mod runner;
 mod ws;
 
-pub use edge::TestEdge;
+pub use edge::{EdgeServer, TestEdge};
 pub use git::GitRemotes;
 pub use github::{FakeGitHub, PullRequestCall};
 pub use http::{unique_email, Api, PASSWORD};

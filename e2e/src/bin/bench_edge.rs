@@ -3,7 +3,8 @@
 //! - fan-out latency from one event appended (a chat message) to its arrival at each of 100
 //!   WebSocket subscribers of the same job.
 //!
-//! `cargo run --release -p kiln-e2e --bin bench_edge` starts its own `wrangler dev`; set
+//! `cargo run --release -p kiln-e2e --bin bench_edge` starts its own edges (the `wrangler dev`
+//! command, then wrangler's dev server without the DevTools inspector); set
 //! `KILN_BENCH_URL=http://127.0.0.1:8787` to measure an edge that is already running.
 
 use std::time::{Duration, Instant};
@@ -20,10 +21,20 @@ const FANOUT_EVENTS: usize = 50;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let (_edge, base) = kiln_e2e::bench::edge_for_bench(&[]).await?;
+    let mut rows = vec![];
+    for (label, edge, base) in kiln_e2e::bench::edges_for_bench(&[]).await? {
+        rows.extend(measure(&label, &base).await?);
+        drop(edge);
+    }
+    print_table("Kiln edge on a local workerd (loopback, 2 cores)", &rows);
+    Ok(())
+}
+
+/// GET at 1 and 32 clients, fan-out to 100 sockets.
+async fn measure(label: &str, base: &str) -> anyhow::Result<Vec<Row>> {
     let http = reqwest::Client::new();
     let email = format!("bench-{}@example.com", uuid::Uuid::new_v4());
-    let token = kiln_e2e::bench::user_token(&http, &base, &email).await?;
+    let token = kiln_e2e::bench::user_token(&http, base, &email).await?;
     let job: Value = http
         .post(format!("{base}/jobs"))
         .bearer_auth(&token)
@@ -36,9 +47,15 @@ async fn main() -> anyhow::Result<()> {
 
     // --- GET /jobs/:id at 32 concurrent clients ---
     let url = format!("{base}/jobs/{job_id}");
-    for _ in 0..50 {
-        http.get(&url).bearer_auth(&token).send().await?.error_for_status()?;
+    let mut single = vec![];
+    for i in 0..550 {
+        let t = std::time::Instant::now();
+        http.get(&url).bearer_auth(&token).send().await?.error_for_status()?.bytes().await?;
+        if i >= 50 {
+            single.push(t.elapsed());
+        }
     }
+    single.sort();
     let started = Instant::now();
     let mut tasks = vec![];
     for _ in 0..GET_CLIENTS {
@@ -116,28 +133,27 @@ async fn main() -> anyhow::Result<()> {
 
     get_samples.sort();
     fan_samples.sort();
-    print_table(
-        "Kiln edge on wrangler dev (loopback)",
-        &[
-            Row {
-                name: format!("GET /jobs/:id, {GET_CLIENTS} clients"),
-                samples: get_samples.len(),
-                p50: percentile(&get_samples, 50.0),
-                p99: percentile(&get_samples, 99.0),
-                extra: format!("{:.0} req/s (target p50 ≤ 10 ms)", GET_REQUESTS as f64 / get_elapsed.as_secs_f64()),
-            },
-            Row {
-                name: format!("fan-out to {SUBSCRIBERS} sockets"),
-                samples: fan_samples.len(),
-                p50: percentile(&fan_samples, 50.0),
-                p99: percentile(&fan_samples, 99.0),
-                extra: format!(
-                    "{} events in {:.2} s (target p99 ≤ 50 ms)",
-                    FANOUT_EVENTS,
-                    fan_elapsed.as_secs_f64()
-                ),
-            },
-        ],
-    );
-    Ok(())
+    Ok(vec![
+        Row {
+            name: format!("{label}: GET /jobs/:id, 1 client"),
+            samples: single.len(),
+            p50: percentile(&single, 50.0),
+            p99: percentile(&single, 99.0),
+            extra: "sequential: the cost of one request".into(),
+        },
+        Row {
+            name: format!("{label}: GET /jobs/:id, {GET_CLIENTS} clients"),
+            samples: get_samples.len(),
+            p50: percentile(&get_samples, 50.0),
+            p99: percentile(&get_samples, 99.0),
+            extra: format!("{:.0} req/s (target p50 ≤ 10 ms)", GET_REQUESTS as f64 / get_elapsed.as_secs_f64()),
+        },
+        Row {
+            name: format!("{label}: fan-out to {SUBSCRIBERS} sockets"),
+            samples: fan_samples.len(),
+            p50: percentile(&fan_samples, 50.0),
+            p99: percentile(&fan_samples, 99.0),
+            extra: format!("{FANOUT_EVENTS} events in {:.2} s (target p99 ≤ 50 ms)", fan_elapsed.as_secs_f64()),
+        },
+    ])
 }
