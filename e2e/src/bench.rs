@@ -50,7 +50,7 @@ pub struct Row {
 
 pub fn print_table(title: &str, rows: &[Row]) {
     println!("\n{title}");
-    println!("| {:<36} | {:>7} | {:>9} | {:>9} | {}", "measurement", "samples", "p50 ms", "p99 ms", "notes");
+    println!("| {:<36} | {:>7} | {:>9} | {:>9} | notes", "measurement", "samples", "p50 ms", "p99 ms");
     println!("|{:-<38}|{:->9}|{:->11}|{:->11}|{:-<40}", "", "", "", "", "");
     for r in rows {
         println!(
