@@ -20,6 +20,13 @@ use tokio::sync::{mpsc, oneshot};
 use super::{ExecError, ExecSpec, Execution, Executor, OutputChunk, Sandbox, OUTPUT_CHANNEL};
 use crate::config::ExecutorKind;
 
+/// Runs the command (`$1`) as the group leader, beside a watcher in the same process group that
+/// kills the whole group once the runner is gone: a runner that dies without cleaning up (SIGKILL,
+/// a crash) must not leave agents running. The watcher's output goes nowhere, so it never holds
+/// the command's pipes open.
+const WATCHED: &str = r#"(while kill -0 "$KILN_RUNNER_PID" 2>/dev/null; do sleep 1; done; kill -KILL 0) </dev/null >/dev/null 2>&1 &
+exec sh -c "$1""#;
+
 /// Variables of the runner's own that an agent must not see.
 const SECRET_VARS: [&str; 3] = ["RUNNER_TOKEN", "RUNNER_REGISTRATION_TOKEN", "GITHUB_TOKEN"];
 
@@ -73,8 +80,9 @@ impl ProcessSandbox {
             return Err(ExecError::SandboxGone);
         }
         let mut cmd = tokio::process::Command::new("sh");
-        cmd.arg("-c")
+        cmd.args(["-c", WATCHED, "kiln-job"])
             .arg(&spec.command)
+            .env("KILN_RUNNER_PID", std::process::id().to_string())
             .current_dir(&self.workdir)
             .process_group(0)
             .kill_on_drop(true)

@@ -1,0 +1,160 @@
+//! The `runner` binary itself: its help, settings from environment and file, and what happens to
+//! its agents when it is killed outright.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use kiln_runner::config::ExecutorKind;
+use kiln_schemas::runner::RunnerEvent;
+use kiln_schemas::status::JobType;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The binary with a clean environment (only PATH and HOME inherited) plus `vars`.
+fn runner(vars: &[(&str, String)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_runner"));
+    cmd.env_clear();
+    for keep in ["PATH", "HOME"] {
+        if let Some(v) = std::env::var_os(keep) {
+            cmd.env(keep, v);
+        }
+    }
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn health(port: u16) -> serde_json::Value {
+    let url = format!("http://127.0.0.1:{port}/health");
+    for _ in 0..300 {
+        if let Ok(r) = reqwest::get(&url).await {
+            return r.json().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} did not answer");
+}
+
+#[test]
+fn help_lists_every_setting() {
+    let out = Command::new(env!("CARGO_BIN_EXE_runner")).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for var in [
+        "RUNNER_EDGE_URL", "RUNNER_TOKEN", "RUNNER_REGISTRATION_TOKEN", "RUNNER_NAME", "RUNNER_EXECUTOR", "RUNNER_IMAGE",
+        "RUNNER_AGENT_CMD", "RUNNER_AGENT_FORMAT", "MAX_CONCURRENT_JOBS", "REPOS_DIR", "WORKTREES_DIR", "RUNNER_GIT_BASE_URL",
+        "GITHUB_TOKEN", "GITHUB_API_URL", "RUNNER_LISTEN", "RUNNER_MEMORY_MB", "RUNNER_CPUS", "RUNNER_PIDS", "RUNNER_NETWORK",
+        "RUNNER_MOUNTS", "RUNNER_CONFIG",
+    ] {
+        assert!(help.contains(&format!("[env: {var}")), "--help misses {var}:\n{help}");
+    }
+}
+
+#[test]
+fn without_a_credential_the_runner_says_what_to_set() {
+    let out = runner(&[("RUNNER_EXECUTOR", "process".into())]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("RUNNER_REGISTRATION_TOKEN"), "{err}");
+}
+
+#[tokio::test]
+async fn settings_come_from_the_environment_then_the_file() {
+    let edge = FakeEdge::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let file = dir.path().join("runner.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "runner_name = \"from-file\"\nmax_concurrent_jobs = 5\nrunner_agent_cmd = \"file-agent\"\nrunner_agent_format = \"text\"\nrunner_executor = \"process\"\nrepos_dir = \"{}\"\nworktrees_dir = \"{}\"\n",
+            dir.path().join("repos").display(),
+            dir.path().join("worktrees").display()
+        ),
+    )
+    .unwrap();
+    let _child = Killed(
+        runner(&[
+            ("RUNNER_CONFIG", file.display().to_string()),
+            ("RUNNER_EDGE_URL", edge.url.clone()),
+            ("RUNNER_REGISTRATION_TOKEN", edge::REGISTRATION_TOKEN.into()),
+            ("RUNNER_LISTEN", format!("127.0.0.1:{port}")),
+            ("RUNNER_AGENT_CMD", "env-agent".into()),
+        ])
+        .spawn()
+        .unwrap(),
+    );
+    let h = health(port).await;
+    assert_eq!(h["name"], "from-file");
+    assert_eq!(h["queue"]["maxConcurrent"], 5);
+    assert_eq!(h["agent"]["command"], "env-agent", "the environment beats the file");
+    assert_eq!(h["agent"]["format"], "text");
+    assert_eq!(h["executor"], "process");
+    assert_eq!(edge.registered_names(), vec!["from-file"]);
+    assert!(dir.path().join("worktrees").is_dir());
+}
+
+/// SIGKILL leaves the runner no chance to clean up; its agents must still not outlive it.
+#[tokio::test]
+async fn a_killed_runner_takes_its_agents_with_it() {
+    let edge = FakeEdge::start().await;
+    let remotes = Remotes::new();
+    remotes.create(ORG, REPO);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = Killed(
+        runner(&[
+            ("RUNNER_EDGE_URL", edge.url.clone()),
+            ("RUNNER_REGISTRATION_TOKEN", edge::REGISTRATION_TOKEN.into()),
+            ("RUNNER_LISTEN", format!("127.0.0.1:{port}")),
+            ("RUNNER_EXECUTOR", "process".into()),
+            ("RUNNER_AGENT_CMD", agent_cmd(ExecutorKind::Process)),
+            ("RUNNER_AGENT_FORMAT", "text".into()),
+            ("RUNNER_GIT_BASE_URL", remotes.base_url()),
+            ("REPOS_DIR", dir.path().join("repos").display().to_string()),
+            ("WORKTREES_DIR", dir.path().join("worktrees").display().to_string()),
+        ])
+        .spawn()
+        .unwrap(),
+    );
+    health(port).await;
+    edge.wait_hellos(1).await;
+    let a = assignment(JobType::Code, "hang");
+    let job = a.job_id.clone();
+    edge.assign(a).await;
+    edge.wait_event(&job, "agent output", 30, |e| matches!(e, RunnerEvent::Log { content, .. } if content.starts_with("agent: job"))).await;
+    let pid = |f: &str| std::fs::read_to_string(format!("/tmp/kiln-hang-{job}.{f}")).unwrap().trim().parse::<i32>().unwrap();
+    let (agent, sleeper) = (pid("pid"), pid("child"));
+
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    let alive = |p: i32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .unwrap_or(false)
+    };
+    let t = std::time::Instant::now();
+    while alive(agent) || alive(sleeper) {
+        assert!(t.elapsed() < Duration::from_secs(5), "the agent outlived its runner by 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("process executor: agent group gone {} ms after the runner's SIGKILL", t.elapsed().as_millis());
+    let _ = std::fs::remove_file(format!("/tmp/kiln-hang-{job}.pid"));
+    let _ = std::fs::remove_file(format!("/tmp/kiln-hang-{job}.child"));
+}
