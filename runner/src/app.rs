@@ -59,6 +59,12 @@ impl Application {
             None => return Err(StartError::NoCredential),
         };
 
+        for dir in [&config.repos_dir, &config.worktrees_dir] {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|source| StartError::Dir { path: dir.display().to_string(), source })?;
+        }
+
         let (executor, docker): (Arc<dyn Executor>, Option<DockerClient>) = match config.executor {
             Some(ExecutorKind::Docker) => {
                 let client = DockerClient::connect(config.docker_host.as_deref()).await.map_err(StartError::NoDocker)?;
@@ -79,11 +85,6 @@ impl Application {
             tracing::warn!("RUNNER_MOUNTS only applies to the docker executor; ignored");
         }
 
-        for dir in [&config.repos_dir, &config.worktrees_dir] {
-            tokio::fs::create_dir_all(dir)
-                .await
-                .map_err(|source| StartError::Dir { path: dir.display().to_string(), source })?;
-        }
         let workspaces = Arc::new(Workspaces::new(
             config.repos_dir.clone(),
             config.worktrees_dir.clone(),
@@ -175,5 +176,6 @@ async fn docker_executor(config: &Config, client: DockerClient) -> Result<Arc<dy
     if !client.has_image(&config.image).await.map_err(StartError::ImageCheck)? {
         return Err(StartError::NoImage(config.image.clone()));
     }
-    Ok(Arc::new(DockerExecutor::new(client, config.image.clone(), config.limits.clone(), config.mounts.clone())))
+    let alive = config.worktrees_dir.join(".kiln-runner-alive");
+    Ok(Arc::new(DockerExecutor::new(client, config.image.clone(), config.limits.clone(), config.mounts.clone(), alive)))
 }

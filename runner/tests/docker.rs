@@ -27,11 +27,20 @@ async fn collect(mut exec: Execution) -> (String, String, i32) {
     (String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap(), code)
 }
 
-async fn executor(limits: ContainerLimits) -> (DockerClient, DockerExecutor) {
+/// An executor whose liveness file lives in `dir`.
+async fn executor_in(limits: ContainerLimits, dir: &std::path::Path) -> (DockerClient, DockerExecutor) {
     let host = docker_host().await;
     let client = DockerClient::connect(Some(&host)).await.unwrap();
     let mounts = vec![Mount { host: agents_dir(), container: CONTAINER_AGENTS.into(), read_only: true }];
-    (client.clone(), DockerExecutor::new(client, "kiln-busybox:latest".into(), limits, mounts))
+    let alive = dir.join("alive");
+    (client.clone(), DockerExecutor::new(client, "kiln-busybox:latest".into(), limits, mounts, alive))
+}
+
+/// An executor with its liveness file in a temporary directory (kept as long as the executor).
+async fn executor(limits: ContainerLimits) -> (DockerClient, DockerExecutor, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (client, exec) = executor_in(limits, dir.path()).await;
+    (client, exec, dir)
 }
 
 fn job_id() -> String {
@@ -40,7 +49,7 @@ fn job_id() -> String {
 
 #[tokio::test]
 async fn a_job_container_has_the_documented_shape() {
-    let (client, exec) = executor(ContainerLimits { memory_mb: 256, cpus: 0.5, pids: 64, network: "none".into() }).await;
+    let (client, exec, _state) = executor(ContainerLimits { memory_mb: 256, cpus: 0.5, pids: 64, network: "none".into() }).await;
     let dir = tempfile::tempdir().unwrap();
     let job = job_id();
 
@@ -57,6 +66,7 @@ async fn a_job_container_has_the_documented_shape() {
     assert_eq!(hc.pids_limit, Some(64));
     assert_eq!(hc.network_mode.as_deref(), Some("none"));
     assert_eq!(hc.init, Some(true));
+    assert_eq!(hc.auto_remove, Some(true));
     let binds = hc.binds.unwrap();
     assert!(binds.contains(&format!("{}:/app", dir.path().display())), "{binds:?}");
     assert!(binds.contains(&format!("{}:{CONTAINER_AGENTS}:ro", agents_dir().display())), "{binds:?}");
@@ -89,7 +99,7 @@ async fn a_job_container_has_the_documented_shape() {
 
 #[tokio::test]
 async fn the_pids_limit_is_enforced() {
-    let (_, exec) = executor(ContainerLimits { memory_mb: 128, cpus: 1.0, pids: 16, network: "none".into() }).await;
+    let (_, exec, _state) = executor(ContainerLimits { memory_mb: 128, cpus: 1.0, pids: 16, network: "none".into() }).await;
     let dir = tempfile::tempdir().unwrap();
     let job = job_id();
     let sb = exec.create_sandbox(&job, dir.path()).await.unwrap();
@@ -103,7 +113,7 @@ async fn the_pids_limit_is_enforced() {
 
 #[tokio::test]
 async fn the_memory_limit_is_enforced() {
-    let (_, exec) = executor(ContainerLimits { memory_mb: 32, cpus: 1.0, pids: 64, network: "none".into() }).await;
+    let (_, exec, _state) = executor(ContainerLimits { memory_mb: 32, cpus: 1.0, pids: 64, network: "none".into() }).await;
     let dir = tempfile::tempdir().unwrap();
     let job = job_id();
     let sb = exec.create_sandbox(&job, dir.path()).await.unwrap();
@@ -115,7 +125,7 @@ async fn the_memory_limit_is_enforced() {
 
 #[tokio::test]
 async fn destroying_a_busy_container_ends_its_commands_quickly() {
-    let (client, exec) = executor(ContainerLimits::default()).await;
+    let (client, exec, _state) = executor(ContainerLimits::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let job = job_id();
     let sb = exec.create_sandbox(&job, dir.path()).await.unwrap();
@@ -133,6 +143,38 @@ async fn destroying_a_busy_container_ends_its_commands_quickly() {
     assert!(ended < Duration::from_secs(5), "{ended:?}");
     // The exit code of a killed exec may be unknown, but asking must not hang.
     let _ = tokio::time::timeout(Duration::from_secs(5), e.exit_code()).await.expect("the exit code answer does not hang");
+}
+
+/// A runner killed outright cannot remove its containers: they notice its liveness file going
+/// stale, stop, and are removed, taking the agents exec'd in them along.
+#[tokio::test]
+async fn a_container_goes_away_once_its_runner_is_gone() {
+    let state = tempfile::tempdir().unwrap();
+    let (client, exec) = executor_in(ContainerLimits::default(), state.path()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_id();
+    let sb = exec.create_sandbox(&job, dir.path()).await.unwrap();
+    let mut agent = sb.exec(ExecSpec::new("echo working; while :; do sleep 1; done", &job, 1)).await.unwrap();
+    assert_eq!(agent.output.recv().await.unwrap().data, b"working\n");
+    let name = container_name(&job);
+
+    // Still there after a few checks while the runner lives.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(client.container_exists(&name).await.unwrap());
+
+    // The runner "dies": nothing refreshes the file any more, and it is old.
+    drop(exec);
+    let stale = std::time::SystemTime::now() - Duration::from_secs(kiln_runner::docker::ALIVE_STALE_SECS + 60);
+    std::fs::File::options().write(true).open(state.path().join("alive")).unwrap().set_modified(stale).unwrap();
+    let t = Instant::now();
+    while client.container_exists(&name).await.unwrap() {
+        assert!(t.elapsed() < Duration::from_secs(15), "the orphaned container is still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("docker: orphaned container gone {} ms after its liveness file went stale", t.elapsed().as_millis());
+    let ended = tokio::time::timeout(Duration::from_secs(5), async { while agent.output.recv().await.is_some() {} }).await;
+    assert!(ended.is_ok(), "the exec'd agent ended with its container");
+    drop(sb);
 }
 
 async fn docker_runner() -> TestRunner {

@@ -1,9 +1,10 @@
 //! The Docker executor (bollard): one container per job named `project_engine_<job_id>_container`,
-//! the worktree bind-mounted at `/app`, resource limits, `init` on, kept alive by a sleep loop; each
-//! command is a `docker exec`. Architecture invariant: this is the only module that talks to Docker.
+//! the worktree bind-mounted at `/app`, resource limits, `init` on, kept alive by a sleep loop (that
+//! ends when the runner is gone); each command is a `docker exec`. Architecture invariant: this is
+//! the only module that talks to Docker.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bollard::errors::Error as BollardError;
@@ -21,6 +22,30 @@ use crate::executor::{ExecError, ExecSpec, Execution, Executor, OutputChunk, San
 
 /// Where a job's worktree appears inside its container.
 pub const WORKDIR: &str = "/app";
+/// Where containers see the runner's liveness file (read-only).
+pub const ALIVE_IN_CONTAINER: &str = "/run/kiln-runner-alive";
+/// How often the runner refreshes its liveness file.
+pub const ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// A container whose runner has not refreshed the file for this long stops (and is removed).
+pub const ALIVE_STALE_SECS: u64 = 30;
+
+/// The container's main process: sleeps while the runner lives. When the liveness file grows
+/// stale (the runner was killed without removing its containers), it exits, `init` ends every
+/// exec'd agent, and auto-remove deletes the container. Any doubt (no `stat`, no file) keeps it
+/// running.
+fn keep_alive_script() -> String {
+    format!(
+        "while :; do sleep 5; if m=$(stat -c %Y {f} 2>/dev/null) && [ -n \"$m\" ] && [ $(( $(date +%s) - m )) -gt {s} ]; then exit 0; fi; done",
+        f = ALIVE_IN_CONTAINER,
+        s = ALIVE_STALE_SECS
+    )
+}
+
+/// Sets the file's modification time to now, creating it if needed.
+fn touch(path: &Path) -> std::io::Result<()> {
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+    f.set_modified(std::time::SystemTime::now())
+}
 
 /// The container name of a job.
 pub fn container_name(job_id: &str) -> String {
@@ -109,13 +134,34 @@ pub struct DockerExecutor {
     /// `uid:gid` for containers when the runner is not root, so files in the worktree stay the
     /// runner's to commit and remove.
     user: Option<String>,
+    /// Refreshed every [`ALIVE_INTERVAL`] while this executor exists; see [`keep_alive_script`].
+    alive_file: PathBuf,
+    refresher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for DockerExecutor {
+    fn drop(&mut self) {
+        self.refresher.abort();
+    }
 }
 
 impl DockerExecutor {
-    pub fn new(client: DockerClient, image: String, limits: ContainerLimits, mounts: Vec<Mount>) -> Self {
+    /// Must be called inside a tokio runtime: it starts refreshing `alive_file`.
+    pub fn new(client: DockerClient, image: String, limits: ContainerLimits, mounts: Vec<Mount>, alive_file: PathBuf) -> Self {
         let uid = nix::unistd::getuid();
         let user = (!uid.is_root()).then(|| format!("{}:{}", uid, nix::unistd::getgid()));
-        DockerExecutor { client, image, limits, mounts, user }
+        let path = alive_file.clone();
+        let refresher = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ALIVE_INTERVAL);
+            loop {
+                tick.tick().await;
+                let p = path.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || touch(&p)).await {
+                    tracing::warn!(path = %path.display(), error = %e, "could not refresh the liveness file");
+                }
+            }
+        });
+        DockerExecutor { client, image, limits, mounts, user, alive_file, refresher }
     }
 
     pub fn client(&self) -> &DockerClient {
@@ -123,7 +169,10 @@ impl DockerExecutor {
     }
 
     fn container_body(&self, job_id: &str, worktree: &Path) -> ContainerCreateBody {
-        let mut binds = vec![format!("{}:{}", worktree.display(), WORKDIR)];
+        let mut binds = vec![
+            format!("{}:{}", worktree.display(), WORKDIR),
+            format!("{}:{}:ro", self.alive_file.display(), ALIVE_IN_CONTAINER),
+        ];
         binds.extend(self.mounts.iter().map(Mount::to_bind));
         let memory = (self.limits.memory_mb * 1024 * 1024) as i64;
         let mut env = vec![format!("JOB_ID={job_id}")];
@@ -133,7 +182,7 @@ impl DockerExecutor {
         ContainerCreateBody {
             image: Some(self.image.clone()),
             // Exec sessions need a running container; `init` reaps them and makes the stop quick.
-            cmd: Some(vec!["sh".into(), "-c".into(), "while :; do sleep 3600; done".into()]),
+            cmd: Some(vec!["sh".into(), "-c".into(), keep_alive_script()]),
             working_dir: Some(WORKDIR.into()),
             env: Some(env),
             user: self.user.clone(),
@@ -146,6 +195,7 @@ impl DockerExecutor {
                 pids_limit: Some(self.limits.pids),
                 network_mode: Some(self.limits.network.clone()),
                 init: Some(true),
+                auto_remove: Some(true),
                 ..Default::default()
             }),
             ..Default::default()
@@ -163,6 +213,8 @@ impl Executor for DockerExecutor {
             let name = container_name(job_id);
             // A container left by a crashed runner or an earlier attempt of this job.
             self.client.remove_container(&name).await?;
+            // The bind below needs the file to exist (else Docker makes a directory there).
+            touch(&self.alive_file)?;
             let opts = CreateContainerOptionsBuilder::default().name(&name).build();
             let docker = &self.client.docker;
             docker.create_container(Some(opts), self.container_body(job_id, worktree)).await.map_err(docker_err)?;
