@@ -131,7 +131,7 @@ impl TestEdge {
         }
         let log = self.log_path();
         std::fs::write(&log, format!("--- wrangler dev on port {}\n", self.port)).ok();
-        let mut proc = GroupChild::spawn("wrangler dev", cmd, &log)?;
+        let mut proc = GroupChild::spawn("wrangler dev", cmd, &log, Some(self.dir.path()))?;
 
         let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
         let health = format!("{}/health", self.url());

@@ -20,13 +20,14 @@ pub struct GroupChild {
 
 impl GroupChild {
     /// Spawns `cmd` as the leader of a new process group, stdin closed, stdout and stderr appended
-    /// to `log`.
-    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<GroupChild> {
+    /// to `log`. If the test process dies without dropping the handle (a handle in a static, a
+    /// killed test binary), a watchdog stops the group and removes `dir`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path, dir: Option<&Path>) -> anyhow::Result<GroupChild> {
         let out = File::options().create(true).append(true).open(log)?;
         let err = out.try_clone()?;
         cmd.process_group(0).stdin(Stdio::null()).stdout(out).stderr(err);
         let child = cmd.spawn().map_err(|e| anyhow::anyhow!("spawning {name} ({cmd:?}): {e}"))?;
-        let watchdog = spawn_watchdog(child.id());
+        let watchdog = spawn_watchdog(child.id(), dir);
         Ok(GroupChild { name: name.to_string(), child, watchdog, stopped: false })
     }
 
@@ -87,14 +88,16 @@ fn group_alive(pgid: Pid, leader: &mut Child) -> bool {
 
 /// A tiny shell in its own group that kills group `pgid` once the test process is gone: handles
 /// held in statics are never dropped, and a test binary can be killed by a timeout.
-fn spawn_watchdog(pgid: u32) -> Option<Child> {
+fn spawn_watchdog(pgid: u32, dir: Option<&Path>) -> Option<Child> {
     let me = std::process::id();
     let script = format!(
         "while kill -0 {me} 2>/dev/null; do sleep 1; done; \
-         kill -TERM -{pgid} 2>/dev/null; sleep 3; kill -KILL -{pgid} 2>/dev/null"
+         kill -TERM -{pgid} 2>/dev/null; sleep 3; kill -KILL -{pgid} 2>/dev/null; \
+         if [ -n \"$1\" ]; then rm -rf -- \"$1\"; fi"
     );
     Command::new("sh")
-        .args(["-c", &script])
+        .args(["-c", &script, "watchdog"])
+        .arg(dir.map(|d| d.as_os_str()).unwrap_or_default())
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -75,7 +75,7 @@ impl TestRunner {
         }
 
         let log = dir.path().join("runner.log");
-        let mut proc = GroupChild::spawn("runner", cmd, &log)?;
+        let mut proc = GroupChild::spawn("runner", cmd, &log, Some(dir.path()))?;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
         let health = format!("http://127.0.0.1:{listen_port}/health");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
