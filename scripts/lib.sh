@@ -13,7 +13,7 @@ KILN_IMAGE="kiln-busybox:latest"
 WORKER_BUILD_VERSION="0.8.7"
 WASM_BINDGEN_VERSION="0.2.129"
 
-export PATH="$HOME/.cargo/bin:$KILN_ROOT/node_modules/.bin:$PATH"
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$KILN_ROOT/node_modules/.bin:$PATH"
 
 # wrangler works fully offline; these only stop it from trying to reach the network, and keep its
 # config and caches inside the repository instead of $HOME.
