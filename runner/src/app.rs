@@ -19,20 +19,30 @@ use crate::workspace::Workspaces;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("no credential for the edge: set RUNNER_TOKEN, or RUNNER_REGISTRATION_TOKEN to register")]
+    #[error(
+        "no credential for the edge: set RUNNER_TOKEN, or RUNNER_REGISTRATION_TOKEN to register"
+    )]
     NoCredential,
     #[error("registering with the edge failed: {0}")]
     Register(#[source] EdgeError),
-    #[error("RUNNER_EXECUTOR=docker but no Docker daemon answers ({0}); start one or set DOCKER_HOST")]
+    #[error(
+        "RUNNER_EXECUTOR=docker but no Docker daemon answers ({0}); start one or set DOCKER_HOST"
+    )]
     NoDocker(#[source] ExecError),
     #[error("the image {0} is not present in the Docker daemon (no registry is assumed): build or load it first")]
     NoImage(String),
     #[error("checking the image failed: {0}")]
     ImageCheck(#[source] ExecError),
     #[error("creating {path}: {source}")]
-    Dir { path: String, source: std::io::Error },
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("binding the health API on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("the health API failed: {0}")]
     Serve(#[source] std::io::Error),
 }
@@ -52,7 +62,9 @@ impl Application {
         let token = match &config.credential {
             Some(EdgeCredential::Token(t)) => t.clone(),
             Some(EdgeCredential::Registration(reg)) => {
-                let r = edge::register(&http, &config.edge_url, reg, &config.name).await.map_err(StartError::Register)?;
+                let r = edge::register(&http, &config.edge_url, reg, &config.name)
+                    .await
+                    .map_err(StartError::Register)?;
                 tracing::info!(runner_id = %r.runner_id, name = %config.name, "registered with the edge (set RUNNER_TOKEN to reuse this registration)");
                 r.token
             }
@@ -62,19 +74,33 @@ impl Application {
         for dir in [&config.repos_dir, &config.worktrees_dir] {
             tokio::fs::create_dir_all(dir)
                 .await
-                .map_err(|source| StartError::Dir { path: dir.display().to_string(), source })?;
+                .map_err(|source| StartError::Dir {
+                    path: dir.display().to_string(),
+                    source,
+                })?;
         }
 
         let (executor, docker): (Arc<dyn Executor>, Option<DockerClient>) = match config.executor {
             Some(ExecutorKind::Docker) => {
-                let client = DockerClient::connect(config.docker_host.as_deref()).await.map_err(StartError::NoDocker)?;
-                (docker_executor(&config, client.clone()).await?, Some(client))
+                let client = DockerClient::connect(config.docker_host.as_deref())
+                    .await
+                    .map_err(StartError::NoDocker)?;
+                (
+                    docker_executor(&config, client.clone()).await?,
+                    Some(client),
+                )
             }
-            Some(ExecutorKind::Process) => {
-                (Arc::new(ProcessExecutor), DockerClient::connect(config.docker_host.as_deref()).await.ok())
-            }
+            Some(ExecutorKind::Process) => (
+                Arc::new(ProcessExecutor),
+                DockerClient::connect(config.docker_host.as_deref())
+                    .await
+                    .ok(),
+            ),
             None => match DockerClient::connect(config.docker_host.as_deref()).await {
-                Ok(client) => (docker_executor(&config, client.clone()).await?, Some(client)),
+                Ok(client) => (
+                    docker_executor(&config, client.clone()).await?,
+                    Some(client),
+                ),
                 Err(e) => {
                     tracing::info!(error = %e, "no Docker daemon answers; using the process executor");
                     (Arc::new(ProcessExecutor), None)
@@ -109,8 +135,17 @@ impl Application {
 
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
-            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
-        let port = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?.port();
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let port = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?
+            .port();
 
         let status = Arc::new(EdgeStatus::default());
         let health = Arc::new(HealthState {
@@ -123,7 +158,13 @@ impl Application {
             edge: status.clone(),
             executor: executor.kind(),
         });
-        let session = Session { client, name: config.name.clone(), supervisor: supervisor.clone(), workspaces, status };
+        let session = Session {
+            client,
+            name: config.name.clone(),
+            supervisor: supervisor.clone(),
+            workspaces,
+            status,
+        };
         tracing::info!(
             name = %config.name,
             executor = executor.kind().as_str(),
@@ -132,7 +173,14 @@ impl Application {
             edge = %config.edge_url,
             "runner ready"
         );
-        Ok(Application { listener, port, runner_name: config.name, supervisor, health, session })
+        Ok(Application {
+            listener,
+            port,
+            runner_name: config.name,
+            supervisor,
+            health,
+            session,
+        })
     }
 
     /// The bound port of the health API.
@@ -151,7 +199,10 @@ impl Application {
 
     /// Serves until `shutdown` resolves; then cancels the jobs (their workspaces are cleaned up)
     /// and closes the edge session.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), StartError> {
         let stop = CancelToken::default();
         let session = tokio::spawn(self.session.run(stop.clone()));
         let server_stop = stop.clone();
@@ -172,10 +223,23 @@ impl Application {
     }
 }
 
-async fn docker_executor(config: &Config, client: DockerClient) -> Result<Arc<dyn Executor>, StartError> {
-    if !client.has_image(&config.image).await.map_err(StartError::ImageCheck)? {
+async fn docker_executor(
+    config: &Config,
+    client: DockerClient,
+) -> Result<Arc<dyn Executor>, StartError> {
+    if !client
+        .has_image(&config.image)
+        .await
+        .map_err(StartError::ImageCheck)?
+    {
         return Err(StartError::NoImage(config.image.clone()));
     }
     let alive = config.worktrees_dir.join(".kiln-runner-alive");
-    Ok(Arc::new(DockerExecutor::new(client, config.image.clone(), config.limits.clone(), config.mounts.clone(), alive)))
+    Ok(Arc::new(DockerExecutor::new(
+        client,
+        config.image.clone(),
+        config.limits.clone(),
+        config.mounts.clone(),
+        alive,
+    )))
 }

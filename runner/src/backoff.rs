@@ -20,7 +20,10 @@ impl Default for Backoff {
 
 impl Backoff {
     pub fn new(initial: Duration, cap: Duration) -> Self {
-        Backoff { next: initial.min(cap), cap }
+        Backoff {
+            next: initial.min(cap),
+            cap,
+        }
     }
 
     /// The un-jittered delay the next call is based on.
@@ -56,7 +59,10 @@ mod tests {
             })
             .collect();
         let ms: Vec<u128> = bases.iter().map(Duration::as_millis).collect();
-        assert_eq!(ms, vec![200, 400, 800, 1600, 3200, 6400, 10000, 10000, 10000, 10000]);
+        assert_eq!(
+            ms,
+            vec![200, 400, 800, 1600, 3200, 6400, 10000, 10000, 10000, 10000]
+        );
     }
 
     #[test]
@@ -66,7 +72,10 @@ mod tests {
         assert!(b.clone().next_with(1.0) < Duration::from_millis(200));
         for _ in 0..100 {
             let d = b.clone().next_delay();
-            assert!(d >= Duration::from_millis(100) && d < Duration::from_millis(200), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(100) && d < Duration::from_millis(200),
+                "{d:?}"
+            );
         }
         for _ in 0..20 {
             b.next_delay();

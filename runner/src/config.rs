@@ -27,15 +27,24 @@ pub const DEFAULT_NETWORK: &str = "none";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("could not read the config file {path}: {source}")]
-    ReadFile { path: PathBuf, source: std::io::Error },
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the config file {path} is not valid: {source}")]
-    ParseFile { path: PathBuf, source: Box<toml::de::Error> },
+    ParseFile {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
     #[error("{key}: {message}")]
     Invalid { key: &'static str, message: String },
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, message: message.into() }
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
 }
 
 /// Which executor runs the jobs' commands.
@@ -89,7 +98,9 @@ impl FromStr for AgentFormat {
         match s.trim() {
             "text" => Ok(AgentFormat::Text),
             "claude-stream-json" => Ok(AgentFormat::ClaudeStreamJson),
-            other => Err(format!("must be text or claude-stream-json (got {other:?})")),
+            other => Err(format!(
+                "must be text or claude-stream-json (got {other:?})"
+            )),
         }
     }
 }
@@ -126,9 +137,15 @@ pub fn parse_mounts(spec: &str) -> Result<Vec<Mount>, String> {
             return Err(format!("{item:?}: both paths must be absolute"));
         }
         if container == "/" || container == "/app" || container.starts_with("/app/") {
-            return Err(format!("{item:?}: {container} is reserved for the job's workspace"));
+            return Err(format!(
+                "{item:?}: {container} is reserved for the job's workspace"
+            ));
         }
-        mounts.push(Mount { host: PathBuf::from(host), container: container.to_string(), read_only });
+        mounts.push(Mount {
+            host: PathBuf::from(host),
+            container: container.to_string(),
+            read_only,
+        });
     }
     Ok(mounts)
 }
@@ -172,7 +189,11 @@ pub enum EdgeCredential {
 /// Settings from flags and environment variables. Every field is optional so the file and the
 /// defaults can fill the gaps; `runner --help` lists them all.
 #[derive(Debug, Clone, Default, Parser)]
-#[command(name = "runner", version, about = "Kiln's self-hosted runner: takes jobs from the edge and runs them in a container (or process group) per job over a git worktree.")]
+#[command(
+    name = "runner",
+    version,
+    about = "Kiln's self-hosted runner: takes jobs from the edge and runs them in a container (or process group) per job over a git worktree."
+)]
 pub struct Args {
     /// TOML file with settings; its keys are the lowercase variable names (e.g. runner_edge_url = "...").
     #[arg(long = "config", env = "RUNNER_CONFIG", value_name = "FILE")]
@@ -275,10 +296,14 @@ impl FileSettings {
     }
 
     pub fn read(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::ReadFile { path: path.to_path_buf(), source })?;
-        Self::parse(&text)
-            .map_err(|source| ConfigError::ParseFile { path: path.to_path_buf(), source: Box::new(source) })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|source| ConfigError::ParseFile {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
     }
 }
 
@@ -318,7 +343,10 @@ impl Host {
             .and_then(|h| h.into_string().ok())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "kiln-runner".to_string());
-        Host { home: std::env::var_os("HOME").map(PathBuf::from), hostname }
+        Host {
+            home: std::env::var_os("HOME").map(PathBuf::from),
+            hostname,
+        }
     }
 }
 
@@ -348,10 +376,15 @@ impl Config {
 
     /// Flags and environment beat the file, which beats the defaults.
     pub fn resolve(args: Args, file: FileSettings, host: &Host) -> Result<Config, ConfigError> {
-        let edge = non_empty(args.edge_url.or(file.runner_edge_url)).unwrap_or_else(|| DEFAULT_EDGE_URL.into());
-        let edge_url = url::Url::parse(&edge).map_err(|e| invalid("RUNNER_EDGE_URL", format!("{edge:?}: {e}")))?;
+        let edge = non_empty(args.edge_url.or(file.runner_edge_url))
+            .unwrap_or_else(|| DEFAULT_EDGE_URL.into());
+        let edge_url = url::Url::parse(&edge)
+            .map_err(|e| invalid("RUNNER_EDGE_URL", format!("{edge:?}: {e}")))?;
         if !matches!(edge_url.scheme(), "http" | "https") {
-            return Err(invalid("RUNNER_EDGE_URL", "must be an http:// or https:// URL"));
+            return Err(invalid(
+                "RUNNER_EDGE_URL",
+                "must be an http:// or https:// URL",
+            ));
         }
 
         let credential = match (
@@ -363,32 +396,47 @@ impl Config {
             (None, None) => None,
         };
 
-        let name = non_empty(args.name.or(file.runner_name)).unwrap_or_else(|| host.hostname.clone());
+        let name =
+            non_empty(args.name.or(file.runner_name)).unwrap_or_else(|| host.hostname.clone());
         let executor = non_empty(args.executor.or(file.runner_executor))
-            .map(|s| s.parse::<ExecutorKind>().map_err(|e| invalid("RUNNER_EXECUTOR", e)))
+            .map(|s| {
+                s.parse::<ExecutorKind>()
+                    .map_err(|e| invalid("RUNNER_EXECUTOR", e))
+            })
             .transpose()?;
-        let image = non_empty(args.image.or(file.runner_image)).unwrap_or_else(|| DEFAULT_IMAGE.into());
+        let image =
+            non_empty(args.image.or(file.runner_image)).unwrap_or_else(|| DEFAULT_IMAGE.into());
         let agent = AgentProfile {
-            command: non_empty(args.agent_cmd.or(file.runner_agent_cmd)).unwrap_or_else(|| DEFAULT_AGENT_CMD.into()),
+            command: non_empty(args.agent_cmd.or(file.runner_agent_cmd))
+                .unwrap_or_else(|| DEFAULT_AGENT_CMD.into()),
             format: non_empty(args.agent_format.or(file.runner_agent_format))
-                .map(|s| s.parse::<AgentFormat>().map_err(|e| invalid("RUNNER_AGENT_FORMAT", e)))
+                .map(|s| {
+                    s.parse::<AgentFormat>()
+                        .map_err(|e| invalid("RUNNER_AGENT_FORMAT", e))
+                })
                 .transpose()?
                 .unwrap_or(AgentFormat::ClaudeStreamJson),
         };
 
-        let max_concurrent_jobs =
-            args.max_concurrent_jobs.or(file.max_concurrent_jobs).unwrap_or(DEFAULT_MAX_CONCURRENT_JOBS);
+        let max_concurrent_jobs = args
+            .max_concurrent_jobs
+            .or(file.max_concurrent_jobs)
+            .unwrap_or(DEFAULT_MAX_CONCURRENT_JOBS);
         if max_concurrent_jobs == 0 {
             return Err(invalid("MAX_CONCURRENT_JOBS", "must be at least 1"));
         }
 
         let repos_dir = expand_home(
-            args.repos_dir.or(file.repos_dir).unwrap_or_else(|| DEFAULT_REPOS_DIR.into()),
+            args.repos_dir
+                .or(file.repos_dir)
+                .unwrap_or_else(|| DEFAULT_REPOS_DIR.into()),
             host,
         )
         .map_err(|e| invalid("REPOS_DIR", e))?;
         let worktrees_dir = expand_home(
-            args.worktrees_dir.or(file.worktrees_dir).unwrap_or_else(|| DEFAULT_WORKTREES_DIR.into()),
+            args.worktrees_dir
+                .or(file.worktrees_dir)
+                .unwrap_or_else(|| DEFAULT_WORKTREES_DIR.into()),
             host,
         )
         .map_err(|e| invalid("WORKTREES_DIR", e))?;
@@ -397,27 +445,37 @@ impl Config {
             .unwrap_or_else(|| DEFAULT_GIT_BASE_URL.into())
             .trim_end_matches('/')
             .to_string();
-        url::Url::parse(&git_base_url).map_err(|e| invalid("RUNNER_GIT_BASE_URL", format!("{git_base_url:?}: {e}")))?;
+        url::Url::parse(&git_base_url)
+            .map_err(|e| invalid("RUNNER_GIT_BASE_URL", format!("{git_base_url:?}: {e}")))?;
 
         let github_api_url = non_empty(args.github_api_url.or(file.github_api_url))
             .unwrap_or_else(|| DEFAULT_GITHUB_API_URL.into())
             .trim_end_matches('/')
             .to_string();
-        url::Url::parse(&github_api_url).map_err(|e| invalid("GITHUB_API_URL", format!("{github_api_url:?}: {e}")))?;
+        url::Url::parse(&github_api_url)
+            .map_err(|e| invalid("GITHUB_API_URL", format!("{github_api_url:?}: {e}")))?;
 
-        let listen_s = non_empty(args.listen.or(file.runner_listen)).unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen_s =
+            non_empty(args.listen.or(file.runner_listen)).unwrap_or_else(|| DEFAULT_LISTEN.into());
         let listen = listen_s
             .parse::<SocketAddr>()
             .map_err(|e| invalid("RUNNER_LISTEN", format!("{listen_s:?}: {e}")))?;
 
         let limits = ContainerLimits {
-            memory_mb: args.memory_mb.or(file.runner_memory_mb).unwrap_or(DEFAULT_MEMORY_MB),
+            memory_mb: args
+                .memory_mb
+                .or(file.runner_memory_mb)
+                .unwrap_or(DEFAULT_MEMORY_MB),
             cpus: args.cpus.or(file.runner_cpus).unwrap_or(DEFAULT_CPUS),
             pids: args.pids.or(file.runner_pids).unwrap_or(DEFAULT_PIDS),
-            network: non_empty(args.network.or(file.runner_network)).unwrap_or_else(|| DEFAULT_NETWORK.into()),
+            network: non_empty(args.network.or(file.runner_network))
+                .unwrap_or_else(|| DEFAULT_NETWORK.into()),
         };
         if limits.memory_mb < 6 {
-            return Err(invalid("RUNNER_MEMORY_MB", "must be at least 6 (Docker's minimum)"));
+            return Err(invalid(
+                "RUNNER_MEMORY_MB",
+                "must be at least 6 (Docker's minimum)",
+            ));
         }
         if !(limits.cpus > 0.0 && limits.cpus.is_finite()) {
             return Err(invalid("RUNNER_CPUS", "must be a positive number"));
@@ -457,7 +515,10 @@ mod tests {
     use super::*;
 
     fn host() -> Host {
-        Host { home: Some("/home/kiln".into()), hostname: "box-1".into() }
+        Host {
+            home: Some("/home/kiln".into()),
+            hostname: "box-1".into(),
+        }
     }
 
     #[test]
@@ -491,26 +552,56 @@ mod tests {
             "#,
         )
         .unwrap();
-        let flags = Args { edge_url: Some("https://flag:2".into()), max_concurrent_jobs: Some(3), ..Default::default() };
+        let flags = Args {
+            edge_url: Some("https://flag:2".into()),
+            max_concurrent_jobs: Some(3),
+            ..Default::default()
+        };
         let c = Config::resolve(flags, file, &host()).unwrap();
         assert_eq!(c.edge_url.as_str(), "https://flag:2/");
         assert_eq!(c.max_concurrent_jobs, 3);
         assert_eq!(c.name, "from-file");
         assert_eq!(c.image, "file-image");
-        assert_eq!(c.credential, Some(EdgeCredential::Registration("reg".into())));
+        assert_eq!(
+            c.credential,
+            Some(EdgeCredential::Registration("reg".into()))
+        );
     }
 
     #[test]
     fn a_runner_token_beats_a_registration_token() {
-        let file = FileSettings { runner_registration_token: Some("reg".into()), ..Default::default() };
-        let c = Config::resolve(Args { token: Some("tok".into()), ..Default::default() }, file, &host()).unwrap();
+        let file = FileSettings {
+            runner_registration_token: Some("reg".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(
+            Args {
+                token: Some("tok".into()),
+                ..Default::default()
+            },
+            file,
+            &host(),
+        )
+        .unwrap();
         assert_eq!(c.credential, Some(EdgeCredential::Token("tok".into())));
     }
 
     #[test]
     fn flags_parse_from_the_command_line() {
-        let a = Args::try_parse_from(["runner", "--edge-url", "http://e:1", "--max-concurrent-jobs", "4", "--cpus", "0.5"]).unwrap();
-        assert_eq!((a.edge_url.as_deref(), a.max_concurrent_jobs, a.cpus), (Some("http://e:1"), Some(4), Some(0.5)));
+        let a = Args::try_parse_from([
+            "runner",
+            "--edge-url",
+            "http://e:1",
+            "--max-concurrent-jobs",
+            "4",
+            "--cpus",
+            "0.5",
+        ])
+        .unwrap();
+        assert_eq!(
+            (a.edge_url.as_deref(), a.max_concurrent_jobs, a.cpus),
+            (Some("http://e:1"), Some(4), Some(0.5))
+        );
     }
 
     #[test]
@@ -522,13 +613,55 @@ mod tests {
     #[test]
     fn bad_values_name_their_setting() {
         let cases: Vec<(Args, &str)> = vec![
-            (Args { executor: Some("vm".into()), ..Default::default() }, "RUNNER_EXECUTOR"),
-            (Args { agent_format: Some("xml".into()), ..Default::default() }, "RUNNER_AGENT_FORMAT"),
-            (Args { edge_url: Some("ftp://x".into()), ..Default::default() }, "RUNNER_EDGE_URL"),
-            (Args { max_concurrent_jobs: Some(0), ..Default::default() }, "MAX_CONCURRENT_JOBS"),
-            (Args { listen: Some("nowhere".into()), ..Default::default() }, "RUNNER_LISTEN"),
-            (Args { mounts: Some("relative:/x".into()), ..Default::default() }, "RUNNER_MOUNTS"),
-            (Args { cpus: Some(0.0), ..Default::default() }, "RUNNER_CPUS"),
+            (
+                Args {
+                    executor: Some("vm".into()),
+                    ..Default::default()
+                },
+                "RUNNER_EXECUTOR",
+            ),
+            (
+                Args {
+                    agent_format: Some("xml".into()),
+                    ..Default::default()
+                },
+                "RUNNER_AGENT_FORMAT",
+            ),
+            (
+                Args {
+                    edge_url: Some("ftp://x".into()),
+                    ..Default::default()
+                },
+                "RUNNER_EDGE_URL",
+            ),
+            (
+                Args {
+                    max_concurrent_jobs: Some(0),
+                    ..Default::default()
+                },
+                "MAX_CONCURRENT_JOBS",
+            ),
+            (
+                Args {
+                    listen: Some("nowhere".into()),
+                    ..Default::default()
+                },
+                "RUNNER_LISTEN",
+            ),
+            (
+                Args {
+                    mounts: Some("relative:/x".into()),
+                    ..Default::default()
+                },
+                "RUNNER_MOUNTS",
+            ),
+            (
+                Args {
+                    cpus: Some(0.0),
+                    ..Default::default()
+                },
+                "RUNNER_CPUS",
+            ),
         ];
         for (flags, key) in cases {
             let err = Config::resolve(flags, FileSettings::default(), &host()).unwrap_err();
@@ -538,11 +671,18 @@ mod tests {
 
     #[test]
     fn home_is_expanded_only_at_the_start() {
-        let file = FileSettings { repos_dir: Some("~/r".into()), worktrees_dir: Some("/srv/~/w".into()), ..Default::default() };
+        let file = FileSettings {
+            repos_dir: Some("~/r".into()),
+            worktrees_dir: Some("/srv/~/w".into()),
+            ..Default::default()
+        };
         let c = Config::resolve(Args::default(), file, &host()).unwrap();
         assert_eq!(c.repos_dir, PathBuf::from("/home/kiln/r"));
         assert_eq!(c.worktrees_dir, PathBuf::from("/srv/~/w"));
-        let no_home = Host { home: None, hostname: "h".into() };
+        let no_home = Host {
+            home: None,
+            hostname: "h".into(),
+        };
         assert!(Config::resolve(Args::default(), FileSettings::default(), &no_home).is_err());
     }
 
@@ -551,14 +691,35 @@ mod tests {
         assert_eq!(
             parse_mounts(" /opt/agents:/agents:ro, /data:/data ,/x:/y:rw").unwrap(),
             vec![
-                Mount { host: "/opt/agents".into(), container: "/agents".into(), read_only: true },
-                Mount { host: "/data".into(), container: "/data".into(), read_only: false },
-                Mount { host: "/x".into(), container: "/y".into(), read_only: false },
+                Mount {
+                    host: "/opt/agents".into(),
+                    container: "/agents".into(),
+                    read_only: true
+                },
+                Mount {
+                    host: "/data".into(),
+                    container: "/data".into(),
+                    read_only: false
+                },
+                Mount {
+                    host: "/x".into(),
+                    container: "/y".into(),
+                    read_only: false
+                },
             ]
         );
         assert_eq!(parse_mounts("").unwrap(), vec![]);
         assert_eq!(parse_mounts("/a:/b:ro").unwrap()[0].to_bind(), "/a:/b:ro");
-        for bad in ["/a", "/a:b", "a:/b", "/a:/b:rx", "/a:/b:ro:x", "/a:/app", "/a:/app/x", "/a:/"] {
+        for bad in [
+            "/a",
+            "/a:b",
+            "a:/b",
+            "/a:/b:rx",
+            "/a:/b:ro:x",
+            "/a:/app",
+            "/a:/app/x",
+            "/a:/",
+        ] {
             assert!(parse_mounts(bad).is_err(), "{bad}");
         }
     }
@@ -568,12 +729,33 @@ mod tests {
         use clap::CommandFactory;
         let help = Args::command().render_long_help().to_string();
         for var in [
-            "RUNNER_CONFIG", "RUNNER_EDGE_URL", "RUNNER_TOKEN", "RUNNER_REGISTRATION_TOKEN", "RUNNER_NAME",
-            "RUNNER_EXECUTOR", "RUNNER_IMAGE", "RUNNER_AGENT_CMD", "RUNNER_AGENT_FORMAT", "MAX_CONCURRENT_JOBS",
-            "REPOS_DIR", "WORKTREES_DIR", "RUNNER_GIT_BASE_URL", "GITHUB_TOKEN", "GITHUB_API_URL", "RUNNER_LISTEN",
-            "RUNNER_MEMORY_MB", "RUNNER_CPUS", "RUNNER_PIDS", "RUNNER_NETWORK", "RUNNER_MOUNTS", "DOCKER_HOST",
+            "RUNNER_CONFIG",
+            "RUNNER_EDGE_URL",
+            "RUNNER_TOKEN",
+            "RUNNER_REGISTRATION_TOKEN",
+            "RUNNER_NAME",
+            "RUNNER_EXECUTOR",
+            "RUNNER_IMAGE",
+            "RUNNER_AGENT_CMD",
+            "RUNNER_AGENT_FORMAT",
+            "MAX_CONCURRENT_JOBS",
+            "REPOS_DIR",
+            "WORKTREES_DIR",
+            "RUNNER_GIT_BASE_URL",
+            "GITHUB_TOKEN",
+            "GITHUB_API_URL",
+            "RUNNER_LISTEN",
+            "RUNNER_MEMORY_MB",
+            "RUNNER_CPUS",
+            "RUNNER_PIDS",
+            "RUNNER_NETWORK",
+            "RUNNER_MOUNTS",
+            "DOCKER_HOST",
         ] {
-            assert!(help.contains(&format!("[env: {var}")), "--help misses {var}");
+            assert!(
+                help.contains(&format!("[env: {var}")),
+                "--help misses {var}"
+            );
         }
     }
 }

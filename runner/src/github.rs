@@ -37,7 +37,11 @@ pub struct GithubClient {
 
 impl GithubClient {
     pub fn new(http: reqwest::Client, api_url: &str, token: Option<String>) -> Self {
-        GithubClient { http, api_url: api_url.trim_end_matches('/').to_string(), token }
+        GithubClient {
+            http,
+            api_url: api_url.trim_end_matches('/').to_string(),
+            token,
+        }
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -55,12 +59,24 @@ impl GithubClient {
 
     /// Opens the pull request and returns its `html_url`. When one is already open for the branch
     /// (a retried job), that one's URL is returned.
-    pub async fn open_pull_request(&self, repo: &RepoRef, pr: &NewPullRequest) -> Result<String, GithubError> {
+    pub async fn open_pull_request(
+        &self,
+        repo: &RepoRef,
+        pr: &NewPullRequest,
+    ) -> Result<String, GithubError> {
         let path = format!("/repos/{}/{}/pulls", repo.org, repo.repo);
-        let res = self.request(reqwest::Method::POST, &path).json(pr).send().await?;
+        let res = self
+            .request(reqwest::Method::POST, &path)
+            .json(pr)
+            .send()
+            .await?;
         let status = res.status();
         if status.is_success() {
-            return res.json::<PullRequest>().await?.html_url.ok_or(GithubError::NoUrl);
+            return res
+                .json::<PullRequest>()
+                .await?
+                .html_url
+                .ok_or(GithubError::NoUrl);
         }
         let body: Value = res.json().await.unwrap_or(Value::Null);
         let message = error_message(&body);
@@ -69,13 +85,20 @@ impl GithubClient {
                 return Ok(url);
             }
         }
-        Err(GithubError::Status { status: status.as_u16(), message })
+        Err(GithubError::Status {
+            status: status.as_u16(),
+            message,
+        })
     }
 
     async fn existing(&self, repo: &RepoRef, branch: &str) -> Result<Option<String>, GithubError> {
         let path = format!("/repos/{}/{}/pulls", repo.org, repo.repo);
         let head = format!("{}:{}", repo.org, branch);
-        let res = self.request(reqwest::Method::GET, &path).query(&[("head", head.as_str()), ("state", "open")]).send().await?;
+        let res = self
+            .request(reqwest::Method::GET, &path)
+            .query(&[("head", head.as_str()), ("state", "open")])
+            .send()
+            .await?;
         if !res.status().is_success() {
             return Ok(None);
         }
@@ -86,9 +109,19 @@ impl GithubClient {
 
 /// GitHub's `message` plus the `errors[].message` details.
 fn error_message(body: &Value) -> String {
-    let mut parts: Vec<String> = body.get("message").and_then(Value::as_str).map(str::to_string).into_iter().collect();
+    let mut parts: Vec<String> = body
+        .get("message")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .into_iter()
+        .collect();
     if let Some(errors) = body.get("errors").and_then(Value::as_array) {
-        parts.extend(errors.iter().filter_map(|e| e.get("message").and_then(Value::as_str)).map(str::to_string));
+        parts.extend(
+            errors
+                .iter()
+                .filter_map(|e| e.get("message").and_then(Value::as_str))
+                .map(str::to_string),
+        );
     }
     if parts.is_empty() {
         "no error message".into()
@@ -105,7 +138,10 @@ mod tests {
     #[test]
     fn error_messages_include_details() {
         let body = json!({"message": "Validation Failed", "errors": [{"message": "A pull request already exists for o:b."}]});
-        assert_eq!(error_message(&body), "Validation Failed: A pull request already exists for o:b.");
+        assert_eq!(
+            error_message(&body),
+            "Validation Failed: A pull request already exists for o:b."
+        );
         assert_eq!(error_message(&Value::Null), "no error message");
     }
 }

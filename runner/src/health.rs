@@ -28,7 +28,9 @@ pub struct HealthState {
 }
 
 pub fn router(state: Arc<HealthState>) -> Router {
-    Router::new().route("/health", get(health)).with_state(state)
+    Router::new()
+        .route("/health", get(health))
+        .with_state(state)
 }
 
 /// `GET /health`

@@ -58,7 +58,10 @@ pub fn line_event(format: AgentFormat, stream: LogStream, line: String) -> Runne
             return RunnerEvent::Agent { event };
         }
     }
-    RunnerEvent::Log { stream, content: line }
+    RunnerEvent::Log {
+        stream,
+        content: line,
+    }
 }
 
 fn parse_json_object(line: &str) -> Option<Value> {
@@ -66,7 +69,9 @@ fn parse_json_object(line: &str) -> Option<Value> {
     if !trimmed.starts_with('{') {
         return None;
     }
-    serde_json::from_str::<Value>(trimmed).ok().filter(Value::is_object)
+    serde_json::from_str::<Value>(trimmed)
+        .ok()
+        .filter(Value::is_object)
 }
 
 /// The human-readable text of a `claude-stream-json` event: the final result, or an assistant
@@ -94,7 +99,10 @@ pub fn tail_chars(s: &str, n: usize) -> &str {
     if count <= n {
         return s;
     }
-    let (idx, _) = s.char_indices().nth(count - n).expect("index within the string");
+    let (idx, _) = s
+        .char_indices()
+        .nth(count - n)
+        .expect("index within the string");
     &s[idx..]
 }
 
@@ -127,7 +135,10 @@ impl OutputCollector {
             LogStream::Stderr => self.stderr.push(&chunk.data),
             _ => self.stdout.push(&chunk.data),
         };
-        lines.into_iter().map(|l| self.line(chunk.stream, l)).collect()
+        lines
+            .into_iter()
+            .map(|l| self.line(chunk.stream, l))
+            .collect()
     }
 
     /// Flushes unterminated last lines.
@@ -185,7 +196,10 @@ mod tests {
     use serde_json::json;
 
     fn out(s: &str) -> OutputChunk {
-        OutputChunk { stream: LogStream::Stdout, data: s.as_bytes().to_vec() }
+        OutputChunk {
+            stream: LogStream::Stdout,
+            data: s.as_bytes().to_vec(),
+        }
     }
 
     #[test]
@@ -212,25 +226,47 @@ mod tests {
     fn json_lines_become_agent_events_only_for_stream_json_stdout() {
         let line = r#"{"type":"system","subtype":"init"}"#.to_string();
         assert_eq!(
-            line_event(AgentFormat::ClaudeStreamJson, LogStream::Stdout, line.clone()),
-            RunnerEvent::Agent { event: json!({"type": "system", "subtype": "init"}) }
+            line_event(
+                AgentFormat::ClaudeStreamJson,
+                LogStream::Stdout,
+                line.clone()
+            ),
+            RunnerEvent::Agent {
+                event: json!({"type": "system", "subtype": "init"})
+            }
         );
-        assert!(matches!(line_event(AgentFormat::Text, LogStream::Stdout, line.clone()), RunnerEvent::Log { .. }));
+        assert!(matches!(
+            line_event(AgentFormat::Text, LogStream::Stdout, line.clone()),
+            RunnerEvent::Log { .. }
+        ));
         assert!(matches!(
             line_event(AgentFormat::ClaudeStreamJson, LogStream::Stderr, line),
-            RunnerEvent::Log { stream: LogStream::Stderr, .. }
+            RunnerEvent::Log {
+                stream: LogStream::Stderr,
+                ..
+            }
         ));
         for text in ["plain text", "{not json", "42", "[1,2]", ""] {
             assert_eq!(
-                line_event(AgentFormat::ClaudeStreamJson, LogStream::Stdout, text.into()),
-                RunnerEvent::Log { stream: LogStream::Stdout, content: text.into() }
+                line_event(
+                    AgentFormat::ClaudeStreamJson,
+                    LogStream::Stdout,
+                    text.into()
+                ),
+                RunnerEvent::Log {
+                    stream: LogStream::Stdout,
+                    content: text.into()
+                }
             );
         }
     }
 
     #[test]
     fn agent_text_reads_results_and_assistant_messages() {
-        assert_eq!(agent_text(&json!({"type": "result", "result": "done"})).as_deref(), Some("done"));
+        assert_eq!(
+            agent_text(&json!({"type": "result", "result": "done"})).as_deref(),
+            Some("done")
+        );
         let msg = json!({"type": "assistant", "message": {"content": [
             {"type": "text", "text": "a"}, {"type": "tool_use", "name": "x"}, {"type": "text", "text": "b"}]}});
         assert_eq!(agent_text(&msg).as_deref(), Some("a\nb"));
@@ -240,7 +276,10 @@ mod tests {
     #[test]
     fn the_promise_is_seen_in_stdout_only() {
         let mut c = OutputCollector::new(AgentFormat::Text, Some("RALPH_COMPLETE".into()));
-        c.feed(&OutputChunk { stream: LogStream::Stderr, data: b"RALPH_COMPLETE\n".to_vec() });
+        c.feed(&OutputChunk {
+            stream: LogStream::Stderr,
+            data: b"RALPH_COMPLETE\n".to_vec(),
+        });
         assert!(!c.promise_detected());
         c.feed(&out("all done RALPH_COMP"));
         assert!(!c.promise_detected());
@@ -281,6 +320,12 @@ mod tests {
     fn finish_flushes_partial_lines() {
         let mut c = OutputCollector::new(AgentFormat::Text, None);
         assert!(c.feed(&out("no newline")).is_empty());
-        assert_eq!(c.finish(), vec![RunnerEvent::Log { stream: LogStream::Stdout, content: "no newline".into() }]);
+        assert_eq!(
+            c.finish(),
+            vec![RunnerEvent::Log {
+                stream: LogStream::Stdout,
+                content: "no newline".into()
+            }]
+        );
     }
 }

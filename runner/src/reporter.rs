@@ -29,7 +29,11 @@ pub struct EventBatcher {
 
 impl EventBatcher {
     pub fn new(lease_id: impl Into<String>) -> Self {
-        EventBatcher { lease_id: lease_id.into(), next_index: 0, pending: Vec::new() }
+        EventBatcher {
+            lease_id: lease_id.into(),
+            next_index: 0,
+            pending: Vec::new(),
+        }
     }
 
     pub fn push(&mut self, event: RunnerEvent) {
@@ -54,10 +58,16 @@ impl EventBatcher {
             .pending
             .drain(..n)
             .enumerate()
-            .map(|(i, event)| IndexedEvent { index: self.next_index + i as u64, event })
+            .map(|(i, event)| IndexedEvent {
+                index: self.next_index + i as u64,
+                event,
+            })
             .collect();
         self.next_index += n as u64;
-        Some(EventBatch { lease_id: self.lease_id.clone(), events })
+        Some(EventBatch {
+            lease_id: self.lease_id.clone(),
+            events,
+        })
     }
 }
 
@@ -84,7 +94,11 @@ impl EventSink {
 
     /// A `system` log line.
     pub async fn system(&self, content: impl Into<String>) {
-        self.send(RunnerEvent::Log { stream: LogStream::System, content: content.into() }).await;
+        self.send(RunnerEvent::Log {
+            stream: LogStream::System,
+            content: content.into(),
+        })
+        .await;
     }
 
     /// A sink whose events go to a channel (tests).
@@ -94,11 +108,17 @@ impl EventSink {
     }
 }
 
-pub type PostBatch = Box<dyn FnMut(EventBatch) -> BoxFuture<'static, Result<BatchAck, EdgeError>> + Send>;
+pub type PostBatch =
+    Box<dyn FnMut(EventBatch) -> BoxFuture<'static, Result<BatchAck, EdgeError>> + Send>;
 
 /// Starts the reporter of one job. It ends when every sink is dropped and all is stored, or when
 /// the lease is lost (then `on_lease_lost` has been called).
-pub fn spawn(client: EdgeClient, job_id: String, lease_id: String, on_lease_lost: impl FnOnce() + Send + 'static) -> (EventSink, JoinHandle<ReportEnd>) {
+pub fn spawn(
+    client: EdgeClient,
+    job_id: String,
+    lease_id: String,
+    on_lease_lost: impl FnOnce() + Send + 'static,
+) -> (EventSink, JoinHandle<ReportEnd>) {
     let post: PostBatch = Box::new(move |batch| {
         let client = client.clone();
         let job_id = job_id.clone();
@@ -108,7 +128,11 @@ pub fn spawn(client: EdgeClient, job_id: String, lease_id: String, on_lease_lost
 }
 
 /// [`spawn`] with the HTTP call supplied.
-pub fn spawn_with(post: PostBatch, lease_id: String, on_lease_lost: impl FnOnce() + Send + 'static) -> (EventSink, JoinHandle<ReportEnd>) {
+pub fn spawn_with(
+    post: PostBatch,
+    lease_id: String,
+    on_lease_lost: impl FnOnce() + Send + 'static,
+) -> (EventSink, JoinHandle<ReportEnd>) {
     let (tx, rx) = mpsc::channel(BUFFER);
     let task = tokio::spawn(async move {
         let end = run(post, EventBatcher::new(lease_id), rx).await;
@@ -121,10 +145,20 @@ pub fn spawn_with(post: PostBatch, lease_id: String, on_lease_lost: impl FnOnce(
 }
 
 fn lease_gone(e: &EdgeError) -> bool {
-    matches!(e, EdgeError::Status { status: 404 | 409 | 410, .. })
+    matches!(
+        e,
+        EdgeError::Status {
+            status: 404 | 409 | 410,
+            ..
+        }
+    )
 }
 
-async fn run(mut post: PostBatch, mut batcher: EventBatcher, mut rx: mpsc::Receiver<RunnerEvent>) -> ReportEnd {
+async fn run(
+    mut post: PostBatch,
+    mut batcher: EventBatcher,
+    mut rx: mpsc::Receiver<RunnerEvent>,
+) -> ReportEnd {
     let mut closed = false;
     loop {
         if batcher.is_empty() {
@@ -172,7 +206,10 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     fn log(i: usize) -> RunnerEvent {
-        RunnerEvent::Log { stream: LogStream::Stdout, content: format!("line {i}") }
+        RunnerEvent::Log {
+            stream: LogStream::Stdout,
+            content: format!("line {i}"),
+        }
     }
 
     #[test]
@@ -209,9 +246,17 @@ mod tests {
             let fail = calls.len() <= failures;
             Box::pin(async move {
                 if fail {
-                    Err(EdgeError::Status { url: "u".into(), status: 503, body: String::new() })
+                    Err(EdgeError::Status {
+                        url: "u".into(),
+                        status: 503,
+                        body: String::new(),
+                    })
                 } else {
-                    Ok(BatchAck { stored: batch.events.len() as u32, duplicates: 0, lease_valid })
+                    Ok(BatchAck {
+                        stored: batch.events.len() as u32,
+                        duplicates: 0,
+                        lease_valid,
+                    })
                 }
             })
         });
@@ -231,7 +276,11 @@ mod tests {
         drop(sink);
         assert_eq!(task.await.unwrap(), ReportEnd::Drained);
         let calls = calls.lock().unwrap();
-        assert_eq!(calls.len(), 4, "two failures, the retry, then the second batch");
+        assert_eq!(
+            calls.len(),
+            4,
+            "two failures, the retry, then the second batch"
+        );
         assert_eq!(calls[0], calls[1]);
         assert_eq!(calls[1], calls[2]);
         assert_eq!(calls[0].events.len(), 3);
@@ -248,7 +297,12 @@ mod tests {
         }
         drop(sink);
         task.await.unwrap();
-        let sizes: Vec<usize> = calls.lock().unwrap().iter().map(|b| b.events.len()).collect();
+        let sizes: Vec<usize> = calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| b.events.len())
+            .collect();
         assert_eq!(sizes, vec![100, 100, 50]);
     }
 

@@ -24,9 +24,16 @@ pub enum GitError {
     #[error("could not run git: {0}")]
     Spawn(std::io::Error),
     #[error("`git {command}` failed (exit code {code}): {stderr}")]
-    Failed { command: String, code: i32, stderr: String },
+    Failed {
+        command: String,
+        code: i32,
+        stderr: String,
+    },
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> GitError {
@@ -44,12 +51,19 @@ pub struct RepoRef {
 impl RepoRef {
     pub fn new(org: &str, repo: &str) -> Result<RepoRef, GitError> {
         if !is_repo_component(org) {
-            return Err(GitError::Invalid(format!("{org:?} is not a valid GitHub owner name")));
+            return Err(GitError::Invalid(format!(
+                "{org:?} is not a valid GitHub owner name"
+            )));
         }
         if !is_repo_component(repo) {
-            return Err(GitError::Invalid(format!("{repo:?} is not a valid GitHub repository name")));
+            return Err(GitError::Invalid(format!(
+                "{repo:?} is not a valid GitHub repository name"
+            )));
         }
-        Ok(RepoRef { org: org.to_string(), repo: repo.to_string() })
+        Ok(RepoRef {
+            org: org.to_string(),
+            repo: repo.to_string(),
+        })
     }
 
     /// `org/repo`.
@@ -60,7 +74,11 @@ impl RepoRef {
 
 /// A job id as it may appear in a path: letters, digits, `-` and `_` only.
 pub fn is_job_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 100 && !s.starts_with('-') && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+    !s.is_empty()
+        && s.len() <= 100
+        && !s.starts_with('-')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
 }
 
 /// Runs git with a fixed environment: no prompts, C locale, Kiln as author and committer, and
@@ -84,11 +102,20 @@ impl Git {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        if let Some(token) = token.filter(|_| base_url.starts_with("https://") || base_url.starts_with("http://")) {
-            let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
+        if let Some(token) =
+            token.filter(|_| base_url.starts_with("https://") || base_url.starts_with("http://"))
+        {
+            let basic =
+                base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
             env.push(("GIT_CONFIG_COUNT".into(), "1".into()));
-            env.push(("GIT_CONFIG_KEY_0".into(), format!("http.{}/.extraHeader", base_url.trim_end_matches('/'))));
-            env.push(("GIT_CONFIG_VALUE_0".into(), format!("Authorization: Basic {basic}")));
+            env.push((
+                "GIT_CONFIG_KEY_0".into(),
+                format!("http.{}/.extraHeader", base_url.trim_end_matches('/')),
+            ));
+            env.push((
+                "GIT_CONFIG_VALUE_0".into(),
+                format!("Authorization: Basic {basic}"),
+            ));
         }
         Git { env }
     }
@@ -102,7 +129,12 @@ impl Git {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        for var in ["GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_CONFIG_PARAMETERS"] {
+        for var in [
+            "GIT_DIR",
+            "GIT_WORK_TREE",
+            "GIT_INDEX_FILE",
+            "GIT_CONFIG_PARAMETERS",
+        ] {
             cmd.env_remove(var);
         }
         for (k, v) in &self.env {
@@ -116,7 +148,11 @@ impl Git {
         if stderr.len() > 2000 {
             stderr = format!("...{}", crate::output::tail_chars(&stderr, 2000));
         }
-        Err(GitError::Failed { command: args.join(" "), code: out.status.code().unwrap_or(-1), stderr })
+        Err(GitError::Failed {
+            command: args.join(" "),
+            code: out.status.code().unwrap_or(-1),
+            stderr,
+        })
     }
 
     /// `git --version`, e.g. `2.47.3`.
@@ -139,7 +175,12 @@ pub struct Worktree {
 }
 
 impl Worktree {
-    fn git_args<'a>(&'a self, git_dir: &'a str, work_tree: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    fn git_args<'a>(
+        &'a self,
+        git_dir: &'a str,
+        work_tree: &'a str,
+        args: &[&'a str],
+    ) -> Vec<&'a str> {
         // Nested repositories the agent made are never entered: git would read their
         // configuration (an fsmonitor command, say) to look for changes inside them.
         let mut all = vec![
@@ -173,9 +214,20 @@ pub struct Workspaces {
 }
 
 impl Workspaces {
-    pub fn new(repos_dir: PathBuf, worktrees_dir: PathBuf, base_url: &str, token: Option<&str>) -> Workspaces {
+    pub fn new(
+        repos_dir: PathBuf,
+        worktrees_dir: PathBuf,
+        base_url: &str,
+        token: Option<&str>,
+    ) -> Workspaces {
         let base_url = base_url.trim_end_matches('/').to_string();
-        Workspaces { git: Git::new(&base_url, token), repos_dir, worktrees_dir, base_url, locks: Mutex::default() }
+        Workspaces {
+            git: Git::new(&base_url, token),
+            repos_dir,
+            worktrees_dir,
+            base_url,
+            locks: Mutex::default(),
+        }
     }
 
     pub fn git(&self) -> &Git {
@@ -187,7 +239,9 @@ impl Workspaces {
     }
 
     pub fn mirror_path(&self, repo: &RepoRef) -> PathBuf {
-        self.repos_dir.join(&repo.org).join(format!("{}.git", repo.repo))
+        self.repos_dir
+            .join(&repo.org)
+            .join(format!("{}.git", repo.repo))
     }
 
     pub fn remote_url(&self, repo: &RepoRef) -> String {
@@ -199,7 +253,13 @@ impl Workspaces {
     }
 
     async fn lock(&self, repo: &RepoRef) -> OwnedMutexGuard<()> {
-        let lock = self.locks.lock().unwrap().entry(repo.clone()).or_default().clone();
+        let lock = self
+            .locks
+            .lock()
+            .unwrap()
+            .entry(repo.clone())
+            .or_default()
+            .clone();
         lock.lock_owned().await
     }
 
@@ -213,22 +273,41 @@ impl Workspaces {
         let mirror = self.mirror_path(repo);
         let url = self.remote_url(repo);
         let parent = mirror.parent().expect("mirrors live under REPOS_DIR/<org>");
-        tokio::fs::create_dir_all(parent).await.map_err(io_err(format!("creating {}", parent.display())))?;
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(io_err(format!("creating {}", parent.display())))?;
         if !mirror.join("HEAD").is_file() {
             if mirror.exists() {
-                tokio::fs::remove_dir_all(&mirror).await.map_err(io_err(format!("removing a broken mirror {}", mirror.display())))?;
+                tokio::fs::remove_dir_all(&mirror)
+                    .await
+                    .map_err(io_err(format!(
+                        "removing a broken mirror {}",
+                        mirror.display()
+                    )))?;
             }
             let m = mirror.to_string_lossy();
-            self.git.run(parent, &["init", "--bare", "--quiet", "--", &m]).await?;
+            self.git
+                .run(parent, &["init", "--bare", "--quiet", "--", &m])
+                .await?;
             // The default refspec of `remote add` keeps the remote's branches under
             // refs/remotes/origin/, apart from the jobs' own branches under refs/heads/.
-            self.git.run(&mirror, &["remote", "add", "--", "origin", &url]).await?;
+            self.git
+                .run(&mirror, &["remote", "add", "--", "origin", &url])
+                .await?;
         } else {
-            self.git.run(&mirror, &["remote", "set-url", "--", "origin", &url]).await?;
+            self.git
+                .run(&mirror, &["remote", "set-url", "--", "origin", &url])
+                .await?;
         }
-        self.git.run(&mirror, &["fetch", "--prune", "--quiet", "origin"]).await?;
+        self.git
+            .run(&mirror, &["fetch", "--prune", "--quiet", "origin"])
+            .await?;
         // An empty remote has no HEAD to follow; that is only an error for a job without a base.
-        if let Err(e) = self.git.run(&mirror, &["remote", "set-head", "origin", "--auto"]).await {
+        if let Err(e) = self
+            .git
+            .run(&mirror, &["remote", "set-head", "origin", "--auto"])
+            .await
+        {
             tracing::debug!(repo = %repo.slug(), error = %e, "remote HEAD unknown");
         }
         Ok(mirror)
@@ -236,15 +315,27 @@ impl Workspaces {
 
     /// Fetches the repository and adds the job's worktree on `branch`, started from `base` (the
     /// remote's default branch when `None`). A leftover worktree of the same job is replaced.
-    pub async fn create_worktree(&self, repo: &RepoRef, job_id: &str, branch: &str, base: Option<&str>) -> Result<Worktree, GitError> {
+    pub async fn create_worktree(
+        &self,
+        repo: &RepoRef,
+        job_id: &str,
+        branch: &str,
+        base: Option<&str>,
+    ) -> Result<Worktree, GitError> {
         if !is_job_id(job_id) {
-            return Err(GitError::Invalid(format!("{job_id:?} is not a valid job id")));
+            return Err(GitError::Invalid(format!(
+                "{job_id:?} is not a valid job id"
+            )));
         }
         if !is_branch_name(branch) {
-            return Err(GitError::Invalid(format!("{branch:?} is not a valid branch name")));
+            return Err(GitError::Invalid(format!(
+                "{branch:?} is not a valid branch name"
+            )));
         }
         if let Some(b) = base.filter(|b| !is_branch_name(b)) {
-            return Err(GitError::Invalid(format!("{b:?} is not a valid base branch name")));
+            return Err(GitError::Invalid(format!(
+                "{b:?} is not a valid base branch name"
+            )));
         }
         let _guard = self.lock(repo).await;
         let mirror = self.sync_locked(repo).await?;
@@ -252,18 +343,44 @@ impl Workspaces {
         let base_branch = match base {
             Some(b) => {
                 let r = format!("refs/remotes/origin/{b}");
-                if self.git.run(&mirror, &["rev-parse", "--verify", "--quiet", &format!("{r}^{{commit}}")]).await.is_err() {
-                    return Err(GitError::Invalid(format!("base branch {b:?} does not exist in {}", repo.slug())));
+                if self
+                    .git
+                    .run(
+                        &mirror,
+                        &[
+                            "rev-parse",
+                            "--verify",
+                            "--quiet",
+                            &format!("{r}^{{commit}}"),
+                        ],
+                    )
+                    .await
+                    .is_err()
+                {
+                    return Err(GitError::Invalid(format!(
+                        "base branch {b:?} does not exist in {}",
+                        repo.slug()
+                    )));
                 }
                 b.to_string()
             }
             None => {
                 let head = self
                     .git
-                    .run(&mirror, &["symbolic-ref", "--quiet", "refs/remotes/origin/HEAD"])
+                    .run(
+                        &mirror,
+                        &["symbolic-ref", "--quiet", "refs/remotes/origin/HEAD"],
+                    )
                     .await
-                    .map_err(|_| GitError::Invalid(format!("{} has no default branch (is it empty?)", repo.slug())))?;
-                head.trim().trim_start_matches("refs/remotes/origin/").to_string()
+                    .map_err(|_| {
+                        GitError::Invalid(format!(
+                            "{} has no default branch (is it empty?)",
+                            repo.slug()
+                        ))
+                    })?;
+                head.trim()
+                    .trim_start_matches("refs/remotes/origin/")
+                    .to_string()
             }
         };
 
@@ -276,15 +393,40 @@ impl Workspaces {
         }
         let p = path.to_string_lossy();
         let start = format!("refs/remotes/origin/{base_branch}");
-        self.git.run(&mirror, &["worktree", "add", "--quiet", "--no-track", "-B", branch, "--", &p, &start]).await?;
+        self.git
+            .run(
+                &mirror,
+                &[
+                    "worktree",
+                    "add",
+                    "--quiet",
+                    "--no-track",
+                    "-B",
+                    branch,
+                    "--",
+                    &p,
+                    &start,
+                ],
+            )
+            .await?;
 
-        let dotgit = tokio::fs::read_to_string(path.join(".git")).await.map_err(io_err("reading the new worktree's .git"))?;
+        let dotgit = tokio::fs::read_to_string(path.join(".git"))
+            .await
+            .map_err(io_err("reading the new worktree's .git"))?;
         let git_dir = dotgit
             .trim()
             .strip_prefix("gitdir: ")
             .map(PathBuf::from)
-            .ok_or_else(|| GitError::Invalid(format!("unexpected .git file in {}", path.display())))?;
-        Ok(Worktree { repo: repo.clone(), path, git_dir, branch: branch.to_string(), base_branch })
+            .ok_or_else(|| {
+                GitError::Invalid(format!("unexpected .git file in {}", path.display()))
+            })?;
+        Ok(Worktree {
+            repo: repo.clone(),
+            path,
+            git_dir,
+            branch: branch.to_string(),
+            base_branch,
+        })
     }
 
     async fn in_worktree(&self, wt: &Worktree, args: &[&str]) -> Result<String, GitError> {
@@ -294,13 +436,22 @@ impl Workspaces {
     }
 
     /// Stages everything and commits it; `None` when there is nothing to commit.
-    pub async fn commit_all(&self, wt: &Worktree, message: &str) -> Result<Option<String>, GitError> {
+    pub async fn commit_all(
+        &self,
+        wt: &Worktree,
+        message: &str,
+    ) -> Result<Option<String>, GitError> {
         let _guard = self.lock(&wt.repo).await;
         // A path git cannot add (a nested repository without commits, an unreadable file) must
         // not cost the rest of the work: add what can be added and say what could not.
-        match self.in_worktree(wt, &["add", "--all", "--ignore-errors"]).await {
+        match self
+            .in_worktree(wt, &["add", "--all", "--ignore-errors"])
+            .await
+        {
             Ok(_) => {}
-            Err(GitError::Failed { code: 1, stderr, .. }) => {
+            Err(GitError::Failed {
+                code: 1, stderr, ..
+            }) => {
                 tracing::warn!(path = %wt.path.display(), %stderr, "some paths could not be added")
             }
             Err(e) => return Err(e),
@@ -310,7 +461,8 @@ impl Workspaces {
             Err(GitError::Failed { code: 1, .. }) => {}
             Err(e) => return Err(e),
         }
-        self.in_worktree(wt, &["commit", "--quiet", "--no-verify", "-m", message]).await?;
+        self.in_worktree(wt, &["commit", "--quiet", "--no-verify", "-m", message])
+            .await?;
         let sha = self.in_worktree(wt, &["rev-parse", "HEAD"]).await?;
         Ok(Some(sha.trim().to_string()))
     }
@@ -319,7 +471,11 @@ impl Workspaces {
     pub async fn push(&self, wt: &Worktree) -> Result<(), GitError> {
         let _guard = self.lock(&wt.repo).await;
         let refspec = format!("HEAD:refs/heads/{}", wt.branch);
-        self.in_worktree(wt, &["push", "--quiet", "--no-verify", "origin", "--", &refspec]).await?;
+        self.in_worktree(
+            wt,
+            &["push", "--quiet", "--no-verify", "origin", "--", &refspec],
+        )
+        .await?;
         Ok(())
     }
 
@@ -327,12 +483,20 @@ impl Workspaces {
     pub async fn remove_worktree(&self, wt: &Worktree) {
         let _guard = self.lock(&wt.repo).await;
         let mirror = self.mirror_path(&wt.repo);
-        self.remove_locked(&mirror, &wt.path, Some(&wt.branch)).await;
+        self.remove_locked(&mirror, &wt.path, Some(&wt.branch))
+            .await;
     }
 
     async fn remove_locked(&self, mirror: &Path, path: &Path, branch: Option<&str>) {
         let p = path.to_string_lossy();
-        if let Err(e) = self.git.run(mirror, &["worktree", "remove", "--force", "--force", "--", &p]).await {
+        if let Err(e) = self
+            .git
+            .run(
+                mirror,
+                &["worktree", "remove", "--force", "--force", "--", &p],
+            )
+            .await
+        {
             tracing::debug!(path = %p, error = %e, "git worktree remove failed; deleting the directory");
         }
         if path.exists() {
@@ -342,7 +506,10 @@ impl Workspaces {
         }
         let _ = self.git.run(mirror, &["worktree", "prune"]).await;
         if let Some(branch) = branch {
-            let _ = self.git.run(mirror, &["branch", "--quiet", "-D", "--", branch]).await;
+            let _ = self
+                .git
+                .run(mirror, &["branch", "--quiet", "-D", "--", branch])
+                .await;
         }
     }
 }
@@ -354,7 +521,13 @@ mod tests {
     #[test]
     fn repo_refs_and_job_ids_are_validated() {
         assert!(RepoRef::new("org", "repo").is_ok());
-        for (o, r) in [("-o", "r"), ("o", ".."), ("o/x", "r"), ("o", "r.git"), ("", "r")] {
+        for (o, r) in [
+            ("-o", "r"),
+            ("o", ".."),
+            ("o/x", "r"),
+            ("o", "r.git"),
+            ("", "r"),
+        ] {
             assert!(RepoRef::new(o, r).is_err(), "{o}/{r}");
         }
         assert!(is_job_id("14cddf8f-ce78-4b49-9eb4-9d17a7d1f568"));
@@ -375,13 +548,29 @@ mod tests {
     #[test]
     fn the_token_is_a_header_scoped_to_the_git_host() {
         let git = Git::new("https://github.com", Some("t0k"));
-        let get = |k: &str| git.env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
-        assert_eq!(get("GIT_CONFIG_KEY_0").as_deref(), Some("http.https://github.com/.extraHeader"));
+        let get = |k: &str| {
+            git.env
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            get("GIT_CONFIG_KEY_0").as_deref(),
+            Some("http.https://github.com/.extraHeader")
+        );
         let value = get("GIT_CONFIG_VALUE_0").unwrap();
         let b64 = value.strip_prefix("Authorization: Basic ").unwrap();
-        let decoded = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
         assert_eq!(decoded, b"x-access-token:t0k");
-        assert!(Git::new("file:///tmp/x", Some("t0k")).env.iter().all(|(k, _)| k != "GIT_CONFIG_COUNT"));
-        assert!(Git::new("https://github.com", None).env.iter().all(|(k, _)| k != "GIT_CONFIG_COUNT"));
+        assert!(Git::new("file:///tmp/x", Some("t0k"))
+            .env
+            .iter()
+            .all(|(k, _)| k != "GIT_CONFIG_COUNT"));
+        assert!(Git::new("https://github.com", None)
+            .env
+            .iter()
+            .all(|(k, _)| k != "GIT_CONFIG_COUNT"));
     }
 }

@@ -12,7 +12,11 @@ use kiln_schemas::runner::RunnerEvent;
 use kiln_schemas::status::JobType;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The binary with a clean environment (only PATH and HOME inherited) plus `vars`.
@@ -27,7 +31,9 @@ fn runner(vars: &[(&str, String)]) -> Command {
     for (k, v) in vars {
         cmd.env(k, v);
     }
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     cmd
 }
 
@@ -53,22 +59,47 @@ async fn health(port: u16) -> serde_json::Value {
 
 #[test]
 fn help_lists_every_setting() {
-    let out = Command::new(env!("CARGO_BIN_EXE_runner")).arg("--help").output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_runner"))
+        .arg("--help")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
     for var in [
-        "RUNNER_EDGE_URL", "RUNNER_TOKEN", "RUNNER_REGISTRATION_TOKEN", "RUNNER_NAME", "RUNNER_EXECUTOR", "RUNNER_IMAGE",
-        "RUNNER_AGENT_CMD", "RUNNER_AGENT_FORMAT", "MAX_CONCURRENT_JOBS", "REPOS_DIR", "WORKTREES_DIR", "RUNNER_GIT_BASE_URL",
-        "GITHUB_TOKEN", "GITHUB_API_URL", "RUNNER_LISTEN", "RUNNER_MEMORY_MB", "RUNNER_CPUS", "RUNNER_PIDS", "RUNNER_NETWORK",
-        "RUNNER_MOUNTS", "RUNNER_CONFIG",
+        "RUNNER_EDGE_URL",
+        "RUNNER_TOKEN",
+        "RUNNER_REGISTRATION_TOKEN",
+        "RUNNER_NAME",
+        "RUNNER_EXECUTOR",
+        "RUNNER_IMAGE",
+        "RUNNER_AGENT_CMD",
+        "RUNNER_AGENT_FORMAT",
+        "MAX_CONCURRENT_JOBS",
+        "REPOS_DIR",
+        "WORKTREES_DIR",
+        "RUNNER_GIT_BASE_URL",
+        "GITHUB_TOKEN",
+        "GITHUB_API_URL",
+        "RUNNER_LISTEN",
+        "RUNNER_MEMORY_MB",
+        "RUNNER_CPUS",
+        "RUNNER_PIDS",
+        "RUNNER_NETWORK",
+        "RUNNER_MOUNTS",
+        "RUNNER_CONFIG",
     ] {
-        assert!(help.contains(&format!("[env: {var}")), "--help misses {var}:\n{help}");
+        assert!(
+            help.contains(&format!("[env: {var}")),
+            "--help misses {var}:\n{help}"
+        );
     }
 }
 
 #[test]
 fn without_a_credential_the_runner_says_what_to_set() {
-    let out = runner(&[("RUNNER_EXECUTOR", "process".into())]).output().unwrap();
+    let out = runner(&[("RUNNER_EXECUTOR", "process".into())])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("RUNNER_REGISTRATION_TOKEN"), "{err}");
@@ -103,7 +134,10 @@ async fn settings_come_from_the_environment_then_the_file() {
     let h = health(port).await;
     assert_eq!(h["name"], "from-file");
     assert_eq!(h["queue"]["maxConcurrent"], 5);
-    assert_eq!(h["agent"]["command"], "env-agent", "the environment beats the file");
+    assert_eq!(
+        h["agent"]["command"], "env-agent",
+        "the environment beats the file"
+    );
     assert_eq!(h["agent"]["format"], "text");
     assert_eq!(h["executor"], "process");
     assert_eq!(edge.registered_names(), vec!["from-file"]);
@@ -128,7 +162,10 @@ async fn a_killed_runner_takes_its_agents_with_it() {
             ("RUNNER_AGENT_FORMAT", "text".into()),
             ("RUNNER_GIT_BASE_URL", remotes.base_url()),
             ("REPOS_DIR", dir.path().join("repos").display().to_string()),
-            ("WORKTREES_DIR", dir.path().join("worktrees").display().to_string()),
+            (
+                "WORKTREES_DIR",
+                dir.path().join("worktrees").display().to_string(),
+            ),
         ])
         .spawn()
         .unwrap(),
@@ -138,23 +175,47 @@ async fn a_killed_runner_takes_its_agents_with_it() {
     let a = assignment(JobType::Code, "hang");
     let job = a.job_id.clone();
     edge.assign(a).await;
-    edge.wait_event(&job, "agent output", 30, |e| matches!(e, RunnerEvent::Log { content, .. } if content.starts_with("agent: job"))).await;
-    let pid = |f: &str| std::fs::read_to_string(format!("/tmp/kiln-hang-{job}.{f}")).unwrap().trim().parse::<i32>().unwrap();
+    edge.wait_event(
+        &job,
+        "agent output",
+        30,
+        |e| matches!(e, RunnerEvent::Log { content, .. } if content.starts_with("agent: job")),
+    )
+    .await;
+    let pid = |f: &str| {
+        std::fs::read_to_string(format!("/tmp/kiln-hang-{job}.{f}"))
+            .unwrap()
+            .trim()
+            .parse::<i32>()
+            .unwrap()
+    };
     let (agent, sleeper) = (pid("pid"), pid("child"));
 
     child.0.kill().unwrap();
     child.0.wait().unwrap();
     let alive = |p: i32| {
         std::fs::read_to_string(format!("/proc/{p}/stat"))
-            .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .map(|s| {
+                !s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
             .unwrap_or(false)
     };
     let t = std::time::Instant::now();
     while alive(agent) || alive(sleeper) {
-        assert!(t.elapsed() < Duration::from_secs(5), "the agent outlived its runner by 5 s");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the agent outlived its runner by 5 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eprintln!("process executor: agent group gone {} ms after the runner's SIGKILL", t.elapsed().as_millis());
+    eprintln!(
+        "process executor: agent group gone {} ms after the runner's SIGKILL",
+        t.elapsed().as_millis()
+    );
     let _ = std::fs::remove_file(format!("/tmp/kiln-hang-{job}.pid"));
     let _ = std::fs::remove_file(format!("/tmp/kiln-hang-{job}.child"));
 }

@@ -24,16 +24,30 @@ async fn collect(mut exec: Execution) -> (String, String, i32) {
         }
     }
     let code = exec.exit_code().await.unwrap();
-    (String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap(), code)
+    (
+        String::from_utf8(out).unwrap(),
+        String::from_utf8(err).unwrap(),
+        code,
+    )
 }
 
 /// An executor whose liveness file lives in `dir`.
-async fn executor_in(limits: ContainerLimits, dir: &std::path::Path) -> (DockerClient, DockerExecutor) {
+async fn executor_in(
+    limits: ContainerLimits,
+    dir: &std::path::Path,
+) -> (DockerClient, DockerExecutor) {
     let host = docker_host().await;
     let client = DockerClient::connect(Some(&host)).await.unwrap();
-    let mounts = vec![Mount { host: agents_dir(), container: CONTAINER_AGENTS.into(), read_only: true }];
+    let mounts = vec![Mount {
+        host: agents_dir(),
+        container: CONTAINER_AGENTS.into(),
+        read_only: true,
+    }];
     let alive = dir.join("alive");
-    (client.clone(), DockerExecutor::new(client, "kiln-busybox:latest".into(), limits, mounts, alive))
+    (
+        client.clone(),
+        DockerExecutor::new(client, "kiln-busybox:latest".into(), limits, mounts, alive),
+    )
 }
 
 /// An executor with its liveness file in a temporary directory (kept as long as the executor).
@@ -49,13 +63,22 @@ fn job_id() -> String {
 
 #[tokio::test]
 async fn a_job_container_has_the_documented_shape() {
-    let (client, exec, _state) = executor(ContainerLimits { memory_mb: 256, cpus: 0.5, pids: 64, network: "none".into() }).await;
+    let (client, exec, _state) = executor(ContainerLimits {
+        memory_mb: 256,
+        cpus: 0.5,
+        pids: 64,
+        network: "none".into(),
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let job = job_id();
 
     let t = Instant::now();
     let sb = exec.create_sandbox(&job, dir.path()).await.unwrap();
-    eprintln!("docker: container create + start in {} ms", t.elapsed().as_millis());
+    eprintln!(
+        "docker: container create + start in {} ms",
+        t.elapsed().as_millis()
+    );
 
     let name = container_name(&job);
     assert_eq!(name, format!("project_engine_{job}_container"));
@@ -68,8 +91,14 @@ async fn a_job_container_has_the_documented_shape() {
     assert_eq!(hc.init, Some(true));
     assert_eq!(hc.auto_remove, Some(true));
     let binds = hc.binds.unwrap();
-    assert!(binds.contains(&format!("{}:/app", dir.path().display())), "{binds:?}");
-    assert!(binds.contains(&format!("{}:{CONTAINER_AGENTS}:ro", agents_dir().display())), "{binds:?}");
+    assert!(
+        binds.contains(&format!("{}:/app", dir.path().display())),
+        "{binds:?}"
+    );
+    assert!(
+        binds.contains(&format!("{}:{CONTAINER_AGENTS}:ro", agents_dir().display())),
+        "{binds:?}"
+    );
 
     let t = Instant::now();
     let mut e = sb
@@ -80,45 +109,106 @@ async fn a_job_container_has_the_documented_shape() {
     stdin.write_all(b"the prompt\n").await.unwrap();
     stdin.shutdown().await.unwrap();
     let (out, err, code) = collect(e).await;
-    eprintln!("docker: exec with stdin, round trip in {} ms", t.elapsed().as_millis());
+    eprintln!(
+        "docker: exec with stdin, round trip in {} ms",
+        t.elapsed().as_millis()
+    );
     assert_eq!(code, 0);
-    assert_eq!(out, format!("the prompt\n{job} 3 /app\nlo\n"), "stdin reached the command, env and cwd are set, only loopback");
+    assert_eq!(
+        out,
+        format!("the prompt\n{job} 3 /app\nlo\n"),
+        "stdin reached the command, env and cwd are set, only loopback"
+    );
     assert_eq!(err, "to-stderr\n");
-    assert_eq!(std::fs::read_to_string(dir.path().join("here.txt")).unwrap(), "made\n", "/app is the worktree");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("here.txt")).unwrap(),
+        "made\n",
+        "/app is the worktree"
+    );
 
-    assert_eq!(collect(sb.exec(ExecSpec::new("exit 5", &job, 1)).await.unwrap()).await.2, 5);
-    let (out, _, _) = collect(sb.exec(ExecSpec::new(format!("sh {CONTAINER_AGENTS}/agent.sh"), &job, 1)).await.unwrap()).await;
-    assert!(out.starts_with(&format!("agent: job {job} iteration 1 prompt: ")), "the mounted agent runs: {out}");
+    assert_eq!(
+        collect(sb.exec(ExecSpec::new("exit 5", &job, 1)).await.unwrap())
+            .await
+            .2,
+        5
+    );
+    let (out, _, _) = collect(
+        sb.exec(ExecSpec::new(
+            format!("sh {CONTAINER_AGENTS}/agent.sh"),
+            &job,
+            1,
+        ))
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert!(
+        out.starts_with(&format!("agent: job {job} iteration 1 prompt: ")),
+        "the mounted agent runs: {out}"
+    );
 
     let t = Instant::now();
     sb.destroy().await.unwrap();
-    eprintln!("docker: idle container force-removed in {} ms", t.elapsed().as_millis());
+    eprintln!(
+        "docker: idle container force-removed in {} ms",
+        t.elapsed().as_millis()
+    );
     assert!(!client.container_exists(&name).await.unwrap());
     sb.destroy().await.unwrap();
 }
 
 #[tokio::test]
 async fn the_pids_limit_is_enforced() {
-    let (_, exec, _state) = executor(ContainerLimits { memory_mb: 128, cpus: 1.0, pids: 16, network: "none".into() }).await;
+    let (_, exec, _state) = executor(ContainerLimits {
+        memory_mb: 128,
+        cpus: 1.0,
+        pids: 16,
+        network: "none".into(),
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let job = job_id();
     let sb = exec.create_sandbox(&job, dir.path()).await.unwrap();
     let (_, err, _) = collect(
-        sb.exec(ExecSpec::new("i=0; while [ $i -lt 40 ]; do sleep 30 & i=$((i+1)); done; echo spawned", &job, 1)).await.unwrap(),
+        sb.exec(ExecSpec::new(
+            "i=0; while [ $i -lt 40 ]; do sleep 30 & i=$((i+1)); done; echo spawned",
+            &job,
+            1,
+        ))
+        .await
+        .unwrap(),
     )
     .await;
     sb.destroy().await.unwrap();
-    assert!(err.contains("fork"), "forks beyond the pids limit fail: {err:?}");
+    assert!(
+        err.contains("fork"),
+        "forks beyond the pids limit fail: {err:?}"
+    );
 }
 
 #[tokio::test]
 async fn the_memory_limit_is_enforced() {
-    let (_, exec, _state) = executor(ContainerLimits { memory_mb: 32, cpus: 1.0, pids: 64, network: "none".into() }).await;
+    let (_, exec, _state) = executor(ContainerLimits {
+        memory_mb: 32,
+        cpus: 1.0,
+        pids: 64,
+        network: "none".into(),
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let job = job_id();
     let sb = exec.create_sandbox(&job, dir.path()).await.unwrap();
     // `tail -c` keeps what it reads in memory: 64 MiB does not fit in 32.
-    let (_, _, code) = collect(sb.exec(ExecSpec::new("head -c 67108864 /dev/zero | tail -c 67108864 > /dev/null", &job, 1)).await.unwrap()).await;
+    let (_, _, code) = collect(
+        sb.exec(ExecSpec::new(
+            "head -c 67108864 /dev/zero | tail -c 67108864 > /dev/null",
+            &job,
+            1,
+        ))
+        .await
+        .unwrap(),
+    )
+    .await;
     sb.destroy().await.unwrap();
     assert_eq!(code, 137, "the OOM killer ends the command");
 }
@@ -129,7 +219,14 @@ async fn destroying_a_busy_container_ends_its_commands_quickly() {
     let dir = tempfile::tempdir().unwrap();
     let job = job_id();
     let sb = exec.create_sandbox(&job, dir.path()).await.unwrap();
-    let mut e = sb.exec(ExecSpec::new("echo working; while :; do sleep 1; done", &job, 1)).await.unwrap();
+    let mut e = sb
+        .exec(ExecSpec::new(
+            "echo working; while :; do sleep 1; done",
+            &job,
+            1,
+        ))
+        .await
+        .unwrap();
     let first = e.output.recv().await.unwrap();
     assert_eq!(first.data, b"working\n");
 
@@ -138,11 +235,20 @@ async fn destroying_a_busy_container_ends_its_commands_quickly() {
     let removed = t.elapsed();
     while e.output.recv().await.is_some() {}
     let ended = t.elapsed();
-    eprintln!("docker: busy container force-removed in {} ms, its exec stream ended after {} ms", removed.as_millis(), ended.as_millis());
-    assert!(!client.container_exists(&container_name(&job)).await.unwrap());
+    eprintln!(
+        "docker: busy container force-removed in {} ms, its exec stream ended after {} ms",
+        removed.as_millis(),
+        ended.as_millis()
+    );
+    assert!(!client
+        .container_exists(&container_name(&job))
+        .await
+        .unwrap());
     assert!(ended < Duration::from_secs(5), "{ended:?}");
     // The exit code of a killed exec may be unknown, but asking must not hang.
-    let _ = tokio::time::timeout(Duration::from_secs(5), e.exit_code()).await.expect("the exit code answer does not hang");
+    let _ = tokio::time::timeout(Duration::from_secs(5), e.exit_code())
+        .await
+        .expect("the exit code answer does not hang");
 }
 
 /// A runner killed outright cannot remove its containers: they notice its liveness file going
@@ -154,7 +260,14 @@ async fn a_container_goes_away_once_its_runner_is_gone() {
     let dir = tempfile::tempdir().unwrap();
     let job = job_id();
     let sb = exec.create_sandbox(&job, dir.path()).await.unwrap();
-    let mut agent = sb.exec(ExecSpec::new("echo working; while :; do sleep 1; done", &job, 1)).await.unwrap();
+    let mut agent = sb
+        .exec(ExecSpec::new(
+            "echo working; while :; do sleep 1; done",
+            &job,
+            1,
+        ))
+        .await
+        .unwrap();
     assert_eq!(agent.output.recv().await.unwrap().data, b"working\n");
     let name = container_name(&job);
 
@@ -164,22 +277,42 @@ async fn a_container_goes_away_once_its_runner_is_gone() {
 
     // The runner "dies": nothing refreshes the file any more, and it is old.
     drop(exec);
-    let stale = std::time::SystemTime::now() - Duration::from_secs(kiln_runner::docker::ALIVE_STALE_SECS + 60);
-    std::fs::File::options().write(true).open(state.path().join("alive")).unwrap().set_modified(stale).unwrap();
+    let stale = std::time::SystemTime::now()
+        - Duration::from_secs(kiln_runner::docker::ALIVE_STALE_SECS + 60);
+    std::fs::File::options()
+        .write(true)
+        .open(state.path().join("alive"))
+        .unwrap()
+        .set_modified(stale)
+        .unwrap();
     let t = Instant::now();
     while client.container_exists(&name).await.unwrap() {
-        assert!(t.elapsed() < Duration::from_secs(15), "the orphaned container is still there");
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the orphaned container is still there"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    eprintln!("docker: orphaned container gone {} ms after its liveness file went stale", t.elapsed().as_millis());
-    let ended = tokio::time::timeout(Duration::from_secs(5), async { while agent.output.recv().await.is_some() {} }).await;
+    eprintln!(
+        "docker: orphaned container gone {} ms after its liveness file went stale",
+        t.elapsed().as_millis()
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while agent.output.recv().await.is_some() {}
+    })
+    .await;
     assert!(ended.is_ok(), "the exec'd agent ended with its container");
     drop(sb);
 }
 
 async fn docker_runner() -> TestRunner {
     let host = docker_host().await;
-    TestRunner::start(RunnerOptions { executor: ExecutorKind::Docker, docker_host: Some(host), ..Default::default() }).await
+    TestRunner::start(RunnerOptions {
+        executor: ExecutorKind::Docker,
+        docker_host: Some(host),
+        ..Default::default()
+    })
+    .await
 }
 
 #[tokio::test]
@@ -188,7 +321,13 @@ async fn a_code_job_runs_in_its_container_and_opens_a_pull_request() {
     let h = runner.health().await;
     assert_eq!(h["executor"], "docker");
     assert_eq!(h["docker"]["available"], true);
-    assert!(h["docker"]["version"].as_str().unwrap().starts_with("20.10"), "{h}");
+    assert!(
+        h["docker"]["version"]
+            .as_str()
+            .unwrap()
+            .starts_with("20.10"),
+        "{h}"
+    );
 
     let a = assignment(JobType::Code, "write in a container");
     let (job, branch) = (a.job_id.clone(), a.branch_name.clone());
@@ -197,11 +336,27 @@ async fn a_code_job_runs_in_its_container_and_opens_a_pull_request() {
     let (outcome, _, pr_url, ..) = finished(&events);
     assert_eq!(outcome, Outcome::Completed, "{events:#?}");
     assert!(pr_url.is_some());
-    assert!(stdout_lines(&events).iter().any(|l| l == &format!("agent: job {job} iteration 1 prompt: write in a container")));
-    assert_eq!(runner.remotes.show(ORG, REPO, &format!("{branch}:kiln/iteration-1.txt")).as_deref(), Some("write in a container\n"));
+    assert!(stdout_lines(&events)
+        .iter()
+        .any(|l| l == &format!("agent: job {job} iteration 1 prompt: write in a container")));
+    assert_eq!(
+        runner
+            .remotes
+            .show(ORG, REPO, &format!("{branch}:kiln/iteration-1.txt"))
+            .as_deref(),
+        Some("write in a container\n")
+    );
     runner.wait_released(&job).await;
-    let client = DockerClient::connect(Some(&docker_host().await)).await.unwrap();
-    assert!(!client.container_exists(&container_name(&job)).await.unwrap(), "the container is removed after the job");
+    let client = DockerClient::connect(Some(&docker_host().await))
+        .await
+        .unwrap();
+    assert!(
+        !client
+            .container_exists(&container_name(&job))
+            .await
+            .unwrap(),
+        "the container is removed after the job"
+    );
     runner.stop().await;
 }
 
@@ -212,12 +367,34 @@ async fn a_task_job_talks_to_its_agent_through_docker_exec() {
     let job = a.job_id.clone();
     runner.edge.assign(a).await;
     runner.edge.wait_event(&job, "the greeting", 30, |e| matches!(e, RunnerEvent::Log { content, .. } if content.ends_with("prompt: echo hello"))).await;
-    runner.edge.send(EdgeMessage::Deliver { job_id: job.clone(), message: "ping".into() }).await;
-    runner.edge.wait_event(&job, "the answer", 10, |e| matches!(e, RunnerEvent::Log { content, .. } if content == "echo: ping")).await;
-    runner.edge.send(EdgeMessage::Complete { job_id: job.clone() }).await;
+    runner
+        .edge
+        .send(EdgeMessage::Deliver {
+            job_id: job.clone(),
+            message: "ping".into(),
+        })
+        .await;
+    runner
+        .edge
+        .wait_event(
+            &job,
+            "the answer",
+            10,
+            |e| matches!(e, RunnerEvent::Log { content, .. } if content == "echo: ping"),
+        )
+        .await;
+    runner
+        .edge
+        .send(EdgeMessage::Complete {
+            job_id: job.clone(),
+        })
+        .await;
     let events = runner.edge.wait_finished(&job, 15).await;
     assert_eq!(finished(&events).0, Outcome::Completed);
-    assert!(stdout_lines(&events).contains(&"agent: input closed".to_string()), "closing stdin reaches the exec'd agent");
+    assert!(
+        stdout_lines(&events).contains(&"agent: input closed".to_string()),
+        "closing stdin reaches the exec'd agent"
+    );
     runner.stop().await;
 }
 
@@ -225,10 +402,19 @@ async fn a_task_job_talks_to_its_agent_through_docker_exec() {
 async fn a_ralph_job_runs_agent_and_feedback_in_one_container() {
     let runner = docker_runner().await;
     let mut a = assignment(JobType::Ralph, "write promise@2");
-    a.ralph.as_mut().unwrap().feedback_commands = vec!["test -f kiln/iteration-1.txt && ls /sys/class/net".into()];
+    a.ralph.as_mut().unwrap().feedback_commands =
+        vec!["test -f kiln/iteration-1.txt && ls /sys/class/net".into()];
     let events = runner.run(a, 60).await;
     let (outcome, _, pr_url, reason, total, _) = finished(&events);
-    assert_eq!((outcome, reason, total), (Outcome::Completed, Some(CompletionReason::PromiseDetected), Some(2)), "{events:#?}");
+    assert_eq!(
+        (outcome, reason, total),
+        (
+            Outcome::Completed,
+            Some(CompletionReason::PromiseDetected),
+            Some(2)
+        ),
+        "{events:#?}"
+    );
     assert!(pr_url.is_some());
     let passed: Vec<bool> = events
         .iter()
@@ -244,27 +430,53 @@ async fn a_ralph_job_runs_agent_and_feedback_in_one_container() {
 #[tokio::test]
 async fn a_cancel_removes_the_container_within_seconds() {
     let runner = docker_runner().await;
-    let client = DockerClient::connect(Some(&docker_host().await)).await.unwrap();
+    let client = DockerClient::connect(Some(&docker_host().await))
+        .await
+        .unwrap();
     let a = assignment(JobType::Code, "hang");
     let job = a.job_id.clone();
     runner.edge.assign(a).await;
-    runner.edge.wait_event(&job, "agent output", 30, |e| matches!(e, RunnerEvent::Log { content, .. } if content.starts_with("agent: job"))).await;
+    runner
+        .edge
+        .wait_event(
+            &job,
+            "agent output",
+            30,
+            |e| matches!(e, RunnerEvent::Log { content, .. } if content.starts_with("agent: job")),
+        )
+        .await;
     let name = container_name(&job);
     assert!(client.container_exists(&name).await.unwrap());
 
     let t = Instant::now();
-    runner.edge.send(EdgeMessage::Cancel { job_id: job.clone() }).await;
+    runner
+        .edge
+        .send(EdgeMessage::Cancel {
+            job_id: job.clone(),
+        })
+        .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while client.container_exists(&name).await.unwrap() {
-        assert!(Instant::now() < deadline, "the container is still there 10 s after the cancel");
+        assert!(
+            Instant::now() < deadline,
+            "the container is still there 10 s after the cancel"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let gone = t.elapsed();
     runner.wait_released(&job).await;
     let released = t.elapsed();
-    eprintln!("docker: Cancel to container gone in {} ms, to job released in {} ms", gone.as_millis(), released.as_millis());
+    eprintln!(
+        "docker: Cancel to container gone in {} ms, to job released in {} ms",
+        gone.as_millis(),
+        released.as_millis()
+    );
     assert!(!runner.worktrees_dir().join(&job).exists());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!runner.edge.events(&job).iter().any(|e| matches!(e, RunnerEvent::Finished { .. })));
+    assert!(!runner
+        .edge
+        .events(&job)
+        .iter()
+        .any(|e| matches!(e, RunnerEvent::Finished { .. })));
     runner.stop().await;
 }

@@ -17,7 +17,11 @@ async fn collect(mut exec: Execution) -> (String, String, i32) {
         }
     }
     let code = exec.exit_code().await.unwrap();
-    (String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap(), code)
+    (
+        String::from_utf8(out).unwrap(),
+        String::from_utf8(err).unwrap(),
+        code,
+    )
 }
 
 /// Whether the process is gone (or a zombie) within a second: SIGKILL takes effect asynchronously.
@@ -34,7 +38,12 @@ async fn gone(pid: i32) -> bool {
 /// Alive and not a zombie.
 fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -54,7 +63,13 @@ async fn commands_run_in_the_workspace_with_stdin_and_env() {
     drop(stdin);
     let (out, err, code) = collect(exec).await;
     assert_eq!(code, 0);
-    assert_eq!(out, format!("the prompt\njob=job-p it=4 pwd={}\n", dir.path().canonicalize().unwrap().display()));
+    assert_eq!(
+        out,
+        format!(
+            "the prompt\njob=job-p it=4 pwd={}\n",
+            dir.path().canonicalize().unwrap().display()
+        )
+    );
     assert_eq!(err, "oops\n");
     assert!(dir.path().join("made-here").exists());
 }
@@ -63,10 +78,25 @@ async fn commands_run_in_the_workspace_with_stdin_and_env() {
 async fn exit_codes_and_signals_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let sb = sandbox(dir.path()).await;
-    assert_eq!(collect(sb.exec(ExecSpec::new("exit 7", "j", 1)).await.unwrap()).await.2, 7);
-    assert_eq!(collect(sb.exec(ExecSpec::new("kill -9 $$", "j", 1)).await.unwrap()).await.2, 137);
+    assert_eq!(
+        collect(sb.exec(ExecSpec::new("exit 7", "j", 1)).await.unwrap())
+            .await
+            .2,
+        7
+    );
+    assert_eq!(
+        collect(sb.exec(ExecSpec::new("kill -9 $$", "j", 1)).await.unwrap())
+            .await
+            .2,
+        137
+    );
     // No stdin attached: reading it gives end-of-file at once.
-    let (out, _, code) = collect(sb.exec(ExecSpec::new("cat; echo eof", "j", 1)).await.unwrap()).await;
+    let (out, _, code) = collect(
+        sb.exec(ExecSpec::new("cat; echo eof", "j", 1))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!((out.as_str(), code), ("eof\n", 0));
 }
 
@@ -78,7 +108,16 @@ async fn runner_secrets_are_not_passed_to_commands() {
     std::env::set_var("KILN_TEST_VISIBLE", "visible");
     let dir = tempfile::tempdir().unwrap();
     let sb = sandbox(dir.path()).await;
-    let (out, _, _) = collect(sb.exec(ExecSpec::new("echo ${GITHUB_TOKEN:-none} ${RUNNER_TOKEN:-none} $KILN_TEST_VISIBLE", "j", 1)).await.unwrap()).await;
+    let (out, _, _) = collect(
+        sb.exec(ExecSpec::new(
+            "echo ${GITHUB_TOKEN:-none} ${RUNNER_TOKEN:-none} $KILN_TEST_VISIBLE",
+            "j",
+            1,
+        ))
+        .await
+        .unwrap(),
+    )
+    .await;
     assert_eq!(out, "none none visible\n");
 }
 
@@ -92,10 +131,19 @@ async fn destroy_kills_the_whole_process_group() {
         .unwrap();
     let started = Instant::now();
     while !(dir.path().join("child.pid").exists() && dir.path().join("leader.pid").exists()) {
-        assert!(started.elapsed() < Duration::from_secs(5), "the command did not start");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the command did not start"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap().trim().parse::<i32>().unwrap();
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.path().join(f))
+            .unwrap()
+            .trim()
+            .parse::<i32>()
+            .unwrap()
+    };
     let (leader, child) = (read("leader.pid"), read("child.pid"));
     assert!(alive(leader) && alive(child));
 
@@ -107,9 +155,15 @@ async fn destroy_kills_the_whole_process_group() {
     assert!(gone(leader).await, "the command survived");
     assert!(gone(child).await, "its background child survived");
     assert!(took < Duration::from_secs(2), "destroy took {took:?}");
-    eprintln!("process executor: destroy to group gone in {} ms", took.as_millis());
+    eprintln!(
+        "process executor: destroy to group gone in {} ms",
+        took.as_millis()
+    );
 
-    assert!(matches!(sb.exec(ExecSpec::new("true", "j", 1)).await, Err(ExecError::SandboxGone)));
+    assert!(matches!(
+        sb.exec(ExecSpec::new("true", "j", 1)).await,
+        Err(ExecError::SandboxGone)
+    ));
 }
 
 #[tokio::test]
@@ -117,9 +171,29 @@ async fn a_background_child_does_not_hold_a_finished_command_open() {
     let dir = tempfile::tempdir().unwrap();
     let sb = sandbox(dir.path()).await;
     let t = Instant::now();
-    let (out, _, code) = collect(sb.exec(ExecSpec::new("sleep 1000 & echo $! > bg.pid; echo done", "j", 1)).await.unwrap()).await;
+    let (out, _, code) = collect(
+        sb.exec(ExecSpec::new(
+            "sleep 1000 & echo $! > bg.pid; echo done",
+            "j",
+            1,
+        ))
+        .await
+        .unwrap(),
+    )
+    .await;
     assert_eq!((out.as_str(), code), ("done\n", 0));
-    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
-    let bg: i32 = std::fs::read_to_string(dir.path().join("bg.pid")).unwrap().trim().parse().unwrap();
-    assert!(gone(bg).await, "the finished command's background child is killed with its group");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    let bg: i32 = std::fs::read_to_string(dir.path().join("bg.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        gone(bg).await,
+        "the finished command's background child is killed with its group"
+    );
 }

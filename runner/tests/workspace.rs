@@ -29,65 +29,132 @@ fn fixture() -> Fixture {
         &remotes.base_url(),
         Some("unused-for-file-urls"),
     ));
-    Fixture { remotes, dirs, ws, repo: RepoRef::new(ORG, REPO).unwrap() }
+    Fixture {
+        remotes,
+        dirs,
+        ws,
+        repo: RepoRef::new(ORG, REPO).unwrap(),
+    }
 }
 
 #[tokio::test]
 async fn a_worktree_starts_from_the_default_branch_and_its_commit_is_pushed() {
     let f = fixture();
-    let wt = f.ws.create_worktree(&f.repo, "job-1", "kiln/feature-x", None).await.unwrap();
+    let wt =
+        f.ws.create_worktree(&f.repo, "job-1", "kiln/feature-x", None)
+            .await
+            .unwrap();
     assert_eq!(wt.base_branch, "main");
     assert_eq!(wt.path, f.dirs.path().join("worktrees/job-1"));
     assert!(wt.path.join("README.md").is_file());
     assert!(!wt.path.join("DEVELOP.md").exists());
-    assert_eq!(f.ws.mirror_path(&f.repo), f.dirs.path().join("repos/acme/site.git"));
+    assert_eq!(
+        f.ws.mirror_path(&f.repo),
+        f.dirs.path().join("repos/acme/site.git")
+    );
 
     std::fs::write(wt.path.join("feature.txt"), "new feature\n").unwrap();
     std::fs::create_dir_all(wt.path.join("src")).unwrap();
     std::fs::write(wt.path.join("src/lib.rs"), "// code\n").unwrap();
-    let sha = f.ws.commit_all(&wt, "Add the feature\n\nKiln job job-1").await.unwrap().expect("a commit");
+    let sha =
+        f.ws.commit_all(&wt, "Add the feature\n\nKiln job job-1")
+            .await
+            .unwrap()
+            .expect("a commit");
     f.ws.push(&wt).await.unwrap();
 
-    assert!(f.remotes.branches(ORG, REPO).contains(&"kiln/feature-x".to_string()));
-    assert_eq!(f.remotes.show(ORG, REPO, "kiln/feature-x:feature.txt").as_deref(), Some("new feature\n"));
+    assert!(f
+        .remotes
+        .branches(ORG, REPO)
+        .contains(&"kiln/feature-x".to_string()));
+    assert_eq!(
+        f.remotes
+            .show(ORG, REPO, "kiln/feature-x:feature.txt")
+            .as_deref(),
+        Some("new feature\n")
+    );
     let remote = f.remotes.path(ORG, REPO);
     assert_eq!(git(&remote, &["rev-parse", "kiln/feature-x"]).trim(), sha);
-    assert_eq!(git(&remote, &["log", "-1", "--format=%an <%ae>|%cn <%ce>|%s", "kiln/feature-x"]).trim(), "Kiln <kiln@localhost>|Kiln <kiln@localhost>|Add the feature");
-    assert_eq!(git(&remote, &["rev-parse", "kiln/feature-x~1"]), git(&remote, &["rev-parse", "main"]), "one commit on top of main");
+    assert_eq!(
+        git(
+            &remote,
+            &[
+                "log",
+                "-1",
+                "--format=%an <%ae>|%cn <%ce>|%s",
+                "kiln/feature-x"
+            ]
+        )
+        .trim(),
+        "Kiln <kiln@localhost>|Kiln <kiln@localhost>|Add the feature"
+    );
+    assert_eq!(
+        git(&remote, &["rev-parse", "kiln/feature-x~1"]),
+        git(&remote, &["rev-parse", "main"]),
+        "one commit on top of main"
+    );
 
     f.ws.remove_worktree(&wt).await;
     assert!(!wt.path.exists());
     let mirror = f.ws.mirror_path(&f.repo);
-    assert_eq!(git(&mirror, &["branch", "--list", "kiln/feature-x"]).trim(), "", "the local branch is gone");
-    assert_eq!(git(&mirror, &["worktree", "list", "--porcelain"]).matches("worktree ").count(), 1, "only the mirror itself");
+    assert_eq!(
+        git(&mirror, &["branch", "--list", "kiln/feature-x"]).trim(),
+        "",
+        "the local branch is gone"
+    );
+    assert_eq!(
+        git(&mirror, &["worktree", "list", "--porcelain"])
+            .matches("worktree ")
+            .count(),
+        1,
+        "only the mirror itself"
+    );
 }
 
 #[tokio::test]
 async fn a_named_base_branch_is_used_and_a_missing_one_is_refused() {
     let f = fixture();
-    let wt = f.ws.create_worktree(&f.repo, "job-2", "kiln/on-develop", Some("develop")).await.unwrap();
+    let wt =
+        f.ws.create_worktree(&f.repo, "job-2", "kiln/on-develop", Some("develop"))
+            .await
+            .unwrap();
     assert_eq!(wt.base_branch, "develop");
     assert!(wt.path.join("DEVELOP.md").is_file());
 
-    let err = f.ws.create_worktree(&f.repo, "job-3", "kiln/x", Some("nope")).await.unwrap_err();
+    let err =
+        f.ws.create_worktree(&f.repo, "job-3", "kiln/x", Some("nope"))
+            .await
+            .unwrap_err();
     assert!(err.to_string().contains("\"nope\" does not exist"), "{err}");
 }
 
 #[tokio::test]
 async fn a_nested_repository_without_commits_does_not_cost_the_rest_of_the_work() {
     let f = fixture();
-    let wt = f.ws.create_worktree(&f.repo, "job-8", "kiln/nested", None).await.unwrap();
+    let wt =
+        f.ws.create_worktree(&f.repo, "job-8", "kiln/nested", None)
+            .await
+            .unwrap();
     git(&wt.path, &["init", "--quiet", "scaffold"]);
     std::fs::write(wt.path.join("kept.txt"), "kept\n").unwrap();
-    f.ws.commit_all(&wt, "work").await.unwrap().expect("a commit");
+    f.ws.commit_all(&wt, "work")
+        .await
+        .unwrap()
+        .expect("a commit");
     f.ws.push(&wt).await.unwrap();
-    assert_eq!(f.remotes.files(ORG, REPO, "kiln/nested"), vec!["README.md", "kept.txt"]);
+    assert_eq!(
+        f.remotes.files(ORG, REPO, "kiln/nested"),
+        vec!["README.md", "kept.txt"]
+    );
 }
 
 #[tokio::test]
 async fn nothing_to_commit_gives_no_commit() {
     let f = fixture();
-    let wt = f.ws.create_worktree(&f.repo, "job-4", "kiln/empty", None).await.unwrap();
+    let wt =
+        f.ws.create_worktree(&f.repo, "job-4", "kiln/empty", None)
+            .await
+            .unwrap();
     assert_eq!(f.ws.commit_all(&wt, "nothing").await.unwrap(), None);
 }
 
@@ -100,8 +167,14 @@ async fn user_strings_never_reach_git_as_options() {
         ("../escape", "kiln/ok", None),
         ("job-5", "kiln/ok", Some("--orphan")),
     ] {
-        let err = f.ws.create_worktree(&f.repo, job, branch, base).await.unwrap_err();
-        assert!(matches!(err, GitError::Invalid(_)), "{job} {branch} {base:?}: {err}");
+        let err =
+            f.ws.create_worktree(&f.repo, job, branch, base)
+                .await
+                .unwrap_err();
+        assert!(
+            matches!(err, GitError::Invalid(_)),
+            "{job} {branch} {base:?}: {err}"
+        );
     }
     assert!(RepoRef::new("--config", "x").is_err());
     assert!(!f.dirs.path().join("escape").exists());
@@ -115,7 +188,9 @@ async fn concurrent_jobs_on_one_repository_all_succeed() {
         let ws = f.ws.clone();
         let repo = f.repo.clone();
         tasks.push(tokio::spawn(async move {
-            let wt = ws.create_worktree(&repo, &format!("job-c{i}"), &format!("kiln/c{i}"), None).await?;
+            let wt = ws
+                .create_worktree(&repo, &format!("job-c{i}"), &format!("kiln/c{i}"), None)
+                .await?;
             std::fs::write(wt.path.join(format!("c{i}.txt")), "x").unwrap();
             ws.commit_all(&wt, &format!("c{i}")).await?;
             ws.push(&wt).await?;
@@ -139,14 +214,20 @@ async fn new_remote_commits_are_fetched_for_the_next_job() {
     // Someone pushes to main after the mirror was made.
     let other = tempfile::tempdir().unwrap();
     let remote = f.remotes.path(ORG, REPO);
-    git(other.path(), &["clone", "--quiet", remote.to_str().unwrap(), "c"]);
+    git(
+        other.path(),
+        &["clone", "--quiet", remote.to_str().unwrap(), "c"],
+    );
     let c = other.path().join("c");
     std::fs::write(c.join("LATER.md"), "later\n").unwrap();
     git(&c, &["add", "LATER.md"]);
     git(&c, &["commit", "--quiet", "-m", "later"]);
     git(&c, &["push", "--quiet", "origin", "main"]);
 
-    let wt = f.ws.create_worktree(&f.repo, "job-6", "kiln/later", None).await.unwrap();
+    let wt =
+        f.ws.create_worktree(&f.repo, "job-6", "kiln/later", None)
+            .await
+            .unwrap();
     assert!(wt.path.join("LATER.md").is_file());
 }
 
@@ -156,44 +237,96 @@ async fn new_remote_commits_are_fetched_for_the_next_job() {
 #[tokio::test]
 async fn a_rewritten_dot_git_file_cannot_redirect_the_runners_git() {
     let f = fixture();
-    let wt = f.ws.create_worktree(&f.repo, "job-7", "kiln/safe", None).await.unwrap();
+    let wt =
+        f.ws.create_worktree(&f.repo, "job-7", "kiln/safe", None)
+            .await
+            .unwrap();
     let evil = wt.path.join("evil");
     git(&wt.path, &["init", "--quiet", evil.to_str().unwrap()]);
     git(&evil, &["commit", "--quiet", "--allow-empty", "-m", "bait"]);
     let marker = f.dirs.path().join("pwned");
-    git(&evil, &["config", "core.fsmonitor", &format!("touch {}; false", marker.display())]);
-    git(&evil, &["config", "core.worktree", wt.path.to_str().unwrap()]);
-    std::fs::write(wt.path.join(".git"), format!("gitdir: {}\n", evil.join(".git").display())).unwrap();
+    git(
+        &evil,
+        &[
+            "config",
+            "core.fsmonitor",
+            &format!("touch {}; false", marker.display()),
+        ],
+    );
+    git(
+        &evil,
+        &["config", "core.worktree", wt.path.to_str().unwrap()],
+    );
+    std::fs::write(
+        wt.path.join(".git"),
+        format!("gitdir: {}\n", evil.join(".git").display()),
+    )
+    .unwrap();
     // The trap is armed: plain git in the worktree would run the command.
-    let plain = std::process::Command::new("git").args(["status", "--porcelain"]).current_dir(&wt.path).output().unwrap();
+    let plain = std::process::Command::new("git")
+        .args(["status", "--porcelain"])
+        .current_dir(&wt.path)
+        .output()
+        .unwrap();
     assert!(plain.status.success());
     assert!(marker.exists(), "the test's trap does not work");
     std::fs::remove_file(&marker).unwrap();
     std::fs::write(wt.path.join("work.txt"), "work\n").unwrap();
 
-    f.ws.commit_all(&wt, "work").await.unwrap().expect("a commit");
+    f.ws.commit_all(&wt, "work")
+        .await
+        .unwrap()
+        .expect("a commit");
     f.ws.push(&wt).await.unwrap();
     assert!(!marker.exists(), "git ran the agent's fsmonitor command");
-    assert_eq!(f.remotes.show(ORG, REPO, "kiln/safe:work.txt").as_deref(), Some("work\n"));
+    assert_eq!(
+        f.remotes.show(ORG, REPO, "kiln/safe:work.txt").as_deref(),
+        Some("work\n")
+    );
 }
 
 #[tokio::test]
 async fn sync_and_clone_requests_answer_per_repository() {
     let f = fixture();
-    let spec = |o: &str, r: &str| RepoSpec { github_org: o.into(), github_repo: r.into() };
-    let request = RunnerRequest::Clone { repos: vec![spec(ORG, REPO), spec(ORG, "missing"), spec("-x", "y")] };
+    let spec = |o: &str, r: &str| RepoSpec {
+        github_org: o.into(),
+        github_repo: r.into(),
+    };
+    let request = RunnerRequest::Clone {
+        repos: vec![spec(ORG, REPO), spec(ORG, "missing"), spec("-x", "y")],
+    };
     let results = answer_request(&f.ws, &request).await;
     assert_eq!(results.len(), 3);
     assert_eq!(results[0].repo, "acme/site");
     assert!(results[0].success, "{:?}", results[0]);
-    let path = results[0].path.clone().expect("clone answers with the mirror path");
+    let path = results[0]
+        .path
+        .clone()
+        .expect("clone answers with the mirror path");
     assert!(Path::new(&path).join("HEAD").is_file());
-    assert_eq!(git(Path::new(&path), &["rev-parse", "refs/remotes/origin/main"]), git(&f.remotes.path(ORG, REPO), &["rev-parse", "main"]));
+    assert_eq!(
+        git(Path::new(&path), &["rev-parse", "refs/remotes/origin/main"]),
+        git(&f.remotes.path(ORG, REPO), &["rev-parse", "main"])
+    );
     assert!(!results[1].success);
-    assert!(results[1].error.as_deref().unwrap().contains("git"), "{:?}", results[1]);
+    assert!(
+        results[1].error.as_deref().unwrap().contains("git"),
+        "{:?}",
+        results[1]
+    );
     assert!(!results[2].success);
-    assert!(results[2].error.as_deref().unwrap().contains("owner"), "{:?}", results[2]);
+    assert!(
+        results[2].error.as_deref().unwrap().contains("owner"),
+        "{:?}",
+        results[2]
+    );
 
-    let sync = answer_request(&f.ws, &RunnerRequest::Sync { repos: vec![spec(ORG, REPO)] }).await;
+    let sync = answer_request(
+        &f.ws,
+        &RunnerRequest::Sync {
+            repos: vec![spec(ORG, REPO)],
+        },
+    )
+    .await;
     assert!(sync[0].success && sync[0].path.is_none(), "{:?}", sync[0]);
 }

@@ -18,7 +18,9 @@ use kiln_schemas::events::LogStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{ContainerLimits, ExecutorKind, Mount};
-use crate::executor::{ExecError, ExecSpec, Execution, Executor, OutputChunk, Sandbox, StdinWriter, OUTPUT_CHANNEL};
+use crate::executor::{
+    ExecError, ExecSpec, Execution, Executor, OutputChunk, Sandbox, StdinWriter, OUTPUT_CHANNEL,
+};
 
 /// Where a job's worktree appears inside its container.
 pub const WORKDIR: &str = "/app";
@@ -43,7 +45,11 @@ fn keep_alive_script() -> String {
 
 /// Sets the file's modification time to now, creating it if needed.
 fn touch(path: &Path) -> std::io::Result<()> {
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
     f.set_modified(std::time::SystemTime::now())
 }
 
@@ -57,7 +63,13 @@ fn docker_err(e: BollardError) -> ExecError {
 }
 
 fn is_not_found(e: &BollardError) -> bool {
-    matches!(e, BollardError::DockerResponseServerError { status_code: 404, .. })
+    matches!(
+        e,
+        BollardError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
 }
 
 /// A connection to a Docker daemon that answered a ping.
@@ -85,7 +97,10 @@ impl DockerClient {
 
     /// The daemon's version, if it answers within two seconds.
     pub async fn version(&self) -> Option<String> {
-        let v = tokio::time::timeout(Duration::from_secs(2), self.docker.version()).await.ok()?.ok()?;
+        let v = tokio::time::timeout(Duration::from_secs(2), self.docker.version())
+            .await
+            .ok()?
+            .ok()?;
         v.version
     }
 
@@ -108,18 +123,27 @@ impl DockerClient {
 
     /// The container's host config as Docker reports it (limits, binds, network, init).
     pub async fn container_host_config(&self, name: &str) -> Result<Option<HostConfig>, ExecError> {
-        let c = self.docker.inspect_container(name, None).await.map_err(docker_err)?;
+        let c = self
+            .docker
+            .inspect_container(name, None)
+            .await
+            .map_err(docker_err)?;
         Ok(c.host_config)
     }
 
     /// Force-removes a container (kills what runs in it); a missing one is fine.
     pub async fn remove_container(&self, name: &str) -> Result<(), ExecError> {
-        let opts = RemoveContainerOptionsBuilder::default().force(true).v(true).build();
+        let opts = RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(true)
+            .build();
         match self.docker.remove_container(name, Some(opts)).await {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             // "removal already in progress": a concurrent remove of the same container.
-            Err(BollardError::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(()),
             Err(e) => Err(docker_err(e)),
         }
     }
@@ -147,7 +171,13 @@ impl Drop for DockerExecutor {
 
 impl DockerExecutor {
     /// Must be called inside a tokio runtime: it starts refreshing `alive_file`.
-    pub fn new(client: DockerClient, image: String, limits: ContainerLimits, mounts: Vec<Mount>, alive_file: PathBuf) -> Self {
+    pub fn new(
+        client: DockerClient,
+        image: String,
+        limits: ContainerLimits,
+        mounts: Vec<Mount>,
+        alive_file: PathBuf,
+    ) -> Self {
         let uid = nix::unistd::getuid();
         let user = (!uid.is_root()).then(|| format!("{}:{}", uid, nix::unistd::getgid()));
         let path = alive_file.clone();
@@ -161,7 +191,15 @@ impl DockerExecutor {
                 }
             }
         });
-        DockerExecutor { client, image, limits, mounts, user, alive_file, refresher }
+        DockerExecutor {
+            client,
+            image,
+            limits,
+            mounts,
+            user,
+            alive_file,
+            refresher,
+        }
     }
 
     pub fn client(&self) -> &DockerClient {
@@ -186,7 +224,10 @@ impl DockerExecutor {
             working_dir: Some(WORKDIR.into()),
             env: Some(env),
             user: self.user.clone(),
-            labels: Some(HashMap::from([("kiln.job_id".to_string(), job_id.to_string())])),
+            labels: Some(HashMap::from([(
+                "kiln.job_id".to_string(),
+                job_id.to_string(),
+            )])),
             host_config: Some(HostConfig {
                 binds: Some(binds),
                 memory: Some(memory),
@@ -208,7 +249,11 @@ impl Executor for DockerExecutor {
         ExecutorKind::Docker
     }
 
-    fn create_sandbox<'a>(&'a self, job_id: &'a str, worktree: &'a Path) -> BoxFuture<'a, Result<Box<dyn Sandbox>, ExecError>> {
+    fn create_sandbox<'a>(
+        &'a self,
+        job_id: &'a str,
+        worktree: &'a Path,
+    ) -> BoxFuture<'a, Result<Box<dyn Sandbox>, ExecError>> {
         async move {
             let name = container_name(job_id);
             // A container left by a crashed runner or an earlier attempt of this job.
@@ -217,8 +262,14 @@ impl Executor for DockerExecutor {
             touch(&self.alive_file)?;
             let opts = CreateContainerOptionsBuilder::default().name(&name).build();
             let docker = &self.client.docker;
-            docker.create_container(Some(opts), self.container_body(job_id, worktree)).await.map_err(docker_err)?;
-            let sandbox = DockerSandbox { client: self.client.clone(), name };
+            docker
+                .create_container(Some(opts), self.container_body(job_id, worktree))
+                .await
+                .map_err(docker_err)?;
+            let sandbox = DockerSandbox {
+                client: self.client.clone(),
+                name,
+            };
             if let Err(e) = docker.start_container(&sandbox.name, None).await {
                 let _ = sandbox.client.remove_container(&sandbox.name).await;
                 return Err(docker_err(e));
@@ -248,15 +299,32 @@ impl DockerSandbox {
                     attach_stderr: Some(true),
                     tty: Some(false),
                     env: Some(env),
-                    cmd: Some(vec!["sh".to_string(), "-c".to_string(), spec.command.clone()]),
+                    cmd: Some(vec![
+                        "sh".to_string(),
+                        "-c".to_string(),
+                        spec.command.clone(),
+                    ]),
                     working_dir: Some(WORKDIR.to_string()),
                     ..Default::default()
                 },
             )
             .await
-            .map_err(|e| if is_not_found(&e) { ExecError::SandboxGone } else { docker_err(e) })?;
+            .map_err(|e| {
+                if is_not_found(&e) {
+                    ExecError::SandboxGone
+                } else {
+                    docker_err(e)
+                }
+            })?;
         let started = docker
-            .start_exec(&created.id, Some(StartExecOptions { detach: false, tty: false, output_capacity: Some(64 * 1024) }))
+            .start_exec(
+                &created.id,
+                Some(StartExecOptions {
+                    detach: false,
+                    tty: false,
+                    output_capacity: Some(64 * 1024),
+                }),
+            )
             .await
             .map_err(docker_err)?;
         let StartExecResults::Attached { mut output, input } = started else {
@@ -272,9 +340,15 @@ impl DockerSandbox {
             while let Some(item) = output.next().await {
                 let chunk = match item {
                     Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
-                        OutputChunk { stream: LogStream::Stdout, data: message.to_vec() }
+                        OutputChunk {
+                            stream: LogStream::Stdout,
+                            data: message.to_vec(),
+                        }
                     }
-                    Ok(LogOutput::StdErr { message }) => OutputChunk { stream: LogStream::Stderr, data: message.to_vec() },
+                    Ok(LogOutput::StdErr { message }) => OutputChunk {
+                        stream: LogStream::Stderr,
+                        data: message.to_vec(),
+                    },
                     Ok(LogOutput::StdIn { .. }) => continue,
                     Err(_) => break,
                 };
@@ -285,7 +359,11 @@ impl DockerSandbox {
             drop(tx);
             let _ = exit_tx.send(exit_code(&docker, &exec_id).await);
         });
-        Ok(Execution { stdin, output: rx, exit: exit_rx })
+        Ok(Execution {
+            stdin,
+            output: rx,
+            exit: exit_rx,
+        })
     }
 }
 
@@ -304,7 +382,9 @@ async fn exit_code(docker: &Docker, exec_id: &str) -> Result<i32, ExecError> {
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
-    Err(ExecError::Docker(format!("exec {exec_id} did not report an exit code")))
+    Err(ExecError::Docker(format!(
+        "exec {exec_id} did not report an exit code"
+    )))
 }
 
 impl Sandbox for DockerSandbox {

@@ -72,7 +72,10 @@ impl Session {
                 Err(e) => tracing::warn!(error = %e, "edge connection failed"),
             }
             let delay = backoff.next_delay();
-            tracing::info!(retry_in_ms = delay.as_millis() as u64, "reconnecting to the edge");
+            tracing::info!(
+                retry_in_ms = delay.as_millis() as u64,
+                "reconnecting to the edge"
+            );
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.cancelled() => break,
@@ -93,11 +96,13 @@ impl Session {
     async fn serve_once(&self, backoff: &mut Backoff) -> Result<(), SessionError> {
         let url = connect_url(self.client.base());
         let mut request = url.as_str().into_client_request()?;
-        let auth = HeaderValue::from_str(&format!("Bearer {}", self.client.token())).map_err(|_| SessionError::BadToken)?;
+        let auth = HeaderValue::from_str(&format!("Bearer {}", self.client.token()))
+            .map_err(|_| SessionError::BadToken)?;
         request.headers_mut().insert("Authorization", auth);
-        let (ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(request))
-            .await
-            .map_err(|_| SessionError::Timeout(CONNECT_TIMEOUT))??;
+        let (ws, _) =
+            tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(request))
+                .await
+                .map_err(|_| SessionError::Timeout(CONNECT_TIMEOUT))??;
         let (mut tx, mut rx) = ws.split();
         tx.send(encode(&self.hello())).await?;
 
@@ -105,14 +110,20 @@ impl Session {
             while let Some(msg) = rx.next().await {
                 match msg? {
                     Message::Text(text) => match serde_json::from_str::<EdgeMessage>(&text) {
-                        Ok(EdgeMessage::Welcome { runner_id, heartbeat_secs, lease_secs }) => {
-                            return Ok((runner_id, heartbeat_secs, lease_secs))
+                        Ok(EdgeMessage::Welcome {
+                            runner_id,
+                            heartbeat_secs,
+                            lease_secs,
+                        }) => return Ok((runner_id, heartbeat_secs, lease_secs)),
+                        Ok(EdgeMessage::Error { message }) => {
+                            return Err(SessionError::Refused(message))
                         }
-                        Ok(EdgeMessage::Error { message }) => return Err(SessionError::Refused(message)),
                         _ => tracing::warn!(message = %text, "message before welcome; ignored"),
                     },
                     Message::Close(frame) => {
-                        return Err(SessionError::Refused(frame.map(|f| f.reason.to_string()).unwrap_or_default()))
+                        return Err(SessionError::Refused(
+                            frame.map(|f| f.reason.to_string()).unwrap_or_default(),
+                        ))
                     }
                     _ => {}
                 }
@@ -124,7 +135,13 @@ impl Session {
         let (runner_id, heartbeat_secs, lease_secs) = welcome;
         self.status.set(true);
         *backoff = Backoff::default();
-        tracing::info!(runner_id, heartbeat_secs, lease_secs, held = self.supervisor.held().len(), "connected to the edge");
+        tracing::info!(
+            runner_id,
+            heartbeat_secs,
+            lease_secs,
+            held = self.supervisor.held().len(),
+            "connected to the edge"
+        );
 
         let period = Duration::from_secs(heartbeat_secs.max(1) as u64);
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -154,7 +171,12 @@ impl Session {
                 return;
             }
         };
-        let unknown = |job_id: &str| tracing::warn!(job_id, "message for a job this runner does not hold; ignored");
+        let unknown = |job_id: &str| {
+            tracing::warn!(
+                job_id,
+                "message for a job this runner does not hold; ignored"
+            )
+        };
         match msg {
             EdgeMessage::Welcome { .. } => {}
             EdgeMessage::Assign { assignment } => self.supervisor.assign(assignment),
@@ -164,7 +186,10 @@ impl Session {
                 }
             }
             EdgeMessage::Deliver { job_id, message } => {
-                if !self.supervisor.control(&job_id, JobControl::Deliver(message)) {
+                if !self
+                    .supervisor
+                    .control(&job_id, JobControl::Deliver(message))
+                {
                     unknown(&job_id)
                 }
             }
@@ -178,7 +203,10 @@ impl Session {
                     unknown(&job_id)
                 }
             }
-            EdgeMessage::Request { request_id, request } => {
+            EdgeMessage::Request {
+                request_id,
+                request,
+            } => {
                 let workspaces = self.workspaces.clone();
                 let replies = replies.clone();
                 tokio::spawn(async move {
@@ -187,13 +215,19 @@ impl Session {
                     let _ = replies.send(RunnerMessage::Reply { request_id, result });
                 });
             }
-            EdgeMessage::Error { message } => tracing::warn!(message, "the edge reported a protocol error"),
+            EdgeMessage::Error { message } => {
+                tracing::warn!(message, "the edge reported a protocol error")
+            }
         }
     }
 }
 
 fn encode(msg: &RunnerMessage) -> Message {
-    Message::Text(serde_json::to_string(msg).expect("runner messages serialize").into())
+    Message::Text(
+        serde_json::to_string(msg)
+            .expect("runner messages serialize")
+            .into(),
+    )
 }
 
 /// Carries out a repository request: every listed repository's mirror is created if missing and
@@ -216,7 +250,12 @@ pub async fn answer_request(workspaces: &Workspaces, request: &RunnerRequest) ->
                 path: with_path.then(|| path.to_string_lossy().into_owned()),
                 error: None,
             },
-            Err(e) => RepoResult { repo: slug, success: false, path: None, error: Some(e.to_string()) },
+            Err(e) => RepoResult {
+                repo: slug,
+                success: false,
+                path: None,
+                error: Some(e.to_string()),
+            },
         }
     });
     futures::future::join_all(work).await

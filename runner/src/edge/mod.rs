@@ -13,7 +13,11 @@ pub enum EdgeError {
     #[error("request to {url} failed: {source}")]
     Http { url: String, source: reqwest::Error },
     #[error("{url} answered {status}: {body}")]
-    Status { url: String, status: u16, body: String },
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
 }
 
 impl EdgeError {
@@ -37,8 +41,13 @@ pub fn endpoint(base: &Url, path: &str) -> Url {
 /// The WebSocket URL of `/runner/v1/connect`: http→ws, https→wss.
 pub fn connect_url(base: &Url) -> Url {
     let mut url = endpoint(base, "/runner/v1/connect");
-    let scheme = if base.scheme() == "https" { "wss" } else { "ws" };
-    url.set_scheme(scheme).expect("ws and wss are valid for an http(s) URL");
+    let scheme = if base.scheme() == "https" {
+        "wss"
+    } else {
+        "ws"
+    };
+    url.set_scheme(scheme)
+        .expect("ws and wss are valid for an http(s) URL");
     url
 }
 
@@ -51,25 +60,42 @@ pub fn http_client() -> reqwest::Client {
         .expect("a client with rustls and default settings builds")
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(url: &Url, res: Result<reqwest::Response, reqwest::Error>) -> Result<T, EdgeError> {
-    let http = |source| EdgeError::Http { url: url.to_string(), source };
+async fn read_json<T: serde::de::DeserializeOwned>(
+    url: &Url,
+    res: Result<reqwest::Response, reqwest::Error>,
+) -> Result<T, EdgeError> {
+    let http = |source| EdgeError::Http {
+        url: url.to_string(),
+        source,
+    };
     let res = res.map_err(http)?;
     let status = res.status();
     if !status.is_success() {
         let mut body = res.text().await.unwrap_or_default();
         body.truncate(500);
-        return Err(EdgeError::Status { url: url.to_string(), status: status.as_u16(), body });
+        return Err(EdgeError::Status {
+            url: url.to_string(),
+            status: status.as_u16(),
+            body,
+        });
     }
     res.json::<T>().await.map_err(http)
 }
 
 /// Exchanges an operator's registration token for a runner token.
-pub async fn register(http: &reqwest::Client, base: &Url, registration_token: &str, name: &str) -> Result<RegisterRunnerResponse, EdgeError> {
+pub async fn register(
+    http: &reqwest::Client,
+    base: &Url,
+    registration_token: &str,
+    name: &str,
+) -> Result<RegisterRunnerResponse, EdgeError> {
     let url = endpoint(base, "/runner/v1/register");
     let res = http
         .post(url.clone())
         .bearer_auth(registration_token)
-        .json(&RegisterRunnerRequest { name: name.to_string() })
+        .json(&RegisterRunnerRequest {
+            name: name.to_string(),
+        })
         .send()
         .await;
     read_json(&url, res).await
@@ -97,10 +123,23 @@ impl EdgeClient {
     }
 
     /// `POST /runner/v1/jobs/{job_id}/events`.
-    pub async fn post_events(&self, job_id: &str, batch: &EventBatch) -> Result<BatchAck, EdgeError> {
+    pub async fn post_events(
+        &self,
+        job_id: &str,
+        batch: &EventBatch,
+    ) -> Result<BatchAck, EdgeError> {
         let mut url = endpoint(&self.base, "/runner/v1/jobs");
-        url.path_segments_mut().expect("http URLs have paths").push(job_id).push("events");
-        let res = self.http.post(url.clone()).bearer_auth(&self.token).json(batch).send().await;
+        url.path_segments_mut()
+            .expect("http URLs have paths")
+            .push(job_id)
+            .push("events");
+        let res = self
+            .http
+            .post(url.clone())
+            .bearer_auth(&self.token)
+            .json(batch)
+            .send()
+            .await;
         read_json(&url, res).await
     }
 }
@@ -112,15 +151,28 @@ mod tests {
     #[test]
     fn urls_keep_prefixes_and_switch_schemes() {
         let base = Url::parse("http://127.0.0.1:8787").unwrap();
-        assert_eq!(endpoint(&base, "/runner/v1/register").as_str(), "http://127.0.0.1:8787/runner/v1/register");
-        assert_eq!(connect_url(&base).as_str(), "ws://127.0.0.1:8787/runner/v1/connect");
+        assert_eq!(
+            endpoint(&base, "/runner/v1/register").as_str(),
+            "http://127.0.0.1:8787/runner/v1/register"
+        );
+        assert_eq!(
+            connect_url(&base).as_str(),
+            "ws://127.0.0.1:8787/runner/v1/connect"
+        );
         let base = Url::parse("https://kiln.example.com/edge/?x=1").unwrap();
-        assert_eq!(connect_url(&base).as_str(), "wss://kiln.example.com/edge/runner/v1/connect");
+        assert_eq!(
+            connect_url(&base).as_str(),
+            "wss://kiln.example.com/edge/runner/v1/connect"
+        );
     }
 
     #[test]
     fn transient_errors() {
-        let status = |s| EdgeError::Status { url: "u".into(), status: s, body: String::new() };
+        let status = |s| EdgeError::Status {
+            url: "u".into(),
+            status: s,
+            body: String::new(),
+        };
         assert!(status(503).is_transient());
         assert!(status(429).is_transient());
         assert!(!status(401).is_transient());

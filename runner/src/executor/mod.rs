@@ -39,7 +39,10 @@ impl ExecSpec {
     pub fn new(command: impl Into<String>, job_id: &str, iteration: u32) -> Self {
         ExecSpec {
             command: command.into(),
-            env: vec![("JOB_ID".into(), job_id.into()), ("ITERATION".into(), iteration.to_string())],
+            env: vec![
+                ("JOB_ID".into(), job_id.into()),
+                ("ITERATION".into(), iteration.to_string()),
+            ],
             stdin: false,
         }
     }
@@ -79,7 +82,11 @@ pub trait Executor: Send + Sync {
     fn kind(&self) -> ExecutorKind;
 
     /// Creates the job's sandbox over its worktree.
-    fn create_sandbox<'a>(&'a self, job_id: &'a str, worktree: &'a Path) -> BoxFuture<'a, Result<Box<dyn Sandbox>, ExecError>>;
+    fn create_sandbox<'a>(
+        &'a self,
+        job_id: &'a str,
+        worktree: &'a Path,
+    ) -> BoxFuture<'a, Result<Box<dyn Sandbox>, ExecError>>;
 }
 
 /// A job's place to run commands.

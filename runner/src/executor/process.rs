@@ -38,7 +38,11 @@ impl Executor for ProcessExecutor {
         ExecutorKind::Process
     }
 
-    fn create_sandbox<'a>(&'a self, _job_id: &'a str, worktree: &'a Path) -> BoxFuture<'a, Result<Box<dyn Sandbox>, ExecError>> {
+    fn create_sandbox<'a>(
+        &'a self,
+        _job_id: &'a str,
+        worktree: &'a Path,
+    ) -> BoxFuture<'a, Result<Box<dyn Sandbox>, ExecError>> {
         let sandbox = ProcessSandbox {
             workdir: worktree.to_path_buf(),
             groups: Arc::new(Mutex::new(HashSet::new())),
@@ -60,13 +64,24 @@ fn kill_group(pgid: i32) {
     let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
 }
 
-async fn pump<R: AsyncRead + Unpin>(mut reader: R, stream: LogStream, tx: mpsc::Sender<OutputChunk>) {
+async fn pump<R: AsyncRead + Unpin>(
+    mut reader: R,
+    stream: LogStream,
+    tx: mpsc::Sender<OutputChunk>,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         match reader.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                if tx.send(OutputChunk { stream, data: buf[..n].to_vec() }).await.is_err() {
+                if tx
+                    .send(OutputChunk {
+                        stream,
+                        data: buf[..n].to_vec(),
+                    })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -86,7 +101,11 @@ impl ProcessSandbox {
             .current_dir(&self.workdir)
             .process_group(0)
             .kill_on_drop(true)
-            .stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() })
+            .stdin(if spec.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for var in SECRET_VARS {
@@ -103,7 +122,10 @@ impl ProcessSandbox {
             kill_group(pgid);
         }
 
-        let stdin = child.stdin.take().map(|s| Box::pin(s) as super::StdinWriter);
+        let stdin = child
+            .stdin
+            .take()
+            .map(|s| Box::pin(s) as super::StdinWriter);
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
         let (tx, rx) = mpsc::channel(OUTPUT_CHANNEL);
@@ -124,7 +146,11 @@ impl ProcessSandbox {
                 .map_err(ExecError::from);
             let _ = exit_tx.send(code);
         });
-        Ok(Execution { stdin, output: rx, exit: exit_rx })
+        Ok(Execution {
+            stdin,
+            output: rx,
+            exit: exit_rx,
+        })
     }
 }
 

@@ -2,7 +2,7 @@
 
 use kiln_schemas::runner::{Outcome, RunnerEvent};
 
-use super::run::{failed, JobRun, Published};
+use super::run::{failed, finished, JobRun, Published};
 
 impl JobRun {
     pub(super) async fn run_code(&self) -> RunnerEvent {
@@ -10,12 +10,21 @@ impl JobRun {
         if !result.succeeded() {
             return failed(result.failure("The agent"));
         }
-        let body = format!("{}\n\n---\nOpened by Kiln for job `{}`.", self.assignment.prompt.trim(), self.job_id());
+        let body = format!(
+            "{}\n\n---\nOpened by Kiln for job `{}`.",
+            self.assignment.prompt.trim(),
+            self.job_id()
+        );
         match self.publish(&body).await {
-            Ok(Published::PullRequest(url)) => {
-                self.finished(Outcome::Completed, format!("Opened pull request {url}"), Some(url), None, None, None)
-            }
-            Ok(Published::NothingToCommit) => self.finished(
+            Ok(Published::PullRequest(url)) => finished(
+                Outcome::Completed,
+                format!("Opened pull request {url}"),
+                Some(url),
+                None,
+                None,
+                None,
+            ),
+            Ok(Published::NothingToCommit) => finished(
                 Outcome::Completed,
                 "The agent finished without changes; no pull request was opened".into(),
                 None,

@@ -118,9 +118,19 @@ impl Supervisor {
             return;
         }
         if jobs.len() >= self.inner.capacity as usize {
-            tracing::warn!(job_id, held = jobs.len(), capacity = self.inner.capacity, "assignment beyond capacity; it waits for a free slot");
+            tracing::warn!(
+                job_id,
+                held = jobs.len(),
+                capacity = self.inner.capacity,
+                "assignment beyond capacity; it waits for a free slot"
+            );
         }
-        tracing::info!(job_id, job_type = assignment.job_type.as_str(), attempt = assignment.attempt, "job assigned");
+        tracing::info!(
+            job_id,
+            job_type = assignment.job_type.as_str(),
+            attempt = assignment.attempt,
+            "job assigned"
+        );
         let (controls, controls_rx) = mpsc::unbounded_channel();
         let cancel = CancelToken::default();
         let started = Arc::new(AtomicBool::new(false));
@@ -164,13 +174,21 @@ impl Supervisor {
     /// Passes a message to a job. False if it is not held here.
     pub fn control(&self, job_id: &str, control: JobControl) -> bool {
         let jobs = self.inner.jobs.lock().unwrap();
-        let Some(entry) = jobs.get(job_id) else { return false };
+        let Some(entry) = jobs.get(job_id) else {
+            return false;
+        };
         let fits = matches!(
             (&control, entry.job_type),
-            (JobControl::Deliver(_) | JobControl::Complete, JobType::Task) | (JobControl::Stop, JobType::Ralph)
+            (JobControl::Deliver(_) | JobControl::Complete, JobType::Task)
+                | (JobControl::Stop, JobType::Ralph)
         );
         if !fits {
-            tracing::warn!(job_id, ?control, job_type = entry.job_type.as_str(), "message does not apply to this kind of job; ignored");
+            tracing::warn!(
+                job_id,
+                ?control,
+                job_type = entry.job_type.as_str(),
+                "message does not apply to this kind of job; ignored"
+            );
             return false;
         }
         entry.controls.send(control).is_ok()
@@ -179,8 +197,13 @@ impl Supervisor {
     /// The jobs held, for `hello` and heartbeats.
     pub fn held(&self) -> Vec<HeldJob> {
         let jobs = self.inner.jobs.lock().unwrap();
-        let mut held: Vec<HeldJob> =
-            jobs.iter().map(|(id, e)| HeldJob { job_id: id.clone(), lease_id: e.lease_id.clone() }).collect();
+        let mut held: Vec<HeldJob> = jobs
+            .iter()
+            .map(|(id, e)| HeldJob {
+                job_id: id.clone(),
+                lease_id: e.lease_id.clone(),
+            })
+            .collect();
         held.sort_by(|a, b| a.job_id.cmp(&b.job_id));
         held
     }
@@ -188,7 +211,10 @@ impl Supervisor {
     /// (running, waiting for a slot).
     pub fn counts(&self) -> (u32, u32) {
         let jobs = self.inner.jobs.lock().unwrap();
-        let running = jobs.values().filter(|e| e.started.load(Ordering::SeqCst)).count() as u32;
+        let running = jobs
+            .values()
+            .filter(|e| e.started.load(Ordering::SeqCst))
+            .count() as u32;
         (running, jobs.len() as u32 - running)
     }
 

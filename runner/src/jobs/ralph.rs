@@ -4,12 +4,14 @@
 //! twice on the same iteration. One commit and one pull request at the end, partial work included.
 
 use chrono::{SecondsFormat, Utc};
-use kiln_schemas::jobs::{FeedbackResult, Iteration, RalphParams, DEFAULT_COMPLETION_PROMISE, DEFAULT_MAX_ITERATIONS};
+use kiln_schemas::jobs::{
+    FeedbackResult, Iteration, RalphParams, DEFAULT_COMPLETION_PROMISE, DEFAULT_MAX_ITERATIONS,
+};
 use kiln_schemas::runner::{Outcome, RunnerEvent};
 use kiln_schemas::status::CompletionReason;
 use tokio::sync::mpsc;
 
-use super::run::{progress_path, JobRun, Published};
+use super::run::{finished, progress_path, JobRun, Published};
 use super::JobControl;
 use crate::output::tail_chars;
 
@@ -42,22 +44,40 @@ pub fn progress_entry(it: &Iteration, feedback_output: &[(String, String)]) -> S
         let results: Vec<String> = it
             .feedback_results
             .iter()
-            .map(|f| format!("`{}` {} (exit {})", f.command, if f.passed { "passed" } else { "FAILED" }, f.exit_code))
+            .map(|f| {
+                format!(
+                    "`{}` {} (exit {})",
+                    f.command,
+                    if f.passed { "passed" } else { "FAILED" },
+                    f.exit_code
+                )
+            })
             .collect();
         s.push_str(&format!("- Feedback: {}\n", results.join("; ")));
     }
     for (command, output) in feedback_output.iter().filter(|(_, o)| !o.trim().is_empty()) {
-        s.push_str(&format!("- Output of `{command}`:\n```\n{}\n```\n", tail_chars(output.trim(), 300)));
+        s.push_str(&format!(
+            "- Output of `{command}`:\n```\n{}\n```\n",
+            tail_chars(output.trim(), 300)
+        ));
     }
     if !it.output_summary.trim().is_empty() {
-        s.push_str(&format!("- Agent output (end):\n```\n{}\n```\n", it.output_summary.trim()));
+        s.push_str(&format!(
+            "- Agent output (end):\n```\n{}\n```\n",
+            it.output_summary.trim()
+        ));
     }
     s.push('\n');
     s
 }
 
 /// Why the loop ends after a successful iteration, if it does.
-pub fn loop_end(promise_detected: bool, stop_requested: bool, iteration: u32, max_iterations: u32) -> Option<CompletionReason> {
+pub fn loop_end(
+    promise_detected: bool,
+    stop_requested: bool,
+    iteration: u32,
+    max_iterations: u32,
+) -> Option<CompletionReason> {
     if promise_detected {
         Some(CompletionReason::PromiseDetected)
     } else if stop_requested {
@@ -79,12 +99,19 @@ fn reason_str(r: CompletionReason) -> &'static str {
 }
 
 impl JobRun {
-    pub(super) async fn run_ralph(&self, mut controls: mpsc::UnboundedReceiver<JobControl>) -> RunnerEvent {
-        let params = self.assignment.ralph.clone().unwrap_or_else(|| RalphParams {
-            max_iterations: DEFAULT_MAX_ITERATIONS,
-            completion_promise: DEFAULT_COMPLETION_PROMISE.into(),
-            feedback_commands: vec![],
-        });
+    pub(super) async fn run_ralph(
+        &self,
+        mut controls: mpsc::UnboundedReceiver<JobControl>,
+    ) -> RunnerEvent {
+        let params = self
+            .assignment
+            .ralph
+            .clone()
+            .unwrap_or_else(|| RalphParams {
+                max_iterations: DEFAULT_MAX_ITERATIONS,
+                completion_promise: DEFAULT_COMPLETION_PROMISE.into(),
+                feedback_commands: vec![],
+            });
         let max = params.max_iterations.max(1);
         let progress_file = progress_path(&self.services, self.job_id());
         let mut progress = String::new();
@@ -97,12 +124,21 @@ impl JobRun {
             total = i;
             for attempt in 1..=2 {
                 self.sink
-                    .system(if attempt == 1 { format!("Iteration {i} of {max}") } else { format!("Iteration {i}: retrying") })
+                    .system(if attempt == 1 {
+                        format!("Iteration {i} of {max}")
+                    } else {
+                        format!("Iteration {i}: retrying")
+                    })
                     .await;
                 let prompt = build_prompt(&self.assignment.prompt, &progress, i, max);
                 let started_at = now();
                 let agent = self
-                    .run_agent(&prompt, i, Some(params.completion_promise.clone()), Some((&mut controls, &mut stop)))
+                    .run_agent(
+                        &prompt,
+                        i,
+                        Some(params.completion_promise.clone()),
+                        Some((&mut controls, &mut stop)),
+                    )
                     .await;
                 let mut it = Iteration {
                     id: uuid::Uuid::new_v4().to_string(),
@@ -119,9 +155,14 @@ impl JobRun {
                 if agent.succeeded() {
                     for command in &params.feedback_commands {
                         self.sink.system(format!("$ {command}")).await;
-                        let r = self.run_command(command, i, Some((&mut controls, &mut stop))).await;
+                        let r = self
+                            .run_command(command, i, Some((&mut controls, &mut stop)))
+                            .await;
                         if !r.succeeded() {
-                            feedback_output.push((command.clone(), r.error.clone().unwrap_or(r.summary.clone())));
+                            feedback_output.push((
+                                command.clone(),
+                                r.error.clone().unwrap_or(r.summary.clone()),
+                            ));
                         }
                         it.feedback_results.push(FeedbackResult {
                             command: command.clone(),
@@ -137,7 +178,11 @@ impl JobRun {
                 if let Err(e) = tokio::fs::write(&progress_file, &progress).await {
                     tracing::warn!(job_id = self.job_id(), error = %e, "could not write the progress file");
                 }
-                self.sink.send(RunnerEvent::Iteration { iteration: it.clone() }).await;
+                self.sink
+                    .send(RunnerEvent::Iteration {
+                        iteration: it.clone(),
+                    })
+                    .await;
                 iterations.push(it);
 
                 if agent.succeeded() {
@@ -160,31 +205,68 @@ impl JobRun {
             }
         }
 
-        let outcome = if reason == CompletionReason::IterationError { Outcome::Failed } else { Outcome::Completed };
+        let outcome = if reason == CompletionReason::IterationError {
+            Outcome::Failed
+        } else {
+            Outcome::Completed
+        };
         let error_message = (outcome == Outcome::Failed).then(|| {
-            let last = iterations.last().and_then(|it| it.error.clone()).unwrap_or_default();
+            let last = iterations
+                .last()
+                .and_then(|it| it.error.clone())
+                .unwrap_or_default();
             format!("Iteration {total} failed twice: {last}")
         });
-        let summary = format!("Ralph loop ended after {total} iteration(s): {}", reason_str(reason));
+        let summary = format!(
+            "Ralph loop ended after {total} iteration(s): {}",
+            reason_str(reason)
+        );
         self.sink.system(summary.clone()).await;
 
-        let mut body = format!("{}\n\n---\nOpened by Kiln for ralph job `{}`: {summary}.\n\n", self.assignment.prompt.trim(), self.job_id());
+        let mut body = format!(
+            "{}\n\n---\nOpened by Kiln for ralph job `{}`: {summary}.\n\n",
+            self.assignment.prompt.trim(),
+            self.job_id()
+        );
         for it in &iterations {
             body.push_str(&format!(
                 "- Iteration {}: exit {}{}\n",
                 it.iteration_number,
                 it.exit_code.map_or("?".to_string(), |c| c.to_string()),
-                if it.promise_detected { ", completion promise" } else { "" }
+                if it.promise_detected {
+                    ", completion promise"
+                } else {
+                    ""
+                }
             ));
         }
         let (pr_url, message) = match self.publish(&body).await {
-            Ok(Published::PullRequest(url)) => (Some(url.clone()), format!("{summary}; opened pull request {url}")),
-            Ok(Published::NothingToCommit) => (None, format!("{summary}; no changes, so no pull request")),
+            Ok(Published::PullRequest(url)) => (
+                Some(url.clone()),
+                format!("{summary}; opened pull request {url}"),
+            ),
+            Ok(Published::NothingToCommit) => {
+                (None, format!("{summary}; no changes, so no pull request"))
+            }
             Err(e) => {
-                return self.finished(Outcome::Failed, e.clone(), None, Some(reason), Some(total), Some(e));
+                return finished(
+                    Outcome::Failed,
+                    e.clone(),
+                    None,
+                    Some(reason),
+                    Some(total),
+                    Some(e),
+                );
             }
         };
-        self.finished(outcome, message, pr_url, Some(reason), Some(total), error_message)
+        finished(
+            outcome,
+            message,
+            pr_url,
+            Some(reason),
+            Some(total),
+            error_message,
+        )
     }
 }
 
@@ -192,7 +274,12 @@ impl JobRun {
 mod tests {
     use super::*;
 
-    fn iteration(n: u32, exit: Option<i32>, error: Option<&str>, feedback: &[(&str, i32)]) -> Iteration {
+    fn iteration(
+        n: u32,
+        exit: Option<i32>,
+        error: Option<&str>,
+        feedback: &[(&str, i32)],
+    ) -> Iteration {
         Iteration {
             id: "id".into(),
             iteration_number: n,
@@ -204,7 +291,11 @@ mod tests {
             output_summary: "wrote the scaffold".into(),
             feedback_results: feedback
                 .iter()
-                .map(|(c, e)| FeedbackResult { command: c.to_string(), exit_code: *e, passed: *e == 0 })
+                .map(|(c, e)| FeedbackResult {
+                    command: c.to_string(),
+                    exit_code: *e,
+                    passed: *e == 0,
+                })
                 .collect(),
         }
     }
@@ -216,12 +307,27 @@ mod tests {
 
     #[test]
     fn later_prompts_carry_the_progress() {
-        let p1 = progress_entry(&iteration(1, Some(0), None, &[("npm test", 1), ("npm run lint", 0)]), &[("npm test".into(), "1 failing: login".into())]);
-        assert!(p1.starts_with("### Iteration 1\n- Agent exit code: 0\n"), "{p1}");
-        assert!(p1.contains("`npm test` FAILED (exit 1); `npm run lint` passed (exit 0)"), "{p1}");
-        assert!(p1.contains("Output of `npm test`:\n```\n1 failing: login\n```"), "{p1}");
+        let p1 = progress_entry(
+            &iteration(1, Some(0), None, &[("npm test", 1), ("npm run lint", 0)]),
+            &[("npm test".into(), "1 failing: login".into())],
+        );
+        assert!(
+            p1.starts_with("### Iteration 1\n- Agent exit code: 0\n"),
+            "{p1}"
+        );
+        assert!(
+            p1.contains("`npm test` FAILED (exit 1); `npm run lint` passed (exit 0)"),
+            "{p1}"
+        );
+        assert!(
+            p1.contains("Output of `npm test`:\n```\n1 failing: login\n```"),
+            "{p1}"
+        );
         assert!(p1.contains("wrote the scaffold"));
-        let p2 = progress_entry(&iteration(2, None, Some("the agent could not run: gone"), &[]), &[]);
+        let p2 = progress_entry(
+            &iteration(2, None, Some("the agent could not run: gone"), &[]),
+            &[],
+        );
         assert!(p2.contains("- Agent failed: the agent could not run: gone"));
         assert!(!p2.contains("Feedback"));
 

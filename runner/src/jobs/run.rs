@@ -30,10 +30,15 @@ pub(super) async fn run_job(
     let job_id = assignment.job_id.clone();
     let on_lost = cancel.clone();
     let lost_id = job_id.clone();
-    let (sink, reporter) = reporter::spawn(services.edge.clone(), job_id.clone(), assignment.lease_id.clone(), move || {
-        tracing::warn!(job_id = lost_id, "lease no longer valid; stopping the job");
-        on_lost.cancel();
-    });
+    let (sink, reporter) = reporter::spawn(
+        services.edge.clone(),
+        job_id.clone(),
+        assignment.lease_id.clone(),
+        move || {
+            tracing::warn!(job_id = lost_id, "lease no longer valid; stopping the job");
+            on_lost.cancel();
+        },
+    );
 
     let permit = tokio::select! {
         p = slots.acquire_owned() => p.expect("the slot semaphore is never closed"),
@@ -44,35 +49,66 @@ pub(super) async fn run_job(
     };
     started.store(true, Ordering::SeqCst);
 
-    let mut job = JobRun { services, assignment, sink, worktree: None, sandbox: None };
+    let mut job = JobRun {
+        services,
+        assignment,
+        sink,
+        worktree: None,
+        sandbox: None,
+    };
     let finished = tokio::select! {
         f = job.execute(controls) => Some(f),
         _ = cancel.cancelled() => None,
     };
-    let JobRun { sink, worktree, sandbox, services, .. } = job;
+    let JobRun {
+        sink,
+        worktree,
+        sandbox,
+        services,
+        ..
+    } = job;
     match finished {
         Some(event) => {
             if let RunnerEvent::Finished { outcome, .. } = &event {
                 tracing::info!(job_id, ?outcome, "job finished");
             }
-            sink.send(event).await;
-            drop(sink);
+            // The job stays held (its lease renewed) until the edge has every event, unless it is
+            // cancelled meanwhile or the runner stops: then what is undelivered is dropped.
+            let deliver = async {
+                sink.send(event).await;
+                drop(sink);
+                reporter.await
+            };
             let cleanup = cleanup(&services, &job_id, worktree, sandbox);
-            let (_, end) = tokio::join!(cleanup, reporter);
-            tracing::debug!(job_id, ?end, "events delivered");
+            let delivered = async {
+                tokio::select! {
+                    end = deliver => tracing::debug!(job_id, ?end, "events delivered"),
+                    _ = cancel.cancelled() => tracing::warn!(job_id, "stopped before the edge had every event"),
+                }
+            };
+            tokio::join!(cleanup, delivered);
         }
         None => {
             reporter.abort();
             drop(sink);
             let t = Instant::now();
             cleanup(&services, &job_id, worktree, sandbox).await;
-            tracing::info!(job_id, cleanup_ms = t.elapsed().as_millis() as u64, "job cancelled and cleaned up");
+            tracing::info!(
+                job_id,
+                cleanup_ms = t.elapsed().as_millis() as u64,
+                "job cancelled and cleaned up"
+            );
         }
     }
     drop(permit);
 }
 
-async fn cleanup(services: &JobServices, job_id: &str, worktree: Option<Worktree>, sandbox: Option<Arc<dyn Sandbox>>) {
+async fn cleanup(
+    services: &JobServices,
+    job_id: &str,
+    worktree: Option<Worktree>,
+    sandbox: Option<Arc<dyn Sandbox>>,
+) {
     if let Some(sandbox) = sandbox {
         if let Err(e) = sandbox.destroy().await {
             tracing::warn!(job_id, error = %e, "could not remove the job's sandbox");
@@ -86,7 +122,10 @@ async fn cleanup(services: &JobServices, job_id: &str, worktree: Option<Worktree
 
 /// Where a ralph job keeps its progress notes: beside the worktree, so they are never committed.
 pub(super) fn progress_path(services: &JobServices, job_id: &str) -> PathBuf {
-    services.workspaces.worktrees_dir().join(format!("{job_id}.progress.md"))
+    services
+        .workspaces
+        .worktrees_dir()
+        .join(format!("{job_id}.progress.md"))
 }
 
 /// The `finished` event of a failed job.
@@ -162,14 +201,29 @@ impl JobRun {
             Ok(r) => r,
             Err(e) => return failed(e.to_string()),
         };
-        self.sink.system(format!("Fetching {} and creating the worktree on branch {}", repo.slug(), a.branch_name)).await;
+        self.sink
+            .system(format!(
+                "Fetching {} and creating the worktree on branch {}",
+                repo.slug(),
+                a.branch_name
+            ))
+            .await;
         let t = Instant::now();
-        let wt = match s.workspaces.create_worktree(&repo, &a.job_id, &a.branch_name, a.base_branch.as_deref()).await {
+        let wt = match s
+            .workspaces
+            .create_worktree(&repo, &a.job_id, &a.branch_name, a.base_branch.as_deref())
+            .await
+        {
             Ok(wt) => wt,
             Err(e) => return failed(format!("Preparing the workspace failed: {e}")),
         };
         self.sink
-            .system(format!("Worktree ready on {} from {} in {} ms", wt.branch, wt.base_branch, t.elapsed().as_millis()))
+            .system(format!(
+                "Worktree ready on {} from {} in {} ms",
+                wt.branch,
+                wt.base_branch,
+                t.elapsed().as_millis()
+            ))
             .await;
         let path = wt.path.clone();
         self.worktree = Some(wt);
@@ -177,11 +231,20 @@ impl JobRun {
         let t = Instant::now();
         let sandbox = match s.executor.create_sandbox(&a.job_id, &path).await {
             Ok(sb) => Arc::from(sb),
-            Err(e) => return failed(format!("Creating the {} sandbox failed: {e}", s.executor.kind().as_str())),
+            Err(e) => {
+                return failed(format!(
+                    "Creating the {} sandbox failed: {e}",
+                    s.executor.kind().as_str()
+                ))
+            }
         };
         self.sandbox = Some(sandbox);
         self.sink
-            .system(format!("{} sandbox ready in {} ms", s.executor.kind().as_str(), t.elapsed().as_millis()))
+            .system(format!(
+                "{} sandbox ready in {} ms",
+                s.executor.kind().as_str(),
+                t.elapsed().as_millis()
+            ))
             .await;
 
         match self.assignment.job_type {
@@ -192,15 +255,24 @@ impl JobRun {
     }
 
     pub fn sandbox(&self) -> &Arc<dyn Sandbox> {
-        self.sandbox.as_ref().expect("the sandbox exists while a handler runs")
+        self.sandbox
+            .as_ref()
+            .expect("the sandbox exists while a handler runs")
     }
 
     pub fn worktree(&self) -> &Worktree {
-        self.worktree.as_ref().expect("the worktree exists while a handler runs")
+        self.worktree
+            .as_ref()
+            .expect("the worktree exists while a handler runs")
     }
 
     pub fn agent_spec(&self, iteration: u32) -> ExecSpec {
-        ExecSpec::new(self.services.agent.command.clone(), self.job_id(), iteration).with_stdin()
+        ExecSpec::new(
+            self.services.agent.command.clone(),
+            self.job_id(),
+            iteration,
+        )
+        .with_stdin()
     }
 
     /// Starts a command; output is streamed as events by [`JobRun::stream`].
@@ -251,7 +323,12 @@ impl JobRun {
             Ok(code) => (Some(code), None),
             Err(e) => (None, Some(e.to_string())),
         };
-        CommandResult { exit_code, error, summary: collector.summary(), promise_detected: collector.promise_detected() }
+        CommandResult {
+            exit_code,
+            error,
+            summary: collector.summary(),
+            promise_detected: collector.promise_detected(),
+        }
     }
 
     /// Runs the agent once with the prompt on stdin (then closed).
@@ -269,13 +346,23 @@ impl JobRun {
         let mut exec = match self.start(spec).await {
             Ok(e) => e,
             Err(e) => {
-                return CommandResult { exit_code: None, error: Some(e.to_string()), summary: String::new(), promise_detected: false }
+                return CommandResult {
+                    exit_code: None,
+                    error: Some(e.to_string()),
+                    summary: String::new(),
+                    promise_detected: false,
+                }
             }
         };
         if let Some(stdin) = exec.stdin.take() {
             tokio::spawn(write_and_close(stdin, prompt_line(prompt)));
         }
-        self.stream(exec, OutputCollector::new(self.services.agent.format, promise), controls).await
+        self.stream(
+            exec,
+            OutputCollector::new(self.services.agent.format, promise),
+            controls,
+        )
+        .await
     }
 
     /// Runs a command without input (ralph's feedback commands); its output is plain text.
@@ -285,13 +372,26 @@ impl JobRun {
         iteration: u32,
         controls: Option<(&mut mpsc::UnboundedReceiver<JobControl>, &mut bool)>,
     ) -> CommandResult {
-        let exec = match self.start(ExecSpec::new(command, self.job_id(), iteration)).await {
+        let exec = match self
+            .start(ExecSpec::new(command, self.job_id(), iteration))
+            .await
+        {
             Ok(e) => e,
             Err(e) => {
-                return CommandResult { exit_code: None, error: Some(e.to_string()), summary: String::new(), promise_detected: false }
+                return CommandResult {
+                    exit_code: None,
+                    error: Some(e.to_string()),
+                    summary: String::new(),
+                    promise_detected: false,
+                }
             }
         };
-        self.stream(exec, OutputCollector::new(crate::config::AgentFormat::Text, None), controls).await
+        self.stream(
+            exec,
+            OutputCollector::new(crate::config::AgentFormat::Text, None),
+            controls,
+        )
+        .await
     }
 
     /// The pull request title: the job's title, else the prompt's first line.
@@ -302,7 +402,13 @@ impl JobRun {
             .as_deref()
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .unwrap_or_else(|| a.prompt.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("Kiln job"));
+            .unwrap_or_else(|| {
+                a.prompt
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty())
+                    .unwrap_or("Kiln job")
+            });
         let mut title: String = base.chars().take(72).collect();
         if base.chars().count() > 72 {
             title.push('…');
@@ -321,30 +427,53 @@ impl JobRun {
             Ok(Some(sha)) => sha,
             Err(e) => return Err(format!("Committing the changes failed: {e}")),
         };
-        self.sink.system(format!("Committed {}", &sha[..sha.len().min(12)])).await;
-        ws.push(wt).await.map_err(|e| format!("Pushing branch {} failed: {e}", wt.branch))?;
-        self.sink.system(format!("Pushed branch {}", wt.branch)).await;
-        let pr = NewPullRequest { title, head: wt.branch.clone(), base: wt.base_branch.clone(), body: body.to_string() };
+        self.sink
+            .system(format!("Committed {}", &sha[..sha.len().min(12)]))
+            .await;
+        ws.push(wt)
+            .await
+            .map_err(|e| format!("Pushing branch {} failed: {e}", wt.branch))?;
+        self.sink
+            .system(format!("Pushed branch {}", wt.branch))
+            .await;
+        let pr = NewPullRequest {
+            title,
+            head: wt.branch.clone(),
+            base: wt.base_branch.clone(),
+            body: body.to_string(),
+        };
         let url = self
             .services
             .github
             .open_pull_request(&wt.repo, &pr)
             .await
-            .map_err(|e| format!("Pushed branch {} but opening the pull request failed: {e}", wt.branch))?;
+            .map_err(|e| {
+                format!(
+                    "Pushed branch {} but opening the pull request failed: {e}",
+                    wt.branch
+                )
+            })?;
         self.sink.system(format!("Opened pull request {url}")).await;
         Ok(Published::PullRequest(url))
     }
+}
 
-    pub fn finished(
-        &self,
-        outcome: Outcome,
-        message: String,
-        pr_url: Option<String>,
-        completion_reason: Option<CompletionReason>,
-        total_iterations: Option<u32>,
-        error_message: Option<String>,
-    ) -> RunnerEvent {
-        RunnerEvent::Finished { outcome, message, pr_url, completion_reason, total_iterations, error_message }
+/// The `finished` event.
+pub(super) fn finished(
+    outcome: Outcome,
+    message: String,
+    pr_url: Option<String>,
+    completion_reason: Option<CompletionReason>,
+    total_iterations: Option<u32>,
+    error_message: Option<String>,
+) -> RunnerEvent {
+    RunnerEvent::Finished {
+        outcome,
+        message,
+        pr_url,
+        completion_reason,
+        total_iterations,
+        error_message,
     }
 }
 
@@ -376,10 +505,20 @@ mod tests {
 
     #[test]
     fn failures_describe_themselves() {
-        let r = CommandResult { exit_code: Some(3), error: None, summary: String::new(), promise_detected: false };
+        let r = CommandResult {
+            exit_code: Some(3),
+            error: None,
+            summary: String::new(),
+            promise_detected: false,
+        };
         assert_eq!(r.failure("the agent"), "the agent exited with code 3");
         assert!(!r.succeeded());
-        let r = CommandResult { exit_code: None, error: Some("gone".into()), summary: String::new(), promise_detected: false };
+        let r = CommandResult {
+            exit_code: None,
+            error: Some("gone".into()),
+            summary: String::new(),
+            promise_detected: false,
+        };
         assert_eq!(r.failure("the agent"), "the agent could not run: gone");
     }
 }

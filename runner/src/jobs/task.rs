@@ -5,7 +5,7 @@ use kiln_schemas::runner::{Outcome, RunnerEvent};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use super::run::{failed, prompt_line, JobRun};
+use super::run::{failed, finished, prompt_line, JobRun};
 use super::JobControl;
 use crate::executor::StdinWriter;
 use crate::output::OutputCollector;
@@ -21,7 +21,10 @@ async fn feed_stdin(mut stdin: StdinWriter, mut lines: mpsc::UnboundedReceiver<S
 }
 
 impl JobRun {
-    pub(super) async fn run_task(&self, mut controls: mpsc::UnboundedReceiver<JobControl>) -> RunnerEvent {
+    pub(super) async fn run_task(
+        &self,
+        mut controls: mpsc::UnboundedReceiver<JobControl>,
+    ) -> RunnerEvent {
         let mut exec = match self.start(self.agent_spec(1)).await {
             Ok(e) => e,
             Err(e) => return failed(format!("The agent could not start: {e}")),
@@ -64,7 +67,7 @@ impl JobRun {
         }
         drop(input);
         match exec.exit_code().await {
-            Ok(code) if completed => self.finished(
+            Ok(code) if completed => finished(
                 Outcome::Completed,
                 format!("Session completed (the agent exited with code {code})"),
                 None,
@@ -72,7 +75,14 @@ impl JobRun {
                 None,
                 None,
             ),
-            Ok(0) => self.finished(Outcome::Completed, "The agent finished".into(), None, None, None, None),
+            Ok(0) => finished(
+                Outcome::Completed,
+                "The agent finished".into(),
+                None,
+                None,
+                None,
+                None,
+            ),
             Ok(code) => failed(format!("The agent exited with code {code}")),
             Err(e) => failed(format!("The agent's exit code is unknown: {e}")),
         }

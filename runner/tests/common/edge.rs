@@ -15,7 +15,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{SinkExt, StreamExt};
 use kiln_schemas::runner::{
-    Assignment, BatchAck, EdgeMessage, EventBatch, RegisterRunnerRequest, RegisterRunnerResponse, RunnerEvent, RunnerMessage,
+    Assignment, BatchAck, EdgeMessage, EventBatch, RegisterRunnerRequest, RegisterRunnerResponse,
+    RunnerEvent, RunnerMessage,
 };
 use tokio::sync::mpsc;
 
@@ -23,7 +24,7 @@ pub const REGISTRATION_TOKEN: &str = "test-registration-token";
 pub const HEARTBEAT_SECS: u32 = 1;
 
 enum Command {
-    Send(EdgeMessage),
+    Send(Box<EdgeMessage>),
     Close,
 }
 
@@ -47,24 +48,45 @@ pub struct FakeEdge {
 }
 
 fn bearer(headers: &HeaderMap) -> Option<String> {
-    headers.get("authorization")?.to_str().ok()?.strip_prefix("Bearer ").map(str::to_string)
+    headers
+        .get("authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::to_string)
 }
 
-async fn register(State(s): State<Arc<EdgeState>>, headers: HeaderMap, Json(req): Json<RegisterRunnerRequest>) -> Response {
+async fn register(
+    State(s): State<Arc<EdgeState>>,
+    headers: HeaderMap,
+    Json(req): Json<RegisterRunnerRequest>,
+) -> Response {
     if bearer(&headers).as_deref() != Some(REGISTRATION_TOKEN) {
-        return (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": "bad registration token"}))).into_response();
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(serde_json::json!({"error": "bad registration token"})),
+        )
+            .into_response();
     }
     let token = format!("runner-token-{}", uuid::Uuid::new_v4());
     s.tokens.lock().unwrap().push(token.clone());
     s.names.lock().unwrap().push(req.name);
-    Json(RegisterRunnerResponse { runner_id: "runner-1".into(), token }).into_response()
+    Json(RegisterRunnerResponse {
+        runner_id: "runner-1".into(),
+        token,
+    })
+    .into_response()
 }
 
 fn authorized(s: &EdgeState, headers: &HeaderMap) -> bool {
     bearer(headers).is_some_and(|t| s.tokens.lock().unwrap().contains(&t))
 }
 
-async fn connect(State(s): State<Arc<EdgeState>>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
+async fn connect(
+    State(s): State<Arc<EdgeState>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
     if !authorized(&s, &headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
@@ -74,12 +96,28 @@ async fn connect(State(s): State<Arc<EdgeState>>, headers: HeaderMap, ws: WebSoc
 async fn session(s: Arc<EdgeState>, socket: WebSocket) {
     let (mut tx, mut rx) = socket.split();
     // hello first, then welcome
-    let Some(Ok(Message::Text(first))) = rx.next().await else { return };
-    let hello: RunnerMessage = serde_json::from_str(&first).expect("the first message is a runner message");
-    assert!(matches!(hello, RunnerMessage::Hello { .. }), "first message must be hello: {first}");
+    let Some(Ok(Message::Text(first))) = rx.next().await else {
+        return;
+    };
+    let hello: RunnerMessage =
+        serde_json::from_str(&first).expect("the first message is a runner message");
+    assert!(
+        matches!(hello, RunnerMessage::Hello { .. }),
+        "first message must be hello: {first}"
+    );
     s.received.lock().unwrap().push(hello);
-    let welcome = EdgeMessage::Welcome { runner_id: "runner-1".into(), heartbeat_secs: HEARTBEAT_SECS, lease_secs: 30 };
-    if tx.send(Message::Text(serde_json::to_string(&welcome).unwrap().into())).await.is_err() {
+    let welcome = EdgeMessage::Welcome {
+        runner_id: "runner-1".into(),
+        heartbeat_secs: HEARTBEAT_SECS,
+        lease_secs: 30,
+    };
+    if tx
+        .send(Message::Text(
+            serde_json::to_string(&welcome).unwrap().into(),
+        ))
+        .await
+        .is_err()
+    {
         return;
     }
     let (out_tx, mut out_rx) = mpsc::unbounded_channel();
@@ -96,7 +134,7 @@ async fn session(s: Arc<EdgeState>, socket: WebSocket) {
             },
             cmd = out_rx.recv() => match cmd {
                 Some(Command::Send(m)) => {
-                    if tx.send(Message::Text(serde_json::to_string(&m).unwrap().into())).await.is_err() { break; }
+                    if tx.send(Message::Text(serde_json::to_string(&*m).unwrap().into())).await.is_err() { break; }
                 }
                 Some(Command::Close) | None => {
                     let _ = tx.close().await;
@@ -107,7 +145,12 @@ async fn session(s: Arc<EdgeState>, socket: WebSocket) {
     }
 }
 
-async fn events(State(s): State<Arc<EdgeState>>, headers: HeaderMap, Path(job_id): Path<String>, Json(batch): Json<EventBatch>) -> Response {
+async fn events(
+    State(s): State<Arc<EdgeState>>,
+    headers: HeaderMap,
+    Path(job_id): Path<String>,
+    Json(batch): Json<EventBatch>,
+) -> Response {
     if !authorized(&s, &headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
@@ -119,21 +162,38 @@ async fn events(State(s): State<Arc<EdgeState>>, headers: HeaderMap, Path(job_id
         return (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response();
     }
     if s.invalid.lock().unwrap().contains(&job_id) {
-        return Json(BatchAck { stored: 0, duplicates: 0, lease_valid: false }).into_response();
+        return Json(BatchAck {
+            stored: 0,
+            duplicates: 0,
+            lease_valid: false,
+        })
+        .into_response();
     }
     let (stored, duplicates) = store(&s, &job_id, &batch);
-    Json(BatchAck { stored, duplicates, lease_valid: true }).into_response()
+    Json(BatchAck {
+        stored,
+        duplicates,
+        lease_valid: true,
+    })
+    .into_response()
 }
 
 fn store(s: &EdgeState, job_id: &str, batch: &EventBatch) -> (u32, u32) {
-    s.batches.lock().unwrap().push((job_id.to_string(), batch.clone()));
+    s.batches
+        .lock()
+        .unwrap()
+        .push((job_id.to_string(), batch.clone()));
     let mut all = s.events.lock().unwrap();
     let log = all.entry(job_id.to_string()).or_default();
     let (mut stored, mut dups) = (0, 0);
     for ev in &batch.events {
         match log.get(&ev.index) {
             Some(existing) => {
-                assert_eq!(existing, &ev.event, "index {} was reused for a different event", ev.index);
+                assert_eq!(
+                    existing, &ev.event,
+                    "index {} was reused for a different event",
+                    ev.index
+                );
                 dups += 1;
             }
             None => {
@@ -162,9 +222,19 @@ impl FakeEdge {
 
     /// Sends a message on the current session (waits for one).
     pub async fn send(&self, msg: EdgeMessage) {
-        wait_until("a runner session", Duration::from_secs(10), || self.state.outbox.lock().unwrap().is_some()).await;
+        wait_until("a runner session", Duration::from_secs(10), || {
+            self.state.outbox.lock().unwrap().is_some()
+        })
+        .await;
         let outbox = self.state.outbox.lock().unwrap();
-        outbox.as_ref().unwrap().send(Command::Send(msg)).ok().expect("session alive");
+        assert!(
+            outbox
+                .as_ref()
+                .unwrap()
+                .send(Command::Send(Box::new(msg)))
+                .is_ok(),
+            "the session is alive"
+        );
     }
 
     pub async fn assign(&self, assignment: Assignment) {
@@ -183,7 +253,10 @@ impl FakeEdge {
     }
 
     pub fn hellos(&self) -> Vec<RunnerMessage> {
-        self.received().into_iter().filter(|m| matches!(m, RunnerMessage::Hello { .. })).collect()
+        self.received()
+            .into_iter()
+            .filter(|m| matches!(m, RunnerMessage::Hello { .. }))
+            .collect()
     }
 
     pub fn registered_names(&self) -> Vec<String> {
@@ -191,21 +264,43 @@ impl FakeEdge {
     }
 
     pub async fn wait_hellos(&self, n: usize) -> Vec<RunnerMessage> {
-        wait_until(&format!("{n} hello(s)"), Duration::from_secs(15), || self.hellos().len() >= n).await;
+        wait_until(&format!("{n} hello(s)"), Duration::from_secs(15), || {
+            self.hellos().len() >= n
+        })
+        .await;
         self.hellos()
     }
 
     /// The job's stored events in index order.
     pub fn events(&self, job_id: &str) -> Vec<RunnerEvent> {
-        self.state.events.lock().unwrap().get(job_id).map(|m| m.values().cloned().collect()).unwrap_or_default()
+        self.state
+            .events
+            .lock()
+            .unwrap()
+            .get(job_id)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Every batch posted for the job, failed ones included.
     pub fn batches(&self, job_id: &str) -> Vec<EventBatch> {
-        self.state.batches.lock().unwrap().iter().filter(|(j, _)| j == job_id).map(|(_, b)| b.clone()).collect()
+        self.state
+            .batches
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(j, _)| j == job_id)
+            .map(|(_, b)| b.clone())
+            .collect()
     }
 
-    pub async fn wait_event(&self, job_id: &str, what: &str, secs: u64, pred: impl Fn(&RunnerEvent) -> bool) -> Vec<RunnerEvent> {
+    pub async fn wait_event(
+        &self,
+        job_id: &str,
+        what: &str,
+        secs: u64,
+        pred: impl Fn(&RunnerEvent) -> bool,
+    ) -> Vec<RunnerEvent> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
         loop {
             let evs = self.events(job_id);
@@ -220,22 +315,37 @@ impl FakeEdge {
     }
 
     pub async fn wait_finished(&self, job_id: &str, secs: u64) -> Vec<RunnerEvent> {
-        self.wait_event(job_id, "finished", secs, |e| matches!(e, RunnerEvent::Finished { .. })).await
+        self.wait_event(job_id, "finished", secs, |e| {
+            matches!(e, RunnerEvent::Finished { .. })
+        })
+        .await
     }
 
     pub async fn wait_reply(&self, request_id: &str) -> serde_json::Value {
         let find = || {
             self.received().into_iter().find_map(|m| match m {
-                RunnerMessage::Reply { request_id: r, result } if r == request_id => Some(result),
+                RunnerMessage::Reply {
+                    request_id: r,
+                    result,
+                } if r == request_id => Some(result),
                 _ => None,
             })
         };
-        wait_until(&format!("reply {request_id}"), Duration::from_secs(30), || find().is_some()).await;
+        wait_until(
+            &format!("reply {request_id}"),
+            Duration::from_secs(30),
+            || find().is_some(),
+        )
+        .await;
         find().unwrap()
     }
 
     pub fn invalidate_lease(&self, job_id: &str) {
-        self.state.invalid.lock().unwrap().insert(job_id.to_string());
+        self.state
+            .invalid
+            .lock()
+            .unwrap()
+            .insert(job_id.to_string());
     }
 
     pub fn fail_next_posts(&self, n: u32) {

@@ -30,10 +30,17 @@ pub struct FakeGithub {
 }
 
 fn header(h: &HeaderMap, name: &str) -> Option<String> {
-    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
-async fn create_pull(State(s): State<Arc<State_>>, Path((org, repo)): Path<(String, String)>, headers: HeaderMap, Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
+async fn create_pull(
+    State(s): State<Arc<State_>>,
+    Path((org, repo)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> (StatusCode, Json<Value>) {
     let mut calls = s.calls.lock().unwrap();
     calls.push(PullRequestCall {
         org: org.clone(),
@@ -44,13 +51,20 @@ async fn create_pull(State(s): State<Arc<State_>>, Path((org, repo)): Path<(Stri
         body,
     });
     let n = calls.len();
-    (StatusCode::CREATED, Json(json!({"number": n, "html_url": format!("https://github.test/{org}/{repo}/pull/{n}")})))
+    (
+        StatusCode::CREATED,
+        Json(
+            json!({"number": n, "html_url": format!("https://github.test/{org}/{repo}/pull/{n}")}),
+        ),
+    )
 }
 
 impl FakeGithub {
     pub async fn start() -> FakeGithub {
         let state = Arc::new(State_::default());
-        let app = Router::new().route("/repos/{org}/{repo}/pulls", post(create_pull)).with_state(state.clone());
+        let app = Router::new()
+            .route("/repos/{org}/{repo}/pulls", post(create_pull))
+            .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use kiln_runner::config::{AgentFormat, AgentProfile, Config, ContainerLimits, EdgeCredential, ExecutorKind, Mount};
+use kiln_runner::config::{
+    AgentFormat, AgentProfile, Config, ContainerLimits, EdgeCredential, ExecutorKind, Mount,
+};
 use kiln_runner::jobs::Supervisor;
 use kiln_runner::Application;
 use kiln_schemas::jobs::RalphParams;
@@ -50,7 +52,12 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
         .env("GIT_COMMITTER_EMAIL", "test@example.com")
         .output()
         .expect("git runs");
-    assert!(out.status.success(), "git {args:?} in {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "git {args:?} in {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -61,7 +68,12 @@ pub struct Remotes {
 
 impl Remotes {
     pub fn new() -> Remotes {
-        Remotes { dir: tempfile::Builder::new().prefix("kiln-remotes-").tempdir().unwrap() }
+        Remotes {
+            dir: tempfile::Builder::new()
+                .prefix("kiln-remotes-")
+                .tempdir()
+                .unwrap(),
+        }
     }
 
     /// `file://` base URL (RUNNER_GIT_BASE_URL).
@@ -78,7 +90,16 @@ impl Remotes {
     pub fn create(&self, org: &str, repo: &str) -> PathBuf {
         let bare = self.path(org, repo);
         std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
-        git(self.dir.path(), &["init", "--quiet", "--bare", "--initial-branch=main", bare.to_str().unwrap()]);
+        git(
+            self.dir.path(),
+            &[
+                "init",
+                "--quiet",
+                "--bare",
+                "--initial-branch=main",
+                bare.to_str().unwrap(),
+            ],
+        );
         let work = tempfile::tempdir().unwrap();
         let w = work.path();
         git(w, &["init", "--quiet", "--initial-branch=main"]);
@@ -95,21 +116,36 @@ impl Remotes {
     }
 
     pub fn branches(&self, org: &str, repo: &str) -> Vec<String> {
-        git(&self.path(org, repo), &["for-each-ref", "--format=%(refname:short)", "refs/heads/"])
-            .lines()
-            .map(str::to_string)
-            .collect()
+        git(
+            &self.path(org, repo),
+            &["for-each-ref", "--format=%(refname:short)", "refs/heads/"],
+        )
+        .lines()
+        .map(str::to_string)
+        .collect()
     }
 
     /// A file at a revision, if present.
     pub fn show(&self, org: &str, repo: &str, rev_path: &str) -> Option<String> {
-        let out = Command::new("git").args(["show", rev_path]).current_dir(self.path(org, repo)).output().unwrap();
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        let out = Command::new("git")
+            .args(["show", rev_path])
+            .current_dir(self.path(org, repo))
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Files of a revision.
     pub fn files(&self, org: &str, repo: &str, rev: &str) -> Vec<String> {
-        git(&self.path(org, repo), &["ls-tree", "-r", "--name-only", rev]).lines().map(str::to_string).collect()
+        git(
+            &self.path(org, repo),
+            &["ls-tree", "-r", "--name-only", rev],
+        )
+        .lines()
+        .map(str::to_string)
+        .collect()
     }
 }
 
@@ -143,7 +179,12 @@ pub struct RunnerOptions {
 
 impl Default for RunnerOptions {
     fn default() -> Self {
-        RunnerOptions { executor: ExecutorKind::Process, capacity: 2, format: AgentFormat::Text, docker_host: None }
+        RunnerOptions {
+            executor: ExecutorKind::Process,
+            capacity: 2,
+            format: AgentFormat::Text,
+            docker_host: None,
+        }
     }
 }
 
@@ -165,14 +206,22 @@ impl TestRunner {
         let github = FakeGithub::start().await;
         let remotes = Remotes::new();
         remotes.create(ORG, REPO);
-        let dirs = tempfile::Builder::new().prefix("kiln-runner-test-").tempdir().unwrap();
+        let dirs = tempfile::Builder::new()
+            .prefix("kiln-runner-test-")
+            .tempdir()
+            .unwrap();
         let config = Config {
             edge_url: edge.url.parse().unwrap(),
-            credential: Some(EdgeCredential::Registration(edge::REGISTRATION_TOKEN.into())),
+            credential: Some(EdgeCredential::Registration(
+                edge::REGISTRATION_TOKEN.into(),
+            )),
             name: "test-runner".into(),
             executor: Some(opts.executor),
             image: "kiln-busybox:latest".into(),
-            agent: AgentProfile { command: agent_cmd(opts.executor), format: opts.format },
+            agent: AgentProfile {
+                command: agent_cmd(opts.executor),
+                format: opts.format,
+            },
             max_concurrent_jobs: opts.capacity,
             repos_dir: dirs.path().join("repos"),
             worktrees_dir: dirs.path().join("worktrees"),
@@ -180,8 +229,17 @@ impl TestRunner {
             github_token: Some("gh-test-token".into()),
             github_api_url: github.url.clone(),
             listen: "127.0.0.1:0".parse().unwrap(),
-            limits: ContainerLimits { memory_mb: 256, cpus: 1.0, pids: 128, network: "none".into() },
-            mounts: vec![Mount { host: agents_dir(), container: CONTAINER_AGENTS.into(), read_only: true }],
+            limits: ContainerLimits {
+                memory_mb: 256,
+                cpus: 1.0,
+                pids: 128,
+                network: "none".into(),
+            },
+            mounts: vec![Mount {
+                host: agents_dir(),
+                container: CONTAINER_AGENTS.into(),
+                read_only: true,
+            }],
             docker_host: opts.docker_host,
         };
         let app = Application::build(config).await.expect("the runner starts");
@@ -217,7 +275,12 @@ impl TestRunner {
     }
 
     pub async fn health(&self) -> serde_json::Value {
-        reqwest::get(format!("http://127.0.0.1:{}/health", self.port)).await.unwrap().json().await.unwrap()
+        reqwest::get(format!("http://127.0.0.1:{}/health", self.port))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     /// Assigns the job and waits for its `finished` event.
@@ -230,7 +293,10 @@ impl TestRunner {
     /// Waits until the job is no longer held (its clean-up is done).
     pub async fn wait_released(&self, job_id: &str) {
         let sup = self.supervisor.clone();
-        wait_until("the job to be released", Duration::from_secs(20), || sup.held().iter().all(|h| h.job_id != job_id)).await;
+        wait_until("the job to be released", Duration::from_secs(20), || {
+            sup.held().iter().all(|h| h.job_id != job_id)
+        })
+        .await;
     }
 
     /// Stops the runner gracefully (jobs cancelled, workspaces removed).
@@ -240,15 +306,34 @@ impl TestRunner {
         }
         let task = self.task.lock().unwrap().take();
         if let Some(task) = task {
-            tokio::time::timeout(Duration::from_secs(30), task).await.expect("the runner stops").unwrap();
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("the runner stops")
+                .unwrap();
         }
     }
 }
 
 /// The job's `finished` event, as a tuple of its fields.
-pub fn finished(events: &[RunnerEvent]) -> (Outcome, String, Option<String>, Option<CompletionReason>, Option<u32>, Option<String>) {
+pub fn finished(
+    events: &[RunnerEvent],
+) -> (
+    Outcome,
+    String,
+    Option<String>,
+    Option<CompletionReason>,
+    Option<u32>,
+    Option<String>,
+) {
     match events.last() {
-        Some(RunnerEvent::Finished { outcome, message, pr_url, completion_reason, total_iterations, error_message }) => (
+        Some(RunnerEvent::Finished {
+            outcome,
+            message,
+            pr_url,
+            completion_reason,
+            total_iterations,
+            error_message,
+        }) => (
             *outcome,
             message.clone(),
             pr_url.clone(),
@@ -262,9 +347,20 @@ pub fn finished(events: &[RunnerEvent]) -> (Outcome, String, Option<String>, Opt
 
 /// Checks the envelope every job's log must have: `started` first, `finished` last and only once.
 pub fn assert_started_and_finished(events: &[RunnerEvent]) {
-    assert!(matches!(events.first(), Some(RunnerEvent::Started { .. })), "first event: {:?}", events.first());
-    assert!(matches!(events.last(), Some(RunnerEvent::Finished { .. })), "last event: {:?}", events.last());
-    let n = events.iter().filter(|e| matches!(e, RunnerEvent::Finished { .. })).count();
+    assert!(
+        matches!(events.first(), Some(RunnerEvent::Started { .. })),
+        "first event: {:?}",
+        events.first()
+    );
+    assert!(
+        matches!(events.last(), Some(RunnerEvent::Finished { .. })),
+        "last event: {:?}",
+        events.last()
+    );
+    let n = events
+        .iter()
+        .filter(|e| matches!(e, RunnerEvent::Finished { .. }))
+        .count();
     assert_eq!(n, 1, "exactly one finished event");
 }
 
@@ -273,7 +369,10 @@ pub fn stdout_lines(events: &[RunnerEvent]) -> Vec<String> {
     events
         .iter()
         .filter_map(|e| match e {
-            RunnerEvent::Log { stream: kiln_schemas::events::LogStream::Stdout, content } => Some(content.clone()),
+            RunnerEvent::Log {
+                stream: kiln_schemas::events::LogStream::Stdout,
+                content,
+            } => Some(content.clone()),
             _ => None,
         })
         .collect()
@@ -283,7 +382,10 @@ pub fn stderr_lines(events: &[RunnerEvent]) -> Vec<String> {
     events
         .iter()
         .filter_map(|e| match e {
-            RunnerEvent::Log { stream: kiln_schemas::events::LogStream::Stderr, content } => Some(content.clone()),
+            RunnerEvent::Log {
+                stream: kiln_schemas::events::LogStream::Stderr,
+                content,
+            } => Some(content.clone()),
             _ => None,
         })
         .collect()
@@ -293,10 +395,13 @@ pub fn stderr_lines(events: &[RunnerEvent]) -> Vec<String> {
 /// (`.kiln/docker/docker.sock`, started by `scripts/dockerd`). Panics with directions when neither
 /// answers: the Docker tests fail rather than skip.
 pub async fn docker_host() -> String {
-    let host = std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| {
-        let sock = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.kiln/docker/docker.sock");
-        format!("unix://{}", sock.canonicalize().unwrap_or(sock).display())
-    });
+    let host = std::env::var("DOCKER_HOST")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| {
+            let sock = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.kiln/docker/docker.sock");
+            format!("unix://{}", sock.canonicalize().unwrap_or(sock).display())
+        });
     match kiln_runner::docker::DockerClient::connect(Some(&host)).await {
         Ok(client) => {
             assert!(
