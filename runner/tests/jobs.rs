@@ -973,4 +973,11 @@ async fn a_finished_job_stays_held_until_the_edge_has_its_events_yet_never_block
         "stopping took {:?}",
         t.elapsed()
     );
+    let posts = runner.edge.failed_posts();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        runner.edge.failed_posts(),
+        posts,
+        "the stopped runner's reporter keeps posting"
+    );
 }

@@ -74,6 +74,7 @@ pub(super) async fn run_job(
             }
             // The job stays held (its lease renewed) until the edge has every event, unless it is
             // cancelled meanwhile or the runner stops: then what is undelivered is dropped.
+            let stop_reporter = reporter.abort_handle();
             let deliver = async {
                 sink.send(event).await;
                 drop(sink);
@@ -83,7 +84,10 @@ pub(super) async fn run_job(
             let delivered = async {
                 tokio::select! {
                     end = deliver => tracing::debug!(job_id, ?end, "events delivered"),
-                    _ = cancel.cancelled() => tracing::warn!(job_id, "stopped before the edge had every event"),
+                    _ = cancel.cancelled() => {
+                        stop_reporter.abort();
+                        tracing::warn!(job_id, "stopped before the edge had every event");
+                    }
                 }
             };
             tokio::join!(cleanup, delivered);
