@@ -244,7 +244,18 @@ impl JobRoom {
         }
         let seq = self.append(vec![Self::status_event(&meta, &req.message, &patch)])?;
         let db = env::db(&self.env)?;
-        store::update_job_status(&db, &meta.job_id, meta.status, seq, &rfc3339(now_ms()), &patch).await?;
+        if meta.status == JobStatus::Running {
+            // On the dispatch path the runner is waiting: the D1 copy follows in the background
+            // (`status_seq` keeps a late write from overwriting a newer status).
+            let (job_id, now) = (meta.job_id.clone(), rfc3339(now_ms()));
+            self.state.wait_until(async move {
+                if let Err(e) = store::update_job_status(&db, &job_id, JobStatus::Running, seq, &now, &patch).await {
+                    worker::console_error!("job {job_id}: D1 status copy failed: {e:?}");
+                }
+            });
+        } else {
+            store::update_job_status(&db, &meta.job_id, meta.status, seq, &rfc3339(now_ms()), &patch).await?;
+        }
         if meta.status.is_terminal() && !req.from_queue {
             let queue = env::queue(&self.env, &meta.queue)?;
             let _: serde_json::Value =

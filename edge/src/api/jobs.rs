@@ -148,8 +148,7 @@ async fn submit(ctx: &Ctx, who: &Principal, job: NewJob, original_job_id: Option
         status_seq: 0,
         client_name: None,
     };
-    store::insert_job(&env::db(&ctx.env)?, &row).await?;
-
+    let db = env::db(&ctx.env)?;
     let room = env::job_room(&ctx.env, &id)?;
     let message = match &original_job_id {
         Some(orig) => format!("job queued (retry of {orig})"),
@@ -164,7 +163,12 @@ async fn submit(ctx: &Ctx, who: &Principal, job: NewJob, original_job_id: Option
         lease_id: None,
         attempt: 0,
     };
-    let _: RoomMeta = http::call(&room, Method::Post, "/init", Some(&InitRequest { meta, message })).await?;
+    // The row and the room are independent; the queue needs both.
+    let init = InitRequest { meta, message };
+    let (inserted, opened) =
+        futures::join!(store::insert_job(&db, &row), http::call::<RoomMeta>(&room, Method::Post, "/init", Some(&init)));
+    inserted?;
+    opened?;
 
     let pending = Pending {
         job_id: id.clone(),
