@@ -33,7 +33,7 @@ pub struct HeldJob {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RunnerMessage {
-    /// First message after connecting: free capacity and the jobs still running here (after a
+    /// First message after connecting: total capacity (slots) and the jobs still running here (after a
     /// reconnect), whose leases the queue re-attaches to this socket.
     Hello { name: String, capacity: u32, running: Vec<HeldJob>, version: String },
     /// Sent every `heartbeat_secs`: renews the leases of the jobs listed.
