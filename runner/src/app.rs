@@ -107,6 +107,12 @@ impl Application {
                 }
             },
         };
+        if !config.agent.env.missing.is_empty() {
+            tracing::warn!(
+                missing = ?config.agent.env.missing,
+                "RUNNER_AGENT_ENV lists variables that are not set in the runner's environment; agents run without them"
+            );
+        }
         if executor.kind() == ExecutorKind::Process && !config.mounts.is_empty() {
             tracing::warn!("RUNNER_MOUNTS only applies to the docker executor; ignored");
         }
@@ -169,6 +175,7 @@ impl Application {
             name = %config.name,
             executor = executor.kind().as_str(),
             capacity = config.max_concurrent_jobs,
+            agent_env = ?config.agent.env.names(),
             port,
             edge = %config.edge_url,
             "runner ready"

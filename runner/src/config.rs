@@ -2,6 +2,7 @@
 //! file whose keys are the lowercase variable names, and defaults. Precedence: flag or environment
 //! variable, then the file, then the default.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -170,11 +171,93 @@ impl Default for ContainerLimits {
     }
 }
 
-/// The agent profile: a command line run with `sh -c` and the format of its output.
+/// The agent profile: a command line run with `sh -c`, the format of its output, and the
+/// variables it gets from the runner's environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentProfile {
     pub command: String,
     pub format: AgentFormat,
+    pub env: AgentEnv,
+}
+
+/// The runner's own secrets: never passed to an agent, whatever `RUNNER_AGENT_ENV` says.
+pub const RUNNER_SECRETS: [&str; 3] = ["GITHUB_TOKEN", "RUNNER_TOKEN", "RUNNER_REGISTRATION_TOKEN"];
+
+/// Variables the runner sets itself for every command it runs in a sandbox.
+pub const RUNNER_SET_VARS: [&str; 4] = [
+    "JOB_ID",
+    "ITERATION",
+    "COMPLETION_PROMISE",
+    "KILN_RUNNER_PID",
+];
+
+/// Variables copied from the runner's environment into every agent run (`RUNNER_AGENT_ENV`), so
+/// an agent CLI gets its vendor key. Its `Debug` shows names only: the values are secrets.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct AgentEnv {
+    /// Listed and set in the runner's environment, in list order: (name, value).
+    pub vars: Vec<(String, String)>,
+    /// Listed but not set in the runner's environment (the runner warns at start).
+    pub missing: Vec<String>,
+}
+
+impl std::fmt::Debug for AgentEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentEnv")
+            .field("vars", &self.names())
+            .field("missing", &self.missing)
+            .finish()
+    }
+}
+
+impl AgentEnv {
+    /// Names of the variables passed (values left out).
+    pub fn names(&self) -> Vec<&str> {
+        self.vars.iter().map(|(k, _)| k.as_str()).collect()
+    }
+}
+
+fn is_var_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Parses `RUNNER_AGENT_ENV` (comma-separated variable names) and reads their values with
+/// `lookup`. The runner's secrets are refused (in any letter case), and so are the variables the
+/// runner sets itself; a name listed twice counts once.
+pub fn parse_agent_env(
+    spec: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<AgentEnv, String> {
+    let mut env = AgentEnv::default();
+    let mut seen = Vec::new();
+    for name in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if !is_var_name(name) {
+            return Err(format!("{name:?} is not a variable name"));
+        }
+        if let Some(secret) = RUNNER_SECRETS.iter().find(|s| s.eq_ignore_ascii_case(name)) {
+            return Err(format!(
+                "{name} is refused: {secret} is one of the runner's own secrets and never reaches an agent"
+            ));
+        }
+        if RUNNER_SET_VARS.contains(&name) {
+            return Err(format!(
+                "{name} is refused: the runner sets it for every command"
+            ));
+        }
+        if seen.contains(&name) {
+            continue;
+        }
+        seen.push(name);
+        match lookup(name) {
+            Some(value) => env.vars.push((name.to_string(), value)),
+            None => env.missing.push(name.to_string()),
+        }
+    }
+    Ok(env)
 }
 
 /// How the runner proves who it is to the edge.
@@ -222,6 +305,9 @@ pub struct Args {
     /// Agent output format: text or claude-stream-json [default: claude-stream-json]
     #[arg(long, env = "RUNNER_AGENT_FORMAT")]
     pub agent_format: Option<String>,
+    /// Variables passed from the runner's environment to every agent run, comma-separated names (e.g. ANTHROPIC_API_KEY,OPENAI_API_KEY); values are read at start. GITHUB_TOKEN, RUNNER_TOKEN and RUNNER_REGISTRATION_TOKEN are refused.
+    #[arg(long, env = "RUNNER_AGENT_ENV")]
+    pub agent_env: Option<String>,
     /// Jobs run at once: the runner's capacity [default: 2]
     #[arg(long, env = "MAX_CONCURRENT_JOBS")]
     pub max_concurrent_jobs: Option<u32>,
@@ -275,6 +361,7 @@ pub struct FileSettings {
     pub runner_image: Option<String>,
     pub runner_agent_cmd: Option<String>,
     pub runner_agent_format: Option<String>,
+    pub runner_agent_env: Option<String>,
     pub max_concurrent_jobs: Option<u32>,
     pub repos_dir: Option<PathBuf>,
     pub worktrees_dir: Option<PathBuf>,
@@ -330,10 +417,24 @@ pub struct Config {
 }
 
 /// What resolution needs from the machine, passed in so resolution stays a pure function.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Host {
     pub home: Option<PathBuf>,
     pub hostname: String,
+    /// The runner's environment (where `RUNNER_AGENT_ENV` values come from).
+    pub vars: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<&String> = self.vars.keys().collect();
+        names.sort();
+        f.debug_struct("Host")
+            .field("home", &self.home)
+            .field("hostname", &self.hostname)
+            .field("vars", &names)
+            .finish()
+    }
 }
 
 impl Host {
@@ -346,6 +447,9 @@ impl Host {
         Host {
             home: std::env::var_os("HOME").map(PathBuf::from),
             hostname,
+            vars: std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+                .collect(),
         }
     }
 }
@@ -416,6 +520,11 @@ impl Config {
                 })
                 .transpose()?
                 .unwrap_or(AgentFormat::ClaudeStreamJson),
+            env: match non_empty(args.agent_env.or(file.runner_agent_env)) {
+                Some(spec) => parse_agent_env(&spec, |name| host.vars.get(name).cloned())
+                    .map_err(|e| invalid("RUNNER_AGENT_ENV", e))?,
+                None => AgentEnv::default(),
+            },
         };
 
         let max_concurrent_jobs = args
@@ -518,6 +627,11 @@ mod tests {
         Host {
             home: Some("/home/kiln".into()),
             hostname: "box-1".into(),
+            vars: HashMap::from([
+                ("ANTHROPIC_API_KEY".to_string(), "sk-ant-secret".to_string()),
+                ("OPENAI_API_KEY".to_string(), "sk-openai-secret".to_string()),
+                ("GITHUB_TOKEN".to_string(), "ghp-secret".to_string()),
+            ]),
         }
     }
 
@@ -682,6 +796,7 @@ mod tests {
         let no_home = Host {
             home: None,
             hostname: "h".into(),
+            ..Default::default()
         };
         assert!(Config::resolve(Args::default(), FileSettings::default(), &no_home).is_err());
     }
@@ -725,6 +840,74 @@ mod tests {
     }
 
     #[test]
+    fn agent_env_values_come_from_the_runners_environment() {
+        let file = FileSettings::parse(r#"runner_agent_env = "OPENAI_API_KEY""#).unwrap();
+        let c = Config::resolve(Args::default(), file, &host()).unwrap();
+        assert_eq!(
+            c.agent.env.vars,
+            vec![("OPENAI_API_KEY".into(), "sk-openai-secret".into())]
+        );
+        let c = Config::resolve(
+            Args {
+                agent_env: Some(" ANTHROPIC_API_KEY, NOT_SET ,ANTHROPIC_API_KEY,".into()),
+                ..Default::default()
+            },
+            FileSettings::default(),
+            &host(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.agent.env.vars,
+            vec![("ANTHROPIC_API_KEY".into(), "sk-ant-secret".into())]
+        );
+        assert_eq!(c.agent.env.missing, vec!["NOT_SET".to_string()]);
+        let shown = format!("{c:?}");
+        assert!(shown.contains("ANTHROPIC_API_KEY"), "{shown}");
+        assert!(
+            !shown.contains("sk-ant-secret"),
+            "values never show: {shown}"
+        );
+        let c = Config::resolve(Args::default(), FileSettings::default(), &host()).unwrap();
+        assert_eq!(c.agent.env, AgentEnv::default());
+        assert!(!format!("{:?}", host()).contains("ghp-secret"));
+    }
+
+    #[test]
+    fn agent_env_refuses_the_runners_secrets_and_its_own_variables() {
+        for spec in [
+            "GITHUB_TOKEN",
+            "ANTHROPIC_API_KEY,RUNNER_TOKEN",
+            "RUNNER_REGISTRATION_TOKEN",
+            "github_token",
+            "JOB_ID",
+            "ITERATION",
+            "COMPLETION_PROMISE",
+            "KILN_RUNNER_PID",
+            "A-B",
+            "1ABC",
+            "A=B",
+        ] {
+            let err = Config::resolve(
+                Args {
+                    agent_env: Some(spec.into()),
+                    ..Default::default()
+                },
+                FileSettings::default(),
+                &host(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.starts_with("RUNNER_AGENT_ENV: "), "{spec}: {err}");
+            assert!(!err.contains("ghp-secret"), "no value in the error: {err}");
+        }
+        let err = parse_agent_env("OPENAI_API_KEY,GITHUB_TOKEN", |_| None).unwrap_err();
+        assert!(
+            err.contains("GITHUB_TOKEN") && err.contains("never reaches an agent"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn help_lists_every_setting() {
         use clap::CommandFactory;
         let help = Args::command().render_long_help().to_string();
@@ -738,6 +921,7 @@ mod tests {
             "RUNNER_IMAGE",
             "RUNNER_AGENT_CMD",
             "RUNNER_AGENT_FORMAT",
+            "RUNNER_AGENT_ENV",
             "MAX_CONCURRENT_JOBS",
             "REPOS_DIR",
             "WORKTREES_DIR",

@@ -74,6 +74,7 @@ fn help_lists_every_setting() {
         "RUNNER_IMAGE",
         "RUNNER_AGENT_CMD",
         "RUNNER_AGENT_FORMAT",
+        "RUNNER_AGENT_ENV",
         "MAX_CONCURRENT_JOBS",
         "REPOS_DIR",
         "WORKTREES_DIR",
@@ -103,6 +104,74 @@ fn without_a_credential_the_runner_says_what_to_set() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("RUNNER_REGISTRATION_TOKEN"), "{err}");
+}
+
+#[test]
+fn a_runner_secret_in_runner_agent_env_is_refused_at_start() {
+    for listed in [
+        "ANTHROPIC_API_KEY,GITHUB_TOKEN",
+        "RUNNER_TOKEN",
+        "RUNNER_REGISTRATION_TOKEN",
+    ] {
+        let out = runner(&[
+            ("RUNNER_EXECUTOR", "process".into()),
+            ("RUNNER_REGISTRATION_TOKEN", "reg".into()),
+            ("GITHUB_TOKEN", "ghp-value".into()),
+            ("RUNNER_AGENT_ENV", listed.into()),
+        ])
+        .output()
+        .unwrap();
+        assert!(!out.status.success(), "{listed} must be refused");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let refused = listed.rsplit(',').next().unwrap();
+        assert!(
+            err.contains("RUNNER_AGENT_ENV") && err.contains(&format!("{refused} is refused")),
+            "{err}"
+        );
+        assert!(!err.contains("ghp-value"), "{err}");
+    }
+}
+
+/// `RUNNER_AGENT_ENV` read from the binary's own environment, with the secrets the runner holds
+/// (a GitHub token, a registration token) kept from the agent.
+#[tokio::test]
+async fn the_agent_of_the_binary_gets_runner_agent_env_and_none_of_its_secrets() {
+    let edge = FakeEdge::start().await;
+    let remotes = Remotes::new();
+    remotes.create(ORG, REPO);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _child = Killed(
+        runner(&[
+            ("RUNNER_EDGE_URL", edge.url.clone()),
+            ("RUNNER_REGISTRATION_TOKEN", edge::REGISTRATION_TOKEN.into()),
+            ("GITHUB_TOKEN", "gh-test-token".into()),
+            ("KILN_TEST_AGENT_KEY", "sk-kiln-test-value".into()),
+            (
+                "RUNNER_AGENT_ENV",
+                "KILN_TEST_AGENT_KEY,KILN_TEST_UNSET".into(),
+            ),
+            ("RUNNER_LISTEN", format!("127.0.0.1:{port}")),
+            ("RUNNER_EXECUTOR", "process".into()),
+            ("RUNNER_AGENT_CMD", agent_cmd(ExecutorKind::Process)),
+            ("RUNNER_AGENT_FORMAT", "text".into()),
+            ("RUNNER_GIT_BASE_URL", remotes.base_url()),
+            ("REPOS_DIR", dir.path().join("repos").display().to_string()),
+            (
+                "WORKTREES_DIR",
+                dir.path().join("worktrees").display().to_string(),
+            ),
+        ])
+        .spawn()
+        .unwrap(),
+    );
+    health(port).await;
+    edge.wait_hellos(1).await;
+    let a = assignment(JobType::Code, "env");
+    let job = a.job_id.clone();
+    edge.assign(a).await;
+    let events = edge.wait_finished(&job, 30).await;
+    assert_agent_env_passed_without_secrets(&events);
 }
 
 #[tokio::test]

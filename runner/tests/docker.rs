@@ -361,6 +361,22 @@ async fn a_code_job_runs_in_its_container_and_opens_a_pull_request() {
 }
 
 #[tokio::test]
+async fn the_agent_in_its_container_gets_runner_agent_env_but_never_the_runners_secrets() {
+    let host = docker_host().await;
+    let runner = TestRunner::start(RunnerOptions {
+        executor: ExecutorKind::Docker,
+        docker_host: Some(host),
+        agent_env: agent_env_with_secrets(),
+        ..Default::default()
+    })
+    .await;
+    let events = runner.run(assignment(JobType::Code, "env"), 60).await;
+    assert_eq!(finished(&events).0, Outcome::Completed, "{events:#?}");
+    assert_agent_env_passed_without_secrets(&events);
+    runner.stop().await;
+}
+
+#[tokio::test]
 async fn a_task_job_talks_to_its_agent_through_docker_exec() {
     let runner = docker_runner().await;
     let a = assignment(JobType::Task, "echo hello");

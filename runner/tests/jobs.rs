@@ -260,6 +260,31 @@ async fn a_code_job_without_changes_completes_without_a_pull_request() {
 }
 
 #[tokio::test]
+async fn the_agent_gets_runner_agent_env_but_never_the_runners_secrets() {
+    let runner = TestRunner::start(RunnerOptions {
+        agent_env: agent_env_with_secrets(),
+        ..Default::default()
+    })
+    .await;
+    let a = assignment(JobType::Ralph, "env promise@1");
+    let job = a.job_id.clone();
+    let mut a = a;
+    a.ralph.as_mut().unwrap().feedback_commands =
+        vec!["echo \"feedback sees [$KILN_TEST_AGENT_KEY]\"".into()];
+    let events = runner.run(a, 60).await;
+    assert_eq!(finished(&events).0, Outcome::Completed, "{events:#?}");
+    assert_agent_env_passed_without_secrets(&events);
+    let env = agent_env(&events);
+    assert!(env.iter().any(|(k, v)| k == "JOB_ID" && v == &job));
+    assert!(
+        has_stdout(&events, "feedback sees []"),
+        "feedback commands do not get the agent's variables: {:?}",
+        stdout_lines(&events)
+    );
+    runner.stop().await;
+}
+
+#[tokio::test]
 async fn a_code_job_starts_from_its_base_branch_and_targets_it() {
     let runner = TestRunner::start(RunnerOptions::default()).await;
     let mut a = assignment(JobType::Code, "write on develop");

@@ -17,7 +17,7 @@ use futures::{FutureExt, StreamExt};
 use kiln_schemas::events::LogStream;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{ContainerLimits, ExecutorKind, Mount};
+use crate::config::{ContainerLimits, ExecutorKind, Mount, RUNNER_SECRETS};
 use crate::executor::{
     ExecError, ExecSpec, Execution, Executor, OutputChunk, Sandbox, StdinWriter, OUTPUT_CHANNEL,
 };
@@ -289,7 +289,13 @@ pub struct DockerSandbox {
 impl DockerSandbox {
     async fn start(&self, spec: ExecSpec) -> Result<Execution, ExecError> {
         let docker = self.client.docker.clone();
-        let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        // The runner's own secrets never reach a command, whatever the spec says.
+        let env: Vec<String> = spec
+            .env
+            .iter()
+            .filter(|(k, _)| !RUNNER_SECRETS.contains(&k.as_str()))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         let created = docker
             .create_exec(
                 &self.name,

@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ExecError, ExecSpec, Execution, Executor, OutputChunk, Sandbox, OUTPUT_CHANNEL};
-use crate::config::ExecutorKind;
+use crate::config::{ExecutorKind, RUNNER_SECRETS};
 
 /// Runs the command (`$1`) as the group leader, beside a watcher in the same process group that
 /// kills the whole group once the runner is gone: a runner that dies without cleaning up (SIGKILL,
@@ -26,9 +26,6 @@ use crate::config::ExecutorKind;
 /// the command's pipes open.
 const WATCHED: &str = r#"(while kill -0 "$KILN_RUNNER_PID" 2>/dev/null; do sleep 1; done; kill -KILL 0) </dev/null >/dev/null 2>&1 &
 exec sh -c "$1""#;
-
-/// Variables of the runner's own that an agent must not see.
-const SECRET_VARS: [&str; 3] = ["RUNNER_TOKEN", "RUNNER_REGISTRATION_TOKEN", "GITHUB_TOKEN"];
 
 #[derive(Debug, Default, Clone)]
 pub struct ProcessExecutor;
@@ -108,10 +105,15 @@ impl ProcessSandbox {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        for var in SECRET_VARS {
+        // The runner's own secrets never reach a command, whatever the spec says.
+        for var in RUNNER_SECRETS {
             cmd.env_remove(var);
         }
-        for (k, v) in &spec.env {
+        for (k, v) in spec
+            .env
+            .iter()
+            .filter(|(k, _)| !RUNNER_SECRETS.contains(&k.as_str()))
+        {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn()?;

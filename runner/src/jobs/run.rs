@@ -270,13 +270,18 @@ impl JobRun {
             .expect("the worktree exists while a handler runs")
     }
 
+    /// The agent's command: prompt on stdin, `JOB_ID`, `ITERATION` and the `RUNNER_AGENT_ENV`
+    /// variables in its environment (feedback commands do not get those).
     pub fn agent_spec(&self, iteration: u32) -> ExecSpec {
-        ExecSpec::new(
+        let mut spec = ExecSpec::new(
             self.services.agent.command.clone(),
             self.job_id(),
             iteration,
         )
-        .with_stdin()
+        .with_stdin();
+        spec.env
+            .extend(self.services.agent.env.vars.iter().cloned());
+        spec
     }
 
     /// Starts a command; output is streamed as events by [`JobRun::stream`].

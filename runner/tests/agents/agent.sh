@@ -10,6 +10,7 @@
 #   slow       sleep 1 second before finishing
 #   json       print claude-stream-json lines
 #   echo       interactive: answer each further line with "echo: <line>" until stdin closes
+#   env        print its environment, one "env: NAME=value" line per variable
 IFS= read -r prompt
 echo "agent: job ${JOB_ID} iteration ${ITERATION} prompt: ${prompt}"
 case " $prompt " in *" echo "*)
@@ -18,6 +19,7 @@ case " $prompt " in *" echo "*)
   case " $prompt " in *" exitcode3 "*) exit 3 ;; esac
   exit 0 ;;
 esac
+case " $prompt " in *" env "*) env | sort | sed 's/^/env: /' ;; esac
 case " $prompt " in *" write "*)
   mkdir -p kiln
   { printf '%s\n' "$prompt"; cat; } > "kiln/iteration-${ITERATION}.txt"

@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use kiln_runner::config::{
-    AgentFormat, AgentProfile, Config, ContainerLimits, EdgeCredential, ExecutorKind, Mount,
+    AgentEnv, AgentFormat, AgentProfile, Config, ContainerLimits, EdgeCredential, ExecutorKind,
+    Mount,
 };
 use kiln_runner::jobs::Supervisor;
 use kiln_runner::Application;
@@ -175,6 +176,9 @@ pub struct RunnerOptions {
     pub capacity: u32,
     pub format: AgentFormat,
     pub docker_host: Option<String>,
+    /// What `RUNNER_AGENT_ENV` would have resolved to (built directly, so tests can also try
+    /// what the setting refuses).
+    pub agent_env: AgentEnv,
 }
 
 impl Default for RunnerOptions {
@@ -184,6 +188,7 @@ impl Default for RunnerOptions {
             capacity: 2,
             format: AgentFormat::Text,
             docker_host: None,
+            agent_env: AgentEnv::default(),
         }
     }
 }
@@ -221,6 +226,7 @@ impl TestRunner {
             agent: AgentProfile {
                 command: agent_cmd(opts.executor),
                 format: opts.format,
+                env: opts.agent_env,
             },
             max_concurrent_jobs: opts.capacity,
             repos_dir: dirs.path().join("repos"),
@@ -414,5 +420,55 @@ pub async fn docker_host() -> String {
             "the Docker tests need a running daemon: none answers at {host} ({e}). Start one with scripts/dockerd \
              (or point DOCKER_HOST at one that has the image kiln-busybox:latest)."
         ),
+    }
+}
+
+/// The environment the stand-in agent printed for the prompt word `env`: (name, value) pairs.
+pub fn agent_env(events: &[RunnerEvent]) -> Vec<(String, String)> {
+    stdout_lines(events)
+        .iter()
+        .filter_map(|l| l.strip_prefix("env: ")?.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// What `RUNNER_AGENT_ENV=KILN_TEST_AGENT_KEY` would resolve to, plus the runner's secrets
+/// slipped in as if the setting had not refused them: the executors must still drop those.
+pub fn agent_env_with_secrets() -> kiln_runner::config::AgentEnv {
+    kiln_runner::config::AgentEnv {
+        vars: vec![
+            ("KILN_TEST_AGENT_KEY".into(), "sk-kiln-test-value".into()),
+            ("GITHUB_TOKEN".into(), "leaked-github-token".into()),
+            ("RUNNER_TOKEN".into(), "leaked-runner-token".into()),
+            (
+                "RUNNER_REGISTRATION_TOKEN".into(),
+                "leaked-registration".into(),
+            ),
+        ],
+        missing: vec![],
+    }
+}
+
+/// Checks what an agent run with [`agent_env_with_secrets`] saw: the listed key, none of the
+/// runner's secrets (by name or by value).
+pub fn assert_agent_env_passed_without_secrets(events: &[RunnerEvent]) {
+    let env = agent_env(events);
+    assert!(
+        !env.is_empty(),
+        "the agent printed its environment: {events:#?}"
+    );
+    assert!(
+        env.contains(&("KILN_TEST_AGENT_KEY".into(), "sk-kiln-test-value".into())),
+        "the agent sees RUNNER_AGENT_ENV's variable; it sees only {:?}",
+        env.iter().map(|(k, _)| k).collect::<Vec<_>>()
+    );
+    for (k, v) in &env {
+        assert!(
+            !["GITHUB_TOKEN", "RUNNER_TOKEN", "RUNNER_REGISTRATION_TOKEN"].contains(&k.as_str()),
+            "the agent sees {k}"
+        );
+        for secret in ["leaked-", "gh-test-token", edge::REGISTRATION_TOKEN] {
+            assert!(!v.contains(secret), "the agent sees a secret in {k}={v}");
+        }
     }
 }
