@@ -9,20 +9,25 @@ use std::sync::Arc;
 use crate::config::{Config, EdgeCredential, ExecutorKind};
 use crate::docker::{DockerClient, DockerExecutor};
 use crate::edge::connection::{EdgeStatus, Session};
-use crate::edge::{self, EdgeClient, EdgeError};
+use crate::edge::{self, EdgeClient, EdgeError, Registrar};
 use crate::executor::process::ProcessExecutor;
 use crate::executor::{ExecError, Executor};
 use crate::github::GithubClient;
 use crate::health::{self, HealthState};
 use crate::jobs::{CancelToken, JobServices, Supervisor};
+use crate::state::{self, Opened, StartCredential, StateDir, StateError};
 use crate::workspace::Workspaces;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(
-        "no credential for the edge: set RUNNER_TOKEN, or RUNNER_REGISTRATION_TOKEN to register"
+        "no credential for the edge: set RUNNER_TOKEN, or RUNNER_REGISTRATION_TOKEN to register (a token saved in RUNNER_STATE_DIR is reused only with the edge and runner name it was issued for)"
     )]
     NoCredential,
+    #[error("the state directory: {0}")]
+    State(#[source] StateError),
+    #[error("the state directory {dir} is in use by another runner{}; give this one its own RUNNER_STATE_DIR, or set RUNNER_REGISTRATION_TOKEN to register it without saving", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    StateInUse { dir: String, pid: Option<u32> },
     #[error("registering with the edge failed: {0}")]
     Register(#[source] EdgeError),
     #[error(
@@ -54,22 +59,14 @@ pub struct Application {
     supervisor: Supervisor,
     health: Arc<HealthState>,
     session: Session,
+    /// Held while the runner runs: the lock on the state directory.
+    _state: Option<Arc<StateDir>>,
 }
 
 impl Application {
     pub async fn build(config: Config) -> Result<Application, StartError> {
         let http = edge::http_client();
-        let token = match &config.credential {
-            Some(EdgeCredential::Token(t)) => t.clone(),
-            Some(EdgeCredential::Registration(reg)) => {
-                let r = edge::register(&http, &config.edge_url, reg, &config.name)
-                    .await
-                    .map_err(StartError::Register)?;
-                tracing::info!(runner_id = %r.runner_id, name = %config.name, "registered with the edge (set RUNNER_TOKEN to reuse this registration)");
-                r.token
-            }
-            None => return Err(StartError::NoCredential),
-        };
+        let (token, registrar, state) = credentials(&config, &http).await?;
 
         for dir in [&config.repos_dir, &config.worktrees_dir] {
             tokio::fs::create_dir_all(dir)
@@ -170,6 +167,7 @@ impl Application {
             supervisor: supervisor.clone(),
             workspaces,
             status,
+            registrar,
         };
         tracing::info!(
             name = %config.name,
@@ -187,6 +185,7 @@ impl Application {
             supervisor,
             health,
             session,
+            _state: state,
         })
     }
 
@@ -228,6 +227,75 @@ impl Application {
             Err(_) => Ok(()),
         }
     }
+}
+
+/// The runner token to start with, how to renew it, and the state directory held: `RUNNER_TOKEN`
+/// as given (the state directory is not used); else the registration saved for this edge and
+/// name; else a new registration, saved.
+async fn credentials(
+    config: &Config,
+    http: &reqwest::Client,
+) -> Result<(String, Option<Arc<Registrar>>, Option<Arc<StateDir>>), StartError> {
+    if let Some(EdgeCredential::Token(t)) = &config.credential {
+        return Ok((t.clone(), None, None));
+    }
+    let registration_token = match &config.credential {
+        Some(EdgeCredential::Registration(r)) => Some(r.clone()),
+        _ => None,
+    };
+    let dir = &config.state_dir;
+    let state = match StateDir::open(dir).map_err(StartError::State)? {
+        Opened::Locked(s) => Some(Arc::new(s)),
+        Opened::InUse { pid } if registration_token.is_some() => {
+            tracing::warn!(dir = %dir.display(), ?pid, "the state directory is in use by another runner: this one registers without saving (give it its own RUNNER_STATE_DIR)");
+            None
+        }
+        Opened::InUse { pid } => {
+            return Err(StartError::StateInUse {
+                dir: dir.display().to_string(),
+                pid,
+            })
+        }
+    };
+    let saved = match &state {
+        Some(s) => s.load().map_err(StartError::State)?,
+        None => None,
+    };
+    let registrar = registration_token.map(|registration_token| {
+        Arc::new(Registrar {
+            http: http.clone(),
+            base: config.edge_url.clone(),
+            registration_token,
+            name: config.name.clone(),
+            state: state.clone(),
+        })
+    });
+    let edge_url = config.edge_url.to_string();
+    let token = match state::choose(
+        config.credential.as_ref(),
+        saved.as_ref(),
+        &edge_url,
+        &config.name,
+    ) {
+        StartCredential::Configured(t) => t,
+        StartCredential::Saved(s) => {
+            tracing::info!(runner_id = %s.runner_id, registered_at = %s.registered_at, path = %dir.join(state::STATE_FILE).display(), "using the saved runner token");
+            s.token
+        }
+        StartCredential::Register => {
+            if let Some(s) = &saved {
+                tracing::info!(saved_edge = %s.edge_url, saved_name = %s.name, "the saved registration is for another edge or name; registering");
+            }
+            let registrar = registrar.as_ref().expect("a registration token is set");
+            registrar
+                .register()
+                .await
+                .map_err(StartError::Register)?
+                .token
+        }
+        StartCredential::Missing => return Err(StartError::NoCredential),
+    };
+    Ok((token, registrar, state))
 }
 
 async fn docker_executor(

@@ -17,6 +17,7 @@ pub const DEFAULT_AGENT_CMD: &str =
 pub const DEFAULT_MAX_CONCURRENT_JOBS: u32 = 2;
 pub const DEFAULT_REPOS_DIR: &str = "~/repos";
 pub const DEFAULT_WORKTREES_DIR: &str = "~/worktrees";
+pub const DEFAULT_STATE_DIR: &str = "~/.kiln-runner";
 pub const DEFAULT_GIT_BASE_URL: &str = "https://github.com";
 pub const DEFAULT_GITHUB_API_URL: &str = "https://api.github.com";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8788";
@@ -287,9 +288,12 @@ pub struct Args {
     /// Runner token from an earlier registration.
     #[arg(long, env = "RUNNER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Operator's registration token: used to register at start when no RUNNER_TOKEN is set.
+    /// Operator's registration token: used to register when no RUNNER_TOKEN is set and no saved registration fits (and again when the edge refuses the saved token).
     #[arg(long, env = "RUNNER_REGISTRATION_TOKEN", hide_env_values = true)]
     pub registration_token: Option<String>,
+    /// Where the runner keeps the token and id the edge issued at registration (runner.json, mode 0600), reused on later starts without RUNNER_TOKEN [default: ~/.kiln-runner]
+    #[arg(long, env = "RUNNER_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Name this runner registers and connects under [default: the host name]
     #[arg(long, env = "RUNNER_NAME")]
     pub name: Option<String>,
@@ -356,6 +360,7 @@ pub struct FileSettings {
     pub runner_edge_url: Option<String>,
     pub runner_token: Option<String>,
     pub runner_registration_token: Option<String>,
+    pub runner_state_dir: Option<PathBuf>,
     pub runner_name: Option<String>,
     pub runner_executor: Option<String>,
     pub runner_image: Option<String>,
@@ -399,6 +404,8 @@ impl FileSettings {
 pub struct Config {
     pub edge_url: url::Url,
     pub credential: Option<EdgeCredential>,
+    /// Holds `runner.json`, the saved registration.
+    pub state_dir: PathBuf,
     pub name: String,
     /// `None`: docker when a daemon answers, else process.
     pub executor: Option<ExecutorKind>,
@@ -542,6 +549,13 @@ impl Config {
             host,
         )
         .map_err(|e| invalid("REPOS_DIR", e))?;
+        let state_dir = expand_home(
+            args.state_dir
+                .or(file.runner_state_dir)
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            host,
+        )
+        .map_err(|e| invalid("RUNNER_STATE_DIR", e))?;
         let worktrees_dir = expand_home(
             args.worktrees_dir
                 .or(file.worktrees_dir)
@@ -601,6 +615,7 @@ impl Config {
         Ok(Config {
             edge_url,
             credential,
+            state_dir,
             name,
             executor,
             image,
@@ -647,6 +662,7 @@ mod tests {
         assert_eq!(c.max_concurrent_jobs, 2);
         assert_eq!(c.repos_dir, PathBuf::from("/home/kiln/repos"));
         assert_eq!(c.worktrees_dir, PathBuf::from("/home/kiln/worktrees"));
+        assert_eq!(c.state_dir, PathBuf::from("/home/kiln/.kiln-runner"));
         assert_eq!(c.git_base_url, "https://github.com");
         assert_eq!(c.github_api_url, "https://api.github.com");
         assert_eq!(c.listen, "127.0.0.1:8788".parse().unwrap());
@@ -788,9 +804,11 @@ mod tests {
         let file = FileSettings {
             repos_dir: Some("~/r".into()),
             worktrees_dir: Some("/srv/~/w".into()),
+            runner_state_dir: Some("~/state".into()),
             ..Default::default()
         };
         let c = Config::resolve(Args::default(), file, &host()).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/home/kiln/state"));
         assert_eq!(c.repos_dir, PathBuf::from("/home/kiln/r"));
         assert_eq!(c.worktrees_dir, PathBuf::from("/srv/~/w"));
         let no_home = Host {
@@ -916,6 +934,7 @@ mod tests {
             "RUNNER_EDGE_URL",
             "RUNNER_TOKEN",
             "RUNNER_REGISTRATION_TOKEN",
+            "RUNNER_STATE_DIR",
             "RUNNER_NAME",
             "RUNNER_EXECUTOR",
             "RUNNER_IMAGE",

@@ -15,6 +15,7 @@ pub mod health;
 pub mod jobs;
 pub mod output;
 pub mod reporter;
+pub mod state;
 pub mod workspace;
 
 pub use app::Application;

@@ -69,6 +69,7 @@ fn help_lists_every_setting() {
         "RUNNER_EDGE_URL",
         "RUNNER_TOKEN",
         "RUNNER_REGISTRATION_TOKEN",
+        "RUNNER_STATE_DIR",
         "RUNNER_NAME",
         "RUNNER_EXECUTOR",
         "RUNNER_IMAGE",
@@ -98,9 +99,13 @@ fn help_lists_every_setting() {
 
 #[test]
 fn without_a_credential_the_runner_says_what_to_set() {
-    let out = runner(&[("RUNNER_EXECUTOR", "process".into())])
-        .output()
-        .unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let out = runner(&[
+        ("RUNNER_EXECUTOR", "process".into()),
+        ("RUNNER_STATE_DIR", state.path().display().to_string()),
+    ])
+    .output()
+    .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("RUNNER_REGISTRATION_TOKEN"), "{err}");
@@ -113,8 +118,10 @@ fn a_runner_secret_in_runner_agent_env_is_refused_at_start() {
         "RUNNER_TOKEN",
         "RUNNER_REGISTRATION_TOKEN",
     ] {
+        let state = tempfile::tempdir().unwrap();
         let out = runner(&[
             ("RUNNER_EXECUTOR", "process".into()),
+            ("RUNNER_STATE_DIR", state.path().display().to_string()),
             ("RUNNER_REGISTRATION_TOKEN", "reg".into()),
             ("GITHUB_TOKEN", "ghp-value".into()),
             ("RUNNER_AGENT_ENV", listed.into()),
@@ -156,6 +163,10 @@ async fn the_agent_of_the_binary_gets_runner_agent_env_and_none_of_its_secrets()
             ("RUNNER_AGENT_CMD", agent_cmd(ExecutorKind::Process)),
             ("RUNNER_AGENT_FORMAT", "text".into()),
             ("RUNNER_GIT_BASE_URL", remotes.base_url()),
+            (
+                "RUNNER_STATE_DIR",
+                dir.path().join("state").display().to_string(),
+            ),
             ("REPOS_DIR", dir.path().join("repos").display().to_string()),
             (
                 "WORKTREES_DIR",
@@ -192,6 +203,10 @@ async fn settings_come_from_the_environment_then_the_file() {
     let _child = Killed(
         runner(&[
             ("RUNNER_CONFIG", file.display().to_string()),
+            (
+                "RUNNER_STATE_DIR",
+                dir.path().join("state").display().to_string(),
+            ),
             ("RUNNER_EDGE_URL", edge.url.clone()),
             ("RUNNER_REGISTRATION_TOKEN", edge::REGISTRATION_TOKEN.into()),
             ("RUNNER_LISTEN", format!("127.0.0.1:{port}")),
@@ -230,6 +245,10 @@ async fn a_killed_runner_takes_its_agents_with_it() {
             ("RUNNER_AGENT_CMD", agent_cmd(ExecutorKind::Process)),
             ("RUNNER_AGENT_FORMAT", "text".into()),
             ("RUNNER_GIT_BASE_URL", remotes.base_url()),
+            (
+                "RUNNER_STATE_DIR",
+                dir.path().join("state").display().to_string(),
+            ),
             ("REPOS_DIR", dir.path().join("repos").display().to_string()),
             (
                 "WORKTREES_DIR",

@@ -967,7 +967,8 @@ async fn stopping_the_runner_cancels_its_jobs_and_cleans_up() {
 async fn a_finished_job_stays_held_until_the_edge_has_its_events_yet_never_blocks_a_stop() {
     let runner = TestRunner::start(RunnerOptions::default()).await;
     runner.edge.fail_next_posts(u32::MAX);
-    let a = assignment(JobType::Code, "look around");
+    // `slow`: the worktree lives a second, long enough to be seen before it is removed.
+    let a = assignment(JobType::Code, "slow look around");
     let job = a.job_id.clone();
     runner.edge.assign(a).await;
     // The first batch is retried forever, so nothing after it arrives; the job's work is done

@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{connect_url, EdgeClient};
+use super::{connect_url, EdgeClient, Registrar};
 use crate::backoff::Backoff;
 use crate::jobs::{CancelToken, JobControl, Supervisor};
 use crate::workspace::{RepoRef, Workspaces};
@@ -31,6 +31,8 @@ pub enum SessionError {
     Refused(String),
     #[error("invalid runner token for an HTTP header")]
     BadToken,
+    #[error("the edge refused the runner token (401)")]
+    Unauthorized,
 }
 
 /// Whether the session is up (for `/health`).
@@ -55,20 +57,48 @@ pub struct Session {
     pub supervisor: Supervisor,
     pub workspaces: Arc<Workspaces>,
     pub status: Arc<EdgeStatus>,
+    /// Registers again when the edge refuses the token (none for a configured `RUNNER_TOKEN`, or
+    /// without a registration token).
+    pub registrar: Option<Arc<Registrar>>,
 }
 
 impl Session {
     /// Keeps a session up until `shutdown`.
     pub async fn run(self, shutdown: CancelToken) {
         let mut backoff = Backoff::default();
+        // Set by a registration until a session is welcomed: a token the edge has just issued
+        // and refuses anyway is not worth another registration.
+        let mut registered = false;
         loop {
             let result = tokio::select! {
                 r = self.serve_once(&mut backoff) => r,
                 _ = shutdown.cancelled() => break,
             };
+            if self.status.is_connected() {
+                registered = false;
+            }
             self.status.set(false);
             match result {
                 Ok(()) => tracing::warn!("the edge closed the connection"),
+                Err(SessionError::Unauthorized) => match &self.registrar {
+                    Some(registrar) if !registered => {
+                        tracing::warn!("the edge refused the runner token; registering again");
+                        match registrar.register().await {
+                            Ok(r) => {
+                                self.client.set_token(r.token);
+                                registered = true;
+                                continue;
+                            }
+                            Err(e) => tracing::error!(error = %e, "registering again failed"),
+                        }
+                    }
+                    Some(_) => tracing::error!(
+                        "the edge refused the runner token it has just issued; retrying with it"
+                    ),
+                    None => tracing::error!(
+                        "the edge refused the runner token; set a valid RUNNER_TOKEN, or RUNNER_REGISTRATION_TOKEN to register again"
+                    ),
+                },
                 Err(e) => tracing::warn!(error = %e, "edge connection failed"),
             }
             let delay = backoff.next_delay();
@@ -102,7 +132,13 @@ impl Session {
         let (ws, _) =
             tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(request))
                 .await
-                .map_err(|_| SessionError::Timeout(CONNECT_TIMEOUT))??;
+                .map_err(|_| SessionError::Timeout(CONNECT_TIMEOUT))?
+                .map_err(|e| match e {
+                    tokio_tungstenite::tungstenite::Error::Http(res) if res.status() == 401 => {
+                        SessionError::Unauthorized
+                    }
+                    e => SessionError::WebSocket(e),
+                })?;
         let (mut tx, mut rx) = ws.split();
         tx.send(encode(&self.hello())).await?;
 

@@ -3,10 +3,14 @@
 
 pub mod connection;
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use chrono::{SecondsFormat, Utc};
 use kiln_schemas::runner::{BatchAck, EventBatch, RegisterRunnerRequest, RegisterRunnerResponse};
 use url::Url;
+
+use crate::state::{SavedRegistration, StateDir};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EdgeError {
@@ -27,6 +31,11 @@ impl EdgeError {
             EdgeError::Http { .. } => true,
             EdgeError::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
         }
+    }
+
+    /// Whether the edge refused the credential (401).
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self, EdgeError::Status { status: 401, .. })
     }
 }
 
@@ -101,25 +110,75 @@ pub async fn register(
     read_json(&url, res).await
 }
 
-/// The runner's authenticated HTTP client for the edge.
+/// Registers with the operator's registration token and saves what the edge issued in the
+/// state directory (when this runner holds it): at start, and again when the edge refuses the
+/// token it has.
+pub struct Registrar {
+    pub http: reqwest::Client,
+    pub base: Url,
+    pub registration_token: String,
+    pub name: String,
+    pub state: Option<Arc<StateDir>>,
+}
+
+impl Registrar {
+    pub async fn register(&self) -> Result<RegisterRunnerResponse, EdgeError> {
+        let r = register(&self.http, &self.base, &self.registration_token, &self.name).await?;
+        match &self.state {
+            Some(state) => {
+                let saved = SavedRegistration {
+                    runner_id: r.runner_id.clone(),
+                    token: r.token.clone(),
+                    edge_url: self.base.to_string(),
+                    name: self.name.clone(),
+                    registered_at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+                };
+                match state.save(&saved) {
+                    Ok(()) => {
+                        tracing::info!(runner_id = %r.runner_id, path = %state.file().display(), "registered with the edge; the runner token is saved for later starts")
+                    }
+                    Err(e) => {
+                        tracing::warn!(runner_id = %r.runner_id, error = %e, "registered with the edge but could not save the runner token; the next start registers again")
+                    }
+                }
+            }
+            None => {
+                tracing::info!(runner_id = %r.runner_id, name = %self.name, "registered with the edge (not saved: the state directory is another runner's)")
+            }
+        }
+        Ok(r)
+    }
+}
+
+/// The runner's authenticated HTTP client for the edge. Clones share the token, so a token
+/// renewed after a registration reaches every user at once.
 #[derive(Clone)]
 pub struct EdgeClient {
     http: reqwest::Client,
     base: Url,
-    token: String,
+    token: Arc<RwLock<String>>,
 }
 
 impl EdgeClient {
     pub fn new(http: reqwest::Client, base: Url, token: String) -> Self {
-        EdgeClient { http, base, token }
+        EdgeClient {
+            http,
+            base,
+            token: Arc::new(RwLock::new(token)),
+        }
     }
 
     pub fn base(&self) -> &Url {
         &self.base
     }
 
-    pub fn token(&self) -> &str {
-        &self.token
+    pub fn token(&self) -> String {
+        self.token.read().unwrap().clone()
+    }
+
+    /// Replaces the token (after a new registration).
+    pub fn set_token(&self, token: String) {
+        *self.token.write().unwrap() = token;
     }
 
     /// `POST /runner/v1/jobs/{job_id}/events`.
@@ -136,7 +195,7 @@ impl EdgeClient {
         let res = self
             .http
             .post(url.clone())
-            .bearer_auth(&self.token)
+            .bearer_auth(self.token())
             .json(batch)
             .send()
             .await;

@@ -32,6 +32,9 @@ enum Command {
 struct EdgeState {
     tokens: Mutex<Vec<String>>,
     names: Mutex<Vec<String>>,
+    /// The token of every session accepted, in order.
+    connected: Mutex<Vec<String>>,
+    refused_connects: AtomicU32,
     received: Mutex<Vec<RunnerMessage>>,
     outbox: Mutex<Option<mpsc::UnboundedSender<Command>>>,
     events: Mutex<HashMap<String, BTreeMap<u64, RunnerEvent>>>,
@@ -42,6 +45,7 @@ struct EdgeState {
     duplicates: AtomicU32,
 }
 
+#[derive(Clone)]
 pub struct FakeEdge {
     pub url: String,
     state: Arc<EdgeState>,
@@ -88,8 +92,13 @@ async fn connect(
     ws: WebSocketUpgrade,
 ) -> Response {
     if !authorized(&s, &headers) {
+        s.refused_connects.fetch_add(1, Ordering::SeqCst);
         return StatusCode::UNAUTHORIZED.into_response();
     }
+    s.connected
+        .lock()
+        .unwrap()
+        .push(bearer(&headers).unwrap_or_default());
     ws.on_upgrade(move |socket| session(s, socket))
 }
 
@@ -261,6 +270,26 @@ impl FakeEdge {
 
     pub fn registered_names(&self) -> Vec<String> {
         self.state.names.lock().unwrap().clone()
+    }
+
+    /// The runner tokens issued, in order.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.state.tokens.lock().unwrap().clone()
+    }
+
+    /// The token of every session accepted, in order.
+    pub fn connected_tokens(&self) -> Vec<String> {
+        self.state.connected.lock().unwrap().clone()
+    }
+
+    /// Sessions refused for their token (401).
+    pub fn refused_connects(&self) -> u32 {
+        self.state.refused_connects.load(Ordering::SeqCst)
+    }
+
+    /// Forgets every runner token issued (an edge that lost its runners): they answer 401 now.
+    pub fn revoke_tokens(&self) {
+        self.state.tokens.lock().unwrap().clear();
     }
 
     pub async fn wait_hellos(&self, n: usize) -> Vec<RunnerMessage> {

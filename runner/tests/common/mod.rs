@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use kiln_runner::app::StartError;
 use kiln_runner::config::{
     AgentEnv, AgentFormat, AgentProfile, Config, ContainerLimits, EdgeCredential, ExecutorKind,
     Mount,
@@ -179,6 +180,13 @@ pub struct RunnerOptions {
     /// What `RUNNER_AGENT_ENV` would have resolved to (built directly, so tests can also try
     /// what the setting refuses).
     pub agent_env: AgentEnv,
+    /// An edge to use instead of a new one (a restarted runner).
+    pub edge: Option<FakeEdge>,
+    /// `RUNNER_STATE_DIR` [default: a directory of the runner's own].
+    pub state_dir: Option<PathBuf>,
+    /// [default: the fake edge's registration token]
+    pub credential: Option<EdgeCredential>,
+    pub name: String,
 }
 
 impl Default for RunnerOptions {
@@ -189,6 +197,12 @@ impl Default for RunnerOptions {
             format: AgentFormat::Text,
             docker_host: None,
             agent_env: AgentEnv::default(),
+            edge: None,
+            state_dir: None,
+            credential: Some(EdgeCredential::Registration(
+                edge::REGISTRATION_TOKEN.into(),
+            )),
+            name: "test-runner".into(),
         }
     }
 }
@@ -207,7 +221,18 @@ pub struct TestRunner {
 
 impl TestRunner {
     pub async fn start(opts: RunnerOptions) -> TestRunner {
-        let edge = FakeEdge::start().await;
+        TestRunner::try_start(opts)
+            .await
+            .expect("the runner starts")
+    }
+
+    /// Starts a runner and waits for its `hello`, or says why it could not start.
+    pub async fn try_start(opts: RunnerOptions) -> Result<TestRunner, StartError> {
+        let edge = match opts.edge {
+            Some(edge) => edge,
+            None => FakeEdge::start().await,
+        };
+        let hellos = edge.hellos().len();
         let github = FakeGithub::start().await;
         let remotes = Remotes::new();
         remotes.create(ORG, REPO);
@@ -217,10 +242,9 @@ impl TestRunner {
             .unwrap();
         let config = Config {
             edge_url: edge.url.parse().unwrap(),
-            credential: Some(EdgeCredential::Registration(
-                edge::REGISTRATION_TOKEN.into(),
-            )),
-            name: "test-runner".into(),
+            credential: opts.credential,
+            state_dir: opts.state_dir.unwrap_or_else(|| dirs.path().join("state")),
+            name: opts.name,
             executor: Some(opts.executor),
             image: "kiln-busybox:latest".into(),
             agent: AgentProfile {
@@ -248,7 +272,7 @@ impl TestRunner {
             }],
             docker_host: opts.docker_host,
         };
-        let app = Application::build(config).await.expect("the runner starts");
+        let app = Application::build(config).await?;
         let port = app.port();
         let supervisor = app.supervisor();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -259,8 +283,8 @@ impl TestRunner {
             .await
             .unwrap();
         });
-        edge.wait_hellos(1).await;
-        TestRunner {
+        edge.wait_hellos(hellos + 1).await;
+        Ok(TestRunner {
             edge,
             github,
             remotes,
@@ -269,7 +293,7 @@ impl TestRunner {
             supervisor,
             stop: std::sync::Mutex::new(Some(stop)),
             task: std::sync::Mutex::new(Some(task)),
-        }
+        })
     }
 
     pub fn worktrees_dir(&self) -> PathBuf {
