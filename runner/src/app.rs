@@ -15,6 +15,7 @@ use crate::executor::{ExecError, Executor};
 use crate::github::GithubClient;
 use crate::health::{self, HealthState};
 use crate::jobs::{CancelToken, JobServices, Supervisor};
+use crate::metrics::Metrics;
 use crate::state::{self, Opened, StartCredential, StateDir, StateError};
 use crate::workspace::Workspaces;
 
@@ -126,6 +127,7 @@ impl Application {
         }
 
         let client = EdgeClient::new(http.clone(), config.edge_url.clone(), token);
+        let metrics = Arc::new(Metrics::default());
         let services = Arc::new(JobServices {
             executor: executor.clone(),
             workspaces: workspaces.clone(),
@@ -133,6 +135,7 @@ impl Application {
             edge: client.clone(),
             agent: config.agent.clone(),
             runner_name: config.name.clone(),
+            metrics: metrics.clone(),
         });
         let supervisor = Supervisor::new(services, config.max_concurrent_jobs);
 
@@ -160,6 +163,9 @@ impl Application {
             edge_url: config.edge_url.to_string(),
             edge: status.clone(),
             executor: executor.kind(),
+            metrics: metrics.clone(),
+            repos_dir: config.repos_dir.clone(),
+            worktrees_dir: config.worktrees_dir.clone(),
         });
         let session = Session {
             client,
@@ -168,6 +174,7 @@ impl Application {
             workspaces,
             status,
             registrar,
+            metrics,
         };
         tracing::info!(
             name = %config.name,

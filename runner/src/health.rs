@@ -1,11 +1,15 @@
-//! The runner's local HTTP API. One route:
+//! The runner's local HTTP API:
 //!
 //! - `GET /health`: queue counts, Docker, agent profile, git, the edge session, the executor
 //!   (seed 003's health shape, with the runner's own parts added).
+//! - `GET /metrics`: the same and more as Prometheus text (`metrics.rs`).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
@@ -15,6 +19,7 @@ use crate::config::ExecutorKind;
 use crate::docker::DockerClient;
 use crate::edge::connection::EdgeStatus;
 use crate::jobs::Supervisor;
+use crate::metrics::{self, Metrics, Snapshot};
 
 pub struct HealthState {
     pub name: String,
@@ -25,12 +30,47 @@ pub struct HealthState {
     pub edge_url: String,
     pub edge: Arc<EdgeStatus>,
     pub executor: ExecutorKind,
+    pub metrics: Arc<Metrics>,
+    pub repos_dir: PathBuf,
+    pub worktrees_dir: PathBuf,
 }
 
 pub fn router(state: Arc<HealthState>) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(prometheus))
         .with_state(state)
+}
+
+/// `GET /metrics`. Disk use is measured on each scrape (a walk of the worktrees and mirrors, off
+/// the async threads).
+async fn prometheus(State(s): State<Arc<HealthState>>) -> impl IntoResponse {
+    let (running, waiting) = s.supervisor.counts();
+    let (repos, worktrees) = (s.repos_dir.clone(), s.worktrees_dir.clone());
+    let (worktrees, mirrors) = tokio::task::spawn_blocking(move || {
+        (
+            metrics::worktrees_use(&worktrees),
+            metrics::mirrors_use(&repos),
+        )
+    })
+    .await
+    .unwrap_or_default();
+    let snapshot = Snapshot {
+        name: s.name.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        executor: s.executor.as_str().to_string(),
+        capacity: s.supervisor.capacity(),
+        jobs_running: running,
+        jobs_waiting: waiting,
+        edge_connected: s.edge.is_connected(),
+        worktrees,
+        mirrors,
+        ..Snapshot::counters(&s.metrics)
+    };
+    (
+        [(CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        metrics::render(&snapshot),
+    )
 }
 
 /// `GET /health`

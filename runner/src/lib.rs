@@ -13,6 +13,7 @@ pub mod executor;
 pub mod github;
 pub mod health;
 pub mod jobs;
+pub mod metrics;
 pub mod output;
 pub mod reporter;
 pub mod state;

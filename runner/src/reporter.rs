@@ -2,6 +2,7 @@
 //! batches (every 50 ms or 100 events, whichever comes first), and posted until stored. A batch
 //! that failed is sent again unchanged, so the edge's dedup by index stores it once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -13,6 +14,7 @@ use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::edge::{EdgeClient, EdgeError};
+use crate::metrics::Metrics;
 
 pub const MAX_BATCH: usize = 100;
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
@@ -112,11 +114,13 @@ pub type PostBatch =
     Box<dyn FnMut(EventBatch) -> BoxFuture<'static, Result<BatchAck, EdgeError>> + Send>;
 
 /// Starts the reporter of one job. It ends when every sink is dropped and all is stored, or when
-/// the lease is lost (then `on_lease_lost` has been called).
+/// the lease is lost (then `on_lease_lost` has been called). Posted and retried batches are
+/// counted in `metrics`.
 pub fn spawn(
     client: EdgeClient,
     job_id: String,
     lease_id: String,
+    metrics: Arc<Metrics>,
     on_lease_lost: impl FnOnce() + Send + 'static,
 ) -> (EventSink, JoinHandle<ReportEnd>) {
     let post: PostBatch = Box::new(move |batch| {
@@ -124,18 +128,19 @@ pub fn spawn(
         let job_id = job_id.clone();
         Box::pin(async move { client.post_events(&job_id, &batch).await })
     });
-    spawn_with(post, lease_id, on_lease_lost)
+    spawn_with(post, lease_id, metrics, on_lease_lost)
 }
 
 /// [`spawn`] with the HTTP call supplied.
 pub fn spawn_with(
     post: PostBatch,
     lease_id: String,
+    metrics: Arc<Metrics>,
     on_lease_lost: impl FnOnce() + Send + 'static,
 ) -> (EventSink, JoinHandle<ReportEnd>) {
     let (tx, rx) = mpsc::channel(BUFFER);
     let task = tokio::spawn(async move {
-        let end = run(post, EventBatcher::new(lease_id), rx).await;
+        let end = run(post, EventBatcher::new(lease_id), rx, &metrics).await;
         if end == ReportEnd::LeaseLost {
             on_lease_lost();
         }
@@ -158,6 +163,7 @@ async fn run(
     mut post: PostBatch,
     mut batcher: EventBatcher,
     mut rx: mpsc::Receiver<RunnerEvent>,
+    metrics: &Metrics,
 ) -> ReportEnd {
     let mut closed = false;
     loop {
@@ -185,12 +191,17 @@ async fn run(
         loop {
             match post(batch.clone()).await {
                 Ok(ack) if !ack.lease_valid => return ReportEnd::LeaseLost,
-                Ok(_) => break,
+                Ok(_) => {
+                    Metrics::inc(&metrics.batches_posted);
+                    Metrics::add(&metrics.events_posted, batch.events.len() as u64);
+                    break;
+                }
                 Err(e) if lease_gone(&e) => {
                     tracing::warn!(error = %e, "the edge no longer knows this job's lease");
                     return ReportEnd::LeaseLost;
                 }
                 Err(e) => {
+                    Metrics::inc(&metrics.batches_retried);
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "posting events failed; retrying the same batch");
                     tokio::time::sleep(delay).await;
@@ -203,7 +214,7 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
 
     fn log(i: usize) -> RunnerEvent {
         RunnerEvent::Log {
@@ -266,7 +277,8 @@ mod tests {
     #[tokio::test]
     async fn a_failed_batch_is_sent_again_unchanged() {
         let (post, calls) = fake_post(2, true);
-        let (sink, task) = spawn_with(post, "l".into(), || {});
+        let metrics = Arc::new(Metrics::default());
+        let (sink, task) = spawn_with(post, "l".into(), metrics.clone(), || {});
         for i in 0..3 {
             sink.send(log(i)).await;
         }
@@ -286,12 +298,16 @@ mod tests {
         assert_eq!(calls[0].events.len(), 3);
         assert_eq!(calls[3].events.len(), 1);
         assert_eq!(calls[3].events[0].index, 3);
+        let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(count(&metrics.batches_retried), 2);
+        assert_eq!(count(&metrics.batches_posted), 2);
+        assert_eq!(count(&metrics.events_posted), 4);
     }
 
     #[tokio::test]
     async fn events_are_batched_within_the_flush_interval() {
         let (post, calls) = fake_post(0, true);
-        let (sink, task) = spawn_with(post, "l".into(), || {});
+        let (sink, task) = spawn_with(post, "l".into(), Arc::default(), || {});
         for i in 0..250 {
             sink.send(log(i)).await;
         }
@@ -311,12 +327,22 @@ mod tests {
         let (post, calls) = fake_post(0, false);
         let lost = Arc::new(Mutex::new(false));
         let flag = lost.clone();
-        let (sink, task) = spawn_with(post, "l".into(), move || *flag.lock().unwrap() = true);
+        let metrics = Arc::new(Metrics::default());
+        let (sink, task) = spawn_with(post, "l".into(), metrics.clone(), move || {
+            *flag.lock().unwrap() = true
+        });
         sink.send(log(0)).await;
         assert_eq!(task.await.unwrap(), ReportEnd::LeaseLost);
         assert!(*lost.lock().unwrap());
         // Later events go nowhere and do not block.
         sink.send(log(1)).await;
         assert_eq!(calls.lock().unwrap().len(), 1);
+        assert_eq!(
+            metrics
+                .events_posted
+                .load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "a batch refused for its lease is not counted as posted"
+        );
     }
 }

@@ -228,6 +228,56 @@ async fn settings_come_from_the_environment_then_the_file() {
     assert!(dir.path().join("worktrees").is_dir());
 }
 
+/// `/metrics` of the binary while no edge answers: up, serving, and saying it is not connected.
+#[tokio::test]
+async fn the_binary_serves_metrics_and_reports_an_unreachable_edge() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let nowhere = free_port();
+    let _child = Killed(
+        runner(&[
+            ("RUNNER_EDGE_URL", format!("http://127.0.0.1:{nowhere}")),
+            ("RUNNER_TOKEN", "some-runner-token".into()),
+            ("RUNNER_LISTEN", format!("127.0.0.1:{port}")),
+            ("RUNNER_EXECUTOR", "process".into()),
+            ("MAX_CONCURRENT_JOBS", "3".into()),
+            (
+                "RUNNER_STATE_DIR",
+                dir.path().join("state").display().to_string(),
+            ),
+            ("REPOS_DIR", dir.path().join("repos").display().to_string()),
+            (
+                "WORKTREES_DIR",
+                dir.path().join("worktrees").display().to_string(),
+            ),
+        ])
+        .spawn()
+        .unwrap(),
+    );
+    health(port).await;
+    // Let a few connection attempts fail.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "kiln_runner_capacity 3",
+        "kiln_runner_edge_connected 0",
+        "kiln_runner_edge_reconnects_total 0",
+        "kiln_runner_jobs_running 0",
+        "kiln_runner_worktrees 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+    }
+    assert!(
+        !dir.path().join("state").exists(),
+        "RUNNER_TOKEN is not saved"
+    );
+}
+
 /// SIGKILL leaves the runner no chance to clean up; its agents must still not outlive it.
 #[tokio::test]
 async fn a_killed_runner_takes_its_agents_with_it() {

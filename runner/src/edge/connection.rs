@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 use super::{connect_url, EdgeClient, Registrar};
 use crate::backoff::Backoff;
 use crate::jobs::{CancelToken, JobControl, Supervisor};
+use crate::metrics::Metrics;
 use crate::workspace::{RepoRef, Workspaces};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,6 +61,7 @@ pub struct Session {
     /// Registers again when the edge refuses the token (none for a configured `RUNNER_TOKEN`, or
     /// without a registration token).
     pub registrar: Option<Arc<Registrar>>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Session {
@@ -170,6 +172,7 @@ impl Session {
         .map_err(|_| SessionError::Timeout(WELCOME_TIMEOUT))??;
         let (runner_id, heartbeat_secs, lease_secs) = welcome;
         self.status.set(true);
+        Metrics::inc(&self.metrics.edge_sessions);
         *backoff = Backoff::default();
         tracing::info!(
             runner_id,

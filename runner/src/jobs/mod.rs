@@ -21,6 +21,7 @@ use crate::config::AgentProfile;
 use crate::edge::EdgeClient;
 use crate::executor::Executor;
 use crate::github::GithubClient;
+use crate::metrics::Metrics;
 use crate::workspace::Workspaces;
 
 /// What every job needs from the runner.
@@ -31,6 +32,7 @@ pub struct JobServices {
     pub edge: EdgeClient,
     pub agent: AgentProfile,
     pub runner_name: String,
+    pub metrics: Arc<Metrics>,
 }
 
 /// A message from the edge for a running job.
@@ -131,6 +133,7 @@ impl Supervisor {
             attempt = assignment.attempt,
             "job assigned"
         );
+        Metrics::inc(&self.inner.services.metrics.jobs_assigned);
         let (controls, controls_rx) = mpsc::unbounded_channel();
         let cancel = CancelToken::default();
         let started = Arc::new(AtomicBool::new(false));

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, Semaphore};
 use super::{CancelToken, JobControl, JobServices};
 use crate::executor::{ExecError, ExecSpec, Execution, Sandbox, StdinWriter};
 use crate::github::NewPullRequest;
+use crate::metrics::Metrics;
 use crate::output::OutputCollector;
 use crate::reporter::{self, EventSink};
 use crate::workspace::{RepoRef, Worktree};
@@ -30,10 +31,12 @@ pub(super) async fn run_job(
     let job_id = assignment.job_id.clone();
     let on_lost = cancel.clone();
     let lost_id = job_id.clone();
+    let metrics = services.metrics.clone();
     let (sink, reporter) = reporter::spawn(
         services.edge.clone(),
         job_id.clone(),
         assignment.lease_id.clone(),
+        metrics.clone(),
         move || {
             tracing::warn!(job_id = lost_id, "lease no longer valid; stopping the job");
             on_lost.cancel();
@@ -44,10 +47,12 @@ pub(super) async fn run_job(
         p = slots.acquire_owned() => p.expect("the slot semaphore is never closed"),
         _ = cancel.cancelled() => {
             reporter.abort();
+            Metrics::inc(&metrics.jobs_cancelled);
             return;
         }
     };
     started.store(true, Ordering::SeqCst);
+    Metrics::inc(&metrics.jobs_started);
 
     let mut job = JobRun {
         services,
@@ -67,6 +72,14 @@ pub(super) async fn run_job(
         services,
         ..
     } = job;
+    let ended = match &finished {
+        Some(RunnerEvent::Finished {
+            outcome: Outcome::Completed,
+            ..
+        }) => &metrics.jobs_completed,
+        Some(_) => &metrics.jobs_failed,
+        None => &metrics.jobs_cancelled,
+    };
     match finished {
         Some(event) => {
             if let RunnerEvent::Finished { outcome, .. } = &event {
@@ -104,6 +117,7 @@ pub(super) async fn run_job(
             );
         }
     }
+    Metrics::inc(ended);
     drop(permit);
 }
 
