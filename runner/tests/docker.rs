@@ -370,9 +370,17 @@ async fn the_agent_in_its_container_gets_runner_agent_env_but_never_the_runners_
         ..Default::default()
     })
     .await;
-    let events = runner.run(assignment(JobType::Code, "env"), 60).await;
+    let mut a = assignment(JobType::Ralph, "env promise@1");
+    a.ralph.as_mut().unwrap().feedback_commands =
+        vec!["echo \"feedback sees [$KILN_TEST_AGENT_KEY]\"".into()];
+    let events = runner.run(a, 60).await;
     assert_eq!(finished(&events).0, Outcome::Completed, "{events:#?}");
     assert_agent_env_passed_without_secrets(&events);
+    assert!(
+        stdout_lines(&events).contains(&"feedback sees []".to_string()),
+        "feedback commands are not given the agent's variables: {:?}",
+        stdout_lines(&events)
+    );
     runner.stop().await;
 }
 

@@ -278,7 +278,7 @@ async fn the_agent_gets_runner_agent_env_but_never_the_runners_secrets() {
     assert!(env.iter().any(|(k, v)| k == "JOB_ID" && v == &job));
     assert!(
         has_stdout(&events, "feedback sees []"),
-        "feedback commands do not get the agent's variables: {:?}",
+        "feedback commands are not given the agent's variables: {:?}",
         stdout_lines(&events)
     );
     runner.stop().await;
