@@ -16,6 +16,8 @@ struct World {
     remotes: GitRemotes,
     github: FakeGitHub,
     token: String,
+    /// Each runner's own RUNNER_STATE_DIR, so none reuses another's saved token (nor the host's).
+    states: tempfile::TempDir,
 }
 
 impl World {
@@ -25,7 +27,8 @@ impl World {
         remotes.create_with_files("acme", "shop", &[("README.md", "# shop\n")]);
         let github = FakeGitHub::start(GITHUB_TOKEN);
         let token = edge.api().new_user("runner-tests").await;
-        World { edge, remotes, github, token }
+        let states = tempfile::Builder::new().prefix("kiln-runner-states-").tempdir().unwrap();
+        World { edge, remotes, github, token, states }
     }
 
     fn api(&self) -> Api {
@@ -37,7 +40,9 @@ impl World {
         let base = self.remotes.base_url();
         let api_url = self.github.api_url();
         let mounts = agents::docker_mount();
+        let state = self.states.path().join(uuid::Uuid::new_v4().to_string()).display().to_string();
         let mut env = vec![
+            ("RUNNER_STATE_DIR", state.as_str()),
             ("RUNNER_EXECUTOR", executor),
             ("RUNNER_AGENT_CMD", agent_cmd),
             ("RUNNER_GIT_BASE_URL", base.as_str()),
@@ -606,4 +611,66 @@ async fn a_runner_reconnects_after_an_edge_restart_and_finishes_its_job() {
     assert!(has_message(messages, "stdout", "after restart"), "{messages:#?}");
     let health: Value = reqwest::get(runner.health_url()).await.unwrap().json().await.unwrap();
     assert_eq!(health["edge"]["connected"], true, "{health}");
+}
+
+/// The operator features of a runner against the real edge: the token saved at registration
+/// (`RUNNER_STATE_DIR/runner.json`, 0600) takes a restarted runner back in without a registration
+/// token; a saved token the edge refuses (401) is replaced by a new registration; the agent gets
+/// `RUNNER_AGENT_ENV` but not the runner's secrets; `/metrics` counts the jobs.
+#[tokio::test]
+async fn a_restarted_runner_reuses_its_saved_token_and_registers_again_when_the_edge_refuses_it() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let w = World::start(&[]).await;
+    let api = w.api();
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().display().to_string();
+    let file = state.path().join("runner.json");
+    let read = || serde_json::from_str::<Value>(&std::fs::read_to_string(&file).expect("runner.json")).unwrap();
+    let agent = "echo \"key=$KILN_E2E_AGENT_KEY gh=${GITHUB_TOKEN:-none} reg=${RUNNER_REGISTRATION_TOKEN:-none}\"";
+    let env = [("RUNNER_STATE_DIR", state_dir.as_str()), ("RUNNER_AGENT_ENV", "KILN_E2E_AGENT_KEY"), ("KILN_E2E_AGENT_KEY", "sk-e2e-value")];
+    let run_job = |branch: &'static str| {
+        let api = api.clone();
+        let token = w.token.clone();
+        async move {
+            let id = api
+                .create_job(&token, json!({"githubOrg": "acme", "githubRepo": "shop", "prompt": "p", "branchName": branch}))
+                .await["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let job = api.wait_status(&token, &id, "completed", JOB_TIMEOUT).await;
+            job["messages"].as_array().cloned().unwrap_or_default()
+        }
+    };
+
+    let mut first = w.runner(agent, "process", &env).await;
+    let saved = read();
+    let first_token = saved["token"].as_str().unwrap().to_string();
+    assert!(!first_token.is_empty() && saved["runner_id"].is_string(), "{saved}");
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    let messages = run_job("b/state-1").await;
+    assert!(has_message(&messages, "stdout", "key=sk-e2e-value gh=none reg=none"), "{messages:#?}");
+    first.stop();
+
+    // Without a registration token: only the saved token can take it in, and a job completes.
+    let mut second = w.runner(agent, "process", &[env[0], env[1], env[2], ("RUNNER_REGISTRATION_TOKEN", "")]).await;
+    run_job("b/state-2").await;
+    assert_eq!(read()["token"], first_token.as_str(), "no new registration");
+    let metrics = reqwest::get(second.health_url().replace("/health", "/metrics")).await.unwrap().text().await.unwrap();
+    for line in ["kiln_runner_jobs_ended_total{outcome=\"completed\"} 1", "kiln_runner_edge_connected 1", "kiln_runner_worktrees 0"] {
+        assert!(metrics.lines().any(|l| l == line), "{line} missing from\n{metrics}");
+    }
+    second.stop();
+
+    // A saved token the edge does not know: refused with 401, so the runner registers again.
+    let mut forged = read();
+    forged["token"] = json!("kiln-e2e-unknown-runner-token");
+    std::fs::write(&file, forged.to_string()).unwrap();
+    let third = w.runner(agent, "process", &env).await;
+    run_job("b/state-3").await;
+    let renewed = read()["token"].as_str().unwrap().to_string();
+    assert!(renewed != "kiln-e2e-unknown-runner-token" && renewed != first_token, "{renewed}");
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(third.log().contains("registering again"), "{}", third.log());
 }
