@@ -609,8 +609,15 @@ async fn a_runner_reconnects_after_an_edge_restart_and_finishes_its_job() {
     let messages = job["messages"].as_array().unwrap();
     assert!(has_message(messages, "stdout", "before restart"), "{messages:#?}");
     assert!(has_message(messages, "stdout", "after restart"), "{messages:#?}");
-    let health: Value = reqwest::get(runner.health_url()).await.unwrap().json().await.unwrap();
-    assert_eq!(health["edge"]["connected"], true, "{health}");
+    let url = runner.health_url();
+    eventually(Duration::from_secs(15), "the runner's health to show the edge connected", || {
+        let url = url.clone();
+        async move {
+            let health: Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+            (health["edge"]["connected"] == true).then_some(())
+        }
+    })
+    .await;
 }
 
 /// The operator features of a runner against the real edge: the token saved at registration
