@@ -150,13 +150,7 @@ impl JobRoom {
         let mut seq = self.next_seq()?;
         let sockets = self.state.get_websockets();
         for body in bodies {
-            let kind = match &body {
-                EventBody::JobStatus { .. } => "jobStatus",
-                EventBody::StageUpdate { .. } => "stageUpdate",
-                EventBody::Log { .. } => "log",
-                EventBody::Iteration { .. } => "iteration",
-                EventBody::AgentEvent { .. } => "agentEvent",
-            };
+            let kind = body.kind();
             let text = serde_json::to_string(&ServerEvent { seq, body })?;
             self.sql().exec(
                 "INSERT INTO events (seq, kind, body) VALUES (?, ?, ?)",

@@ -67,6 +67,17 @@ pub enum EventBody {
 }
 
 impl EventBody {
+    /// The wire `kind` (the serde tag).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EventBody::JobStatus { .. } => "jobStatus",
+            EventBody::StageUpdate { .. } => "stageUpdate",
+            EventBody::Log { .. } => "log",
+            EventBody::Iteration { .. } => "iteration",
+            EventBody::AgentEvent { .. } => "agentEvent",
+        }
+    }
+
     pub fn timestamp(&self) -> &str {
         match self {
             EventBody::JobStatus { timestamp, .. }
@@ -179,6 +190,7 @@ mod tests {
         };
         let v = serde_json::to_value(&ev).unwrap();
         assert_eq!(v["kind"], "stageUpdate");
+        assert_eq!(ev.body.kind(), "stageUpdate", "kind() matches the serde tag");
         assert_eq!(v["seq"], 3);
         assert_eq!(v["role"], "user");
         assert_eq!(serde_json::from_value::<ServerEvent>(v).unwrap(), ev);

@@ -36,17 +36,10 @@ pub async fn health(ctx: &Ctx) -> ApiResult {
 
 pub async fn queue(ctx: &Ctx, who: &Principal) -> ApiResult {
     let q = env::queue(&ctx.env, DEFAULT_QUEUE)?;
-    let path = format!("/snapshot?owner={}", urlencode(who.owner()));
+    let mut path = worker::Url::parse("https://do/snapshot").expect("static url");
+    path.query_pairs_mut().append_pair("owner", who.owner());
+    let path = format!("{}?{}", path.path(), path.query().unwrap_or_default());
     json(&http::call::<QueueView>(&q, Method::Get, &path, None::<&()>).await?)
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 pub async fn list(req: Request, ctx: &Ctx, who: &Principal) -> ApiResult {
