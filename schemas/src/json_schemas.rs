@@ -6,7 +6,7 @@ use schemars::{schema_for, Schema};
 
 /// `(file stem, schema)` for every wire type.
 pub fn all() -> Vec<(&'static str, Schema)> {
-    use crate::{auth, events, jobs, runner};
+    use crate::{auth, events, grants, jobs, runner};
     vec![
         ("error", schema_for!(crate::ErrorBody)),
         ("auth.register_request", schema_for!(auth::RegisterRequest)),
@@ -33,5 +33,8 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("runner.event_batch", schema_for!(runner::EventBatch)),
         ("runner.batch_ack", schema_for!(runner::BatchAck)),
         ("runner.repo_result", schema_for!(runner::RepoResult)),
+        ("grants.request", schema_for!(grants::GrantRequest)),
+        ("grants.grant", schema_for!(grants::Grant)),
+        ("grants.list", schema_for!(grants::GrantList)),
     ]
 }

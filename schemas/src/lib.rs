@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod events;
+pub mod grants;
 pub mod jobs;
 pub mod json_schemas;
 pub mod runner;
