@@ -8,6 +8,10 @@ KILN_DIR="$KILN_ROOT/.kiln"
 KILN_DOCKER_DIR="$KILN_DIR/docker"
 KILN_DOCKER_SOCK="$KILN_DOCKER_DIR/docker.sock"
 KILN_IMAGE="kiln-busybox:latest"
+# The job image with git and the real agent CLIs (scripts/agent-image), and where
+# scripts/agent-clis installs those CLIs on the host (node_modules/.bin/claude, .../codex).
+KILN_AGENT_IMAGE="kiln-agent:latest"
+KILN_AGENTS_DIR="$KILN_DIR/agents"
 
 # Pinned tool versions (see PLATFORM.md: the wasm-bindgen library in Cargo.toml must match the CLI).
 WORKER_BUILD_VERSION="0.8.7"
@@ -63,4 +67,15 @@ kill_group() {
     sleep 0.1
   done
   kill -KILL -- "-$pgid" 2>/dev/null || true
+}
+
+# The native linux-x64 executable of an agent CLI installed by scripts/agent-clis (the npm
+# packages' commands are a copy of it for claude, a Node launcher of it for codex).
+agent_binary() {
+  local modules="$KILN_AGENTS_DIR/node_modules"
+  case "$1" in
+    claude) printf '%s' "$modules/@anthropic-ai/claude-code-linux-x64/claude" ;;
+    codex) printf '%s' "$modules/@openai/codex-linux-x64/vendor/x86_64-unknown-linux-musl/bin/codex" ;;
+    *) die "no agent CLI named $1" ;;
+  esac
 }
