@@ -12,6 +12,7 @@ mod edge;
 mod git;
 mod github;
 mod http;
+pub mod model;
 mod procs;
 mod runner;
 mod ws;
