@@ -323,5 +323,6 @@ async fn docker_executor(
         config.limits.clone(),
         config.mounts.clone(),
         alive,
+        config.container_user,
     )))
 }

@@ -12,8 +12,6 @@ use serde::Deserialize;
 
 pub const DEFAULT_EDGE_URL: &str = "http://127.0.0.1:8787";
 pub const DEFAULT_IMAGE: &str = "kiln-busybox:latest";
-pub const DEFAULT_AGENT_CMD: &str =
-    "claude --print --verbose --output-format stream-json --dangerously-skip-permissions";
 pub const DEFAULT_MAX_CONCURRENT_JOBS: u32 = 2;
 pub const DEFAULT_REPOS_DIR: &str = "~/repos";
 pub const DEFAULT_WORKTREES_DIR: &str = "~/worktrees";
@@ -76,13 +74,16 @@ impl FromStr for ExecutorKind {
     }
 }
 
-/// How the agent's stdout is read.
+/// The agent profile's kind: which CLI, how its stdout reads and how a follow-up reaches it
+/// (see `crate::agent`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AgentFormat {
-    /// Every line is a log line.
+    /// Any command; every line is a log line; follow-ups are lines on its stdin.
     Text,
-    /// Every stdout line that parses as JSON is a structured agent event.
+    /// Claude Code: stream-json events; follow-ups resume its session.
     ClaudeStreamJson,
+    /// OpenAI's Codex CLI: `exec --json` events; follow-ups resume its thread.
+    CodexJson,
 }
 
 impl AgentFormat {
@@ -90,6 +91,7 @@ impl AgentFormat {
         match self {
             AgentFormat::Text => "text",
             AgentFormat::ClaudeStreamJson => "claude-stream-json",
+            AgentFormat::CodexJson => "codex-json",
         }
     }
 }
@@ -99,10 +101,9 @@ impl FromStr for AgentFormat {
     fn from_str(s: &str) -> Result<Self, String> {
         match s.trim() {
             "text" => Ok(AgentFormat::Text),
-            "claude-stream-json" => Ok(AgentFormat::ClaudeStreamJson),
-            other => Err(format!(
-                "must be text or claude-stream-json (got {other:?})"
-            )),
+            "claude" | "claude-stream-json" => Ok(AgentFormat::ClaudeStreamJson),
+            "codex" | "codex-json" => Ok(AgentFormat::CodexJson),
+            other => Err(format!("must be claude, codex or text (got {other:?})")),
         }
     }
 }
@@ -150,6 +151,42 @@ pub fn parse_mounts(spec: &str) -> Result<Vec<Mount>, String> {
         });
     }
     Ok(mounts)
+}
+
+/// The numeric user and group of job containers (numeric, so the runner can give the worktree to
+/// them without reading the image's passwd file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContainerUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Default for ContainerUser {
+    /// The agent image's `agent` user.
+    fn default() -> Self {
+        ContainerUser {
+            uid: 1000,
+            gid: 1000,
+        }
+    }
+}
+
+impl std::fmt::Display for ContainerUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.uid, self.gid)
+    }
+}
+
+impl FromStr for ContainerUser {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("must be numeric uid:gid, e.g. 1000:1000 (got {s:?})");
+        let (uid, gid) = s.trim().split_once(':').ok_or_else(bad)?;
+        Ok(ContainerUser {
+            uid: uid.parse().map_err(|_| bad())?,
+            gid: gid.parse().map_err(|_| bad())?,
+        })
+    }
 }
 
 /// Resource limits and network of a job container.
@@ -303,10 +340,13 @@ pub struct Args {
     /// Image of job containers [default: kiln-busybox:latest]
     #[arg(long, env = "RUNNER_IMAGE")]
     pub image: Option<String>,
-    /// Agent command line, run with `sh -c` in the job's workspace; prompt on stdin, env JOB_ID and ITERATION (and COMPLETION_PROMISE for ralph jobs) [default: claude --print --verbose --output-format stream-json --dangerously-skip-permissions]
+    /// Agent profile: claude (Claude Code, stream-json, follow-ups by --resume), codex (Codex CLI, exec --json, follow-ups by resume) or text (any command, follow-ups on stdin) [default: claude]
+    #[arg(long, env = "RUNNER_AGENT")]
+    pub agent: Option<String>,
+    /// Agent command line, run with `sh -c` in the job's workspace; prompt on stdin, env JOB_ID and ITERATION (and COMPLETION_PROMISE for ralph jobs) [default: the profile's: claude --print --verbose --output-format stream-json --dangerously-skip-permissions; codex exec --json --skip-git-repo-check --dangerously-bypass-approvals-and-sandbox; cat]
     #[arg(long, env = "RUNNER_AGENT_CMD")]
     pub agent_cmd: Option<String>,
-    /// Agent output format: text or claude-stream-json [default: claude-stream-json]
+    /// The agent profile under its older name: text, claude-stream-json or codex-json (RUNNER_AGENT wins)
     #[arg(long, env = "RUNNER_AGENT_FORMAT")]
     pub agent_format: Option<String>,
     /// Variables passed from the runner's environment to every agent run, comma-separated names (e.g. ANTHROPIC_API_KEY,OPENAI_API_KEY); values are read at start. GITHUB_TOKEN, RUNNER_TOKEN and RUNNER_REGISTRATION_TOKEN are refused.
@@ -351,6 +391,9 @@ pub struct Args {
     /// Docker daemon address [default: unix:///var/run/docker.sock]
     #[arg(long, env = "DOCKER_HOST")]
     pub docker_host: Option<String>,
+    /// uid:gid that job containers run as when the runner runs as root; the runner gives each job's worktree to it. A runner that is not root always uses its own uid:gid [default: 1000:1000, the agent image's user]
+    #[arg(long, env = "RUNNER_CONTAINER_USER")]
+    pub container_user: Option<String>,
 }
 
 /// The same settings read from `--config`, keyed by their lowercase variable names.
@@ -364,6 +407,7 @@ pub struct FileSettings {
     pub runner_name: Option<String>,
     pub runner_executor: Option<String>,
     pub runner_image: Option<String>,
+    pub runner_agent: Option<String>,
     pub runner_agent_cmd: Option<String>,
     pub runner_agent_format: Option<String>,
     pub runner_agent_env: Option<String>,
@@ -380,6 +424,7 @@ pub struct FileSettings {
     pub runner_network: Option<String>,
     pub runner_mounts: Option<String>,
     pub docker_host: Option<String>,
+    pub runner_container_user: Option<String>,
 }
 
 impl FileSettings {
@@ -421,6 +466,8 @@ pub struct Config {
     pub limits: ContainerLimits,
     pub mounts: Vec<Mount>,
     pub docker_host: Option<String>,
+    /// Who job containers run as when the runner is root.
+    pub container_user: ContainerUser,
 }
 
 /// What resolution needs from the machine, passed in so resolution stays a pure function.
@@ -517,16 +564,18 @@ impl Config {
             .transpose()?;
         let image =
             non_empty(args.image.or(file.runner_image)).unwrap_or_else(|| DEFAULT_IMAGE.into());
+        let format = match (
+            non_empty(args.agent.or(file.runner_agent)),
+            non_empty(args.agent_format.or(file.runner_agent_format)),
+        ) {
+            (Some(p), _) => p.parse().map_err(|e| invalid("RUNNER_AGENT", e))?,
+            (None, Some(f)) => f.parse().map_err(|e| invalid("RUNNER_AGENT_FORMAT", e))?,
+            (None, None) => AgentFormat::ClaudeStreamJson,
+        };
         let agent = AgentProfile {
             command: non_empty(args.agent_cmd.or(file.runner_agent_cmd))
-                .unwrap_or_else(|| DEFAULT_AGENT_CMD.into()),
-            format: non_empty(args.agent_format.or(file.runner_agent_format))
-                .map(|s| {
-                    s.parse::<AgentFormat>()
-                        .map_err(|e| invalid("RUNNER_AGENT_FORMAT", e))
-                })
-                .transpose()?
-                .unwrap_or(AgentFormat::ClaudeStreamJson),
+                .unwrap_or_else(|| format.default_command().into()),
+            format,
             env: match non_empty(args.agent_env.or(file.runner_agent_env)) {
                 Some(spec) => parse_agent_env(&spec, |name| host.vars.get(name).cloned())
                     .map_err(|e| invalid("RUNNER_AGENT_ENV", e))?,
@@ -630,6 +679,12 @@ impl Config {
             limits,
             mounts,
             docker_host: non_empty(args.docker_host.or(file.docker_host)),
+            container_user: match non_empty(args.container_user.or(file.runner_container_user)) {
+                Some(spec) => spec
+                    .parse()
+                    .map_err(|e| invalid("RUNNER_CONTAINER_USER", e))?,
+                None => ContainerUser::default(),
+            },
         })
     }
 }
@@ -759,6 +814,13 @@ mod tests {
             ),
             (
                 Args {
+                    agent: Some("gemini".into()),
+                    ..Default::default()
+                },
+                "RUNNER_AGENT",
+            ),
+            (
+                Args {
                     edge_url: Some("ftp://x".into()),
                     ..Default::default()
                 },
@@ -817,6 +879,66 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::resolve(Args::default(), FileSettings::default(), &no_home).is_err());
+    }
+
+    #[test]
+    fn a_profile_brings_its_command_unless_one_is_named() {
+        let resolve = |args: Args| {
+            Config::resolve(args, FileSettings::default(), &host())
+                .unwrap()
+                .agent
+        };
+        let a = resolve(Args::default());
+        assert_eq!(a.format, AgentFormat::ClaudeStreamJson);
+        assert!(a.command.starts_with("claude --print"), "{}", a.command);
+        let a = resolve(Args {
+            agent: Some("codex".into()),
+            agent_format: Some("text".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            a.format,
+            AgentFormat::CodexJson,
+            "RUNNER_AGENT beats RUNNER_AGENT_FORMAT"
+        );
+        assert!(a.command.starts_with("codex exec --json"), "{}", a.command);
+        let a = resolve(Args {
+            agent_format: Some("text".into()),
+            agent_cmd: Some("./my-agent".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            (a.format, a.command.as_str()),
+            (AgentFormat::Text, "./my-agent")
+        );
+    }
+
+    #[test]
+    fn container_users_are_numeric_pairs() {
+        assert_eq!(
+            "0:0".parse::<ContainerUser>().unwrap(),
+            ContainerUser { uid: 0, gid: 0 }
+        );
+        assert_eq!(ContainerUser::default().to_string(), "1000:1000");
+        for bad in ["agent", "1000", "1000:", ":1000", "a:b", "-1:0"] {
+            assert!(bad.parse::<ContainerUser>().is_err(), "{bad}");
+        }
+        let c = Config::resolve(
+            Args {
+                container_user: Some("2000:3000".into()),
+                ..Default::default()
+            },
+            FileSettings::default(),
+            &host(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.container_user,
+            ContainerUser {
+                uid: 2000,
+                gid: 3000
+            }
+        );
     }
 
     #[test]
@@ -938,8 +1060,10 @@ mod tests {
             "RUNNER_NAME",
             "RUNNER_EXECUTOR",
             "RUNNER_IMAGE",
+            "RUNNER_AGENT",
             "RUNNER_AGENT_CMD",
             "RUNNER_AGENT_FORMAT",
+            "RUNNER_CONTAINER_USER",
             "RUNNER_AGENT_ENV",
             "MAX_CONCURRENT_JOBS",
             "REPOS_DIR",

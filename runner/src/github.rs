@@ -44,6 +44,11 @@ impl GithubClient {
         }
     }
 
+    /// Whether pull requests can be opened: without a token the runner pushes branches only.
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let mut req = self
             .http

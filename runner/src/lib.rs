@@ -4,6 +4,7 @@
 //!
 //! Start at [`app::Application`]; `ARCHITECTURE.md` at the repository root has the map.
 
+pub mod agent;
 pub mod app;
 pub mod backoff;
 pub mod config;

@@ -6,6 +6,7 @@ use kiln_schemas::events::LogStream;
 use kiln_schemas::runner::RunnerEvent;
 use serde_json::Value;
 
+use crate::agent::Usage;
 use crate::config::AgentFormat;
 use crate::executor::OutputChunk;
 
@@ -53,7 +54,7 @@ impl LineSplitter {
 
 /// The event for one line of output.
 pub fn line_event(format: AgentFormat, stream: LogStream, line: String) -> RunnerEvent {
-    if format == AgentFormat::ClaudeStreamJson && stream == LogStream::Stdout {
+    if format.is_json() && stream == LogStream::Stdout {
         if let Some(event) = parse_json_object(&line) {
             return RunnerEvent::Agent { event };
         }
@@ -72,25 +73,6 @@ fn parse_json_object(line: &str) -> Option<Value> {
     serde_json::from_str::<Value>(trimmed)
         .ok()
         .filter(Value::is_object)
-}
-
-/// The human-readable text of a `claude-stream-json` event: the final result, or an assistant
-/// message's text blocks.
-pub fn agent_text(event: &Value) -> Option<String> {
-    match event.get("type")?.as_str()? {
-        "result" => event.get("result")?.as_str().map(str::to_string),
-        "assistant" => {
-            let texts: Vec<&str> = event
-                .pointer("/message/content")?
-                .as_array()?
-                .iter()
-                .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
-                .filter_map(|b| b.get("text").and_then(Value::as_str))
-                .collect();
-            (!texts.is_empty()).then(|| texts.join("\n"))
-        }
-        _ => None,
-    }
 }
 
 /// The last `n` characters of `s`.
@@ -116,6 +98,10 @@ pub struct OutputCollector {
     promise_seen: bool,
     /// Recent stdout text, bounded.
     tail: String,
+    /// The agent's session, once announced (what a follow-up resumes).
+    session_id: Option<String>,
+    /// Usage the agent reported, summed over the run.
+    usage: Option<Usage>,
 }
 
 impl OutputCollector {
@@ -127,6 +113,8 @@ impl OutputCollector {
             promise: promise.filter(|p| !p.is_empty()),
             promise_seen: false,
             tail: String::new(),
+            session_id: None,
+            usage: None,
         }
     }
 
@@ -156,8 +144,16 @@ impl OutputCollector {
     fn line(&mut self, stream: LogStream, line: String) -> RunnerEvent {
         let event = line_event(self.format, stream, line);
         if stream == LogStream::Stdout {
+            if let RunnerEvent::Agent { event } = &event {
+                if let Some(id) = self.format.session_id(event) {
+                    self.session_id = Some(id);
+                }
+                if let Some(u) = self.format.usage(event) {
+                    self.usage.get_or_insert_with(Usage::default).add(&u);
+                }
+            }
             let text = match &event {
-                RunnerEvent::Agent { event } => agent_text(event),
+                RunnerEvent::Agent { event } => self.format.text(event),
                 RunnerEvent::Log { content, .. } => Some(content.clone()),
                 _ => None,
             };
@@ -178,6 +174,14 @@ impl OutputCollector {
             }
         }
         event
+    }
+
+    pub fn session_id(&self) -> Option<&str> {
+        self.session_id.as_deref()
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
     }
 
     pub fn promise_detected(&self) -> bool {
@@ -262,15 +266,21 @@ mod tests {
     }
 
     #[test]
-    fn agent_text_reads_results_and_assistant_messages() {
+    fn the_collector_keeps_the_session_and_sums_usage() {
+        let mut c = OutputCollector::new(AgentFormat::ClaudeStreamJson, None);
+        assert_eq!((c.session_id(), c.usage()), (None, None));
+        c.feed(&out(concat!(
+            r#"{"type":"system","subtype":"init","session_id":"s-1"}"#, "\n",
+            r#"{"type":"result","result":"ok","total_cost_usd":0.5,"usage":{"input_tokens":10,"output_tokens":2}}"#, "\n",
+            r#"{"type":"result","result":"again","total_cost_usd":0.25,"usage":{"input_tokens":1,"output_tokens":1}}"#, "\n",
+        )));
+        assert_eq!(c.session_id(), Some("s-1"));
+        let u = c.usage().unwrap();
         assert_eq!(
-            agent_text(&json!({"type": "result", "result": "done"})).as_deref(),
-            Some("done")
+            (u.input_tokens, u.output_tokens, u.cost_usd),
+            (11, 3, Some(0.75))
         );
-        let msg = json!({"type": "assistant", "message": {"content": [
-            {"type": "text", "text": "a"}, {"type": "tool_use", "name": "x"}, {"type": "text", "text": "b"}]}});
-        assert_eq!(agent_text(&msg).as_deref(), Some("a\nb"));
-        assert_eq!(agent_text(&json!({"type": "system"})), None);
+        assert_eq!(c.summary(), "ok\nagain");
     }
 
     #[test]

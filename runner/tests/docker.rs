@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use kiln_runner::config::{ContainerLimits, ExecutorKind, Mount};
+use kiln_runner::config::{ContainerLimits, ContainerUser, ExecutorKind, Mount};
 use kiln_runner::docker::{container_name, DockerClient, DockerExecutor};
 use kiln_runner::executor::{ExecSpec, Execution, Executor};
 use kiln_schemas::events::LogStream;
@@ -46,7 +46,14 @@ async fn executor_in(
     let alive = dir.join("alive");
     (
         client.clone(),
-        DockerExecutor::new(client, "kiln-busybox:latest".into(), limits, mounts, alive),
+        DockerExecutor::new(
+            client,
+            "kiln-busybox:latest".into(),
+            limits,
+            mounts,
+            alive,
+            ContainerUser::default(),
+        ),
     )
 }
 
@@ -71,6 +78,8 @@ async fn a_job_container_has_the_documented_shape() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("src")).unwrap();
+    std::fs::write(dir.path().join("src/lib.rs"), "// the repository's file\n").unwrap();
     let job = job_id();
 
     let t = Instant::now();
@@ -125,6 +134,30 @@ async fn a_job_container_has_the_documented_shape() {
         "made\n",
         "/app is the worktree"
     );
+
+    // Never root inside: a root runner gives the worktree to the agent image's user.
+    let (out, _, code) = collect(
+        sb.exec(ExecSpec::new(
+            "id -u; id -g; echo $HOME; echo edit >> src/lib.rs && mkdir -p src/new && echo ok",
+            &job,
+            1,
+        ))
+        .await
+        .unwrap(),
+    )
+    .await;
+    let own = nix::unistd::getuid();
+    let want = if own.is_root() {
+        "1000\n1000\n".to_string()
+    } else {
+        format!("{own}\n{}\n", nix::unistd::getgid())
+    };
+    assert_eq!(
+        out,
+        format!("{want}/tmp\nok\n"),
+        "uid, gid, HOME, and the worktree is writable"
+    );
+    assert_eq!(code, 0);
 
     assert_eq!(
         collect(sb.exec(ExecSpec::new("exit 5", &job, 1)).await.unwrap())

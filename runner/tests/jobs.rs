@@ -374,6 +374,118 @@ async fn a_task_job_relays_messages_until_completed() {
     runner.stop().await;
 }
 
+/// The text of `result` events, in order.
+fn results(events: &[RunnerEvent]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            RunnerEvent::Agent { event } if event["type"] == "result" => {
+                event["result"].as_str().map(str::to_string)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_claude_task_answers_each_message_in_a_resumed_turn_while_running() {
+    let runner = TestRunner::start(RunnerOptions {
+        format: AgentFormat::ClaudeStreamJson,
+        ..Default::default()
+    })
+    .await;
+    let a = assignment(JobType::Task, "turns");
+    let job = a.job_id.clone();
+    runner.edge.assign(a).await;
+    runner
+        .edge
+        .wait_event(
+            &job,
+            "the first turn's result",
+            30,
+            |e| matches!(e, RunnerEvent::Agent { event } if event["result"] == "first turn done"),
+        )
+        .await;
+    for message in ["hello", "and again"] {
+        runner
+            .edge
+            .send(EdgeMessage::Deliver {
+                job_id: job.clone(),
+                message: message.into(),
+            })
+            .await;
+        let want = format!("resumed sess-{job}: {message}");
+        runner
+            .edge
+            .wait_event(
+                &job,
+                "the answer in the resumed session",
+                30,
+                |e| matches!(e, RunnerEvent::Agent { event } if event["result"] == want.as_str()),
+            )
+            .await;
+        assert!(
+            runner
+                .edge
+                .events(&job)
+                .iter()
+                .all(|e| !matches!(e, RunnerEvent::Finished { .. })),
+            "the answer streams back while the job runs"
+        );
+    }
+    runner
+        .edge
+        .send(EdgeMessage::Complete {
+            job_id: job.clone(),
+        })
+        .await;
+    let events = runner.edge.wait_finished(&job, 10).await;
+    assert_started_and_finished(&events);
+    let (outcome, message, ..) = finished(&events);
+    assert_eq!(outcome, Outcome::Completed);
+    assert_eq!(message, "Session completed after 3 turn(s)");
+    assert_eq!(
+        results(&events),
+        vec![
+            "first turn done".to_string(),
+            format!("resumed sess-{job}: hello"),
+            format!("resumed sess-{job}: and again"),
+        ]
+    );
+    let usage: Vec<String> = system_lines(&events)
+        .into_iter()
+        .filter(|l| l.starts_with("Agent usage: "))
+        .collect();
+    assert_eq!(
+        usage,
+        vec![
+            "Agent usage: 10 tokens in, 5 out, 0 cached, $0.2500",
+            "Agent usage: 3 tokens in, 2 out, 0 cached, $0.5000",
+            "Agent usage: 3 tokens in, 2 out, 0 cached, $0.5000",
+        ]
+    );
+    runner.stop().await;
+}
+
+#[tokio::test]
+async fn a_claude_task_whose_agent_announces_no_session_fails_clearly() {
+    let runner = TestRunner::start(RunnerOptions {
+        format: AgentFormat::ClaudeStreamJson,
+        ..Default::default()
+    })
+    .await;
+    let events = runner
+        .run(assignment(JobType::Task, "just answer"), 30)
+        .await;
+    let (outcome, _, _, _, _, error) = finished(&events);
+    assert_eq!(outcome, Outcome::Failed);
+    assert_eq!(
+        error.as_deref(),
+        Some("The claude agent announced no session, so follow-up messages cannot reach it")
+    );
+    runner.stop().await;
+}
+
 #[tokio::test]
 async fn a_task_agent_that_exits_by_itself_decides_the_outcome() {
     let runner = TestRunner::start(RunnerOptions::default()).await;

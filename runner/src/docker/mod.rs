@@ -17,7 +17,7 @@ use futures::{FutureExt, StreamExt};
 use kiln_schemas::events::LogStream;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{ContainerLimits, ExecutorKind, Mount, RUNNER_SECRETS};
+use crate::config::{ContainerLimits, ContainerUser, ExecutorKind, Mount, RUNNER_SECRETS};
 use crate::executor::{
     ExecError, ExecSpec, Execution, Executor, OutputChunk, Sandbox, StdinWriter, OUTPUT_CHANNEL,
 };
@@ -51,6 +51,20 @@ fn touch(path: &Path) -> std::io::Result<()> {
         .write(true)
         .open(path)?;
     f.set_modified(std::time::SystemTime::now())
+}
+
+/// Gives a worktree and everything in it to the container's user, so the agent can edit it.
+/// Symbolic links are changed themselves, never followed; the git metadata the worktree points
+/// to (in the runner's mirror) stays the runner's.
+fn give_worktree(path: &Path, user: ContainerUser) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))?;
+    if !std::fs::symlink_metadata(path)?.is_dir() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(path)? {
+        give_worktree(&entry?.path(), user)?;
+    }
+    Ok(())
 }
 
 /// The container name of a job.
@@ -155,9 +169,12 @@ pub struct DockerExecutor {
     image: String,
     limits: ContainerLimits,
     mounts: Vec<Mount>,
-    /// `uid:gid` for containers when the runner is not root, so files in the worktree stay the
-    /// runner's to commit and remove.
-    user: Option<String>,
+    /// Who the containers run as: never root. A runner that is not root uses its own uid:gid, so
+    /// files in the worktree stay its own to commit and remove; a root runner uses the configured
+    /// user and gives each worktree to it ([`give_worktree`]).
+    user: ContainerUser,
+    /// Whether worktrees must be given to `user` (the runner is root and `user` is not).
+    chown: bool,
     /// Refreshed every [`ALIVE_INTERVAL`] while this executor exists; see [`keep_alive_script`].
     alive_file: PathBuf,
     refresher: tokio::task::JoinHandle<()>,
@@ -177,9 +194,18 @@ impl DockerExecutor {
         limits: ContainerLimits,
         mounts: Vec<Mount>,
         alive_file: PathBuf,
+        root_user: ContainerUser,
     ) -> Self {
         let uid = nix::unistd::getuid();
-        let user = (!uid.is_root()).then(|| format!("{}:{}", uid, nix::unistd::getgid()));
+        let (user, chown) = if uid.is_root() {
+            (root_user, root_user.uid != 0)
+        } else {
+            let own = ContainerUser {
+                uid: uid.as_raw(),
+                gid: nix::unistd::getgid().as_raw(),
+            };
+            (own, false)
+        };
         let path = alive_file.clone();
         let refresher = tokio::spawn(async move {
             let mut tick = tokio::time::interval(ALIVE_INTERVAL);
@@ -197,6 +223,7 @@ impl DockerExecutor {
             limits,
             mounts,
             user,
+            chown,
             alive_file,
             refresher,
         }
@@ -213,17 +240,16 @@ impl DockerExecutor {
         ];
         binds.extend(self.mounts.iter().map(Mount::to_bind));
         let memory = (self.limits.memory_mb * 1024 * 1024) as i64;
-        let mut env = vec![format!("JOB_ID={job_id}")];
-        if self.user.is_some() {
-            env.push("HOME=/tmp".into());
-        }
+        // The user may have no entry in the image's passwd file, hence no home: /tmp is writable
+        // by everyone in every image Kiln runs.
+        let env = vec![format!("JOB_ID={job_id}"), "HOME=/tmp".into()];
         ContainerCreateBody {
             image: Some(self.image.clone()),
             // Exec sessions need a running container; `init` reaps them and makes the stop quick.
             cmd: Some(vec!["sh".into(), "-c".into(), keep_alive_script()]),
             working_dir: Some(WORKDIR.into()),
             env: Some(env),
-            user: self.user.clone(),
+            user: Some(self.user.to_string()),
             labels: Some(HashMap::from([(
                 "kiln.job_id".to_string(),
                 job_id.to_string(),
@@ -260,6 +286,12 @@ impl Executor for DockerExecutor {
             self.client.remove_container(&name).await?;
             // The bind below needs the file to exist (else Docker makes a directory there).
             touch(&self.alive_file)?;
+            if self.chown {
+                let (path, user) = (worktree.to_path_buf(), self.user);
+                tokio::task::spawn_blocking(move || give_worktree(&path, user))
+                    .await
+                    .map_err(|e| ExecError::Io(std::io::Error::other(e)))??;
+            }
             let opts = CreateContainerOptionsBuilder::default().name(&name).build();
             let docker = &self.client.docker;
             docker

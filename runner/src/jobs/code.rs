@@ -6,7 +6,9 @@ use super::run::{failed, finished, JobRun, Published};
 
 impl JobRun {
     pub(super) async fn run_code(&self) -> RunnerEvent {
-        let result = self.run_agent(&self.assignment.prompt, 1, None, None).await;
+        let result = self
+            .run_agent(&self.assignment.prompt, 1, None, None, None)
+            .await;
         if !result.succeeded() {
             return failed(result.failure("The agent"));
         }
@@ -20,6 +22,14 @@ impl JobRun {
                 Outcome::Completed,
                 format!("Opened pull request {url}"),
                 Some(url),
+                None,
+                None,
+                None,
+            ),
+            Ok(Published::BranchOnly(what)) => finished(
+                Outcome::Completed,
+                format!("The agent's changes are committed: {what}"),
+                None,
                 None,
                 None,
                 None,

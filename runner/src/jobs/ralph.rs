@@ -11,7 +11,7 @@ use kiln_schemas::runner::{Outcome, RunnerEvent};
 use kiln_schemas::status::CompletionReason;
 use tokio::sync::mpsc;
 
-use super::run::{finished, progress_path, JobRun, Published};
+use super::run::{finished, progress_path, Inbox, JobRun, Published};
 use super::JobControl;
 use crate::output::tail_chars;
 
@@ -115,7 +115,7 @@ impl JobRun {
         let max = params.max_iterations.max(1);
         let progress_file = progress_path(&self.services, self.job_id());
         let mut progress = String::new();
-        let mut stop = false;
+        let mut inbox = Inbox::default();
         let mut iterations: Vec<Iteration> = Vec::new();
         let mut reason = CompletionReason::MaxIterations;
         let mut total = 0;
@@ -137,7 +137,8 @@ impl JobRun {
                         &prompt,
                         i,
                         Some(params.completion_promise.clone()),
-                        Some((&mut controls, &mut stop)),
+                        None,
+                        Some((&mut controls, &mut inbox)),
                     )
                     .await;
                 let mut it = Iteration {
@@ -156,7 +157,7 @@ impl JobRun {
                     for command in &params.feedback_commands {
                         self.sink.system(format!("$ {command}")).await;
                         let r = self
-                            .run_command(command, i, Some((&mut controls, &mut stop)))
+                            .run_command(command, i, Some((&mut controls, &mut inbox)))
                             .await;
                         if !r.succeeded() {
                             feedback_output.push((
@@ -186,7 +187,7 @@ impl JobRun {
                 iterations.push(it);
 
                 if agent.succeeded() {
-                    match loop_end(agent.promise_detected, stop, i, max) {
+                    match loop_end(agent.promise_detected, inbox.stop, i, max) {
                         Some(r) => {
                             reason = r;
                             break 'iterations;
@@ -198,7 +199,7 @@ impl JobRun {
                     reason = CompletionReason::IterationError;
                     break 'iterations;
                 }
-                if stop {
+                if inbox.stop {
                     reason = CompletionReason::ManualStop;
                     break 'iterations;
                 }
@@ -245,6 +246,7 @@ impl JobRun {
                 Some(url.clone()),
                 format!("{summary}; opened pull request {url}"),
             ),
+            Ok(Published::BranchOnly(what)) => (None, format!("{summary}; {what}")),
             Ok(Published::NothingToCommit) => {
                 (None, format!("{summary}; no changes, so no pull request"))
             }

@@ -166,9 +166,22 @@ pub(super) struct CommandResult {
     pub error: Option<String>,
     pub summary: String,
     pub promise_detected: bool,
+    /// The agent's session, when its profile announces one.
+    pub session_id: Option<String>,
 }
 
 impl CommandResult {
+    /// A command that never started.
+    pub fn not_run(error: String) -> Self {
+        CommandResult {
+            exit_code: None,
+            error: Some(error),
+            summary: String::new(),
+            promise_detected: false,
+            session_id: None,
+        }
+    }
+
     pub fn succeeded(&self) -> bool {
         self.exit_code == Some(0)
     }
@@ -183,10 +196,48 @@ impl CommandResult {
     }
 }
 
+/// The edge's messages for a job, noted while its commands run.
+#[derive(Debug, Default)]
+pub(super) struct Inbox {
+    /// Ralph: stop after the current iteration.
+    pub stop: bool,
+    /// Task: follow-up messages not yet given to the agent, oldest first.
+    pub messages: std::collections::VecDeque<String>,
+    /// Task: the session is completed; no more messages come.
+    pub complete: bool,
+}
+
+impl Inbox {
+    /// Notes a message; answers what the job's log should say about it, if anything.
+    pub fn note(&mut self, control: JobControl) -> Option<String> {
+        match control {
+            JobControl::Stop if !self.stop => {
+                self.stop = true;
+                Some("Stop requested: the job stops after this iteration".into())
+            }
+            JobControl::Stop => None,
+            JobControl::Deliver(m) if !self.complete => {
+                self.messages.push_back(m);
+                None
+            }
+            JobControl::Deliver(_) => {
+                Some("A message arrived after the session was completed; not delivered".into())
+            }
+            JobControl::Complete => {
+                let first = !self.complete;
+                self.complete = true;
+                first.then(|| "Session completed: the job ends when the agent's turn does".into())
+            }
+        }
+    }
+}
+
 /// Published work.
 pub(super) enum Published {
     NothingToCommit,
     PullRequest(String),
+    /// The branch is pushed but no pull request was opened; the text says where and why.
+    BranchOnly(String),
 }
 
 pub(super) struct JobRun {
@@ -304,12 +355,13 @@ impl JobRun {
     }
 
     /// Streams an execution's output as events until it ends, then returns its result. While it
-    /// runs, ralph's `stop` is noted in `stop_requested`; other messages are ignored.
+    /// runs, the edge's messages for the job are noted in `inbox` (ralph's stop, a task's
+    /// follow-ups and completion) for the handler to act on between runs.
     pub async fn stream(
         &self,
         mut exec: Execution,
         mut collector: OutputCollector,
-        mut controls: Option<(&mut mpsc::UnboundedReceiver<JobControl>, &mut bool)>,
+        mut controls: Option<(&mut mpsc::UnboundedReceiver<JobControl>, &mut Inbox)>,
     ) -> CommandResult {
         loop {
             let control = async {
@@ -328,12 +380,9 @@ impl JobRun {
                     None => break,
                 },
                 Some(c) = control => {
-                    if c == JobControl::Stop {
-                        if let Some((_, stop)) = controls.as_mut() {
-                            if !**stop {
-                                self.sink.system("Stop requested: the job stops after this iteration").await;
-                            }
-                            **stop = true;
+                    if let Some((_, inbox)) = controls.as_mut() {
+                        if let Some(note) = inbox.note(c) {
+                            self.sink.system(note).await;
                         }
                     }
                 }
@@ -346,36 +395,50 @@ impl JobRun {
             Ok(code) => (Some(code), None),
             Err(e) => (None, Some(e.to_string())),
         };
+        if let Some(u) = collector.usage() {
+            self.sink
+                .system(format!("Agent usage: {}", u.describe()))
+                .await;
+        }
         CommandResult {
             exit_code,
             error,
             summary: collector.summary(),
             promise_detected: collector.promise_detected(),
+            session_id: collector.session_id().map(str::to_string),
         }
     }
 
-    /// Runs the agent once with the prompt on stdin (then closed).
+    /// Runs the agent once with the prompt on stdin (then closed); with `resume`, the run
+    /// continues that session of the agent (profiles that resume; see `crate::agent`).
     pub async fn run_agent(
         &self,
         prompt: &str,
         iteration: u32,
         promise: Option<String>,
-        controls: Option<(&mut mpsc::UnboundedReceiver<JobControl>, &mut bool)>,
+        resume: Option<&str>,
+        controls: Option<(&mut mpsc::UnboundedReceiver<JobControl>, &mut Inbox)>,
     ) -> CommandResult {
+        let agent = &self.services.agent;
         let mut spec = self.agent_spec(iteration);
+        spec.command = match resume {
+            None => agent.format.first_command(&agent.command),
+            Some(session) => match agent.format.resume_command(&agent.command, session) {
+                Some(c) => c,
+                None => {
+                    return CommandResult::not_run(format!(
+                        "the {} agent cannot resume session {session:?}",
+                        agent.format.profile_name()
+                    ))
+                }
+            },
+        };
         if let Some(p) = &promise {
             spec.env.push(("COMPLETION_PROMISE".into(), p.clone()));
         }
         let mut exec = match self.start(spec).await {
             Ok(e) => e,
-            Err(e) => {
-                return CommandResult {
-                    exit_code: None,
-                    error: Some(e.to_string()),
-                    summary: String::new(),
-                    promise_detected: false,
-                }
-            }
+            Err(e) => return CommandResult::not_run(e.to_string()),
         };
         if let Some(stdin) = exec.stdin.take() {
             tokio::spawn(write_and_close(stdin, prompt_line(prompt)));
@@ -393,21 +456,14 @@ impl JobRun {
         &self,
         command: &str,
         iteration: u32,
-        controls: Option<(&mut mpsc::UnboundedReceiver<JobControl>, &mut bool)>,
+        controls: Option<(&mut mpsc::UnboundedReceiver<JobControl>, &mut Inbox)>,
     ) -> CommandResult {
         let exec = match self
             .start(ExecSpec::new(command, self.job_id(), iteration))
             .await
         {
             Ok(e) => e,
-            Err(e) => {
-                return CommandResult {
-                    exit_code: None,
-                    error: Some(e.to_string()),
-                    summary: String::new(),
-                    promise_detected: false,
-                }
-            }
+            Err(e) => return CommandResult::not_run(e.to_string()),
         };
         self.stream(
             exec,
@@ -456,9 +512,16 @@ impl JobRun {
         ws.push(wt)
             .await
             .map_err(|e| format!("Pushing branch {} failed: {e}", wt.branch))?;
+        let remote = ws.remote_url(&wt.repo);
         self.sink
-            .system(format!("Pushed branch {}", wt.branch))
+            .system(format!("Pushed branch {} to {remote}", wt.branch))
             .await;
+        if !self.services.github.has_token() {
+            return Ok(Published::BranchOnly(format!(
+                "pushed branch {} to {remote}; no pull request was opened: the runner has no GITHUB_TOKEN",
+                wt.branch
+            )));
+        }
         let pr = NewPullRequest {
             title,
             head: wt.branch.clone(),
@@ -533,15 +596,11 @@ mod tests {
             error: None,
             summary: String::new(),
             promise_detected: false,
+            session_id: None,
         };
         assert_eq!(r.failure("the agent"), "the agent exited with code 3");
         assert!(!r.succeeded());
-        let r = CommandResult {
-            exit_code: None,
-            error: Some("gone".into()),
-            summary: String::new(),
-            promise_detected: false,
-        };
+        let r = CommandResult::not_run("gone".into());
         assert_eq!(r.failure("the agent"), "the agent could not run: gone");
     }
 }

@@ -1,11 +1,14 @@
-//! `task` jobs: an interactive agent. The prompt is its first input line, each delivered message
-//! another; `complete` closes its input and the job ends when the agent does. No commit, no PR.
+//! `task` jobs: an interactive agent, no commit, no PR. How a delivered message reaches the agent
+//! is its profile's choice (`crate::agent`): a `text` agent keeps running and gets the prompt and
+//! each message as lines on its stdin, `complete` closes its input and the job ends when the agent
+//! does; a `claude` or `codex` agent answers the prompt in one run, then each message in a new run
+//! that resumes its session, and the job ends on `complete` once the running turn is answered.
 
 use kiln_schemas::runner::{Outcome, RunnerEvent};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use super::run::{failed, finished, prompt_line, JobRun};
+use super::run::{failed, finished, prompt_line, Inbox, JobRun};
 use super::JobControl;
 use crate::executor::StdinWriter;
 use crate::output::OutputCollector;
@@ -22,6 +25,91 @@ async fn feed_stdin(mut stdin: StdinWriter, mut lines: mpsc::UnboundedReceiver<S
 
 impl JobRun {
     pub(super) async fn run_task(
+        &self,
+        controls: mpsc::UnboundedReceiver<JobControl>,
+    ) -> RunnerEvent {
+        if self.services.agent.format.follows_up_on_stdin() {
+            self.run_task_on_stdin(controls).await
+        } else {
+            self.run_task_in_turns(controls).await
+        }
+    }
+
+    /// One run per turn: the prompt, then each message in a run that resumes the session.
+    async fn run_task_in_turns(
+        &self,
+        mut controls: mpsc::UnboundedReceiver<JobControl>,
+    ) -> RunnerEvent {
+        let mut inbox = Inbox::default();
+        let mut input = self.assignment.prompt.clone();
+        let mut session: Option<String> = None;
+        let mut turn = 1;
+        loop {
+            let result = self
+                .run_agent(
+                    &input,
+                    turn,
+                    None,
+                    session.as_deref(),
+                    Some((&mut controls, &mut inbox)),
+                )
+                .await;
+            if !result.succeeded() {
+                return failed(result.failure(&format!("The agent (turn {turn})")));
+            }
+            if result.session_id.is_some() {
+                session = result.session_id;
+            }
+            if session.is_none() {
+                return failed(format!(
+                    "The {} agent announced no session, so follow-up messages cannot reach it",
+                    self.services.agent.format.profile_name()
+                ));
+            }
+            // The next turn: a message that arrived meanwhile, else wait for one (or the end).
+            let next = loop {
+                if let Some(m) = inbox.messages.pop_front() {
+                    break Some(m);
+                }
+                if inbox.complete {
+                    break None;
+                }
+                match controls.recv().await {
+                    Some(c) => {
+                        if let Some(note) = inbox.note(c) {
+                            self.sink.system(note).await;
+                        }
+                    }
+                    // The job table is gone: the runner is stopping.
+                    None => break None,
+                }
+            };
+            match next {
+                Some(m) => {
+                    turn += 1;
+                    input = m;
+                    self.sink
+                        .system(format!(
+                            "Turn {turn}: the agent resumes its session to answer a message"
+                        ))
+                        .await;
+                }
+                None => {
+                    return finished(
+                        Outcome::Completed,
+                        format!("Session completed after {turn} turn(s)"),
+                        None,
+                        None,
+                        None,
+                        None,
+                    )
+                }
+            }
+        }
+    }
+
+    /// One long run: the prompt and each message are lines on the agent's stdin.
+    async fn run_task_on_stdin(
         &self,
         mut controls: mpsc::UnboundedReceiver<JobControl>,
     ) -> RunnerEvent {

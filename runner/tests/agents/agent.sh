@@ -11,6 +11,14 @@
 #   json       print claude-stream-json lines
 #   echo       interactive: answer each further line with "echo: <line>" until stdin closes
 #   env        print its environment, one "env: NAME=value" line per variable
+#   turns      like Claude Code: announce session sess-$JOB_ID in stream-json and report usage;
+#              run as `agent.sh --resume ID` it answers the message on stdin in that session
+if [ "$1" = "--resume" ]; then
+  IFS= read -r message
+  echo "{\"type\":\"system\",\"subtype\":\"init\",\"session_id\":\"$2\"}"
+  echo "{\"type\":\"result\",\"subtype\":\"success\",\"result\":\"resumed $2: $message\",\"total_cost_usd\":0.5,\"usage\":{\"input_tokens\":3,\"output_tokens\":2}}"
+  exit 0
+fi
 IFS= read -r prompt
 echo "agent: job ${JOB_ID} iteration ${ITERATION} prompt: ${prompt}"
 case " $prompt " in *" echo "*)
@@ -30,6 +38,10 @@ case " $prompt " in *" json "*)
   echo '{"type":"assistant","message":{"content":[{"type":"text","text":"working on it"}]}}'
   echo 'not json at all'
   echo '{"type":"result","subtype":"success","result":"all good"}' ;;
+esac
+case " $prompt " in *" turns "*)
+  echo "{\"type\":\"system\",\"subtype\":\"init\",\"session_id\":\"sess-${JOB_ID}\"}"
+  echo '{"type":"result","subtype":"success","result":"first turn done","total_cost_usd":0.25,"usage":{"input_tokens":10,"output_tokens":5}}' ;;
 esac
 case " $prompt " in *" hang "*)
   echo $$ > "/tmp/kiln-hang-${JOB_ID}.pid"

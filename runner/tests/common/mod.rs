@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use kiln_runner::app::StartError;
 use kiln_runner::config::{
-    AgentEnv, AgentFormat, AgentProfile, Config, ContainerLimits, EdgeCredential, ExecutorKind,
-    Mount,
+    AgentEnv, AgentFormat, AgentProfile, Config, ContainerLimits, ContainerUser, EdgeCredential,
+    ExecutorKind, Mount,
 };
 use kiln_runner::jobs::Supervisor;
 use kiln_runner::Application;
@@ -271,6 +271,7 @@ impl TestRunner {
                 read_only: true,
             }],
             docker_host: opts.docker_host,
+            container_user: ContainerUser::default(),
         };
         let app = Application::build(config).await?;
         let port = app.port();
