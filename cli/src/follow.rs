@@ -1,0 +1,335 @@
+//! `kiln follow`: the job's live channel (`/ws/jobs/<id>/`, `Authorization` header) until the job
+//! ends. A dropped connection is resumed with `?after=<last seq>` after a backoff, and events are
+//! taken only in `seq` order, so nothing is shown twice or skipped across reconnects.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use futures::{SinkExt, StreamExt};
+use kiln_schemas::events::{EventBody, ServerEvent};
+use kiln_schemas::jobs::JobView;
+use kiln_schemas::status::JobStatus;
+use reqwest::Method;
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use crate::client::{error_message, job_path, Client};
+use crate::render::{event_lines, final_line, status_line, FollowView, Palette};
+
+/// Without any message for this long, the socket is pinged; without an answer for as long again,
+/// it is considered dead and reconnected.
+const IDLE: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The exit status for a job's end state: 0 completed, 1 failed, 2 cancelled.
+pub fn exit_code(status: JobStatus) -> i32 {
+    match status {
+        JobStatus::Completed => 0,
+        JobStatus::Failed => 1,
+        JobStatus::Cancelled => 2,
+        // Not terminal: never asked for.
+        JobStatus::Queued | JobStatus::Running => 3,
+    }
+}
+
+/// The wait before reconnect attempt `attempt` (0-based): 250 ms doubling up to 5 s.
+pub fn backoff(attempt: u32) -> Duration {
+    let ms = 250u64.saturating_mul(1u64 << attempt.min(10));
+    Duration::from_millis(ms.min(5000))
+}
+
+/// `ws(s)://host/ws/jobs/<id>/?after=<seq>` for a server URL.
+pub fn socket_url(base: &str, job_id: &str, after: u64) -> anyhow::Result<String> {
+    let mut u = url::Url::parse(base).with_context(|| format!("{base:?} is not a URL"))?;
+    let scheme = match u.scheme() {
+        "http" => "ws",
+        "https" => "wss",
+        other => bail!("cannot open a WebSocket to a {other}:// server"),
+    };
+    u.set_scheme(scheme).map_err(|_| anyhow!("cannot switch {base} to {scheme}://"))?;
+    u.path_segments_mut()
+        .map_err(|_| anyhow!("{base} cannot have a path"))?
+        .pop_if_empty()
+        .extend(["ws", "jobs", job_id, ""]);
+    u.set_query(None);
+    if after > 0 {
+        u.query_pairs_mut().append_pair("after", &after.to_string());
+    }
+    Ok(u.to_string())
+}
+
+/// What one message of the socket means to the follower.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    /// The next event, to show.
+    Event(ServerEvent),
+    /// An event already shown (a replay overlap): dropped.
+    Seen(u64),
+    /// The server refused something we sent (`{"kind":"error"}`).
+    Error(String),
+    /// A message this client does not know: passed through in JSON mode, else ignored.
+    Unknown(Value),
+}
+
+/// Classifies a text message given the last `seq` shown.
+pub fn classify(text: &str, last_seq: u64) -> Incoming {
+    let Ok(value) = serde_json::from_str::<Value>(text) else {
+        return Incoming::Unknown(Value::String(text.to_string()));
+    };
+    if value.get("kind").and_then(Value::as_str) == Some("error") {
+        return Incoming::Error(value.get("message").and_then(Value::as_str).unwrap_or("error").to_string());
+    }
+    // Any message with a `seq` is a logged event, known kind or not.
+    if let Some(seq) = value.get("seq").and_then(Value::as_u64).filter(|s| *s <= last_seq) {
+        return Incoming::Seen(seq);
+    }
+    match serde_json::from_value::<ServerEvent>(value.clone()) {
+        Ok(ev) => Incoming::Event(ev),
+        Err(_) => Incoming::Unknown(value),
+    }
+}
+
+/// How `follow` writes: text lines (with a status line kept at the bottom of a terminal) or one
+/// JSON document per event.
+pub struct Output {
+    pub json: bool,
+    pub palette: Palette,
+    /// Keep a live status line at the bottom (stdout is a terminal and not JSON).
+    pub sticky: bool,
+    shown: bool,
+}
+
+impl Output {
+    pub fn new(json: bool, palette: Palette, stdout_is_tty: bool) -> Output {
+        Output { json, palette, sticky: stdout_is_tty && !json, shown: false }
+    }
+
+    fn clear(&mut self, out: &mut impl Write) {
+        if self.shown {
+            let _ = write!(out, "\r\x1b[2K");
+            self.shown = false;
+        }
+    }
+
+    fn lines(&mut self, view: &FollowView, lines: &[String]) {
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        self.clear(&mut out);
+        for l in lines {
+            let _ = writeln!(out, "{l}");
+        }
+        if self.sticky {
+            let _ = write!(out, "{}", status_line(view, self.palette));
+            self.shown = true;
+        }
+        let _ = out.flush();
+    }
+
+    fn json_line(&mut self, value: &Value) {
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let _ = writeln!(out, "{value}");
+        let _ = out.flush();
+    }
+
+    /// A note for the person watching (stderr, so stdout stays the job's output).
+    fn note(&mut self, view: &FollowView, text: &str) {
+        if self.sticky {
+            self.lines(view, &[]);
+        } else {
+            eprintln!("kiln: {text}");
+        }
+    }
+
+    fn finish(&mut self, view: &FollowView) {
+        if self.json {
+            return;
+        }
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        self.clear(&mut out);
+        let _ = writeln!(out, "{}", final_line(view, self.palette));
+        let _ = out.flush();
+    }
+}
+
+/// Follows job `id` until it is terminal; answers its end state.
+pub async fn follow(client: &mut Client, id: &str, out: &mut Output, give_up_after: Duration) -> anyhow::Result<JobStatus> {
+    let job: JobView = serde_json::from_value(client.call(Method::GET, &job_path(id, ""), None).await?)
+        .context("reading the job")?;
+    let mut view = FollowView::new(&job);
+    let mut attempt = 0u32;
+    // When the connection was last known good; giving up counts from here.
+    let mut last_good = Instant::now();
+    let mut refreshed = false;
+    loop {
+        let url = socket_url(client.base(), &job.id, view.last_seq)?;
+        let token = client.token().await?;
+        let mut req = url.as_str().into_client_request().context("building the WebSocket request")?;
+        req.headers_mut().insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {token}")).context("the token is not a valid header value")?,
+        );
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(req)).await;
+        let mut stream = match connected {
+            Ok(Ok((stream, _))) => stream,
+            Ok(Err(WsError::Http(resp))) => {
+                let status = resp.status().as_u16();
+                let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+                let status = reqwest::StatusCode::from_u16(status).unwrap_or(reqwest::StatusCode::BAD_GATEWAY);
+                if status == reqwest::StatusCode::UNAUTHORIZED && client.can_refresh() && !refreshed {
+                    refreshed = true;
+                    client.refresh().await?;
+                    continue;
+                }
+                // A restarting server answers 5xx for a moment; any other refusal is final.
+                if !status.is_server_error() {
+                    bail!("the live channel was refused: {} (HTTP {})", error_message(status, &body), status.as_u16());
+                }
+                retry_or_give_up(out, &mut view, &mut attempt, last_good, give_up_after, &format!("HTTP {}", status.as_u16())).await?;
+                continue;
+            }
+            Ok(Err(e)) => {
+                retry_or_give_up(out, &mut view, &mut attempt, last_good, give_up_after, &e.to_string()).await?;
+                continue;
+            }
+            Err(_) => {
+                retry_or_give_up(out, &mut view, &mut attempt, last_good, give_up_after, "connecting timed out").await?;
+                continue;
+            }
+        };
+        if view.reconnecting {
+            view.reconnecting = false;
+            out.note(&view, &format!("reconnected; resuming after event {}", view.last_seq));
+        }
+        attempt = 0;
+        refreshed = false;
+        last_good = Instant::now();
+        if out.sticky {
+            out.lines(&view, &[]);
+        }
+
+        let mut pinged = false;
+        let why = loop {
+            let msg = match tokio::time::timeout(IDLE, stream.next()).await {
+                Err(_) if pinged => break "no answer to a ping".to_string(),
+                Err(_) => {
+                    pinged = true;
+                    if stream.send(Message::Ping(Vec::new().into())).await.is_err() {
+                        break "the ping could not be sent".to_string();
+                    }
+                    continue;
+                }
+                Ok(None) => break "the server closed the connection".to_string(),
+                Ok(Some(Err(e))) => break e.to_string(),
+                Ok(Some(Ok(m))) => m,
+            };
+            pinged = false;
+            last_good = Instant::now();
+            let text = match msg {
+                Message::Text(t) => t.to_string(),
+                Message::Close(_) => break "the server closed the connection".to_string(),
+                _ => continue,
+            };
+            match classify(&text, view.last_seq) {
+                Incoming::Seen(_) => {}
+                Incoming::Error(m) => eprintln!("kiln: the server said: {m}"),
+                Incoming::Unknown(v) => {
+                    if let Some(seq) = v.get("seq").and_then(Value::as_u64) {
+                        view.last_seq = view.last_seq.max(seq);
+                    }
+                    if out.json {
+                        out.json_line(&v);
+                    }
+                }
+                Incoming::Event(ev) => {
+                    let terminal = match &ev.body {
+                        EventBody::JobStatus { status, .. } => JobStatus::parse(status).filter(|s| s.is_terminal()),
+                        _ => None,
+                    };
+                    if out.json {
+                        view.last_seq = ev.seq;
+                        if let EventBody::JobStatus { status, .. } = &ev.body {
+                            view.status = status.clone();
+                        }
+                        out.json_line(&serde_json::from_str(&text).unwrap_or(Value::Null));
+                    } else {
+                        let lines = event_lines(&mut view, &ev, out.palette);
+                        out.lines(&view, &lines);
+                    }
+                    if let Some(end) = terminal {
+                        let _ = stream.close(None).await;
+                        out.finish(&view);
+                        return Ok(end);
+                    }
+                }
+            }
+        };
+        retry_or_give_up(out, &mut view, &mut attempt, last_good, give_up_after, &why).await?;
+    }
+}
+
+async fn retry_or_give_up(
+    out: &mut Output,
+    view: &mut FollowView,
+    attempt: &mut u32,
+    last_good: Instant,
+    give_up_after: Duration,
+    why: &str,
+) -> anyhow::Result<()> {
+    if last_good.elapsed() >= give_up_after {
+        bail!("gave up following job {}: the live channel has been down for {} s ({why})", view.job_id, give_up_after.as_secs());
+    }
+    if !view.reconnecting {
+        view.reconnecting = true;
+        out.note(view, &format!("connection lost ({why}); reconnecting after event {}", view.last_seq));
+    }
+    tokio::time::sleep(backoff(*attempt)).await;
+    *attempt += 1;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn end_states_map_to_exit_codes() {
+        assert_eq!(exit_code(JobStatus::Completed), 0);
+        assert_eq!(exit_code(JobStatus::Failed), 1);
+        assert_eq!(exit_code(JobStatus::Cancelled), 2);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_five_seconds() {
+        let waits: Vec<u64> = (0..8).map(|a| backoff(a).as_millis() as u64).collect();
+        assert_eq!(waits, vec![250, 500, 1000, 2000, 4000, 5000, 5000, 5000]);
+        assert_eq!(backoff(u32::MAX), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn socket_urls_carry_the_cursor() {
+        assert_eq!(socket_url("http://127.0.0.1:8787", "abc", 0).unwrap(), "ws://127.0.0.1:8787/ws/jobs/abc/");
+        assert_eq!(socket_url("https://kiln.example.com", "abc", 42).unwrap(), "wss://kiln.example.com/ws/jobs/abc/?after=42");
+        assert_eq!(socket_url("https://h/base", "a/b", 1).unwrap(), "wss://h/base/ws/jobs/a%2Fb/?after=1");
+    }
+
+    #[test]
+    fn replayed_events_are_dropped_and_new_ones_kept() {
+        let ev = |seq: u64| {
+            json!({"kind": "log", "seq": seq, "stream": "stdout", "content": "x", "timestamp": "t"}).to_string()
+        };
+        assert!(matches!(classify(&ev(5), 4), Incoming::Event(e) if e.seq == 5));
+        assert_eq!(classify(&ev(4), 4), Incoming::Seen(4));
+        assert_eq!(classify(&ev(1), 4), Incoming::Seen(1));
+        assert_eq!(classify(r#"{"kind":"error","message":"bad"}"#, 0), Incoming::Error("bad".into()));
+        assert!(matches!(classify(r#"{"kind":"future","seq":9}"#, 0), Incoming::Unknown(_)));
+        assert_eq!(classify(r#"{"kind":"future","seq":3}"#, 4), Incoming::Seen(3), "unknown kinds are not repeated either");
+        assert!(matches!(classify("not json", 0), Incoming::Unknown(Value::String(_))));
+    }
+}
