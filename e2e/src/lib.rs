@@ -5,6 +5,31 @@
 //!
 //! Every process the harness starts runs in a process group of its own, which is killed when its
 //! handle drops, and also by a watchdog when the test process dies without dropping it.
+//!
+//! ## The scripted model server
+//!
+//! [`model::ModelServer`] is the one local model of the project: the demo model `scripts/dev`
+//! runs (binary `kiln-model-server`, `--listen ADDR --script FILE`, the demo script by default)
+//! and the model every test points agent CLIs and LLM steps at. It speaks Anthropic Messages and
+//! OpenAI chat completions (streamed or not, with usage and the vendors' error shapes) and answers
+//! from a script: rules tried in order, the first whose `when` holds answers. A test writes
+//! its own:
+//!
+//! ```no_run
+//! let server = kiln_e2e::model::ModelServer::start(kiln_e2e::model::Script::from_value(serde_json::json!({
+//!     "rules": [
+//!         {"when": {"system": "requirements gatherer"}, "text": "What should it do?", "chunks": 4},
+//!         {"when": {"prompt": "flaky"}, "error": {"status": 429, "retry_after": 1}, "fail_first": 2, "text": "ok"},
+//!         {"when": {"iteration": 3}, "text": "<promise>DONE</promise>"},
+//!         {"when": {"turn": 0}, "tool_calls": [{"name": "Write", "input": {"file_path": "{{cwd}}/a.txt", "content": "hi"}}]},
+//!         {"text": "done"}
+//!     ]
+//! })).unwrap());
+//! // ANTHROPIC_BASE_URL = server.url(), OPENAI_BASE_URL = server.openai_base_url();
+//! // server.requests() is every request received, in order.
+//! ```
+//!
+//! The whole format (conditions, replies, errors, stalls, templates) is in [`model`]'s docs.
 
 pub mod agents;
 pub mod bench;

@@ -113,6 +113,7 @@ impl ServerState {
             .route("/v1/chat/completions", post(chat_completions))
             .route("/v1/models", get(models))
             .route("/v1/models/{id}", get(model))
+            .route("/api/hello", axum::routing::any(hello))
             .route("/_kiln/requests", get(list_requests).delete(delete_requests))
             .route("/_kiln/script", get(get_script).put(put_script))
             .fallback(not_found)
@@ -463,6 +464,17 @@ async fn model(State(state): State<AppState>, method: Method, uri: Uri, headers:
     record(&mut s, &inc, Value::Null, None, None, 200);
     let id = uri.path().trim_start_matches("/v1/models/").to_string();
     Json(model_object(headers.contains_key("anthropic-version"), &id)).into_response()
+}
+
+/// Claude Code's connectivity check (`HEAD /api/hello`, unless non-essential traffic is off).
+async fn hello(State(state): State<AppState>, method: Method, uri: Uri, headers: HeaderMap) -> StatusCode {
+    let inc = Incoming {
+        method: &method,
+        uri: &uri,
+        headers: &headers,
+    };
+    record(&mut state.lock().expect("lock"), &inc, Value::Null, None, None, 200);
+    StatusCode::OK
 }
 
 #[derive(Deserialize)]
