@@ -15,14 +15,14 @@ use kiln_schemas::status::JobType;
 /// Exit status of `follow` and `submit --follow`: 0 completed, 1 failed, 2 cancelled; any other
 /// error exits 3 with `kiln: error: ...` on stderr; bad usage exits 64.
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about, long_about)]
+#[command(name = "kiln", version)]
 pub struct Cli {
     /// The Kiln server (overrides $KILN_URL and the configured URL).
-    #[arg(long, global = true, value_name = "URL")]
+    #[arg(long, global = true, value_name = "URL", display_order = 900)]
     pub url: Option<String>,
 
     /// Print one JSON document (JSON lines for `follow`) instead of text, for scripts.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, display_order = 901)]
     pub json: bool,
 
     #[command(subcommand)]
@@ -120,7 +120,7 @@ pub struct SubmitArgs {
     /// branchName: the branch to push (required for code jobs, generated for task and ralph).
     #[arg(long, short = 'b')]
     pub branch: Option<String>,
-    /// title
+    /// title: a short name for the job
     #[arg(long)]
     pub title: Option<String>,
     /// featureId
