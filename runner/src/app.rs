@@ -134,6 +134,8 @@ impl Application {
             github: GithubClient::new(http, &config.github_api_url, config.github_token.clone()),
             edge: client.clone(),
             agent: config.agent.clone(),
+            repositories: config.repositories.clone(),
+            protected_branches: config.protected_branches.clone(),
             runner_name: config.name.clone(),
             metrics: metrics.clone(),
         });

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use clap::Parser;
+use kiln_schemas::grants::{ProtectedBranches, RepoPattern};
 use serde::Deserialize;
 
 pub const DEFAULT_EDGE_URL: &str = "http://127.0.0.1:8787";
@@ -216,6 +217,9 @@ pub struct AgentProfile {
     pub command: String,
     pub format: AgentFormat,
     pub env: AgentEnv,
+    /// The agents talk to Kiln's scripted demo model, not a vendor's (`RUNNER_DEMO_MODEL`):
+    /// every agent job says so in its events, and `/health` too.
+    pub demo_model: bool,
 }
 
 /// The runner's own secrets: never passed to an agent, whatever `RUNNER_AGENT_ENV` says.
@@ -349,6 +353,9 @@ pub struct Args {
     /// The agent profile under its older name: text, claude-stream-json or codex-json (RUNNER_AGENT wins)
     #[arg(long, env = "RUNNER_AGENT_FORMAT")]
     pub agent_format: Option<String>,
+    /// The agents' model endpoint is Kiln's scripted demo model (scripts/dev sets this when no vendor key is set): every job says so in its events and /health reports it [default: false]
+    #[arg(long, env = "RUNNER_DEMO_MODEL")]
+    pub demo_model: Option<bool>,
     /// Variables passed from the runner's environment to every agent run, comma-separated names (e.g. ANTHROPIC_API_KEY,OPENAI_API_KEY); values are read at start. GITHUB_TOKEN, RUNNER_TOKEN and RUNNER_REGISTRATION_TOKEN are refused.
     #[arg(long, env = "RUNNER_AGENT_ENV")]
     pub agent_env: Option<String>,
@@ -364,6 +371,12 @@ pub struct Args {
     /// Repositories are fetched and pushed at <base>/<org>/<repo>.git [default: https://github.com]
     #[arg(long, env = "RUNNER_GIT_BASE_URL")]
     pub git_base_url: Option<String>,
+    /// Repositories this runner accepts jobs for, comma-separated org/repo or org/* (e.g. acme/*); an assignment outside them fails with a clear error before anything is fetched [default: every repository the edge assigns]
+    #[arg(long, env = "RUNNER_REPOSITORIES")]
+    pub repositories: Option<String>,
+    /// Branches this runner never pushes to, comma-separated names or prefixes ending in * (the repository's default branch is always protected) [default: main,master,develop,release/*]
+    #[arg(long, env = "RUNNER_PROTECTED_BRANCHES")]
+    pub protected_branches: Option<String>,
     /// GitHub token for git over https and for opening pull requests.
     #[arg(long, env = "GITHUB_TOKEN", hide_env_values = true)]
     pub github_token: Option<String>,
@@ -411,10 +424,13 @@ pub struct FileSettings {
     pub runner_agent_cmd: Option<String>,
     pub runner_agent_format: Option<String>,
     pub runner_agent_env: Option<String>,
+    pub runner_demo_model: Option<bool>,
     pub max_concurrent_jobs: Option<u32>,
     pub repos_dir: Option<PathBuf>,
     pub worktrees_dir: Option<PathBuf>,
     pub runner_git_base_url: Option<String>,
+    pub runner_repositories: Option<String>,
+    pub runner_protected_branches: Option<String>,
     pub github_token: Option<String>,
     pub github_api_url: Option<String>,
     pub runner_listen: Option<String>,
@@ -460,6 +476,9 @@ pub struct Config {
     pub repos_dir: PathBuf,
     pub worktrees_dir: PathBuf,
     pub git_base_url: String,
+    /// `RUNNER_REPOSITORIES`; empty: every repository.
+    pub repositories: Vec<RepoPattern>,
+    pub protected_branches: ProtectedBranches,
     pub github_token: Option<String>,
     pub github_api_url: String,
     pub listen: SocketAddr,
@@ -576,6 +595,7 @@ impl Config {
             command: non_empty(args.agent_cmd.or(file.runner_agent_cmd))
                 .unwrap_or_else(|| format.default_command().into()),
             format,
+            demo_model: args.demo_model.or(file.runner_demo_model).unwrap_or(false),
             env: match non_empty(args.agent_env.or(file.runner_agent_env)) {
                 Some(spec) => parse_agent_env(&spec, |name| host.vars.get(name).cloned())
                     .map_err(|e| invalid("RUNNER_AGENT_ENV", e))?,
@@ -619,6 +639,22 @@ impl Config {
             .to_string();
         url::Url::parse(&git_base_url)
             .map_err(|e| invalid("RUNNER_GIT_BASE_URL", format!("{git_base_url:?}: {e}")))?;
+
+        let repositories = match non_empty(args.repositories.or(file.runner_repositories)) {
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(RepoPattern::parse)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid("RUNNER_REPOSITORIES", e))?,
+            None => Vec::new(),
+        };
+        let protected_branches =
+            match non_empty(args.protected_branches.or(file.runner_protected_branches)) {
+                Some(list) => ProtectedBranches::parse(&list),
+                None => ProtectedBranches::default(),
+            };
 
         let github_api_url = non_empty(args.github_api_url.or(file.github_api_url))
             .unwrap_or_else(|| DEFAULT_GITHUB_API_URL.into())
@@ -673,6 +709,8 @@ impl Config {
             repos_dir,
             worktrees_dir,
             git_base_url,
+            repositories,
+            protected_branches,
             github_token: non_empty(args.github_token.or(file.github_token)),
             github_api_url,
             listen,
@@ -914,6 +952,38 @@ mod tests {
     }
 
     #[test]
+    fn repositories_and_protected_branches_parse() {
+        let c = Config::resolve(
+            Args {
+                repositories: Some(" acme/* , Other/Site ".into()),
+                protected_branches: Some("main,prod/*".into()),
+                ..Default::default()
+            },
+            FileSettings::default(),
+            &host(),
+        )
+        .unwrap();
+        assert_eq!(c.repositories.len(), 2);
+        assert!(c.repositories[0].matches("ACME", "shop"));
+        assert!(c.repositories[1].matches("other", "site"));
+        assert!(c.protected_branches.protects("prod/eu", None));
+        assert!(!c.protected_branches.protects("master", None));
+        let d = Config::resolve(Args::default(), FileSettings::default(), &host()).unwrap();
+        assert!(d.repositories.is_empty());
+        assert!(d.protected_branches.protects("release/1.2", None));
+        let bad = Config::resolve(
+            Args {
+                repositories: Some("acme".into()),
+                ..Default::default()
+            },
+            FileSettings::default(),
+            &host(),
+        )
+        .unwrap_err();
+        assert!(bad.to_string().starts_with("RUNNER_REPOSITORIES"), "{bad}");
+    }
+
+    #[test]
     fn container_users_are_numeric_pairs() {
         assert_eq!(
             "0:0".parse::<ContainerUser>().unwrap(),
@@ -1065,10 +1135,13 @@ mod tests {
             "RUNNER_AGENT_FORMAT",
             "RUNNER_CONTAINER_USER",
             "RUNNER_AGENT_ENV",
+            "RUNNER_DEMO_MODEL",
             "MAX_CONCURRENT_JOBS",
             "REPOS_DIR",
             "WORKTREES_DIR",
             "RUNNER_GIT_BASE_URL",
+            "RUNNER_REPOSITORIES",
+            "RUNNER_PROTECTED_BRANCHES",
             "GITHUB_TOKEN",
             "GITHUB_API_URL",
             "RUNNER_LISTEN",

@@ -85,7 +85,7 @@ async fn health(State(s): State<Arc<HealthState>>) -> Json<Value> {
         "name": s.name,
         "queue": {"running": running, "queued": queued, "maxConcurrent": s.supervisor.capacity()},
         "docker": {"available": docker_version.is_some(), "version": docker_version},
-        "agent": {"profile": s.agent.format.profile_name(), "command": s.agent.command, "format": s.agent.format.as_str()},
+        "agent": {"profile": s.agent.format.profile_name(), "command": s.agent.command, "format": s.agent.format.as_str(), "demoModel": s.agent.demo_model},
         "git": {"available": s.git_version.is_some(), "version": s.git_version},
         "edge": {"connected": s.edge.is_connected(), "url": s.edge_url},
         "executor": s.executor.as_str(),

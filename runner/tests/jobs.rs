@@ -230,6 +230,66 @@ async fn a_code_job_commits_pushes_and_opens_a_pull_request() {
 }
 
 #[tokio::test]
+async fn a_runner_refuses_repositories_outside_runner_repositories_before_fetching() {
+    let runner = TestRunner::start(RunnerOptions {
+        repositories: vec![kiln_schemas::grants::RepoPattern::parse("other/*").unwrap()],
+        ..Default::default()
+    })
+    .await;
+    let events = runner.run(assignment(JobType::Code, "write"), 60).await;
+    assert_started_and_finished(&events);
+    let (outcome, _, _, _, _, error) = finished(&events);
+    assert_eq!(outcome, Outcome::Failed);
+    assert_eq!(
+        error.as_deref(),
+        Some(
+            format!(
+                "This runner does not work on {ORG}/{REPO}: its RUNNER_REPOSITORIES are other/*"
+            )
+            .as_str()
+        )
+    );
+    assert!(
+        !runner.dirs.path().join("repos").join(ORG).exists(),
+        "nothing was fetched"
+    );
+    runner.stop().await;
+}
+
+#[tokio::test]
+async fn a_runner_never_pushes_to_a_protected_branch() {
+    let runner = TestRunner::start(RunnerOptions::default()).await;
+    let before = runner.remotes.branches(ORG, REPO);
+    for branch in ["main", "develop", "release/2.0"] {
+        let mut a = assignment(JobType::Code, "write");
+        a.branch_name = branch.into();
+        let events = runner.run(a, 60).await;
+        let (outcome, _, _, _, _, error) = finished(&events);
+        assert_eq!(outcome, Outcome::Failed, "{branch}");
+        let error = error.unwrap();
+        assert!(
+            error.starts_with(&format!("Refused: branchName {branch} is protected")),
+            "{error}"
+        );
+    }
+    // A branch that is the job's own base branch is the one its pull request would target.
+    let mut a = assignment(JobType::Code, "write");
+    a.branch_name = "feature/base".into();
+    a.base_branch = Some("feature/base".into());
+    let (outcome, _, _, _, _, error) = finished(&runner.run(a, 60).await);
+    assert_eq!(outcome, Outcome::Failed);
+    assert!(error
+        .unwrap()
+        .contains("feature/base (the repository's default branch)"));
+    assert_eq!(
+        runner.remotes.branches(ORG, REPO),
+        before,
+        "nothing was pushed"
+    );
+    runner.stop().await;
+}
+
+#[tokio::test]
 async fn a_failing_agent_fails_the_code_job_and_nothing_is_pushed() {
     let runner = TestRunner::start(RunnerOptions::default()).await;
     let a = assignment(JobType::Code, "write fail");

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use kiln_schemas::grants::{ProtectedBranches, RepoPattern};
 use kiln_schemas::runner::{Assignment, HeldJob};
 use kiln_schemas::status::JobType;
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -22,7 +23,7 @@ use crate::edge::EdgeClient;
 use crate::executor::Executor;
 use crate::github::GithubClient;
 use crate::metrics::Metrics;
-use crate::workspace::Workspaces;
+use crate::workspace::{RepoRef, Workspaces};
 
 /// What every job needs from the runner.
 pub struct JobServices {
@@ -31,8 +32,39 @@ pub struct JobServices {
     pub github: GithubClient,
     pub edge: EdgeClient,
     pub agent: AgentProfile,
+    /// `RUNNER_REPOSITORIES`; empty: every repository.
+    pub repositories: Vec<RepoPattern>,
+    pub protected_branches: ProtectedBranches,
     pub runner_name: String,
     pub metrics: Arc<Metrics>,
+}
+
+impl JobServices {
+    /// Whether this runner may work on `repo` and push `branch`: the repository is within
+    /// `RUNNER_REPOSITORIES` and the branch is not protected (nor the base branch it targets).
+    pub fn may_touch(
+        &self,
+        repo: &RepoRef,
+        branch: &str,
+        base_branch: Option<&str>,
+    ) -> Result<(), String> {
+        if !self.repositories.is_empty()
+            && !self
+                .repositories
+                .iter()
+                .any(|p| p.matches(&repo.org, &repo.repo))
+        {
+            let list: Vec<String> = self.repositories.iter().map(|p| p.to_string()).collect();
+            return Err(format!(
+                "This runner does not work on {}: its RUNNER_REPOSITORIES are {}",
+                repo.slug(),
+                list.join(", ")
+            ));
+        }
+        self.protected_branches
+            .check(branch, base_branch)
+            .map_err(|e| format!("Refused: {e}"))
+    }
 }
 
 /// A message from the edge for a running job.

@@ -270,6 +270,9 @@ impl JobRun {
             Ok(r) => r,
             Err(e) => return failed(e.to_string()),
         };
+        if let Err(e) = s.may_touch(&repo, &a.branch_name, a.base_branch.as_deref()) {
+            return failed(e);
+        }
         self.sink
             .system(format!(
                 "Fetching {} and creating the worktree on branch {}",
@@ -315,6 +318,14 @@ impl JobRun {
                 t.elapsed().as_millis()
             ))
             .await;
+        if s.agent.demo_model {
+            self.sink
+                .system(format!(
+                    "Agent {} on Kiln's demo model: its answers are scripted by a local server, not a vendor's model (set ANTHROPIC_API_KEY or OPENAI_API_KEY for a real one)",
+                    s.agent.format.profile_name()
+                ))
+                .await;
+        }
 
         match self.assignment.job_type {
             JobType::Code => self.run_code().await,
@@ -501,6 +512,10 @@ impl JobRun {
         let ws = &self.services.workspaces;
         let title = self.title();
         let message = format!("{title}\n\nKiln job {}", self.job_id());
+        // Again with the base branch the worktree resolved (the repository's default when the
+        // job named none), before anything leaves this host.
+        self.services
+            .may_touch(&wt.repo, &wt.branch, Some(&wt.base_branch))?;
         let sha = match ws.commit_all(wt, &message).await {
             Ok(None) => return Ok(Published::NothingToCommit),
             Ok(Some(sha)) => sha,

@@ -16,6 +16,7 @@ use kiln_runner::config::{
 };
 use kiln_runner::jobs::Supervisor;
 use kiln_runner::Application;
+use kiln_schemas::grants::{ProtectedBranches, RepoPattern};
 use kiln_schemas::jobs::RalphParams;
 use kiln_schemas::runner::{Assignment, Outcome, RunnerEvent};
 use kiln_schemas::status::{CompletionReason, JobType};
@@ -187,6 +188,8 @@ pub struct RunnerOptions {
     /// [default: the fake edge's registration token]
     pub credential: Option<EdgeCredential>,
     pub name: String,
+    /// `RUNNER_REPOSITORIES` [default: every repository].
+    pub repositories: Vec<RepoPattern>,
 }
 
 impl Default for RunnerOptions {
@@ -203,6 +206,7 @@ impl Default for RunnerOptions {
                 edge::REGISTRATION_TOKEN.into(),
             )),
             name: "test-runner".into(),
+            repositories: Vec::new(),
         }
     }
 }
@@ -251,11 +255,14 @@ impl TestRunner {
                 command: agent_cmd(opts.executor),
                 format: opts.format,
                 env: opts.agent_env,
+                demo_model: false,
             },
             max_concurrent_jobs: opts.capacity,
             repos_dir: dirs.path().join("repos"),
             worktrees_dir: dirs.path().join("worktrees"),
             git_base_url: remotes.base_url(),
+            repositories: opts.repositories,
+            protected_branches: ProtectedBranches::default(),
             github_token: Some("gh-test-token".into()),
             github_api_url: github.url.clone(),
             listen: "127.0.0.1:0".parse().unwrap(),
