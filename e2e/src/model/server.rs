@@ -108,9 +108,19 @@ impl ServerState {
 
     pub fn router(&self) -> Router {
         Router::new()
-            .route("/v1/messages", post(messages))
+            .route(
+                "/v1/messages",
+                post(|State(s): State<AppState>, m: Method, u: Uri, h: HeaderMap, b: Bytes| {
+                    chat(Api::Anthropic, s, m, u, h, b)
+                }),
+            )
             .route("/v1/messages/count_tokens", post(count_tokens))
-            .route("/v1/chat/completions", post(chat_completions))
+            .route(
+                "/v1/chat/completions",
+                post(|State(s): State<AppState>, m: Method, u: Uri, h: HeaderMap, b: Bytes| {
+                    chat(Api::Openai, s, m, u, h, b)
+                }),
+            )
             .route("/v1/models", get(models))
             .route("/v1/models/{id}", get(model))
             .route("/api/hello", axum::routing::any(hello))
@@ -360,26 +370,6 @@ fn stream_body(steps: Vec<Step>) -> Body {
     Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
     }))
-}
-
-async fn messages(
-    State(state): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    chat(Api::Anthropic, state, method, uri, headers, body).await
-}
-
-async fn chat_completions(
-    State(state): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    chat(Api::Openai, state, method, uri, headers, body).await
 }
 
 /// `POST /v1/messages/count_tokens`: `{"input_tokens": n}`, the same estimate as the answers'.
