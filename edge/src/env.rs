@@ -2,6 +2,8 @@
 
 use worker::{Env, ObjectNamespace, Stub, D1Database};
 
+use kiln_schemas::grants::ProtectedBranches;
+
 use crate::queue_core::Limits;
 
 pub struct Config {
@@ -13,6 +15,8 @@ pub struct Config {
     pub allow_ws_token_query: bool,
     pub limits: Limits,
     pub heartbeat_secs: u32,
+    /// Branches no job may name (`PROTECTED_BRANCHES`, default `main,master,develop,release/*`).
+    pub protected_branches: ProtectedBranches,
 }
 
 fn var(env: &Env, name: &str) -> Option<String> {
@@ -38,6 +42,9 @@ impl Config {
                 max_attempts: num(env, "MAX_ATTEMPTS", 3),
             },
             heartbeat_secs: num(env, "HEARTBEAT_SECS", 5),
+            protected_branches: var(env, "PROTECTED_BRANCHES")
+                .map(|v| ProtectedBranches::parse(&v))
+                .unwrap_or_default(),
         }
     }
 }

@@ -9,6 +9,7 @@ use worker::{Headers, Method, Request, RequestInit, Response, Stub};
 pub enum ApiError {
     BadRequest(String),
     Unauthorized(String),
+    Forbidden(String),
     NotFound(String),
     Conflict(String),
     Unavailable(String),
@@ -34,6 +35,7 @@ impl ApiError {
         let (status, msg) = match self {
             ApiError::BadRequest(m) => (400, m),
             ApiError::Unauthorized(m) => (401, m),
+            ApiError::Forbidden(m) => (403, m),
             ApiError::NotFound(m) => (404, m),
             ApiError::Conflict(m) => (409, m),
             ApiError::Unavailable(m) => (503, m),
@@ -99,6 +101,7 @@ pub async fn call<T: DeserializeOwned>(stub: &Stub, method: Method, path: &str, 
         return Err(match status {
             400 => ApiError::BadRequest(msg),
             401 => ApiError::Unauthorized(msg),
+            403 => ApiError::Forbidden(msg),
             404 => ApiError::NotFound(msg),
             409 => ApiError::Conflict(msg),
             503 => ApiError::Unavailable(msg),

@@ -32,6 +32,9 @@ pub struct RoomMeta {
     pub lease_id: Option<String>,
     #[serde(default)]
     pub attempt: u32,
+    /// The runner that holds `lease_id`: only it may post the job's events.
+    #[serde(default)]
+    pub runner_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -49,6 +52,9 @@ pub struct TransitionRequest {
     /// Set by the queue when it dispatches (`to = running`).
     #[serde(default)]
     pub lease: Option<(String, u32)>,
+    /// The runner the lease goes to (with `lease`).
+    #[serde(default)]
+    pub runner_id: Option<String>,
     /// Only move if the job is currently held under this lease (lease expiry).
     #[serde(default)]
     pub if_lease: Option<String>,
@@ -77,7 +83,14 @@ pub struct Appended {
 #[derive(Debug, Serialize, Deserialize)]
 struct SocketInfo {
     sender: String,
+    /// When the credential the socket was opened with expires (epoch ms): the socket is closed
+    /// then (the room's alarm), and takes no message after it.
+    #[serde(default)]
+    expires_at_ms: Option<i64>,
 }
+
+/// The close code of a socket whose access token expired (4000-4999: the application's own).
+const TOKEN_EXPIRED_CLOSE: u16 = 4001;
 
 #[durable_object]
 pub struct JobRoom {
@@ -228,8 +241,12 @@ impl JobRoom {
             (Some((lease_id, attempt)), JobStatus::Running) => {
                 meta.lease_id = Some(lease_id.clone());
                 meta.attempt = *attempt;
+                meta.runner_id = req.runner_id.clone();
             }
-            _ => meta.lease_id = None,
+            _ => {
+                meta.lease_id = None;
+                meta.runner_id = None;
+            }
         }
         self.save_meta(&meta)?;
         let mut patch = req.patch.clone();
@@ -264,10 +281,15 @@ impl JobRoom {
         Ok(TransitionResult { from, to: meta.status })
     }
 
-    async fn runner_batch(&self, batch: EventBatch) -> ApiResult<BatchAck> {
+    /// A batch from runner `runner_id`. Stored only under the job's current lease, and only from the
+    /// runner that lease was given to (another runner naming the lease id is a conflict).
+    async fn runner_batch(&self, batch: EventBatch, runner_id: &str) -> ApiResult<BatchAck> {
         let meta = self.meta()?;
         if meta.status != JobStatus::Running || meta.lease_id.as_deref() != Some(batch.lease_id.as_str()) {
             return Ok(BatchAck { stored: 0, duplicates: 0, lease_valid: false });
+        }
+        if meta.runner_id.as_deref() != Some(runner_id) {
+            return Err(ApiError::Conflict(format!("job {} is leased to another runner", meta.job_id)));
         }
         let (mut stored, mut duplicates) = (0, 0);
         let mut bodies = vec![];
@@ -327,31 +349,74 @@ impl JobRoom {
                 Outcome::Completed => JobStatus::Completed,
                 Outcome::Failed => JobStatus::Failed,
             };
-            self.transition(TransitionRequest { to, message, patch, lease: None, if_lease: None, from_queue: false }).await?;
+            self.transition(TransitionRequest { to, message, patch, lease: None, runner_id: None, if_lease: None, from_queue: false })
+                .await?;
         }
         Ok(BatchAck { stored, duplicates, lease_valid: true })
     }
 
-    fn accept_socket(&self, req: &Request) -> ApiResult {
+    async fn accept_socket(&self, req: &Request) -> ApiResult {
         self.meta()?;
         let url = req.url()?;
         let mut after = None;
         let mut sender = String::from("user");
+        let mut expires_at_ms = None;
         for (k, v) in url.query_pairs() {
             match k.as_ref() {
                 "after" => after = Some(v.to_string()),
                 "sender" => sender = v.to_string(),
+                "expires_at_ms" => expires_at_ms = v.parse::<i64>().ok(),
                 _ => {}
             }
         }
         let after = parse_cursor(after.as_deref()).map_err(ApiError::BadRequest)?;
         let pair = WebSocketPair::new()?;
         self.state.accept_web_socket(&pair.server);
-        pair.server.serialize_attachment(SocketInfo { sender })?;
+        pair.server.serialize_attachment(SocketInfo { sender, expires_at_ms })?;
         for text in self.events_after(after, None)? {
             pair.server.send_with_str(&text)?;
         }
+        if let Some(at) = expires_at_ms {
+            self.alarm_by(at).await?;
+        }
         Ok(Response::from_websocket(pair.client)?)
+    }
+
+    /// Makes sure the alarm fires by `at` (epoch ms).
+    async fn alarm_by(&self, at: i64) -> ApiResult<()> {
+        let storage = self.state.storage();
+        if storage.get_alarm().await?.is_some_and(|current| current <= at) {
+            return Ok(());
+        }
+        storage.set_alarm((at - now_ms()).max(1)).await?;
+        Ok(())
+    }
+
+    fn expires_at(ws: &WebSocket) -> Option<i64> {
+        ws.deserialize_attachment::<SocketInfo>().ok().flatten().and_then(|i| i.expires_at_ms)
+    }
+
+    /// Ends a socket whose access token expired: an `error` message, then close code 4001.
+    fn end_expired(ws: &WebSocket) {
+        let _ = ws.send(&SocketError { message: "access token expired; reconnect with a fresh token".into() });
+        let _ = ws.close(Some(TOKEN_EXPIRED_CLOSE), Some("access token expired"));
+    }
+
+    /// Closes the sockets whose token expired and sets the alarm for the next expiry.
+    async fn close_expired_sockets(&self) -> ApiResult<()> {
+        let now = now_ms();
+        let mut next: Option<i64> = None;
+        for ws in self.state.get_websockets() {
+            match Self::expires_at(&ws) {
+                Some(at) if at <= now => Self::end_expired(&ws),
+                Some(at) => next = Some(next.map_or(at, |n| n.min(at))),
+                None => {}
+            }
+        }
+        if let Some(at) = next {
+            self.alarm_by(at).await?;
+        }
+        Ok(())
     }
 
     async fn on_chat(&self, ws: &WebSocket, text: &str) -> ApiResult<()> {
@@ -410,7 +475,11 @@ impl JobRoom {
                 self.record_user_message(&m.sender, &m.content, "api").await?;
                 json(&serde_json::json!({"ok": true}))
             }
-            (Method::Post, "/runner-batch") => json(&self.runner_batch(body_as(&mut req).await?).await?),
+            (Method::Post, "/runner-batch") => {
+                let url = req.url()?;
+                let runner_id = url.query_pairs().find(|(k, _)| k == "runner_id").map(|(_, v)| v.to_string()).unwrap_or_default();
+                json(&self.runner_batch(body_as(&mut req).await?, &runner_id).await?)
+            }
             (Method::Get, "/events") => {
                 self.meta()?;
                 let url = req.url()?;
@@ -421,7 +490,7 @@ impl JobRoom {
                 json(&events)
             }
             (Method::Get, "/meta") => json(&self.meta()?),
-            (Method::Get, "/ws") => self.accept_socket(&req),
+            (Method::Get, "/ws") => self.accept_socket(&req).await,
             _ => Err(ApiError::NotFound("no such room route".into())),
         }
     }
@@ -440,7 +509,18 @@ impl DurableObject for JobRoom {
         Ok(self.route(req).await.unwrap_or_else(ApiError::into_response))
     }
 
+    async fn alarm(&self) -> worker::Result<Response> {
+        if let Err(e) = self.close_expired_sockets().await {
+            worker::console_error!("closing expired sockets: {e:?}");
+        }
+        Response::ok("ok")
+    }
+
     async fn websocket_message(&self, ws: WebSocket, message: WebSocketIncomingMessage) -> worker::Result<()> {
+        if Self::expires_at(&ws).is_some_and(|at| at <= now_ms()) {
+            Self::end_expired(&ws);
+            return Ok(());
+        }
         let text = match message {
             WebSocketIncomingMessage::String(s) => s,
             WebSocketIncomingMessage::Binary(_) => {
@@ -455,7 +535,7 @@ impl DurableObject for JobRoom {
                     "internal error".to_string()
                 }
                 ApiError::BadRequest(m) | ApiError::Conflict(m) | ApiError::NotFound(m) | ApiError::Unauthorized(m)
-                | ApiError::Unavailable(m) => m,
+                | ApiError::Forbidden(m) | ApiError::Unavailable(m) => m,
             };
             ws.send(&SocketError { message })?;
         }

@@ -122,13 +122,14 @@ impl QueueState {
     }
 
     /// Renews the leases `runner_id` still holds; returns the jobs it reports but does not hold a
-    /// lease for (cancelled or requeued elsewhere): the runner must stop them.
+    /// lease for (cancelled, requeued elsewhere, or leased to another runner): the runner must stop
+    /// them. A lease belongs to the runner it was given to: naming its id from another runner
+    /// neither renews nor moves it.
     pub fn heartbeat(&mut self, runner_id: &str, held: &[(String, String)], now_ms: i64, limits: Limits) -> Vec<String> {
         let mut stale = vec![];
         for (job_id, lease_id) in held {
             match self.leases.get_mut(job_id) {
-                Some(l) if &l.lease_id == lease_id => {
-                    l.runner_id = runner_id.to_string();
+                Some(l) if &l.lease_id == lease_id && l.runner_id == runner_id => {
                     l.expires_at_ms = now_ms + limits.lease_ms;
                 }
                 _ => stale.push(job_id.clone()),
@@ -302,6 +303,22 @@ mod tests {
         assert_eq!(q.free_slots(), 1);
         let wrong = vec![("a".to_string(), "other-lease".to_string())];
         assert_eq!(q.heartbeat("r1", &wrong, 50_000, LIMITS), vec!["a".to_string()], "a stale lease is refused");
+    }
+
+    #[test]
+    fn another_runner_cannot_renew_or_move_a_lease() {
+        let mut q = QueueState::default();
+        q.enqueue(job("a", 0));
+        q.connect("r1", 1, &[], 0, LIMITS);
+        let lease = q.dispatch(0, "t", LIMITS, ids()).remove(0);
+        let stolen = vec![("a".to_string(), lease.lease_id.clone())];
+        assert_eq!(q.connect("r2", 1, &stolen, 10_000, LIMITS), stolen.iter().map(|(j, _)| j.clone()).collect::<Vec<_>>(), "r2 must drop it");
+        assert_eq!(q.heartbeat("r2", &stolen, 20_000, LIMITS), vec!["a".to_string()]);
+        let l = &q.leases["a"];
+        assert_eq!((l.runner_id.as_str(), l.expires_at_ms), ("r1", 30_000), "neither moved nor renewed");
+        assert_eq!(q.free_slots(), 1, "r2's slot stays free, r1's stays taken");
+        let expired = q.expire(30_000, LIMITS);
+        assert_eq!(expired, vec![Expired::Requeued { job_id: "a".into(), lease_id: lease.lease_id, runner_id: "r1".into(), attempts: 1 }]);
     }
 
     #[test]

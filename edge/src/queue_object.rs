@@ -219,6 +219,7 @@ impl Queue {
                 message: format!("assigned to a runner (attempt {})", lease.attempt),
                 patch: JobPatch::default(),
                 lease: Some((lease.lease_id.clone(), lease.attempt)),
+                runner_id: Some(lease.runner_id.clone()),
                 if_lease: None,
                 from_queue: false,
             }),
@@ -443,7 +444,15 @@ impl Queue {
                 &room,
                 Method::Post,
                 "/transition",
-                Some(&TransitionRequest { to, message, patch, lease: None, if_lease: Some(lease_id), from_queue: true }),
+                Some(&TransitionRequest {
+                    to,
+                    message,
+                    patch,
+                    lease: None,
+                    runner_id: None,
+                    if_lease: Some(lease_id),
+                    from_queue: true,
+                }),
             )
             .await;
             if let Err(e) = moved {

@@ -366,3 +366,69 @@ pub async fn runner_by_token_hash(db: &D1Database, hash: &str) -> ApiResult<Opti
         .first::<RunnerRow>(None)
         .await?)
 }
+
+// ---- repository grants ----
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GrantRow {
+    pub id: String,
+    pub owner: String,
+    pub repository: String,
+    pub created_at: String,
+}
+
+impl GrantRow {
+    pub fn view(&self) -> kiln_schemas::grants::Grant {
+        kiln_schemas::grants::Grant {
+            id: self.id.clone(),
+            owner: self.owner.clone(),
+            repository: self.repository.clone(),
+            created_at: self.created_at.clone(),
+        }
+    }
+}
+
+/// Inserts a grant, or answers the existing one for the same owner and repository (`false`).
+pub async fn insert_grant(db: &D1Database, g: &GrantRow) -> ApiResult<(GrantRow, bool)> {
+    let result = db
+        .prepare(
+            "INSERT INTO grants (id, owner, repository, created_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (owner, repository) DO NOTHING",
+        )
+        .bind(&[s(&g.id), s(&g.owner), s(&g.repository), s(&g.created_at)])?
+        .run()
+        .await?;
+    let inserted = result.meta()?.and_then(|m| m.changes).unwrap_or(0) > 0;
+    let row = db
+        .prepare("SELECT * FROM grants WHERE owner = ?1 AND repository = ?2")
+        .bind(&[s(&g.owner), s(&g.repository)])?
+        .first::<GrantRow>(None)
+        .await?
+        .ok_or_else(|| ApiError::Internal("grant vanished after insert".into()))?;
+    Ok((row, inserted))
+}
+
+/// Every grant, or those stored for exactly `owner`.
+pub async fn list_grants(db: &D1Database, owner: Option<&str>) -> ApiResult<Vec<GrantRow>> {
+    let stmt = match owner {
+        Some(o) => db.prepare("SELECT * FROM grants WHERE owner = ?1 ORDER BY created_at, id").bind(&[s(o)])?,
+        None => db.prepare("SELECT * FROM grants ORDER BY created_at, id"),
+    };
+    Ok(stmt.all().await?.results()?)
+}
+
+/// The grants that apply to a user: to everyone, to their id, to their email.
+pub async fn grants_of_user(db: &D1Database, user_id: &str, email: &str) -> ApiResult<Vec<GrantRow>> {
+    Ok(db
+        .prepare("SELECT * FROM grants WHERE owner IN ('*', ?1, ?2) ORDER BY created_at, id")
+        .bind(&[s(&user_id.to_ascii_lowercase()), s(&email.to_ascii_lowercase())])?
+        .all()
+        .await?
+        .results()?)
+}
+
+/// Deletes a grant; `false` when there was none.
+pub async fn delete_grant(db: &D1Database, id: &str) -> ApiResult<bool> {
+    let result = db.prepare("DELETE FROM grants WHERE id = ?1").bind(&[s(id)])?.run().await?;
+    Ok(result.meta()?.and_then(|m| m.changes).unwrap_or(0) > 0)
+}

@@ -5,7 +5,7 @@ use kiln_schemas::runner::{RepoResult, RepoSpec, RunnerRequest};
 use kiln_schemas::validate::{is_branch_name, is_repo_component, is_uuid};
 use worker::{Method, Request};
 
-use super::Ctx;
+use super::{grants, Ctx};
 use crate::auth::Principal;
 use crate::env::{self, new_id, now_ms};
 use crate::http::{self, body_json, json, json_status, ApiError, ApiResult};
@@ -81,6 +81,7 @@ pub async fn add_repository(mut req: Request, ctx: &Ctx, who: &Principal, id: &s
     if !is_branch_name(branch) {
         return Err(ApiError::BadRequest("defaultBranch is not a valid git branch name".into()));
     }
+    grants::require(ctx, who, &[(org, repo)]).await?;
     let row = RepoRow {
         id: new_id(),
         client_id: client.id.clone(),
@@ -100,6 +101,15 @@ async fn ask_runner(ctx: &Ctx, request: RunnerRequest) -> ApiResult<Vec<RepoResu
     serde_json::from_value(value).map_err(|_| ApiError::Internal("runner answered with an unreadable result".into()))
 }
 
+/// The distinct repositories of `repos`, each granted to `who` (else the 403 of the first that is
+/// not: nothing is sent to a runner).
+async fn granted_specs(ctx: &Ctx, who: &Principal, repos: &[RepoRow]) -> ApiResult<Vec<RepoSpec>> {
+    let specs = specs(repos);
+    let pairs: Vec<(&str, &str)> = specs.iter().map(|s| (s.github_org.as_str(), s.github_repo.as_str())).collect();
+    grants::require(ctx, who, &pairs).await?;
+    Ok(specs)
+}
+
 fn specs(repos: &[RepoRow]) -> Vec<RepoSpec> {
     let mut out: Vec<RepoSpec> = vec![];
     for r in repos {
@@ -113,7 +123,7 @@ fn specs(repos: &[RepoRow]) -> Vec<RepoSpec> {
 
 pub async fn sync(ctx: &Ctx, who: &Principal) -> ApiResult {
     let repos = store::repos_of_owner(&env::db(&ctx.env)?, who.owner()).await?;
-    let synced = ask_runner(ctx, RunnerRequest::Sync { repos: specs(&repos) }).await?;
+    let synced = ask_runner(ctx, RunnerRequest::Sync { repos: granted_specs(ctx, who, &repos).await? }).await?;
     let synced: Vec<_> = synced
         .into_iter()
         .map(|r| serde_json::json!({ "repo": r.repo, "success": r.success, "error": r.error }))
@@ -123,7 +133,7 @@ pub async fn sync(ctx: &Ctx, who: &Principal) -> ApiResult {
 
 pub async fn clone_all(ctx: &Ctx, who: &Principal) -> ApiResult {
     let repos = store::repos_of_owner(&env::db(&ctx.env)?, who.owner()).await?;
-    let cloned = ask_runner(ctx, RunnerRequest::Clone { repos: specs(&repos) }).await?;
+    let cloned = ask_runner(ctx, RunnerRequest::Clone { repos: granted_specs(ctx, who, &repos).await? }).await?;
     json(&serde_json::json!({ "cloned": cloned }))
 }
 
@@ -134,7 +144,7 @@ pub async fn clone_one(ctx: &Ctx, who: &Principal, id: &str) -> ApiResult {
     let repo = store::get_repo(&env::db(&ctx.env)?, id, who.owner())
         .await?
         .ok_or_else(|| ApiError::NotFound("repository not found".into()))?;
-    let mut results = ask_runner(ctx, RunnerRequest::Clone { repos: specs(&[repo]) }).await?;
+    let mut results = ask_runner(ctx, RunnerRequest::Clone { repos: granted_specs(ctx, who, &[repo]).await? }).await?;
     let r = results.pop().ok_or_else(|| ApiError::Internal("runner answered with no result".into()))?;
     let status = if r.success { 200 } else { 502 };
     Ok(json_status(&r, status))

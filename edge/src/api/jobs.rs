@@ -9,7 +9,7 @@ use kiln_schemas::runner::Assignment;
 use kiln_schemas::status::{JobStatus, JobType};
 use worker::{Method, Request};
 
-use super::Ctx;
+use super::{grants, Ctx};
 use crate::auth::Principal;
 use crate::env::{self, new_id, now_ms};
 use crate::http::{self, body_json, json, json_status, ApiError, ApiResult};
@@ -71,12 +71,38 @@ pub async fn get(req: Request, ctx: &Ctx, who: &Principal, id: &str) -> ApiResul
     json(&view)
 }
 
-/// Resolves where a new job's code lives; a client must be the caller's own.
-async fn resolve_target(ctx: &Ctx, who: &Principal, job: &NewJob) -> ApiResult<(String, String, Option<String>, Option<String>, Option<String>)> {
+/// Where a new job's code lives.
+struct Target {
+    github_org: String,
+    github_repo: String,
+    client_id: Option<String>,
+    repository_id: Option<String>,
+    base_branch: Option<String>,
+    /// The repository's known default branch (protected like `main`).
+    default_branch: Option<String>,
+}
+
+/// Resolves where a new job's code lives; a client or repository must be the caller's own.
+async fn resolve_target(ctx: &Ctx, who: &Principal, job: &NewJob) -> ApiResult<Target> {
     let db = env::db(&ctx.env)?;
     match &job.target {
         JobTarget::Repo { github_org, github_repo } => {
-            Ok((github_org.clone(), github_repo.clone(), None, job.repository_id.clone(), None))
+            // A named repository of the caller's gives its default branch.
+            let default_branch = match &job.repository_id {
+                Some(rid) => store::get_repo(&db, rid, who.owner())
+                    .await?
+                    .filter(|r| r.owner_name.eq_ignore_ascii_case(github_org) && r.repo_name.eq_ignore_ascii_case(github_repo))
+                    .map(|r| r.default_branch),
+                None => None,
+            };
+            Ok(Target {
+                github_org: github_org.clone(),
+                github_repo: github_repo.clone(),
+                client_id: None,
+                repository_id: job.repository_id.clone(),
+                base_branch: None,
+                default_branch,
+            })
         }
         JobTarget::Client { client_id } => {
             let client = store::get_client(&db, client_id, who.owner())
@@ -88,26 +114,32 @@ async fn resolve_target(ctx: &Ctx, who: &Principal, job: &NewJob) -> ApiResult<(
                 None => repos.iter().find(|r| r.client_id == client.id),
             }
             .ok_or_else(|| ApiError::BadRequest("the client has no such repository; add one with POST /clients/:id/repository".into()))?;
-            Ok((
-                repo.owner_name.clone(),
-                repo.repo_name.clone(),
-                Some(client.id.clone()),
-                Some(repo.id.clone()),
-                Some(repo.default_branch.clone()),
-            ))
+            Ok(Target {
+                github_org: repo.owner_name.clone(),
+                github_repo: repo.repo_name.clone(),
+                client_id: Some(client.id.clone()),
+                repository_id: Some(repo.id.clone()),
+                base_branch: Some(repo.default_branch.clone()),
+                default_branch: Some(repo.default_branch.clone()),
+            })
         }
     }
 }
 
 /// Stores a validated job, opens its room and queues it.
 async fn submit(ctx: &Ctx, who: &Principal, job: NewJob, original_job_id: Option<String>, branch_override: Option<String>) -> ApiResult<(JobRow, u32)> {
-    let (github_org, github_repo, client_id, repository_id, base_branch) = resolve_target(ctx, who, &job).await?;
+    let Target { github_org, github_repo, client_id, repository_id, base_branch, default_branch } =
+        resolve_target(ctx, who, &job).await?;
+    // Checked before anything is stored: the repository must be granted to the caller, and the
+    // branch must not be protected (neither may a retry's derived branch).
+    grants::require(ctx, who, &[(&github_org, &github_repo)]).await?;
     let id = new_id();
     let now = now_ms();
     let created_at = rfc3339(now);
     let branch_name = branch_override
         .or(job.branch_name.clone())
         .unwrap_or_else(|| generated_branch(job.job_type, &id));
+    ctx.config.protected_branches.check(&branch_name, default_branch.as_deref()).map_err(ApiError::BadRequest)?;
     let params = serde_json::json!({ "ralph": job.ralph });
     let row = JobRow {
         id: id.clone(),
@@ -155,6 +187,7 @@ async fn submit(ctx: &Ctx, who: &Principal, job: NewJob, original_job_id: Option
         status: JobStatus::Queued,
         lease_id: None,
         attempt: 0,
+        runner_id: None,
     };
     // The row and the room are independent; the queue needs both.
     let init = InitRequest { meta, message };
@@ -218,6 +251,7 @@ async fn transition(ctx: &Ctx, job_id: &str, to: JobStatus, message: &str) -> Ap
         message: message.to_string(),
         patch: JobPatch::default(),
         lease: None,
+        runner_id: None,
         if_lease: None,
         from_queue: false,
     };

@@ -3,6 +3,7 @@
 
 mod auth;
 mod clients;
+mod grants;
 mod jobs;
 mod runner;
 mod ws;
@@ -44,8 +45,8 @@ async fn route(req: Request, ctx: &Ctx) -> ApiResult {
         // The live channel: header or (dev) query token.
         // `GET /ws/jobs/<id>/` (WebSocket)
         (Method::Get, ["ws", "jobs", job_id]) => {
-            let who = authenticate_socket(&req, ctx).await?;
-            ws::connect(req, ctx, &who, job_id).await
+            let (who, expires_at_ms) = authenticate_socket(&req, ctx).await?;
+            ws::connect(req, ctx, &who, expires_at_ms, job_id).await
         }
         _ => {
             let who = authenticate(&req, ctx).await?;
@@ -81,21 +82,27 @@ async fn route_authenticated(req: Request, ctx: &Ctx, who: &Principal, method: M
         (Method::Post, ["sync"]) => clients::sync(ctx, who).await,
         (Method::Post, ["repos", "clone"]) => clients::clone_all(ctx, who).await,
         (Method::Post, ["repos", id, "clone"]) => clients::clone_one(ctx, who, id).await,
+        // `GET /grants` · `POST /grants` · `DELETE /grants/:id` (repositories users may name)
+        (Method::Get, ["grants"]) => grants::list(req, ctx, who).await,
+        (Method::Post, ["grants"]) => grants::create(req, ctx, who).await,
+        (Method::Delete, ["grants", id]) => grants::delete(ctx, who, id).await,
         _ => Err(ApiError::NotFound("no such endpoint".into())),
     }
 }
 
 /// Checks a bearer token: the service credential or a user's access JWT.
 fn principal_from_token(token: &str, config: &Config) -> ApiResult<Principal> {
-    if !config.agent_api_secret.is_empty()
-        && tokens::constant_time_eq(token.as_bytes(), config.agent_api_secret.as_bytes())
-    {
+    if is_service_secret(token, config) {
         return Ok(Principal::Service);
     }
     if config.jwt_secret.is_empty() {
         return Err(ApiError::Internal("JWT_SECRET is not set".into()));
     }
     jwt::verify(config.jwt_secret.as_bytes(), token, from_ms(now_ms())).map_err(|e| ApiError::Unauthorized(e.to_string()))
+}
+
+fn is_service_secret(token: &str, config: &Config) -> bool {
+    !config.agent_api_secret.is_empty() && tokens::constant_time_eq(token.as_bytes(), config.agent_api_secret.as_bytes())
 }
 
 async fn authenticate(req: &Request, ctx: &Ctx) -> ApiResult<Principal> {
@@ -107,17 +114,33 @@ async fn authenticate(req: &Request, ctx: &Ctx) -> ApiResult<Principal> {
     principal_from_token(token, &ctx.config)
 }
 
-/// Sockets: the header as for requests, or `?token=` while `ALLOW_WS_TOKEN_QUERY=true`.
-async fn authenticate_socket(req: &Request, ctx: &Ctx) -> ApiResult<Principal> {
-    if req.headers().get("authorization")?.is_some() {
-        return authenticate(req, ctx).await;
+/// A user's access JWT and when it expires (epoch ms).
+fn user_from_jwt(token: &str, config: &Config) -> ApiResult<(Principal, i64)> {
+    if config.jwt_secret.is_empty() {
+        return Err(ApiError::Internal("JWT_SECRET is not set".into()));
+    }
+    jwt::verify_with_expiry(config.jwt_secret.as_bytes(), token, from_ms(now_ms()))
+        .map(|(who, expires)| (who, expires.timestamp_millis()))
+        .map_err(|e| ApiError::Unauthorized(e.to_string()))
+}
+
+/// Sockets: the header as for requests, or `?token=` while `ALLOW_WS_TOKEN_QUERY=true` — a user's
+/// JWT only, never the service credential (URLs end up in logs). Answers when the credential
+/// expires: the socket is closed then.
+async fn authenticate_socket(req: &Request, ctx: &Ctx) -> ApiResult<(Principal, Option<i64>)> {
+    if let Some(header) = req.headers().get("authorization")? {
+        let token = bearer(Some(&header)).ok_or_else(|| ApiError::Unauthorized("malformed Authorization header".into()))?;
+        if is_service_secret(token, &ctx.config) {
+            return Ok((Principal::Service, None));
+        }
+        return user_from_jwt(token, &ctx.config).map(|(who, exp)| (who, Some(exp)));
     }
     let url = req.url()?;
     match url.query_pairs().find(|(k, _)| k == "token") {
         Some(_) if !ctx.config.allow_ws_token_query => {
             Err(ApiError::Unauthorized("?token= is disabled; send Authorization: Bearer <token>".into()))
         }
-        Some((_, token)) => principal_from_token(&token, &ctx.config),
+        Some((_, token)) => user_from_jwt(&token, &ctx.config).map(|(who, exp)| (who, Some(exp))),
         None => Err(ApiError::Unauthorized("authentication required".into())),
     }
 }

@@ -1,7 +1,7 @@
 //! `/runner/v1/*`: registration (operator's token), the runner's socket to its queue, and event
 //! batches. Runner tokens open these endpoints only; user and service tokens never do.
 
-use kiln_schemas::runner::{EventBatch, RegisterRunnerRequest, RegisterRunnerResponse};
+use kiln_schemas::runner::{BatchAck, EventBatch, RegisterRunnerRequest, RegisterRunnerResponse};
 use worker::{Headers, Method, Request, RequestInit};
 
 use super::Ctx;
@@ -19,8 +19,8 @@ pub async fn route(mut req: Request, ctx: &Ctx, method: Method, rest: &[&str]) -
             connect(&req, ctx, &runner).await
         }
         (Method::Post, ["jobs", job_id, "events"]) => {
-            authenticate(&req, ctx).await?;
-            events(&mut req, ctx, job_id).await
+            let runner = authenticate(&req, ctx).await?;
+            events(&mut req, ctx, &runner, job_id).await
         }
         _ => Err(ApiError::NotFound("no such runner endpoint".into())),
     }
@@ -72,7 +72,10 @@ async fn connect(req: &Request, ctx: &Ctx, runner: &RunnerRow) -> ApiResult {
     Ok(env::queue(&ctx.env, "default")?.fetch_with_request(forwarded).await?)
 }
 
-async fn events(req: &mut Request, ctx: &Ctx, job_id: &str) -> ApiResult {
+/// A batch of a job's events, accepted only from the runner that holds the job's current lease:
+/// a stale lease answers `lease_valid: false`; another runner naming the current lease answers 409
+/// (also `lease_valid: false`) and stores nothing.
+async fn events(req: &mut Request, ctx: &Ctx, runner: &RunnerRow, job_id: &str) -> ApiResult {
     let batch: EventBatch = body_as(req).await?;
     if batch.events.len() > 1000 {
         return Err(ApiError::BadRequest("at most 1000 events per batch".into()));
@@ -81,6 +84,15 @@ async fn events(req: &mut Request, ctx: &Ctx, job_id: &str) -> ApiResult {
         return Err(ApiError::NotFound("job not found".into()));
     }
     let room = env::job_room(&ctx.env, job_id)?;
-    let ack: kiln_schemas::runner::BatchAck = http::call(&room, Method::Post, "/runner-batch", Some(&batch)).await?;
-    json(&ack)
+    let mut path = worker::Url::parse("https://do/runner-batch").expect("static url");
+    path.query_pairs_mut().append_pair("runner_id", &runner.id);
+    let path = format!("{}?{}", path.path(), path.query().unwrap_or_default());
+    match http::call::<BatchAck>(&room, Method::Post, &path, Some(&batch)).await {
+        Ok(ack) => json(&ack),
+        Err(ApiError::Conflict(error)) => Ok(json_status(
+            &serde_json::json!({ "error": error, "stored": 0, "duplicates": 0, "lease_valid": false }),
+            409,
+        )),
+        Err(e) => Err(e),
+    }
 }

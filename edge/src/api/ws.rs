@@ -8,7 +8,9 @@ use crate::env;
 use crate::http::{ApiError, ApiResult};
 use crate::store;
 
-pub async fn connect(req: Request, ctx: &Ctx, who: &Principal, job_id: &str) -> ApiResult {
+/// `expires_at_ms`: when the socket's credential expires (a user's JWT); the room closes the
+/// socket then.
+pub async fn connect(req: Request, ctx: &Ctx, who: &Principal, expires_at_ms: Option<i64>, job_id: &str) -> ApiResult {
     let upgrade = req.headers().get("upgrade")?.unwrap_or_default();
     if !upgrade.eq_ignore_ascii_case("websocket") {
         return Err(ApiError::BadRequest("this endpoint expects a WebSocket upgrade".into()));
@@ -24,6 +26,9 @@ pub async fn connect(req: Request, ctx: &Ctx, who: &Principal, job_id: &str) -> 
             q.append_pair("after", after);
         }
         q.append_pair("sender", who.display_name());
+        if let Some(exp) = expires_at_ms {
+            q.append_pair("expires_at_ms", &exp.to_string());
+        }
     }
     let headers = Headers::new();
     headers.set("upgrade", "websocket")?;

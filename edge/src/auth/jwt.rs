@@ -38,6 +38,12 @@ pub fn issue(secret: &[u8], user_id: &str, email: &str, now: DateTime<Utc>, ttl_
 
 /// Checks signature, type and expiry (no leeway) and returns the user.
 pub fn verify(secret: &[u8], token: &str, now: DateTime<Utc>) -> Result<Principal, JwtError> {
+    verify_with_expiry(secret, token, now).map(|(principal, _)| principal)
+}
+
+/// [`verify`], also answering when the token expires (what a socket opened with it must not
+/// outlive).
+pub fn verify_with_expiry(secret: &[u8], token: &str, now: DateTime<Utc>) -> Result<(Principal, DateTime<Utc>), JwtError> {
     let untrusted = UntrustedToken::new(token).map_err(|_| JwtError::Malformed)?;
     if untrusted.algorithm() != "HS256" {
         return Err(JwtError::BadSignature);
@@ -49,14 +55,14 @@ pub fn verify(secret: &[u8], token: &str, now: DateTime<Utc>) -> Result<Principa
         })?;
     let options = TimeOptions::new(Duration::seconds(0), move || now);
     let claims = token.claims();
-    if claims.expiration.is_none() {
+    let Some(expires) = claims.expiration else {
         return Err(JwtError::Malformed);
-    }
+    };
     claims.validate_expiration(&options).map_err(|_| JwtError::Expired)?;
     if claims.custom.typ != "access" {
         return Err(JwtError::Malformed);
     }
-    Ok(Principal::User { id: claims.custom.sub.clone(), email: claims.custom.email.clone() })
+    Ok((Principal::User { id: claims.custom.sub.clone(), email: claims.custom.email.clone() }, expires))
 }
 
 #[cfg(test)]
@@ -77,6 +83,16 @@ mod tests {
             verify(SECRET, &t, now() + Duration::seconds(899)),
             Ok(Principal::User { id: "u1".into(), email: "a@b.io".into() })
         );
+    }
+
+    #[test]
+    fn verification_answers_the_expiry() {
+        let t = issue(SECRET, "u1", "a@b.io", now(), 3);
+        let (who, expires) = verify_with_expiry(SECRET, &t, now()).unwrap();
+        assert_eq!(who, Principal::User { id: "u1".into(), email: "a@b.io".into() });
+        assert_eq!(expires, now() + Duration::seconds(3));
+        assert!(verify_with_expiry(SECRET, &t, now() + Duration::seconds(3)).is_ok(), "valid up to its exp");
+        assert_eq!(verify_with_expiry(SECRET, &t, now() + Duration::seconds(4)), Err(JwtError::Expired));
     }
 
     #[test]
