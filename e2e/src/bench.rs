@@ -23,10 +23,20 @@ pub async fn edges_for_bench(vars: &[(&str, &str)]) -> anyhow::Result<Vec<(Strin
     Ok(out)
 }
 
-/// Registers `email` and answers an access token.
+/// The repository the benchmarks' jobs name.
+pub const BENCH_REPOSITORY: &str = "kiln/bench";
+
+/// Registers `email`, grants it [`BENCH_REPOSITORY`] (as the development service credential), and
+/// answers an access token.
 pub async fn user_token(http: &reqwest::Client, base: &str, email: &str) -> anyhow::Result<String> {
     let creds = json!({"email": email, "password": "bench-Password-1"});
     http.post(format!("{base}/api/auth/register/")).json(&creds).send().await?.error_for_status()?;
+    http.post(format!("{base}/grants"))
+        .bearer_auth(crate::agent_api_secret())
+        .json(&json!({"owner": email, "repository": BENCH_REPOSITORY}))
+        .send()
+        .await?
+        .error_for_status()?;
     let pair: Value = http.post(format!("{base}/api/auth/login/")).json(&creds).send().await?.error_for_status()?.json().await?;
     pair["access"].as_str().map(str::to_string).ok_or_else(|| anyhow::anyhow!("login answered {pair}"))
 }

@@ -29,6 +29,8 @@ pub enum EdgeServer {
 /// A running `wrangler dev` serving the repository's Worker (edge/build/worker/shim.mjs).
 pub struct TestEdge {
     server: EdgeServer,
+    /// wrangler.toml's `[env.<name>]` to run (`--env`), or the top level.
+    wrangler_env: Option<String>,
     port: u16,
     vars: Vec<(String, String)>,
     dir: TempDir,
@@ -45,11 +47,22 @@ impl TestEdge {
 
     /// [`TestEdge::start`] on the given server.
     pub async fn start_with(server: EdgeServer, vars: &[(&str, &str)]) -> anyhow::Result<TestEdge> {
+        Self::launch(server, None, vars).await
+    }
+
+    /// [`TestEdge::start`] with wrangler.toml's `[env.<name>]` (`wrangler dev --env <name>`), e.g.
+    /// `production`.
+    pub async fn start_env(name: &str, vars: &[(&str, &str)]) -> anyhow::Result<TestEdge> {
+        Self::launch(EdgeServer::WranglerDev, Some(name), vars).await
+    }
+
+    async fn launch(server: EdgeServer, wrangler_env: Option<&str>, vars: &[(&str, &str)]) -> anyhow::Result<TestEdge> {
         let template = migrated_template().await?;
         let dir = tempfile::Builder::new().prefix("kiln-edge-").tempdir()?;
         copy_dir(template, &dir.path().join("state")).context("copying the migrated state")?;
         let mut edge = TestEdge {
             server,
+            wrangler_env: wrangler_env.map(str::to_string),
             port: free_port(),
             vars: vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             dir,
@@ -126,6 +139,9 @@ impl TestEdge {
             }
         };
         cmd.args(["--port", &self.port.to_string()]).arg("--persist-to").arg(self.persist_dir());
+        if let Some(name) = &self.wrangler_env {
+            cmd.args(["--env", name]);
+        }
         for (k, v) in &self.vars {
             cmd.arg("--var").arg(format!("{k}:{v}"));
         }

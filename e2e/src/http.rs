@@ -124,6 +124,16 @@ impl Api {
         created
     }
 
+    /// `POST /grants` as the service principal (the development `AGENT_API_SECRET`): lets `owner` (a
+    /// user id, an email, or `*` for every user) name `repository` (`org/repo` or `org/*`). Asserts
+    /// success and answers the grant.
+    pub async fn grant(&self, owner: &str, repository: &str) -> Value {
+        let body = json!({"owner": owner, "repository": repository});
+        let (status, grant) = self.post("/grants", &crate::agent_api_secret(), body.clone()).await;
+        assert!(status.is_success(), "POST /grants {body}: {status} {grant}");
+        grant
+    }
+
     /// `GET /jobs/:id`, asserting success.
     pub async fn job(&self, token: &str, id: &str) -> Value {
         let (status, job) = self.get(&format!("/jobs/{id}"), token).await;

@@ -24,7 +24,15 @@ static SHARED: OnceCell<TestEdge> = OnceCell::const_new();
 
 /// The edge shared by tests that isolate themselves by user.
 async fn shared() -> &'static TestEdge {
-    SHARED.get_or_init(|| async { TestEdge::start(&[]).await.expect("starting wrangler dev") }).await
+    SHARED.get_or_init(|| start(&[])).await
+}
+
+/// A new edge on which every user may name the repositories of the `acme` org these tests use
+/// (repository grants are `e2e/tests/trust.rs`'s subject).
+async fn start(vars: &[(&str, &str)]) -> TestEdge {
+    let edge = TestEdge::start(vars).await.expect("starting wrangler dev");
+    edge.api().grant("*", "acme/*").await;
+    edge
 }
 
 fn code_job(branch: &str) -> Value {
@@ -657,7 +665,7 @@ async fn another_users_job_is_404_everywhere_and_never_listed() {
 
 #[tokio::test]
 async fn queue_and_health_report_the_real_sets() {
-    let edge = TestEdge::start(&[("MAX_CONCURRENT_JOBS", "3")]).await.expect("starting wrangler dev");
+    let edge = start(&[("MAX_CONCURRENT_JOBS", "3")]).await;
     let api = edge.api();
     let (status, health) = api.send(Method::GET, "/health", None, None).await;
     assert_eq!(status, StatusCode::OK, "{health}");
@@ -728,7 +736,7 @@ async fn sockets_authenticate_by_header_or_dev_query_token() {
 
 #[tokio::test]
 async fn the_query_token_can_be_turned_off() {
-    let edge = TestEdge::start(&[("ALLOW_WS_TOKEN_QUERY", "false")]).await.expect("starting wrangler dev");
+    let edge = start(&[("ALLOW_WS_TOKEN_QUERY", "false")]).await;
     let api = edge.api();
     let token = api.new_user("prod").await;
     let id = api.create_job(&token, code_job("feature/prod")).await["id"].as_str().unwrap().to_string();
@@ -908,7 +916,7 @@ async fn reconnecting_with_the_last_seq_loses_and_repeats_nothing() {
 
 #[tokio::test]
 async fn a_restart_of_wrangler_dev_keeps_users_jobs_and_events() {
-    let mut edge = TestEdge::start(&[]).await.expect("starting wrangler dev");
+    let mut edge = start(&[]).await;
     let api = edge.api();
     let email = unique_email("durable");
     let (access, refresh) = api.register_and_login(&email).await;

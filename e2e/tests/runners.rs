@@ -23,6 +23,8 @@ struct World {
 impl World {
     async fn start(vars: &[(&str, &str)]) -> World {
         let edge = TestEdge::start(vars).await.expect("starting wrangler dev");
+        // Every user may name the repositories of the `acme` org (grants: e2e/tests/trust.rs).
+        edge.api().grant("*", "acme/*").await;
         let remotes = GitRemotes::new();
         remotes.create_with_files("acme", "shop", &[("README.md", "# shop\n")]);
         let github = FakeGitHub::start(GITHUB_TOKEN);
