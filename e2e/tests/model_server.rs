@@ -20,6 +20,11 @@ fn client() -> reqwest::Client {
         .expect("a client")
 }
 
+/// POSTs `body` as JSON.
+async fn post(url: &str, body: &Value) -> reqwest::Response {
+    client().post(url).json(body).send().await.expect("sending")
+}
+
 /// Sends a request and reads the JSON answer, whatever its status.
 async fn read_json<T: serde::de::DeserializeOwned>(request: reqwest::RequestBuilder) -> T {
     request
@@ -51,13 +56,23 @@ struct Sse {
 
 impl Sse {
     fn json(&self) -> Value {
-        serde_json::from_str(&self.data).unwrap_or_else(|e| panic!("event data is not JSON ({e}): {}", self.data))
+        serde_json::from_str(&self.data)
+            .unwrap_or_else(|e| panic!("event data is not JSON ({e}): {}", self.data))
     }
 }
 
-/// Sends `body` and reads the answer's events as they arrive. Returns the status, the headers,
-/// the time to the first byte of the body and the events.
-async fn post_sse(url: &str, body: Value) -> (u16, reqwest::header::HeaderMap, Duration, Vec<Sse>) {
+/// A streamed answer as read: the events that arrived and how the body ended.
+struct SseRead {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    first_byte: Duration,
+    events: Vec<Sse>,
+    /// `Err` when the connection broke before the body ended.
+    ended: Result<(), String>,
+}
+
+/// Sends `body` and reads the answer's events as they arrive.
+async fn read_sse(url: &str, body: Value) -> SseRead {
     let started = Instant::now();
     let mut resp = client()
         .post(url)
@@ -71,7 +86,12 @@ async fn post_sse(url: &str, body: Value) -> (u16, reqwest::header::HeaderMap, D
     let mut buf = String::new();
     let mut events = vec![];
     let mut first_byte = None;
-    while let Some(chunk) = resp.chunk().await.expect("reading the stream") {
+    let ended = loop {
+        let chunk = match resp.chunk().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(format!("{e:?}")),
+        };
         first_byte.get_or_insert_with(|| started.elapsed());
         buf.push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
         while let Some(end) = buf.find("\n\n") {
@@ -90,9 +110,23 @@ async fn post_sse(url: &str, body: Value) -> (u16, reqwest::header::HeaderMap, D
             }
             events.push(ev);
         }
-    }
+    };
     assert!(buf.trim().is_empty(), "a partial event was left: {buf:?}");
-    (status, headers, first_byte.unwrap_or_default(), events)
+    SseRead {
+        status,
+        headers,
+        first_byte: first_byte.unwrap_or_default(),
+        events,
+        ended,
+    }
+}
+
+/// [`read_sse`] of a stream that must end cleanly: the status, the headers, the time to the first
+/// byte of the body and the events.
+async fn post_sse(url: &str, body: Value) -> (u16, reqwest::header::HeaderMap, Duration, Vec<Sse>) {
+    let r = read_sse(url, body).await;
+    r.ended.expect("the stream ends cleanly");
+    (r.status, r.headers, r.first_byte, r.events)
 }
 
 fn anthropic_body(prompt: &str, stream: bool) -> Value {
@@ -115,13 +149,17 @@ const TOOL_SCRIPT: &str = r#"{"model": "scripted", "rules": [
 async fn anthropic_streams_text_and_tool_use_as_the_vendor_does() {
     let server = ModelServer::start(Script::parse(TOOL_SCRIPT).unwrap());
     let url = format!("{}/v1/messages?beta=true", server.url());
-    let (status, headers, _, events) = post_sse(&url, anthropic_body("please make a file", true)).await;
+    let (status, headers, _, events) =
+        post_sse(&url, anthropic_body("please make a file", true)).await;
     assert_eq!(status, 200);
     assert!(headers["content-type"]
         .to_str()
         .unwrap()
         .starts_with("text/event-stream"));
-    let names: Vec<&str> = events.iter().map(|e| e.event.as_deref().unwrap_or("-")).collect();
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e.event.as_deref().unwrap_or("-"))
+        .collect();
     let mut expected = vec!["message_start", "ping", "content_block_start"];
     expected.extend(["content_block_delta"; 4]);
     expected.extend(["content_block_stop", "content_block_start"]);
@@ -153,7 +191,9 @@ async fn anthropic_streams_text_and_tool_use_as_the_vendor_does() {
         let d = e.json();
         match d["delta"]["type"].as_str() {
             Some("text_delta") => text.push_str(d["delta"]["text"].as_str().unwrap()),
-            Some("input_json_delta") => partial.push_str(d["delta"]["partial_json"].as_str().unwrap()),
+            Some("input_json_delta") => {
+                partial.push_str(d["delta"]["partial_json"].as_str().unwrap())
+            }
             _ => {}
         }
     }
@@ -169,7 +209,8 @@ async fn anthropic_streams_text_and_tool_use_as_the_vendor_does() {
         .as_str()
         .unwrap()
         .starts_with("toolu_"));
-    let input: Value = serde_json::from_str(&partial).expect("the partial JSON adds up to the input");
+    let input: Value =
+        serde_json::from_str(&partial).expect("the partial JSON adds up to the input");
     assert_eq!(
         input,
         json!({"file_path": "./f.txt", "content": "for: please make a file"})
@@ -178,7 +219,10 @@ async fn anthropic_streams_text_and_tool_use_as_the_vendor_does() {
     let delta = events[events.len() - 2].json();
     assert_eq!(delta["delta"]["stop_reason"], "tool_use");
     let out_chars = (text.len() + "Write".len() + partial.len()) as u64;
-    assert_eq!(delta["usage"]["output_tokens"].as_u64().unwrap(), out_chars.div_ceil(4));
+    assert_eq!(
+        delta["usage"]["output_tokens"].as_u64().unwrap(),
+        out_chars.div_ceil(4)
+    );
 
     let seen = server.requests();
     assert_eq!(seen.len(), 1);
@@ -221,7 +265,11 @@ async fn anthropic_answers_json_counts_tokens_and_lists_models() {
     assert_eq!(tool["content"][1]["input"]["content"], "for: make a file");
 
     let request = json!({"model": "m", "messages": [{"role": "user", "content": "count me"}]});
-    let count: Value = post_json(&format!("{}/v1/messages/count_tokens", server.url()), &request).await;
+    let count: Value = post_json(
+        &format!("{}/v1/messages/count_tokens", server.url()),
+        &request,
+    )
+    .await;
     let chars = request.to_string().len();
     assert_eq!(count, json!({"input_tokens": chars.div_ceil(4)}));
 
@@ -242,7 +290,10 @@ async fn openai_streams_chunks_tool_calls_and_the_usage_chunk() {
     let url = format!("{}/chat/completions", server.openai_base_url());
     let (status, _, _, events) = post_sse(&url, openai_body("make a file", true)).await;
     assert_eq!(status, 200);
-    assert!(events.iter().all(|e| e.event.is_none()), "OpenAI sends bare data lines");
+    assert!(
+        events.iter().all(|e| e.event.is_none()),
+        "OpenAI sends bare data lines"
+    );
     assert_eq!(events.last().unwrap().data, "[DONE]");
     let chunks: Vec<Value> = events[..events.len() - 1].iter().map(Sse::json).collect();
     assert!(chunks
@@ -255,7 +306,9 @@ async fn openai_streams_chunks_tool_calls_and_the_usage_chunk() {
     let mut name = None;
     let mut finish = None;
     for c in &chunks {
-        let Some(choice) = c["choices"].get(0) else { continue };
+        let Some(choice) = c["choices"].get(0) else {
+            continue;
+        };
         if let Some(t) = choice["delta"]["content"].as_str() {
             text.push_str(t);
         }
@@ -280,17 +333,26 @@ async fn openai_streams_chunks_tool_calls_and_the_usage_chunk() {
     assert_eq!(finish.as_deref(), Some("tool_calls"));
 
     let usage_chunk = chunks.last().unwrap();
-    assert_eq!(usage_chunk["choices"], json!([]), "the usage chunk has no choices");
+    assert_eq!(
+        usage_chunk["choices"],
+        json!([]),
+        "the usage chunk has no choices"
+    );
     let u = &usage_chunk["usage"];
     assert_eq!(
         u["prompt_tokens"],
-        openai_body("make a file", true).to_string().len().div_ceil(4) as u64
+        openai_body("make a file", true)
+            .to_string()
+            .len()
+            .div_ceil(4) as u64
     );
     assert_eq!(
         u["total_tokens"].as_u64().unwrap(),
         u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
     );
-    assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()));
+    assert!(chunks[..chunks.len() - 1]
+        .iter()
+        .all(|c| c["usage"].is_null()));
 
     // Without include_usage there is no usage chunk and no usage key.
     let mut body = openai_body("hi", true);
@@ -299,7 +361,10 @@ async fn openai_streams_chunks_tool_calls_and_the_usage_chunk() {
     assert!(events[..events.len() - 1]
         .iter()
         .all(|e| e.json().get("usage").is_none()));
-    assert_eq!(events[events.len() - 2].json()["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        events[events.len() - 2].json()["choices"][0]["finish_reason"],
+        "stop"
+    );
 
     let done: Value = post_json(&url, &openai_body("make a file", false)).await;
     assert_eq!(done["object"], "chat.completion");
@@ -307,7 +372,8 @@ async fn openai_streams_chunks_tool_calls_and_the_usage_chunk() {
     let call = &done["choices"][0]["message"]["tool_calls"][0];
     assert_eq!(call["type"], "function");
     assert_eq!(
-        serde_json::from_str::<Value>(call["function"]["arguments"].as_str().unwrap()).unwrap()["file_path"],
+        serde_json::from_str::<Value>(call["function"]["arguments"].as_str().unwrap()).unwrap()
+            ["file_path"],
         "./f.txt"
     );
     assert!(done["usage"]["completion_tokens"].as_u64().unwrap() > 0);
@@ -329,32 +395,36 @@ async fn errors_come_in_each_vendors_shape_with_retry_after() {
     let a = format!("{}/v1/messages", server.url());
     let o = format!("{}/chat/completions", server.openai_base_url());
 
-    let r = http.post(&a).json(&anthropic_body("limit", true)).send().await.unwrap();
+    let r = post(&a, &anthropic_body("limit", true)).await;
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "7");
-    assert!(r.headers()["request-id"].to_str().unwrap().starts_with("req_"));
+    assert!(r.headers()["request-id"]
+        .to_str()
+        .unwrap()
+        .starts_with("req_"));
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["type"], "error");
     assert_eq!(body["error"]["type"], "rate_limit_error");
-    assert!(body["error"]["message"].as_str().unwrap().contains("Rate limited"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Rate limited"));
 
-    let r = http.post(&a).json(&anthropic_body("busy", true)).send().await.unwrap();
+    let r = post(&a, &anthropic_body("busy", true)).await;
     assert_eq!(r.status(), 529);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"]["type"], "overloaded_error");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["type"],
+        "overloaded_error"
+    );
 
-    let r = http
-        .post(&a)
-        .json(&anthropic_body("custom", false))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&a, &anthropic_body("custom", false)).await;
     assert_eq!(r.status(), 500);
     assert_eq!(
         r.json::<Value>().await.unwrap(),
         json!({"type": "error", "error": {"type": "api_error", "message": "boom"}})
     );
 
-    let r = http.post(&o).json(&openai_body("limit", true)).send().await.unwrap();
+    let r = post(&o, &openai_body("limit", true)).await;
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "7");
     let body: Value = r.json().await.unwrap();
@@ -362,21 +432,19 @@ async fn errors_come_in_each_vendors_shape_with_retry_after() {
     assert!(body["error"]["message"].is_string() && body["error"].get("param").is_some());
 
     // No rule applies: a 400 that names the prompt, not a made-up answer.
-    let r = http
-        .post(&a)
-        .json(&anthropic_body("unscripted", false))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&a, &anthropic_body("unscripted", false)).await;
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["type"], "invalid_request_error");
-    assert!(body["error"]["message"].as_str().unwrap().contains("unscripted"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("unscripted"));
 
     // A body that is not a request.
     let r = http.post(&a).body("{not json").send().await.unwrap();
     assert_eq!(r.status(), 400);
-    let r = http.post(&o).json(&json!({"model": "m"})).send().await.unwrap();
+    let r = post(&o, &json!({"model": "m"})).await;
     assert_eq!(r.status(), 400);
     assert!(r.json::<Value>().await.unwrap()["error"]["message"]
         .as_str()
@@ -389,7 +457,9 @@ async fn errors_come_in_each_vendors_shape_with_retry_after() {
 
 #[tokio::test]
 async fn a_required_key_is_checked() {
-    let server = ModelServer::start(script(json!({"api_key": "sk-right", "rules": [{"text": "ok"}]})));
+    let server = ModelServer::start(script(
+        json!({"api_key": "sk-right", "rules": [{"text": "ok"}]}),
+    ));
     let http = client();
     let a = format!("{}/v1/messages", server.url());
     let r = http
@@ -421,7 +491,10 @@ async fn a_required_key_is_checked() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "invalid_api_key");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "invalid_api_key"
+    );
     let r = http
         .post(&o)
         .bearer_auth("sk-right")
@@ -439,14 +512,17 @@ async fn fail_first_n_then_succeed_counts_per_rule() {
          "text": "made it on answer {{answer}}"},
         {"name": "other", "when": {"prompt": "steady"}, "error": {"status": 503}, "fail_first": 1, "text": "steady ok"}
     ]})));
-    let http = client();
     let a = format!("{}/v1/messages", server.url());
     let mut got = vec![];
     for prompt in ["flaky", "steady", "flaky", "flaky", "steady", "flaky"] {
-        let r = http.post(&a).json(&anthropic_body(prompt, false)).send().await.unwrap();
+        let r = post(&a, &anthropic_body(prompt, false)).await;
         let status = r.status().as_u16();
         let body: Value = r.json().await.unwrap();
-        got.push((prompt, status, body["content"][0]["text"].as_str().map(String::from)));
+        got.push((
+            prompt,
+            status,
+            body["content"][0]["text"].as_str().map(String::from),
+        ));
     }
     assert_eq!(
         got,
@@ -461,12 +537,7 @@ async fn fail_first_n_then_succeed_counts_per_rule() {
     );
     // Replacing the script starts the counters again.
     server.set_script(server.script());
-    let r = http
-        .post(&a)
-        .json(&anthropic_body("flaky", false))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&a, &anthropic_body("flaky", false)).await;
     assert_eq!(r.status(), 429);
 }
 
@@ -482,8 +553,14 @@ async fn stalls_hold_the_first_byte_or_the_middle_of_the_stream() {
     let o = format!("{}/chat/completions", server.openai_base_url());
 
     let (_, _, first, events) = post_sse(&a, anthropic_body("slow start", true)).await;
-    assert!(first >= Duration::from_millis(600), "first byte after {first:?}");
-    assert_eq!(events.last().unwrap().event.as_deref(), Some("message_stop"));
+    assert!(
+        first >= Duration::from_millis(600),
+        "first byte after {first:?}"
+    );
+    assert_eq!(
+        events.last().unwrap().event.as_deref(),
+        Some("message_stop")
+    );
 
     for (url, body) in [
         (&a, anthropic_body("slow middle", true)),
@@ -552,6 +629,91 @@ async fn stalls_hold_the_first_byte_or_the_middle_of_the_stream() {
 }
 
 #[tokio::test]
+async fn a_stream_can_carry_an_error_or_break_in_the_middle() {
+    let server = ModelServer::start(script(json!({"rules": [
+        {"when": {"prompt": "overload"}, "error": {"status": 529}, "error_mid_stream": true, "fail_first": 1,
+         "chunks": 4, "text": "one two three four"},
+        {"when": {"prompt": "cut"}, "cut_mid_stream": true, "chunks": 4, "text": "one two three four"}
+    ]})));
+    let a = format!("{}/v1/messages", server.url());
+    let o = format!("{}/chat/completions", server.openai_base_url());
+
+    // Anthropic: a 200 stream, half the text, then `event: error`, and nothing after it.
+    let r = read_sse(&a, anthropic_body("overload", true)).await;
+    assert_eq!(r.status, 200);
+    r.ended.expect("the body ends after the error event");
+    let names: Vec<&str> = r
+        .events
+        .iter()
+        .map(|e| e.event.as_deref().unwrap_or("-"))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "message_start",
+            "ping",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "error"
+        ]
+    );
+    let error = r.events.last().unwrap().json();
+    assert_eq!(
+        error,
+        json!({"type": "error", "error": {"type": "overloaded_error",
+                                                          "message": "Overloaded (the Kiln model server's script says so)."}})
+    );
+    // fail_first: 1, so the next one streams to the end; a non-streamed request gets the plain error.
+    let (_, _, _, events) = post_sse(&a, anthropic_body("overload", true)).await;
+    assert_eq!(
+        events.last().unwrap().event.as_deref(),
+        Some("message_stop")
+    );
+
+    server.set_script(server.script()); // the counters start again
+    let r = read_sse(&o, openai_body("overload", true)).await;
+    assert_eq!(r.status, 200);
+    let last = r.events.last().unwrap();
+    assert_ne!(last.data, "[DONE]");
+    assert_eq!(last.json()["error"]["type"], "server_error");
+    assert_eq!(
+        r.events
+            .iter()
+            .filter(|e| e.data.contains("\"content\":\""))
+            .count(),
+        3,
+        "role chunk + two pieces"
+    );
+
+    // A broken connection: the client sees half the text and then a body error, not an end.
+    for (url, body) in [
+        (&a, anthropic_body("cut", true)),
+        (&o, openai_body("cut", true)),
+    ] {
+        let r = read_sse(url, body).await;
+        assert_eq!(r.status, 200);
+        assert!(r.ended.is_err(), "the body must not end cleanly");
+        assert!(r
+            .events
+            .iter()
+            .all(|e| e.event.as_deref() != Some("message_stop") && e.data != "[DONE]"));
+        let text: String = r
+            .events
+            .iter()
+            .map(Sse::json)
+            .filter_map(|d| {
+                d["delta"]["text"]
+                    .as_str()
+                    .or(d["choices"][0]["delta"]["content"].as_str())
+                    .map(String::from)
+            })
+            .collect();
+        assert_eq!(text, "one two th", "the first two of four pieces");
+    }
+}
+
+#[tokio::test]
 async fn rules_match_on_role_turn_iteration_api_model_and_count() {
     let server = ModelServer::start(script(json!({"rules": [
         {"name": "gatherer", "when": {"system": "requirements gatherer"}, "text": "What should it do?"},
@@ -569,7 +731,12 @@ async fn rules_match_on_role_turn_iteration_api_model_and_count() {
         let a = a.clone();
         async move { post_json::<Value>(&a, &body).await }
     };
-    let text = |v: &Value| v["content"][0]["text"].as_str().unwrap_or_default().to_string();
+    let text = |v: &Value| {
+        v["content"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
 
     let gatherer = json!({"model": "m", "system": [{"type": "text", "text": "You are the requirements gatherer."}],
                           "messages": [{"role": "user", "content": "an app"}]});
@@ -588,7 +755,10 @@ async fn rules_match_on_role_turn_iteration_api_model_and_count() {
     };
     assert_eq!(text(&ask(ralph(1)).await), "iteration 1");
     assert_eq!(text(&ask(ralph(2)).await), "iteration 2");
-    assert_eq!(text(&ask(ralph(3)).await), "All done <promise>DONE</promise>");
+    assert_eq!(
+        text(&ask(ralph(3)).await),
+        "All done <promise>DONE</promise>"
+    );
 
     let loop0 = json!({"model": "m", "tools": [{"name": "Bash", "input_schema": {}}],
                        "messages": [{"role": "user", "content": "list files"}]});
@@ -602,7 +772,12 @@ async fn rules_match_on_role_turn_iteration_api_model_and_count() {
     assert_eq!(text(&ask(loop1).await), "saw a.txt");
 
     assert_eq!(
-        text(&ask(json!({"model": "claude-haiku-4", "messages": [{"role": "user", "content": "x"}]})).await),
+        text(
+            &ask(
+                json!({"model": "claude-haiku-4", "messages": [{"role": "user", "content": "x"}]})
+            )
+            .await
+        ),
         "short title"
     );
     let o: Value = post_json(
@@ -618,7 +793,11 @@ async fn rules_match_on_role_turn_iteration_api_model_and_count() {
     assert_eq!(text(&ask(count.clone()).await), "third time");
     assert_eq!(text(&ask(count).await), "third time");
 
-    let rules: Vec<String> = server.requests().iter().filter_map(|r| r.rule.clone()).collect();
+    let rules: Vec<String> = server
+        .requests()
+        .iter()
+        .filter_map(|r| r.rule.clone())
+        .collect();
     assert_eq!(
         rules,
         [
@@ -686,7 +865,10 @@ async fn the_binary_serves_the_demo_or_a_script_file() {
     demo.wait().unwrap();
     assert_eq!(msg["model"], "kiln-demo");
     assert!(
-        msg["content"][0]["text"].as_str().unwrap().contains("demo model"),
+        msg["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("demo model"),
         "{msg}"
     );
 
@@ -695,9 +877,14 @@ async fn the_binary_serves_the_demo_or_a_script_file() {
     std::fs::write(&file, r#"{"rules": [{"text": "from the file"}]}"#).unwrap();
     let port = kiln_e2e::free_port();
     let listen = format!("127.0.0.1:{port}");
-    let (mut scripted, url) = start_binary(&["--listen", &listen, "--script", file.to_str().unwrap()]);
+    let (mut scripted, url) =
+        start_binary(&["--listen", &listen, "--script", file.to_str().unwrap()]);
     assert_eq!(url, format!("http://{listen}"));
-    let o: Value = post_json(&format!("{url}/v1/chat/completions"), &openai_body("hi", false)).await;
+    let o: Value = post_json(
+        &format!("{url}/v1/chat/completions"),
+        &openai_body("hi", false),
+    )
+    .await;
     scripted.kill().unwrap();
     scripted.wait().unwrap();
     assert_eq!(o["choices"][0]["message"]["content"], "from the file");
@@ -792,7 +979,10 @@ fn run_claude(
 
 fn result_of(events: &[Value]) -> &Value {
     let last = events.last().expect("some output");
-    assert_eq!(last["type"], "result", "stream-json ends with a result: {last}");
+    assert_eq!(
+        last["type"], "result",
+        "stream-json ends with a result: {last}"
+    );
     last
 }
 
@@ -811,11 +1001,17 @@ fn claude_code_writes_a_file_with_the_demo_model_and_resumes_its_session() {
         (Some("system"), Some("init")),
         "{init}"
     );
-    let session = init["session_id"].as_str().expect("a session id").to_string();
-    assert_eq!(init["cwd"], dir.path().canonicalize().unwrap().to_str().unwrap());
+    let session = init["session_id"]
+        .as_str()
+        .expect("a session id")
+        .to_string();
+    assert_eq!(
+        init["cwd"],
+        dir.path().canonicalize().unwrap().to_str().unwrap()
+    );
 
-    let written =
-        std::fs::read_to_string(dir.path().join("KILN_DEMO.md")).expect("the demo model had KILN_DEMO.md written");
+    let written = std::fs::read_to_string(dir.path().join("KILN_DEMO.md"))
+        .expect("the demo model had KILN_DEMO.md written");
     assert!(
         written.contains("Kiln's demo model") && written.contains(&format!("1. {prompt}")),
         "{written}"
@@ -824,7 +1020,12 @@ fn claude_code_writes_a_file_with_the_demo_model_and_resumes_its_session() {
     let tool_use = events
         .iter()
         .filter(|e| e["type"] == "assistant")
-        .flat_map(|e| e["message"]["content"].as_array().cloned().unwrap_or_default())
+        .flat_map(|e| {
+            e["message"]["content"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
         .find(|b| b["type"] == "tool_use")
         .expect("an assistant tool_use in the output");
     assert_eq!(tool_use["name"], "Write");
@@ -845,7 +1046,8 @@ fn claude_code_writes_a_file_with_the_demo_model_and_resumes_its_session() {
         "{result}"
     );
     assert!(
-        result["usage"]["input_tokens"].as_u64().unwrap() > 0 && result["usage"]["output_tokens"].as_u64().unwrap() > 0
+        result["usage"]["input_tokens"].as_u64().unwrap() > 0
+            && result["usage"]["output_tokens"].as_u64().unwrap() > 0
     );
     assert_eq!(result["num_turns"], 2);
 
@@ -856,9 +1058,14 @@ fn claude_code_writes_a_file_with_the_demo_model_and_resumes_its_session() {
         "one request per turn: {:#?}",
         chats.iter().map(|r| (&r.path, &r.rule)).collect::<Vec<_>>()
     );
-    assert!(chats.iter().all(|r| r.path == "/v1/messages?beta=true" && r.stream));
+    assert!(chats
+        .iter()
+        .all(|r| r.path == "/v1/messages?beta=true" && r.stream));
     assert_eq!(
-        chats[0].headers.get("anthropic-version").map(String::as_str),
+        chats[0]
+            .headers
+            .get("anthropic-version")
+            .map(String::as_str),
         Some("2023-06-01")
     );
     assert!(chats[0].headers["user-agent"].starts_with("claude-cli/"));
@@ -868,7 +1075,13 @@ fn claude_code_writes_a_file_with_the_demo_model_and_resumes_its_session() {
 
     // A second turn on the same session: the server sees the first one.
     let follow = "Now add a farewell";
-    let (_, events, took) = run_claude(&server, dir.path(), home.path(), &["--resume", &session], follow);
+    let (_, events, took) = run_claude(
+        &server,
+        dir.path(),
+        home.path(),
+        &["--resume", &session],
+        follow,
+    );
     println!("claude --resume against the demo model: {took:?}");
     let result = result_of(&events);
     assert_eq!(result["session_id"], session.as_str());
@@ -899,10 +1112,23 @@ fn claude_code_retries_a_429_and_sees_a_promise_on_the_third_iteration() {
     let dir = tempfile::tempdir().unwrap();
     let home = tempfile::tempdir().unwrap();
 
-    let (_, events, took) = run_claude(&server, dir.path(), home.path(), &[], "limited: say something");
+    let (_, events, took) = run_claude(
+        &server,
+        dir.path(),
+        home.path(),
+        &[],
+        "limited: say something",
+    );
     assert_eq!(result_of(&events)["result"], "answered after a retry");
-    let tries: Vec<_> = server.chat_requests().iter().map(|r| (r.status, r.at_ms)).collect();
-    assert_eq!(tries.iter().map(|t| t.0).collect::<Vec<_>>(), vec![429, 200]);
+    let tries: Vec<_> = server
+        .chat_requests()
+        .iter()
+        .map(|r| (r.status, r.at_ms))
+        .collect();
+    assert_eq!(
+        tries.iter().map(|t| t.0).collect::<Vec<_>>(),
+        vec![429, 200]
+    );
     assert!(
         tries[1].1 - tries[0].1 >= 900,
         "the CLI honoured retry-after: 1 ({tries:?})"

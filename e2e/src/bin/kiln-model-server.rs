@@ -38,7 +38,8 @@ async fn main() -> anyhow::Result<()> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| anyhow::anyhow!("reading the script {}: {e}", path.display()))?;
-            let script = Script::parse(&text).map_err(|e| anyhow::anyhow!("the script {}: {e:#}", path.display()))?;
+            let script = Script::parse(&text)
+                .map_err(|e| anyhow::anyhow!("the script {}: {e:#}", path.display()))?;
             (script, path.display().to_string())
         }
         None => (Script::demo(), "demo".to_string()),

@@ -90,7 +90,7 @@ pub fn stream(a: &Answer, id: &str, tool_ids: &[String]) -> Vec<Step> {
                 steps.push(Step::Sleep(a.chunk_delay));
             }
             if i == mid && i > 0 {
-                steps.push(Step::Sleep(a.stall_mid));
+                steps.push(Step::Mid);
             }
             steps.push(event(
                 "content_block_delta",
@@ -104,7 +104,7 @@ pub fn stream(a: &Answer, id: &str, tool_ids: &[String]) -> Vec<Step> {
         index += 1;
     }
     if a.pieces.len() < 2 {
-        steps.push(Step::Sleep(a.stall_mid));
+        steps.push(Step::Mid);
     }
     for ((name, input), tool_id) in a.tool_calls.iter().zip(tool_ids) {
         steps.push(Step::Sleep(a.chunk_delay));

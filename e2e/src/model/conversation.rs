@@ -71,9 +71,12 @@ fn text_of(content: &Value) -> (String, Vec<String>, Vec<ToolResult>) {
                             texts.push(t.to_string());
                         }
                     }
-                    Some("tool_use") => {
-                        calls.push(b.get("name").and_then(Value::as_str).unwrap_or_default().to_string())
-                    }
+                    Some("tool_use") => calls.push(
+                        b.get("name")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_string(),
+                    ),
                     Some("tool_result") => {
                         let (t, _, _) = text_of(b.get("content").unwrap_or(&Value::Null));
                         let is_error = b.get("is_error").and_then(Value::as_bool).unwrap_or(false);
@@ -109,7 +112,8 @@ impl Conversation {
                 .get("role")
                 .and_then(Value::as_str)
                 .ok_or("messages: each message needs a role")?;
-            let (text, tool_calls, tool_results) = text_of(m.get("content").unwrap_or(&Value::Null));
+            let (text, tool_calls, tool_results) =
+                text_of(m.get("content").unwrap_or(&Value::Null));
             if role == "system" {
                 system.push('\n');
                 system.push_str(&text);
@@ -167,7 +171,10 @@ impl Conversation {
                     role: role.to_string(),
                     text: String::new(),
                     tool_calls: vec![],
-                    tool_results: vec![ToolResult { text, is_error: false }],
+                    tool_results: vec![ToolResult {
+                        text,
+                        is_error: false,
+                    }],
                 }),
                 _ => {
                     let tool_calls = m
@@ -217,7 +224,10 @@ impl Conversation {
     /// The turn: how many assistant messages the request already holds. A stateless multi-turn
     /// tool loop is scripted by it (turn 0 calls a tool, turn 1 answers).
     pub fn turn(&self) -> u32 {
-        self.messages.iter().filter(|m| m.role == "assistant").count() as u32
+        self.messages
+            .iter()
+            .filter(|m| m.role == "assistant")
+            .count() as u32
     }
 
     /// The user's prompts, oldest first: the text of every user message that has some, without
@@ -252,7 +262,9 @@ impl Conversation {
 
     /// Whether the last message carries tool results (the model is being told what its tool did).
     pub fn after_tool(&self) -> bool {
-        self.messages.last().is_some_and(|m| !m.tool_results.is_empty())
+        self.messages
+            .last()
+            .is_some_and(|m| !m.tool_results.is_empty())
     }
 
     /// The last tool result, when the last message carries one.
@@ -292,7 +304,10 @@ impl Conversation {
             .rev()
             .find_map(|p| {
                 let i = p.find(MARK)?;
-                let digits: String = p[i + MARK.len()..].chars().take_while(char::is_ascii_digit).collect();
+                let digits: String = p[i + MARK.len()..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
                 digits.parse().ok()
             })
             .unwrap_or(1)
@@ -364,7 +379,9 @@ mod tests {
         assert!(c.last_tool_result().unwrap().is_error);
         assert_eq!(c.tools, vec!["Write"]);
         assert_eq!(c.iteration(), 1);
-        assert!(c.system.contains("Claude agent") && c.system.contains("Primary working directory"));
+        assert!(
+            c.system.contains("Claude agent") && c.system.contains("Primary working directory")
+        );
     }
 
     #[test]

@@ -59,6 +59,8 @@
 //! | `fail_first` | with `error`: only the first N requests this rule answers fail, later ones get `text`/`tool_calls` |
 //! | `stall_before_ms` | pause before the first byte (before the status line) |
 //! | `stall_mid_ms` | pause in the middle of a stream (after half the text's pieces) |
+//! | `error_mid_stream` | with `error`: a streamed request gets a 200 stream whose middle carries the error (Anthropic `event: error`, OpenAI `data: {"error": …}`) and ends there; `fail_first` counts these too |
+//! | `cut_mid_stream` | the connection breaks in the middle of a stream (no final events, the body never ends cleanly) |
 //!
 //! `when`:
 //!
@@ -139,7 +141,8 @@ pub struct ModelServer {
 impl ModelServer {
     /// Serves `script` on 127.0.0.1 (a free port) from a thread of its own.
     pub fn start(script: Script) -> ModelServer {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding the model server");
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").expect("binding the model server");
         ModelServer::start_on(listener, script).expect("starting the model server")
     }
 
@@ -149,7 +152,10 @@ impl ModelServer {
     }
 
     /// Serves `script` on a listener already bound.
-    pub fn start_on(listener: std::net::TcpListener, script: Script) -> anyhow::Result<ModelServer> {
+    pub fn start_on(
+        listener: std::net::TcpListener,
+        script: Script,
+    ) -> anyhow::Result<ModelServer> {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let state = ServerState::new(script);
@@ -163,7 +169,8 @@ impl ModelServer {
                     .build()
                     .expect("a runtime");
                 rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+                    let listener =
+                        tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
                     server::serve_state(listener, serving, async {
                         let _ = rx.await;
                     })

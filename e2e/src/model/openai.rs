@@ -60,7 +60,13 @@ pub fn completion(a: &Answer, id: &str, ids: &[String], created: u64) -> Value {
 /// The streamed answer: a role chunk, content chunks, tool-call chunks (the call's id and name,
 /// then its arguments in pieces), a chunk with the finish reason, the usage chunk when asked for,
 /// and `[DONE]`.
-pub fn stream(a: &Answer, id: &str, ids: &[String], created: u64, include_usage: bool) -> Vec<Step> {
+pub fn stream(
+    a: &Answer,
+    id: &str,
+    ids: &[String],
+    created: u64,
+    include_usage: bool,
+) -> Vec<Step> {
     let chunk = |delta: Value, finish: Option<&str>| {
         let mut c = json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": a.model,
@@ -83,13 +89,13 @@ pub fn stream(a: &Answer, id: &str, ids: &[String], created: u64, include_usage:
                 steps.push(Step::Sleep(a.chunk_delay));
             }
             if i == mid && i > 0 {
-                steps.push(Step::Sleep(a.stall_mid));
+                steps.push(Step::Mid);
             }
             steps.push(chunk(json!({"content": piece}), None));
         }
     }
     if a.pieces.len() < 2 {
-        steps.push(Step::Sleep(a.stall_mid));
+        steps.push(Step::Mid);
     }
     for (index, ((name, input), call_id)) in a.tool_calls.iter().zip(ids).enumerate() {
         steps.push(Step::Sleep(a.chunk_delay));

@@ -74,6 +74,17 @@ pub struct Rule {
     /// A pause in the middle of a stream (after half of the text's pieces).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub stall_mid_ms: u64,
+    /// With `error`: a streamed request gets a 200 stream that carries the error in the middle
+    /// (Anthropic's `event: error`, OpenAI's `data: {"error": …}`) and ends there.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub error_mid_stream: bool,
+    /// The connection breaks in the middle of a stream (no final events, no end of the body).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub cut_mid_stream: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -195,6 +206,14 @@ impl Script {
                     anyhow::bail!("rule {label}: error status {} is not an error", e.status);
                 }
             }
+            if r.error_mid_stream && r.error.is_none() {
+                anyhow::bail!("rule {label}: error_mid_stream needs an error");
+            }
+            if r.error_mid_stream && r.text.is_none() {
+                anyhow::bail!(
+                    "rule {label}: error_mid_stream needs the text streamed before the error"
+                );
+            }
             if r.chunks == Some(0) {
                 anyhow::bail!("rule {label}: chunks must be at least 1");
             }
@@ -217,7 +236,9 @@ impl Rule {
 impl When {
     /// Whether `c` meets every condition but `from_match` (which needs the rule's counter).
     pub fn matches(&self, c: &Conversation) -> bool {
-        let has = |needle: &Option<String>, hay: &str| needle.as_ref().is_none_or(|n| hay.contains(n.as_str()));
+        let has = |needle: &Option<String>, hay: &str| {
+            needle.as_ref().is_none_or(|n| hay.contains(n.as_str()))
+        };
         let is = |want: Option<bool>, got: bool| want.is_none_or(|w| w == got);
         has(&self.prompt, &c.prompt())
             && has(&self.conversation, &c.all_text())
@@ -226,10 +247,16 @@ impl When {
             && self.api.is_none_or(|a| a == c.api)
             && self.turn.is_none_or(|t| t == c.turn())
             && self.min_turn.is_none_or(|t| c.turn() >= t)
-            && self.offers_tool.as_ref().is_none_or(|t| c.tools.iter().any(|o| o == t))
+            && self
+                .offers_tool
+                .as_ref()
+                .is_none_or(|t| c.tools.iter().any(|o| o == t))
             && is(self.has_tools, !c.tools.is_empty())
             && is(self.after_tool, c.after_tool())
-            && is(self.tool_error, c.last_tool_result().is_some_and(|r| r.is_error))
+            && is(
+                self.tool_error,
+                c.last_tool_result().is_some_and(|r| r.is_error),
+            )
             && self.iteration.is_none_or(|i| i == c.iteration())
             && is(self.has_promise, c.promise().is_some())
     }
@@ -254,7 +281,11 @@ pub(super) struct Choice {
 }
 
 /// Picks the first rule that applies to `c`, updating the counters of every rule it evaluated.
-pub(super) fn choose(script: &Script, counters: &mut [Counters], c: &Conversation) -> Option<Choice> {
+pub(super) fn choose(
+    script: &Script,
+    counters: &mut [Counters],
+    c: &Conversation,
+) -> Option<Choice> {
     for (index, rule) in script.rules.iter().enumerate() {
         let n = &mut counters[index];
         if rule.times.is_some_and(|t| n.answered >= t) || !rule.when.matches(c) {
@@ -288,7 +319,11 @@ pub(super) struct TemplateVars {
 impl TemplateVars {
     pub fn new(c: &Conversation, model: &str, answered_before: u32) -> TemplateVars {
         let prompt = c.prompt();
-        let first_line = prompt.lines().find(|l| !l.trim().is_empty()).unwrap_or_default().trim();
+        let first_line = prompt
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_default()
+            .trim();
         let prompt_line = if first_line.chars().count() > 120 {
             format!("{}…", first_line.chars().take(120).collect::<String>())
         } else {
@@ -300,7 +335,10 @@ impl TemplateVars {
             .enumerate()
             .map(|(i, p)| format!("{}. {}", i + 1, p.replace('\n', "\n   ")))
             .collect();
-        let tool_result = c.last_tool_result().map(|r| r.text.clone()).unwrap_or_default();
+        let tool_result = c
+            .last_tool_result()
+            .map(|r| r.text.clone())
+            .unwrap_or_default();
         TemplateVars {
             vars: vec![
                 ("prompt", prompt.clone()),
@@ -350,7 +388,11 @@ impl TemplateVars {
         match v {
             Value::String(s) => Value::String(self.expand(s)),
             Value::Array(a) => Value::Array(a.iter().map(|x| self.expand_value(x)).collect()),
-            Value::Object(o) => Value::Object(o.iter().map(|(k, x)| (k.clone(), self.expand_value(x))).collect()),
+            Value::Object(o) => Value::Object(
+                o.iter()
+                    .map(|(k, x)| (k.clone(), self.expand_value(x)))
+                    .collect(),
+            ),
             other => other.clone(),
         }
     }
@@ -365,7 +407,6 @@ pub(super) struct Answer {
     /// The text cut into the pieces a stream sends.
     pub pieces: Vec<String>,
     pub chunk_delay: Duration,
-    pub stall_mid: Duration,
     /// Anthropic's stop reason.
     pub stop_reason: String,
     pub input_tokens: u64,
@@ -392,20 +433,27 @@ impl Answer {
             .map(|(n, i)| n.len() + i.to_string().chars().count())
             .sum();
         let pieces = match &text {
-            Some(t) => split(t, rule.chunks.unwrap_or_else(|| text_chars.div_ceil(24).clamp(1, 16))),
+            Some(t) => split(
+                t,
+                rule.chunks
+                    .unwrap_or_else(|| text_chars.div_ceil(24).clamp(1, 16)),
+            ),
             None => vec![],
         };
-        let stop_reason = rule
-            .stop_reason
-            .clone()
-            .unwrap_or_else(|| if tool_calls.is_empty() { "end_turn" } else { "tool_use" }.to_string());
+        let stop_reason = rule.stop_reason.clone().unwrap_or_else(|| {
+            if tool_calls.is_empty() {
+                "end_turn"
+            } else {
+                "tool_use"
+            }
+            .to_string()
+        });
         Answer {
             model,
             text,
             tool_calls,
             pieces,
             chunk_delay: Duration::from_millis(rule.chunk_delay_ms),
-            stall_mid: Duration::from_millis(rule.stall_mid_ms),
             stop_reason,
             input_tokens: c.input_tokens(),
             output_tokens: tokens(text_chars + tool_chars),
@@ -492,10 +540,15 @@ mod tests {
         let c = convo("make a thing\nwith details", 1);
         let vars = TemplateVars::new(&c, "kiln-demo", 0);
         assert_eq!(
-            vars.expand("{{model}} turn {{turn}}: {{prompt_line}} ({{prompt_count}}) {{unknown}} {{"),
+            vars.expand(
+                "{{model}} turn {{turn}}: {{prompt_line}} ({{prompt_count}}) {{unknown}} {{"
+            ),
             "kiln-demo turn 1: make a thing (2) {{unknown}} {{"
         );
-        assert_eq!(vars.expand_value(&json!({"a": ["{{cwd}}/f"]})), json!({"a": ["./f"]}));
+        assert_eq!(
+            vars.expand_value(&json!({"a": ["{{cwd}}/f"]})),
+            json!({"a": ["./f"]})
+        );
         assert_eq!(split("abcdefg", 3), vec!["abc", "def", "g"]);
         assert_eq!(split("ab", 5), vec!["a", "b"]);
         assert_eq!(split("héllo", 1), vec!["héllo"]);

@@ -1,7 +1,6 @@
 //! The HTTP side: routes, the request log, the choice of a rule and the writing of its answer.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -70,6 +69,17 @@ type AppState = Arc<Mutex<Shared>>;
 pub(super) enum Step {
     Bytes(Bytes),
     Sleep(Duration),
+    /// The middle of the stream: where `stall_mid_ms`, `error_mid_stream` and `cut_mid_stream` act.
+    Mid,
+}
+
+/// What happens at a stream's [`Step::Mid`].
+struct AtMid {
+    stall: Duration,
+    /// Bytes to send there before ending the stream (an error event).
+    error: Option<Bytes>,
+    /// Break the connection there.
+    cut: bool,
 }
 
 /// A server's shared state, held by the handle.
@@ -110,21 +120,28 @@ impl ServerState {
         Router::new()
             .route(
                 "/v1/messages",
-                post(|State(s): State<AppState>, m: Method, u: Uri, h: HeaderMap, b: Bytes| {
-                    chat(Api::Anthropic, s, m, u, h, b)
-                }),
+                post(
+                    |State(s): State<AppState>, m: Method, u: Uri, h: HeaderMap, b: Bytes| {
+                        chat(Api::Anthropic, s, m, u, h, b)
+                    },
+                ),
             )
             .route("/v1/messages/count_tokens", post(count_tokens))
             .route(
                 "/v1/chat/completions",
-                post(|State(s): State<AppState>, m: Method, u: Uri, h: HeaderMap, b: Bytes| {
-                    chat(Api::Openai, s, m, u, h, b)
-                }),
+                post(
+                    |State(s): State<AppState>, m: Method, u: Uri, h: HeaderMap, b: Bytes| {
+                        chat(Api::Openai, s, m, u, h, b)
+                    },
+                ),
             )
             .route("/v1/models", get(models))
             .route("/v1/models/{id}", get(model))
             .route("/api/hello", axum::routing::any(hello))
-            .route("/_kiln/requests", get(list_requests).delete(delete_requests))
+            .route(
+                "/_kiln/requests",
+                get(list_requests).delete(delete_requests),
+            )
             .route("/_kiln/script", get(get_script).put(put_script))
             .fallback(not_found)
             .with_state(self.0.clone())
@@ -162,7 +179,11 @@ struct Incoming<'a> {
 /// Records a request; returns its id number.
 fn record(
     s: &mut Shared,
-    Incoming { method, uri, headers }: &Incoming,
+    Incoming {
+        method,
+        uri,
+        headers,
+    }: &Incoming,
     body: Value,
     c: Option<&Conversation>,
     rule: Option<String>,
@@ -215,7 +236,9 @@ fn error_response(
 ) -> Response {
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = match api {
-        Api::Anthropic => anthropic::error_body(kind.unwrap_or(anthropic::error_type(status)), message),
+        Api::Anthropic => {
+            anthropic::error_body(kind.unwrap_or(anthropic::error_type(status)), message)
+        }
         Api::Openai => {
             let (default_kind, default_code) = openai::error_kind(status);
             openai::error_body(kind.unwrap_or(default_kind), default_code, message)
@@ -247,7 +270,14 @@ fn parse_json(body: &Bytes) -> Result<Value, String> {
     serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))
 }
 
-async fn chat(api: Api, state: AppState, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn chat(
+    api: Api,
+    state: AppState,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let inc = Incoming {
         method: &method,
         uri: &uri,
@@ -262,7 +292,14 @@ async fn chat(api: Api, state: AppState, method: Method, uri: Uri, headers: Head
     let c = match convo {
         Ok(c) => c,
         Err(e) => {
-            let id = record(&mut state.lock().expect("lock"), &inc, json, None, None, 400);
+            let id = record(
+                &mut state.lock().expect("lock"),
+                &inc,
+                json,
+                None,
+                None,
+                400,
+            );
             return error_response(api, 400, None, &e, None, id);
         }
     };
@@ -288,31 +325,54 @@ async fn chat(api: Api, state: AppState, method: Method, uri: Uri, headers: Head
             }
             Some(choice) => {
                 let rule = s.script.rules[choice.index].clone();
-                let status = if choice.fail {
+                // A mid-stream error still answers 200 and streams the text before it.
+                let error_mid = choice.fail && rule.error_mid_stream && c.stream;
+                let status = if choice.fail && !error_mid {
                     rule.error.as_ref().map_or(500, |e| e.status)
                 } else {
                     200
                 };
-                let id = record(s, &inc, json, Some(&c), Some(rule.label(choice.index)), status);
-                let answer = (!choice.fail).then(|| Answer::new(&rule, &s.script, &c, choice.answered_before));
-                ((rule, answer), id)
+                let id = record(
+                    s,
+                    &inc,
+                    json,
+                    Some(&c),
+                    Some(rule.label(choice.index)),
+                    status,
+                );
+                let answer = (!choice.fail || error_mid)
+                    .then(|| Answer::new(&rule, &s.script, &c, choice.answered_before));
+                ((rule, answer, error_mid), id)
             }
         }
     };
-    let (rule, answer) = plan;
+    let (rule, answer, error_mid) = plan;
     if !rule.stall_before().is_zero() {
         tokio::time::sleep(rule.stall_before()).await;
     }
-    let Some(answer) = answer else {
+    let error_of_rule = || {
         let e = rule.error.as_ref().expect("a failing rule has an error");
         let message = e
             .message
             .clone()
             .unwrap_or_else(|| default_message(e.status).to_string());
-        return error_response(api, e.status, e.kind.as_deref(), &message, e.retry_after, id);
+        (e, message)
+    };
+    let Some(answer) = answer else {
+        let (e, message) = error_of_rule();
+        return error_response(
+            api,
+            e.status,
+            e.kind.as_deref(),
+            &message,
+            e.retry_after,
+            id,
+        );
     };
 
-    let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let (msg_id, tool_ids): (String, Vec<String>) = match api {
         Api::Anthropic => (
             format!("msg_kiln_{id:016}"),
@@ -332,7 +392,32 @@ async fn chat(api: Api, state: AppState, method: Method, uri: Uri, headers: Head
             Api::Anthropic => anthropic::stream(&answer, &msg_id, &tool_ids),
             Api::Openai => openai::stream(&answer, &msg_id, &tool_ids, created, c.include_usage),
         };
-        let mut resp = Response::new(stream_body(steps));
+        let error = error_mid.then(|| {
+            let (e, message) = error_of_rule();
+            let frame = match api {
+                Api::Anthropic => format!(
+                    "event: error\ndata: {}\n\n",
+                    anthropic::error_body(
+                        e.kind.as_deref().unwrap_or(anthropic::error_type(e.status)),
+                        &message
+                    )
+                ),
+                Api::Openai => {
+                    let (kind, code) = openai::error_kind(e.status);
+                    format!(
+                        "data: {}\n\n",
+                        openai::error_body(e.kind.as_deref().unwrap_or(kind), code, &message)
+                    )
+                }
+            };
+            Bytes::from(frame)
+        });
+        let at_mid = AtMid {
+            stall: Duration::from_millis(rule.stall_mid_ms),
+            error,
+            cut: rule.cut_mid_stream,
+        };
+        let mut resp = Response::new(stream_body(steps, at_mid));
         let h = resp.headers_mut();
         h.insert(
             "content-type",
@@ -352,23 +437,47 @@ async fn chat(api: Api, state: AppState, method: Method, uri: Uri, headers: Head
 }
 
 /// A body that writes `steps` as they come, sleeping where they say; it stops when the client goes.
-fn stream_body(steps: Vec<Step>) -> Body {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+fn stream_body(steps: Vec<Step>, at_mid: AtMid) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
     tokio::spawn(async move {
         for step in steps {
-            match step {
-                Step::Sleep(d) if d.is_zero() => {}
-                Step::Sleep(d) => tokio::time::sleep(d).await,
-                Step::Bytes(b) => {
-                    if tx.send(b).await.is_err() {
+            let item = match step {
+                Step::Sleep(d) => {
+                    if !d.is_zero() {
+                        tokio::time::sleep(d).await;
+                    }
+                    continue;
+                }
+                Step::Bytes(b) => Ok(b),
+                Step::Mid => {
+                    if !at_mid.stall.is_zero() {
+                        tokio::time::sleep(at_mid.stall).await;
+                    }
+                    if at_mid.cut {
+                        // Let what was sent be flushed first (the body answers Pending meanwhile);
+                        // then an error item makes hyper drop the connection without ending it.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let _ = tx
+                            .send(Err(std::io::Error::other("cut by the script")))
+                            .await;
                         return;
                     }
+                    match &at_mid.error {
+                        Some(frame) => {
+                            let _ = tx.send(Ok(frame.clone())).await;
+                            return;
+                        }
+                        None => continue,
+                    }
                 }
+            };
+            if tx.send(item).await.is_err() {
+                return;
             }
         }
     });
     Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+        rx.recv().await.map(|b| (b, rx))
     }))
 }
 
@@ -424,7 +533,12 @@ fn model_object(anthropic: bool, id: &str) -> Value {
 }
 
 /// `GET /v1/models`: Anthropic's list when the request carries `anthropic-version`, else OpenAI's.
-async fn models(State(state): State<AppState>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+async fn models(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
     let inc = Incoming {
         method: &method,
         uri: &uri,
@@ -433,18 +547,27 @@ async fn models(State(state): State<AppState>, method: Method, uri: Uri, headers
     let mut s = state.lock().expect("lock");
     record(&mut s, &inc, Value::Null, None, None, 200);
     let anthropic = headers.contains_key("anthropic-version");
-    let data: Vec<Value> = listed_models(&s).iter().map(|m| model_object(anthropic, m)).collect();
+    let data: Vec<Value> = listed_models(&s)
+        .iter()
+        .map(|m| model_object(anthropic, m))
+        .collect();
     if anthropic {
         let first = data.first().map(|m| m["id"].clone());
         let last = data.last().map(|m| m["id"].clone());
-        Json(json!({"data": data, "has_more": false, "first_id": first, "last_id": last})).into_response()
+        Json(json!({"data": data, "has_more": false, "first_id": first, "last_id": last}))
+            .into_response()
     } else {
         Json(json!({"object": "list", "data": data})).into_response()
     }
 }
 
 /// `GET /v1/models/{id}`: any model is known.
-async fn model(State(state): State<AppState>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+async fn model(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
     let inc = Incoming {
         method: &method,
         uri: &uri,
@@ -457,13 +580,25 @@ async fn model(State(state): State<AppState>, method: Method, uri: Uri, headers:
 }
 
 /// Claude Code's connectivity check (`HEAD /api/hello`, unless non-essential traffic is off).
-async fn hello(State(state): State<AppState>, method: Method, uri: Uri, headers: HeaderMap) -> StatusCode {
+async fn hello(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> StatusCode {
     let inc = Incoming {
         method: &method,
         uri: &uri,
         headers: &headers,
     };
-    record(&mut state.lock().expect("lock"), &inc, Value::Null, None, None, 200);
+    record(
+        &mut state.lock().expect("lock"),
+        &inc,
+        Value::Null,
+        None,
+        None,
+        200,
+    );
     StatusCode::OK
 }
 
@@ -503,7 +638,11 @@ async fn put_script(State(state): State<AppState>, body: Bytes) -> Response {
             ServerState(state).set_script(script);
             StatusCode::NO_CONTENT.into_response()
         }
-        Err(e) => (StatusCode::BAD_REQUEST, Json(json!({"error": format!("{e:#}")}))).into_response(),
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": format!("{e:#}")})),
+        )
+            .into_response(),
     }
 }
 
@@ -521,7 +660,14 @@ async fn not_found(
         headers: &headers,
     };
     let json = parse_json(&body).unwrap_or(Value::Null);
-    let id = record(&mut state.lock().expect("lock"), &inc, json, None, None, 404);
+    let id = record(
+        &mut state.lock().expect("lock"),
+        &inc,
+        json,
+        None,
+        None,
+        404,
+    );
     let api = if uri.path().contains("/chat/") {
         Api::Openai
     } else {
@@ -531,7 +677,10 @@ async fn not_found(
         api,
         404,
         None,
-        &format!("the Kiln model server does not serve {method} {}", uri.path()),
+        &format!(
+            "the Kiln model server does not serve {method} {}",
+            uri.path()
+        ),
         None,
         id,
     )
