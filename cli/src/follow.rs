@@ -24,6 +24,8 @@ use crate::render::{event_lines, final_line, status_line, FollowView, Palette};
 /// it is considered dead and reconnected.
 const IDLE: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// The close code the edge ends a socket with when its access token expires.
+pub const TOKEN_EXPIRED_CLOSE: u16 = 4001;
 
 /// The exit status for a job's end state: 0 completed, 1 failed, 2 cancelled.
 pub fn exit_code(status: JobStatus) -> i32 {
@@ -214,30 +216,40 @@ pub async fn follow(client: &mut Client, id: &str, out: &mut Output, give_up_aft
         }
 
         let mut pinged = false;
-        let why = loop {
+        // A refusal the server explains before closing; shown unless the close is the expiry one.
+        let mut said: Option<String> = None;
+        let ended = loop {
             let msg = match tokio::time::timeout(IDLE, stream.next()).await {
-                Err(_) if pinged => break "no answer to a ping".to_string(),
+                Err(_) if pinged => break Ended::Dropped("no answer to a ping".into()),
                 Err(_) => {
                     pinged = true;
                     if stream.send(Message::Ping(Vec::new().into())).await.is_err() {
-                        break "the ping could not be sent".to_string();
+                        break Ended::Dropped("the ping could not be sent".into());
                     }
                     continue;
                 }
-                Ok(None) => break "the server closed the connection".to_string(),
-                Ok(Some(Err(e))) => break e.to_string(),
+                Ok(None) => break Ended::Dropped("the server closed the connection".into()),
+                Ok(Some(Err(e))) => break Ended::Dropped(e.to_string()),
                 Ok(Some(Ok(m))) => m,
             };
             pinged = false;
             last_good = Instant::now();
+            if let Message::Close(Some(frame)) = &msg {
+                if u16::from(frame.code) == TOKEN_EXPIRED_CLOSE {
+                    break Ended::TokenExpired;
+                }
+            }
+            if let Some(m) = said.take() {
+                eprintln!("kiln: the server said: {m}");
+            }
             let text = match msg {
                 Message::Text(t) => t.to_string(),
-                Message::Close(_) => break "the server closed the connection".to_string(),
+                Message::Close(_) => break Ended::Dropped("the server closed the connection".into()),
                 _ => continue,
             };
             match classify(&text, view.last_seq) {
                 Incoming::Seen(_) => {}
-                Incoming::Error(m) => eprintln!("kiln: the server said: {m}"),
+                Incoming::Error(m) => said = Some(m),
                 Incoming::Unknown(v) => {
                     if let Some(seq) = v.get("seq").and_then(Value::as_u64) {
                         view.last_seq = view.last_seq.max(seq);
@@ -269,8 +281,21 @@ pub async fn follow(client: &mut Client, id: &str, out: &mut Output, give_up_aft
                 }
             }
         };
-        retry_or_give_up(out, &mut view, &mut attempt, last_good, give_up_after, &why).await?;
+        match ended {
+            // The socket outlived its access token: continue at once with a fresh one.
+            Ended::TokenExpired if client.can_refresh() => client.refresh().await?,
+            Ended::TokenExpired => bail!("the access token expired and the live channel was closed (KILN_TOKEN cannot be refreshed)"),
+            Ended::Dropped(why) => retry_or_give_up(out, &mut view, &mut attempt, last_good, give_up_after, &why).await?,
+        }
     }
+}
+
+/// Why a connected socket stopped.
+enum Ended {
+    /// Lost: reconnect after a backoff.
+    Dropped(String),
+    /// Closed by the server because the access token it was opened with expired.
+    TokenExpired,
 }
 
 async fn retry_or_give_up(
