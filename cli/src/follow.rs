@@ -95,50 +95,54 @@ pub fn classify(text: &str, last_seq: u64) -> Incoming {
     }
 }
 
-/// How `follow` writes: text lines (with a status line kept at the bottom of a terminal) or one
-/// JSON document per event.
-pub struct Output {
+/// How `follow` writes to `W` (stdout): text lines, with a status line kept at the bottom of a
+/// terminal, or one JSON document per event. Notes for the person watching go to stderr.
+pub struct Output<W: Write = std::io::Stdout> {
     pub json: bool,
     pub palette: Palette,
     /// Keep a live status line at the bottom (stdout is a terminal and not JSON).
     pub sticky: bool,
+    /// Whether the status line is on screen now (and must be cleared before the next line).
     shown: bool,
+    writer: W,
 }
 
 impl Output {
     pub fn new(json: bool, palette: Palette, stdout_is_tty: bool) -> Output {
-        Output { json, palette, sticky: stdout_is_tty && !json, shown: false }
+        Output::to(std::io::stdout(), json, palette, stdout_is_tty)
+    }
+}
+
+impl<W: Write> Output<W> {
+    pub fn to(writer: W, json: bool, palette: Palette, stdout_is_tty: bool) -> Output<W> {
+        Output { json, palette, sticky: stdout_is_tty && !json, shown: false, writer }
     }
 
-    fn clear(&mut self, out: &mut impl Write) {
+    fn clear(&mut self) {
         if self.shown {
-            let _ = write!(out, "\r\x1b[2K");
+            let _ = write!(self.writer, "\r\x1b[2K");
             self.shown = false;
         }
     }
 
     fn lines(&mut self, view: &FollowView, lines: &[String]) {
-        let stdout = std::io::stdout();
-        let mut out = stdout.lock();
-        self.clear(&mut out);
+        self.clear();
         for l in lines {
-            let _ = writeln!(out, "{l}");
+            let _ = writeln!(self.writer, "{l}");
         }
         if self.sticky {
-            let _ = write!(out, "{}", status_line(view, self.palette));
+            let _ = write!(self.writer, "{}", status_line(view, self.palette));
             self.shown = true;
         }
-        let _ = out.flush();
+        let _ = self.writer.flush();
     }
 
     fn json_line(&mut self, value: &Value) {
-        let stdout = std::io::stdout();
-        let mut out = stdout.lock();
-        let _ = writeln!(out, "{value}");
-        let _ = out.flush();
+        let _ = writeln!(self.writer, "{value}");
+        let _ = self.writer.flush();
     }
 
-    /// A note for the person watching (stderr, so stdout stays the job's output).
+    /// A note for the person watching: on a terminal the status line says it, else stderr does.
     fn note(&mut self, view: &FollowView, text: &str) {
         if self.sticky {
             self.lines(view, &[]);
@@ -151,16 +155,14 @@ impl Output {
         if self.json {
             return;
         }
-        let stdout = std::io::stdout();
-        let mut out = stdout.lock();
-        self.clear(&mut out);
-        let _ = writeln!(out, "{}", final_line(view, self.palette));
-        let _ = out.flush();
+        self.clear();
+        let _ = writeln!(self.writer, "{}", final_line(view, self.palette));
+        let _ = self.writer.flush();
     }
 }
 
 /// Follows job `id` until it is terminal; answers its end state.
-pub async fn follow(client: &mut Client, id: &str, out: &mut Output, give_up_after: Duration) -> anyhow::Result<JobStatus> {
+pub async fn follow<W: Write>(client: &mut Client, id: &str, out: &mut Output<W>, give_up_after: Duration) -> anyhow::Result<JobStatus> {
     let job: JobView = serde_json::from_value(client.call(Method::GET, &job_path(id, ""), None).await?)
         .context("reading the job")?;
     let mut view = FollowView::new(&job);
@@ -298,8 +300,8 @@ enum Ended {
     TokenExpired,
 }
 
-async fn retry_or_give_up(
-    out: &mut Output,
+async fn retry_or_give_up<W: Write>(
+    out: &mut Output<W>,
     view: &mut FollowView,
     attempt: &mut u32,
     last_good: Instant,
@@ -322,6 +324,62 @@ async fn retry_or_give_up(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn job_view() -> JobView {
+        serde_json::from_value(json!({
+            "id": "j1", "status": "queued", "job_type": "ralph", "prompt": "p", "title": null, "branch_name": "b",
+            "client": null, "feature": null, "repository": null, "priority": 0, "attempts": 0, "pr_url": null,
+            "error_message": null, "original_job_id": null, "created_by_team_member_id": null, "max_iterations": 2,
+            "created_at": "t", "updated_at": "t", "started_at": null, "completed_at": null
+        }))
+        .unwrap()
+    }
+
+    fn event(seq: u64, body: Value) -> ServerEvent {
+        let mut v = body;
+        v["seq"] = json!(seq);
+        v["timestamp"] = json!("2026-01-07T10:00:05.000Z");
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn show<W: Write>(out: &mut Output<W>, view: &mut FollowView, ev: &ServerEvent) {
+        let lines = event_lines(view, ev, out.palette);
+        out.lines(view, &lines);
+    }
+
+    #[test]
+    fn on_a_terminal_the_status_line_stays_below_the_output() {
+        let plain = Palette { color: false };
+        let mut out = Output::to(Vec::new(), false, plain, true);
+        let mut view = FollowView::new(&job_view());
+        show(&mut out, &mut view, &event(1, json!({"kind": "jobStatus", "jobId": "j1", "status": "running", "message": "go"})));
+        show(&mut out, &mut view, &event(2, json!({"kind": "log", "stream": "stdout", "content": "hello"})));
+        view.status = "completed".into();
+        out.finish(&view);
+        let text = String::from_utf8(out.writer).unwrap();
+        assert_eq!(
+            text,
+            "10:00:05 ● running go\n● running · ralph · iteration 1/2 [░░░░░░░░░░] · job j1\
+             \r\x1b[2K10:00:05 hello\n● running · ralph · iteration 1/2 [░░░░░░░░░░] · job j1\
+             \r\x1b[2Kjob j1 completed\n"
+        );
+    }
+
+    #[test]
+    fn off_a_terminal_there_are_only_lines() {
+        let mut out = Output::to(Vec::new(), false, Palette { color: false }, false);
+        let mut view = FollowView::new(&job_view());
+        show(&mut out, &mut view, &event(1, json!({"kind": "log", "stream": "stdout", "content": "hello"})));
+        out.note(&view, "connection lost");
+        out.finish(&view);
+        assert_eq!(String::from_utf8(out.writer).unwrap(), "10:00:05 hello\njob j1 queued\n");
+
+        let mut out = Output::to(Vec::new(), true, Palette { color: false }, true);
+        assert!(!out.sticky, "JSON is never decorated");
+        out.json_line(&json!({"seq": 1}));
+        out.finish(&view);
+        assert_eq!(String::from_utf8(out.writer).unwrap(), "{\"seq\":1}\n");
+    }
 
     #[test]
     fn end_states_map_to_exit_codes() {

@@ -351,8 +351,9 @@ async fn tokens_come_from_kiln_token_first_and_saved_ones_are_refreshed() {
     kiln.run(&["ls"]).await.error(3, "not logged in");
 }
 
-/// The agent: echoes the prompt, fails when asked to, else prints a line a second for 8 seconds.
-const AGENT: &str = r#"read -r prompt || true; echo "prompt: $prompt"; case "$prompt" in *fail*) echo "failing as asked" >&2; exit 1;; esac; for i in 1 2 3 4 5 6 7 8; do echo "line $i"; sleep 1; done"#;
+/// The agent: fails when the prompt says `please-fail`, answers each follow-up line with `echo: <line>`
+/// when it says `please-chat`, else prints a line a second for 8 seconds.
+const AGENT: &str = r#"read -r prompt || true; echo "prompt received"; case "$prompt" in *please-fail*) echo "failing as asked" >&2; exit 1;; *please-chat*) while read -r l; do echo "echo: $l"; done; exit 0;; esac; for i in 1 2 3 4 5 6 7 8; do echo "line $i"; sleep 1; done"#;
 
 /// An edge with a runner (process executor, [`AGENT`]) and the `acme/shop` remote.
 struct WithRunner {
@@ -466,7 +467,7 @@ async fn follow_survives_an_edge_restart_without_gaps_or_repeats_and_exits_with_
     assert!(out.stdout.lines().last().unwrap().starts_with(&format!("job {id} completed")), "{}", out.stdout);
 
     // A failing job: exit status 1, its stderr in the output.
-    let out = kiln.run(&["submit", "--org", "acme", "--repo", "shop", "-p", "please fail", "-b", "b/fail", "--follow"]).await;
+    let out = kiln.run(&["submit", "--org", "acme", "--repo", "shop", "-p", "please-fail", "-b", "b/fail", "--follow"]).await;
     assert_eq!(out.code, 1, "failed: {}{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("failing as asked"), "{}", out.stdout);
     assert!(out.stdout.contains("● failed"), "{}", out.stdout);
@@ -495,4 +496,70 @@ async fn follow_carries_on_with_a_refreshed_token_when_the_socket_outlives_its_a
     let out = kiln.run_with(&["follow", &id], "", &[("KILN_TOKEN", &token)]).await;
     assert_eq!(out.code, 3, "{}{}", out.stdout, out.stderr);
     assert!(out.stderr.contains("kiln: error: the access token expired"), "{}", out.stderr);
+}
+
+/// Polls `kiln --json show` until the job's status is `want`.
+async fn wait_status(kiln: &Kiln, id: &str, want: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let job = kiln.run(&["--json", "show", id]).await.ok("show").json();
+        if job["status"] == want {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "job {id} did not become {want}: {job:#}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Polls `kiln --json logs` until a message's content is `content`.
+async fn wait_message(kiln: &Kiln, id: &str, content: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let logs = kiln.run(&["--json", "logs", id]).await.ok("logs").json();
+        if logs.as_array().unwrap().iter().any(|m| m["content"] == content) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no message {content:?} in job {id}: {logs:#}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_task_job_is_messaged_and_completed_and_a_ralph_job_stopped_through_kiln() {
+    let w = WithRunner::start(&[]).await;
+    let kiln = Kiln::new(&w.edge);
+    let email = kiln.register().await;
+
+    // Task: two follow-ups (one from stdin), answered while running, then completed.
+    let task = kiln.run(&["--json", "submit", "--type", "task", "--org", "acme", "--repo", "shop", "-p", "please-chat"]).await.ok("submit task").json();
+    let task = task["id"].as_str().unwrap().to_string();
+    wait_status(&kiln, &task, "running").await;
+    let out = kiln.run(&["message", &task, "hello there"]).await.ok("message");
+    assert_eq!(out.stdout.trim(), format!("message sent to job {task}"));
+    let sent = kiln.run_with(&["--json", "message", &task, "-"], "second one\n", &[]).await.ok("message from stdin").json();
+    assert_eq!(sent, json!({"id": task, "messageSent": true}));
+    wait_message(&kiln, &task, "echo: hello there").await;
+    wait_message(&kiln, &task, "echo: second one").await;
+    let done = kiln.run(&["--json", "complete", &task]).await.ok("complete").json();
+    assert_eq!(done, json!({"id": task, "status": "completing"}));
+    let out = kiln.run(&["follow", &task]).await;
+    assert_eq!(out.code, 0, "completed: {}{}", out.stdout, out.stderr);
+    assert!(out.stdout.lines().any(|l| l.ends_with(&format!("[user {email}] hello there"))), "{}", out.stdout);
+    assert!(out.stdout.lines().any(|l| l.ends_with(" echo: second one")), "{}", out.stdout);
+
+    // Ralph: stopped during its first iteration, it completes after it with `manual_stop`.
+    let ralph = kiln
+        .run(&["--json", "submit", "--type", "ralph", "--org", "acme", "--repo", "shop", "-p", "count", "--max-iterations", "5"])
+        .await
+        .ok("submit ralph")
+        .json();
+    let ralph = ralph["id"].as_str().unwrap().to_string();
+    wait_message(&kiln, &ralph, "line 1").await;
+    let out = kiln.run(&["stop", &ralph]).await.ok("stop");
+    assert!(out.stdout.starts_with("Stop requested"), "{}", out.stdout);
+    let out = kiln.run(&["follow", &ralph]).await;
+    assert_eq!(out.code, 0, "completed: {}{}", out.stdout, out.stderr);
+    assert!(out.stdout.lines().any(|l| l.ends_with("iteration 1/5 finished: exit 0")), "{}", out.stdout);
+    assert_eq!(out.stdout.lines().last().unwrap(), format!("job {ralph} completed (manual_stop)"));
+    kiln.run(&["stop", &ralph]).await.error(3, "(HTTP 400)");
 }
