@@ -46,6 +46,8 @@ impl World {
         let mut env = vec![
             ("RUNNER_STATE_DIR", state.as_str()),
             ("RUNNER_EXECUTOR", executor),
+            // The stand-in agents speak plain text (prompt and follow-ups on stdin).
+            ("RUNNER_AGENT", "text"),
             ("RUNNER_AGENT_CMD", agent_cmd),
             ("RUNNER_GIT_BASE_URL", base.as_str()),
             ("GITHUB_API_URL", api_url.as_str()),
