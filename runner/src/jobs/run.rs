@@ -407,8 +407,13 @@ impl JobRun {
             Err(e) => (None, Some(e.to_string())),
         };
         if let Some(u) = collector.usage() {
+            let note = if self.services.agent.demo_model {
+                " (the CLI's price at list rates; the demo model costs nothing)"
+            } else {
+                ""
+            };
             self.sink
-                .system(format!("Agent usage: {}", u.describe()))
+                .system(format!("Agent usage: {}{note}", u.describe()))
                 .await;
         }
         CommandResult {
