@@ -13,7 +13,8 @@ use kiln_schemas::status::JobType;
 /// $XDG_CONFIG_HOME/kiln/config.toml, else ~/.config/kiln/config.toml.
 ///
 /// Exit status of `follow` and `submit --follow`: 0 completed, 1 failed, 2 cancelled; any other
-/// error exits 3 with `kiln: error: ...` on stderr; bad usage exits 64.
+/// error exits 3 with `kiln: error: ...` on stderr; bad usage exits 64; Ctrl-C while following
+/// exits 130 and leaves the job running.
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version)]
 pub struct Cli {
@@ -58,6 +59,8 @@ pub enum Command {
     Retry(JobId),
     /// Print a job's messages (stdout, stderr, system, user input).
     Logs(JobId),
+    /// A ralph job's iterations: exit codes, feedback commands, completion promise.
+    Iterations(JobId),
     /// The server's health: queue and runners.
     #[command(alias = "health")]
     Status,

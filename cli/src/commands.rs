@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use kiln_schemas::auth::{LoginRequest, RegisterRequest, TokenPair};
-use kiln_schemas::jobs::{CreateJobResponse, Health, JobList, JobView, MAX_LIST_LIMIT};
+use kiln_schemas::jobs::{CreateJobResponse, Health, IterationList, JobList, JobView, MAX_LIST_LIMIT};
 use kiln_schemas::status::JobStatus;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -145,6 +145,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Iterations(j) => {
+            let v = ctx.client()?.call(Method::GET, &job_path(&j.id, "/iterations"), None).await?;
+            if ctx.json {
+                ctx.print_json(&v);
+            } else {
+                let list: IterationList = serde_json::from_value(v).context("reading the iterations")?;
+                print!("{}", render::iterations_text(&list, ctx.palette));
+            }
+            Ok(0)
+        }
         Command::Status => {
             let v = ctx.client()?.public(Method::GET, "/health", None).await?;
             if ctx.json {
@@ -273,16 +283,29 @@ async fn submit(ctx: &Ctx, s: SubmitArgs) -> anyhow::Result<i32> {
     if !s.follow {
         return Ok(0);
     }
-    let mut out = Output::new(ctx.json, ctx.palette, ctx.stdout_tty);
-    let end = follow(&mut client, &created.id, &mut out, Duration::from_secs(300)).await?;
-    Ok(exit_code(end))
+    follow_until_interrupted(ctx, &mut client, &created.id, Duration::from_secs(300)).await
 }
 
 async fn follow_job(ctx: &Ctx, f: FollowArgs) -> anyhow::Result<i32> {
     let mut client = ctx.client()?;
+    follow_until_interrupted(ctx, &mut client, &f.id, Duration::from_secs(f.give_up_after)).await
+}
+
+/// Follows the job; Ctrl-C stops following (exit status 130) and leaves the job running.
+async fn follow_until_interrupted(ctx: &Ctx, client: &mut Client, id: &str, give_up_after: Duration) -> anyhow::Result<i32> {
     let mut out = Output::new(ctx.json, ctx.palette, ctx.stdout_tty);
-    let end = follow(&mut client, &f.id, &mut out, Duration::from_secs(f.give_up_after)).await?;
-    Ok(exit_code(end))
+    let ended = tokio::select! {
+        end = follow(client, id, &mut out, give_up_after) => Some(end),
+        _ = tokio::signal::ctrl_c() => None,
+    };
+    match ended {
+        Some(end) => Ok(exit_code(end?)),
+        None => {
+            out.interrupted();
+            eprintln!("kiln: stopped following job {id}; the job goes on (`kiln follow {id}` picks it up again)");
+            Ok(130)
+        }
+    }
 }
 
 async fn ls(ctx: &Ctx, l: LsArgs) -> anyhow::Result<i32> {

@@ -151,6 +151,12 @@ impl<W: Write> Output<W> {
         }
     }
 
+    /// Leaves the terminal clean when following is interrupted.
+    pub fn interrupted(&mut self) {
+        self.clear();
+        let _ = self.writer.flush();
+    }
+
     fn finish(&mut self, view: &FollowView) {
         if self.json {
             return;

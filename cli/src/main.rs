@@ -1,6 +1,7 @@
 //! `kiln`: Kiln's command line. Parses the command line, runs the command, and turns the outcome
 //! into an exit status: a followed job's end state (0 completed, 1 failed, 2 cancelled), 3 for any
-//! other error (`kiln: error: ...` on stderr) and 64 for bad usage.
+//! other error (`kiln: error: ...` on stderr), 64 for bad usage and 130 when following is
+//! interrupted with Ctrl-C (the job goes on).
 
 mod args;
 mod client;

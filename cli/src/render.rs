@@ -4,7 +4,7 @@
 //! of control characters so an agent's output cannot drive the terminal.
 
 use kiln_schemas::events::{EventBody, LogStream, ServerEvent};
-use kiln_schemas::jobs::{Health, Iteration, JobMessage, JobView};
+use kiln_schemas::jobs::{Health, Iteration, IterationList, JobMessage, JobView};
 use kiln_schemas::status::{CompletionReason, JobStatus, JobType};
 use serde_json::Value;
 
@@ -449,6 +449,23 @@ pub fn message_lines(messages: &[JobMessage], p: Palette) -> Vec<String> {
     out
 }
 
+/// `kiln iterations`: a summary line, then one line per iteration with its output summary's last line.
+pub fn iterations_text(list: &IterationList, p: Palette) -> String {
+    let mut out = format!("iteration {} of at most {}", list.current_iteration, list.max_iterations);
+    if let Some(r) = list.completion_reason.as_ref().and_then(reason_str) {
+        out.push_str(&format!(", ended by {r}"));
+    }
+    out.push('\n');
+    for it in &list.iterations {
+        out.push_str(&iteration_summary(it, Some(list.max_iterations)));
+        out.push('\n');
+        if let Some(last) = it.output_summary.lines().rev().find(|l| !l.trim().is_empty()) {
+            out.push_str(&format!("  {}\n", p.dim(&truncate(&sanitize(last.trim()), 100))));
+        }
+    }
+    out
+}
+
 /// `kiln status`.
 pub fn health_text(h: &Health, url: &str, p: Palette) -> String {
     let status = if h.status == "ok" { p.green(&h.status) } else { p.yellow(&h.status) };
@@ -666,6 +683,24 @@ mod tests {
         assert_eq!(
             health_text(&h, "http://k", PLAIN),
             "http://k: ok\n  queue: 1 running, 2 queued (at most 2 at once)\n  runners: 1 connected, 1 free slot\n"
+        );
+    }
+
+    #[test]
+    fn iteration_lists() {
+        let list: IterationList = serde_json::from_value(json!({
+            "jobId": "j", "currentIteration": 2, "maxIterations": 5, "completionReason": "manual_stop",
+            "iterations": [
+                {"id": "a", "iterationNumber": 1, "startedAt": "t", "completedAt": "t", "exitCode": 0, "error": null,
+                 "promiseDetected": false, "outputSummary": "line 1\nline 8\n", "feedbackResults": []},
+                {"id": "b", "iterationNumber": 2, "startedAt": "t", "completedAt": null, "exitCode": null, "error": "killed",
+                 "promiseDetected": false, "outputSummary": "", "feedbackResults": []}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(
+            iterations_text(&list, PLAIN),
+            "iteration 2 of at most 5, ended by manual_stop\niteration 1/5 finished: exit 0\n  line 8\niteration 2/5 finished: no exit code, error: killed\n"
         );
     }
 

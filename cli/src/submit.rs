@@ -46,6 +46,9 @@ pub fn build_body(file: Option<Value>, args: &SubmitArgs, prompt: Option<String>
     if let Some(unknown) = body.keys().find(|k| !known.contains(k)) {
         bail!("the job file has an unknown field {unknown:?}; POST /jobs takes {}", known.join(", "));
     }
+    // A field added to the request later is caught by `every_request_field_has_a_flag`, not by the
+    // build, so the workspace keeps compiling until it has its flag.
+    #[allow(clippy::needless_update)]
     let flags = CreateJobRequest {
         prompt,
         client_id: args.client_id.clone(),
@@ -61,6 +64,7 @@ pub fn build_body(file: Option<Value>, args: &SubmitArgs, prompt: Option<String>
         completion_promise: args.completion_promise.clone(),
         feedback_commands: (!args.feedback_commands.is_empty()).then(|| args.feedback_commands.clone()),
         priority: args.priority,
+        ..CreateJobRequest::default()
     };
     let Value::Object(set) = serde_json::to_value(&flags)? else { unreachable!("a struct is an object") };
     for (k, v) in set {

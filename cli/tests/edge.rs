@@ -534,6 +534,28 @@ async fn a_task_job_is_messaged_and_completed_and_a_ralph_job_stopped_through_ki
     let task = kiln.run(&["--json", "submit", "--type", "task", "--org", "acme", "--repo", "shop", "-p", "please-chat"]).await.ok("submit task").json();
     let task = task["id"].as_str().unwrap().to_string();
     wait_status(&kiln, &task, "running").await;
+
+    // Ctrl-C stops following (exit status 130) and leaves the job running.
+    let mut child = kiln.command(&["follow", &task], &[]).spawn().expect("starting kiln follow");
+    drop(child.stdin.take());
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(l) = stdout.next_line().await.unwrap() {
+            if l.ends_with(" prompt received") {
+                return;
+            }
+        }
+        panic!("kiln follow ended before the agent's first line");
+    })
+    .await
+    .expect("the agent's first line within 30 s");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id().unwrap() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output()).await.expect("kiln follow stopped").unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("kiln: stopped following job {task}; the job goes on")), "{stderr}");
+    assert_eq!(kiln.run(&["--json", "show", &task]).await.ok("show").json()["status"], "running");
+
     let out = kiln.run(&["message", &task, "hello there"]).await.ok("message");
     assert_eq!(out.stdout.trim(), format!("message sent to job {task}"));
     let sent = kiln.run_with(&["--json", "message", &task, "-"], "second one\n", &[]).await.ok("message from stdin").json();
@@ -561,5 +583,9 @@ async fn a_task_job_is_messaged_and_completed_and_a_ralph_job_stopped_through_ki
     assert_eq!(out.code, 0, "completed: {}{}", out.stdout, out.stderr);
     assert!(out.stdout.lines().any(|l| l.ends_with("iteration 1/5 finished: exit 0")), "{}", out.stdout);
     assert_eq!(out.stdout.lines().last().unwrap(), format!("job {ralph} completed (manual_stop)"));
+    let its = kiln.run(&["--json", "iterations", &ralph]).await.ok("iterations").json();
+    assert_eq!((its["completionReason"].as_str(), its["iterations"].as_array().map(Vec::len)), (Some("manual_stop"), Some(1)), "{its:#}");
+    let text = kiln.run(&["iterations", &ralph]).await.ok("iterations text").stdout;
+    assert!(text.starts_with("iteration 1 of at most 5, ended by manual_stop\niteration 1/5 finished: exit 0\n"), "{text}");
     kiln.run(&["stop", &ralph]).await.error(3, "(HTTP 400)");
 }
