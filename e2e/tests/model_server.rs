@@ -3,7 +3,7 @@
 //! Code CLI driven by the demo script.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_e2e::model::{ModelServer, Script};
@@ -140,7 +140,7 @@ fn openai_body(prompt: &str, stream: bool) -> Value {
 }
 
 const TOOL_SCRIPT: &str = r#"{"model": "scripted", "rules": [
-  {"name": "tool", "when": {"prompt": "make a file"}, "text": "Writing it now, in pieces.", "chunks": 4,
+  {"name": "tool", "when": {"prompt": "make a file", "turn": 0}, "text": "Writing it now, in pieces.", "chunks": 4,
    "tool_calls": [{"name": "Write", "input": {"file_path": "{{cwd}}/f.txt", "content": "for: {{prompt_line}}"}}]},
   {"name": "plain", "text": "Just text for {{prompt_line}} on turn {{turn}}."}
 ]}"#;
@@ -381,6 +381,101 @@ async fn openai_streams_chunks_tool_calls_and_the_usage_chunk() {
     let models: Value = get_json(&format!("{}/models", server.openai_base_url())).await;
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], "scripted");
+}
+
+#[tokio::test]
+async fn openai_responses_stream_output_items_and_usage_as_codex_reads_them() {
+    let server = ModelServer::start(Script::parse(TOOL_SCRIPT).unwrap());
+    let url = format!("{}/responses", server.openai_base_url());
+    let body = |prompt: &str, stream: bool| {
+        json!({"model": "codex-test", "instructions": "You are the tester.", "stream": stream,
+               "tools": [{"type": "function", "name": "Write", "parameters": {}}],
+               "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": prompt}]}]})
+    };
+    let (status, _, _, events) = post_sse(&url, body("make a file", true)).await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e.event.as_deref().unwrap_or("-"))
+        .collect();
+    let mut expected = vec![
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ];
+    expected.extend(["response.output_text.delta"; 4]);
+    expected.extend([
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+    ]);
+    expected.extend(["response.function_call_arguments.delta"; 3]);
+    expected.extend([
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]);
+    assert_eq!(names, expected);
+    for (i, e) in events.iter().enumerate() {
+        let d = e.json();
+        assert_eq!(d["type"], e.event.as_deref().unwrap());
+        assert_eq!(d["sequence_number"], i as u64);
+    }
+    let text: String = events
+        .iter()
+        .map(Sse::json)
+        .filter(|d| d["type"] == "response.output_text.delta")
+        .map(|d| d["delta"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(text, "Writing it now, in pieces.");
+    let done = events.last().unwrap().json();
+    let response = &done["response"];
+    assert_eq!(response["status"], "completed");
+    assert_eq!(response["model"], "scripted");
+    let call = &response["output"][1];
+    assert_eq!(
+        (call["type"].as_str(), call["name"].as_str()),
+        (Some("function_call"), Some("Write"))
+    );
+    assert!(call["call_id"].as_str().unwrap().starts_with("call_"));
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args["content"], "for: make a file");
+    let u = &response["usage"];
+    assert_eq!(
+        u["input_tokens"],
+        body("make a file", true).to_string().len().div_ceil(4) as u64
+    );
+    assert_eq!(
+        u["total_tokens"].as_u64().unwrap(),
+        u["input_tokens"].as_u64().unwrap() + u["output_tokens"].as_u64().unwrap()
+    );
+
+    // The tool's output comes back as a function_call_output: turn 1.
+    let follow = json!({"model": "codex-test", "stream": false, "input": [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "make a file"}]},
+        call,
+        {"type": "function_call_output", "call_id": call["call_id"], "output": "done"}
+    ]});
+    let answer: Value = post_json(&url, &follow).await;
+    assert_eq!(answer["object"], "response");
+    assert_eq!(
+        answer["output"][0]["content"][0]["text"],
+        "Just text for make a file on turn 1."
+    );
+    let seen = server.requests().pop().unwrap();
+    assert_eq!((seen.turn, seen.path.as_str()), (1, "/v1/responses"));
+
+    // A mid-stream error ends the stream with response.failed.
+    server.set_script(script(json!({"rules": [
+        {"error": {"status": 500}, "error_mid_stream": true, "chunks": 2, "text": "half and half"}
+    ]})));
+    let r = read_sse(&url, body("x", true)).await;
+    assert_eq!(r.status, 200);
+    let last = r.events.last().unwrap().json();
+    assert_eq!(last["type"], "response.failed");
+    assert_eq!(last["response"]["error"]["code"], "server_error");
 }
 
 #[tokio::test]
@@ -928,6 +1023,43 @@ fn claude_bin() -> PathBuf {
     bin
 }
 
+/// Runs an agent CLI in `dir` with only PATH, HOME and `env` in its environment; asserts it
+/// succeeded and returns its JSON output lines and how long it took.
+fn run_cli(
+    bin: &Path,
+    dir: &Path,
+    home: &Path,
+    env: &[(&str, String)],
+    args: &[&str],
+) -> (Vec<Value>, Duration) {
+    let started = Instant::now();
+    let out = Command::new(bin)
+        .args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{} failed ({:?}):\nstdout: {stdout}\nstderr: {}",
+        bin.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    (events, took)
+}
+
 /// Runs `claude --print --verbose --output-format stream-json --dangerously-skip-permissions`
 /// in `dir` against `server`, with `home` as its HOME. Claude Code refuses
 /// `--dangerously-skip-permissions` as root unless `IS_SANDBOX=1`.
@@ -937,44 +1069,24 @@ fn run_claude(
     home: &Path,
     extra: &[&str],
     prompt: &str,
-) -> (Output, Vec<Value>, Duration) {
-    let started = Instant::now();
-    let out = Command::new(claude_bin())
-        .args([
-            "--print",
-            "--verbose",
-            "--output-format",
-            "stream-json",
-            "--dangerously-skip-permissions",
-        ])
-        .args(extra)
-        .arg(prompt)
-        .current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", home)
-        .env("ANTHROPIC_BASE_URL", server.url())
-        .env("ANTHROPIC_API_KEY", "anything")
-        .env("DISABLE_AUTOUPDATER", "1")
-        .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
-        .env("IS_SANDBOX", "1")
-        .stdin(Stdio::null())
-        .output()
-        .expect("running claude");
-    let took = started.elapsed();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "claude failed ({:?}):\nstdout: {stdout}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let events = stdout
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not stream-json ({e}): {l}")))
-        .collect();
-    (out, events, took)
+) -> (Vec<Value>, Duration) {
+    let mut args = vec![
+        "--print",
+        "--verbose",
+        "--output-format",
+        "stream-json",
+        "--dangerously-skip-permissions",
+    ];
+    args.extend(extra);
+    args.push(prompt);
+    let env = [
+        ("ANTHROPIC_BASE_URL", server.url()),
+        ("ANTHROPIC_API_KEY", "anything".to_string()),
+        ("DISABLE_AUTOUPDATER", "1".to_string()),
+        ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1".to_string()),
+        ("IS_SANDBOX", "1".to_string()),
+    ];
+    run_cli(&claude_bin(), dir, home, &env, &args)
 }
 
 fn result_of(events: &[Value]) -> &Value {
@@ -992,7 +1104,7 @@ fn claude_code_writes_a_file_with_the_demo_model_and_resumes_its_session() {
     let dir = tempfile::tempdir().unwrap();
     let home = tempfile::tempdir().unwrap();
     let prompt = "Add a greeting to the project";
-    let (_, events, took) = run_claude(&server, dir.path(), home.path(), &[], prompt);
+    let (events, took) = run_claude(&server, dir.path(), home.path(), &[], prompt);
     println!("claude --print against the demo model (one Write, two requests): {took:?}");
 
     let init = &events[0];
@@ -1075,7 +1187,7 @@ fn claude_code_writes_a_file_with_the_demo_model_and_resumes_its_session() {
 
     // A second turn on the same session: the server sees the first one.
     let follow = "Now add a farewell";
-    let (_, events, took) = run_claude(
+    let (events, took) = run_claude(
         &server,
         dir.path(),
         home.path(),
@@ -1112,7 +1224,7 @@ fn claude_code_retries_a_429_and_sees_a_promise_on_the_third_iteration() {
     let dir = tempfile::tempdir().unwrap();
     let home = tempfile::tempdir().unwrap();
 
-    let (_, events, took) = run_claude(
+    let (events, took) = run_claude(
         &server,
         dir.path(),
         home.path(),
@@ -1142,7 +1254,7 @@ fn claude_code_retries_a_429_and_sees_a_promise_on_the_third_iteration() {
         } else {
             format!("Make the tests pass.\n\n---\n## Progress so far (this is iteration {i} of at most 5)\n\n### Iteration 1\n- Agent exit code: 0\n")
         };
-        let (_, events, _) = run_claude(&server, dir.path(), home.path(), &[], &prompt);
+        let (events, _) = run_claude(&server, dir.path(), home.path(), &[], &prompt);
         let text = result_of(&events)["result"].as_str().unwrap().to_string();
         if i < 3 {
             assert_eq!(text, format!("Still working on iteration {i}."));
@@ -1150,4 +1262,117 @@ fn claude_code_retries_a_429_and_sees_a_promise_on_the_third_iteration() {
             assert!(text.contains("<promise>DONE</promise>"), "{text}");
         }
     }
+}
+
+// --- The real Codex CLI ---
+
+/// Runs `codex exec --json` in `dir` against `server` (OpenAI Responses), with `home` as HOME and
+/// CODEX_HOME holding the provider's config.
+fn run_codex(
+    server: &ModelServer,
+    dir: &Path,
+    home: &Path,
+    extra: &[&str],
+    prompt: &str,
+) -> (Vec<Value>, Duration) {
+    let bin = kiln_e2e::repo_root().join(".kiln/agents/node_modules/.bin/codex");
+    assert!(
+        bin.exists(),
+        "the Codex CLI is not installed at {}: run scripts/agent-clis (it installs @openai/codex there)",
+        bin.display()
+    );
+    // Codex reaches a custom endpoint only through a provider of its config, over the Responses API.
+    let config = format!(
+        "model = \"kiln-demo\"\nmodel_provider = \"kiln\"\n\n[model_providers.kiln]\nname = \"kiln\"\n\
+         base_url = \"{}\"\nwire_api = \"responses\"\nenv_key = \"OPENAI_API_KEY\"\n",
+        server.openai_base_url()
+    );
+    std::fs::write(home.join("config.toml"), config).unwrap();
+    let mut args = vec![
+        "exec",
+        "--json",
+        "--skip-git-repo-check",
+        "--dangerously-bypass-approvals-and-sandbox",
+    ];
+    args.extend(extra);
+    args.push(prompt);
+    let env = [
+        ("CODEX_HOME", home.display().to_string()),
+        ("OPENAI_API_KEY", "anything".to_string()),
+    ];
+    run_cli(&bin, dir, home, &env, &args)
+}
+
+fn agent_messages(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "item.completed" && e["item"]["type"] == "agent_message")
+        .map(|e| e["item"]["text"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn codex_writes_a_file_with_the_demo_model_and_resumes_its_thread() {
+    let server = ModelServer::demo();
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let prompt = "Add a greeting to the project";
+    let (events, took) = run_codex(&server, dir.path(), home.path(), &[], prompt);
+    println!("codex exec against the demo model (one command, two requests): {took:?}");
+    assert_eq!(events[0]["type"], "thread.started", "{events:?}");
+    let thread = events[0]["thread_id"]
+        .as_str()
+        .expect("a thread id")
+        .to_string();
+    let written = std::fs::read_to_string(dir.path().join("KILN_DEMO.md"))
+        .expect("KILN_DEMO.md written by codex");
+    assert!(
+        written.contains("Kiln's demo model") && written.contains(&format!("1. {prompt}")),
+        "{written}"
+    );
+    let ran = events
+        .iter()
+        .find(|e| e["type"] == "item.completed" && e["item"]["type"] == "command_execution")
+        .expect("a command run by codex");
+    assert_eq!(ran["item"]["exit_code"], 0);
+    assert_eq!(
+        agent_messages(&events).last().map(String::as_str),
+        Some(
+            format!(
+                "[demo model] Wrote KILN_DEMO.md for: {prompt} (request 1 of this conversation)"
+            )
+            .as_str()
+        )
+    );
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "turn.completed", "{last}");
+    assert!(
+        last["usage"]["input_tokens"].as_u64().unwrap() > 0
+            && last["usage"]["output_tokens"].as_u64().unwrap() > 0
+    );
+    let chats = server.chat_requests();
+    assert_eq!(chats.len(), 2);
+    assert!(chats.iter().all(|r| r.path == "/v1/responses" && r.stream));
+    assert_eq!(chats[0].api_key.as_deref(), Some("anything"));
+
+    let follow = "Now add a farewell";
+    let (events, _) = run_codex(
+        &server,
+        dir.path(),
+        home.path(),
+        &["resume", &thread],
+        follow,
+    );
+    assert_eq!(events[0]["thread_id"], thread.as_str());
+    assert_eq!(
+        agent_messages(&events).last().map(String::as_str),
+        Some(
+            format!(
+                "[demo model] Wrote KILN_DEMO.md for: {follow} (request 2 of this conversation)"
+            )
+            .as_str()
+        )
+    );
+    let written = std::fs::read_to_string(dir.path().join("KILN_DEMO.md")).unwrap();
+    assert!(written.contains(&format!("2. {follow}")), "{written}");
 }

@@ -79,31 +79,24 @@ pub fn stream(a: &Answer, id: &str, tool_ids: &[String]) -> Vec<Step> {
         event("ping", json!({"type": "ping"})),
     ];
     let mut index = 0;
-    let mid = a.pieces.len() / 2;
     if a.text.is_some() || a.tool_calls.is_empty() {
         steps.push(event(
             "content_block_start",
             json!({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}}),
         ));
-        for (i, piece) in a.pieces.iter().enumerate() {
-            if i > 0 {
-                steps.push(Step::Sleep(a.chunk_delay));
-            }
-            if i == mid && i > 0 {
-                steps.push(Step::Mid);
-            }
-            steps.push(event(
+        steps.extend(a.text_steps(|piece| {
+            event(
                 "content_block_delta",
                 json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": piece}}),
-            ));
-        }
+            )
+        }));
         steps.push(event(
             "content_block_stop",
             json!({"type": "content_block_stop", "index": index}),
         ));
         index += 1;
     }
-    if a.pieces.len() < 2 {
+    if a.pieces.is_empty() {
         steps.push(Step::Mid);
     }
     for ((name, input), tool_id) in a.tool_calls.iter().zip(tool_ids) {

@@ -12,6 +12,8 @@ pub enum Api {
     Anthropic,
     /// OpenAI chat completions (`POST /v1/chat/completions`).
     Openai,
+    /// OpenAI Responses (`POST /v1/responses`), what Codex CLI speaks.
+    Responses,
 }
 
 /// One message of a conversation, summarised: its role, its text, the tools it called and the
@@ -66,7 +68,7 @@ fn text_of(content: &Value) -> (String, Vec<String>, Vec<ToolResult>) {
         Value::Array(blocks) => {
             for b in blocks {
                 match b.get("type").and_then(Value::as_str) {
-                    Some("text") => {
+                    Some("text" | "input_text" | "output_text") => {
                         if let Some(t) = b.get("text").and_then(Value::as_str) {
                             texts.push(t.to_string());
                         }
@@ -92,6 +94,38 @@ fn text_of(content: &Value) -> (String, Vec<String>, Vec<ToolResult>) {
 }
 
 impl Conversation {
+    /// The parts every format shares: the model, `stream`, the tools' names (found at `name_at`
+    /// in each of `tools`) and the body's size.
+    fn read(
+        body: &Value,
+        api: Api,
+        model: &str,
+        system: String,
+        messages: Vec<MessageSummary>,
+        name_at: &str,
+    ) -> Conversation {
+        let tools = body
+            .get("tools")
+            .and_then(Value::as_array)
+            .map(|ts| {
+                ts.iter()
+                    .filter_map(|t| t.pointer(name_at).and_then(Value::as_str))
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Conversation {
+            api,
+            model: model.to_string(),
+            stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
+            include_usage: false,
+            system,
+            messages,
+            tools,
+            body_chars: body.to_string().chars().count(),
+        }
+    }
+
     /// Reads an Anthropic Messages request body.
     pub fn anthropic(body: &Value) -> Result<Conversation, String> {
         let model = body
@@ -125,26 +159,14 @@ impl Conversation {
                 tool_results,
             });
         }
-        let tools = body
-            .get("tools")
-            .and_then(Value::as_array)
-            .map(|ts| {
-                ts.iter()
-                    .filter_map(|t| t.get("name").and_then(Value::as_str))
-                    .map(String::from)
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok(Conversation {
-            api: Api::Anthropic,
-            model: model.to_string(),
-            stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
-            include_usage: false,
+        Ok(Conversation::read(
+            body,
+            Api::Anthropic,
+            model,
             system,
             messages,
-            tools,
-            body_chars: body.to_string().chars().count(),
-        })
+            "/name",
+        ))
     }
 
     /// Reads an OpenAI chat completions request body.
@@ -196,29 +218,116 @@ impl Conversation {
                 }
             }
         }
-        let tools = body
-            .get("tools")
-            .and_then(Value::as_array)
-            .map(|ts| {
-                ts.iter()
-                    .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str))
-                    .map(String::from)
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok(Conversation {
-            api: Api::Openai,
-            model: model.to_string(),
-            stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
-            include_usage: body
-                .pointer("/stream_options/include_usage")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            system: system.join("\n"),
+        let mut c = Conversation::read(
+            body,
+            Api::Openai,
+            model,
+            system.join("\n"),
             messages,
-            tools,
-            body_chars: body.to_string().chars().count(),
-        })
+            "/function/name",
+        );
+        c.include_usage = body
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Ok(c)
+    }
+
+    /// Reads an OpenAI Responses request body. Consecutive output items (assistant messages,
+    /// function and custom tool calls, reasoning) make one assistant message; consecutive call
+    /// outputs make one `tool` message.
+    pub fn responses(body: &Value) -> Result<Conversation, String> {
+        let model = body
+            .get("model")
+            .and_then(Value::as_str)
+            .ok_or("Missing required parameter: 'model'.")?;
+        let mut system: Vec<String> = body
+            .get("instructions")
+            .and_then(Value::as_str)
+            .map(String::from)
+            .into_iter()
+            .collect();
+        let items = match body.get("input") {
+            Some(Value::String(s)) => vec![serde_json::json!({"role": "user", "content": s})],
+            Some(Value::Array(items)) => items.clone(),
+            _ => return Err("Missing required parameter: 'input'.".into()),
+        };
+        let mut messages: Vec<MessageSummary> = vec![];
+        let mut push = |role: &str,
+                        text: String,
+                        call: Option<String>,
+                        result: Option<ToolResult>| {
+            let joins = matches!(messages.last(), Some(m) if m.role == role && (role == "assistant" || role == "tool"));
+            if !joins {
+                messages.push(MessageSummary {
+                    role: role.into(),
+                    text: String::new(),
+                    tool_calls: vec![],
+                    tool_results: vec![],
+                });
+            }
+            let m = messages.last_mut().expect("a message");
+            if !text.is_empty() {
+                if !m.text.is_empty() {
+                    m.text.push('\n');
+                }
+                m.text.push_str(&text);
+            }
+            m.tool_calls.extend(call);
+            m.tool_results.extend(result);
+        };
+        for item in &items {
+            let kind = item
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("message");
+            let name = || {
+                item.get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            match kind {
+                "message" => {
+                    let role = item
+                        .get("role")
+                        .and_then(Value::as_str)
+                        .ok_or("input: a message needs a role")?;
+                    let (text, _, _) = text_of(item.get("content").unwrap_or(&Value::Null));
+                    match role {
+                        "system" | "developer" => system.push(text),
+                        _ => push(role, text, None, None),
+                    }
+                }
+                "function_call" | "custom_tool_call" => {
+                    push("assistant", String::new(), Some(name()), None)
+                }
+                "reasoning" => push("assistant", String::new(), None, None),
+                "function_call_output" | "custom_tool_call_output" => {
+                    let (text, _, _) = text_of(item.get("output").unwrap_or(&Value::Null));
+                    push(
+                        "tool",
+                        String::new(),
+                        None,
+                        Some(ToolResult {
+                            text,
+                            is_error: false,
+                        }),
+                    )
+                }
+                _ => {}
+            }
+        }
+        let mut c = Conversation::read(
+            body,
+            Api::Responses,
+            model,
+            system.join("\n"),
+            messages,
+            "/name",
+        );
+        c.include_usage = true;
+        Ok(c)
     }
 
     /// The turn: how many assistant messages the request already holds. A stateless multi-turn
@@ -231,7 +340,7 @@ impl Conversation {
     }
 
     /// The user's prompts, oldest first: the text of every user message that has some, without
-    /// the `<system-reminder>` blocks Claude Code adds.
+    /// the `<system-reminder>` blocks Claude Code adds and the `<environment_context>` of Codex.
     pub fn prompts(&self) -> Vec<String> {
         self.messages
             .iter()
@@ -273,8 +382,15 @@ impl Conversation {
     }
 
     /// The agent's working directory, when its system prompt or environment block names it
-    /// (Claude Code: `Primary working directory: /path`).
+    /// (Claude Code: `Primary working directory: /path`; Codex: `<cwd>/path</cwd>`).
     pub fn cwd(&self) -> Option<String> {
+        let all = self.all_text();
+        if let Some(i) = all.find("<cwd>") {
+            let rest = &all[i + "<cwd>".len()..];
+            if let Some(end) = rest.find("</cwd>").filter(|_| rest.starts_with('/')) {
+                return Some(rest[..end].to_string());
+            }
+        }
         const LABELS: [&str; 3] = [
             "Primary working directory: ",
             "Working directory: ",
@@ -333,21 +449,25 @@ pub fn tokens(chars: usize) -> u64 {
     (chars as u64).div_ceil(4).max(1)
 }
 
-/// `text` without `<system-reminder>…</system-reminder>` sections, trimmed.
+/// `text` without the harness's own sections (`<system-reminder>…</system-reminder>`,
+/// `<environment_context>…</environment_context>`), trimmed.
 pub fn strip_reminders(text: &str) -> String {
-    let mut out = String::new();
-    let mut rest = text;
-    while let Some(start) = rest.find("<system-reminder>") {
-        out.push_str(&rest[..start]);
-        match rest[start..].find("</system-reminder>") {
-            Some(end) => rest = &rest[start + end + "</system-reminder>".len()..],
-            None => {
-                rest = "";
-            }
+    let mut text = text.to_string();
+    for tag in ["system-reminder", "environment_context"] {
+        let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+        let mut out = String::new();
+        let mut rest = text.as_str();
+        while let Some(start) = rest.find(&open) {
+            out.push_str(&rest[..start]);
+            rest = match rest[start..].find(&close) {
+                Some(end) => &rest[start + end + close.len()..],
+                None => "",
+            };
         }
+        out.push_str(rest);
+        text = out;
     }
-    out.push_str(rest);
-    out.trim().to_string()
+    text.trim().to_string()
 }
 
 #[cfg(test)]
@@ -382,6 +502,35 @@ mod tests {
         assert!(
             c.system.contains("Claude agent") && c.system.contains("Primary working directory")
         );
+    }
+
+    #[test]
+    fn codex_responses_requests_are_read() {
+        let body = json!({
+            "model": "kiln-demo",
+            "instructions": "be brief",
+            "input": [
+                {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "You are Codex"}]},
+                {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "<environment_context>\n  <cwd>/tmp/cx</cwd>\n</environment_context>"}]},
+                {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "add a file"}]},
+                {"type": "reasoning", "summary": []},
+                {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "on it"}]},
+                {"type": "function_call", "name": "exec_command", "arguments": "{}", "call_id": "c1"},
+                {"type": "function_call_output", "call_id": "c1", "output": "Exit code: 0"}
+            ],
+            "tools": [{"type": "function", "name": "exec_command"}, {"type": "web_search"}],
+            "stream": true
+        });
+        let c = Conversation::responses(&body).unwrap();
+        assert_eq!(c.system, "be brief\nYou are Codex");
+        assert_eq!(c.prompts(), vec!["add a file"]);
+        assert_eq!(c.turn(), 1);
+        assert_eq!(c.messages[2].tool_calls, vec!["exec_command"]);
+        assert_eq!(c.messages[2].text, "on it");
+        assert!(c.after_tool());
+        assert_eq!(c.last_tool_result().unwrap().text, "Exit code: 0");
+        assert_eq!(c.cwd().as_deref(), Some("/tmp/cx"));
+        assert_eq!(c.tools, vec!["exec_command"]);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! `scripts/dev` (binary `kiln-model-server`) and the model of every test that runs an agent CLI
 //! or an LLM step.
 //!
-//! It speaks two wire formats the way the vendors do:
+//! It speaks three wire formats the way the vendors do:
 //! - **Anthropic Messages**: `POST /v1/messages` (Claude Code adds `?beta=true`), streaming SSE
 //!   (`message_start`, `ping`, `content_block_start`, `content_block_delta` with `text_delta` or
 //!   `input_json_delta`, `content_block_stop`, `message_delta` with the stop reason and usage,
@@ -12,6 +12,11 @@
 //!   the usage chunk of `stream_options.include_usage`, `data: [DONE]`) or one `chat.completion`,
 //!   with `tool_calls`; errors as `{"error":{"message","type","param","code"}}`. The OpenAI base
 //!   URL is [`ModelServer::openai_base_url`] (it ends in `/v1`).
+//! - **OpenAI Responses** (what Codex CLI speaks): `POST /v1/responses`, streaming
+//!   (`response.created`, `response.in_progress`, per output item `response.output_item.added`,
+//!   `response.output_text.delta`s or `response.function_call_arguments.delta`s and their `done`
+//!   events, `response.output_item.done`, then `response.completed` with the usage; every event
+//!   with its `sequence_number`) or one `response` object; OpenAI's error shape.
 //! - `GET /v1/models` (Anthropic's shape when `anthropic-version` is sent, else OpenAI's).
 //! - Every answer carries usage: input tokens = the request body's characters / 4, output tokens
 //!   = the answer's text and tool-call characters / 4 (rounded up).
@@ -70,7 +75,7 @@
 //! | `conversation` | substring of any message's text or tool result |
 //! | `system` | substring of the system prompt (Anthropic `system`, OpenAI `system`/`developer` messages, Claude Code's `system`-role environment message): how an LLM step's **role** is told apart |
 //! | `model` | substring of the requested model |
-//! | `api` | `"anthropic"` or `"openai"` |
+//! | `api` | `"anthropic"`, `"openai"` (chat completions) or `"responses"` |
 //! | `turn` / `min_turn` | exactly / at least N assistant messages in the request: a multi-turn tool loop stays stateless (turn 0 calls a tool, turn 1 answers) |
 //! | `offers_tool` | the request offers a tool of this name |
 //! | `has_tools` | whether it offers any tool |
@@ -101,7 +106,8 @@
 //!
 //! [`Script::demo`] (`e2e/src/model/demo.json`, the binary's default) answers as `kiln-demo` and
 //! says so. To a request offering Claude Code's `Write` tool it answers with a `Write` of
-//! `<cwd>/KILN_DEMO.md` listing the conversation's requests; after the tool result it answers
+//! `<cwd>/KILN_DEMO.md` listing the conversation's requests (to Codex, offering `exec_command`,
+//! a `cat > <cwd>/KILN_DEMO.md` heredoc of the same text); after the tool result it answers
 //! `[demo model] Wrote KILN_DEMO.md for: <prompt> (request N of this conversation)` (with the
 //! prompt's `<promise>…</promise>` repeated, so a demo ralph loop ends), or says the write failed;
 //! anything else (side requests, OpenAI chat, LLM steps) gets a labelled one-line answer.
@@ -114,11 +120,26 @@
 //! message with `<system-reminder>` blocks first, then a `system`-role message with the environment:
 //! `Primary working directory: /path`), `tools` (`Agent`, `Bash`, `Edit`, `Read`, `Write`, …; `Write`
 //! takes `{"file_path": absolute path, "content"}`), `thinking`, `metadata`, `max_tokens`. With
-//! `CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1` and `--print` it sends nothing else.
+//! `CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1` and `--print` it sends nothing else (without it,
+//! also `HEAD /api/hello`, answered 200). As root, `--dangerously-skip-permissions` needs
+//! `IS_SANDBOX=1`. Its stream-json `assistant` events carry the answered model (`kiln-demo`); its
+//! `result` prices the tokens by the *requested* model (`total_cost_usd`, `modelUsage`).
+//!
+//! # What Codex CLI 0.169.0 sends
+//!
+//! Only through a provider of `$CODEX_HOME/config.toml` (`model_provider = "kiln"`,
+//! `[model_providers.kiln]` with `base_url = "<openai_base_url>"`, `wire_api = "responses"` —
+//! `"chat"` is refused — and `env_key = "OPENAI_API_KEY"`): `POST /v1/responses`, streaming, with
+//! `Authorization: Bearer`, `originator: codex_exec`, `session-id`. The body has `instructions`,
+//! `input` (developer messages, a user message holding `<environment_context>` with
+//! `<cwd>/path</cwd>`, then the prompt), `tools` (`exec_command` takes `{"cmd": "…"}`,
+//! `write_stdin`, …). `codex exec --json --dangerously-bypass-approvals-and-sandbox` runs the
+//! command; `codex exec … resume <thread_id> "<prompt>"` continues a thread.
 
 mod anthropic;
 mod conversation;
 mod openai;
+mod responses;
 mod script;
 mod server;
 

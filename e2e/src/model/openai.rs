@@ -82,19 +82,10 @@ pub fn stream(
         json!({"role": "assistant", "content": "", "refusal": null}),
         None,
     )];
-    let mid = a.pieces.len() / 2;
     if a.text.is_some() {
-        for (i, piece) in a.pieces.iter().enumerate() {
-            if i > 0 {
-                steps.push(Step::Sleep(a.chunk_delay));
-            }
-            if i == mid && i > 0 {
-                steps.push(Step::Mid);
-            }
-            steps.push(chunk(json!({"content": piece}), None));
-        }
+        steps.extend(a.text_steps(|piece| chunk(json!({"content": piece}), None)));
     }
-    if a.pieces.len() < 2 {
+    if a.pieces.is_empty() {
         steps.push(Step::Mid);
     }
     for (index, ((name, input), call_id)) in a.tool_calls.iter().zip(ids).enumerate() {

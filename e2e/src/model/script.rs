@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::conversation::{tokens, Api, Conversation};
+use super::server::Step;
 
 /// The script of the demo model (`e2e/src/model/demo.json`).
 pub const DEMO_JSON: &str = include_str!("demo.json");
@@ -458,6 +459,26 @@ impl Answer {
             input_tokens: c.input_tokens(),
             output_tokens: tokens(text_chars + tool_chars),
         }
+    }
+
+    /// The streamed text: a step per piece (made by `piece`), `chunk_delay` between pieces, and
+    /// [`Step::Mid`] before the middle piece (after the only one, when there is one).
+    pub fn text_steps(&self, mut piece: impl FnMut(&str) -> Step) -> Vec<Step> {
+        let mid = self.pieces.len() / 2;
+        let mut steps = vec![];
+        for (i, p) in self.pieces.iter().enumerate() {
+            if i > 0 {
+                steps.push(Step::Sleep(self.chunk_delay));
+                if i == mid {
+                    steps.push(Step::Mid);
+                }
+            }
+            steps.push(piece(p));
+        }
+        if self.pieces.len() == 1 {
+            steps.push(Step::Mid);
+        }
+        steps
     }
 
     /// OpenAI's `finish_reason` for the stop reason.

@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use super::anthropic;
 use super::conversation::{Api, Conversation, MessageSummary};
 use super::openai;
+use super::responses;
 use super::script::{choose, Answer, Counters, Script};
 
 /// One request the server received, whatever it was.
@@ -135,6 +136,14 @@ impl ServerState {
                     },
                 ),
             )
+            .route(
+                "/v1/responses",
+                post(
+                    |State(s): State<AppState>, m: Method, u: Uri, h: HeaderMap, b: Bytes| {
+                        chat(Api::Responses, s, m, u, h, b)
+                    },
+                ),
+            )
             .route("/v1/models", get(models))
             .route("/v1/models/{id}", get(model))
             .route("/api/hello", axum::routing::any(hello))
@@ -239,7 +248,7 @@ fn error_response(
         Api::Anthropic => {
             anthropic::error_body(kind.unwrap_or(anthropic::error_type(status)), message)
         }
-        Api::Openai => {
+        Api::Openai | Api::Responses => {
             let (default_kind, default_code) = openai::error_kind(status);
             openai::error_body(kind.unwrap_or(default_kind), default_code, message)
         }
@@ -288,6 +297,7 @@ async fn chat(
     let convo = raw.and_then(|v| match api {
         Api::Anthropic => Conversation::anthropic(&v),
         Api::Openai => Conversation::openai(&v),
+        Api::Responses => Conversation::responses(&v),
     });
     let c = match convo {
         Ok(c) => c,
@@ -386,11 +396,18 @@ async fn chat(
                 .map(|i| format!("call_kiln_{id:08}_{i}"))
                 .collect(),
         ),
+        Api::Responses => (
+            format!("resp_kiln_{id:016}"),
+            (0..answer.tool_calls.len())
+                .map(|i| format!("call_kiln_{id:08}_{i}"))
+                .collect(),
+        ),
     };
     let mut resp = if c.stream {
         let steps = match api {
             Api::Anthropic => anthropic::stream(&answer, &msg_id, &tool_ids),
             Api::Openai => openai::stream(&answer, &msg_id, &tool_ids, created, c.include_usage),
+            Api::Responses => responses::stream(&answer, &msg_id, &tool_ids, created),
         };
         let error = error_mid.then(|| {
             let (e, message) = error_of_rule();
@@ -408,6 +425,11 @@ async fn chat(
                         "data: {}\n\n",
                         openai::error_body(e.kind.as_deref().unwrap_or(kind), code, &message)
                     )
+                }
+                Api::Responses => {
+                    let (kind, code) = openai::error_kind(e.status);
+                    let code = e.kind.as_deref().or(code).unwrap_or(kind);
+                    responses::failed_event(&msg_id, &answer.model, code, &message)
                 }
             };
             Bytes::from(frame)
@@ -429,6 +451,7 @@ async fn chat(
         let body = match api {
             Api::Anthropic => anthropic::message(&answer, &msg_id, &tool_ids),
             Api::Openai => openai::completion(&answer, &msg_id, &tool_ids, created),
+            Api::Responses => responses::response_object(&answer, &msg_id, &tool_ids, created),
         };
         Json(body).into_response()
     };
@@ -668,7 +691,7 @@ async fn not_found(
         None,
         404,
     );
-    let api = if uri.path().contains("/chat/") {
+    let api = if uri.path().contains("/chat/") || uri.path().contains("/responses") {
         Api::Openai
     } else {
         Api::Anthropic
