@@ -70,6 +70,17 @@ impl Ctx {
     fn print_json(&self, v: &Value) {
         println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
     }
+
+    /// Prints a server answer: as it came in JSON mode, else read as `T` and rendered as text.
+    fn show<T: serde::de::DeserializeOwned>(&self, v: Value, what: &str, text: impl Fn(&T) -> String) -> anyhow::Result<i32> {
+        if self.json {
+            self.print_json(&v);
+        } else {
+            let value: T = serde_json::from_value(v).with_context(|| format!("reading {what}"))?;
+            print!("{}", text(&value));
+        }
+        Ok(0)
+    }
 }
 
 /// Runs the command; answers the process's exit status.
@@ -84,13 +95,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Ls(l) => ls(&ctx, l).await,
         Command::Show(j) => {
             let v = ctx.client()?.call(Method::GET, &job_path(&j.id, ""), None).await?;
-            if ctx.json {
-                ctx.print_json(&v);
-            } else {
-                let job: JobView = serde_json::from_value(v).context("reading the job")?;
-                print!("{}", render::job_details(&job, ctx.palette));
-            }
-            Ok(0)
+            ctx.show(v, "the job", |job: &JobView| render::job_details(job, ctx.palette))
         }
         Command::Cancel(j) => {
             let v = post(&ctx, &j.id, "/cancel", None).await?;
@@ -147,23 +152,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Iterations(j) => {
             let v = ctx.client()?.call(Method::GET, &job_path(&j.id, "/iterations"), None).await?;
-            if ctx.json {
-                ctx.print_json(&v);
-            } else {
-                let list: IterationList = serde_json::from_value(v).context("reading the iterations")?;
-                print!("{}", render::iterations_text(&list, ctx.palette));
-            }
-            Ok(0)
+            ctx.show(v, "the iterations", |list: &IterationList| render::iterations_text(list, ctx.palette))
         }
         Command::Status => {
             let v = ctx.client()?.public(Method::GET, "/health", None).await?;
-            if ctx.json {
-                ctx.print_json(&v);
-            } else {
-                let h: Health = serde_json::from_value(v).context("reading /health")?;
-                print!("{}", render::health_text(&h, &ctx.url, ctx.palette));
-            }
-            Ok(0)
+            ctx.show(v, "/health", |h: &Health| render::health_text(h, &ctx.url, ctx.palette))
         }
     }
 }
@@ -333,11 +326,5 @@ async fn ls(ctx: &Ctx, l: LsArgs) -> anyhow::Result<i32> {
         q.append_pair("featureId", f);
     }
     let v = ctx.client()?.call(Method::GET, &format!("/jobs?{}", q.finish()), None).await?;
-    if ctx.json {
-        ctx.print_json(&v);
-    } else {
-        let list: JobList = serde_json::from_value(v).context("reading the job list")?;
-        print!("{}", render::jobs_table(&list.jobs, list.total, ctx.palette));
-    }
-    Ok(0)
+    ctx.show(v, "the job list", |list: &JobList| render::jobs_table(&list.jobs, list.total, ctx.palette))
 }

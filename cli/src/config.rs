@@ -98,11 +98,11 @@ impl ConfigFile {
             f.sync_all()?;
             std::fs::rename(&tmp, path)
         };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            e
-        })
-        .with_context(|| format!("writing {}", path.display()))
+        write()
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })
+            .with_context(|| format!("writing {}", path.display()))
     }
 }
 
