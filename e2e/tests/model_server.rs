@@ -937,7 +937,7 @@ fn start_binary(args: &[&str]) -> (std::process::Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln-model-server"))
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("starting kiln-model-server");
     let mut line = String::new();
@@ -957,7 +957,14 @@ async fn the_binary_serves_the_demo_or_a_script_file() {
     let (mut demo, url) = start_binary(&["--listen", "127.0.0.1:0"]);
     let msg: Value = post_json(&format!("{url}/v1/messages"), &anthropic_body("hi", false)).await;
     demo.kill().unwrap();
-    demo.wait().unwrap();
+    let out = demo.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains(
+            "POST /v1/messages model=claude-test turn=0 rule=demo-chat -> 200 prompt=\"hi\""
+        ),
+        "a line per request on stderr: {log}"
+    );
     assert_eq!(msg["model"], "kiln-demo");
     assert!(
         msg["content"][0]["text"]
@@ -972,8 +979,13 @@ async fn the_binary_serves_the_demo_or_a_script_file() {
     std::fs::write(&file, r#"{"rules": [{"text": "from the file"}]}"#).unwrap();
     let port = kiln_e2e::free_port();
     let listen = format!("127.0.0.1:{port}");
-    let (mut scripted, url) =
-        start_binary(&["--listen", &listen, "--script", file.to_str().unwrap()]);
+    let (mut scripted, url) = start_binary(&[
+        "--listen",
+        &listen,
+        "--script",
+        file.to_str().unwrap(),
+        "--quiet",
+    ]);
     assert_eq!(url, format!("http://{listen}"));
     let o: Value = post_json(
         &format!("{url}/v1/chat/completions"),
@@ -981,7 +993,10 @@ async fn the_binary_serves_the_demo_or_a_script_file() {
     )
     .await;
     scripted.kill().unwrap();
-    scripted.wait().unwrap();
+    assert!(
+        scripted.wait_with_output().unwrap().stderr.is_empty(),
+        "--quiet logs nothing"
+    );
     assert_eq!(o["choices"][0]["message"]["content"], "from the file");
     assert_eq!(
         o["model"], "gpt-test",
@@ -1079,14 +1094,18 @@ fn run_claude(
     ];
     args.extend(extra);
     args.push(prompt);
-    let env = [
+    run_cli(&claude_bin(), dir, home, &claude_env(server), &args)
+}
+
+/// Claude Code's environment for `server`, besides PATH and HOME.
+fn claude_env(server: &ModelServer) -> Vec<(&'static str, String)> {
+    vec![
         ("ANTHROPIC_BASE_URL", server.url()),
         ("ANTHROPIC_API_KEY", "anything".to_string()),
         ("DISABLE_AUTOUPDATER", "1".to_string()),
         ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1".to_string()),
         ("IS_SANDBOX", "1".to_string()),
-    ];
-    run_cli(&claude_bin(), dir, home, &env, &args)
+    ]
 }
 
 fn result_of(events: &[Value]) -> &Value {
@@ -1210,6 +1229,73 @@ fn claude_code_writes_a_file_with_the_demo_model_and_resumes_its_session() {
     assert!(
         written.contains(&format!("1. {prompt}")) && written.contains(&format!("2. {follow}")),
         "{written}"
+    );
+}
+
+#[test]
+fn claude_code_answers_a_follow_up_on_stdin_while_it_runs() {
+    use std::io::{BufRead, Write};
+    let server = ModelServer::demo();
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let mut child = Command::new(claude_bin())
+        .args([
+            "--print",
+            "--verbose",
+            "--input-format",
+            "stream-json",
+            "--output-format",
+            "stream-json",
+        ])
+        .arg("--dangerously-skip-permissions")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", home.path())
+        .envs(claude_env(&server))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting claude");
+    let mut stdin = child.stdin.take();
+    let send = |stdin: &mut Option<std::process::ChildStdin>, text: &str| {
+        let line = json!({"type": "user", "message": {"role": "user", "content": [{"type": "text", "text": text}]}});
+        let w = stdin.as_mut().expect("stdin is open");
+        writeln!(w, "{line}")
+            .and_then(|()| w.flush())
+            .expect("writing to claude");
+    };
+    send(&mut stdin, "first request");
+    let mut first_line = None;
+    let mut results = vec![];
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.expect("reading claude's output");
+        first_line.get_or_insert_with(|| started.elapsed());
+        let event: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if event["type"] == "result" {
+            results.push(event["result"].as_str().unwrap_or_default().to_string());
+            if results.len() == 1 {
+                send(&mut stdin, "second request");
+            } else {
+                // Only now does the process learn there is nothing more: the answer came first.
+                stdin.take();
+            }
+        }
+    }
+    assert!(child.wait().unwrap().success());
+    println!(
+        "claude --input-format stream-json: first output line after {:?}, both answers after {:?}",
+        first_line.unwrap(),
+        started.elapsed()
+    );
+    assert_eq!(
+        results,
+        [
+            "[demo model] Wrote KILN_DEMO.md for: first request (request 1 of this conversation)",
+            "[demo model] Wrote KILN_DEMO.md for: second request (request 2 of this conversation)"
+        ]
     );
 }
 

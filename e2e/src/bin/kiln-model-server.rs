@@ -3,7 +3,8 @@
 //! documented in `kiln_e2e::model`.
 //!
 //! Prints `kiln-model-server listening on http://ADDR (script: …)` on stdout once it accepts
-//! connections; runs until killed.
+//! connections, then a line per request on stderr (unless `--quiet`); runs until killed.
+//! `GET /_kiln/requests` is the full request log.
 
 use std::path::PathBuf;
 
@@ -25,6 +26,9 @@ struct Args {
     /// Print the demo script and exit.
     #[arg(long)]
     print_demo: bool,
+    /// No line per request on stderr.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -54,6 +58,6 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    model::serve(listener, script, shutdown).await?;
+    model::serve(listener, script, !args.quiet, shutdown).await?;
     Ok(())
 }

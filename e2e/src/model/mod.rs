@@ -259,11 +259,17 @@ impl Drop for ModelServer {
     }
 }
 
-/// Serves `script` on `listener` until `shutdown` resolves (the binary's entry point).
+/// Serves `script` on `listener` until `shutdown` resolves (the binary's entry point); with
+/// `log`, a line per request goes to stderr.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     script: Script,
+    log: bool,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    server::serve_state(listener, ServerState::new(script), shutdown).await
+    let state = ServerState::new(script);
+    if log {
+        state.log_requests();
+    }
+    server::serve_state(listener, state, shutdown).await
 }

@@ -62,6 +62,8 @@ struct Shared {
     requests: Vec<RecordedRequest>,
     next_id: u64,
     started: Instant,
+    /// Print a line per request on stderr.
+    log: bool,
 }
 
 type AppState = Arc<Mutex<Shared>>;
@@ -96,7 +98,13 @@ impl ServerState {
             requests: vec![],
             next_id: 0,
             started: Instant::now(),
+            log: false,
         })))
+    }
+
+    /// Prints a line per request on stderr from now on.
+    pub fn log_requests(&self) {
+        self.0.lock().expect("lock").log = true;
     }
 
     pub fn requests(&self) -> Vec<RecordedRequest> {
@@ -232,6 +240,20 @@ fn record(
         headers: headers_map,
         body,
     });
+    if s.log {
+        let r = s.requests.last().expect("just recorded");
+        eprintln!(
+            "{} {} {} model={} turn={} rule={} -> {} prompt={:?}",
+            r.at_ms,
+            r.method,
+            r.path,
+            r.model.as_deref().unwrap_or("-"),
+            r.turn,
+            r.rule.as_deref().unwrap_or("-"),
+            r.status,
+            r.prompt.chars().take(80).collect::<String>()
+        );
+    }
     s.next_id
 }
 
