@@ -55,7 +55,7 @@
 //! | `when` | conditions, all of which must hold (below); absent: always |
 //! | `times` | answer at most N requests, then let them fall through |
 //! | `text` | the answer's text (a template); streamed in `chunks` pieces |
-//! | `tool_calls` | `[{"name": "Write", "input": {…}}]`: `tool_use` blocks / OpenAI `tool_calls`, after the text; strings in `input` are templates |
+//! | `tool_calls` | `[{"name": "Write", "input": {…}}]`: `tool_use` blocks / OpenAI `tool_calls` / Responses `function_call` items, after the text; strings in `input` are templates |
 //! | `chunks` | pieces a streamed text is cut into (default one per 24 chars, ≤ 16) |
 //! | `chunk_delay_ms` | pause between streamed pieces |
 //! | `stop_reason` | override (`end_turn`/`tool_use` by default; OpenAI's `finish_reason` is mapped) |
@@ -64,14 +64,14 @@
 //! | `fail_first` | with `error`: only the first N requests this rule answers fail, later ones get `text`/`tool_calls` |
 //! | `stall_before_ms` | pause before the first byte (before the status line) |
 //! | `stall_mid_ms` | pause in the middle of a stream (after half the text's pieces) |
-//! | `error_mid_stream` | with `error`: a streamed request gets a 200 stream whose middle carries the error (Anthropic `event: error`, OpenAI `data: {"error": …}`) and ends there; `fail_first` counts these too |
+//! | `error_mid_stream` | with `error`: a streamed request gets a 200 stream whose middle carries the error (Anthropic `event: error`, OpenAI `data: {"error": …}`, Responses `response.failed`) and ends there; `fail_first` counts these too |
 //! | `cut_mid_stream` | the connection breaks in the middle of a stream (no final events, the body never ends cleanly) |
 //!
 //! `when`:
 //!
 //! | field | holds when |
 //! |---|---|
-//! | `prompt` | substring of the prompt: the last user message that has text (tool results alone are not one; Claude Code's `<system-reminder>` blocks are left out) |
+//! | `prompt` | substring of the prompt: the last user message that has text (tool results alone are not one; Claude Code's `<system-reminder>` and Codex's `<environment_context>` blocks are left out) |
 //! | `conversation` | substring of any message's text or tool result |
 //! | `system` | substring of the system prompt (Anthropic `system`, OpenAI `system`/`developer` messages, Claude Code's `system`-role environment message): how an LLM step's **role** is told apart |
 //! | `model` | substring of the requested model |
@@ -88,7 +88,7 @@
 //! Templates (`{{name}}`, unknown names left as written): `prompt`, `prompt_line` (its first
 //! line, ≤ 120 chars), `prompts` (every prompt of the conversation as a numbered list),
 //! `prompt_count`, `cwd` (the agent's working directory from Claude Code's environment block
-//! `Primary working directory: …`; `.` when absent), `turn`, `iteration`, `promise` (the text of
+//! `Primary working directory: …` or Codex's `<cwd>…</cwd>`; `.` when absent), `turn`, `iteration`, `promise` (the text of
 //! the prompt's `<promise>…</promise>`), `model` (answered), `requested_model`, `tool_result`
 //! (the last tool result's text), `answer` (1 for the rule's first answer, 2 for its second…).
 //!
