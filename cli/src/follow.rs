@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::client::{error_message, job_path, Client};
-use crate::render::{event_lines, final_line, status_line, FollowView, Palette};
+use crate::render::{event_lines, final_line, fitted_status_line, FollowView, Palette};
 
 /// Without any message for this long, the socket is pinged; without an answer for as long again,
 /// it is considered dead and reconnected.
@@ -104,18 +104,40 @@ pub struct Output<W: Write = std::io::Stdout> {
     pub sticky: bool,
     /// Whether the status line is on screen now (and must be cleared before the next line).
     shown: bool,
+    /// The terminal's width in columns.
+    width: usize,
     writer: W,
 }
 
 impl Output {
     pub fn new(json: bool, palette: Palette, stdout_is_tty: bool) -> Output {
-        Output::to(std::io::stdout(), json, palette, stdout_is_tty)
+        let mut out = Output::to(std::io::stdout(), json, palette, stdout_is_tty);
+        if out.sticky {
+            out.width = terminal_width();
+        }
+        out
     }
+}
+
+/// The terminal's width: `$COLUMNS`, else what `stty size` says of the controlling terminal, else 80.
+fn terminal_width() -> usize {
+    let from_env = std::env::var("COLUMNS").ok().and_then(|c| c.trim().parse::<usize>().ok());
+    let from_stty = || {
+        let tty = std::fs::File::open("/dev/tty").ok()?;
+        let out = std::process::Command::new("stty").arg("size").stdin(tty).stderr(std::process::Stdio::null()).output().ok()?;
+        parse_stty_size(&String::from_utf8_lossy(&out.stdout))
+    };
+    from_env.filter(|w| *w > 0).or_else(from_stty).unwrap_or(80)
+}
+
+/// The columns of `stty size`'s `<rows> <columns>`.
+fn parse_stty_size(text: &str) -> Option<usize> {
+    text.split_whitespace().nth(1)?.parse().ok().filter(|w| *w > 0)
 }
 
 impl<W: Write> Output<W> {
     pub fn to(writer: W, json: bool, palette: Palette, stdout_is_tty: bool) -> Output<W> {
-        Output { json, palette, sticky: stdout_is_tty && !json, shown: false, writer }
+        Output { json, palette, sticky: stdout_is_tty && !json, shown: false, width: 80, writer }
     }
 
     fn clear(&mut self) {
@@ -131,7 +153,7 @@ impl<W: Write> Output<W> {
             let _ = writeln!(self.writer, "{l}");
         }
         if self.sticky {
-            let _ = write!(self.writer, "{}", status_line(view, self.palette));
+            let _ = write!(self.writer, "{}", fitted_status_line(view, self.palette, self.width));
             self.shown = true;
         }
         let _ = self.writer.flush();
@@ -369,6 +391,13 @@ mod tests {
              \r\x1b[2K10:00:05 hello\n● running · ralph · iteration 1/2 [░░░░░░░░░░] · job j1\
              \r\x1b[2Kjob j1 completed\n"
         );
+    }
+
+    #[test]
+    fn stty_sizes() {
+        assert_eq!(parse_stty_size("24 132\n"), Some(132));
+        assert_eq!(parse_stty_size(""), None);
+        assert_eq!(parse_stty_size("24 0"), None);
     }
 
     #[test]

@@ -304,8 +304,19 @@ pub fn status_line(view: &FollowView, p: Palette) -> String {
     if view.reconnecting {
         parts.push(p.yellow("reconnecting…"));
     }
-    parts.push(p.dim(&format!("job {}", view.job_id)));
+    parts.push(p.dim(&format!("job {}", view.job_id.get(..8).unwrap_or(&view.job_id))));
     parts.join(" · ")
+}
+
+/// The status line cut to fit in `width` columns (a wrapped line could not be redrawn in place);
+/// a line that has to be cut loses its colour.
+pub fn fitted_status_line(view: &FollowView, p: Palette, width: usize) -> String {
+    let plain = status_line(view, Palette { color: false });
+    if plain.chars().count() < width {
+        status_line(view, p)
+    } else {
+        truncate(&plain, width.saturating_sub(1).max(1))
+    }
 }
 
 /// The closing line of `kiln follow`.
@@ -589,7 +600,7 @@ mod tests {
         event_lines(&mut view, &status_ev(1, "running", json!({})), PLAIN);
         assert_eq!(
             status_line(&view, PLAIN),
-            "● running · ralph · iteration 1/4 [░░░░░░░░░░] · job 6f1c2d3e-0000-4000-8000-000000000001"
+            "● running · ralph · iteration 1/4 [░░░░░░░░░░] · job 6f1c2d3e"
         );
         let it = Iteration {
             id: "i".into(),
@@ -611,6 +622,11 @@ mod tests {
         assert!(status_line(&view, PLAIN).contains("iteration 3/4 [█████░░░░░]"), "{}", status_line(&view, PLAIN));
         view.reconnecting = true;
         assert!(status_line(&view, PLAIN).contains("reconnecting"));
+        let line = status_line(&view, COLOR);
+        assert_eq!(fitted_status_line(&view, COLOR, 200), line, "fits: kept with its colour");
+        let cut = fitted_status_line(&view, COLOR, 30);
+        assert_eq!(cut, "● running · ralph · iteratio…");
+        assert_eq!(cut.chars().count(), 29);
         event_lines(&mut view, &status_ev(6, "completed", json!({"completionReason": "promise_detected", "totalIterations": 2})), PLAIN);
         assert!(status_line(&view, PLAIN).contains("iteration 2/4"), "{}", status_line(&view, PLAIN));
         assert!(final_line(&view, PLAIN).contains("completed (promise_detected)"));
