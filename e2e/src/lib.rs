@@ -46,6 +46,7 @@ pub use edge::{EdgeServer, TestEdge};
 pub use git::GitRemotes;
 pub use github::{FakeGitHub, PullRequestCall};
 pub use http::{unique_email, Api, PASSWORD};
+pub use procs::{tail, GroupChild};
 pub use reqwest::{Method, StatusCode};
 pub use runner::TestRunner;
 pub use ws::{WsAuth, WsClient, WsRefused};
