@@ -473,11 +473,11 @@ async fn follow_survives_an_edge_restart_without_gaps_or_repeats_and_exits_with_
     assert!(out.stdout.contains("● failed"), "{}", out.stdout);
 }
 
-/// The edge closes a socket when its access token expires (here after 3 s): `follow` refreshes the
+/// The edge closes a socket when its access token expires (here after 5 s): `follow` refreshes the
 /// saved login and carries on where it was, quietly, until the job ends.
 #[tokio::test]
 async fn follow_carries_on_with_a_refreshed_token_when_the_socket_outlives_its_access_token() {
-    let w = WithRunner::start(&[("ACCESS_TOKEN_TTL_SECS", "3")]).await;
+    let w = WithRunner::start(&[("ACCESS_TOKEN_TTL_SECS", "5")]).await;
     let kiln = Kiln::new(&w.edge);
     kiln.register().await;
     let refresh_before = kiln.config()["hosts"][&kiln.url]["refresh"].clone();
