@@ -14,6 +14,7 @@ pub mod executor;
 pub mod github;
 pub mod health;
 pub mod jobs;
+pub mod llm;
 pub mod metrics;
 pub mod output;
 pub mod reporter;
