@@ -76,6 +76,21 @@ fn model_of(api: Api) -> ModelRef {
     }
 }
 
+/// A client whose only provider is `p`, serving the role `default` with `model`.
+fn client_of(p: Provider, model: &str, policy: RetryPolicy) -> LlmClient {
+    let mut config = LlmConfig {
+        policy,
+        ..Default::default()
+    };
+    let route = ModelRef {
+        provider: p.name.clone(),
+        model: model.into(),
+    };
+    config.roles.insert("default".into(), route);
+    config.providers.insert(p.name.clone(), p);
+    LlmClient::new(config).expect("a client")
+}
+
 fn client(s: &ModelServer, api: Api, policy: RetryPolicy) -> LlmClient {
     LlmClient::new(config_for(s, api, policy)).expect("a client")
 }
@@ -783,23 +798,16 @@ async fn the_key_is_sent_the_vendors_way_and_never_appears_in_an_error() {
     // How each format sends it, read from the raw request.
     let (frames, last) = anthropic_frames(&["a"]);
     let raw = raw_server(frames, last, 1);
-    let mut config = LlmConfig {
-        policy: quick(),
-        ..Default::default()
-    };
-    config.providers.insert(
-        "anthropic".into(),
+    let c = client_of(
         Provider::new(
             "anthropic",
             Api::Anthropic,
             &raw.url,
             Some(ApiKey::new(ANTHROPIC_KEY)),
         ),
+        "anthropic-test-model",
+        quick(),
     );
-    config
-        .roles
-        .insert("default".into(), model_of(Api::Anthropic));
-    let c = LlmClient::new(config).unwrap();
     let (r, _) = call(&c, &ask("hi"), &unmetered()).await;
     assert_eq!(r.unwrap().text, "a");
     let head = raw.heads.recv().unwrap().to_ascii_lowercase();
@@ -819,21 +827,16 @@ async fn the_key_is_sent_the_vendors_way_and_never_appears_in_an_error() {
         "data: [DONE]\n\n".to_string(),
     ];
     let raw = raw_server(frames, 0, 1);
-    let mut config = LlmConfig {
-        policy: quick(),
-        ..Default::default()
-    };
-    config.providers.insert(
-        "openai".into(),
+    let c = client_of(
         Provider::new(
             "openai",
             Api::Openai,
             &format!("{}/v1", raw.url),
             Some(ApiKey::new(OPENAI_KEY)),
         ),
+        "openai-test-model",
+        quick(),
     );
-    config.roles.insert("default".into(), model_of(Api::Openai));
-    let c = LlmClient::new(config).unwrap();
     let (r, _) = call(&c, &ask("hi"), &unmetered()).await;
     let done = r.unwrap();
     assert_eq!(done.text, "b");
@@ -909,26 +912,15 @@ async fn an_unreachable_provider_is_retried_then_named() {
         .local_addr()
         .unwrap()
         .port();
-    let mut config = LlmConfig {
-        policy: RetryPolicy {
+    let base = format!("http://127.0.0.1:{port}/v1");
+    let c = client_of(
+        Provider::new("local", Api::Openai, &base, None),
+        "llama",
+        RetryPolicy {
             max_attempts: 2,
             ..quick()
         },
-        ..Default::default()
-    };
-    let base = format!("http://127.0.0.1:{port}/v1");
-    config.providers.insert(
-        "local".into(),
-        Provider::new("local", Api::Openai, &base, None),
     );
-    config.roles.insert(
-        "default".into(),
-        ModelRef {
-            provider: "local".into(),
-            model: "llama".into(),
-        },
-    );
-    let c = LlmClient::new(config).unwrap();
     let (r, _) = call(&c, &ask("hi"), &unmetered()).await;
     let e = r.unwrap_err();
     assert!(matches!(e, LlmError::GaveUp { attempts: 2, .. }), "{e:?}");
@@ -947,23 +939,16 @@ async fn client_overhead_from_the_servers_last_delta_to_the_callback() {
     const CALLS: usize = 50;
     let (frames, last_text) = anthropic_frames(&["one ", "two ", "three"]);
     let raw = raw_server(frames, last_text, CALLS);
-    let mut config = LlmConfig {
-        policy: quick(),
-        ..Default::default()
-    };
-    config.providers.insert(
-        "anthropic".into(),
+    let c = client_of(
         Provider::new(
             "anthropic",
             Api::Anthropic,
             &raw.url,
             Some(ApiKey::new(ANTHROPIC_KEY)),
         ),
+        "anthropic-test-model",
+        quick(),
     );
-    config
-        .roles
-        .insert("default".into(), model_of(Api::Anthropic));
-    let c = LlmClient::new(config).unwrap();
     let mut to_last_delta = vec![];
     let mut to_return = vec![];
     for _ in 0..CALLS {
