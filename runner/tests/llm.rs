@@ -621,14 +621,17 @@ async fn cancelling_mid_stream_returns_at_once_and_counts_what_was_used() {
             );
         }
     }
-    // A cancelled job starts no call.
+    // A cancelled job starts no call (and a call runs in a task of its own, as a step's does).
     let c = client(&s, Api::Anthropic, quick());
     let cancel = CancelToken::default();
     cancel.cancel();
     s.clear_requests();
-    let r = c
-        .complete(&ask("hello"), &unmetered(), &cancel, |_| {})
-        .await;
+    let r = tokio::spawn(async move {
+        c.complete(&ask("hello"), &unmetered(), &cancel, |_| {})
+            .await
+    })
+    .await
+    .unwrap();
     assert!(matches!(r, Err(LlmError::Cancelled)));
     assert!(s.chat_requests().is_empty());
 }
