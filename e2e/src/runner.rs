@@ -27,9 +27,10 @@ impl TestRunner {
         if let Some(p) = std::env::var_os("KILN_RUNNER_BIN") {
             return Ok(PathBuf::from(p));
         }
-        // Test binaries live in <target>/<profile>/deps/.
+        // Test binaries live in <target>/<profile>/deps/, benchmark binaries in <target>/<profile>/.
         let exe = std::env::current_exe()?;
-        let profile_dir = exe.parent().and_then(|d| d.parent()).context("locating the target directory")?;
+        let dir = exe.parent().context("locating the target directory")?;
+        let profile_dir = if dir.ends_with("deps") { dir.parent().context("locating the target directory")? } else { dir };
         let bin = profile_dir.join("runner");
         if !bin.exists() {
             bail!("{} is missing: build it with `cargo build -p kiln-runner` (scripts/test does)", bin.display());
