@@ -73,6 +73,14 @@ impl JobRow {
             .and_then(|v| serde_json::from_value(v.get("ralph")?.clone()).ok())
     }
 
+    /// The job's own `timeoutSeconds`, kept in `params` beside the ralph settings.
+    pub fn timeout_seconds(&self) -> Option<u32> {
+        serde_json::from_str::<serde_json::Value>(&self.params)
+            .ok()
+            .and_then(|v| v.get("timeoutSeconds")?.as_u64())
+            .and_then(|n| u32::try_from(n).ok())
+    }
+
     pub fn view(&self) -> JobView {
         let ralph = self.ralph();
         JobView {

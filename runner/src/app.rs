@@ -10,10 +10,11 @@ use crate::config::{Config, EdgeCredential, ExecutorKind};
 use crate::docker::{DockerClient, DockerExecutor};
 use crate::edge::connection::{EdgeStatus, Session};
 use crate::edge::{self, EdgeClient, EdgeError, Registrar};
-use crate::executor::process::ProcessExecutor;
+use crate::executor::process::{ProcessExecutor, HOMES_DIR};
 use crate::executor::{ExecError, Executor};
 use crate::github::GithubClient;
 use crate::health::{self, HealthState};
+use crate::isolation::JobUser;
 use crate::jobs::{CancelToken, JobServices, Supervisor};
 use crate::metrics::Metrics;
 use crate::state::{self, Opened, StartCredential, StateDir, StateError};
@@ -35,6 +36,12 @@ pub enum StartError {
         "RUNNER_EXECUTOR=docker but no Docker daemon answers ({0}); start one or set DOCKER_HOST"
     )]
     NoDocker(#[source] ExecError),
+    #[error(
+        "no Docker daemon answers ({0}): jobs run in Docker containers unless the operator chooses otherwise. Start one (or set DOCKER_HOST), or set RUNNER_EXECUTOR=process to run job commands as host processes (as RUNNER_CONTAINER_USER when the runner is root; see runner/README.md)"
+    )]
+    NoDockerNoChoice(#[source] ExecError),
+    #[error("RUNNER_EXECUTOR=process: the commands' user (RUNNER_CONTAINER_USER) {0}")]
+    Unreachable(String),
     #[error("the image {0} is not present in the Docker daemon (no registry is assumed): build or load it first")]
     NoImage(String),
     #[error("checking the image failed: {0}")]
@@ -78,33 +85,40 @@ impl Application {
                 })?;
         }
 
+        // Docker unless the operator chose the process executor: never a silent fallback.
+        let job_user = JobUser::current(config.container_user);
         let (executor, docker): (Arc<dyn Executor>, Option<DockerClient>) = match config.executor {
-            Some(ExecutorKind::Docker) => {
+            None | Some(ExecutorKind::Docker) => {
                 let client = DockerClient::connect(config.docker_host.as_deref())
                     .await
-                    .map_err(StartError::NoDocker)?;
+                    .map_err(|e| match config.executor {
+                        None => StartError::NoDockerNoChoice(e),
+                        Some(_) => StartError::NoDocker(e),
+                    })?;
                 (
                     docker_executor(&config, client.clone()).await?,
                     Some(client),
                 )
             }
-            Some(ExecutorKind::Process) => (
-                Arc::new(ProcessExecutor),
-                DockerClient::connect(config.docker_host.as_deref())
+            Some(ExecutorKind::Process) => {
+                let process = ProcessExecutor::new(job_user, config.worktrees_dir.join(HOMES_DIR));
+                process
+                    .check_reachable(&config.worktrees_dir)
                     .await
-                    .ok(),
-            ),
-            None => match DockerClient::connect(config.docker_host.as_deref()).await {
-                Ok(client) => (
-                    docker_executor(&config, client.clone()).await?,
-                    Some(client),
-                ),
-                Err(e) => {
-                    tracing::info!(error = %e, "no Docker daemon answers; using the process executor");
-                    (Arc::new(ProcessExecutor), None)
-                }
-            },
+                    .map_err(StartError::Unreachable)?;
+                (
+                    Arc::new(process),
+                    DockerClient::connect(config.docker_host.as_deref())
+                        .await
+                        .ok(),
+                )
+            }
         };
+        let isolation = job_user.isolation(executor.kind());
+        if let Some(warning) = job_user.warning(executor.kind()) {
+            tracing::warn!("{warning}");
+            eprintln!("WARNING: {warning}");
+        }
         if !config.agent.env.missing.is_empty() {
             tracing::warn!(
                 missing = ?config.agent.env.missing,
@@ -138,6 +152,7 @@ impl Application {
             protected_branches: config.protected_branches.clone(),
             runner_name: config.name.clone(),
             metrics: metrics.clone(),
+            limits: config.job_limits,
         });
         let supervisor = Supervisor::new(services, config.max_concurrent_jobs);
 
@@ -165,6 +180,7 @@ impl Application {
             edge_url: config.edge_url.to_string(),
             edge: status.clone(),
             executor: executor.kind(),
+            isolation: isolation.clone(),
             metrics: metrics.clone(),
             repos_dir: config.repos_dir.clone(),
             worktrees_dir: config.worktrees_dir.clone(),
@@ -181,6 +197,7 @@ impl Application {
         tracing::info!(
             name = %config.name,
             executor = executor.kind().as_str(),
+            isolation = %isolation,
             capacity = config.max_concurrent_jobs,
             agent_env = ?config.agent.env.names(),
             port,

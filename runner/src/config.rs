@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use clap::Parser;
 use kiln_schemas::grants::{ProtectedBranches, RepoPattern};
@@ -24,6 +25,12 @@ pub const DEFAULT_MEMORY_MB: u64 = 2048;
 pub const DEFAULT_CPUS: f64 = 1.0;
 pub const DEFAULT_PIDS: i64 = 512;
 pub const DEFAULT_NETWORK: &str = "none";
+pub const DEFAULT_TMP_MB: u64 = 512;
+pub const DEFAULT_WORKSPACE_MAX_MB: u64 = 2048;
+/// `RUNNER_JOB_TIMEOUT`'s default: 2 h.
+pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
+/// `RUNNER_TASK_IDLE_TIMEOUT`'s default: 30 min.
+pub const DEFAULT_TASK_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -190,13 +197,17 @@ impl FromStr for ContainerUser {
     }
 }
 
-/// Resource limits and network of a job container.
+/// Resource limits, network and privileges of a job container.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ContainerLimits {
     pub memory_mb: u64,
     pub cpus: f64,
     pub pids: i64,
     pub network: String,
+    /// Capabilities added back after dropping them all (`RUNNER_CAP_ADD`); none by default.
+    pub cap_add: Vec<String>,
+    /// Size of the container's `/tmp` (a tmpfs: the root filesystem is read-only).
+    pub tmp_mb: u64,
 }
 
 impl Default for ContainerLimits {
@@ -206,6 +217,116 @@ impl Default for ContainerLimits {
             cpus: DEFAULT_CPUS,
             pids: DEFAULT_PIDS,
             network: DEFAULT_NETWORK.into(),
+            cap_add: Vec::new(),
+            tmp_mb: DEFAULT_TMP_MB,
+        }
+    }
+}
+
+/// Parses `RUNNER_CAP_ADD`: comma-separated Linux capability names, with or without `CAP_`
+/// (`NET_BIND_SERVICE`, `cap_chown`), stored upper-case without the prefix. `ALL` is refused: it
+/// would undo dropping them.
+pub fn parse_cap_add(spec: &str) -> Result<Vec<String>, String> {
+    let mut caps: Vec<String> = Vec::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let upper = item.to_ascii_uppercase();
+        let name = upper.strip_prefix("CAP_").unwrap_or(&upper);
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+            return Err(format!("{item:?} is not a capability name"));
+        }
+        if name == "ALL" {
+            return Err("ALL is refused: name the capabilities the agent needs".into());
+        }
+        if !caps.iter().any(|c| c == name) {
+            caps.push(name.to_string());
+        }
+    }
+    Ok(caps)
+}
+
+/// Parses a duration setting: seconds (`7200`), or a number with `s`, `m` or `h` (`90s`, `30m`,
+/// `2h`), or several of those (`1h30m`). Zero is refused.
+pub fn parse_duration(spec: &str) -> Result<Duration, String> {
+    let s = spec.trim();
+    let bad = || format!("must be seconds or a duration such as 90s, 30m, 2h or 1h30m (got {s:?})");
+    if s.is_empty() {
+        return Err(bad());
+    }
+    let mut total: u64 = 0;
+    let mut number = String::new();
+    for c in s.chars() {
+        match c {
+            '0'..='9' => number.push(c),
+            's' | 'm' | 'h' if !number.is_empty() => {
+                let n: u64 = number.parse().map_err(|_| bad())?;
+                let unit = match c {
+                    's' => 1,
+                    'm' => 60,
+                    _ => 3600,
+                };
+                total = n
+                    .checked_mul(unit)
+                    .and_then(|v| total.checked_add(v))
+                    .ok_or_else(bad)?;
+                number.clear();
+            }
+            _ => return Err(bad()),
+        }
+    }
+    if !number.is_empty() {
+        // A bare number: seconds (only on its own, not after a unit).
+        if total != 0 {
+            return Err(bad());
+        }
+        total = number.parse().map_err(|_| bad())?;
+    }
+    if total == 0 {
+        return Err("must be longer than zero".into());
+    }
+    Ok(Duration::from_secs(total))
+}
+
+/// A duration as people write it: `5 s`, `30 min`, `2 h`, `90 s`.
+pub fn describe_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 && s % 3600 == 0 {
+        format!("{} h", s / 3600)
+    } else if s >= 60 && s % 60 == 0 {
+        format!("{} min", s / 60)
+    } else {
+        format!("{s} s")
+    }
+}
+
+/// How long jobs may run and grow on this runner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobLimits {
+    /// `RUNNER_JOB_TIMEOUT`: the wall-clock limit of every job, from the moment it gets a slot.
+    pub job_timeout: Duration,
+    /// `RUNNER_TASK_IDLE_TIMEOUT`: how long a task job waits for a message after its agent's
+    /// last turn.
+    pub task_idle_timeout: Duration,
+    /// `RUNNER_WORKSPACE_MAX_MB`, in bytes: the most a job's worktree may hold.
+    pub workspace_max_bytes: u64,
+}
+
+impl Default for JobLimits {
+    fn default() -> Self {
+        JobLimits {
+            job_timeout: DEFAULT_JOB_TIMEOUT,
+            task_idle_timeout: DEFAULT_TASK_IDLE_TIMEOUT,
+            workspace_max_bytes: DEFAULT_WORKSPACE_MAX_MB * 1024 * 1024,
+        }
+    }
+}
+
+impl JobLimits {
+    /// A job's wall-clock limit and the setting it comes from: the job's own `timeoutSeconds`
+    /// when it is within `RUNNER_JOB_TIMEOUT`, else `RUNNER_JOB_TIMEOUT` (which caps it).
+    pub fn job_limit(&self, timeout_seconds: Option<u32>) -> (Duration, &'static str) {
+        match timeout_seconds.map(|s| Duration::from_secs(s.into())) {
+            Some(own) if own <= self.job_timeout => (own, "timeoutSeconds"),
+            _ => (self.job_timeout, "RUNNER_JOB_TIMEOUT"),
         }
     }
 }
@@ -226,12 +347,7 @@ pub struct AgentProfile {
 pub const RUNNER_SECRETS: [&str; 3] = ["GITHUB_TOKEN", "RUNNER_TOKEN", "RUNNER_REGISTRATION_TOKEN"];
 
 /// Variables the runner sets itself for every command it runs in a sandbox.
-pub const RUNNER_SET_VARS: [&str; 4] = [
-    "JOB_ID",
-    "ITERATION",
-    "COMPLETION_PROMISE",
-    "KILN_RUNNER_PID",
-];
+pub const RUNNER_SET_VARS: [&str; 4] = ["JOB_ID", "ITERATION", "COMPLETION_PROMISE", "HOME"];
 
 /// Variables copied from the runner's environment into every agent run (`RUNNER_AGENT_ENV`), so
 /// an agent CLI gets its vendor key. Its `Debug` shows names only: the values are secrets.
@@ -338,7 +454,7 @@ pub struct Args {
     /// Name this runner registers and connects under [default: the host name]
     #[arg(long, env = "RUNNER_NAME")]
     pub name: Option<String>,
-    /// docker or process [default: docker when a Docker daemon answers a ping, else process]
+    /// docker or process. docker: a hardened container per job; without a Docker daemon the runner refuses to start. process: each job's commands run on this host, with a scrubbed environment, as RUNNER_CONTAINER_USER when the runner is root (else as the runner's own user, with no isolation: /health says so) [default: docker]
     #[arg(long, env = "RUNNER_EXECUTOR")]
     pub executor: Option<String>,
     /// Image of job containers [default: kiln-busybox:latest]
@@ -401,10 +517,25 @@ pub struct Args {
     /// Extra bind mounts for job containers: host:container[:ro], comma-separated.
     #[arg(long, env = "RUNNER_MOUNTS")]
     pub mounts: Option<String>,
+    /// Capabilities given back to job containers after dropping them all, comma-separated (e.g. CHOWN,NET_BIND_SERVICE) [default: none]
+    #[arg(long, env = "RUNNER_CAP_ADD")]
+    pub cap_add: Option<String>,
+    /// Size in MiB of a job container's /tmp, a tmpfs (the root filesystem is read-only; HOME is /tmp) [default: 512]
+    #[arg(long, env = "RUNNER_TMP_MB")]
+    pub tmp_mb: Option<u64>,
+    /// Most a job's worktree may hold in MiB, checked after every agent run and command (and every 15 s): a job over it fails [default: 2048]
+    #[arg(long, env = "RUNNER_WORKSPACE_MAX_MB")]
+    pub workspace_max_mb: Option<u64>,
+    /// Wall-clock limit of every job from the moment it gets a slot, in seconds or as 90s/30m/2h; a job's own timeoutSeconds may only be shorter [default: 2h]
+    #[arg(long, env = "RUNNER_JOB_TIMEOUT")]
+    pub job_timeout: Option<String>,
+    /// How long a task job waits for a message after its agent's last turn (for a text agent: after its last output) before it fails, in seconds or as 90s/30m/2h [default: 30m]
+    #[arg(long, env = "RUNNER_TASK_IDLE_TIMEOUT")]
+    pub task_idle_timeout: Option<String>,
     /// Docker daemon address [default: unix:///var/run/docker.sock]
     #[arg(long, env = "DOCKER_HOST")]
     pub docker_host: Option<String>,
-    /// uid:gid that job containers run as when the runner runs as root; the runner gives each job's worktree to it. A runner that is not root always uses its own uid:gid [default: 1000:1000, the agent image's user]
+    /// uid:gid that job containers (and process-executor commands) run as when the runner runs as root; the runner gives each job's worktree to it. A runner that is not root always uses its own uid:gid [default: 1000:1000, the agent image's user]
     #[arg(long, env = "RUNNER_CONTAINER_USER")]
     pub container_user: Option<String>,
 }
@@ -439,6 +570,11 @@ pub struct FileSettings {
     pub runner_pids: Option<i64>,
     pub runner_network: Option<String>,
     pub runner_mounts: Option<String>,
+    pub runner_cap_add: Option<String>,
+    pub runner_tmp_mb: Option<u64>,
+    pub runner_workspace_max_mb: Option<u64>,
+    pub runner_job_timeout: Option<String>,
+    pub runner_task_idle_timeout: Option<String>,
     pub docker_host: Option<String>,
     pub runner_container_user: Option<String>,
 }
@@ -468,7 +604,7 @@ pub struct Config {
     /// Holds `runner.json`, the saved registration.
     pub state_dir: PathBuf,
     pub name: String,
-    /// `None`: docker when a daemon answers, else process.
+    /// `None`: not set, which means docker (the runner refuses to start without a daemon).
     pub executor: Option<ExecutorKind>,
     pub image: String,
     pub agent: AgentProfile,
@@ -485,8 +621,9 @@ pub struct Config {
     pub limits: ContainerLimits,
     pub mounts: Vec<Mount>,
     pub docker_host: Option<String>,
-    /// Who job containers run as when the runner is root.
+    /// Who job containers (and process-executor commands) run as when the runner is root.
     pub container_user: ContainerUser,
+    pub job_limits: JobLimits,
 }
 
 /// What resolution needs from the machine, passed in so resolution stays a pure function.
@@ -678,6 +815,38 @@ impl Config {
             pids: args.pids.or(file.runner_pids).unwrap_or(DEFAULT_PIDS),
             network: non_empty(args.network.or(file.runner_network))
                 .unwrap_or_else(|| DEFAULT_NETWORK.into()),
+            cap_add: match non_empty(args.cap_add.or(file.runner_cap_add)) {
+                Some(spec) => parse_cap_add(&spec).map_err(|e| invalid("RUNNER_CAP_ADD", e))?,
+                None => Vec::new(),
+            },
+            tmp_mb: args.tmp_mb.or(file.runner_tmp_mb).unwrap_or(DEFAULT_TMP_MB),
+        };
+        if limits.tmp_mb < 1 {
+            return Err(invalid("RUNNER_TMP_MB", "must be at least 1"));
+        }
+        let workspace_max_mb = args
+            .workspace_max_mb
+            .or(file.runner_workspace_max_mb)
+            .unwrap_or(DEFAULT_WORKSPACE_MAX_MB);
+        if workspace_max_mb < 1 {
+            return Err(invalid("RUNNER_WORKSPACE_MAX_MB", "must be at least 1"));
+        }
+        let job_limits = JobLimits {
+            job_timeout: match non_empty(args.job_timeout.or(file.runner_job_timeout)) {
+                Some(spec) => {
+                    parse_duration(&spec).map_err(|e| invalid("RUNNER_JOB_TIMEOUT", e))?
+                }
+                None => DEFAULT_JOB_TIMEOUT,
+            },
+            task_idle_timeout: match non_empty(
+                args.task_idle_timeout.or(file.runner_task_idle_timeout),
+            ) {
+                Some(spec) => {
+                    parse_duration(&spec).map_err(|e| invalid("RUNNER_TASK_IDLE_TIMEOUT", e))?
+                }
+                None => DEFAULT_TASK_IDLE_TIMEOUT,
+            },
+            workspace_max_bytes: workspace_max_mb * 1024 * 1024,
         };
         if limits.memory_mb < 6 {
             return Err(invalid(
@@ -723,6 +892,7 @@ impl Config {
                     .map_err(|e| invalid("RUNNER_CONTAINER_USER", e))?,
                 None => ContainerUser::default(),
             },
+            job_limits,
         })
     }
 }
@@ -760,7 +930,95 @@ mod tests {
         assert_eq!(c.github_api_url, "https://api.github.com");
         assert_eq!(c.listen, "127.0.0.1:8788".parse().unwrap());
         assert_eq!(c.limits, ContainerLimits::default());
+        assert!(
+            c.limits.cap_add.is_empty(),
+            "no capability is added by default"
+        );
+        assert_eq!(c.limits.tmp_mb, 512);
         assert!(c.mounts.is_empty());
+        assert_eq!(c.job_limits.job_timeout, Duration::from_secs(7200));
+        assert_eq!(c.job_limits.task_idle_timeout, Duration::from_secs(1800));
+        assert_eq!(c.job_limits.workspace_max_bytes, 2048 * 1024 * 1024);
+    }
+
+    #[test]
+    fn durations_parse_in_seconds_or_units() {
+        for (spec, secs) in [
+            ("7200", 7200),
+            ("2h", 7200),
+            ("30m", 1800),
+            ("90s", 90),
+            (" 1h30m ", 5400),
+            ("1h0m5s", 3605),
+        ] {
+            assert_eq!(
+                parse_duration(spec),
+                Ok(Duration::from_secs(secs)),
+                "{spec}"
+            );
+        }
+        for bad in ["", "0", "0s", "2d", "h", "1.5h", "-5", "5m3", "1 h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        assert_eq!(describe_duration(Duration::from_secs(5)), "5 s");
+        assert_eq!(describe_duration(Duration::from_secs(90)), "90 s");
+        assert_eq!(describe_duration(Duration::from_secs(1800)), "30 min");
+        assert_eq!(describe_duration(Duration::from_secs(7200)), "2 h");
+        let c = Config::resolve(
+            Args {
+                job_timeout: Some("30m".into()),
+                task_idle_timeout: Some("45".into()),
+                workspace_max_mb: Some(10),
+                ..Default::default()
+            },
+            FileSettings::default(),
+            &host(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.job_limits,
+            JobLimits {
+                job_timeout: Duration::from_secs(1800),
+                task_idle_timeout: Duration::from_secs(45),
+                workspace_max_bytes: 10 * 1024 * 1024,
+            }
+        );
+    }
+
+    #[test]
+    fn a_jobs_own_timeout_is_capped_by_the_runners() {
+        let limits = JobLimits {
+            job_timeout: Duration::from_secs(600),
+            ..Default::default()
+        };
+        assert_eq!(
+            limits.job_limit(Some(5)),
+            (Duration::from_secs(5), "timeoutSeconds")
+        );
+        assert_eq!(
+            limits.job_limit(Some(600)),
+            (Duration::from_secs(600), "timeoutSeconds")
+        );
+        assert_eq!(
+            limits.job_limit(Some(601)),
+            (Duration::from_secs(600), "RUNNER_JOB_TIMEOUT")
+        );
+        assert_eq!(
+            limits.job_limit(None),
+            (Duration::from_secs(600), "RUNNER_JOB_TIMEOUT")
+        );
+    }
+
+    #[test]
+    fn added_capabilities_are_names() {
+        assert_eq!(
+            parse_cap_add(" chown, CAP_NET_BIND_SERVICE ,CHOWN").unwrap(),
+            vec!["CHOWN".to_string(), "NET_BIND_SERVICE".to_string()]
+        );
+        assert_eq!(parse_cap_add("").unwrap(), Vec::<String>::new());
+        for bad in ["ALL", "cap_all", "NET-ADMIN", "CAP_", "SYS ADMIN"] {
+            assert!(parse_cap_add(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -891,6 +1149,41 @@ mod tests {
                     ..Default::default()
                 },
                 "RUNNER_CPUS",
+            ),
+            (
+                Args {
+                    cap_add: Some("ALL".into()),
+                    ..Default::default()
+                },
+                "RUNNER_CAP_ADD",
+            ),
+            (
+                Args {
+                    tmp_mb: Some(0),
+                    ..Default::default()
+                },
+                "RUNNER_TMP_MB",
+            ),
+            (
+                Args {
+                    workspace_max_mb: Some(0),
+                    ..Default::default()
+                },
+                "RUNNER_WORKSPACE_MAX_MB",
+            ),
+            (
+                Args {
+                    job_timeout: Some("forever".into()),
+                    ..Default::default()
+                },
+                "RUNNER_JOB_TIMEOUT",
+            ),
+            (
+                Args {
+                    task_idle_timeout: Some("0".into()),
+                    ..Default::default()
+                },
+                "RUNNER_TASK_IDLE_TIMEOUT",
             ),
         ];
         for (flags, key) in cases {
@@ -1092,7 +1385,7 @@ mod tests {
             "JOB_ID",
             "ITERATION",
             "COMPLETION_PROMISE",
-            "KILN_RUNNER_PID",
+            "HOME",
             "A-B",
             "1ABC",
             "A=B",
@@ -1150,6 +1443,11 @@ mod tests {
             "RUNNER_PIDS",
             "RUNNER_NETWORK",
             "RUNNER_MOUNTS",
+            "RUNNER_CAP_ADD",
+            "RUNNER_TMP_MB",
+            "RUNNER_WORKSPACE_MAX_MB",
+            "RUNNER_JOB_TIMEOUT",
+            "RUNNER_TASK_IDLE_TIMEOUT",
             "DOCKER_HOST",
         ] {
             assert!(

@@ -30,6 +30,8 @@ pub struct HealthState {
     pub edge_url: String,
     pub edge: Arc<EdgeStatus>,
     pub executor: ExecutorKind,
+    /// How far job commands are kept from the runner (`JobUser::isolation`).
+    pub isolation: String,
     pub metrics: Arc<Metrics>,
     pub repos_dir: PathBuf,
     pub worktrees_dir: PathBuf,
@@ -89,5 +91,6 @@ async fn health(State(s): State<Arc<HealthState>>) -> Json<Value> {
         "git": {"available": s.git_version.is_some(), "version": s.git_version},
         "edge": {"connected": s.edge.is_connected(), "url": s.edge_url},
         "executor": s.executor.as_str(),
+        "isolation": s.isolation,
     }))
 }

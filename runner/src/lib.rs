@@ -1,6 +1,7 @@
 //! Kiln's self-hosted runner: it connects out to the edge, takes jobs (code, task, ralph), runs
-//! their agents in a container per job (or a process group on hosts without Docker) over a git
-//! worktree, streams what happens back as indexed event batches, and opens the pull requests.
+//! their agents in a hardened container per job (or, when the operator sets
+//! `RUNNER_EXECUTOR=process`, a process group as another user) over a git worktree, streams what
+//! happens back as indexed event batches, and opens the pull requests.
 //!
 //! Start at [`app::Application`]; `ARCHITECTURE.md` at the repository root has the map.
 
@@ -13,6 +14,7 @@ pub mod edge;
 pub mod executor;
 pub mod github;
 pub mod health;
+pub mod isolation;
 pub mod jobs;
 pub mod llm;
 pub mod metrics;

@@ -67,15 +67,19 @@ pub fn bytes_under(path: &Path) -> u64 {
         .sum()
 }
 
-/// Job worktrees: the directories directly under `WORKTREES_DIR` (files beside them, such as
-/// ralph's progress notes and the liveness file, count in bytes only).
+/// Job worktrees: the directories directly under `WORKTREES_DIR` but dot ones (files and dot
+/// directories beside them, such as ralph's progress notes, the liveness file and the process
+/// executor's scratch homes, count in bytes only).
 pub fn worktrees_use(dir: &Path) -> DiskUse {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return DiskUse::default();
     };
     let mut usage = DiskUse::default();
     for e in entries.filter_map(Result::ok) {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
+        // Dot names are the runner's own (the process executor's scratch homes).
+        if e.file_type().is_ok_and(|t| t.is_dir())
+            && !e.file_name().to_string_lossy().starts_with('.')
+        {
             usage.count += 1;
         }
         usage.bytes += bytes_under(&e.path());

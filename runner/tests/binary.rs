@@ -37,6 +37,20 @@ fn runner(vars: &[(&str, String)]) -> Command {
     cmd
 }
 
+/// [`runner`] with RUNNER_STATE_DIR, REPOS_DIR and WORKTREES_DIR in `dir` (`state`, `repos`,
+/// `worktrees`).
+fn runner_in(dir: &std::path::Path, vars: &[(&str, String)]) -> Command {
+    let mut cmd = runner(vars);
+    for (var, sub) in [
+        ("RUNNER_STATE_DIR", "state"),
+        ("REPOS_DIR", "repos"),
+        ("WORKTREES_DIR", "worktrees"),
+    ] {
+        cmd.env(var, dir.join(sub));
+    }
+    cmd
+}
+
 struct Killed(Child);
 
 impl Drop for Killed {
@@ -89,12 +103,183 @@ fn help_lists_every_setting() {
         "RUNNER_NETWORK",
         "RUNNER_MOUNTS",
         "RUNNER_CONFIG",
+        "RUNNER_CONTAINER_USER",
+        "RUNNER_CAP_ADD",
+        "RUNNER_TMP_MB",
+        "RUNNER_WORKSPACE_MAX_MB",
+        "RUNNER_JOB_TIMEOUT",
+        "RUNNER_TASK_IDLE_TIMEOUT",
     ] {
         assert!(
             help.contains(&format!("[env: {var}")),
             "--help misses {var}:\n{help}"
         );
     }
+}
+
+/// Waits (at most 20 s) for the binary to exit by itself; a runner still up then is killed and
+/// reported as started.
+fn exit_output(child: Child) -> std::process::Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("the runner started (it was still running after 20 s)");
+        }
+    }
+}
+
+/// No silent fallback to running jobs on the host: without a Docker daemon, the process executor
+/// must be chosen by name.
+#[test]
+fn without_docker_the_runner_refuses_to_start_unless_runner_executor_is_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let nowhere = format!("unix://{}", dir.path().join("no-docker.sock").display());
+    let out = exit_output(
+        runner_in(
+            dir.path(),
+            &[
+                ("DOCKER_HOST", nowhere),
+                ("RUNNER_TOKEN", "some-runner-token".into()),
+                (
+                    "RUNNER_EDGE_URL",
+                    format!("http://127.0.0.1:{}", free_port()),
+                ),
+                ("RUNNER_LISTEN", format!("127.0.0.1:{port}")),
+            ],
+        )
+        .spawn()
+        .unwrap(),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no Docker daemon answers") && err.contains("RUNNER_EXECUTOR=process"),
+        "{err}"
+    );
+}
+
+/// A root runner's commands run as RUNNER_CONTAINER_USER, so that user must be able to enter
+/// WORKTREES_DIR: the runner says so at start instead of failing every job.
+#[test]
+fn a_root_runner_refuses_a_worktrees_dir_its_commands_cannot_enter() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("not root: commands run as the runner's own user, who can enter its directories");
+        return;
+    }
+    // A directory closed to uid 1000, as a root runner's default ~/worktrees under /root is.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let out = exit_output(
+        runner_in(
+            dir.path(),
+            &[
+                ("RUNNER_EXECUTOR", "process".into()),
+                ("RUNNER_TOKEN", "some-runner-token".into()),
+                ("RUNNER_LISTEN", format!("127.0.0.1:{}", free_port())),
+            ],
+        )
+        .spawn()
+        .unwrap(),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("RUNNER_CONTAINER_USER")
+            && err.contains("1000:1000 cannot enter")
+            && err.contains("WORKTREES_DIR"),
+        "{err}"
+    );
+}
+
+/// The process executor as root: the agent runs as another user with a scrubbed environment, so
+/// neither the runner's environment (`/proc/<runner>/environ`: GITHUB_TOKEN, the registration
+/// token) nor its state (`runner.json`: the runner token) is within its reach.
+#[tokio::test]
+async fn a_process_job_cannot_read_the_runners_environment_state_or_secrets() {
+    assert!(
+        nix::unistd::getuid().is_root(),
+        "this test runs the runner as root, whose commands run as RUNNER_CONTAINER_USER"
+    );
+    let edge = FakeEdge::start().await;
+    let remotes = Remotes::new();
+    remotes.create(ORG, REPO);
+    let dir = tempfile::tempdir().unwrap();
+    searchable(dir.path());
+    let state = dir.path().join("state");
+    let port = free_port();
+    let agent = format!(
+        "echo \"ppid=$PPID\"; cat /proc/$PPID/environ; echo; cat {state}/runner.json; echo; env; echo \"uid=$(id -u)\"",
+        state = state.display()
+    );
+    let mut child = Killed(
+        runner_in(
+            dir.path(),
+            &[
+                ("RUNNER_EDGE_URL", edge.url.clone()),
+                ("RUNNER_REGISTRATION_TOKEN", edge::REGISTRATION_TOKEN.into()),
+                ("GITHUB_TOKEN", "gh-test-token".into()),
+                ("RUNNER_LISTEN", format!("127.0.0.1:{port}")),
+                ("RUNNER_EXECUTOR", "process".into()),
+                ("RUNNER_AGENT_CMD", agent),
+                ("RUNNER_AGENT_FORMAT", "text".into()),
+                ("RUNNER_GIT_BASE_URL", remotes.base_url()),
+            ],
+        )
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    health(port).await;
+    edge.wait_hellos(1).await;
+    let a = assignment(JobType::Code, "look around");
+    let job = a.job_id.clone();
+    edge.assign(a).await;
+    let events = edge.wait_finished(&job, 30).await;
+    let out = stdout_lines(&events);
+    let err = stderr_lines(&events);
+
+    // The test means something: the agent's parent is the runner, and its state file holds the
+    // runner token.
+    assert!(
+        out.contains(&format!("ppid={}", child.0.id())),
+        "the agent's parent is the runner: {out:?}"
+    );
+    let saved = std::fs::read_to_string(state.join("runner.json")).unwrap();
+    let token = edge.issued_tokens().pop().unwrap();
+    assert!(saved.contains(&token));
+
+    assert!(out.contains(&"uid=1000".to_string()), "{out:?}");
+    for line in out.iter().chain(&err) {
+        for secret in [
+            "gh-test-token",
+            edge::REGISTRATION_TOKEN,
+            token.as_str(),
+            "runner_id",
+            "RUNNER_",
+            "GITHUB_",
+        ] {
+            assert!(!line.contains(secret), "the agent sees {secret}: {line}");
+        }
+    }
+    let denied = err
+        .iter()
+        .filter(|l| l.contains("Permission denied"))
+        .count();
+    assert_eq!(denied, 2, "environ and runner.json are refused: {err:?}");
+    child.0.kill().unwrap();
 }
 
 #[test]
@@ -147,32 +332,27 @@ async fn the_agent_of_the_binary_gets_runner_agent_env_and_none_of_its_secrets()
     let remotes = Remotes::new();
     remotes.create(ORG, REPO);
     let dir = tempfile::tempdir().unwrap();
+    searchable(dir.path());
     let port = free_port();
     let _child = Killed(
-        runner(&[
-            ("RUNNER_EDGE_URL", edge.url.clone()),
-            ("RUNNER_REGISTRATION_TOKEN", edge::REGISTRATION_TOKEN.into()),
-            ("GITHUB_TOKEN", "gh-test-token".into()),
-            ("KILN_TEST_AGENT_KEY", "sk-kiln-test-value".into()),
-            (
-                "RUNNER_AGENT_ENV",
-                "KILN_TEST_AGENT_KEY,KILN_TEST_UNSET".into(),
-            ),
-            ("RUNNER_LISTEN", format!("127.0.0.1:{port}")),
-            ("RUNNER_EXECUTOR", "process".into()),
-            ("RUNNER_AGENT_CMD", agent_cmd(ExecutorKind::Process)),
-            ("RUNNER_AGENT_FORMAT", "text".into()),
-            ("RUNNER_GIT_BASE_URL", remotes.base_url()),
-            (
-                "RUNNER_STATE_DIR",
-                dir.path().join("state").display().to_string(),
-            ),
-            ("REPOS_DIR", dir.path().join("repos").display().to_string()),
-            (
-                "WORKTREES_DIR",
-                dir.path().join("worktrees").display().to_string(),
-            ),
-        ])
+        runner_in(
+            dir.path(),
+            &[
+                ("RUNNER_EDGE_URL", edge.url.clone()),
+                ("RUNNER_REGISTRATION_TOKEN", edge::REGISTRATION_TOKEN.into()),
+                ("GITHUB_TOKEN", "gh-test-token".into()),
+                ("KILN_TEST_AGENT_KEY", "sk-kiln-test-value".into()),
+                (
+                    "RUNNER_AGENT_ENV",
+                    "KILN_TEST_AGENT_KEY,KILN_TEST_UNSET".into(),
+                ),
+                ("RUNNER_LISTEN", format!("127.0.0.1:{port}")),
+                ("RUNNER_EXECUTOR", "process".into()),
+                ("RUNNER_AGENT_CMD", agent_cmd(ExecutorKind::Process)),
+                ("RUNNER_AGENT_FORMAT", "text".into()),
+                ("RUNNER_GIT_BASE_URL", remotes.base_url()),
+            ],
+        )
         .spawn()
         .unwrap(),
     );
@@ -189,6 +369,7 @@ async fn the_agent_of_the_binary_gets_runner_agent_env_and_none_of_its_secrets()
 async fn settings_come_from_the_environment_then_the_file() {
     let edge = FakeEdge::start().await;
     let dir = tempfile::tempdir().unwrap();
+    searchable(dir.path());
     let port = free_port();
     let file = dir.path().join("runner.toml");
     std::fs::write(
@@ -224,6 +405,15 @@ async fn settings_come_from_the_environment_then_the_file() {
     );
     assert_eq!(h["agent"]["format"], "text");
     assert_eq!(h["executor"], "process");
+    let isolation = h["isolation"].as_str().unwrap();
+    if nix::unistd::getuid().is_root() {
+        assert_eq!(
+            isolation,
+            "user: commands run on the host as 1000:1000, apart from the runner's user"
+        );
+    } else {
+        assert_eq!(isolation, "none: commands run as the runner's own user");
+    }
     assert_eq!(edge.registered_names(), vec!["from-file"]);
     assert!(dir.path().join("worktrees").is_dir());
 }
@@ -232,25 +422,20 @@ async fn settings_come_from_the_environment_then_the_file() {
 #[tokio::test]
 async fn the_binary_serves_metrics_and_reports_an_unreachable_edge() {
     let dir = tempfile::tempdir().unwrap();
+    searchable(dir.path());
     let port = free_port();
     let nowhere = free_port();
     let _child = Killed(
-        runner(&[
-            ("RUNNER_EDGE_URL", format!("http://127.0.0.1:{nowhere}")),
-            ("RUNNER_TOKEN", "some-runner-token".into()),
-            ("RUNNER_LISTEN", format!("127.0.0.1:{port}")),
-            ("RUNNER_EXECUTOR", "process".into()),
-            ("MAX_CONCURRENT_JOBS", "3".into()),
-            (
-                "RUNNER_STATE_DIR",
-                dir.path().join("state").display().to_string(),
-            ),
-            ("REPOS_DIR", dir.path().join("repos").display().to_string()),
-            (
-                "WORKTREES_DIR",
-                dir.path().join("worktrees").display().to_string(),
-            ),
-        ])
+        runner_in(
+            dir.path(),
+            &[
+                ("RUNNER_EDGE_URL", format!("http://127.0.0.1:{nowhere}")),
+                ("RUNNER_TOKEN", "some-runner-token".into()),
+                ("RUNNER_LISTEN", format!("127.0.0.1:{port}")),
+                ("RUNNER_EXECUTOR", "process".into()),
+                ("MAX_CONCURRENT_JOBS", "3".into()),
+            ],
+        )
         .spawn()
         .unwrap(),
     );
@@ -285,26 +470,21 @@ async fn a_killed_runner_takes_its_agents_with_it() {
     let remotes = Remotes::new();
     remotes.create(ORG, REPO);
     let dir = tempfile::tempdir().unwrap();
+    searchable(dir.path());
     let port = free_port();
     let mut child = Killed(
-        runner(&[
-            ("RUNNER_EDGE_URL", edge.url.clone()),
-            ("RUNNER_REGISTRATION_TOKEN", edge::REGISTRATION_TOKEN.into()),
-            ("RUNNER_LISTEN", format!("127.0.0.1:{port}")),
-            ("RUNNER_EXECUTOR", "process".into()),
-            ("RUNNER_AGENT_CMD", agent_cmd(ExecutorKind::Process)),
-            ("RUNNER_AGENT_FORMAT", "text".into()),
-            ("RUNNER_GIT_BASE_URL", remotes.base_url()),
-            (
-                "RUNNER_STATE_DIR",
-                dir.path().join("state").display().to_string(),
-            ),
-            ("REPOS_DIR", dir.path().join("repos").display().to_string()),
-            (
-                "WORKTREES_DIR",
-                dir.path().join("worktrees").display().to_string(),
-            ),
-        ])
+        runner_in(
+            dir.path(),
+            &[
+                ("RUNNER_EDGE_URL", edge.url.clone()),
+                ("RUNNER_REGISTRATION_TOKEN", edge::REGISTRATION_TOKEN.into()),
+                ("RUNNER_LISTEN", format!("127.0.0.1:{port}")),
+                ("RUNNER_EXECUTOR", "process".into()),
+                ("RUNNER_AGENT_CMD", agent_cmd(ExecutorKind::Process)),
+                ("RUNNER_AGENT_FORMAT", "text".into()),
+                ("RUNNER_GIT_BASE_URL", remotes.base_url()),
+            ],
+        )
         .spawn()
         .unwrap(),
     );

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use kiln_runner::config::{ContainerLimits, ContainerUser, ExecutorKind, Mount};
+use kiln_runner::config::{ContainerLimits, ContainerUser, ExecutorKind, JobLimits, Mount};
 use kiln_runner::docker::{container_name, DockerClient, DockerExecutor};
 use kiln_runner::executor::{ExecSpec, Execution, Executor};
 use kiln_schemas::events::LogStream;
@@ -75,6 +75,7 @@ async fn a_job_container_has_the_documented_shape() {
         cpus: 0.5,
         pids: 64,
         network: "none".into(),
+        ..Default::default()
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
@@ -99,6 +100,39 @@ async fn a_job_container_has_the_documented_shape() {
     assert_eq!(hc.network_mode.as_deref(), Some("none"));
     assert_eq!(hc.init, Some(true));
     assert_eq!(hc.auto_remove, Some(true));
+    // Hardened: no capability, no privilege gain, a read-only root with a size-limited /tmp.
+    assert_eq!(hc.cap_drop, Some(vec!["ALL".to_string()]));
+    assert!(
+        hc.cap_add.as_ref().is_none_or(|c| c.is_empty()),
+        "no capability is added by default: {:?}",
+        hc.cap_add
+    );
+    assert_eq!(hc.security_opt, Some(vec!["no-new-privileges".to_string()]));
+    assert_eq!(hc.readonly_rootfs, Some(true));
+    assert_eq!(
+        hc.tmpfs
+            .as_ref()
+            .and_then(|t| t.get("/tmp"))
+            .map(String::as_str),
+        Some("rw,exec,nosuid,nodev,size=512m,mode=1777"),
+        "{:?}",
+        hc.tmpfs
+    );
+    assert_eq!(
+        hc.memory_swap,
+        Some(256 * 1024 * 1024),
+        "no swap beyond the memory limit"
+    );
+    let own = nix::unistd::getuid();
+    let user = if own.is_root() {
+        "1000:1000".to_string()
+    } else {
+        format!("{own}:{}", nix::unistd::getgid())
+    };
+    assert_eq!(
+        client.container_user(&name).await.unwrap().as_deref(),
+        Some(user.as_str())
+    );
     let binds = hc.binds.unwrap();
     assert!(
         binds.contains(&format!("{}:/app", dir.path().display())),
@@ -159,6 +193,27 @@ async fn a_job_container_has_the_documented_shape() {
     );
     assert_eq!(code, 0);
 
+    // Inside, as the kernel sees it: no effective or bounding capability, no new privileges, the
+    // root filesystem refuses writes, /tmp takes them (and runs what is written there).
+    let (out, err, code) = collect(
+        sb.exec(ExecSpec::new(
+            "grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; \
+             touch /etc/kiln-test 2>/dev/null && echo root-writable || echo root-read-only; \
+             printf '#!/bin/sh\\necho tmp-exec\\n' > /tmp/x.sh && chmod +x /tmp/x.sh && /tmp/x.sh; \
+             df -k /tmp | tail -1 | awk '{print \"tmp-kb=\" $2}'",
+            &job,
+            1,
+        ))
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        out,
+        "CapEff:\t0000000000000000\nCapBnd:\t0000000000000000\nNoNewPrivs:\t1\nroot-read-only\ntmp-exec\ntmp-kb=524288\n"
+    );
+
     assert_eq!(
         collect(sb.exec(ExecSpec::new("exit 5", &job, 1)).await.unwrap())
             .await
@@ -197,6 +252,7 @@ async fn the_pids_limit_is_enforced() {
         cpus: 1.0,
         pids: 16,
         network: "none".into(),
+        ..Default::default()
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
@@ -226,6 +282,7 @@ async fn the_memory_limit_is_enforced() {
         cpus: 1.0,
         pids: 64,
         network: "none".into(),
+        ..Default::default()
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
@@ -535,5 +592,51 @@ async fn a_cancel_removes_the_container_within_seconds() {
         .events(&job)
         .iter()
         .any(|e| matches!(e, RunnerEvent::Finished { .. })));
+    runner.stop().await;
+}
+
+/// The worktree is bind-mounted from the host, so its size is checked there after every agent run
+/// and command: a job whose agent writes more than RUNNER_WORKSPACE_MAX_MB fails, nothing of it
+/// is pushed, and its container and worktree are removed.
+#[tokio::test]
+async fn a_job_whose_agent_outgrows_the_workspace_limit_fails() {
+    let host = docker_host().await;
+    let runner = TestRunner::start(RunnerOptions {
+        executor: ExecutorKind::Docker,
+        docker_host: Some(host.clone()),
+        limits: JobLimits {
+            workspace_max_bytes: 1024 * 1024,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let a = assignment(JobType::Code, "big");
+    let (job, branch) = (a.job_id.clone(), a.branch_name.clone());
+    let events = runner.run(a, 60).await;
+    assert_started_and_finished(&events);
+    let (outcome, _, pr_url, _, _, error) = finished(&events);
+    assert_eq!(outcome, Outcome::Failed, "{events:#?}");
+    assert_eq!(
+        error.as_deref(),
+        Some("The workspace holds 4 MiB, over its limit of 1 MiB (RUNNER_WORKSPACE_MAX_MB)")
+    );
+    assert!(pr_url.is_none());
+    assert!(
+        stdout_lines(&events).contains(&"agent: wrote 3 MiB".to_string()),
+        "the agent ran: {events:#?}"
+    );
+    assert!(!runner.remotes.branches(ORG, REPO).contains(&branch));
+    runner.wait_released(&job).await;
+    assert!(!runner.worktrees_dir().join(&job).exists());
+    let client = DockerClient::connect(Some(&host)).await.unwrap();
+    assert!(!client
+        .container_exists(&container_name(&job))
+        .await
+        .unwrap());
+
+    // Under the limit, the same runner completes a job.
+    let events = runner.run(assignment(JobType::Code, "write"), 60).await;
+    assert_eq!(finished(&events).0, Outcome::Completed, "{events:#?}");
     runner.stop().await;
 }

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use kiln_runner::config::AgentFormat;
+use kiln_runner::config::{AgentFormat, JobLimits};
 use kiln_schemas::events::LogStream;
 use kiln_schemas::jobs::RalphParams;
 use kiln_schemas::runner::{
@@ -96,14 +96,29 @@ async fn gone(pid: i32) -> bool {
     false
 }
 
+/// What jobs left in `WORKTREES_DIR`: worktrees, progress files, and the process executor's
+/// scratch homes (`.kiln-homes/<job>`; the directory holding them is the runner's).
 fn worktrees_left(runner: &TestRunner) -> Vec<String> {
-    std::fs::read_dir(runner.worktrees_dir())
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
+    let names = |dir: std::path::PathBuf| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let homes = kiln_runner::executor::process::HOMES_DIR;
+    let mut left: Vec<String> = names(runner.worktrees_dir())
+        .into_iter()
+        .filter(|n| n != homes)
+        .collect();
+    left.extend(
+        names(runner.worktrees_dir().join(homes))
+            .into_iter()
+            .map(|n| format!("{homes}/{n}")),
+    );
+    left
 }
 
 #[tokio::test]
@@ -1178,4 +1193,161 @@ async fn a_finished_job_stays_held_until_the_edge_has_its_events_yet_never_block
         posts,
         "the stopped runner's reporter keeps posting"
     );
+}
+
+/// A job's own `timeoutSeconds` ends it: `failed`, naming the limit, its agent killed, its
+/// worktree removed and its slot free for the next job.
+#[tokio::test]
+async fn a_job_over_its_own_time_limit_fails_and_frees_its_slot() {
+    let runner = TestRunner::start(RunnerOptions {
+        capacity: 1,
+        ..Default::default()
+    })
+    .await;
+    let mut a = assignment(JobType::Code, "hang");
+    a.timeout_seconds = Some(2);
+    let (job, branch) = (a.job_id.clone(), a.branch_name.clone());
+    let t = Instant::now();
+    runner.edge.assign(a).await;
+    let agent = wait_pid_file(&format!("/tmp/kiln-hang-{job}.pid")).await;
+    let child = wait_pid_file(&format!("/tmp/kiln-hang-{job}.child")).await;
+    let events = runner.edge.wait_finished(&job, 20).await;
+    let took = t.elapsed();
+    assert_started_and_finished(&events);
+    let (outcome, message, _, _, _, error) = finished(&events);
+    assert_eq!(outcome, Outcome::Failed);
+    assert_eq!(
+        error.as_deref(),
+        Some("The job exceeded its time limit of 2 s (timeoutSeconds)")
+    );
+    assert_eq!(message, error.clone().unwrap());
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    runner.wait_released(&job).await;
+    assert!(
+        gone(agent).await && gone(child).await,
+        "the agent is killed"
+    );
+    assert_eq!(worktrees_left(&runner), Vec::<String>::new());
+    assert!(!runner.remotes.branches(ORG, REPO).contains(&branch));
+    let _ = std::fs::remove_file(format!("/tmp/kiln-hang-{job}.pid"));
+    let _ = std::fs::remove_file(format!("/tmp/kiln-hang-{job}.child"));
+
+    // The only slot is free again.
+    let events = runner.run(assignment(JobType::Code, "write"), 30).await;
+    assert_eq!(finished(&events).0, Outcome::Completed, "{events:#?}");
+    runner.stop().await;
+}
+
+/// `RUNNER_JOB_TIMEOUT` caps every job, including one that asks for longer.
+#[tokio::test]
+async fn runner_job_timeout_caps_a_jobs_longer_limit() {
+    let runner = TestRunner::start(RunnerOptions {
+        limits: JobLimits {
+            job_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let mut a = assignment(JobType::Ralph, "slow");
+    a.timeout_seconds = Some(3600);
+    let job = a.job_id.clone();
+    let events = runner.run(a, 20).await;
+    assert_started_and_finished(&events);
+    let (outcome, _, _, _, _, error) = finished(&events);
+    assert_eq!(outcome, Outcome::Failed);
+    assert_eq!(
+        error.as_deref(),
+        Some("The job exceeded its time limit of 1 s (RUNNER_JOB_TIMEOUT)")
+    );
+    runner.wait_released(&job).await;
+    assert_eq!(worktrees_left(&runner), Vec::<String>::new());
+    runner.stop().await;
+}
+
+/// A task whose agent is waiting for a message that never comes fails after
+/// `RUNNER_TASK_IDLE_TIMEOUT`; a message in time keeps it going.
+#[tokio::test]
+async fn a_task_left_waiting_for_a_message_fails_after_the_idle_limit() {
+    let runner = TestRunner::start(RunnerOptions {
+        limits: JobLimits {
+            task_idle_timeout: Duration::from_secs(2),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    // A text agent: idle once it has said nothing for the limit and no message came.
+    let a = assignment(JobType::Task, "echo");
+    let job = a.job_id.clone();
+    let t = Instant::now();
+    runner.edge.assign(a).await;
+    runner
+        .edge
+        .wait_event(
+            &job,
+            "the greeting",
+            10,
+            |e| matches!(e, RunnerEvent::Log { content, .. } if content.ends_with("prompt: echo")),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    runner
+        .edge
+        .send(EdgeMessage::Deliver {
+            job_id: job.clone(),
+            message: "still there?".into(),
+        })
+        .await;
+    let events = runner.edge.wait_finished(&job, 20).await;
+    let took = t.elapsed();
+    assert!(has_stdout(&events, "echo: still there?"), "{events:#?}");
+    let (outcome, _, _, _, _, error) = finished(&events);
+    assert_eq!(outcome, Outcome::Failed);
+    assert_eq!(
+        error.as_deref(),
+        Some("The task waited 2 s for a message (RUNNER_TASK_IDLE_TIMEOUT)")
+    );
+    assert!(
+        took >= Duration::from_secs(3),
+        "the message reset the wait: {took:?}"
+    );
+    runner.wait_released(&job).await;
+    assert_eq!(worktrees_left(&runner), Vec::<String>::new());
+    runner.stop().await;
+}
+
+/// The same for an agent that answers in turns (Claude Code): the wait starts after its turn.
+#[tokio::test]
+async fn a_claude_task_left_waiting_after_its_turn_fails_after_the_idle_limit() {
+    let runner = TestRunner::start(RunnerOptions {
+        format: AgentFormat::ClaudeStreamJson,
+        limits: JobLimits {
+            task_idle_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let a = assignment(JobType::Task, "turns");
+    let job = a.job_id.clone();
+    let events = runner.run(a, 20).await;
+    assert_started_and_finished(&events);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, RunnerEvent::Agent { event } if event["type"] == "result")),
+        "the first turn ran: {events:#?}"
+    );
+    let (outcome, _, _, _, _, error) = finished(&events);
+    assert_eq!(outcome, Outcome::Failed);
+    assert_eq!(
+        error.as_deref(),
+        Some("The task waited 1 s for a message (RUNNER_TASK_IDLE_TIMEOUT)")
+    );
+    runner.wait_released(&job).await;
+    runner.stop().await;
 }

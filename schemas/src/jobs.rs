@@ -13,11 +13,14 @@ pub const DEFAULT_COMPLETION_PROMISE: &str = "RALPH_COMPLETE";
 pub const MAX_PROMPT_BYTES: usize = 256 * 1024;
 pub const MAX_FEEDBACK_COMMANDS: usize = 20;
 pub const MAX_FEEDBACK_COMMAND_BYTES: usize = 4096;
+/// The longest `timeoutSeconds` a job may ask for: one day.
+pub const MAX_TIMEOUT_SECONDS: u32 = 86_400;
 pub const DEFAULT_LIST_LIMIT: u32 = 50;
 pub const MAX_LIST_LIMIT: u32 = 500;
 
 /// `POST /jobs` as documented by seed 003 (all fields optional on the wire; [`NewJob::parse`]
-/// enforces the table). Kiln's own addition: `priority` (higher runs first, default 0).
+/// enforces the table). Kiln's own additions: `priority` (higher runs first, default 0) and
+/// `timeoutSeconds`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateJobRequest {
@@ -35,6 +38,9 @@ pub struct CreateJobRequest {
     pub completion_promise: Option<String>,
     pub feedback_commands: Option<Vec<String>>,
     pub priority: Option<i32>,
+    /// Kiln's addition: the job's wall-clock limit once running, 1 to 86400 seconds; the runner's
+    /// `RUNNER_JOB_TIMEOUT` caps it.
+    pub timeout_seconds: Option<u32>,
 }
 
 /// Where a job's code lives: a client's registered repository, or an org/repo pair.
@@ -66,6 +72,9 @@ pub struct NewJob {
     pub created_by_team_member_id: Option<String>,
     pub ralph: Option<RalphParams>,
     pub priority: i32,
+    /// `timeoutSeconds`: the job's wall-clock limit once running, capped by the runner's
+    /// `RUNNER_JOB_TIMEOUT`.
+    pub timeout_seconds: Option<u32>,
 }
 
 fn opt_string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
@@ -150,6 +159,18 @@ impl NewJob {
             },
         };
 
+        let timeout_seconds = match obj.get("timeoutSeconds") {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_u64() {
+                Some(n) if (1..=MAX_TIMEOUT_SECONDS as u64).contains(&n) => Some(n as u32),
+                _ => {
+                    return Err(format!(
+                        "timeoutSeconds must be an integer from 1 to {MAX_TIMEOUT_SECONDS}"
+                    ))
+                }
+            },
+        };
+
         let ralph = if job_type == JobType::Ralph {
             let max_iterations = match obj.get("maxIterations") {
                 None | Some(Value::Null) => DEFAULT_MAX_ITERATIONS,
@@ -199,6 +220,7 @@ impl NewJob {
             created_by_team_member_id: opt_uuid(obj, "createdByTeamMemberId")?,
             ralph,
             priority,
+            timeout_seconds,
         })
     }
 }
@@ -446,6 +468,23 @@ mod tests {
     use serde_json::json;
 
     const CLIENT: &str = "14cddf8f-ce78-4b49-9eb4-9d17a7d1f568";
+
+    #[test]
+    fn a_timeout_is_optional_and_bounded() {
+        let base = json!({"prompt": "x", "githubOrg": "o", "githubRepo": "r", "jobType": "task"});
+        assert_eq!(NewJob::parse(&base).unwrap().timeout_seconds, None);
+        for (value, want) in [(json!(1), 1), (json!(3600), 3600), (json!(86400), 86400)] {
+            let mut body = base.clone();
+            body["timeoutSeconds"] = value;
+            assert_eq!(NewJob::parse(&body).unwrap().timeout_seconds, Some(want));
+        }
+        for bad in [json!(0), json!(86401), json!(-5), json!(1.5), json!("60")] {
+            let mut body = base.clone();
+            body["timeoutSeconds"] = bad.clone();
+            let err = NewJob::parse(&body).unwrap_err();
+            assert_eq!(err, "timeoutSeconds must be an integer from 1 to 86400", "{bad}");
+        }
+    }
 
     #[test]
     fn a_code_job_needs_a_branch() {

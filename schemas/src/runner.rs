@@ -86,6 +86,10 @@ pub struct Assignment {
     /// The branch the work starts from and the pull request targets; the remote's HEAD if absent.
     pub base_branch: Option<String>,
     pub ralph: Option<RalphParams>,
+    /// The job's own wall-clock limit in seconds (`timeoutSeconds`); the runner caps it with its
+    /// `RUNNER_JOB_TIMEOUT`. Absent: the runner's limit alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u32>,
 }
 
 /// Messages the queue sends to a runner.

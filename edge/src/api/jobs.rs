@@ -140,7 +140,10 @@ async fn submit(ctx: &Ctx, who: &Principal, job: NewJob, original_job_id: Option
         .or(job.branch_name.clone())
         .unwrap_or_else(|| generated_branch(job.job_type, &id));
     ctx.config.protected_branches.check(&branch_name, default_branch.as_deref()).map_err(ApiError::BadRequest)?;
-    let params = serde_json::json!({ "ralph": job.ralph });
+    let params = match job.timeout_seconds {
+        Some(t) => serde_json::json!({ "ralph": job.ralph, "timeoutSeconds": t }),
+        None => serde_json::json!({ "ralph": job.ralph }),
+    };
     let row = JobRow {
         id: id.clone(),
         owner: who.owner().to_string(),
@@ -218,6 +221,7 @@ async fn submit(ctx: &Ctx, who: &Principal, job: NewJob, original_job_id: Option
         base_branch,
         ralph: job.ralph.clone(),
     };
+        timeout_seconds: job.timeout_seconds,
     let q = env::queue(&ctx.env, &row.queue)?;
     let pos: Position = http::call(&q, Method::Post, "/enqueue", Some(&EnqueueRequest { pending, assignment })).await?;
     Ok((row, pos.position))
@@ -288,6 +292,7 @@ pub async fn retry(ctx: &Ctx, who: &Principal, id: &str) -> ApiResult {
         ralph: row.ralph(),
         priority: row.priority as i32,
     };
+        timeout_seconds: row.timeout_seconds(),
     let branch = format!("{}-retry-{}", row.branch_name, now_ms());
     let (new_row, position) = submit(ctx, who, job, Some(row.id.clone()), Some(branch)).await?;
     // The original's channel says where its work went (its status itself does not change).

@@ -1,7 +1,9 @@
 //! The Docker executor (bollard): one container per job named `project_engine_<job_id>_container`,
 //! the worktree bind-mounted at `/app`, resource limits, `init` on, kept alive by a sleep loop (that
-//! ends when the runner is gone); each command is a `docker exec`. Architecture invariant: this is
-//! the only module that talks to Docker.
+//! ends when the runner is gone); each command is a `docker exec`. Containers are hardened: every
+//! capability dropped (`RUNNER_CAP_ADD` gives some back), `no-new-privileges`, a read-only root
+//! filesystem with a size-limited tmpfs `/tmp` (HOME), a user that is never root. Architecture
+//! invariant: this is the only module that talks to Docker.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,6 +23,7 @@ use crate::config::{ContainerLimits, ContainerUser, ExecutorKind, Mount, RUNNER_
 use crate::executor::{
     ExecError, ExecSpec, Execution, Executor, OutputChunk, Sandbox, StdinWriter, OUTPUT_CHANNEL,
 };
+use crate::isolation::{give_tree, JobUser};
 
 /// Where a job's worktree appears inside its container.
 pub const WORKDIR: &str = "/app";
@@ -51,20 +54,6 @@ fn touch(path: &Path) -> std::io::Result<()> {
         .write(true)
         .open(path)?;
     f.set_modified(std::time::SystemTime::now())
-}
-
-/// Gives a worktree and everything in it to the container's user, so the agent can edit it.
-/// Symbolic links are changed themselves, never followed; the git metadata the worktree points
-/// to (in the runner's mirror) stays the runner's.
-fn give_worktree(path: &Path, user: ContainerUser) -> std::io::Result<()> {
-    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))?;
-    if !std::fs::symlink_metadata(path)?.is_dir() {
-        return Ok(());
-    }
-    for entry in std::fs::read_dir(path)? {
-        give_worktree(&entry?.path(), user)?;
-    }
-    Ok(())
 }
 
 /// The container name of a job.
@@ -145,6 +134,16 @@ impl DockerClient {
         Ok(c.host_config)
     }
 
+    /// The user a container runs as (`Config.User`), as Docker reports it.
+    pub async fn container_user(&self, name: &str) -> Result<Option<String>, ExecError> {
+        let c = self
+            .docker
+            .inspect_container(name, None)
+            .await
+            .map_err(docker_err)?;
+        Ok(c.config.and_then(|c| c.user))
+    }
+
     /// Force-removes a container (kills what runs in it); a missing one is fine.
     pub async fn remove_container(&self, name: &str) -> Result<(), ExecError> {
         let opts = RemoveContainerOptionsBuilder::default()
@@ -171,10 +170,8 @@ pub struct DockerExecutor {
     mounts: Vec<Mount>,
     /// Who the containers run as: never root. A runner that is not root uses its own uid:gid, so
     /// files in the worktree stay its own to commit and remove; a root runner uses the configured
-    /// user and gives each worktree to it ([`give_worktree`]).
-    user: ContainerUser,
-    /// Whether worktrees must be given to `user` (the runner is root and `user` is not).
-    chown: bool,
+    /// user and gives each worktree to it ([`JobUser`]).
+    user: JobUser,
     /// Refreshed every [`ALIVE_INTERVAL`] while this executor exists; see [`keep_alive_script`].
     alive_file: PathBuf,
     refresher: tokio::task::JoinHandle<()>,
@@ -196,16 +193,7 @@ impl DockerExecutor {
         alive_file: PathBuf,
         root_user: ContainerUser,
     ) -> Self {
-        let uid = nix::unistd::getuid();
-        let (user, chown) = if uid.is_root() {
-            (root_user, root_user.uid != 0)
-        } else {
-            let own = ContainerUser {
-                uid: uid.as_raw(),
-                gid: nix::unistd::getgid().as_raw(),
-            };
-            (own, false)
-        };
+        let user = JobUser::current(root_user);
         let path = alive_file.clone();
         let refresher = tokio::spawn(async move {
             let mut tick = tokio::time::interval(ALIVE_INTERVAL);
@@ -223,7 +211,6 @@ impl DockerExecutor {
             limits,
             mounts,
             user,
-            chown,
             alive_file,
             refresher,
         }
@@ -231,6 +218,11 @@ impl DockerExecutor {
 
     pub fn client(&self) -> &DockerClient {
         &self.client
+    }
+
+    /// Who the containers run as.
+    pub fn job_user(&self) -> JobUser {
+        self.user
     }
 
     fn container_body(&self, job_id: &str, worktree: &Path) -> ContainerCreateBody {
@@ -249,7 +241,7 @@ impl DockerExecutor {
             cmd: Some(vec!["sh".into(), "-c".into(), keep_alive_script()]),
             working_dir: Some(WORKDIR.into()),
             env: Some(env),
-            user: Some(self.user.to_string()),
+            user: Some(self.user.user.to_string()),
             labels: Some(HashMap::from([(
                 "kiln.job_id".to_string(),
                 job_id.to_string(),
@@ -263,6 +255,19 @@ impl DockerExecutor {
                 network_mode: Some(self.limits.network.clone()),
                 init: Some(true),
                 auto_remove: Some(true),
+                cap_drop: Some(vec!["ALL".into()]),
+                cap_add: (!self.limits.cap_add.is_empty()).then(|| self.limits.cap_add.clone()),
+                security_opt: Some(vec!["no-new-privileges".into()]),
+                readonly_rootfs: Some(true),
+                // The agent CLIs write their settings and sessions under HOME (/tmp) and run
+                // helpers from there, hence `exec`; the size counts against the memory limit.
+                tmpfs: Some(HashMap::from([(
+                    "/tmp".to_string(),
+                    format!(
+                        "rw,exec,nosuid,nodev,size={}m,mode=1777",
+                        self.limits.tmp_mb
+                    ),
+                )])),
                 ..Default::default()
             }),
             ..Default::default()
@@ -286,9 +291,9 @@ impl Executor for DockerExecutor {
             self.client.remove_container(&name).await?;
             // The bind below needs the file to exist (else Docker makes a directory there).
             touch(&self.alive_file)?;
-            if self.chown {
-                let (path, user) = (worktree.to_path_buf(), self.user);
-                tokio::task::spawn_blocking(move || give_worktree(&path, user))
+            if self.user.give_worktree {
+                let (path, user) = (worktree.to_path_buf(), self.user.user);
+                tokio::task::spawn_blocking(move || give_tree(&path, user))
                     .await
                     .map_err(|e| ExecError::Io(std::io::Error::other(e)))??;
             }

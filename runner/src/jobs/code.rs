@@ -9,6 +9,9 @@ impl JobRun {
         let result = self
             .run_agent(&self.assignment.prompt, 1, None, None, None)
             .await;
+        if let Some(over) = self.workspace_over_limit().await {
+            return failed(over);
+        }
         if !result.succeeded() {
             return failed(result.failure("The agent"));
         }

@@ -18,7 +18,7 @@ use kiln_schemas::status::JobType;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::config::AgentProfile;
+use crate::config::{AgentProfile, JobLimits};
 use crate::edge::EdgeClient;
 use crate::executor::Executor;
 use crate::github::GithubClient;
@@ -37,6 +37,8 @@ pub struct JobServices {
     pub protected_branches: ProtectedBranches,
     pub runner_name: String,
     pub metrics: Arc<Metrics>,
+    /// `RUNNER_JOB_TIMEOUT`, `RUNNER_TASK_IDLE_TIMEOUT`, `RUNNER_WORKSPACE_MAX_MB`.
+    pub limits: JobLimits,
 }
 
 impl JobServices {

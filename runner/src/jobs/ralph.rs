@@ -11,7 +11,7 @@ use kiln_schemas::runner::{Outcome, RunnerEvent};
 use kiln_schemas::status::CompletionReason;
 use tokio::sync::mpsc;
 
-use super::run::{finished, progress_path, Inbox, JobRun, Published};
+use super::run::{failed, finished, progress_path, Inbox, JobRun, Published};
 use super::JobControl;
 use crate::output::tail_chars;
 
@@ -141,6 +141,9 @@ impl JobRun {
                         Some((&mut controls, &mut inbox)),
                     )
                     .await;
+                if let Some(over) = self.workspace_over_limit().await {
+                    return failed(over);
+                }
                 let mut it = Iteration {
                     id: uuid::Uuid::new_v4().to_string(),
                     iteration_number: i,
@@ -159,6 +162,9 @@ impl JobRun {
                         let r = self
                             .run_command(command, i, Some((&mut controls, &mut inbox)))
                             .await;
+                        if let Some(over) = self.workspace_over_limit().await {
+                            return failed(over);
+                        }
                         if !r.succeeded() {
                             feedback_output.push((
                                 command.clone(),

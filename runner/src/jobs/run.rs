@@ -1,11 +1,13 @@
 //! One job's life on this runner: wait for a slot, `started`, worktree and sandbox, the handler
 //! of its kind, `finished`, clean-up. A cancel (or a lost lease) drops the handler wherever it
-//! is, removes the sandbox and the worktree, and sends nothing more.
+//! is, removes the sandbox and the worktree, and sends nothing more. A job that outlives its time
+//! limit (`RUNNER_JOB_TIMEOUT`, or its own shorter `timeoutSeconds`) or whose worktree outgrows
+//! `RUNNER_WORKSPACE_MAX_MB` is dropped the same way but ends `failed`, naming the limit.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kiln_schemas::runner::{Assignment, Outcome, RunnerEvent};
 use kiln_schemas::status::{CompletionReason, JobType};
@@ -13,6 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::{CancelToken, JobControl, JobServices};
+use crate::config::describe_duration;
 use crate::executor::{ExecError, ExecSpec, Execution, Sandbox, StdinWriter};
 use crate::github::NewPullRequest;
 use crate::metrics::Metrics;
@@ -54,6 +57,8 @@ pub(super) async fn run_job(
     started.store(true, Ordering::SeqCst);
     Metrics::inc(&metrics.jobs_started);
 
+    // The wall-clock limit counts from the slot: time spent waiting for one is not the job's.
+    let (limit, source) = services.limits.job_limit(assignment.timeout_seconds);
     let mut job = JobRun {
         services,
         assignment,
@@ -64,6 +69,13 @@ pub(super) async fn run_job(
     let finished = tokio::select! {
         f = job.execute(controls) => Some(f),
         _ = cancel.cancelled() => None,
+        _ = tokio::time::sleep(limit) => {
+            tracing::warn!(job_id, limit_secs = limit.as_secs(), source, "job over its time limit; stopping it");
+            Some(failed(format!(
+                "The job exceeded its time limit of {} ({source})",
+                describe_duration(limit)
+            )))
+        }
     };
     let JobRun {
         sink,
@@ -327,10 +339,54 @@ impl JobRun {
                 .await;
         }
 
-        match self.assignment.job_type {
-            JobType::Code => self.run_code().await,
-            JobType::Task => self.run_task(controls).await,
-            JobType::Ralph => self.run_ralph(controls).await,
+        let this = &*self;
+        let handler = async move {
+            match this.assignment.job_type {
+                JobType::Code => this.run_code().await,
+                JobType::Task => this.run_task(controls).await,
+                JobType::Ralph => this.run_ralph(controls).await,
+            }
+        };
+        // Handlers check the worktree after every command; this catches one that grows it while
+        // a long command runs.
+        tokio::select! {
+            f = handler => f,
+            over = this.watch_workspace() => failed(over),
+        }
+    }
+
+    /// The worktree's size (apparent bytes, symbolic links not followed).
+    async fn workspace_bytes(&self) -> u64 {
+        let path = self.worktree().path.clone();
+        tokio::task::spawn_blocking(move || crate::metrics::bytes_under(&path))
+            .await
+            .unwrap_or(0)
+    }
+
+    /// `Some(message)` when the worktree holds more than `RUNNER_WORKSPACE_MAX_MB`: the job
+    /// fails with it (nothing over the limit is committed or pushed).
+    pub async fn workspace_over_limit(&self) -> Option<String> {
+        let max = self.services.limits.workspace_max_bytes;
+        let bytes = self.workspace_bytes().await;
+        (bytes > max).then(|| {
+            format!(
+                "The workspace holds {} MiB, over its limit of {} MiB (RUNNER_WORKSPACE_MAX_MB)",
+                bytes.div_ceil(1024 * 1024),
+                max / (1024 * 1024)
+            )
+        })
+    }
+
+    /// Resolves (with the message) once the worktree is over its limit; checked every 15 s.
+    async fn watch_workspace(&self) -> String {
+        let mut tick = tokio::time::interval(Duration::from_secs(15));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Some(over) = self.workspace_over_limit().await {
+                return over;
+            }
         }
     }
 

@@ -3,6 +3,8 @@
 //! each message as lines on its stdin, `complete` closes its input and the job ends when the agent
 //! does; a `claude` or `codex` agent answers the prompt in one run, then each message in a new run
 //! that resumes its session, and the job ends on `complete` once the running turn is answered.
+//! A task that waits longer than `RUNNER_TASK_IDLE_TIMEOUT` for a message after its agent's last
+//! turn (a `text` agent: after its last output) fails, naming the setting.
 
 use kiln_schemas::runner::{Outcome, RunnerEvent};
 use tokio::io::AsyncWriteExt;
@@ -10,6 +12,7 @@ use tokio::sync::mpsc;
 
 use super::run::{failed, finished, prompt_line, Inbox, JobRun};
 use super::JobControl;
+use crate::config::describe_duration;
 use crate::executor::StdinWriter;
 use crate::output::OutputCollector;
 
@@ -24,6 +27,14 @@ async fn feed_stdin(mut stdin: StdinWriter, mut lines: mpsc::UnboundedReceiver<S
 }
 
 impl JobRun {
+    /// The `finished` event of a task that waited too long for a message.
+    fn idle_failure(&self) -> RunnerEvent {
+        failed(format!(
+            "The task waited {} for a message (RUNNER_TASK_IDLE_TIMEOUT)",
+            describe_duration(self.services.limits.task_idle_timeout)
+        ))
+    }
+
     pub(super) async fn run_task(
         &self,
         controls: mpsc::UnboundedReceiver<JobControl>,
@@ -54,6 +65,9 @@ impl JobRun {
                     Some((&mut controls, &mut inbox)),
                 )
                 .await;
+            if let Some(over) = self.workspace_over_limit().await {
+                return failed(over);
+            }
             if !result.succeeded() {
                 return failed(result.failure(&format!("The agent (turn {turn})")));
             }
@@ -66,7 +80,9 @@ impl JobRun {
                     self.services.agent.format.profile_name()
                 ));
             }
-            // The next turn: a message that arrived meanwhile, else wait for one (or the end).
+            // The next turn: a message that arrived meanwhile, else wait for one (or the end), no
+            // longer than the idle limit.
+            let idle_until = tokio::time::Instant::now() + self.services.limits.task_idle_timeout;
             let next = loop {
                 if let Some(m) = inbox.messages.pop_front() {
                     break Some(m);
@@ -74,7 +90,10 @@ impl JobRun {
                 if inbox.complete {
                     break None;
                 }
-                match controls.recv().await {
+                let Ok(control) = tokio::time::timeout_at(idle_until, controls.recv()).await else {
+                    return self.idle_failure();
+                };
+                match control {
                     Some(c) => {
                         if let Some(note) = inbox.note(c) {
                             self.sink.system(note).await;
@@ -125,19 +144,34 @@ impl JobRun {
         let mut input = Some(input);
         let mut collector = OutputCollector::new(self.services.agent.format, None);
         let mut completed = false;
+        // Without turns to go by, the agent is idle once it has said nothing for a while and no
+        // message came; after `complete`, only the job's time limit applies.
+        let idle = self.services.limits.task_idle_timeout;
+        let mut idle_until = tokio::time::Instant::now() + idle;
         loop {
+            let waiting = input.is_some();
             tokio::select! {
                 chunk = exec.output.recv() => match chunk {
                     Some(chunk) => {
+                        idle_until = tokio::time::Instant::now() + idle;
                         for ev in collector.feed(&chunk) {
                             self.sink.send(ev).await;
                         }
                     }
                     None => break,
                 },
+                _ = tokio::time::sleep_until(idle_until), if waiting => {
+                    for ev in collector.finish() {
+                        self.sink.send(ev).await;
+                    }
+                    return self.idle_failure();
+                }
                 Some(control) = controls.recv() => match control {
                     JobControl::Deliver(message) => match &input {
-                        Some(tx) => { let _ = tx.send(prompt_line(&message)); }
+                        Some(tx) => {
+                            idle_until = tokio::time::Instant::now() + idle;
+                            let _ = tx.send(prompt_line(&message));
+                        }
                         None => self.sink.system("A message arrived after the session was completed; not delivered").await,
                     },
                     JobControl::Complete => {
@@ -154,6 +188,9 @@ impl JobRun {
             self.sink.send(ev).await;
         }
         drop(input);
+        if let Some(over) = self.workspace_over_limit().await {
+            return failed(over);
+        }
         match exec.exit_code().await {
             Ok(code) if completed => finished(
                 Outcome::Completed,

@@ -8,6 +8,7 @@
 #   hang       write its pid to /tmp/kiln-hang-$JOB_ID.pid (its child's to .child) and run
 #              forever, printing a line every second
 #   slow       sleep 1 second before finishing
+#   big        write 3 MiB to kiln/big.bin
 #   json       print claude-stream-json lines
 #   echo       interactive: answer each further line with "echo: <line>" until stdin closes
 #   env        print its environment, one "env: NAME=value" line per variable
@@ -50,6 +51,9 @@ case " $prompt " in *" hang "*)
   while :; do sleep 1; echo "agent: still working"; done ;;
 esac
 case " $prompt " in *" slow "*) sleep 1 ;; esac
+case " $prompt " in *" big "*)
+  mkdir -p kiln && head -c 3145728 /dev/zero > kiln/big.bin && echo "agent: wrote 3 MiB" ;;
+esac
 case " $prompt " in *" flaky "*)
   marker="/tmp/kiln-flaky-${JOB_ID}-${ITERATION}"
   if [ ! -f "$marker" ]; then touch "$marker"; echo "agent: flaky failure" >&2; exit 1; fi ;;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use kiln_runner::app::StartError;
 use kiln_runner::config::{
     AgentEnv, AgentFormat, AgentProfile, Config, ContainerLimits, ContainerUser, EdgeCredential,
-    ExecutorKind, Mount,
+    ExecutorKind, JobLimits, Mount,
 };
 use kiln_runner::jobs::Supervisor;
 use kiln_runner::Application;
@@ -42,6 +42,13 @@ pub fn agent_cmd(executor: ExecutorKind) -> String {
         ExecutorKind::Process => format!("sh {}/agent.sh", agents_dir().display()),
         ExecutorKind::Docker => format!("sh {CONTAINER_AGENTS}/agent.sh"),
     }
+}
+
+/// Makes a directory searchable by every user (0755, whatever the umask made it), as a root
+/// runner's WORKTREES_DIR must be for its commands' user.
+pub fn searchable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
 /// Runs git synchronously (test set-up and checks); panics on failure.
@@ -170,6 +177,7 @@ pub fn assignment(job_type: JobType, prompt: &str) -> Assignment {
             completion_promise: "RALPH_COMPLETE".into(),
             feedback_commands: vec![],
         }),
+        timeout_seconds: None,
     }
 }
 
@@ -190,6 +198,8 @@ pub struct RunnerOptions {
     pub name: String,
     /// `RUNNER_REPOSITORIES` [default: every repository].
     pub repositories: Vec<RepoPattern>,
+    /// `RUNNER_JOB_TIMEOUT`, `RUNNER_TASK_IDLE_TIMEOUT`, `RUNNER_WORKSPACE_MAX_MB`.
+    pub limits: JobLimits,
 }
 
 impl Default for RunnerOptions {
@@ -207,6 +217,7 @@ impl Default for RunnerOptions {
             )),
             name: "test-runner".into(),
             repositories: Vec::new(),
+            limits: JobLimits::default(),
         }
     }
 }
@@ -244,6 +255,9 @@ impl TestRunner {
             .prefix("kiln-runner-test-")
             .tempdir()
             .unwrap();
+        // A root runner's commands run as another user (RUNNER_CONTAINER_USER), which must be
+        // able to enter WORKTREES_DIR; the state directory inside is the runner's (0700).
+        searchable(dirs.path());
         let config = Config {
             edge_url: edge.url.parse().unwrap(),
             credential: opts.credential,
@@ -271,6 +285,7 @@ impl TestRunner {
                 cpus: 1.0,
                 pids: 128,
                 network: "none".into(),
+                ..Default::default()
             },
             mounts: vec![Mount {
                 host: agents_dir(),
@@ -279,6 +294,7 @@ impl TestRunner {
             }],
             docker_host: opts.docker_host,
             container_user: ContainerUser::default(),
+            job_limits: opts.limits,
         };
         let app = Application::build(config).await?;
         let port = app.port();
