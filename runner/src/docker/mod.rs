@@ -259,8 +259,9 @@ impl DockerExecutor {
                 cap_add: (!self.limits.cap_add.is_empty()).then(|| self.limits.cap_add.clone()),
                 security_opt: Some(vec!["no-new-privileges".into()]),
                 readonly_rootfs: Some(true),
-                // The agent CLIs write their settings and sessions under HOME (/tmp) and run
-                // helpers from there, hence `exec`; the size counts against the memory limit.
+                // The agent CLIs write their settings and sessions under HOME (/tmp); `exec`
+                // because the tools an agent runs (test runners, compilers) execute what they
+                // write there. The size counts against the memory limit.
                 tmpfs: Some(HashMap::from([(
                     "/tmp".to_string(),
                     format!(
