@@ -46,6 +46,8 @@ pub enum ConfigError {
     },
     #[error("{key}: {message}")]
     Invalid { key: &'static str, message: String },
+    #[error(transparent)]
+    Llm(#[from] crate::llm::LlmConfigError),
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -538,6 +540,9 @@ pub struct Args {
     /// uid:gid that job containers (and process-executor commands) run as when the runner runs as root; the runner gives each job's worktree to it. A runner that is not root always uses its own uid:gid [default: 1000:1000, the agent image's user]
     #[arg(long, env = "RUNNER_CONTAINER_USER")]
     pub container_user: Option<String>,
+    /// Model of LLM steps whose role has none of its own, as provider/model (e.g. anthropic/claude-sonnet-4-5). ANTHROPIC_API_KEY (+ ANTHROPIC_BASE_URL) defines the provider anthropic, OPENAI_API_KEY (+ OPENAI_BASE_URL) openai; more providers, roles, prices and budgets go in the config file's [llm] table [default: the file's [llm.roles] default]
+    #[arg(long, env = "RUNNER_LLM_MODEL")]
+    pub llm_model: Option<String>,
 }
 
 /// The same settings read from `--config`, keyed by their lowercase variable names.
@@ -577,6 +582,9 @@ pub struct FileSettings {
     pub runner_task_idle_timeout: Option<String>,
     pub docker_host: Option<String>,
     pub runner_container_user: Option<String>,
+    pub runner_llm_model: Option<String>,
+    /// LLM providers, roles, prices and budgets (see `crate::llm::config`).
+    pub llm: Option<crate::llm::LlmFile>,
 }
 
 impl FileSettings {
@@ -624,6 +632,8 @@ pub struct Config {
     /// Who job containers (and process-executor commands) run as when the runner is root.
     pub container_user: ContainerUser,
     pub job_limits: JobLimits,
+    /// LLM providers, role assignments, prices, retries and the per-job budget.
+    pub llm: crate::llm::LlmConfig,
 }
 
 /// What resolution needs from the machine, passed in so resolution stays a pure function.
@@ -893,6 +903,11 @@ impl Config {
                 None => ContainerUser::default(),
             },
             job_limits,
+            llm: crate::llm::LlmConfig::resolve(
+                file.llm,
+                non_empty(args.llm_model.or(file.runner_llm_model)).as_deref(),
+                &host.vars,
+            )?,
         })
     }
 }
@@ -1411,6 +1426,84 @@ mod tests {
     }
 
     #[test]
+    fn llm_settings_come_from_the_file_the_model_variable_and_the_vendor_keys() {
+        let file = FileSettings::parse(
+            r#"
+            runner_name = "box"
+            [llm]
+            budget_tokens = 5000
+            [llm.providers.local]
+            api = "openai"
+            base_url = "http://127.0.0.1:11434/v1"
+            [llm.roles]
+            default = "local/qwen3:8b"
+            gatherer = "anthropic/claude-haiku-4-5"
+            "#,
+        )
+        .unwrap();
+        let c = Config::resolve(Args::default(), file.clone(), &host()).unwrap();
+        assert_eq!(c.llm.route("ceo").unwrap().1.to_string(), "local/qwen3:8b");
+        let (p, m) = c.llm.route("gatherer").unwrap();
+        assert_eq!(
+            (p.name.as_str(), m.model.as_str()),
+            ("anthropic", "claude-haiku-4-5")
+        );
+        assert_eq!(c.llm.budget.max_tokens, Some(5000));
+        assert!(
+            !format!("{c:?}").contains("sk-ant-secret"),
+            "the key never shows"
+        );
+        let c = Config::resolve(
+            Args {
+                llm_model: Some("openai/gpt-4o-mini".into()),
+                ..Default::default()
+            },
+            file,
+            &host(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.llm.route("ceo").unwrap().1.to_string(),
+            "openai/gpt-4o-mini"
+        );
+
+        let d = Config::resolve(Args::default(), FileSettings::default(), &host()).unwrap();
+        assert_eq!(
+            d.llm.providers.keys().collect::<Vec<_>>(),
+            vec!["anthropic", "openai"],
+            "the vendor keys define their providers"
+        );
+        assert!(d.llm.route("default").is_none(), "no model is guessed");
+
+        let err = Config::resolve(
+            Args {
+                llm_model: Some("groq/llama".into()),
+                ..Default::default()
+            },
+            FileSettings::default(),
+            &host(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("RUNNER_LLM_MODEL: no provider named \"groq\""),
+            "{err}"
+        );
+        let file = FileSettings::parse(
+            "[llm.providers.groq]\napi = \"openai\"\napi_key_env = \"GROQ_API_KEY\"",
+        )
+        .unwrap();
+        let err = Config::resolve(Args::default(), file, &host())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "[llm.providers.groq] api_key_env: GROQ_API_KEY is not set in the runner's environment"
+        );
+        assert!(FileSettings::parse("[llm]\nbudget = 1").is_err());
+    }
+
+    #[test]
     fn help_lists_every_setting() {
         use clap::CommandFactory;
         let help = Args::command().render_long_help().to_string();
@@ -1448,6 +1541,7 @@ mod tests {
             "RUNNER_WORKSPACE_MAX_MB",
             "RUNNER_JOB_TIMEOUT",
             "RUNNER_TASK_IDLE_TIMEOUT",
+            "RUNNER_LLM_MODEL",
             "DOCKER_HOST",
         ] {
             assert!(

@@ -295,6 +295,7 @@ impl TestRunner {
             docker_host: opts.docker_host,
             container_user: ContainerUser::default(),
             job_limits: opts.limits,
+            llm: Default::default(),
         };
         let app = Application::build(config).await?;
         let port = app.port();
