@@ -51,3 +51,46 @@ pub struct StepUsage {
     pub started_at: String,
     pub timing: Timing,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn usage_is_snake_case_event_data() {
+        let u = StepUsage {
+            provider: "anthropic".into(),
+            model: "claude-sonnet-4-5-20250929".into(),
+            requested_model: "claude-sonnet-4-5".into(),
+            input_tokens: 1200,
+            output_tokens: 340,
+            latency_ms: 2100,
+            first_token_ms: Some(450),
+            cost_usd: Some(0.0087),
+            attempts: 1,
+            stop_reason: Some("end_turn".into()),
+            started_at: "2026-12-04T23:30:00.000Z".into(),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&u).unwrap();
+        assert_eq!(v["input_tokens"], 1200);
+        assert_eq!(v["first_token_ms"], 450);
+        assert_eq!(v["cost_usd"], 0.0087);
+        assert_eq!(v["timing"]["first_token_us"], json!(null));
+        assert!(
+            v.get("usage_estimated").is_none(),
+            "left out unless estimated"
+        );
+        let back: StepUsage = serde_json::from_value(v).unwrap();
+        assert_eq!(back, u);
+        let estimated = StepUsage {
+            usage_estimated: true,
+            ..u
+        };
+        assert_eq!(
+            serde_json::to_value(&estimated).unwrap()["usage_estimated"],
+            true
+        );
+    }
+}
