@@ -122,6 +122,13 @@ async fn a_code_job_runs_claude_code_which_writes_a_file_that_is_committed_into_
     assert_eq!(w.results(&id).await, vec!["Added src/logout.js."]);
     let system = w.system_lines(&id).await;
     assert!(system.iter().any(|l| l.starts_with("Agent usage: ") && l.contains(" tokens in, ")), "{system:#?}");
+    // The edge's /health tells what the runner found: seed 003's claude and git blocks.
+    let (_, health) = w.api().send(Method::GET, "/health", None, None).await;
+    assert_eq!(health["claude"]["authenticated"], true, "{health}");
+    assert_eq!(health["claude"]["demoModel"], false, "{health}");
+    assert!(health["claude"]["version"].as_str().is_some_and(|v| v.contains("Claude Code")), "{health}");
+    assert_eq!(health["git"]["authenticated"], true, "GITHUB_TOKEN is set: {health}");
+    assert_eq!(health["runners"]["tools"][0]["profile"], "claude", "{health}");
     // The CLI really talked to the model: its prompt and the tool result reached the server.
     let seen = w.model.requests();
     assert!(seen.iter().any(|r| format!("{r:?}").contains("Add a logout button")), "{seen:#?}");

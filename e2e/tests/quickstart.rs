@@ -75,6 +75,14 @@ async fn the_readme_example_completes_on_scripts_dev_with_no_configuration() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
+    // The edge's /health tells the truth about the runner: Claude Code on the demo model, no
+    // forge token.
+    let health: serde_json::Value = http.get(format!("http://127.0.0.1:{port}/health")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(health["claude"]["authenticated"], true, "{health}");
+    assert_eq!(health["claude"]["demoModel"], true, "{health}");
+    assert!(health["claude"]["version"].as_str().is_some_and(|v| v.contains("Claude Code")), "{health}");
+    assert_eq!(health["git"]["authenticated"], false, "{health}");
+
     let script = example
         .replace("127.0.0.1:8787", &format!("127.0.0.1:{port}"))
         .replace(".kiln/remotes", &dev_dir.join("remotes").display().to_string());

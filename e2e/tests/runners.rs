@@ -549,7 +549,7 @@ async fn a_retried_event_batch_is_stored_once() {
     let mut request = format!("{}/runner/v1/connect", w.edge.ws_url()).into_client_request().unwrap();
     request.headers_mut().insert("authorization", format!("Bearer {runner_token}").parse().unwrap());
     let (mut ws, _) = tokio_tungstenite::connect_async(request).await.expect("runner socket");
-    let hello = RunnerMessage::Hello { name: "by-hand".into(), capacity: 1, running: vec![], version: "test".into() };
+    let hello = RunnerMessage::Hello { name: "by-hand".into(), capacity: 1, running: vec![], version: "test".into(), tools: None };
     ws.send(Message::Text(serde_json::to_string(&hello).unwrap().into())).await.unwrap();
     let id = api
         .create_job(&w.token, json!({"githubOrg": "acme", "githubRepo": "shop", "prompt": "p", "branchName": "b/dup"}))

@@ -257,7 +257,7 @@ impl HandRunner {
         request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
         let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("runner socket");
         let mut runner = HandRunner { token, ws };
-        runner.send(&RunnerMessage::Hello { name: name.into(), capacity, running, version: "test".into() }).await;
+        runner.send(&RunnerMessage::Hello { name: name.into(), capacity, running, version: "test".into(), tools: None }).await;
         runner
     }
 

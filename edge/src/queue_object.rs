@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use futures::channel::oneshot;
 use futures::future::{select, Either};
-use kiln_schemas::jobs::{QueueEntry, QueueView};
-use kiln_schemas::runner::{Assignment, EdgeMessage, RunnerMessage, RunnerRequest};
+use kiln_schemas::jobs::{NamedRunnerTools, QueueEntry, QueueView};
+use kiln_schemas::runner::{Assignment, EdgeMessage, RunnerMessage, RunnerRequest, RunnerTools};
 use kiln_schemas::status::JobStatus;
 use serde::{Deserialize, Serialize};
 use worker::{
@@ -63,14 +63,19 @@ pub struct Stats {
     pub max_concurrent: u32,
     pub runners_connected: u32,
     pub free_slots: u32,
+    /// What each connected runner reported of its tools in its `hello`.
+    #[serde(default)]
+    pub tools: Vec<NamedRunnerTools>,
 }
 
-/// Attached to a runner's socket; `capacity` is set by its `hello`.
+/// Attached to a runner's socket; `capacity` and `tools` are set by its `hello`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RunnerSocket {
     runner_id: String,
     name: String,
     capacity: Option<u32>,
+    #[serde(default)]
+    tools: Option<RunnerTools>,
 }
 
 #[durable_object]
@@ -312,12 +317,20 @@ impl Queue {
 
     fn stats(&self) -> ApiResult<Stats> {
         let max_concurrent = self.limits.max_concurrent;
+        let tools = self
+            .state
+            .get_websockets()
+            .iter()
+            .filter_map(|ws| ws.deserialize_attachment::<RunnerSocket>().ok().flatten())
+            .filter_map(|info| Some(NamedRunnerTools { name: info.name, tools: info.tools? }))
+            .collect();
         self.with_core(|c| Stats {
             running: c.running(),
             queued: c.pending.len() as u32,
             max_concurrent,
             runners_connected: c.runners.len() as u32,
             free_slots: c.free_slots(),
+            tools,
         })
     }
 
@@ -362,7 +375,7 @@ impl Queue {
         self.with_core(|c| c.disconnect(&runner_id))?;
         let pair = WebSocketPair::new()?;
         self.state.accept_websocket_with_tags(&pair.server, &[runner_id.as_str()]);
-        pair.server.serialize_attachment(RunnerSocket { runner_id, name, capacity: None })?;
+        pair.server.serialize_attachment(RunnerSocket { runner_id, name, capacity: None, tools: None })?;
         Ok(Response::from_websocket(pair.client)?)
     }
 
@@ -379,8 +392,9 @@ impl Queue {
         };
         let now = now_ms();
         match msg {
-            RunnerMessage::Hello { capacity, running, .. } => {
+            RunnerMessage::Hello { capacity, running, tools, .. } => {
                 info.capacity = Some(capacity);
+                info.tools = tools;
                 ws.serialize_attachment(&info)?;
                 let held: Vec<(String, String)> = running.into_iter().map(|h| (h.job_id, h.lease_id)).collect();
                 let stale = self.with_core(|c| c.connect(&info.runner_id, capacity, &held, now, self.limits))?;

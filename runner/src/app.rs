@@ -185,6 +185,13 @@ impl Application {
             repos_dir: config.repos_dir.clone(),
             worktrees_dir: config.worktrees_dir.clone(),
         });
+        let tools = crate::tools::report(
+            &config.agent,
+            crate::tools::agent_version(executor.as_ref(), &config.agent, &config.worktrees_dir)
+                .await,
+            health.git_version.clone(),
+            config.github_token.is_some(),
+        );
         let session = Session {
             client,
             name: config.name.clone(),
@@ -193,6 +200,7 @@ impl Application {
             status,
             registrar,
             metrics,
+            tools,
         };
         tracing::info!(
             name = %config.name,

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod output;
 pub mod reporter;
 pub mod state;
+pub mod tools;
 pub mod workspace;
 
 pub use app::Application;

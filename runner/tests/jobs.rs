@@ -131,12 +131,21 @@ async fn the_runner_registers_says_hello_beats_and_reports_health() {
             capacity,
             running,
             version,
+            tools,
         } => {
             assert_eq!(
                 (name.as_str(), *capacity, running.len()),
                 ("test-runner", 2, 0)
             );
             assert_eq!(version, env!("CARGO_PKG_VERSION"));
+            let tools = tools.as_ref().expect("the runner reports its tools");
+            assert_eq!(tools.profile, "text");
+            assert_eq!(tools.agent_version, None, "a text agent has no CLI to ask");
+            assert!(tools.git_version.is_some(), "{tools:?}");
+            assert!(
+                tools.forge_token && !tools.demo_model && !tools.agent_authenticated,
+                "{tools:?}"
+            );
         }
         other => panic!("{other:?}"),
     }

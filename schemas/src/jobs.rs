@@ -418,14 +418,63 @@ pub struct QueueCounts {
 pub struct Health {
     pub status: String,
     pub queue: QueueCounts,
-    /// Kiln's addition: connected runners and their free slots.
+    /// Seed 003's block, from what the connected runners with the `claude` profile report.
+    pub claude: ClaudeHealth,
+    /// Seed 003's block, from what the connected runners report.
+    pub git: GitHealth,
+    /// Kiln's addition: connected runners, their free slots, and each one's tools.
     pub runners: RunnerCounts,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaudeHealth {
+    /// Some connected runner's Claude Code has credentials (a vendor key, or the demo model).
+    pub authenticated: bool,
+    /// The Claude Code version of the first connected runner that reports one.
+    pub version: Option<String>,
+    /// Kiln's addition: every connected Claude Code runner talks to the demo model.
+    pub demo_model: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct GitHealth {
+    /// Some connected runner holds a forge token (pushes over https, opens pull requests).
+    pub authenticated: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct RunnerCounts {
     pub connected: u32,
     pub free_slots: u32,
+    /// Each connected runner that reported its tools, by name.
+    #[serde(default)]
+    pub tools: Vec<NamedRunnerTools>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NamedRunnerTools {
+    pub name: String,
+    #[serde(flatten)]
+    pub tools: crate::runner::RunnerTools,
+}
+
+impl Health {
+    /// Seed 003's `claude` and `git` blocks from the runners' reports.
+    pub fn from_runners(queue: QueueCounts, connected: u32, free_slots: u32, tools: Vec<NamedRunnerTools>) -> Health {
+        let claude: Vec<&crate::runner::RunnerTools> = tools.iter().map(|t| &t.tools).filter(|t| t.profile == "claude").collect();
+        Health {
+            status: "ok".into(),
+            queue,
+            claude: ClaudeHealth {
+                authenticated: claude.iter().any(|t| t.agent_authenticated),
+                version: claude.iter().find_map(|t| t.agent_version.clone()),
+                demo_model: !claude.is_empty() && claude.iter().all(|t| t.demo_model),
+            },
+            git: GitHealth { authenticated: tools.iter().any(|t| t.tools.forge_token) },
+            runners: RunnerCounts { connected, free_slots, tools },
+        }
+    }
 }
 
 /// One ralph iteration (seed 003's `GET /jobs/:id/iterations`).
@@ -468,6 +517,44 @@ mod tests {
     use serde_json::json;
 
     const CLIENT: &str = "14cddf8f-ce78-4b49-9eb4-9d17a7d1f568";
+
+    fn tools(name: &str, profile: &str, version: Option<&str>, authenticated: bool, demo: bool, forge: bool) -> NamedRunnerTools {
+        NamedRunnerTools {
+            name: name.into(),
+            tools: crate::runner::RunnerTools {
+                profile: profile.into(),
+                agent_version: version.map(str::to_string),
+                agent_authenticated: authenticated,
+                demo_model: demo,
+                git_version: Some("git version 2.39.5".into()),
+                forge_token: forge,
+            },
+        }
+    }
+
+    #[test]
+    fn health_tells_what_the_runners_report() {
+        let q = QueueCounts { running: 0, queued: 0, max_concurrent: 2 };
+        let none = Health::from_runners(q.clone(), 0, 0, vec![]);
+        let v = serde_json::to_value(&none).unwrap();
+        assert_eq!(v["claude"], json!({"authenticated": false, "version": null, "demoModel": false}));
+        assert_eq!(v["git"], json!({"authenticated": false}));
+
+        let h = Health::from_runners(
+            q,
+            2,
+            3,
+            vec![
+                tools("a", "text", None, false, false, false),
+                tools("b", "claude", Some("2.1.328 (Claude Code)"), true, true, true),
+            ],
+        );
+        let v = serde_json::to_value(&h).unwrap();
+        assert_eq!(v["claude"], json!({"authenticated": true, "version": "2.1.328 (Claude Code)", "demoModel": true}));
+        assert_eq!(v["git"], json!({"authenticated": true}));
+        assert_eq!(v["runners"]["tools"][1]["name"], "b");
+        assert_eq!(v["runners"]["tools"][1]["profile"], "claude", "flattened: {v}");
+    }
 
     #[test]
     fn a_timeout_is_optional_and_bounded() {

@@ -22,6 +22,26 @@ pub struct RegisterRunnerResponse {
     pub token: String,
 }
 
+/// A runner's agent CLI and git, as it found them at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RunnerTools {
+    /// The agent profile: `claude`, `codex` or `text`.
+    pub profile: String,
+    /// What the agent CLI's `--version` printed (in the job image, under the Docker executor);
+    /// `None` for a `text` agent or a CLI that did not answer.
+    pub agent_version: Option<String>,
+    /// Whether the agent has credentials for its model: a vendor key or token passed to it, or
+    /// the demo model.
+    pub agent_authenticated: bool,
+    /// The agent talks to Kiln's scripted demo model.
+    pub demo_model: bool,
+    /// What `git --version` printed on the runner's host.
+    pub git_version: Option<String>,
+    /// Whether the runner holds a forge token (`GITHUB_TOKEN`) to push over https and open pull
+    /// requests.
+    pub forge_token: bool,
+}
+
 /// A job a runner holds, with the lease it holds it under.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct HeldJob {
@@ -35,7 +55,16 @@ pub struct HeldJob {
 pub enum RunnerMessage {
     /// First message after connecting: total capacity (slots) and the jobs still running here (after a
     /// reconnect), whose leases the queue re-attaches to this socket.
-    Hello { name: String, capacity: u32, running: Vec<HeldJob>, version: String },
+    Hello {
+        name: String,
+        capacity: u32,
+        running: Vec<HeldJob>,
+        version: String,
+        /// What the runner found of its agent CLI and git at start (Kiln's addition: `GET /health`
+        /// reports it; runners that predate it send none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tools: Option<RunnerTools>,
+    },
     /// Sent every `heartbeat_secs`: renews the leases of the jobs listed.
     Heartbeat { running: Vec<HeldJob> },
     /// The answer to an [`EdgeMessage::Request`].

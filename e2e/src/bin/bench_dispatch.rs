@@ -35,7 +35,7 @@ async fn run_noop_runner(base: String, token: String, assigned: Assigned, done: 
     request.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
     let (ws, _) = tokio_tungstenite::connect_async(request).await?;
     let (mut sink, mut stream) = ws.split();
-    let hello = RunnerMessage::Hello { name: "bench".into(), capacity: SLOTS, running: vec![], version: "bench".into() };
+    let hello = RunnerMessage::Hello { name: "bench".into(), capacity: SLOTS, running: vec![], version: "bench".into(), tools: None };
     sink.send(Message::Text(serde_json::to_string(&hello)?.into())).await?;
     let http = reqwest::Client::new();
     while let Some(msg) = stream.next().await {

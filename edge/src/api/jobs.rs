@@ -3,7 +3,7 @@
 use kiln_schemas::events::{EventBody, ServerEvent};
 use kiln_schemas::jobs::{
     generated_branch, CancelResponse, CreateJobResponse, Health, IterationList, JobList, JobTarget, ListQuery, NewJob,
-    QueueCounts, QueueView, RetryResponse, RunnerCounts,
+    QueueCounts, QueueView, RetryResponse,
 };
 use kiln_schemas::runner::Assignment;
 use kiln_schemas::status::{JobStatus, JobType};
@@ -27,11 +27,12 @@ async fn stats(ctx: &Ctx) -> ApiResult<Stats> {
 
 pub async fn health(ctx: &Ctx) -> ApiResult {
     let st = stats(ctx).await?;
-    json(&Health {
-        status: "ok".into(),
-        queue: QueueCounts { running: st.running, queued: st.queued, max_concurrent: st.max_concurrent },
-        runners: RunnerCounts { connected: st.runners_connected, free_slots: st.free_slots },
-    })
+    json(&Health::from_runners(
+        QueueCounts { running: st.running, queued: st.queued, max_concurrent: st.max_concurrent },
+        st.runners_connected,
+        st.free_slots,
+        st.tools,
+    ))
 }
 
 pub async fn queue(ctx: &Ctx, who: &Principal) -> ApiResult {
@@ -220,8 +221,8 @@ async fn submit(ctx: &Ctx, who: &Principal, job: NewJob, original_job_id: Option
         github_repo,
         base_branch,
         ralph: job.ralph.clone(),
-    };
         timeout_seconds: job.timeout_seconds,
+    };
     let q = env::queue(&ctx.env, &row.queue)?;
     let pos: Position = http::call(&q, Method::Post, "/enqueue", Some(&EnqueueRequest { pending, assignment })).await?;
     Ok((row, pos.position))
@@ -291,8 +292,8 @@ pub async fn retry(ctx: &Ctx, who: &Principal, id: &str) -> ApiResult {
         created_by_team_member_id: row.created_by_team_member_id.clone(),
         ralph: row.ralph(),
         priority: row.priority as i32,
-    };
         timeout_seconds: row.timeout_seconds(),
+    };
     let branch = format!("{}-retry-{}", row.branch_name, now_ms());
     let (new_row, position) = submit(ctx, who, job, Some(row.id.clone()), Some(branch)).await?;
     // The original's channel says where its work went (its status itself does not change).

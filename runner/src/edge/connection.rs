@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use kiln_schemas::runner::{EdgeMessage, RepoResult, RunnerMessage, RunnerRequest};
+use kiln_schemas::runner::{EdgeMessage, RepoResult, RunnerMessage, RunnerRequest, RunnerTools};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -62,6 +62,8 @@ pub struct Session {
     /// without a registration token).
     pub registrar: Option<Arc<Registrar>>,
     pub metrics: Arc<Metrics>,
+    /// What `hello` reports of the agent CLI and git (`crate::tools`).
+    pub tools: RunnerTools,
 }
 
 impl Session {
@@ -122,6 +124,7 @@ impl Session {
             capacity: self.supervisor.capacity(),
             running: self.supervisor.held(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            tools: Some(self.tools.clone()),
         }
     }
 
