@@ -392,8 +392,10 @@ async fn two_runners_share_one_queue_under_max_concurrent_jobs() {
     let w = World::start(&[("MAX_CONCURRENT_JOBS", "2")]).await;
     let api = w.api();
     let agent = "sleep 2; echo \"ran on $RUNNER_NAME_FOR_TEST\"";
-    let _a = w.runner(agent, "process", &[("MAX_CONCURRENT_JOBS", "2"), ("RUNNER_NAME_FOR_TEST", "a")]).await;
-    let _b = w.runner(agent, "process", &[("MAX_CONCURRENT_JOBS", "2"), ("RUNNER_NAME_FOR_TEST", "b")]).await;
+    // Commands get nothing of the runner's environment but what RUNNER_AGENT_ENV names.
+    let pass = ("RUNNER_AGENT_ENV", "RUNNER_NAME_FOR_TEST");
+    let _a = w.runner(agent, "process", &[("MAX_CONCURRENT_JOBS", "2"), ("RUNNER_NAME_FOR_TEST", "a"), pass]).await;
+    let _b = w.runner(agent, "process", &[("MAX_CONCURRENT_JOBS", "2"), ("RUNNER_NAME_FOR_TEST", "b"), pass]).await;
     w.wait_runners(4).await;
     let mut ids = vec![];
     for i in 0..5 {

@@ -98,6 +98,9 @@ pub(super) async fn run_job(
                 tracing::info!(job_id, ?outcome, "job finished");
             }
             // The job stays held (its lease renewed) until the edge has every event, unless it is
+            // Nothing of the job runs any more once the edge hears that it ended: the sandbox
+            // goes first (the worktree is removed while the events are delivered).
+            cleanup(&services, &job_id, None, sandbox).await;
             // cancelled meanwhile or the runner stops: then what is undelivered is dropped.
             let stop_reporter = reporter.abort_handle();
             let deliver = async {
@@ -105,7 +108,7 @@ pub(super) async fn run_job(
                 drop(sink);
                 reporter.await
             };
-            let cleanup = cleanup(&services, &job_id, worktree, sandbox);
+            let cleanup = cleanup(&services, &job_id, worktree, None);
             let delivered = async {
                 tokio::select! {
                     end = deliver => tracing::debug!(job_id, ?end, "events delivered"),
