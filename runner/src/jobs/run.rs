@@ -97,10 +97,10 @@ pub(super) async fn run_job(
             if let RunnerEvent::Finished { outcome, .. } = &event {
                 tracing::info!(job_id, ?outcome, "job finished");
             }
-            // The job stays held (its lease renewed) until the edge has every event, unless it is
             // Nothing of the job runs any more once the edge hears that it ended: the sandbox
             // goes first (the worktree is removed while the events are delivered).
             cleanup(&services, &job_id, None, sandbox).await;
+            // The job stays held (its lease renewed) until the edge has every event, unless it is
             // cancelled meanwhile or the runner stops: then what is undelivered is dropped.
             let stop_reporter = reporter.abort_handle();
             let deliver = async {
