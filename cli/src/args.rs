@@ -147,6 +147,9 @@ pub struct SubmitArgs {
     /// priority: -100 to 100, higher runs first (default 0)
     #[arg(long, allow_negative_numbers = true)]
     pub priority: Option<i32>,
+    /// timeoutSeconds: the job's wall-clock limit once running, 1-86400 (the runner's RUNNER_JOB_TIMEOUT caps it)
+    #[arg(long = "timeout", value_name = "SECONDS")]
+    pub timeout_seconds: Option<u32>,
     /// Follow the job right after submitting it (exit status as for `kiln follow`).
     #[arg(long, short = 'F')]
     pub follow: bool,

@@ -24,6 +24,7 @@ pub const FIELD_FLAGS: &[(&str, &str)] = &[
     ("completionPromise", "--completion-promise"),
     ("feedbackCommands", "--feedback-command"),
     ("priority", "--priority"),
+    ("timeoutSeconds", "--timeout"),
 ];
 
 /// The request fields, from the wire type itself.
@@ -64,6 +65,7 @@ pub fn build_body(file: Option<Value>, args: &SubmitArgs, prompt: Option<String>
         completion_promise: args.completion_promise.clone(),
         feedback_commands: (!args.feedback_commands.is_empty()).then(|| args.feedback_commands.clone()),
         priority: args.priority,
+        timeout_seconds: args.timeout_seconds,
         ..CreateJobRequest::default()
     };
     let Value::Object(set) = serde_json::to_value(&flags)? else { unreachable!("a struct is an object") };
@@ -120,14 +122,19 @@ mod tests {
             feedback_commands: vec!["make test".into()],
             priority: Some(-2),
             title: Some("Loop".into()),
+            timeout_seconds: Some(900),
             ..args()
         };
         let body = build_body(None, &a, Some("go".into())).unwrap();
         assert_eq!(
             body,
             json!({"prompt": "go", "jobType": "ralph", "githubOrg": "acme", "githubRepo": "shop", "maxIterations": 3,
-                   "completionPromise": "DONE", "feedbackCommands": ["make test"], "priority": -2, "title": "Loop"})
+                   "completionPromise": "DONE", "feedbackCommands": ["make test"], "priority": -2, "title": "Loop",
+                   "timeoutSeconds": 900})
         );
+        let too_long = SubmitArgs { timeout_seconds: Some(86_401), ..a };
+        let err = build_body(None, &too_long, Some("go".into())).unwrap_err().to_string();
+        assert_eq!(err, "timeoutSeconds must be an integer from 1 to 86400 (--timeout)");
     }
 
     #[test]
