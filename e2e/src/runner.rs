@@ -41,7 +41,9 @@ impl TestRunner {
     /// Starts a runner against `edge` with the registration token from `.dev.vars`, its health API
     /// on a free port, `REPOS_DIR`/`WORKTREES_DIR` in a temporary directory and `DOCKER_HOST`
     /// passed through (the repository's private dockerd when unset); `env` adds or overrides
-    /// variables. Waits until the runner's own `/health` answers.
+    /// variables (name `RUNNER_EXECUTOR`: the runner refuses to start without Docker unless it is
+    /// `process`, and process-executor commands see only what `RUNNER_AGENT_ENV` passes of its
+    /// environment). Waits until the runner's own `/health` answers.
     pub async fn start(edge: &TestEdge, env: &[(&str, &str)]) -> anyhow::Result<TestRunner> {
         let bin = Self::binary()?;
         let dir = tempfile::Builder::new().prefix("kiln-runner-").tempdir()?;
