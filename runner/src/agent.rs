@@ -74,6 +74,47 @@ impl AgentFormat {
         }
     }
 
+    /// The default command given the model to ask for (`RUNNER_AGENT_MODEL`) and what the
+    /// agent's environment holds. Codex reads a custom endpoint only from its configuration, so
+    /// an `OPENAI_BASE_URL` passed to it becomes a model provider on its command line (`-c`
+    /// overrides, which a `resume` run inherits).
+    pub fn default_command_for(
+        self,
+        model: Option<&str>,
+        env: &[(String, String)],
+    ) -> Result<String, String> {
+        let mut cmd = self.default_command().to_string();
+        if let Some(m) = model {
+            let ok = !m.is_empty()
+                && m.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._:/-".contains(c));
+            if !ok {
+                return Err(format!("{m:?} is not a model name"));
+            }
+            match self {
+                AgentFormat::ClaudeStreamJson => cmd.push_str(&format!(" --model {m}")),
+                AgentFormat::CodexJson => cmd.push_str(&format!(" -c model={m}")),
+                AgentFormat::Text => {}
+            }
+        }
+        let url = env
+            .iter()
+            .find(|(k, _)| k == "OPENAI_BASE_URL")
+            .map(|(_, v)| v.as_str());
+        if let (AgentFormat::CodexJson, Some(url)) = (self, url) {
+            if url.is_empty()
+                || url.contains(['\'', '"', '\\'])
+                || url.chars().any(char::is_whitespace)
+            {
+                return Err(format!("OPENAI_BASE_URL {url:?} cannot be passed to codex"));
+            }
+            cmd.push_str(&format!(
+                " -c model_provider=kiln -c model_providers.kiln.name=kiln -c 'model_providers.kiln.base_url=\"{url}\"' -c model_providers.kiln.wire_api=responses -c model_providers.kiln.env_key=OPENAI_API_KEY"
+            ));
+        }
+        Ok(cmd)
+    }
+
     /// Whether stdout lines are JSON events (else plain text).
     pub fn is_json(self) -> bool {
         !matches!(self, AgentFormat::Text)
@@ -208,6 +249,23 @@ mod tests {
         assert_eq!(AgentFormat::Text.resume_command("cat", "s"), None);
         assert!(AgentFormat::Text.follows_up_on_stdin());
         assert!(!CLAUDE.follows_up_on_stdin());
+    }
+
+    #[test]
+    fn codex_gets_a_custom_endpoint_as_a_model_provider() {
+        let env = vec![("OPENAI_BASE_URL".to_string(), "http://127.0.0.1:8790/v1".to_string())];
+        let cmd = CODEX.default_command_for(Some("kiln-demo"), &env).unwrap();
+        assert!(cmd.starts_with(CODEX.default_command()), "{cmd}");
+        assert!(cmd.contains(r#"-c 'model_providers.kiln.base_url="http://127.0.0.1:8790/v1"'"#), "{cmd}");
+        assert!(cmd.contains("-c model_provider=kiln") && cmd.contains("-c model=kiln-demo"), "{cmd}");
+        assert_eq!(CODEX.default_command_for(None, &[]).unwrap(), CODEX.default_command());
+        assert_eq!(
+            CLAUDE.default_command_for(Some("claude-sonnet-4-5"), &env).unwrap(),
+            format!("{} --model claude-sonnet-4-5", CLAUDE.default_command())
+        );
+        let bad = vec![("OPENAI_BASE_URL".to_string(), "http://x/'; rm -rf /".to_string())];
+        assert!(CODEX.default_command_for(None, &bad).is_err());
+        assert!(CLAUDE.default_command_for(Some("m; id"), &[]).is_err());
     }
 
     #[test]

@@ -468,6 +468,9 @@ pub struct Args {
     /// Agent command line, run with `sh -c` in the job's workspace; prompt on stdin, env JOB_ID and ITERATION (and COMPLETION_PROMISE for ralph jobs) [default: the profile's: claude --print --verbose --output-format stream-json --dangerously-skip-permissions; codex exec --json --skip-git-repo-check --dangerously-bypass-approvals-and-sandbox; cat]
     #[arg(long, env = "RUNNER_AGENT_CMD")]
     pub agent_cmd: Option<String>,
+    /// The model the agent CLI asks for when RUNNER_AGENT_CMD is not set (claude --model, codex -c model=) [default: the CLI's own]
+    #[arg(long, env = "RUNNER_AGENT_MODEL")]
+    pub agent_model: Option<String>,
     /// The agent profile under its older name: text, claude-stream-json or codex-json (RUNNER_AGENT wins)
     #[arg(long, env = "RUNNER_AGENT_FORMAT")]
     pub agent_format: Option<String>,
@@ -558,6 +561,7 @@ pub struct FileSettings {
     pub runner_image: Option<String>,
     pub runner_agent: Option<String>,
     pub runner_agent_cmd: Option<String>,
+    pub runner_agent_model: Option<String>,
     pub runner_agent_format: Option<String>,
     pub runner_agent_env: Option<String>,
     pub runner_demo_model: Option<bool>,
@@ -738,16 +742,24 @@ impl Config {
             (None, Some(f)) => f.parse().map_err(|e| invalid("RUNNER_AGENT_FORMAT", e))?,
             (None, None) => AgentFormat::ClaudeStreamJson,
         };
+        let agent_env = match non_empty(args.agent_env.or(file.runner_agent_env)) {
+            Some(spec) => parse_agent_env(&spec, |name| host.vars.get(name).cloned())
+                .map_err(|e| invalid("RUNNER_AGENT_ENV", e))?,
+            None => AgentEnv::default(),
+        };
         let agent = AgentProfile {
-            command: non_empty(args.agent_cmd.or(file.runner_agent_cmd))
-                .unwrap_or_else(|| format.default_command().into()),
+            command: match non_empty(args.agent_cmd.or(file.runner_agent_cmd)) {
+                Some(command) => command,
+                None => format
+                    .default_command_for(
+                        non_empty(args.agent_model.or(file.runner_agent_model)).as_deref(),
+                        &agent_env.vars,
+                    )
+                    .map_err(|e| invalid("RUNNER_AGENT_MODEL", e))?,
+            },
             format,
             demo_model: args.demo_model.or(file.runner_demo_model).unwrap_or(false),
-            env: match non_empty(args.agent_env.or(file.runner_agent_env)) {
-                Some(spec) => parse_agent_env(&spec, |name| host.vars.get(name).cloned())
-                    .map_err(|e| invalid("RUNNER_AGENT_ENV", e))?,
-                None => AgentEnv::default(),
-            },
+            env: agent_env,
         };
 
         let max_concurrent_jobs = args
@@ -1518,6 +1530,7 @@ mod tests {
             "RUNNER_IMAGE",
             "RUNNER_AGENT",
             "RUNNER_AGENT_CMD",
+            "RUNNER_AGENT_MODEL",
             "RUNNER_AGENT_FORMAT",
             "RUNNER_CONTAINER_USER",
             "RUNNER_AGENT_ENV",
