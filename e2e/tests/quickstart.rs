@@ -77,11 +77,12 @@ async fn the_readme_example_completes_on_scripts_dev_with_no_configuration() {
 
     // The edge's /health tells the truth about the runner: Claude Code on the demo model, no
     // forge token.
-    let health: serde_json::Value = http.get(format!("http://127.0.0.1:{port}/health")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(health["claude"]["authenticated"], true, "{health}");
-    assert_eq!(health["claude"]["demoModel"], true, "{health}");
-    assert!(health["claude"]["version"].as_str().is_some_and(|v| v.contains("Claude Code")), "{health}");
-    assert_eq!(health["git"]["authenticated"], false, "{health}");
+    let edge_health: serde_json::Value =
+        http.get(format!("http://127.0.0.1:{port}/health")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(edge_health["claude"]["authenticated"], true, "{edge_health}");
+    assert_eq!(edge_health["claude"]["demoModel"], true, "{edge_health}");
+    assert!(edge_health["claude"]["version"].as_str().is_some_and(|v| v.contains("Claude Code")), "{edge_health}");
+    assert_eq!(edge_health["git"]["authenticated"], false, "{edge_health}");
 
     let script = example
         .replace("127.0.0.1:8787", &format!("127.0.0.1:{port}"))
