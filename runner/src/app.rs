@@ -67,6 +67,9 @@ pub struct Application {
     supervisor: Supervisor,
     health: Arc<HealthState>,
     session: Session,
+    workspaces: Arc<Workspaces>,
+    /// `RUNNER_MIRROR_MAX_AGE_DAYS`.
+    mirror_max_age: std::time::Duration,
     /// Held while the runner runs: the lock on the state directory.
     _state: Option<Arc<StateDir>>,
 }
@@ -129,12 +132,23 @@ impl Application {
             tracing::warn!("RUNNER_MOUNTS only applies to the docker executor; ignored");
         }
 
-        let workspaces = Arc::new(Workspaces::new(
-            config.repos_dir.clone(),
-            config.worktrees_dir.clone(),
-            &config.git_base_url,
-            config.github_token.as_deref(),
-        ));
+        let workspaces = Arc::new(
+            Workspaces::new(
+                config.repos_dir.clone(),
+                config.worktrees_dir.clone(),
+                &config.git_base_url,
+                config.github_token.as_deref(),
+            )
+            .with_fetch_parallelism(config.resources.fetch_parallelism),
+        );
+        // No job is held yet: whatever a job left in WORKTREES_DIR is a crash's leftover.
+        let swept = workspaces.sweep(&[]).await;
+        if swept != Default::default() {
+            tracing::warn!(worktrees = ?swept.worktrees, branches = ?swept.branches, "removed what an earlier run left behind");
+        }
+        workspaces
+            .collect_garbage(config.resources.mirror_max_age)
+            .await;
         let git_version = workspaces.git().version().await;
         if git_version.is_none() {
             tracing::warn!("git is not available: jobs will fail to prepare their workspaces");
@@ -153,6 +167,7 @@ impl Application {
             runner_name: config.name.clone(),
             metrics: metrics.clone(),
             limits: config.job_limits,
+            event_buffer_bytes: config.resources.event_buffer_bytes,
         });
         let supervisor = Supervisor::new(services, config.max_concurrent_jobs);
 
@@ -196,7 +211,7 @@ impl Application {
             client,
             name: config.name.clone(),
             supervisor: supervisor.clone(),
-            workspaces,
+            workspaces: workspaces.clone(),
             status,
             registrar,
             metrics,
@@ -219,6 +234,8 @@ impl Application {
             supervisor,
             health,
             session,
+            workspaces,
+            mirror_max_age: config.resources.mirror_max_age,
             _state: state,
         })
     }
@@ -251,7 +268,18 @@ impl Application {
                 .with_graceful_shutdown(async move { server_stop.cancelled().await })
                 .await
         });
+        // Mirrors nobody used for RUNNER_MIRROR_MAX_AGE_DAYS go, checked daily (and at start).
+        let (workspaces, max_age) = (self.workspaces.clone(), self.mirror_max_age);
+        let gc = tokio::spawn(async move {
+            let day = std::time::Duration::from_secs(86_400);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + day, day);
+            loop {
+                tick.tick().await;
+                workspaces.collect_garbage(max_age).await;
+            }
+        });
         shutdown.await;
+        gc.abort();
         tracing::info!("stopping: cancelling the jobs held here");
         self.supervisor.shutdown().await;
         stop.cancel();

@@ -31,6 +31,9 @@ pub const DEFAULT_WORKSPACE_MAX_MB: u64 = 2048;
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
 /// `RUNNER_TASK_IDLE_TIMEOUT`'s default: 30 min.
 pub const DEFAULT_TASK_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+pub const DEFAULT_FETCH_PARALLELISM: usize = 2;
+pub const DEFAULT_MIRROR_MAX_AGE_DAYS: u64 = 14;
+pub const DEFAULT_EVENT_BUFFER_MB: u64 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -322,6 +325,29 @@ impl Default for JobLimits {
     }
 }
 
+/// What the runner keeps bounded besides its jobs: git fetches at once, mirrors kept, and each
+/// job's buffer of events not yet posted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resources {
+    /// `RUNNER_FETCH_PARALLELISM`: mirrors fetched at once.
+    pub fetch_parallelism: usize,
+    /// `RUNNER_MIRROR_MAX_AGE_DAYS`: a mirror no job or request used for this long is removed.
+    pub mirror_max_age: Duration,
+    /// `RUNNER_EVENT_BUFFER_MB`, in bytes: a job's events waiting for the edge; output beyond
+    /// it is dropped (and counted).
+    pub event_buffer_bytes: usize,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            fetch_parallelism: DEFAULT_FETCH_PARALLELISM,
+            mirror_max_age: Duration::from_secs(DEFAULT_MIRROR_MAX_AGE_DAYS * 86_400),
+            event_buffer_bytes: (DEFAULT_EVENT_BUFFER_MB * 1024 * 1024) as usize,
+        }
+    }
+}
+
 impl JobLimits {
     /// A job's wall-clock limit and the setting it comes from: the job's own `timeoutSeconds`
     /// when it is within `RUNNER_JOB_TIMEOUT`, else `RUNNER_JOB_TIMEOUT` (which caps it).
@@ -537,6 +563,15 @@ pub struct Args {
     /// How long a task job waits for a message after its agent's last turn (for a text agent: after its last output) before it fails, in seconds or as 90s/30m/2h [default: 30m]
     #[arg(long, env = "RUNNER_TASK_IDLE_TIMEOUT")]
     pub task_idle_timeout: Option<String>,
+    /// Repository mirrors fetched at once (job workspaces and the edge's sync/clone requests wait for a turn) [default: 2]
+    #[arg(long, env = "RUNNER_FETCH_PARALLELISM")]
+    pub fetch_parallelism: Option<usize>,
+    /// Days after which a mirror no job or request used is removed (checked at start and daily) [default: 14]
+    #[arg(long, env = "RUNNER_MIRROR_MAX_AGE_DAYS")]
+    pub mirror_max_age_days: Option<u64>,
+    /// MiB of a job's events waiting for the edge; while it is full, output lines are dropped and counted (a system line says where) [default: 16]
+    #[arg(long, env = "RUNNER_EVENT_BUFFER_MB")]
+    pub event_buffer_mb: Option<u64>,
     /// Docker daemon address [default: unix:///var/run/docker.sock]
     #[arg(long, env = "DOCKER_HOST")]
     pub docker_host: Option<String>,
@@ -584,6 +619,9 @@ pub struct FileSettings {
     pub runner_workspace_max_mb: Option<u64>,
     pub runner_job_timeout: Option<String>,
     pub runner_task_idle_timeout: Option<String>,
+    pub runner_fetch_parallelism: Option<usize>,
+    pub runner_mirror_max_age_days: Option<u64>,
+    pub runner_event_buffer_mb: Option<u64>,
     pub docker_host: Option<String>,
     pub runner_container_user: Option<String>,
     pub runner_llm_model: Option<String>,
@@ -636,6 +674,8 @@ pub struct Config {
     /// Who job containers (and process-executor commands) run as when the runner is root.
     pub container_user: ContainerUser,
     pub job_limits: JobLimits,
+    /// `RUNNER_FETCH_PARALLELISM`, `RUNNER_MIRROR_MAX_AGE_DAYS`, `RUNNER_EVENT_BUFFER_MB`.
+    pub resources: Resources,
     /// LLM providers, role assignments, prices, retries and the per-job budget.
     pub llm: crate::llm::LlmConfig,
 }
@@ -883,6 +923,33 @@ impl Config {
             return Err(invalid("RUNNER_PIDS", "must be at least 1"));
         }
 
+        let fetch_parallelism = args
+            .fetch_parallelism
+            .or(file.runner_fetch_parallelism)
+            .unwrap_or(DEFAULT_FETCH_PARALLELISM);
+        if fetch_parallelism < 1 {
+            return Err(invalid("RUNNER_FETCH_PARALLELISM", "must be at least 1"));
+        }
+        let mirror_max_age_days = args
+            .mirror_max_age_days
+            .or(file.runner_mirror_max_age_days)
+            .unwrap_or(DEFAULT_MIRROR_MAX_AGE_DAYS);
+        if mirror_max_age_days < 1 {
+            return Err(invalid("RUNNER_MIRROR_MAX_AGE_DAYS", "must be at least 1"));
+        }
+        let event_buffer_mb = args
+            .event_buffer_mb
+            .or(file.runner_event_buffer_mb)
+            .unwrap_or(DEFAULT_EVENT_BUFFER_MB);
+        if event_buffer_mb < 1 {
+            return Err(invalid("RUNNER_EVENT_BUFFER_MB", "must be at least 1"));
+        }
+        let resources = Resources {
+            fetch_parallelism,
+            mirror_max_age: Duration::from_secs(mirror_max_age_days * 86_400),
+            event_buffer_bytes: (event_buffer_mb * 1024 * 1024) as usize,
+        };
+
         let mounts = match non_empty(args.mounts.or(file.runner_mounts)) {
             Some(spec) => parse_mounts(&spec).map_err(|e| invalid("RUNNER_MOUNTS", e))?,
             None => Vec::new(),
@@ -915,6 +982,7 @@ impl Config {
                 None => ContainerUser::default(),
             },
             job_limits,
+            resources,
             llm: crate::llm::LlmConfig::resolve(
                 file.llm,
                 non_empty(args.llm_model.or(file.runner_llm_model)).as_deref(),
@@ -966,6 +1034,10 @@ mod tests {
         assert_eq!(c.job_limits.job_timeout, Duration::from_secs(7200));
         assert_eq!(c.job_limits.task_idle_timeout, Duration::from_secs(1800));
         assert_eq!(c.job_limits.workspace_max_bytes, 2048 * 1024 * 1024);
+        assert_eq!(c.resources, Resources::default());
+        assert_eq!(c.resources.fetch_parallelism, 2);
+        assert_eq!(c.resources.mirror_max_age, Duration::from_secs(14 * 86_400));
+        assert_eq!(c.resources.event_buffer_bytes, 16 * 1024 * 1024);
     }
 
     #[test]
@@ -1554,6 +1626,9 @@ mod tests {
             "RUNNER_WORKSPACE_MAX_MB",
             "RUNNER_JOB_TIMEOUT",
             "RUNNER_TASK_IDLE_TIMEOUT",
+            "RUNNER_FETCH_PARALLELISM",
+            "RUNNER_MIRROR_MAX_AGE_DAYS",
+            "RUNNER_EVENT_BUFFER_MB",
             "RUNNER_LLM_MODEL",
             "DOCKER_HOST",
         ] {

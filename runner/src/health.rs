@@ -1,7 +1,8 @@
 //! The runner's local HTTP API:
 //!
 //! - `GET /health`: queue counts, Docker, agent profile, git, the edge session, the executor
-//!   (seed 003's health shape, with the runner's own parts added).
+//!   (seed 003's health shape, with the runner's own parts added), and disk use (`disk`: the
+//!   worktrees and the mirrors, their count and apparent bytes).
 //! - `GET /metrics`: the same and more as Prometheus text (`metrics.rs`).
 
 use std::path::PathBuf;
@@ -48,15 +49,7 @@ pub fn router(state: Arc<HealthState>) -> Router {
 /// the async threads).
 async fn prometheus(State(s): State<Arc<HealthState>>) -> impl IntoResponse {
     let (running, waiting) = s.supervisor.counts();
-    let (repos, worktrees) = (s.repos_dir.clone(), s.worktrees_dir.clone());
-    let (worktrees, mirrors) = tokio::task::spawn_blocking(move || {
-        (
-            metrics::worktrees_use(&worktrees),
-            metrics::mirrors_use(&repos),
-        )
-    })
-    .await
-    .unwrap_or_default();
+    let (worktrees, mirrors) = disk_use(&s).await;
     let snapshot = Snapshot {
         name: s.name.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -75,9 +68,23 @@ async fn prometheus(State(s): State<Arc<HealthState>>) -> impl IntoResponse {
     )
 }
 
+/// Disk use of the worktrees and the mirrors (a walk, off the async threads).
+async fn disk_use(s: &HealthState) -> (metrics::DiskUse, metrics::DiskUse) {
+    let (repos, worktrees) = (s.repos_dir.clone(), s.worktrees_dir.clone());
+    tokio::task::spawn_blocking(move || {
+        (
+            metrics::worktrees_use(&worktrees),
+            metrics::mirrors_use(&repos),
+        )
+    })
+    .await
+    .unwrap_or_default()
+}
+
 /// `GET /health`
 async fn health(State(s): State<Arc<HealthState>>) -> Json<Value> {
     let (running, queued) = s.supervisor.counts();
+    let (worktrees, mirrors) = disk_use(&s).await;
     let docker_version = match &s.docker {
         Some(d) => d.version().await,
         None => None,
@@ -92,5 +99,9 @@ async fn health(State(s): State<Arc<HealthState>>) -> Json<Value> {
         "edge": {"connected": s.edge.is_connected(), "url": s.edge_url},
         "executor": s.executor.as_str(),
         "isolation": s.isolation,
+        "disk": {
+            "worktrees": {"count": worktrees.count, "bytes": worktrees.bytes, "path": s.worktrees_dir},
+            "mirrors": {"count": mirrors.count, "bytes": mirrors.bytes, "path": s.repos_dir},
+        },
     }))
 }

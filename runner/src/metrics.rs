@@ -24,6 +24,8 @@ pub struct Metrics {
     pub batches_posted: AtomicU64,
     /// Failed posts of a batch that was then sent again.
     pub batches_retried: AtomicU64,
+    /// Output lines (and agent events) dropped because a job's event buffer was full.
+    pub events_dropped: AtomicU64,
     /// Sessions the edge welcomed (the first one and every reconnect).
     pub edge_sessions: AtomicU64,
 }
@@ -129,6 +131,7 @@ pub struct Snapshot {
     pub events_posted: u64,
     pub batches_posted: u64,
     pub batches_retried: u64,
+    pub events_dropped: u64,
     pub edge_connected: bool,
     pub edge_reconnects: u64,
     pub worktrees: DiskUse,
@@ -147,6 +150,7 @@ impl Snapshot {
             events_posted: Metrics::get(&m.events_posted),
             batches_posted: Metrics::get(&m.batches_posted),
             batches_retried: Metrics::get(&m.batches_retried),
+            events_dropped: Metrics::get(&m.events_dropped),
             edge_reconnects: Metrics::get(&m.edge_sessions).saturating_sub(1),
             ..Snapshot::default()
         }
@@ -268,6 +272,12 @@ pub fn render(s: &Snapshot) -> String {
         s.batches_retried,
     );
     o.one(
+        "kiln_runner_events_dropped_total",
+        "counter",
+        "Output lines and agent events dropped because a job's event buffer (RUNNER_EVENT_BUFFER_MB) was full; a system line in the job's log says where.",
+        s.events_dropped,
+    );
+    o.one(
         "kiln_runner_edge_connected",
         "gauge",
         "1 while the session with the edge is up, else 0.",
@@ -348,6 +358,7 @@ mod tests {
                 "kiln_runner_events_posted_total 7",
                 "kiln_runner_event_batches_posted_total 0",
                 "kiln_runner_event_batches_retried_total 0",
+                "kiln_runner_events_dropped_total 0",
                 "kiln_runner_edge_connected 1",
                 "kiln_runner_edge_reconnects_total 2",
                 "kiln_runner_worktrees 1",

@@ -10,28 +10,45 @@ use crate::agent::Usage;
 use crate::config::AgentFormat;
 use crate::executor::OutputChunk;
 
-/// Longest line sent as one event; longer output is cut into pieces of this size.
-pub const MAX_LINE_BYTES: usize = 256 * 1024;
+/// Longest line sent as one event: the rest of a longer line is dropped, and the line ends with
+/// a marker saying how many bytes went (`… [truncated 1234567 bytes]`).
+pub const MAX_LINE_BYTES: usize = 128 * 1024;
 /// Characters of output an iteration summary keeps.
 pub const SUMMARY_CHARS: usize = 500;
 
-/// Splits a byte stream into lines (`\n`, with a trailing `\r` dropped), lossily as UTF-8.
+/// The marker that ends a truncated line.
+pub fn truncated_marker(bytes: u64) -> String {
+    format!("… [truncated {bytes} bytes]")
+}
+
+/// Splits a byte stream into lines (`\n`, with a trailing `\r` dropped), lossily as UTF-8. A
+/// line keeps at most [`MAX_LINE_BYTES`]; what is beyond is only counted, so a line of any length
+/// costs no more memory than that.
 #[derive(Debug, Default)]
 pub struct LineSplitter {
     buf: Vec<u8>,
+    /// Bytes of the current line beyond [`MAX_LINE_BYTES`], dropped.
+    cut: u64,
 }
 
 impl LineSplitter {
-    pub fn push(&mut self, data: &[u8]) -> Vec<String> {
+    pub fn push(&mut self, mut data: &[u8]) -> Vec<String> {
         let mut lines = Vec::new();
-        for &b in data {
-            if b == b'\n' {
-                lines.push(Self::take(&mut self.buf));
-            } else {
-                self.buf.push(b);
-                if self.buf.len() >= MAX_LINE_BYTES {
-                    lines.push(Self::take(&mut self.buf));
+        while !data.is_empty() {
+            let (part, newline) = match data.iter().position(|&b| b == b'\n') {
+                Some(i) => (&data[..i], Some(i)),
+                None => (data, None),
+            };
+            let room = MAX_LINE_BYTES.saturating_sub(self.buf.len());
+            let keep = part.len().min(room);
+            self.buf.extend_from_slice(&part[..keep]);
+            self.cut += (part.len() - keep) as u64;
+            match newline {
+                Some(i) => {
+                    lines.push(self.take());
+                    data = &data[i + 1..];
                 }
+                None => break,
             }
         }
         lines
@@ -39,15 +56,19 @@ impl LineSplitter {
 
     /// The last line, if output ended without a newline.
     pub fn finish(&mut self) -> Option<String> {
-        (!self.buf.is_empty()).then(|| Self::take(&mut self.buf))
+        (!self.buf.is_empty() || self.cut > 0).then(|| self.take())
     }
 
-    fn take(buf: &mut Vec<u8>) -> String {
-        if buf.last() == Some(&b'\r') {
-            buf.pop();
+    fn take(&mut self) -> String {
+        if self.cut == 0 && self.buf.last() == Some(&b'\r') {
+            self.buf.pop();
         }
-        let line = String::from_utf8_lossy(buf).into_owned();
-        buf.clear();
+        let mut line = String::from_utf8_lossy(&self.buf).into_owned();
+        if self.cut > 0 {
+            line.push_str(&truncated_marker(self.cut));
+        }
+        self.buf.clear();
+        self.cut = 0;
         line
     }
 }
@@ -219,11 +240,31 @@ mod tests {
     }
 
     #[test]
-    fn overlong_lines_are_cut() {
+    fn overlong_lines_are_truncated_with_a_marker() {
         let mut s = LineSplitter::default();
-        let lines = s.push(&vec![b'x'; MAX_LINE_BYTES * 2 + 3]);
+        // A line of 2 MiB and 3 bytes, in chunks, then a short one.
+        let total = 2 * 1024 * 1024 + 3;
+        let mut lines = Vec::new();
+        for chunk in vec![b'x'; total].chunks(10_000) {
+            lines.extend(s.push(chunk));
+        }
+        assert!(lines.is_empty());
+        assert!(
+            s.buf.len() <= MAX_LINE_BYTES,
+            "the splitter keeps no more than a line"
+        );
+        lines.extend(s.push(b"\nshort\n"));
         assert_eq!(lines.len(), 2);
-        assert_eq!(s.finish().unwrap().len(), 3);
+        let cut = total - MAX_LINE_BYTES;
+        assert_eq!(
+            lines[0],
+            format!("{}… [truncated {cut} bytes]", "x".repeat(MAX_LINE_BYTES))
+        );
+        assert_eq!(lines[1], "short");
+        // An unterminated long line is truncated too.
+        s.push(&vec![b'y'; MAX_LINE_BYTES + 5]);
+        assert!(s.finish().unwrap().ends_with("y… [truncated 5 bytes]"));
+        assert_eq!(s.finish(), None);
     }
 
     #[test]

@@ -1,14 +1,22 @@
 //! A job's events on their way to the edge: indexed densely from 0 per lease, gathered into
-//! batches (every 50 ms or 100 events, whichever comes first), and posted until stored. A batch
-//! that failed is sent again unchanged, so the edge's dedup by index stores it once.
+//! batches (every 50 ms, or at 100 events or 256 KiB of JSON, whichever comes first), and posted
+//! until stored. A batch that failed is sent again unchanged, so the edge's dedup by index stores
+//! it once.
+//!
+//! The buffer between the job and its reporter is bounded in bytes: when the edge is slower than
+//! the job's output (or away), output lines (`stdout`, `stderr`, agent events) are dropped and
+//! counted (`kiln_runner_events_dropped_total`), never the job's own events (`started`, system
+//! lines, iterations, `finished`). Dropping starts when the buffer is full and goes on until it is
+//! half empty; then a system line says how many lines and bytes were dropped, where they were.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use kiln_schemas::events::LogStream;
 use kiln_schemas::runner::{BatchAck, EventBatch, IndexedEvent, RunnerEvent};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -16,17 +24,45 @@ use crate::backoff::Backoff;
 use crate::edge::{EdgeClient, EdgeError};
 use crate::metrics::Metrics;
 
+/// Most events in one batch.
 pub const MAX_BATCH: usize = 100;
+/// Most bytes of JSON events in one batch (an event larger than this goes alone).
+pub const MAX_BATCH_BYTES: usize = 256 * 1024;
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
-/// Events waiting to be batched; a full buffer slows the job's output down.
-const BUFFER: usize = 10_000;
+/// The default bound of a job's event buffer (`RUNNER_EVENT_BUFFER_MB`).
+pub const DEFAULT_BUFFER_BYTES: usize = 16 * 1024 * 1024;
+/// What an event costs beyond its own JSON in a batch (`{"index":..,"event":..}`).
+const EVENT_OVERHEAD: usize = 32;
 
-/// Assigns indices and cuts batches.
+/// The bytes an event takes in a batch: its JSON plus the index around it.
+pub fn event_bytes(event: &RunnerEvent) -> usize {
+    serde_json::to_string(event).map_or(0, |s| s.len()) + EVENT_OVERHEAD
+}
+
+/// Whether an event may be dropped when the buffer is full: the command's output only.
+fn droppable(event: &RunnerEvent) -> bool {
+    matches!(
+        event,
+        RunnerEvent::Agent { .. }
+            | RunnerEvent::Log {
+                stream: LogStream::Stdout | LogStream::Stderr,
+                ..
+            }
+    )
+}
+
+/// The system line that stands where output was dropped.
+pub fn dropped_line(events: u64, bytes: u64) -> String {
+    format!(
+        "… [dropped {events} output lines ({bytes} bytes): the edge took events more slowly than the job wrote them]"
+    )
+}
+
+/// Assigns indices.
 #[derive(Debug)]
 pub struct EventBatcher {
     lease_id: String,
     next_index: u64,
-    pending: Vec<RunnerEvent>,
 }
 
 impl EventBatcher {
@@ -34,42 +70,113 @@ impl EventBatcher {
         EventBatcher {
             lease_id: lease_id.into(),
             next_index: 0,
-            pending: Vec::new(),
         }
     }
 
-    pub fn push(&mut self, event: RunnerEvent) {
-        self.pending.push(event);
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
-    }
-
-    pub fn is_full(&self) -> bool {
-        self.pending.len() >= MAX_BATCH
-    }
-
-    /// Takes up to [`MAX_BATCH`] pending events as the next batch; their indices are used up.
-    pub fn seal(&mut self) -> Option<EventBatch> {
-        if self.pending.is_empty() {
-            return None;
-        }
-        let n = self.pending.len().min(MAX_BATCH);
-        let events = self
-            .pending
-            .drain(..n)
+    /// The next batch of `events`; their indices are used up.
+    pub fn seal(&mut self, events: Vec<RunnerEvent>) -> EventBatch {
+        let n = events.len() as u64;
+        let events = events
+            .into_iter()
             .enumerate()
             .map(|(i, event)| IndexedEvent {
                 index: self.next_index + i as u64,
                 event,
             })
             .collect();
-        self.next_index += n as u64;
-        Some(EventBatch {
+        self.next_index += n;
+        EventBatch {
             lease_id: self.lease_id.clone(),
             events,
-        })
+        }
+    }
+}
+
+/// A job's events waiting for their batch, bounded in bytes.
+#[derive(Debug)]
+pub struct EventBuffer {
+    limit: usize,
+    queue: VecDeque<(RunnerEvent, usize)>,
+    bytes: usize,
+    /// Dropping output until the buffer is half empty.
+    dropping: bool,
+    /// Dropped since the last marker line.
+    dropped_events: u64,
+    dropped_bytes: u64,
+}
+
+impl EventBuffer {
+    pub fn new(limit: usize) -> Self {
+        EventBuffer {
+            limit: limit.max(MAX_BATCH_BYTES),
+            queue: VecDeque::new(),
+            bytes: 0,
+            dropping: false,
+            dropped_events: 0,
+            dropped_bytes: 0,
+        }
+    }
+
+    /// Queues an event; false when it was dropped.
+    pub fn push(&mut self, event: RunnerEvent) -> bool {
+        let size = event_bytes(&event);
+        if droppable(&event) {
+            if self.dropping && self.bytes <= self.limit / 2 {
+                self.dropping = false;
+            }
+            if !self.dropping && self.bytes + size > self.limit {
+                self.dropping = true;
+            }
+            if self.dropping {
+                self.dropped_events += 1;
+                self.dropped_bytes += size as u64;
+                return false;
+            }
+        }
+        if self.dropped_events > 0 {
+            let marker = RunnerEvent::Log {
+                stream: LogStream::System,
+                content: dropped_line(self.dropped_events, self.dropped_bytes),
+            };
+            self.dropped_events = 0;
+            self.dropped_bytes = 0;
+            let size = event_bytes(&marker);
+            self.bytes += size;
+            self.queue.push_back((marker, size));
+        }
+        self.bytes += size;
+        self.queue.push_back((event, size));
+        true
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether a whole batch is waiting.
+    pub fn has_full_batch(&self) -> bool {
+        self.queue.len() >= MAX_BATCH || self.bytes >= MAX_BATCH_BYTES
+    }
+
+    /// Takes the next batch's events: up to [`MAX_BATCH`] events and [`MAX_BATCH_BYTES`] bytes
+    /// (at least one event).
+    pub fn take_batch(&mut self) -> Vec<RunnerEvent> {
+        let mut events = Vec::new();
+        let mut bytes = 0;
+        while let Some((_, size)) = self.queue.front() {
+            if events.len() >= MAX_BATCH || (!events.is_empty() && bytes + size > MAX_BATCH_BYTES) {
+                break;
+            }
+            let (event, size) = self.queue.pop_front().expect("the front exists");
+            bytes += size;
+            self.bytes -= size;
+            events.push(event);
+        }
+        events
     }
 }
 
@@ -82,44 +189,83 @@ pub enum ReportEnd {
     LeaseLost,
 }
 
-/// Where a job sends its events. Cheap to clone; sending never fails (events for a job whose
-/// reporter has stopped are dropped).
+struct State {
+    buffer: EventBuffer,
+    /// Every sink is dropped: nothing more will come.
+    closed: bool,
+    /// The reporter ended: further events go nowhere.
+    stopped: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    notify: Notify,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Closes the buffer when the last sink goes.
+struct SinkHandle(Arc<Shared>);
+
+impl Drop for SinkHandle {
+    fn drop(&mut self) {
+        self.0.state().closed = true;
+        self.0.notify.notify_one();
+    }
+}
+
+/// Where a job sends its events. Cheap to clone; sending never waits and never fails: output
+/// the buffer has no room for is dropped and counted, and events for a job whose reporter has
+/// stopped go nowhere.
 #[derive(Clone)]
 pub struct EventSink {
-    tx: mpsc::Sender<RunnerEvent>,
+    handle: Arc<SinkHandle>,
 }
 
 impl EventSink {
     pub async fn send(&self, event: RunnerEvent) {
-        let _ = self.tx.send(event).await;
+        self.push(event);
+    }
+
+    pub fn push(&self, event: RunnerEvent) {
+        let shared = &self.handle.0;
+        {
+            let mut st = shared.state();
+            if st.stopped {
+                return;
+            }
+            if !st.buffer.push(event) {
+                Metrics::inc(&shared.metrics.events_dropped);
+            }
+        }
+        shared.notify.notify_one();
     }
 
     /// A `system` log line.
     pub async fn system(&self, content: impl Into<String>) {
-        self.send(RunnerEvent::Log {
+        self.push(RunnerEvent::Log {
             stream: LogStream::System,
             content: content.into(),
-        })
-        .await;
-    }
-
-    /// A sink whose events go to a channel (tests).
-    pub fn channel(capacity: usize) -> (EventSink, mpsc::Receiver<RunnerEvent>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        (EventSink { tx }, rx)
+        });
     }
 }
 
 pub type PostBatch =
     Box<dyn FnMut(EventBatch) -> BoxFuture<'static, Result<BatchAck, EdgeError>> + Send>;
 
-/// Starts the reporter of one job. It ends when every sink is dropped and all is stored, or when
-/// the lease is lost (then `on_lease_lost` has been called). Posted and retried batches are
-/// counted in `metrics`.
+/// Starts the reporter of one job, its buffer bounded to `buffer_bytes`. It ends when every sink
+/// is dropped and all is stored, or when the lease is lost (then `on_lease_lost` has been
+/// called). Posted, retried and dropped events are counted in `metrics`.
 pub fn spawn(
     client: EdgeClient,
     job_id: String,
     lease_id: String,
+    buffer_bytes: usize,
     metrics: Arc<Metrics>,
     on_lease_lost: impl FnOnce() + Send + 'static,
 ) -> (EventSink, JoinHandle<ReportEnd>) {
@@ -128,25 +274,42 @@ pub fn spawn(
         let job_id = job_id.clone();
         Box::pin(async move { client.post_events(&job_id, &batch).await })
     });
-    spawn_with(post, lease_id, metrics, on_lease_lost)
+    spawn_with(post, lease_id, buffer_bytes, metrics, on_lease_lost)
 }
 
 /// [`spawn`] with the HTTP call supplied.
 pub fn spawn_with(
     post: PostBatch,
     lease_id: String,
+    buffer_bytes: usize,
     metrics: Arc<Metrics>,
     on_lease_lost: impl FnOnce() + Send + 'static,
 ) -> (EventSink, JoinHandle<ReportEnd>) {
-    let (tx, rx) = mpsc::channel(BUFFER);
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            buffer: EventBuffer::new(buffer_bytes),
+            closed: false,
+            stopped: false,
+        }),
+        notify: Notify::new(),
+        metrics,
+    });
+    let sink = EventSink {
+        handle: Arc::new(SinkHandle(shared.clone())),
+    };
     let task = tokio::spawn(async move {
-        let end = run(post, EventBatcher::new(lease_id), rx, &metrics).await;
+        let end = run(post, EventBatcher::new(lease_id), &shared).await;
+        {
+            let mut st = shared.state();
+            st.stopped = true;
+            st.buffer = EventBuffer::new(0);
+        }
         if end == ReportEnd::LeaseLost {
             on_lease_lost();
         }
         end
     });
-    (EventSink { tx }, task)
+    (sink, task)
 }
 
 fn lease_gone(e: &EdgeError) -> bool {
@@ -159,34 +322,40 @@ fn lease_gone(e: &EdgeError) -> bool {
     )
 }
 
-async fn run(
-    mut post: PostBatch,
-    mut batcher: EventBatcher,
-    mut rx: mpsc::Receiver<RunnerEvent>,
-    metrics: &Metrics,
-) -> ReportEnd {
-    let mut closed = false;
+async fn run(mut post: PostBatch, mut batcher: EventBatcher, shared: &Shared) -> ReportEnd {
+    let metrics = shared.metrics.clone();
     loop {
-        if batcher.is_empty() {
-            if closed {
-                return ReportEnd::Drained;
+        // The first event of the next batch.
+        loop {
+            let notified = shared.notify.notified();
+            {
+                let st = shared.state();
+                if !st.buffer.is_empty() {
+                    break;
+                }
+                if st.closed {
+                    return ReportEnd::Drained;
+                }
             }
-            match rx.recv().await {
-                Some(ev) => batcher.push(ev),
-                None => return ReportEnd::Drained,
-            }
+            notified.await;
         }
+        // More, until the batch is full, the flush interval is up or nothing more will come.
         let deadline = Instant::now() + FLUSH_INTERVAL;
-        while !closed && !batcher.is_full() {
+        loop {
+            let notified = shared.notify.notified();
+            {
+                let st = shared.state();
+                if st.closed || st.buffer.has_full_batch() {
+                    break;
+                }
+            }
             tokio::select! {
-                ev = rx.recv() => match ev {
-                    Some(ev) => batcher.push(ev),
-                    None => closed = true,
-                },
+                _ = notified => {}
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        let batch = batcher.seal().expect("the batcher holds events");
+        let events = shared.state().buffer.take_batch();
+        let batch = batcher.seal(events);
         let mut backoff = Backoff::default();
         loop {
             match post(batch.clone()).await {
@@ -214,7 +383,6 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
 
     fn log(i: usize) -> RunnerEvent {
         RunnerEvent::Log {
@@ -223,26 +391,128 @@ mod tests {
         }
     }
 
+    fn system(s: &str) -> RunnerEvent {
+        RunnerEvent::Log {
+            stream: LogStream::System,
+            content: s.into(),
+        }
+    }
+
     #[test]
     fn indices_are_dense_across_batches() {
+        let mut buf = EventBuffer::new(DEFAULT_BUFFER_BYTES);
         let mut b = EventBatcher::new("lease-1");
-        assert!(b.seal().is_none());
         for i in 0..250 {
-            b.push(log(i));
+            assert!(buf.push(log(i)));
         }
-        assert!(b.is_full());
-        let sizes: Vec<(u64, usize)> = std::iter::from_fn(|| b.seal())
-            .map(|batch| {
-                assert_eq!(batch.lease_id, "lease-1");
-                for w in batch.events.windows(2) {
-                    assert_eq!(w[1].index, w[0].index + 1);
-                }
-                (batch.events[0].index, batch.events.len())
+        assert!(buf.has_full_batch());
+        let sizes: Vec<(u64, usize)> = std::iter::from_fn(|| {
+            let events = buf.take_batch();
+            (!events.is_empty()).then(|| b.seal(events))
+        })
+        .map(|batch| {
+            assert_eq!(batch.lease_id, "lease-1");
+            for w in batch.events.windows(2) {
+                assert_eq!(w[1].index, w[0].index + 1);
+            }
+            (batch.events[0].index, batch.events.len())
+        })
+        .collect();
+        assert_eq!(sizes, vec![(0, 100), (100, 100), (200, 50)]);
+        assert_eq!(b.seal(vec![log(0)]).events[0].index, 250);
+    }
+
+    #[test]
+    fn batches_are_bounded_in_bytes() {
+        let mut buf = EventBuffer::new(DEFAULT_BUFFER_BYTES);
+        let line = "x".repeat(100 * 1024);
+        for _ in 0..7 {
+            buf.push(RunnerEvent::Log {
+                stream: LogStream::Stdout,
+                content: line.clone(),
+            });
+        }
+        // One event larger than a batch still goes, alone.
+        buf.push(RunnerEvent::Log {
+            stream: LogStream::Stdout,
+            content: "y".repeat(MAX_BATCH_BYTES + 1),
+        });
+        let mut counts = vec![];
+        loop {
+            let events = buf.take_batch();
+            if events.is_empty() {
+                break;
+            }
+            let json = serde_json::to_string(&EventBatcher::new("l").seal(events.clone())).unwrap();
+            if events.len() > 1 {
+                assert!(
+                    json.len() <= MAX_BATCH_BYTES,
+                    "a batch of {} bytes",
+                    json.len()
+                );
+            }
+            counts.push(events.len());
+        }
+        assert_eq!(counts, vec![2, 2, 2, 1, 1]);
+        assert_eq!(buf.bytes(), 0);
+    }
+
+    #[test]
+    fn a_full_buffer_drops_output_not_the_jobs_own_events_and_says_so() {
+        let limit = 1024 * 1024;
+        let mut buf = EventBuffer::new(limit);
+        let line = |c: char| RunnerEvent::Log {
+            stream: LogStream::Stdout,
+            content: c.to_string().repeat(10 * 1024),
+        };
+        let mut accepted = 0;
+        for _ in 0..200 {
+            if buf.push(line('a')) {
+                accepted += 1;
+            }
+        }
+        assert!((90..=102).contains(&accepted), "{accepted} accepted");
+        assert!(buf.bytes() <= limit);
+        // The job's own events are never dropped.
+        assert!(buf.push(system("Committed abc")));
+        assert!(buf.push(RunnerEvent::Started {
+            message: "started".into()
+        }));
+        // Still dropping output until half the buffer is gone.
+        assert!(!buf.push(line('b')));
+        while buf.bytes() > limit / 2 {
+            buf.take_batch();
+        }
+        assert!(buf.push(line('c')));
+        let rest: Vec<RunnerEvent> = std::iter::from_fn(|| {
+            let b = buf.take_batch();
+            (!b.is_empty()).then_some(b)
+        })
+        .flatten()
+        .collect();
+        let markers: Vec<(usize, &str)> = rest
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| match e {
+                RunnerEvent::Log {
+                    stream: LogStream::System,
+                    content,
+                } if content.starts_with("… [dropped ") => Some((i, content.as_str())),
+                _ => None,
             })
             .collect();
-        assert_eq!(sizes, vec![(0, 100), (100, 100), (200, 50)]);
-        b.push(log(0));
-        assert_eq!(b.seal().unwrap().events[0].index, 250);
+        // Each marker stands where output went missing, right before the next event kept.
+        assert_eq!(markers.len(), 2, "{markers:?}");
+        let (i, first) = markers[0];
+        assert!(
+            first.starts_with(&format!("… [dropped {} output lines", 200 - accepted)),
+            "{first}"
+        );
+        assert_eq!(rest[i + 1], system("Committed abc"));
+        let (i, second) = markers[1];
+        assert!(second.starts_with("… [dropped 1 output lines"), "{second}");
+        assert_eq!(rest[i + 1], line('c'));
+        assert_eq!(i + 2, rest.len());
     }
 
     type Calls = Arc<Mutex<Vec<EventBatch>>>;
@@ -278,7 +548,13 @@ mod tests {
     async fn a_failed_batch_is_sent_again_unchanged() {
         let (post, calls) = fake_post(2, true);
         let metrics = Arc::new(Metrics::default());
-        let (sink, task) = spawn_with(post, "l".into(), metrics.clone(), || {});
+        let (sink, task) = spawn_with(
+            post,
+            "l".into(),
+            DEFAULT_BUFFER_BYTES,
+            metrics.clone(),
+            || {},
+        );
         for i in 0..3 {
             sink.send(log(i)).await;
         }
@@ -307,7 +583,13 @@ mod tests {
     #[tokio::test]
     async fn events_are_batched_within_the_flush_interval() {
         let (post, calls) = fake_post(0, true);
-        let (sink, task) = spawn_with(post, "l".into(), Arc::default(), || {});
+        let (sink, task) = spawn_with(
+            post,
+            "l".into(),
+            DEFAULT_BUFFER_BYTES,
+            Arc::default(),
+            || {},
+        );
         for i in 0..250 {
             sink.send(log(i)).await;
         }
@@ -328,9 +610,13 @@ mod tests {
         let lost = Arc::new(Mutex::new(false));
         let flag = lost.clone();
         let metrics = Arc::new(Metrics::default());
-        let (sink, task) = spawn_with(post, "l".into(), metrics.clone(), move || {
-            *flag.lock().unwrap() = true
-        });
+        let (sink, task) = spawn_with(
+            post,
+            "l".into(),
+            DEFAULT_BUFFER_BYTES,
+            metrics.clone(),
+            move || *flag.lock().unwrap() = true,
+        );
         sink.send(log(0)).await;
         assert_eq!(task.await.unwrap(), ReportEnd::LeaseLost);
         assert!(*lost.lock().unwrap());

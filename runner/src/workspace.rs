@@ -4,18 +4,27 @@
 //! repository never race on its refs. User-supplied names are validated and never reach git as
 //! options. Commands inside a worktree name its git directory explicitly, so a `.git` file the
 //! agent rewrote cannot point git at configuration (and hooks) of the agent's making.
+//!
+//! Bounded: at most `RUNNER_FETCH_PARALLELISM` fetches run at once; at start the runner sweeps
+//! what a crash left (worktrees no job holds, their branches in the mirrors); mirrors no job or
+//! request used for `RUNNER_MIRROR_MAX_AGE_DAYS` are removed (at start and daily).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use kiln_schemas::validate::{is_branch_name, is_repo_component};
-use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard, Semaphore};
 
 pub const AUTHOR_NAME: &str = "Kiln";
 pub const AUTHOR_EMAIL: &str = "kiln@localhost";
+/// A file in each mirror whose modification time says when a job or request last used it.
+pub const LAST_USED_FILE: &str = "kiln-last-used";
+/// Suffix of a ralph job's progress notes beside its worktree.
+const PROGRESS_SUFFIX: &str = ".progress.md";
 
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
@@ -211,6 +220,17 @@ pub struct Workspaces {
     base_url: String,
     git: Git,
     locks: Mutex<HashMap<RepoRef, Arc<AsyncMutex<()>>>>,
+    /// Turns to fetch (`RUNNER_FETCH_PARALLELISM`).
+    fetches: Arc<Semaphore>,
+}
+
+/// What a sweep at start removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Swept {
+    /// Worktree directories (and progress notes, scratch homes) of jobs no longer held.
+    pub worktrees: Vec<String>,
+    /// Local branches in the mirrors that no worktree had checked out, as `org/repo:branch`.
+    pub branches: Vec<String>,
 }
 
 impl Workspaces {
@@ -227,7 +247,14 @@ impl Workspaces {
             worktrees_dir,
             base_url,
             locks: Mutex::default(),
+            fetches: Arc::new(Semaphore::new(crate::config::DEFAULT_FETCH_PARALLELISM)),
         }
+    }
+
+    /// At most `n` fetches at once (`RUNNER_FETCH_PARALLELISM`, at least 1).
+    pub fn with_fetch_parallelism(mut self, n: usize) -> Workspaces {
+        self.fetches = Arc::new(Semaphore::new(n.max(1)));
+        self
     }
 
     pub fn git(&self) -> &Git {
@@ -299,16 +326,28 @@ impl Workspaces {
                 .run(&mirror, &["remote", "set-url", "--", "origin", &url])
                 .await?;
         }
-        self.git
-            .run(&mirror, &["fetch", "--prune", "--quiet", "origin"])
-            .await?;
-        // An empty remote has no HEAD to follow; that is only an error for a job without a base.
-        if let Err(e) = self
-            .git
-            .run(&mirror, &["remote", "set-head", "origin", "--auto"])
-            .await
         {
-            tracing::debug!(repo = %repo.slug(), error = %e, "remote HEAD unknown");
+            let _turn = self
+                .fetches
+                .acquire()
+                .await
+                .expect("the fetch semaphore is never closed");
+            self.git
+                .run(&mirror, &["fetch", "--prune", "--quiet", "origin"])
+                .await?;
+            // Asks the remote too. An empty remote has no HEAD to follow; that is only an
+            // error for a job without a base.
+            if let Err(e) = self
+                .git
+                .run(&mirror, &["remote", "set-head", "origin", "--auto"])
+                .await
+            {
+                tracing::debug!(repo = %repo.slug(), error = %e, "remote HEAD unknown");
+            }
+        }
+        // The mirror's last use, for the garbage collection of mirrors nobody uses.
+        if let Err(e) = tokio::fs::write(mirror.join(LAST_USED_FILE), b"").await {
+            tracing::warn!(repo = %repo.slug(), error = %e, "could not mark the mirror as used");
         }
         Ok(mirror)
     }
@@ -485,6 +524,151 @@ impl Workspaces {
         let mirror = self.mirror_path(&wt.repo);
         self.remove_locked(&mirror, &wt.path, Some(&wt.branch))
             .await;
+    }
+
+    /// The mirrors on disk (`REPOS_DIR/<org>/<repo>.git`) whose names are valid.
+    pub fn mirrors(&self) -> Vec<RepoRef> {
+        let mut found = Vec::new();
+        let Ok(orgs) = std::fs::read_dir(&self.repos_dir) else {
+            return found;
+        };
+        for org in orgs.filter_map(Result::ok) {
+            let Ok(repos) = std::fs::read_dir(org.path()) else {
+                continue;
+            };
+            for repo in repos.filter_map(Result::ok) {
+                let name = repo.file_name().to_string_lossy().into_owned();
+                if let Some(r) = name
+                    .strip_suffix(".git")
+                    .and_then(|r| RepoRef::new(&org.file_name().to_string_lossy(), r).ok())
+                {
+                    found.push(r);
+                }
+            }
+        }
+        found.sort_by_key(RepoRef::slug);
+        found
+    }
+
+    /// Removes what a runner that stopped without cleaning up (a crash, a SIGKILL) left: job
+    /// worktrees under `WORKTREES_DIR` (with their progress notes and scratch homes) of jobs
+    /// not in `held`, then in every mirror the worktrees git still lists without a directory
+    /// (`git worktree prune`) and the local branches no worktree has checked out (only job
+    /// branches live there; the remote's are under `refs/remotes/origin/`).
+    pub async fn sweep(&self, held: &[String]) -> Swept {
+        let mut swept = Swept::default();
+        let homes = self.worktrees_dir.join(crate::executor::process::HOMES_DIR);
+        for dir in [self.worktrees_dir.clone(), homes] {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.filter_map(Result::ok) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let job = name.strip_suffix(PROGRESS_SUFFIX).unwrap_or(&name);
+                if name.starts_with('.') || !is_job_id(job) || held.iter().any(|h| h == job) {
+                    continue;
+                }
+                let path = e.path();
+                let removed = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    tokio::fs::remove_dir_all(&path).await
+                } else {
+                    tokio::fs::remove_file(&path).await
+                };
+                match removed {
+                    Ok(()) => swept.worktrees.push(name),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "could not remove what a job left")
+                    }
+                }
+            }
+        }
+        for repo in self.mirrors() {
+            let _guard = self.lock(&repo).await;
+            let mirror = self.mirror_path(&repo);
+            if let Err(e) = self.git.run(&mirror, &["worktree", "prune"]).await {
+                tracing::warn!(repo = %repo.slug(), error = %e, "git worktree prune failed");
+                continue;
+            }
+            let checked_out: Vec<String> = self
+                .git
+                .run(&mirror, &["worktree", "list", "--porcelain"])
+                .await
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.strip_prefix("branch "))
+                .map(str::to_string)
+                .collect();
+            let branches = self
+                .git
+                .run(
+                    &mirror,
+                    &["for-each-ref", "--format=%(refname)", "refs/heads/"],
+                )
+                .await
+                .unwrap_or_default();
+            for r in branches
+                .lines()
+                .filter(|r| !checked_out.iter().any(|c| c == r))
+            {
+                match self.git.run(&mirror, &["update-ref", "-d", r]).await {
+                    Ok(_) => swept.branches.push(format!(
+                        "{}:{}",
+                        repo.slug(),
+                        r.trim_start_matches("refs/heads/")
+                    )),
+                    Err(e) => {
+                        tracing::warn!(repo = %repo.slug(), error = %e, "could not delete a leftover branch")
+                    }
+                }
+            }
+        }
+        swept
+    }
+
+    /// When a mirror was last used: its [`LAST_USED_FILE`], else its last fetch, else the
+    /// directory itself.
+    fn last_used(&self, repo: &RepoRef) -> Option<SystemTime> {
+        let mirror = self.mirror_path(repo);
+        [LAST_USED_FILE, "FETCH_HEAD", "."]
+            .iter()
+            .find_map(|f| std::fs::metadata(mirror.join(f)).ok()?.modified().ok())
+    }
+
+    /// Removes the mirrors no job or request used for `max_age` and that no worktree uses now.
+    /// Answers the ones removed.
+    pub async fn collect_garbage(&self, max_age: Duration) -> Vec<RepoRef> {
+        let mut removed = Vec::new();
+        let now = SystemTime::now();
+        for repo in self.mirrors() {
+            let old = |ws: &Workspaces| {
+                ws.last_used(&repo)
+                    .and_then(|t| now.duration_since(t).ok())
+                    .is_some_and(|age| age > max_age)
+            };
+            if !old(self) {
+                continue;
+            }
+            let _guard = self.lock(&repo).await;
+            let mirror = self.mirror_path(&repo);
+            // Checked again under the lock: a job may have just fetched it.
+            let _ = self.git.run(&mirror, &["worktree", "prune"]).await;
+            let in_use = std::fs::read_dir(mirror.join("worktrees"))
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(false);
+            if in_use || !old(self) {
+                continue;
+            }
+            match tokio::fs::remove_dir_all(&mirror).await {
+                Ok(()) => {
+                    tracing::info!(repo = %repo.slug(), max_age_days = max_age.as_secs() / 86_400, "removed a mirror unused for longer than RUNNER_MIRROR_MAX_AGE_DAYS");
+                    removed.push(repo);
+                }
+                Err(e) => {
+                    tracing::warn!(repo = %repo.slug(), error = %e, "could not remove an unused mirror")
+                }
+            }
+        }
+        removed
     }
 
     async fn remove_locked(&self, mirror: &Path, path: &Path, branch: Option<&str>) {

@@ -330,3 +330,181 @@ async fn sync_and_clone_requests_answer_per_repository() {
     .await;
     assert!(sync[0].success && sync[0].path.is_none(), "{:?}", sync[0]);
 }
+
+fn mirror_branches(ws: &Workspaces, repo: &RepoRef) -> Vec<String> {
+    let mut b: Vec<String> = git(
+        &ws.mirror_path(repo),
+        &["for-each-ref", "--format=%(refname:short)", "refs/heads/"],
+    )
+    .lines()
+    .map(str::to_string)
+    .collect();
+    b.sort();
+    b
+}
+
+/// Makes the mirror look unused for `days` days.
+fn age_mirror(ws: &Workspaces, repo: &RepoRef, days: u32) {
+    let marker = ws
+        .mirror_path(repo)
+        .join(kiln_runner::workspace::LAST_USED_FILE);
+    assert!(marker.is_file(), "a used mirror has its marker");
+    let status = std::process::Command::new("touch")
+        .arg("-d")
+        .arg(format!("{days} days ago"))
+        .arg(&marker)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn a_sweep_removes_the_worktrees_and_branches_no_job_holds() {
+    let f = fixture();
+    let a =
+        f.ws.create_worktree(&f.repo, "job-a", "kiln/a", None)
+            .await
+            .unwrap();
+    let b =
+        f.ws.create_worktree(&f.repo, "job-b", "kiln/b", None)
+            .await
+            .unwrap();
+    // A crash in the middle of a removal: the directory is gone, git still lists the worktree.
+    let c =
+        f.ws.create_worktree(&f.repo, "job-c", "kiln/c", None)
+            .await
+            .unwrap();
+    std::fs::remove_dir_all(&c.path).unwrap();
+    let worktrees = f.dirs.path().join("worktrees");
+    std::fs::write(worktrees.join("job-a.progress.md"), "notes\n").unwrap();
+    std::fs::create_dir_all(worktrees.join(".kiln-homes/job-a")).unwrap();
+    std::fs::write(worktrees.join(".kiln-runner-alive"), "").unwrap();
+    assert_eq!(
+        mirror_branches(&f.ws, &f.repo),
+        ["kiln/a", "kiln/b", "kiln/c"]
+    );
+
+    let mut swept = f.ws.sweep(&["job-b".to_string()]).await;
+    swept.worktrees.sort();
+    swept.branches.sort();
+    assert_eq!(swept.worktrees, ["job-a", "job-a", "job-a.progress.md"]);
+    assert_eq!(swept.branches, ["acme/site:kiln/a", "acme/site:kiln/c"]);
+    assert!(!a.path.exists());
+    assert!(!worktrees.join(".kiln-homes/job-a").exists());
+    assert!(
+        worktrees.join(".kiln-runner-alive").exists(),
+        "the runner's own files stay"
+    );
+    assert!(
+        b.path.join("README.md").is_file(),
+        "a held job's worktree stays"
+    );
+    assert_eq!(mirror_branches(&f.ws, &f.repo), ["kiln/b"]);
+    let listed = git(
+        &f.ws.mirror_path(&f.repo),
+        &["worktree", "list", "--porcelain"],
+    );
+    assert!(
+        !listed.contains("job-a") && !listed.contains("job-c"),
+        "{listed}"
+    );
+
+    // The held job carries on.
+    std::fs::write(b.path.join("b.txt"), "b\n").unwrap();
+    assert!(f.ws.commit_all(&b, "b").await.unwrap().is_some());
+    f.ws.push(&b).await.unwrap();
+    assert!(f
+        .remotes
+        .branches(ORG, REPO)
+        .contains(&"kiln/b".to_string()));
+}
+
+#[tokio::test]
+async fn mirrors_unused_for_the_max_age_are_collected_unless_a_worktree_uses_them() {
+    let f = fixture();
+    f.remotes.create(ORG, "old");
+    f.remotes.create(ORG, "busy");
+    let old = RepoRef::new(ORG, "old").unwrap();
+    let busy = RepoRef::new(ORG, "busy").unwrap();
+    f.ws.sync(&f.repo).await.unwrap();
+    f.ws.sync(&old).await.unwrap();
+    f.ws.create_worktree(&busy, "job-busy", "kiln/busy", None)
+        .await
+        .unwrap();
+    age_mirror(&f.ws, &old, 20);
+    age_mirror(&f.ws, &busy, 20);
+    age_mirror(&f.ws, &f.repo, 10);
+
+    let fortnight = std::time::Duration::from_secs(14 * 86_400);
+    assert_eq!(f.ws.collect_garbage(fortnight).await, vec![old.clone()]);
+    assert!(!f.ws.mirror_path(&old).exists());
+    assert!(f.ws.mirror_path(&busy).join("HEAD").is_file(), "in use");
+    assert!(
+        f.ws.mirror_path(&f.repo).join("HEAD").is_file(),
+        "used 10 days ago"
+    );
+    // Used again, a collected mirror is fetched anew.
+    f.ws.sync(&old).await.unwrap();
+    assert!(f.ws.mirror_path(&old).join("HEAD").is_file());
+    assert!(f.ws.collect_garbage(fortnight).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_runner_sweeps_at_start_what_a_crashed_run_left_and_reports_disk_in_health() {
+    // What a runner killed in the middle of a job leaves: its worktree and branch, and a
+    // mirror nobody has used for a month.
+    let dirs = tempfile::Builder::new()
+        .prefix("kiln-runner-test-")
+        .tempdir()
+        .unwrap();
+    let remotes = Remotes::new();
+    remotes.create(ORG, REPO);
+    remotes.create(ORG, "stale");
+    let ws = Workspaces::new(
+        dirs.path().join("repos"),
+        dirs.path().join("worktrees"),
+        &remotes.base_url(),
+        None,
+    );
+    let repo = RepoRef::new(ORG, REPO).unwrap();
+    let stale = RepoRef::new(ORG, "stale").unwrap();
+    let crashed = "0b6f7c1e-0000-4000-8000-00000000c4a5";
+    let wt = ws
+        .create_worktree(&repo, crashed, "kiln/crashed", None)
+        .await
+        .unwrap();
+    ws.sync(&stale).await.unwrap();
+    age_mirror(&ws, &stale, 30);
+
+    let runner = common::TestRunner::start(common::RunnerOptions {
+        dirs: Some(dirs),
+        ..common::RunnerOptions::default()
+    })
+    .await;
+    assert!(!wt.path.exists(), "the crashed job's worktree is gone");
+    assert!(mirror_branches(&ws, &repo).is_empty(), "and its branch");
+    assert!(
+        !ws.mirror_path(&stale).exists(),
+        "the stale mirror is collected"
+    );
+
+    let health = runner.health().await;
+    let disk = &health["disk"];
+    assert_eq!(disk["worktrees"]["count"], 0, "{health}");
+    assert_eq!(disk["mirrors"]["count"], 1, "{health}");
+    assert!(disk["mirrors"]["bytes"].as_u64().unwrap() > 0, "{health}");
+    assert!(disk["worktrees"]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("worktrees"));
+
+    // A job runs on the swept mirror as usual; while it runs /health counts its worktree.
+    let (id, _, _) = common::start_hanging_job(&runner).await;
+    let health = runner.health().await;
+    assert_eq!(health["disk"]["worktrees"]["count"], 1, "{health}");
+    runner
+        .edge
+        .send(kiln_schemas::runner::EdgeMessage::Cancel { job_id: id.clone() })
+        .await;
+    runner.wait_released(&id).await;
+}

@@ -1,9 +1,17 @@
 //! The runner's session on `/runner/v1/connect`: `hello` (with the jobs still held, after a
 //! reconnect), `welcome`, heartbeats every `heartbeat_secs`, and the edge's messages handed to the
 //! job table. A lost connection is retried with backoff; jobs keep running meanwhile.
+//!
+//! A connection can die without closing (a half-open TCP connection, an edge that stopped
+//! answering): the runner sends a WebSocket ping every few seconds, and anything from the edge
+//! (a pong, a message) counts as hearing from it. Silence for half the lease time
+//! ([`silence_limit`]) ends the session, and the jobs held are stopped (cancelled: killed,
+//! workspaces removed, nothing pushed) before the edge can expire their leases and give them to
+//! another runner. This holds across reconnects: a runner that cannot reach the edge for that
+//! long stops its jobs too.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -21,6 +29,22 @@ use crate::workspace::{RepoRef, Workspaces};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most time between two pings.
+const MAX_PING_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long the runner may go without hearing from the edge before it stops its jobs: half the
+/// lease time (at least a second), so they stop well before the edge expires their leases.
+pub fn silence_limit(lease_secs: u32) -> Duration {
+    Duration::from_millis(u64::from(lease_secs) * 500).max(Duration::from_secs(1))
+}
+
+/// How often the runner pings the edge: every heartbeat, at most [`MAX_PING_INTERVAL`] apart and
+/// at least four times within the silence limit.
+pub fn ping_interval(heartbeat_secs: u32, lease_secs: u32) -> Duration {
+    Duration::from_secs(u64::from(heartbeat_secs.max(1)))
+        .min(MAX_PING_INTERVAL)
+        .min(silence_limit(lease_secs) / 4)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -34,12 +58,17 @@ pub enum SessionError {
     BadToken,
     #[error("the edge refused the runner token (401)")]
     Unauthorized,
+    #[error("nothing heard from the edge for {0:?}")]
+    Silent(Duration),
 }
 
 /// Whether the session is up (for `/health`).
 #[derive(Debug, Default)]
 pub struct EdgeStatus {
     connected: AtomicBool,
+    /// When the edge was last heard from, and the silence limit of its lease time (`None`
+    /// before the first welcome).
+    heard: Mutex<Option<(tokio::time::Instant, Duration)>>,
 }
 
 impl EdgeStatus {
@@ -49,6 +78,22 @@ impl EdgeStatus {
 
     fn set(&self, up: bool) {
         self.connected.store(up, Ordering::SeqCst);
+    }
+
+    fn heard(&self, limit: Duration) {
+        *self.heard.lock().unwrap() = Some((tokio::time::Instant::now(), limit));
+    }
+
+    /// When the edge was last heard from and how long ago, when that is over the limit.
+    fn silence(&self) -> Option<(tokio::time::Instant, Duration)> {
+        let (at, limit) = (*self.heard.lock().unwrap())?;
+        let silent = at.elapsed();
+        (silent >= limit).then_some((at, silent))
+    }
+
+    /// When the current silence reaches the limit.
+    fn silence_deadline(&self) -> Option<tokio::time::Instant> {
+        self.heard.lock().unwrap().map(|(at, limit)| at + limit)
     }
 }
 
@@ -69,6 +114,16 @@ pub struct Session {
 impl Session {
     /// Keeps a session up until `shutdown`.
     pub async fn run(self, shutdown: CancelToken) {
+        let watchdog = tokio::spawn(watch_silence(
+            self.status.clone(),
+            self.supervisor.clone(),
+            shutdown.clone(),
+        ));
+        self.keep_connected(shutdown).await;
+        watchdog.abort();
+    }
+
+    async fn keep_connected(&self, shutdown: CancelToken) {
         let mut backoff = Backoff::default();
         // Set by a registration until a session is welcomed: a token the edge has just issued
         // and refuses anyway is not worth another registration.
@@ -103,6 +158,11 @@ impl Session {
                         "the edge refused the runner token; set a valid RUNNER_TOKEN, or RUNNER_REGISTRATION_TOKEN to register again"
                     ),
                 },
+                Err(SessionError::Silent(silent)) => {
+                    // Before connecting again: a new session would make the silence look over.
+                    stop_jobs(&self.supervisor, silent);
+                    tracing::warn!(silent_ms = silent.as_millis() as u64, "nothing heard from the edge: dropping the connection");
+                }
                 Err(e) => tracing::warn!(error = %e, "edge connection failed"),
             }
             let delay = backoff.next_delay();
@@ -185,22 +245,42 @@ impl Session {
             "connected to the edge"
         );
 
+        let limit = silence_limit(lease_secs);
+        self.status.heard(limit);
         let period = Duration::from_secs(heartbeat_secs.max(1) as u64);
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let ping_period = ping_interval(heartbeat_secs, lease_secs);
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_period, ping_period);
         let (replies, mut reply_rx) = mpsc::unbounded_channel::<RunnerMessage>();
         loop {
+            let deadline = self
+                .status
+                .silence_deadline()
+                .unwrap_or_else(|| tokio::time::Instant::now() + limit);
             tokio::select! {
-                msg = rx.next() => match msg {
-                    None => return Ok(()),
-                    Some(Err(e)) => return Err(e.into()),
-                    Some(Ok(Message::Text(text))) => self.handle(&text, &replies),
-                    Some(Ok(Message::Close(_))) => return Ok(()),
-                    Some(Ok(_)) => {}
+                msg = rx.next() => {
+                    if matches!(msg, Some(Ok(_))) {
+                        self.status.heard(limit);
+                    }
+                    match msg {
+                        None => return Ok(()),
+                        Some(Err(e)) => return Err(e.into()),
+                        Some(Ok(Message::Text(text))) => self.handle(&text, &replies),
+                        Some(Ok(Message::Close(_))) => return Ok(()),
+                        Some(Ok(_)) => {}
+                    }
                 },
-                _ = heartbeat.tick() => {
-                    tx.send(encode(&RunnerMessage::Heartbeat { running: self.supervisor.held() })).await?;
+                _ = tokio::time::sleep_until(deadline) => {
+                    if let Some((_, silent)) = self.status.silence() {
+                        return Err(SessionError::Silent(silent));
+                    }
                 }
-                Some(reply) = reply_rx.recv() => tx.send(encode(&reply)).await?,
+                _ = ping.tick() => send_within(&mut tx, Message::Ping(Vec::new().into()), &self.status, limit).await?,
+                _ = heartbeat.tick() => {
+                    send_within(&mut tx, encode(&RunnerMessage::Heartbeat { running: self.supervisor.held() }), &self.status, limit).await?;
+                }
+                Some(reply) = reply_rx.recv() => send_within(&mut tx, encode(&reply), &self.status, limit).await?,
             }
         }
     }
@@ -261,6 +341,60 @@ impl Session {
                 tracing::warn!(message, "the edge reported a protocol error")
             }
         }
+    }
+}
+
+/// Sends a message, taking no longer than the silence allows: a send to a peer that stopped
+/// reading blocks once the buffers are full.
+async fn send_within<S>(
+    tx: &mut S,
+    msg: Message,
+    status: &EdgeStatus,
+    limit: Duration,
+) -> Result<(), SessionError>
+where
+    S: futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    let deadline = status
+        .silence_deadline()
+        .unwrap_or_else(|| tokio::time::Instant::now() + limit);
+    match tokio::time::timeout_at(deadline, tx.send(msg)).await {
+        Ok(r) => r.map_err(SessionError::from),
+        Err(_) => Err(SessionError::Silent(limit)),
+    }
+}
+
+/// Stops the jobs held once the edge has been silent for the limit (once per silence: jobs
+/// assigned after the edge is heard from again are not touched).
+async fn watch_silence(status: Arc<EdgeStatus>, supervisor: Supervisor, shutdown: CancelToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stopped_for: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let Some((since, silent)) = status.silence() else {
+            stopped_for = None;
+            continue;
+        };
+        if stopped_for == Some(since) {
+            continue;
+        }
+        stopped_for = Some(since);
+        stop_jobs(&supervisor, silent);
+    }
+}
+
+fn stop_jobs(supervisor: &Supervisor, silent: Duration) {
+    let n = supervisor.cancel_all();
+    if n > 0 {
+        tracing::error!(
+            silent_ms = silent.as_millis() as u64,
+            jobs = n,
+            "nothing heard from the edge for half the lease time: stopping every job held here before their leases expire and another runner takes them"
+        );
     }
 }
 

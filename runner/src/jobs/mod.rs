@@ -39,6 +39,8 @@ pub struct JobServices {
     pub metrics: Arc<Metrics>,
     /// `RUNNER_JOB_TIMEOUT`, `RUNNER_TASK_IDLE_TIMEOUT`, `RUNNER_WORKSPACE_MAX_MB`.
     pub limits: JobLimits,
+    /// `RUNNER_EVENT_BUFFER_MB`, in bytes: each job's buffer of events not yet posted.
+    pub event_buffer_bytes: usize,
 }
 
 impl JobServices {
@@ -208,6 +210,16 @@ impl Supervisor {
         }
     }
 
+    /// Cancels every job held (as [`Supervisor::cancel`] does each); answers how many.
+    pub fn cancel_all(&self) -> usize {
+        let jobs = self.inner.jobs.lock().unwrap();
+        for (job_id, entry) in jobs.iter() {
+            tracing::warn!(job_id, "cancelling job");
+            entry.cancel.cancel();
+        }
+        jobs.len()
+    }
+
     /// Passes a message to a job. False if it is not held here.
     pub fn control(&self, job_id: &str, control: JobControl) -> bool {
         let jobs = self.inner.jobs.lock().unwrap();
@@ -231,11 +243,13 @@ impl Supervisor {
         entry.controls.send(control).is_ok()
     }
 
-    /// The jobs held, for `hello` and heartbeats.
+    /// The jobs held, for `hello` and heartbeats. A cancelled job being cleaned up is not
+    /// listed: its lease is not to be renewed.
     pub fn held(&self) -> Vec<HeldJob> {
         let jobs = self.inner.jobs.lock().unwrap();
         let mut held: Vec<HeldJob> = jobs
             .iter()
+            .filter(|(_, e)| !e.cancel.is_cancelled())
             .map(|(id, e)| HeldJob {
                 job_id: id.clone(),
                 lease_id: e.lease_id.clone(),
@@ -243,6 +257,11 @@ impl Supervisor {
             .collect();
         held.sort_by(|a, b| a.job_id.cmp(&b.job_id));
         held
+    }
+
+    /// Whether the job is in the table: held, or cancelled and still being cleaned up.
+    pub fn holds(&self, job_id: &str) -> bool {
+        self.inner.jobs.lock().unwrap().contains_key(job_id)
     }
 
     /// (running, waiting for a slot).

@@ -39,6 +39,7 @@ pub(super) async fn run_job(
         services.edge.clone(),
         job_id.clone(),
         assignment.lease_id.clone(),
+        services.event_buffer_bytes,
         metrics.clone(),
         move || {
             tracing::warn!(job_id = lost_id, "lease no longer valid; stopping the job");

@@ -9,6 +9,7 @@
 #              forever, printing a line every second
 #   slow       sleep 1 second before finishing
 #   big        write 3 MiB to kiln/big.bin
+#   flood      print 60 MiB: one line of 30 MiB, then 30 MiB of 100-byte lines
 #   json       print claude-stream-json lines
 #   echo       interactive: answer each further line with "echo: <line>" until stdin closes
 #   env        print its environment, one "env: NAME=value" line per variable
@@ -53,6 +54,11 @@ esac
 case " $prompt " in *" slow "*) sleep 1 ;; esac
 case " $prompt " in *" big "*)
   mkdir -p kiln && head -c 3145728 /dev/zero > kiln/big.bin && echo "agent: wrote 3 MiB" ;;
+esac
+case " $prompt " in *" flood "*)
+  head -c 31457280 /dev/zero | tr '\0' 'x'; echo
+  yes "agent: flood $(printf '%080d' 0)" | head -c 31457280; echo
+  echo "agent: flood done" ;;
 esac
 case " $prompt " in *" flaky "*)
   marker="/tmp/kiln-flaky-${JOB_ID}-${ITERATION}"

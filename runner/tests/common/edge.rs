@@ -26,6 +26,8 @@ pub const HEARTBEAT_SECS: u32 = 1;
 enum Command {
     Send(Box<EdgeMessage>),
     Close,
+    /// Stop reading and writing without closing (a half-open connection, a hung edge).
+    Silence,
 }
 
 #[derive(Default)]
@@ -43,6 +45,10 @@ struct EdgeState {
     fail_posts: AtomicU32,
     failed_posts: AtomicU32,
     duplicates: AtomicU32,
+    /// `lease_secs` of the welcome (0: the default, 30).
+    lease_secs: AtomicU32,
+    /// Milliseconds each event post waits before it is answered (a slow edge).
+    post_delay_ms: AtomicU32,
 }
 
 #[derive(Clone)]
@@ -118,7 +124,10 @@ async fn session(s: Arc<EdgeState>, socket: WebSocket) {
     let welcome = EdgeMessage::Welcome {
         runner_id: "runner-1".into(),
         heartbeat_secs: HEARTBEAT_SECS,
-        lease_secs: 30,
+        lease_secs: match s.lease_secs.load(Ordering::SeqCst) {
+            0 => 30,
+            n => n,
+        },
     };
     if tx
         .send(Message::Text(
@@ -149,6 +158,12 @@ async fn session(s: Arc<EdgeState>, socket: WebSocket) {
                     let _ = tx.close().await;
                     break;
                 }
+                Some(Command::Silence) => {
+                    // Keep the connection open, read nothing (so no pong either), send nothing.
+                    let _held = (tx, rx);
+                    std::future::pending::<()>().await;
+                    return;
+                }
             },
         }
     }
@@ -162,6 +177,10 @@ async fn events(
 ) -> Response {
     if !authorized(&s, &headers) {
         return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let delay = s.post_delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay.into())).await;
     }
     if s.fail_posts.load(Ordering::SeqCst) > 0 {
         s.fail_posts.fetch_sub(1, Ordering::SeqCst);
@@ -255,6 +274,26 @@ impl FakeEdge {
         if let Some(tx) = self.state.outbox.lock().unwrap().take() {
             let _ = tx.send(Command::Close);
         }
+    }
+
+    /// Goes silent on the current session without closing it: nothing is read (pings go
+    /// unanswered) and nothing is sent. Event posts are still answered.
+    pub fn go_silent(&self) {
+        if let Some(tx) = self.state.outbox.lock().unwrap().take() {
+            let _ = tx.send(Command::Silence);
+        }
+    }
+
+    /// The `lease_secs` the next sessions are welcomed with.
+    pub fn set_lease_secs(&self, secs: u32) {
+        self.state.lease_secs.store(secs, Ordering::SeqCst);
+    }
+
+    /// Makes every event post wait this long before it is answered.
+    pub fn set_post_delay(&self, delay: Duration) {
+        self.state
+            .post_delay_ms
+            .store(delay.as_millis() as u32, Ordering::SeqCst);
     }
 
     pub fn received(&self) -> Vec<RunnerMessage> {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use kiln_runner::app::StartError;
 use kiln_runner::config::{
     AgentEnv, AgentFormat, AgentProfile, Config, ContainerLimits, ContainerUser, EdgeCredential,
-    ExecutorKind, JobLimits, Mount,
+    ExecutorKind, JobLimits, Mount, Resources,
 };
 use kiln_runner::jobs::Supervisor;
 use kiln_runner::Application;
@@ -200,6 +200,11 @@ pub struct RunnerOptions {
     pub repositories: Vec<RepoPattern>,
     /// `RUNNER_JOB_TIMEOUT`, `RUNNER_TASK_IDLE_TIMEOUT`, `RUNNER_WORKSPACE_MAX_MB`.
     pub limits: JobLimits,
+    /// `RUNNER_FETCH_PARALLELISM`, `RUNNER_MIRROR_MAX_AGE_DAYS`, `RUNNER_EVENT_BUFFER_MB`.
+    pub resources: Resources,
+    /// Directories to use instead of new ones (a runner started again over what an earlier one
+    /// left).
+    pub dirs: Option<TempDir>,
 }
 
 impl Default for RunnerOptions {
@@ -218,6 +223,8 @@ impl Default for RunnerOptions {
             name: "test-runner".into(),
             repositories: Vec::new(),
             limits: JobLimits::default(),
+            resources: Resources::default(),
+            dirs: None,
         }
     }
 }
@@ -251,10 +258,13 @@ impl TestRunner {
         let github = FakeGithub::start().await;
         let remotes = Remotes::new();
         remotes.create(ORG, REPO);
-        let dirs = tempfile::Builder::new()
-            .prefix("kiln-runner-test-")
-            .tempdir()
-            .unwrap();
+        let dirs = match opts.dirs {
+            Some(dirs) => dirs,
+            None => tempfile::Builder::new()
+                .prefix("kiln-runner-test-")
+                .tempdir()
+                .unwrap(),
+        };
         // A root runner's commands run as another user (RUNNER_CONTAINER_USER), which must be
         // able to enter WORKTREES_DIR; the state directory inside is the runner's (0700).
         searchable(dirs.path());
@@ -295,6 +305,7 @@ impl TestRunner {
             docker_host: opts.docker_host,
             container_user: ContainerUser::default(),
             job_limits: opts.limits,
+            resources: opts.resources,
             llm: Default::default(),
         };
         let app = Application::build(config).await?;
@@ -349,7 +360,7 @@ impl TestRunner {
     pub async fn wait_released(&self, job_id: &str) {
         let sup = self.supervisor.clone();
         wait_until("the job to be released", Duration::from_secs(20), || {
-            sup.held().iter().all(|h| h.job_id != job_id)
+            !sup.holds(job_id)
         })
         .await;
     }
@@ -520,4 +531,49 @@ pub fn assert_agent_env_passed_without_secrets(events: &[RunnerEvent]) {
             assert!(!v.contains(secret), "the agent sees a secret in {k}={v}");
         }
     }
+}
+
+/// Whether a process is alive (present and not a zombie).
+pub fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+/// The value of one series (`name` or `name{labels}`) in Prometheus text; panics when missing.
+pub fn metric_value(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Assigns a code job whose agent hangs (`hang`) and waits for its output: (job id, branch,
+/// the agent's pid).
+pub async fn start_hanging_job(runner: &TestRunner) -> (String, String, i32) {
+    let a = assignment(JobType::Code, "hang");
+    let (id, branch) = (a.job_id.clone(), a.branch_name.clone());
+    runner.edge.assign(a).await;
+    runner
+        .edge
+        .wait_event(
+            &id,
+            "the agent's output",
+            20,
+            |e| matches!(e, RunnerEvent::Log { content, .. } if content.contains("still working")),
+        )
+        .await;
+    let pid = std::fs::read_to_string(format!("/tmp/kiln-hang-{id}.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (id, branch, pid)
 }
