@@ -480,7 +480,7 @@ pub fn iterations_text(list: &IterationList, p: Palette) -> String {
 /// `kiln status`.
 pub fn health_text(h: &Health, url: &str, p: Palette) -> String {
     let status = if h.status == "ok" { p.green(&h.status) } else { p.yellow(&h.status) };
-    format!(
+    let mut text = format!(
         "{url}: {status}\n  queue: {} running, {} queued (at most {} at once)\n  runners: {} connected, {} free slot{}\n",
         h.queue.running,
         h.queue.queued,
@@ -488,7 +488,26 @@ pub fn health_text(h: &Health, url: &str, p: Palette) -> String {
         h.runners.connected,
         h.runners.free_slots,
         if h.runners.free_slots == 1 { "" } else { "s" }
-    )
+    );
+    for r in &h.runners.tools {
+        let t = &r.tools;
+        let model = if t.demo_model {
+            "demo model"
+        } else if t.agent_authenticated {
+            "authenticated"
+        } else {
+            "no credentials"
+        };
+        text.push_str(&format!(
+            "  {}: {} {} ({model}); git {}{}\n",
+            r.name,
+            t.profile,
+            t.agent_version.as_deref().unwrap_or("(no version)"),
+            t.git_version.as_deref().unwrap_or("missing"),
+            if t.forge_token { ", GitHub token" } else { ", no GitHub token" }
+        ));
+    }
+    text
 }
 
 #[cfg(test)]
@@ -699,6 +718,15 @@ mod tests {
         assert_eq!(
             health_text(&h, "http://k", PLAIN),
             "http://k: ok\n  queue: 1 running, 2 queued (at most 2 at once)\n  runners: 1 connected, 1 free slot\n"
+        );
+        let h: Health = serde_json::from_value(json!({"status": "ok", "queue": {"running": 0, "queued": 0, "maxConcurrent": 2},
+            "claude": {"authenticated": true, "version": "2.1.328 (Claude Code)", "demoModel": true}, "git": {"authenticated": false},
+            "runners": {"connected": 1, "free_slots": 2, "tools": [{"name": "vm", "profile": "claude", "agent_version": "2.1.328 (Claude Code)",
+            "agent_authenticated": true, "demo_model": true, "git_version": "2.39.5", "forge_token": false}]}})).unwrap();
+        assert!(
+            health_text(&h, "http://k", PLAIN).ends_with("  vm: claude 2.1.328 (Claude Code) (demo model); git 2.39.5, no GitHub token\n"),
+            "{}",
+            health_text(&h, "http://k", PLAIN)
         );
     }
 

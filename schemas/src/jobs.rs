@@ -418,15 +418,18 @@ pub struct QueueCounts {
 pub struct Health {
     pub status: String,
     pub queue: QueueCounts,
-    /// Seed 003's block, from what the connected runners with the `claude` profile report.
+    /// Seed 003's block, from what the connected runners with the `claude` profile report
+    /// (default when reading an edge that predates it).
+    #[serde(default)]
     pub claude: ClaudeHealth,
     /// Seed 003's block, from what the connected runners report.
+    #[serde(default)]
     pub git: GitHealth,
     /// Kiln's addition: connected runners, their free slots, and each one's tools.
     pub runners: RunnerCounts,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClaudeHealth {
     /// Some connected runner's Claude Code has credentials (a vendor key, or the demo model).
@@ -437,7 +440,7 @@ pub struct ClaudeHealth {
     pub demo_model: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 pub struct GitHealth {
     /// Some connected runner holds a forge token (pushes over https, opens pull requests).
     pub authenticated: bool,
