@@ -13,6 +13,8 @@ pub enum ApiError {
     NotFound(String),
     Conflict(String),
     Unavailable(String),
+    /// 413: a request body over [`MAX_BODY_BYTES`].
+    TooLarge(String),
     Internal(String),
 }
 
@@ -39,6 +41,7 @@ impl ApiError {
             ApiError::NotFound(m) => (404, m),
             ApiError::Conflict(m) => (409, m),
             ApiError::Unavailable(m) => (503, m),
+            ApiError::TooLarge(m) => (413, m),
             ApiError::Internal(m) => {
                 worker::console_error!("internal error: {m}");
                 (500, "internal error".to_string())
@@ -60,9 +63,22 @@ pub fn json_status<T: Serialize>(value: &T, status: u16) -> Response {
     Response::from_json(value).map(|r| r.with_status(status)).unwrap_or_else(|_| Response::empty().unwrap().with_status(500))
 }
 
-/// Reads a JSON body; malformed JSON is a 400.
+/// The largest request body any endpoint reads (and a Durable Object's internal call carries):
+/// 1 MiB. A runner's event batch is at most 256 KiB; a job's prompt far less.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Reads a JSON body; over [`MAX_BODY_BYTES`] is a 413 (refused on its `Content-Length` before it
+/// is read), malformed JSON a 400. Every body is read here.
 pub async fn body_json(req: &mut Request) -> ApiResult<serde_json::Value> {
+    let too_large = || ApiError::TooLarge(format!("request body over {MAX_BODY_BYTES} bytes"));
+    let declared = req.headers().get("content-length")?.and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
     let text = req.text().await.map_err(|_| ApiError::BadRequest("could not read request body".into()))?;
+    if text.len() > MAX_BODY_BYTES {
+        return Err(too_large());
+    }
     serde_json::from_str(&text).map_err(|_| ApiError::BadRequest("request body is not valid JSON".into()))
 }
 
@@ -104,6 +120,7 @@ pub async fn call<T: DeserializeOwned>(stub: &Stub, method: Method, path: &str, 
             403 => ApiError::Forbidden(msg),
             404 => ApiError::NotFound(msg),
             409 => ApiError::Conflict(msg),
+            413 => ApiError::TooLarge(msg),
             503 => ApiError::Unavailable(msg),
             _ => ApiError::Internal(msg),
         });

@@ -2,7 +2,9 @@
 //! (hibernation API) and its status as single writer (it updates the job's D1 row).
 //!
 //! Internal API (called by the Worker and the Queue object, never exposed):
-//! `POST /init`, `POST /transition`, `POST /append`, `POST /runner-batch`, `GET /events`, `GET /ws`.
+//! `POST /init`, `POST /transition`, `POST /append`, `POST /runner-batch`, `GET /events` (one page:
+//! `after`, `limit`, `kind`), `GET /ws` (replays the log after `after` a page at a time, then
+//! follows).
 
 use std::cell::RefCell;
 
@@ -88,6 +90,11 @@ struct SocketInfo {
     #[serde(default)]
     expires_at_ms: Option<i64>,
 }
+
+/// Events the replay of a new socket reads from SQLite at a time.
+pub const EVENTS_PAGE: usize = 500;
+/// The most events one `GET /events` answers (`limit`; default [`EVENTS_PAGE`]).
+pub const MAX_EVENTS_READ: usize = 5000;
 
 /// The close code of a socket whose access token expired (4000-4999: the application's own).
 const TOKEN_EXPIRED_CLOSE: u16 = 4001;
@@ -178,25 +185,29 @@ impl JobRoom {
         Ok(seq - 1)
     }
 
-    fn events_after(&self, after: u64, kind: Option<&str>) -> ApiResult<Vec<String>> {
+    /// At most `limit` events after `after` (of one kind, if given), in `seq` order, as their
+    /// JSON text with their seq: one page of the log, never the whole of it.
+    fn events_after(&self, after: u64, kind: Option<&str>, limit: usize) -> ApiResult<Vec<(u64, String)>> {
         #[derive(Deserialize)]
         struct Row {
+            seq: i64,
             body: String,
         }
+        let (after, limit) = (SqlStorageValue::from(after as i64), SqlStorageValue::from(limit as i64));
         let rows: Vec<Row> = match kind {
             Some(k) => self
                 .sql()
                 .exec(
-                    "SELECT body FROM events WHERE seq > ? AND kind = ? ORDER BY seq",
-                    vec![SqlStorageValue::from(after as i64), SqlStorageValue::from(k.to_string())],
+                    "SELECT seq, body FROM events WHERE seq > ? AND kind = ? ORDER BY seq LIMIT ?",
+                    vec![after, SqlStorageValue::from(k.to_string()), limit],
                 )?
                 .to_array()?,
             None => self
                 .sql()
-                .exec("SELECT body FROM events WHERE seq > ? ORDER BY seq", vec![SqlStorageValue::from(after as i64)])?
+                .exec("SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", vec![after, limit])?
                 .to_array()?,
         };
-        Ok(rows.into_iter().map(|r| r.body).collect())
+        Ok(rows.into_iter().map(|r| (r.seq as u64, r.body)).collect())
     }
 
     fn status_event(meta: &RoomMeta, message: &str, patch: &JobPatch) -> EventBody {
@@ -373,8 +384,19 @@ impl JobRoom {
         let pair = WebSocketPair::new()?;
         self.state.accept_web_socket(&pair.server);
         pair.server.serialize_attachment(SocketInfo { sender, expires_at_ms })?;
-        for text in self.events_after(after, None)? {
-            pair.server.send_with_str(&text)?;
+        // The replay reads the log a page at a time, never all of it at once; it stays
+        // synchronous (no await from the first page to the registration), so no event can slip
+        // between the replay and the follow.
+        let mut cursor = after;
+        loop {
+            let page = self.events_after(cursor, None, EVENTS_PAGE)?;
+            for (_, text) in &page {
+                pair.server.send_with_str(text)?;
+            }
+            match page.last() {
+                Some((seq, _)) if page.len() == EVENTS_PAGE => cursor = *seq,
+                _ => break,
+            }
         }
         if let Some(at) = expires_at_ms {
             self.alarm_by(at).await?;
@@ -483,10 +505,13 @@ impl JobRoom {
             (Method::Get, "/events") => {
                 self.meta()?;
                 let url = req.url()?;
-                let kind = url.query_pairs().find(|(k, _)| k == "kind").map(|(_, v)| v.to_string());
-                let bodies = self.events_after(0, kind.as_deref())?;
+                let param = |name: &str| url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.to_string());
+                let kind = param("kind");
+                let after = param("after").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let limit = param("limit").and_then(|v| v.parse().ok()).unwrap_or(EVENTS_PAGE).clamp(1, MAX_EVENTS_READ);
+                let bodies = self.events_after(after, kind.as_deref(), limit)?;
                 let events: Vec<serde_json::Value> =
-                    bodies.iter().filter_map(|b| serde_json::from_str(b).ok()).collect();
+                    bodies.iter().filter_map(|(_, b)| serde_json::from_str(b).ok()).collect();
                 json(&events)
             }
             (Method::Get, "/meta") => json(&self.meta()?),
@@ -535,7 +560,7 @@ impl DurableObject for JobRoom {
                     "internal error".to_string()
                 }
                 ApiError::BadRequest(m) | ApiError::Conflict(m) | ApiError::NotFound(m) | ApiError::Unauthorized(m)
-                | ApiError::Forbidden(m) | ApiError::Unavailable(m) => m,
+                | ApiError::Forbidden(m) | ApiError::Unavailable(m) | ApiError::TooLarge(m) => m,
             };
             ws.send(&SocketError { message })?;
         }

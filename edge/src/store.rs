@@ -116,6 +116,7 @@ impl JobRow {
             started_at: self.started_at.clone(),
             completed_at: self.completed_at.clone(),
             messages: None,
+            messages_next_after: None,
         }
     }
 }

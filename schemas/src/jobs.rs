@@ -312,6 +312,10 @@ pub struct JobView {
     pub completed_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub messages: Option<Vec<JobMessage>>,
+    /// With `messages`, when the log holds more after them: the `seq` to pass as
+    /// `messagesAfter` for the next page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_next_after: Option<u64>,
 }
 
 /// Answer of `GET /jobs`.

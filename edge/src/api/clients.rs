@@ -12,6 +12,18 @@ use crate::http::{self, body_json, json, json_status, ApiError, ApiResult};
 use crate::store::{self, ClientRow, RepoRow};
 use crate::time::rfc3339;
 
+/// `MAX_REPOSITORIES_PER_OWNER`'s default: the most repositories one account's clients hold.
+pub const DEFAULT_MAX_REPOSITORIES_PER_OWNER: usize = 100;
+
+/// `MAX_REPOSITORIES_PER_OWNER` (a `[vars]` setting).
+fn max_repositories(ctx: &Ctx) -> usize {
+    ctx.env
+        .var("MAX_REPOSITORIES_PER_OWNER")
+        .ok()
+        .and_then(|v| v.to_string().trim().parse().ok())
+        .unwrap_or(DEFAULT_MAX_REPOSITORIES_PER_OWNER)
+}
+
 fn repo_json(r: &RepoRow) -> serde_json::Value {
     serde_json::json!({
         "id": r.id,
@@ -82,6 +94,20 @@ pub async fn add_repository(mut req: Request, ctx: &Ctx, who: &Principal, id: &s
         return Err(ApiError::BadRequest("defaultBranch is not a valid git branch name".into()));
     }
     grants::require(ctx, who, &[(org, repo)]).await?;
+    // Bounded: an account holds at most MAX_REPOSITORIES_PER_OWNER repositories (across its
+    // clients); adding one a client already has only updates it.
+    let db = env::db(&ctx.env)?;
+    let held = store::repos_of_owner(&db, who.owner()).await?;
+    let known = held.iter().any(|r| {
+        r.client_id == client.id && r.owner_name.eq_ignore_ascii_case(org) && r.repo_name.eq_ignore_ascii_case(repo)
+    });
+    let max = max_repositories(ctx);
+    if !known && held.len() >= max {
+        return Err(ApiError::Conflict(format!(
+            "this account already has {} repositories, the most allowed (MAX_REPOSITORIES_PER_OWNER = {max})",
+            held.len()
+        )));
+    }
     let row = RepoRow {
         id: new_id(),
         client_id: client.id.clone(),
@@ -91,7 +117,7 @@ pub async fn add_repository(mut req: Request, ctx: &Ctx, who: &Principal, id: &s
         default_branch: branch.to_string(),
         created_at: rfc3339(now_ms()),
     };
-    let stored = store::upsert_repo(&env::db(&ctx.env)?, &row).await?;
+    let stored = store::upsert_repo(&db, &row).await?;
     Ok(json_status(&serde_json::json!({ "id": client.id, "name": client.name, "repository": repo_json(&stored) }), 201))
 }
 

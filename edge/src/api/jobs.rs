@@ -51,13 +51,39 @@ pub async fn list(req: Request, ctx: &Ctx, who: &Principal) -> ApiResult {
     json(&JobList { jobs: rows.iter().map(JobRow::view).collect(), total })
 }
 
-async fn room_events(ctx: &Ctx, job_id: &str, kind: Option<&str>) -> ApiResult<Vec<ServerEvent>> {
+/// `includeMessages` answers at most this many messages unless `messagesLimit` says otherwise.
+pub const DEFAULT_MESSAGES_LIMIT: usize = 1000;
+/// The most `messagesLimit` may ask for.
+pub const MAX_MESSAGES_LIMIT: usize = crate::job_room::MAX_EVENTS_READ - 1;
+
+/// One page of the job's log: at most `limit` events after `after` (of one kind, if given).
+async fn room_events(ctx: &Ctx, job_id: &str, kind: Option<&str>, after: u64, limit: usize) -> ApiResult<Vec<ServerEvent>> {
     let room = env::job_room(&ctx.env, job_id)?;
-    let path = match kind {
-        Some(k) => format!("/events?kind={k}"),
-        None => "/events".to_string(),
-    };
+    let mut path = format!("/events?after={after}&limit={limit}");
+    if let Some(k) = kind {
+        path.push_str(&format!("&kind={k}"));
+    }
     http::call(&room, Method::Get, &path, None::<&()>).await
+}
+
+/// `messagesLimit` and `messagesAfter` of `GET /jobs/:id?includeMessages=true`.
+fn messages_page(url: &worker::Url) -> ApiResult<(usize, u64)> {
+    let param = |name: &str| url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.to_string());
+    let limit = match param("messagesLimit") {
+        None => DEFAULT_MESSAGES_LIMIT,
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_MESSAGES_LIMIT).contains(n))
+            .ok_or_else(|| ApiError::BadRequest(format!("messagesLimit must be a number from 1 to {MAX_MESSAGES_LIMIT}")))?,
+    };
+    let after = match param("messagesAfter") {
+        None => 0,
+        Some(v) => v
+            .parse::<u64>()
+            .map_err(|_| ApiError::BadRequest("messagesAfter must be a seq: a whole number from 0".into()))?,
+    };
+    Ok((limit, after))
 }
 
 pub async fn get(req: Request, ctx: &Ctx, who: &Principal, id: &str) -> ApiResult {
@@ -66,7 +92,14 @@ pub async fn get(req: Request, ctx: &Ctx, who: &Principal, id: &str) -> ApiResul
     let url = req.url()?;
     let include = url.query_pairs().any(|(k, v)| k == "includeMessages" && (v == "true" || v == "1"));
     if include {
-        let events = room_events(ctx, id, None).await?;
+        // A page of the log, never all of it: the first `messagesLimit` after `messagesAfter`,
+        // and where the next page starts when there is more.
+        let (limit, after) = messages_page(&url)?;
+        let mut events = room_events(ctx, id, None, after, limit + 1).await?;
+        if events.len() > limit {
+            events.truncate(limit);
+            view.messages_next_after = events.last().map(|e| e.seq);
+        }
         view.messages = Some(events.iter().filter_map(|e| e.body.as_job_message()).collect());
     }
     json(&view)
@@ -399,7 +432,8 @@ pub async fn iterations(ctx: &Ctx, who: &Principal, id: &str) -> ApiResult {
     if row.job_type() != JobType::Ralph {
         return Err(ApiError::BadRequest("not a ralph job".into()));
     }
-    let events = room_events(ctx, id, Some("iteration")).await?;
+    // At most MAX_MAX_ITERATIONS iterations, each sent at most twice (a retried attempt).
+    let events = room_events(ctx, id, Some("iteration"), 0, crate::job_room::MAX_EVENTS_READ).await?;
     let iterations: Vec<_> = events
         .into_iter()
         .filter_map(|e| match e.body {
