@@ -192,7 +192,7 @@ async fn login(ctx: &Ctx, c: Credentials, register: bool) -> anyhow::Result<i32>
     }
     let client = Client::new(&ctx.url, Auth::None)?;
     if register {
-        let body = serde_json::to_value(RegisterRequest { email: email.clone(), password: password.clone(), username: None })?;
+        let body = serde_json::to_value(RegisterRequest { email: email.clone(), password: password.clone(), username: None, name: None })?;
         client.public(Method::POST, "/api/auth/register/", Some(&body)).await?;
     }
     let body = serde_json::to_value(LoginRequest { email: email.clone(), password })?;

@@ -114,6 +114,30 @@ impl TestEdge {
         }
     }
 
+    /// Runs `sql` on this edge's D1 database (`wrangler d1 execute --local` on its state) and
+    /// answers the rows of the last statement. Stop the edge first when the statement writes
+    /// ([`TestEdge::stop`], then [`TestEdge::restart`]): workerd holds the database open.
+    pub fn d1(&self, sql: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+        let mut cmd = wrangler_command()?;
+        cmd.args(["d1", "execute", "DB", "--local", "--json", "--persist-to"]).arg(self.persist_dir());
+        if let Some(name) = &self.wrangler_env {
+            cmd.args(["--env", name]);
+        }
+        let out = cmd.arg("--command").arg(sql).env("CI", "true").output().context("running wrangler d1 execute")?;
+        if !out.status.success() {
+            bail!(
+                "wrangler d1 execute failed ({}):\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let answer: serde_json::Value =
+            serde_json::from_slice(&out.stdout).with_context(|| format!("wrangler d1 execute answered {:?}", String::from_utf8_lossy(&out.stdout)))?;
+        let last = answer.as_array().and_then(|a| a.last()).cloned().unwrap_or_default();
+        Ok(last["results"].as_array().cloned().unwrap_or_default())
+    }
+
     fn log_path(&self) -> PathBuf {
         self.dir.path().join("wrangler.log")
     }

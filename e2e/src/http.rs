@@ -69,6 +69,29 @@ impl Api {
         Self::read(resp).await
     }
 
+    /// Sends `json` (if any) to `path` with extra request headers (`Origin`, `CF-Connecting-IP`,
+    /// `Authorization`, ...), answering the status, the answer's headers and its body (read as
+    /// [`Api::send`] reads it).
+    pub async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        json: Option<Value>,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let mut req = self.http.request(method.clone(), format!("{}{path}", self.base));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        if let Some(body) = json {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let headers = resp.headers().clone();
+        let (status, body) = Self::read(resp).await;
+        (status, headers, body)
+    }
+
     async fn read(resp: reqwest::Response) -> (StatusCode, Value) {
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();

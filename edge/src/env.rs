@@ -4,7 +4,9 @@ use worker::{Env, ObjectNamespace, Stub, D1Database};
 
 use kiln_schemas::grants::ProtectedBranches;
 
+use crate::cors::CorsOrigins;
 use crate::queue_core::Limits;
+use crate::rate_limit;
 
 pub struct Config {
     pub jwt_secret: String,
@@ -17,6 +19,12 @@ pub struct Config {
     pub heartbeat_secs: u32,
     /// Branches no job may name (`PROTECTED_BRANCHES`, default `main,master,develop,release/*`).
     pub protected_branches: ProtectedBranches,
+    /// Browser origins allowed to call every face (`CORS_ORIGINS`; empty: no CORS headers).
+    pub cors: CorsOrigins,
+    /// Failed logins and registrations allowed per email and per client address in a window.
+    pub auth_limits: rate_limit::Limits,
+    /// PBKDF2 iterations of new password hashes (`PASSWORD_ITERATIONS`).
+    pub password_iterations: u32,
 }
 
 fn var(env: &Env, name: &str) -> Option<String> {
@@ -45,6 +53,18 @@ impl Config {
             protected_branches: var(env, "PROTECTED_BRANCHES")
                 .map(|v| ProtectedBranches::parse(&v))
                 .unwrap_or_default(),
+            password_iterations: crate::auth::password::iterations(
+                var(env, "PASSWORD_ITERATIONS").and_then(|v| v.trim().parse().ok()),
+            ),
+            cors: CorsOrigins::parse(&var(env, "CORS_ORIGINS").unwrap_or_default()),
+            auth_limits: {
+                let d = rate_limit::Limits::default();
+                rate_limit::Limits {
+                    per_email: num(env, "AUTH_FAILURES_PER_EMAIL", d.per_email),
+                    per_address: num(env, "AUTH_FAILURES_PER_ADDRESS", d.per_address),
+                    window_ms: num::<i64>(env, "AUTH_FAILURE_WINDOW_SECS", d.window_ms / 1000).max(1) * 1000,
+                }
+            },
         }
     }
 }

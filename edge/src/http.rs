@@ -1,4 +1,5 @@
-//! One error envelope for every REST answer (`{"error": "..."}`), JSON helpers, and typed calls
+//! One error envelope for every REST answer (`{"error": "..."}`; under `/api/` also DRF's
+//! `{"detail": "..."}` with the same text, for seed 000's frontend), JSON helpers, and typed calls
 //! between the Worker and its Durable Objects.
 
 use serde::{de::DeserializeOwned, Serialize};
@@ -15,6 +16,8 @@ pub enum ApiError {
     Unavailable(String),
     /// 413: a request body over [`MAX_BODY_BYTES`].
     TooLarge(String),
+    /// 429 with `Retry-After`.
+    TooManyRequests { message: String, retry_after_secs: u64 },
     Internal(String),
 }
 
@@ -33,7 +36,14 @@ impl From<serde_json::Error> for ApiError {
 }
 
 impl ApiError {
+    /// The answer in the envelope of seed 003's faces: `{"error"}`.
     pub fn into_response(self) -> Response {
+        self.respond(false)
+    }
+
+    /// The answer, with `detail` beside `error` when `with_detail` (the `/api/` face).
+    pub fn respond(self, with_detail: bool) -> Response {
+        let mut retry_after = None;
         let (status, msg) = match self {
             ApiError::BadRequest(m) => (400, m),
             ApiError::Unauthorized(m) => (401, m),
@@ -42,12 +52,29 @@ impl ApiError {
             ApiError::Conflict(m) => (409, m),
             ApiError::Unavailable(m) => (503, m),
             ApiError::TooLarge(m) => (413, m),
+            ApiError::TooManyRequests { message, retry_after_secs } => {
+                retry_after = Some(retry_after_secs);
+                (429, message)
+            }
             ApiError::Internal(m) => {
                 worker::console_error!("internal error: {m}");
                 (500, "internal error".to_string())
             }
         };
-        error_response(status, &msg)
+        let mut resp = if with_detail {
+            #[derive(Serialize)]
+            struct WithDetail<'a> {
+                error: &'a str,
+                detail: &'a str,
+            }
+            json_status(&WithDetail { error: &msg, detail: &msg }, status)
+        } else {
+            error_response(status, &msg)
+        };
+        if let Some(secs) = retry_after {
+            resp.headers_mut().set("Retry-After", &secs.to_string()).ok();
+        }
+        resp
     }
 }
 
@@ -121,6 +148,7 @@ pub async fn call<T: DeserializeOwned>(stub: &Stub, method: Method, path: &str, 
             404 => ApiError::NotFound(msg),
             409 => ApiError::Conflict(msg),
             413 => ApiError::TooLarge(msg),
+            429 => ApiError::TooManyRequests { message: msg, retry_after_secs: 1 },
             503 => ApiError::Unavailable(msg),
             _ => ApiError::Internal(msg),
         });

@@ -561,6 +561,7 @@ impl DurableObject for JobRoom {
                 }
                 ApiError::BadRequest(m) | ApiError::Conflict(m) | ApiError::NotFound(m) | ApiError::Unauthorized(m)
                 | ApiError::Forbidden(m) | ApiError::Unavailable(m) | ApiError::TooLarge(m) => m,
+                ApiError::TooManyRequests { message, .. } => message,
             };
             ws.send(&SocketError { message })?;
         }

@@ -2,7 +2,9 @@
 //! natively; the Worker entry, handlers and Durable Objects build only for wasm32.
 
 pub mod auth;
+pub mod cors;
 pub mod queue_core;
+pub mod rate_limit;
 pub mod time;
 
 #[cfg(target_arch = "wasm32")]

@@ -1,5 +1,6 @@
 //! The Worker's routes: one flat table, each face in its own module. Authentication happens here,
-//! once, before any handler runs.
+//! once, before any handler runs; so do, for every face, CORS (`CORS_ORIGINS`, preflights
+//! included) and the error envelope (`{"error"}`, plus DRF's `detail` under `/api/`).
 
 mod auth;
 mod clients;
@@ -11,6 +12,7 @@ mod ws;
 use worker::{Env, Method, Request, Response};
 
 use crate::auth::{bearer, jwt, tokens, Principal};
+use crate::cors::{self, CorsOrigins};
 use crate::env::{now_ms, Config};
 use crate::http::{ApiError, ApiResult};
 use crate::time::from_ms;
@@ -23,7 +25,41 @@ pub struct Ctx {
 
 pub async fn handle(req: Request, env: Env) -> worker::Result<Response> {
     let ctx = Ctx { config: Config::from_env(&env), env };
-    Ok(route(req, &ctx).await.unwrap_or_else(ApiError::into_response))
+    warn_once_about(&ctx.config.cors);
+    let origin = req.headers().get("origin").ok().flatten();
+    if req.method() == Method::Options {
+        // A CORS preflight (or a plain OPTIONS): no route runs, no credential is needed.
+        let mut resp = Response::empty()?.with_status(204);
+        resp.headers_mut().set("Allow", cors::ALLOW_METHODS)?;
+        apply_cors(&mut resp, &ctx.config.cors, origin.as_deref(), true);
+        return Ok(resp);
+    }
+    let path = req.path();
+    // The `/api/` face is seed 000's Django REST framework API: its errors also carry `detail`.
+    let drf = path == "/api" || path.starts_with("/api/");
+    let mut resp = route(req, &ctx).await.unwrap_or_else(|e| e.respond(drf));
+    // A socket's upgrade answer is not read by CORS (and its headers are the runtime's).
+    if resp.status_code() != 101 {
+        apply_cors(&mut resp, &ctx.config.cors, origin.as_deref(), false);
+    }
+    Ok(resp)
+}
+
+fn apply_cors(resp: &mut Response, origins: &CorsOrigins, origin: Option<&str>, preflight: bool) {
+    for (name, value) in origins.headers(origin, preflight) {
+        if let Err(e) = resp.headers_mut().set(name, &value) {
+            worker::console_error!("setting {name} on an answer: {e}");
+        }
+    }
+}
+
+/// Entries of `CORS_ORIGINS` that are not origins are logged once per isolate.
+fn warn_once_about(origins: &CorsOrigins) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !origins.invalid.is_empty() && !WARNED.swap(true, Ordering::Relaxed) {
+        worker::console_warn!("CORS_ORIGINS: ignoring entries that are not origins: {:?}", origins.invalid);
+    }
 }
 
 async fn route(req: Request, ctx: &Ctx) -> ApiResult {
@@ -38,8 +74,10 @@ async fn route(req: Request, ctx: &Ctx) -> ApiResult {
         (Method::Post, ["api", "auth", "register"]) => auth::register(req, ctx).await,
         // `POST /api/auth/login/`
         (Method::Post, ["api", "auth", "login"]) => auth::login(req, ctx).await,
-        // `POST /api/auth/refresh/`
-        (Method::Post, ["api", "auth", "refresh"]) => auth::refresh(req, ctx).await,
+        // `POST /api/auth/refresh/` · `POST /api/auth/token/refresh/` (simplejwt's path)
+        (Method::Post, ["api", "auth", "refresh"] | ["api", "auth", "token", "refresh"]) => auth::refresh(req, ctx).await,
+        // `POST /api/auth/logout/` (the refresh token is the credential)
+        (Method::Post, ["api", "auth", "logout"]) => auth::logout(req, ctx).await,
         // Runner protocol: its own credentials.
         (_, ["runner", "v1", rest @ ..]) => runner::route(req, ctx, method, rest).await,
         // The live channel: header or (dev) query token.
@@ -57,6 +95,8 @@ async fn route(req: Request, ctx: &Ctx) -> ApiResult {
 
 async fn route_authenticated(req: Request, ctx: &Ctx, who: &Principal, method: Method, segments: &[&str]) -> ApiResult {
     match (method, segments) {
+        // `GET /api/auth/me/`
+        (Method::Get, ["api", "auth", "me"]) => auth::me(ctx, who).await,
         // `GET /jobs` · `POST /jobs`
         (Method::Get, ["jobs"]) => jobs::list(req, ctx, who).await,
         (Method::Post, ["jobs"]) => jobs::create(req, ctx, who).await,

@@ -1,0 +1,213 @@
+//! Failed logins and registrations, limited per email and per client address over a sliding
+//! window (`AUTH_FAILURES_PER_EMAIL`, `AUTH_FAILURES_PER_ADDRESS`, `AUTH_FAILURE_WINDOW_SECS`).
+//!
+//! The design (why it is correct under concurrency): every attempt first *reserves* a row in D1's
+//! `auth_failures` for each key with one conditional statement,
+//! `INSERT … SELECT … WHERE (SELECT COUNT(*) … within the window) < limit`, both keys in one batch
+//! (a D1 batch is a transaction). D1 runs writes one at a time on its primary, so the count and the
+//! insert are atomic: however many attempts race — all from isolates on different machines — at
+//! most `limit` rows per key are ever inside a window, and the attempts past it are refused before
+//! any password is hashed. A successful attempt deletes its reservations (a refund); a failed one
+//! keeps them, and they are the failure log. A check-then-record design would let every racing
+//! attempt pass the check before any of them recorded its failure, and a per-isolate counter would
+//! not be shared at all. The window slides: the answer to a refused attempt is `Retry-After` = when
+//! the oldest failure in the window leaves it. Rows older than the window are purged
+//! opportunistically (on successful logins); keys are stored hashed, so the table holds no emails.
+//!
+//! Pure parts (addresses, keys, retry times) are here and tested natively; the D1 statements are
+//! wasm32 only.
+
+use sha2::{Digest, Sha256};
+
+/// The limits, from the Worker's settings. A limit of 0 turns that key's limit off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub per_email: u32,
+    pub per_address: u32,
+    pub window_ms: i64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { per_email: 10, per_address: 50, window_ms: 15 * 60 * 1000 }
+    }
+}
+
+/// The key a client address is limited under when the request names none.
+pub const UNKNOWN_ADDRESS: &str = "unknown";
+
+/// The client's address: `CF-Connecting-IP` (set by Cloudflare's edge, and by `wrangler dev`),
+/// else the first hop of `X-Forwarded-For`, else a fixed key shared by every such request.
+pub fn client_address(cf_connecting_ip: Option<&str>, x_forwarded_for: Option<&str>) -> String {
+    let usable = |s: &str| {
+        let s = s.trim();
+        (!s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']')))
+            .then(|| s.to_ascii_lowercase())
+    };
+    cf_connecting_ip
+        .and_then(usable)
+        .or_else(|| x_forwarded_for.and_then(|x| x.split(',').next()).and_then(usable))
+        .unwrap_or_else(|| UNKNOWN_ADDRESS.to_string())
+}
+
+/// The keys an attempt for `email` (normalised) from `address` counts under, each with its limit;
+/// keys whose limit is 0 are left out. Emails are hashed: the table holds no addresses of people.
+pub fn keys(limits: &Limits, email: &str, address: &str) -> Vec<(String, u32)> {
+    let email_key = format!("email:{}", hex(&Sha256::digest(email.as_bytes())));
+    [(email_key, limits.per_email), (format!("addr:{address}"), limits.per_address)]
+        .into_iter()
+        .filter(|(_, limit)| *limit > 0)
+        .collect()
+}
+
+/// Seconds until a refused key admits an attempt again: when its oldest failure in the window
+/// (`oldest_ms`) leaves it. At least 1.
+pub fn retry_after_secs(oldest_ms: Option<i64>, window_ms: i64, now_ms: i64) -> u64 {
+    let wait_ms = oldest_ms.map(|o| o + window_ms - now_ms).unwrap_or(1000).max(1);
+    (wait_ms as u64).div_ceil(1000).max(1)
+}
+
+/// The message of a refused attempt.
+pub fn refusal(retry_after: u64) -> String {
+    format!("too many failed attempts; try again in {retry_after} seconds")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(target_arch = "wasm32")]
+pub use d1::{purge, refund, reserve, Reservation};
+
+#[cfg(target_arch = "wasm32")]
+mod d1 {
+    use serde::Deserialize;
+    use worker::D1Database;
+
+    use super::{keys, refusal, retry_after_secs, Limits};
+    use crate::env::new_id;
+    use crate::http::{ApiError, ApiResult};
+    use crate::store::{n, s};
+
+    /// The rows an attempt holds: deleted by [`refund`] when it succeeds.
+    #[derive(Debug, Default)]
+    pub struct Reservation {
+        ids: Vec<String>,
+    }
+
+    #[derive(Deserialize)]
+    struct Id {
+        id: String,
+    }
+
+    /// Reserves a failure for the attempt under each key, or refuses it (429 with the seconds to
+    /// wait) when any key is at its limit — then nothing is held.
+    pub async fn reserve(db: &D1Database, limits: &Limits, email: &str, address: &str, now: i64) -> ApiResult<Reservation> {
+        let keys = keys(limits, email, address);
+        if keys.is_empty() {
+            return Ok(Reservation::default());
+        }
+        let since = now - limits.window_ms;
+        let mut statements = Vec::with_capacity(keys.len());
+        for (key, limit) in &keys {
+            statements.push(
+                db.prepare(
+                    "INSERT INTO auth_failures (id, key, at_ms)
+                     SELECT ?1, ?2, ?3
+                     WHERE (SELECT COUNT(*) FROM auth_failures WHERE key = ?2 AND at_ms > ?4) < ?5
+                     RETURNING id",
+                )
+                .bind(&[s(&new_id()), s(key), n(now), n(since), n(i64::from(*limit))])?,
+            );
+        }
+        let results = db.batch(statements).await?;
+        let mut held = Reservation::default();
+        let mut refused = vec![];
+        for ((key, _), result) in keys.iter().zip(&results) {
+            match result.results::<Id>()?.into_iter().next() {
+                Some(row) => held.ids.push(row.id),
+                None => refused.push(key.clone()),
+            }
+        }
+        if refused.is_empty() {
+            return Ok(held);
+        }
+        refund(db, held).await?;
+        let mut wait = 1;
+        for key in refused {
+            #[derive(Deserialize)]
+            struct Oldest {
+                oldest: Option<f64>,
+            }
+            let oldest = db
+                .prepare("SELECT MIN(at_ms) AS oldest FROM auth_failures WHERE key = ?1 AND at_ms > ?2")
+                .bind(&[s(&key), n(since)])?
+                .first::<Oldest>(None)
+                .await?
+                .and_then(|o| o.oldest)
+                .map(|o| o as i64);
+            wait = wait.max(retry_after_secs(oldest, limits.window_ms, now));
+        }
+        Err(ApiError::TooManyRequests { message: refusal(wait), retry_after_secs: wait })
+    }
+
+    /// Gives back what an attempt reserved (it succeeded, so it was no failure).
+    pub async fn refund(db: &D1Database, reservation: Reservation) -> ApiResult<()> {
+        if reservation.ids.is_empty() {
+            return Ok(());
+        }
+        let statements = reservation
+            .ids
+            .iter()
+            .map(|id| db.prepare("DELETE FROM auth_failures WHERE id = ?1").bind(&[s(id)]))
+            .collect::<worker::Result<Vec<_>>>()?;
+        db.batch(statements).await?;
+        Ok(())
+    }
+
+    /// The statement that forgets failures older than the window (run beside other writes).
+    pub fn purge(db: &D1Database, limits: &Limits, now: i64) -> worker::Result<worker::D1PreparedStatement> {
+        db.prepare("DELETE FROM auth_failures WHERE at_ms <= ?1").bind(&[n(now - limits.window_ms)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_address_prefers_cloudflares_header() {
+        assert_eq!(client_address(Some("203.0.113.7"), Some("198.51.100.1")), "203.0.113.7");
+        assert_eq!(client_address(None, Some("198.51.100.1, 10.0.0.1")), "198.51.100.1", "XFF's first hop");
+        assert_eq!(client_address(Some(""), Some(" 198.51.100.1 ")), "198.51.100.1");
+        assert_eq!(client_address(Some("2001:DB8::1"), None), "2001:db8::1");
+        assert_eq!(client_address(None, None), UNKNOWN_ADDRESS);
+        assert_eq!(client_address(Some("not an address"), Some("<script>")), UNKNOWN_ADDRESS, "junk is not a key");
+    }
+
+    #[test]
+    fn keys_hash_the_email_and_skip_disabled_limits() {
+        let limits = Limits::default();
+        let k = keys(&limits, "ann@example.com", "203.0.113.7");
+        assert_eq!(k.len(), 2);
+        assert!(k[0].0.starts_with("email:") && !k[0].0.contains("ann"), "{k:?}");
+        assert_eq!(k[0].1, 10);
+        assert_eq!(k[1], ("addr:203.0.113.7".to_string(), 50));
+        assert_eq!(keys(&limits, "ann@example.com", "x")[0], k[0], "the same email is the same key");
+        assert_ne!(keys(&limits, "bob@example.com", "x")[0], k[0]);
+        let no_email = Limits { per_email: 0, ..limits };
+        assert_eq!(keys(&no_email, "ann@example.com", "a").len(), 1);
+        assert!(keys(&Limits { per_email: 0, per_address: 0, window_ms: 1 }, "a@b.io", "a").is_empty());
+    }
+
+    #[test]
+    fn retry_after_is_when_the_oldest_failure_leaves_the_window() {
+        let window = 900_000;
+        assert_eq!(retry_after_secs(Some(1_000_000), window, 1_000_000), 900);
+        assert_eq!(retry_after_secs(Some(1_000_000), window, 1_000_000 + 899_001), 1);
+        assert_eq!(retry_after_secs(Some(1_000_000), window, 1_000_000 + 600_500), 300, "rounded up");
+        assert_eq!(retry_after_secs(Some(0), window, 10_000_000), 1, "never 0");
+        assert_eq!(retry_after_secs(None, window, 5), 1);
+        assert!(refusal(30).contains("30 seconds"));
+    }
+}
