@@ -32,6 +32,11 @@ impl GroupChild {
     }
 
     /// Whether the group leader has exited (and its exit status, once).
+    /// The process's id (the leader of its group).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
     }

@@ -98,6 +98,11 @@ impl TestRunner {
         Ok(TestRunner { proc: Some(proc), dir, listen_port })
     }
 
+    /// The runner process's id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(GroupChild::pid)
+    }
+
     /// The runner's own health API.
     pub fn health_url(&self) -> String {
         format!("http://127.0.0.1:{}/health", self.listen_port)
