@@ -33,6 +33,8 @@ pub struct TestEdge {
     wrangler_env: Option<String>,
     port: u16,
     vars: Vec<(String, String)>,
+    /// The Worker's entry point when it is not wrangler.toml's `main` (the faults build).
+    script: Option<PathBuf>,
     dir: TempDir,
     proc: Option<GroupChild>,
 }
@@ -56,19 +58,36 @@ impl TestEdge {
         Self::launch(EdgeServer::WranglerDev, Some(name), vars).await
     }
 
+    /// [`TestEdge::start`] on the Worker built with the test-only `faults` feature
+    /// (`edge/build-faults/`, built here when missing or older than the edge's sources), so `vars`
+    /// may set `KILN_FAULTS` (ARCHITECTURE.md lists the faults).
+    pub async fn start_with_faults(vars: &[(&str, &str)]) -> anyhow::Result<TestEdge> {
+        let script = faults_build().await?.clone();
+        let mut edge = Self::prepare(EdgeServer::WranglerDev, None, vars).await?;
+        edge.script = Some(script);
+        edge.spawn().await?;
+        Ok(edge)
+    }
+
     async fn launch(server: EdgeServer, wrangler_env: Option<&str>, vars: &[(&str, &str)]) -> anyhow::Result<TestEdge> {
+        let mut edge = Self::prepare(server, wrangler_env, vars).await?;
+        edge.spawn().await?;
+        Ok(edge)
+    }
+
+    async fn prepare(server: EdgeServer, wrangler_env: Option<&str>, vars: &[(&str, &str)]) -> anyhow::Result<TestEdge> {
         let template = migrated_template().await?;
         let dir = tempfile::Builder::new().prefix("kiln-edge-").tempdir()?;
         copy_dir(template, &dir.path().join("state")).context("copying the migrated state")?;
-        let mut edge = TestEdge {
+        let edge = TestEdge {
             server,
             wrangler_env: wrangler_env.map(str::to_string),
             port: free_port(),
             vars: vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            script: None,
             dir,
             proc: None,
         };
-        edge.spawn().await?;
         Ok(edge)
     }
 
@@ -144,7 +163,7 @@ impl TestEdge {
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let root = repo_root();
-        let shim = root.join("edge/build/worker/shim.mjs");
+        let shim = self.script.clone().unwrap_or_else(|| root.join("edge/build/worker/shim.mjs"));
         if !shim.exists() {
             bail!("{} is missing: build the Worker first with scripts/build-edge (scripts/test does)", shim.display());
         }
@@ -153,6 +172,9 @@ impl TestEdge {
                 let mut cmd = wrangler_command()?;
                 cmd.args(["dev", "--ip", "127.0.0.1", "--show-interactive-dev-session=false"])
                     .args(["--inspector-port", &free_port().to_string()]);
+                if self.script.is_some() {
+                    cmd.arg(&shim);
+                }
                 cmd
             }
             EdgeServer::NoInspector => {
@@ -228,6 +250,48 @@ fn offline_and_quiet(cmd: &mut Command, root: &Path) {
         .env("XDG_CACHE_HOME", root.join(".kiln/xdg/cache"))
         .env("NO_COLOR", "1")
         .env("FORCE_COLOR", "0");
+}
+
+static FAULTS_BUILD: OnceCell<PathBuf> = OnceCell::const_new();
+
+/// `edge/build-faults/worker/shim.mjs`: the Worker with the test-only `faults` feature, built
+/// (`scripts/build-edge --out-dir build-faults -- --features faults`) when it is missing or older
+/// than any source of the edge or the schemas. Production builds never have the feature.
+async fn faults_build() -> anyhow::Result<&'static PathBuf> {
+    FAULTS_BUILD
+        .get_or_try_init(|| async {
+            tokio::task::spawn_blocking(|| {
+                let root = repo_root();
+                let shim = root.join("edge/build-faults/worker/shim.mjs");
+                let built = std::fs::metadata(&shim).and_then(|m| m.modified()).ok();
+                let newest = ["edge/src", "schemas/src", "edge/Cargo.toml", "Cargo.lock"]
+                    .iter()
+                    .filter_map(|p| newest_mtime(&root.join(p)))
+                    .max();
+                if built.is_none() || newest > built {
+                    let out = Command::new(root.join("scripts/build-edge"))
+                        .args(["--out-dir", "build-faults", "--", "--features", "faults"])
+                        .current_dir(&root)
+                        .output()
+                        .context("running scripts/build-edge for the faults build")?;
+                    if !out.status.success() {
+                        bail!("the faults build failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+                    }
+                }
+                Ok(shim)
+            })
+            .await
+            .map_err(|e| anyhow!("the faults build panicked: {e}"))?
+        })
+        .await
+}
+
+fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_dir() {
+        return meta.modified().ok();
+    }
+    std::fs::read_dir(path).ok()?.filter_map(|e| e.ok()).filter_map(|e| newest_mtime(&e.path())).max()
 }
 
 static TEMPLATE: OnceCell<PathBuf> = OnceCell::const_new();

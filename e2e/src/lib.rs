@@ -39,6 +39,7 @@ mod github;
 mod http;
 pub mod model;
 mod procs;
+mod proxy;
 mod runner;
 mod ws;
 
@@ -47,6 +48,7 @@ pub use git::GitRemotes;
 pub use github::{FakeGitHub, PullRequestCall};
 pub use http::{unique_email, Api, PASSWORD};
 pub use procs::{tail, GroupChild};
+pub use proxy::CutProxy;
 pub use reqwest::{Method, StatusCode};
 pub use runner::TestRunner;
 pub use ws::{WsAuth, WsClient, WsRefused};

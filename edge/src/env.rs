@@ -46,6 +46,7 @@ impl Config {
             allow_ws_token_query: var(env, "ALLOW_WS_TOKEN_QUERY").is_some_and(|v| v == "true"),
             limits: Limits {
                 max_concurrent: num(env, "MAX_CONCURRENT_JOBS", 2),
+                max_per_owner: num(env, "MAX_CONCURRENT_JOBS_PER_OWNER", 0),
                 lease_ms: num::<i64>(env, "LEASE_SECS", 30) * 1000,
                 max_attempts: num(env, "MAX_ATTEMPTS", 3),
             },

@@ -7,6 +7,7 @@
 //! follows).
 
 use std::cell::RefCell;
+use std::rc::Rc;
 
 use kiln_schemas::events::{parse_cursor, ClientMessage, EventBody, LogStream, ServerEvent, SocketError};
 use kiln_schemas::runner::{BatchAck, EventBatch, Outcome, RunnerEvent};
@@ -99,25 +100,34 @@ pub const MAX_EVENTS_READ: usize = 5000;
 /// The close code of a socket whose access token expired (4000-4999: the application's own).
 const TOKEN_EXPIRED_CLOSE: u16 = 4001;
 
-#[durable_object]
-pub struct JobRoom {
-    state: State,
-    env: Env,
-    meta: RefCell<Option<RoomMeta>>,
-    next_seq: RefCell<Option<u64>>,
+/// A status change applied in the room's storage, with what must follow it.
+struct Applied {
+    from: JobStatus,
+    meta: RoomMeta,
+    /// The seq of its status event.
+    seq: u64,
+    patch: JobPatch,
+    /// The new events' texts, to broadcast once committed.
+    texts: Vec<String>,
 }
 
-impl JobRoom {
-    fn sql(&self) -> SqlStorage {
-        self.state.storage().sql()
-    }
+/// Retry delay of a D1 status copy that failed.
+const D1_RETRY_MS: i64 = 2_000;
 
-    fn ensure_schema(&self) -> worker::Result<()> {
-        let sql = self.sql();
-        sql.exec("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)", None)?;
-        sql.exec("CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, body TEXT NOT NULL)", None)?;
-        sql.exec("CREATE TABLE IF NOT EXISTS runner_idx (lease_id TEXT NOT NULL, idx INTEGER NOT NULL, PRIMARY KEY (lease_id, idx))", None)?;
-        Ok(())
+/// What a transaction in the room touches: its SQLite and the caches of its meta and `next_seq`
+/// (shared with the room, so a rolled-back transaction can drop them).
+#[derive(Clone)]
+struct RoomStore {
+    sql: SqlStorage,
+    meta: Rc<RefCell<Option<RoomMeta>>>,
+    next_seq: Rc<RefCell<Option<u64>>>,
+    #[cfg(feature = "faults")]
+    faults: Rc<RefCell<crate::queue_core::Faults>>,
+}
+
+impl RoomStore {
+    fn sql(&self) -> SqlStorage {
+        self.sql.clone()
     }
 
     fn load_meta(&self) -> ApiResult<Option<RoomMeta>> {
@@ -164,11 +174,22 @@ impl JobRoom {
         Ok(n)
     }
 
-    /// Appends events with the next seqs and sends them to every socket. Synchronous: nothing can
-    /// interleave between the write and the broadcast, which is what makes replay-then-follow exact.
-    fn append(&self, bodies: Vec<EventBody>) -> ApiResult<u64> {
+    /// Whether an injected fault named `name` fires (using one up); never in production builds.
+    fn fault(&self, name: &str) -> bool {
+        #[cfg(feature = "faults")]
+        return crate::queue_object::fire_fault(&self.faults, name);
+        #[cfg(not(feature = "faults"))]
+        {
+            let _ = name;
+            false
+        }
+    }
+
+    /// Stores events under the next seqs (call inside [`JobRoom::atomically`]); answers their texts
+    /// and the last seq.
+    fn insert_events(&self, bodies: Vec<EventBody>) -> ApiResult<(Vec<String>, u64)> {
         let mut seq = self.next_seq()?;
-        let sockets = self.state.get_websockets();
+        let mut texts = vec![];
         for body in bodies {
             let kind = body.kind();
             let text = serde_json::to_string(&ServerEvent { seq, body })?;
@@ -176,13 +197,239 @@ impl JobRoom {
                 "INSERT INTO events (seq, kind, body) VALUES (?, ?, ?)",
                 vec![SqlStorageValue::from(seq as i64), SqlStorageValue::from(kind.to_string()), SqlStorageValue::from(text.clone())],
             )?;
-            for ws in &sockets {
-                let _ = ws.send_with_str(&text);
-            }
+            texts.push(text);
             seq += 1;
+            *self.next_seq.borrow_mut() = Some(seq);
         }
-        *self.next_seq.borrow_mut() = Some(seq);
-        Ok(seq - 1)
+        Ok((texts, seq - 1))
+    }
+
+    /// The one place a job's status changes: checks it, saves the new meta and appends its status
+    /// event (inside [`JobRoom::atomically`]). `None`: the queue announced a lease the job already
+    /// runs under (a retried dispatch), nothing changes.
+    fn apply_transition(&self, req: &TransitionRequest) -> ApiResult<Option<Applied>> {
+        let mut meta = self.meta()?;
+        let from = meta.status;
+        if let Some(lease) = &req.if_lease {
+            if meta.lease_id.as_deref() != Some(lease.as_str()) || from != JobStatus::Running {
+                return Err(ApiError::Conflict("job is no longer held under that lease".into()));
+            }
+        }
+        match (&req.lease, req.to) {
+            (Some((lease_id, _)), JobStatus::Running) if from == JobStatus::Running && meta.lease_id.as_deref() == Some(lease_id.as_str()) => {
+                return Ok(None);
+            }
+            (Some(_), JobStatus::Running) if from == JobStatus::Running => {
+                // The queue leased the job again (it is the authority on leases): the old lease
+                // is void, so batches under it are refused from now on.
+            }
+            _ if !from.can_become(req.to) => {
+                return Err(ApiError::Conflict(format!("job is {}; it cannot become {}", from.as_str(), req.to.as_str())));
+            }
+            _ => {}
+        }
+        meta.status = req.to;
+        match (&req.lease, req.to) {
+            (Some((lease_id, attempt)), JobStatus::Running) => {
+                meta.lease_id = Some(lease_id.clone());
+                meta.attempt = *attempt;
+                meta.runner_id = req.runner_id.clone();
+            }
+            _ => {
+                meta.lease_id = None;
+                meta.runner_id = None;
+            }
+        }
+        self.save_meta(&meta)?;
+        let mut patch = req.patch.clone();
+        if req.lease.is_some() {
+            patch.attempts = Some(meta.attempt as i64);
+        }
+        let (texts, seq) = self.insert_events(vec![JobRoom::status_event(&meta, &req.message, &patch)])?;
+        Ok(Some(Applied { from, meta, seq, patch, texts }))
+    }
+
+    /// The storage part of a runner batch (inside [`JobRoom::atomically`]).
+    #[allow(clippy::type_complexity)]
+    fn store_batch(&self, batch: EventBatch) -> ApiResult<(u32, u32, Vec<String>, Option<Applied>)> {
+        let (mut stored, mut duplicates) = (0, 0);
+        let mut bodies = vec![];
+        let mut finished = None;
+        for ev in batch.events {
+            #[derive(Deserialize)]
+            struct Row {
+                #[allow(dead_code)]
+                idx: i64,
+            }
+            let seen: Vec<Row> = self
+                .sql()
+                .exec(
+                    "SELECT idx FROM runner_idx WHERE lease_id = ? AND idx = ?",
+                    vec![SqlStorageValue::from(batch.lease_id.clone()), SqlStorageValue::from(ev.index as i64)],
+                )?
+                .to_array()?;
+            if !seen.is_empty() {
+                duplicates += 1;
+                continue;
+            }
+            self.sql().exec(
+                "INSERT INTO runner_idx (lease_id, idx) VALUES (?, ?)",
+                vec![SqlStorageValue::from(batch.lease_id.clone()), SqlStorageValue::from(ev.index as i64)],
+            )?;
+            stored += 1;
+            let ts = rfc3339(now_ms());
+            match ev.event {
+                RunnerEvent::Log { stream, content } => bodies.push(EventBody::Log { stream, content, timestamp: ts }),
+                RunnerEvent::Agent { event } => bodies.push(EventBody::AgentEvent { event, timestamp: ts }),
+                RunnerEvent::Started { message } => {
+                    bodies.push(EventBody::Log { stream: LogStream::System, content: message, timestamp: ts })
+                }
+                RunnerEvent::Iteration { iteration } => bodies.push(EventBody::Iteration { iteration, timestamp: ts }),
+                RunnerEvent::Finished { outcome, message, pr_url, completion_reason, total_iterations, error_message } => {
+                    finished = Some((
+                        outcome,
+                        message,
+                        JobPatch {
+                            pr_url,
+                            completion_reason: completion_reason
+                                .and_then(|c| serde_json::to_value(c).ok())
+                                .and_then(|v| v.as_str().map(str::to_string)),
+                            total_iterations: total_iterations.map(|n| n as i64),
+                            error_message,
+                            attempts: None,
+                        },
+                    ));
+                }
+            }
+        }
+        if bodies.len() > 1 && self.fault("room_batch_partial") {
+            // Half the batch stored, then a failure: the transaction must leave none of it.
+            let half = bodies.len() / 2;
+            self.insert_events(bodies.drain(..half).collect())?;
+            return Err(ApiError::Internal("injected fault: runner batch failed half-way".into()));
+        }
+        let (texts, _) = self.insert_events(bodies)?;
+        let applied = match finished {
+            Some((outcome, message, patch)) => {
+                let to = match outcome {
+                    Outcome::Completed => JobStatus::Completed,
+                    Outcome::Failed => JobStatus::Failed,
+                };
+                let req = TransitionRequest { to, message, patch, lease: None, runner_id: None, if_lease: None, from_queue: false };
+                self.apply_transition(&req)?
+            }
+            None => None,
+        };
+        Ok((stored, duplicates, texts, applied))
+    }
+}
+
+#[durable_object]
+pub struct JobRoom {
+    state: State,
+    env: Env,
+    meta: Rc<RefCell<Option<RoomMeta>>>,
+    next_seq: Rc<RefCell<Option<u64>>>,
+    /// Test-only faults (`KILN_FAULTS`, builds with the `faults` feature).
+    #[cfg(feature = "faults")]
+    faults: Rc<RefCell<crate::queue_core::Faults>>,
+}
+
+impl JobRoom {
+    fn sql(&self) -> SqlStorage {
+        self.state.storage().sql()
+    }
+
+    fn store(&self) -> RoomStore {
+        RoomStore {
+            sql: self.sql(),
+            meta: self.meta.clone(),
+            next_seq: self.next_seq.clone(),
+            #[cfg(feature = "faults")]
+            faults: self.faults.clone(),
+        }
+    }
+
+    fn load_meta(&self) -> ApiResult<Option<RoomMeta>> {
+        self.store().load_meta()
+    }
+
+    fn meta(&self) -> ApiResult<RoomMeta> {
+        self.store().meta()
+    }
+
+    fn save_meta(&self, meta: &RoomMeta) -> ApiResult<()> {
+        self.store().save_meta(meta)
+    }
+
+    fn fault(&self, name: &str) -> bool {
+        self.store().fault(name)
+    }
+
+    fn ensure_schema(&self) -> worker::Result<()> {
+        let sql = self.sql();
+        sql.exec("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)", None)?;
+        sql.exec("CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, body TEXT NOT NULL)", None)?;
+        sql.exec("CREATE TABLE IF NOT EXISTS runner_idx (lease_id TEXT NOT NULL, idx INTEGER NOT NULL, PRIMARY KEY (lease_id, idx))", None)?;
+        Ok(())
+    }
+
+    /// Runs `f` in one SQLite transaction (`storage.transactionSync`): its writes commit together,
+    /// or not at all when it fails; then the cached meta and `next_seq` are read again from storage.
+    /// `f` is synchronous, so nothing else runs in the room meanwhile.
+    fn atomically<T: 'static>(&self, f: impl FnOnce(&RoomStore) -> ApiResult<T> + 'static) -> ApiResult<T> {
+        use worker::js_sys::{Function, Reflect};
+        use worker::wasm_bindgen::{closure::Closure, JsCast, JsValue};
+
+        let out: Rc<RefCell<Option<ApiResult<T>>>> = Rc::new(RefCell::new(None));
+        let (result_slot, store) = (out.clone(), self.store());
+        let mut f = Some(f);
+        let callback = Closure::<dyn FnMut() -> Result<JsValue, JsValue>>::new(move || {
+            let f = f.take().ok_or_else(|| JsValue::from_str("transaction callback called twice"))?;
+            let result = f(&store);
+            let failed = result.is_err();
+            *result_slot.borrow_mut() = Some(result);
+            if failed {
+                Err(JsValue::from_str("rolled back"))
+            } else {
+                Ok(JsValue::UNDEFINED)
+            }
+        });
+        let storage = self.state.storage();
+        let raw: &JsValue = storage.as_raw().as_ref();
+        let called = Reflect::get(raw, &JsValue::from_str("transactionSync"))
+            .and_then(|t| t.dyn_into::<Function>())
+            .and_then(|t| t.call1(raw, callback.as_ref().unchecked_ref()));
+        drop(callback);
+        let result = match (out.borrow_mut().take(), called) {
+            (Some(result), _) => result,
+            (None, Err(e)) => Err(ApiError::Internal(format!("transaction: {e:?}"))),
+            (None, Ok(_)) => Err(ApiError::Internal("transaction callback did not run".into())),
+        };
+        if result.is_err() {
+            *self.meta.borrow_mut() = None;
+            *self.next_seq.borrow_mut() = None;
+        }
+        result
+    }
+
+    /// Sends committed events to every socket.
+    fn broadcast(&self, texts: &[String]) {
+        let sockets = self.state.get_websockets();
+        for text in texts {
+            for ws in &sockets {
+                let _ = ws.send_with_str(text);
+            }
+        }
+    }
+
+    /// Appends events with the next seqs, all or none, and sends them to every socket. Synchronous:
+    /// nothing can interleave between the write and the broadcast, which is what makes
+    /// replay-then-follow exact.
+    fn append(&self, bodies: Vec<EventBody>) -> ApiResult<u64> {
+        let (texts, last) = self.atomically(move |st| st.insert_events(bodies))?;
+        self.broadcast(&texts);
+        Ok(last)
     }
 
     /// At most `limit` events after `after` (of one kind, if given), in `seq` order, as their
@@ -235,61 +482,101 @@ impl JobRoom {
         json(&req.meta)
     }
 
-    /// The one place a job's status changes.
+    /// A status change and what follows it: the D1 copy and, for an end, the queue's release.
+    /// Neither failing undoes the change or hides it from the caller: a failed D1 copy is retried
+    /// from the room's alarm (and the queue's reconciliation asks for it again), a failed release
+    /// is repaired by the queue's reconciliation.
     async fn transition(&self, req: TransitionRequest) -> ApiResult<TransitionResult> {
-        let mut meta = self.meta()?;
-        let from = meta.status;
-        if let Some(lease) = &req.if_lease {
-            if meta.lease_id.as_deref() != Some(lease.as_str()) || from != JobStatus::Running {
-                return Err(ApiError::Conflict("job is no longer held under that lease".into()));
+        let from_queue = req.from_queue;
+        let Some(applied) = self.atomically(move |st| st.apply_transition(&req))? else {
+            return Ok(TransitionResult { from: JobStatus::Running, to: JobStatus::Running });
+        };
+        self.broadcast(&applied.texts);
+        self.follow_transition(&applied, from_queue).await;
+        Ok(TransitionResult { from: applied.from, to: applied.meta.status })
+    }
+
+    async fn follow_transition(&self, applied: &Applied, from_queue: bool) {
+        let meta = &applied.meta;
+        let fail = self.fault("room_d1_copies");
+        let db = match env::db(&self.env) {
+            Ok(db) => db,
+            Err(e) => {
+                worker::console_error!("job {}: no D1 binding: {e}", meta.job_id);
+                return;
             }
-        }
-        if !from.can_become(req.to) {
-            return Err(ApiError::Conflict(format!("job is {}; it cannot become {}", from.as_str(), req.to.as_str())));
-        }
-        meta.status = req.to;
-        match (&req.lease, req.to) {
-            (Some((lease_id, attempt)), JobStatus::Running) => {
-                meta.lease_id = Some(lease_id.clone());
-                meta.attempt = *attempt;
-                meta.runner_id = req.runner_id.clone();
-            }
-            _ => {
-                meta.lease_id = None;
-                meta.runner_id = None;
-            }
-        }
-        self.save_meta(&meta)?;
-        let mut patch = req.patch.clone();
-        if req.lease.is_some() {
-            patch.attempts = Some(meta.attempt as i64);
-        }
-        let seq = self.append(vec![Self::status_event(&meta, &req.message, &patch)])?;
-        let db = env::db(&self.env)?;
+        };
+        let (job_id, seq, patch, now) = (meta.job_id.clone(), applied.seq, applied.patch.clone(), rfc3339(now_ms()));
         if meta.status == JobStatus::Running {
             // On the dispatch path the runner is waiting: the D1 copy follows in the background
             // (`status_seq` keeps a late write from overwriting a newer status).
-            let (job_id, now) = (meta.job_id.clone(), rfc3339(now_ms()));
+            let storage = self.state.storage();
             self.state.wait_until(async move {
-                if let Err(e) = store::update_job_status(&db, &job_id, JobStatus::Running, seq, &now, &patch).await {
-                    worker::console_error!("job {job_id}: D1 status copy failed: {e:?}");
+                if let Err(e) = copy_status(&db, &job_id, JobStatus::Running, seq, &now, &patch, fail).await {
+                    worker::console_error!("job {job_id}: D1 status copy failed, retrying from the alarm: {e:?}");
+                    let _ = mark_d1_stale(&storage).await;
                 }
             });
-        } else {
-            store::update_job_status(&db, &meta.job_id, meta.status, seq, &rfc3339(now_ms()), &patch).await?;
+        } else if let Err(e) = copy_status(&db, &job_id, meta.status, seq, &now, &patch, fail).await {
+            worker::console_error!("job {job_id}: D1 status copy failed, retrying from the alarm: {e:?}");
+            if let Err(e) = mark_d1_stale(&self.state.storage()).await {
+                worker::console_error!("job {job_id}: scheduling the D1 retry: {e:?}");
+            }
         }
-        if meta.status.is_terminal() && !req.from_queue {
-            let queue = env::queue(&self.env, &meta.queue)?;
-            let _: serde_json::Value =
-                http::call(
+        if meta.status.is_terminal() && !from_queue {
+            let released = match env::queue(&self.env, &meta.queue) {
+                Ok(queue) => http::call::<serde_json::Value>(
                     &queue,
                     Method::Post,
                     "/release",
                     Some(&serde_json::json!({"job_id": meta.job_id, "cancel": meta.status == JobStatus::Cancelled})),
                 )
-                .await?;
+                .await
+                .map(|_| ()),
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = released {
+                worker::console_error!("job {}: queue release failed (reconciliation releases it): {e:?}", meta.job_id);
+            }
         }
-        Ok(TransitionResult { from, to: meta.status })
+    }
+
+    /// Writes the status the room holds to the job's D1 row again, from its last status event
+    /// (guarded by `status_seq` like every copy).
+    async fn repair_d1(&self) -> ApiResult<JobStatus> {
+        let meta = self.meta()?;
+        #[derive(Deserialize)]
+        struct Row {
+            body: String,
+        }
+        let rows: Vec<Row> = self
+            .sql()
+            .exec("SELECT body FROM events WHERE kind = 'jobStatus' ORDER BY seq DESC LIMIT 1", None)?
+            .to_array()?;
+        let Some(row) = rows.first() else { return Ok(meta.status) };
+        let event: ServerEvent = serde_json::from_str(&row.body)?;
+        let mut patch = JobPatch { attempts: (meta.attempt > 0).then_some(meta.attempt as i64), ..Default::default() };
+        if let EventBody::JobStatus { pr_url, completion_reason, total_iterations, error_message, .. } = event.body {
+            patch.pr_url = pr_url;
+            patch.completion_reason =
+                completion_reason.and_then(|c| serde_json::to_value(c).ok()).and_then(|v| v.as_str().map(str::to_string));
+            patch.total_iterations = total_iterations.map(i64::from);
+            patch.error_message = error_message;
+        }
+        let fail = self.fault("room_d1_copies");
+        copy_status(&env::db(&self.env)?, &meta.job_id, meta.status, event.seq, &rfc3339(now_ms()), &patch, fail).await?;
+        self.sql().exec("DELETE FROM meta WHERE k = 'd1_stale'", None)?;
+        Ok(meta.status)
+    }
+
+    fn d1_stale(&self) -> ApiResult<bool> {
+        #[derive(Deserialize)]
+        struct Row {
+            #[allow(dead_code)]
+            v: String,
+        }
+        let rows: Vec<Row> = self.sql().exec("SELECT v FROM meta WHERE k = 'd1_stale'", None)?.to_array()?;
+        Ok(!rows.is_empty())
     }
 
     /// A batch from runner `runner_id`. Stored only under the job's current lease, and only from the
@@ -302,66 +589,13 @@ impl JobRoom {
         if meta.runner_id.as_deref() != Some(runner_id) {
             return Err(ApiError::Conflict(format!("job {} is leased to another runner", meta.job_id)));
         }
-        let (mut stored, mut duplicates) = (0, 0);
-        let mut bodies = vec![];
-        let mut finished = None;
-        for ev in batch.events {
-            #[derive(Deserialize)]
-            struct Row {
-                #[allow(dead_code)]
-                idx: i64,
-            }
-            let seen: Vec<Row> = self
-                .sql()
-                .exec(
-                    "SELECT idx FROM runner_idx WHERE lease_id = ? AND idx = ?",
-                    vec![SqlStorageValue::from(batch.lease_id.clone()), SqlStorageValue::from(ev.index as i64)],
-                )?
-                .to_array()?;
-            if !seen.is_empty() {
-                duplicates += 1;
-                continue;
-            }
-            self.sql().exec(
-                "INSERT INTO runner_idx (lease_id, idx) VALUES (?, ?)",
-                vec![SqlStorageValue::from(batch.lease_id.clone()), SqlStorageValue::from(ev.index as i64)],
-            )?;
-            stored += 1;
-            let ts = rfc3339(now_ms());
-            match ev.event {
-                RunnerEvent::Log { stream, content } => bodies.push(EventBody::Log { stream, content, timestamp: ts }),
-                RunnerEvent::Agent { event } => bodies.push(EventBody::AgentEvent { event, timestamp: ts }),
-                RunnerEvent::Started { message } => {
-                    bodies.push(EventBody::Log { stream: LogStream::System, content: message, timestamp: ts })
-                }
-                RunnerEvent::Iteration { iteration } => bodies.push(EventBody::Iteration { iteration, timestamp: ts }),
-                RunnerEvent::Finished { outcome, message, pr_url, completion_reason, total_iterations, error_message } => {
-                    finished = Some((
-                        outcome,
-                        message,
-                        JobPatch {
-                            pr_url,
-                            completion_reason: completion_reason
-                                .and_then(|c| serde_json::to_value(c).ok())
-                                .and_then(|v| v.as_str().map(str::to_string)),
-                            total_iterations: total_iterations.map(|n| n as i64),
-                            error_message,
-                            attempts: None,
-                        },
-                    ));
-                }
-            }
-        }
-        if !bodies.is_empty() {
-            self.append(bodies)?;
-        }
-        if let Some((outcome, message, patch)) = finished {
-            let to = match outcome {
-                Outcome::Completed => JobStatus::Completed,
-                Outcome::Failed => JobStatus::Failed,
-            };
-            self.transition(TransitionRequest { to, message, patch, lease: None, runner_id: None, if_lease: None, from_queue: false })
-                .await?;
+        // The seen indices, the events and the status change a `finished` brings are stored in one
+        // transaction: a batch is marked seen only with its events.
+        let (stored, duplicates, texts, applied) = self.atomically(move |st| st.store_batch(batch))?;
+        self.broadcast(&texts);
+        if let Some(applied) = &applied {
+            self.broadcast(&applied.texts);
+            self.follow_transition(applied, false).await;
         }
         Ok(BatchAck { stored, duplicates, lease_valid: true })
     }
@@ -515,6 +749,7 @@ impl JobRoom {
                 json(&events)
             }
             (Method::Get, "/meta") => json(&self.meta()?),
+            (Method::Post, "/repair") => json(&serde_json::json!({ "status": self.repair_d1().await? })),
             (Method::Get, "/ws") => self.accept_socket(&req).await,
             _ => Err(ApiError::NotFound("no such room route".into())),
         }
@@ -523,7 +758,14 @@ impl JobRoom {
 
 impl DurableObject for JobRoom {
     fn new(state: State, env: Env) -> Self {
-        let room = Self { state, env, meta: RefCell::new(None), next_seq: RefCell::new(None) };
+        let room = Self {
+            #[cfg(feature = "faults")]
+            faults: Rc::new(RefCell::new(crate::queue_object::read_faults(&env))),
+            state,
+            env,
+            meta: Rc::new(RefCell::new(None)),
+            next_seq: Rc::new(RefCell::new(None)),
+        };
         if let Err(e) = room.ensure_schema() {
             worker::console_error!("job room schema: {e}");
         }
@@ -537,6 +779,12 @@ impl DurableObject for JobRoom {
     async fn alarm(&self) -> worker::Result<Response> {
         if let Err(e) = self.close_expired_sockets().await {
             worker::console_error!("closing expired sockets: {e:?}");
+        }
+        if self.d1_stale().unwrap_or(false) {
+            if let Err(e) = self.repair_d1().await {
+                worker::console_error!("D1 status copy failed again: {e:?}");
+                let _ = self.alarm_by(now_ms() + D1_RETRY_MS).await;
+            }
         }
         Response::ok("ok")
     }
@@ -577,4 +825,31 @@ impl DurableObject for JobRoom {
     async fn websocket_error(&self, _ws: WebSocket, _error: worker::Error) -> worker::Result<()> {
         Ok(())
     }
+}
+
+/// One D1 status copy (`fail`: an injected fault in test builds).
+async fn copy_status(
+    db: &worker::D1Database,
+    job_id: &str,
+    status: JobStatus,
+    seq: u64,
+    now: &str,
+    patch: &JobPatch,
+    fail: bool,
+) -> ApiResult<()> {
+    if fail {
+        return Err(ApiError::Unavailable("injected fault: D1 status copy failed".into()));
+    }
+    store::update_job_status(db, job_id, status, seq, now, patch).await
+}
+
+/// Records that the D1 row lags behind the room and sets the alarm that copies it again.
+async fn mark_d1_stale(storage: &worker::Storage) -> ApiResult<()> {
+    storage.sql().exec("INSERT OR REPLACE INTO meta (k, v) VALUES ('d1_stale', '1')", None)?;
+    let due = now_ms() + D1_RETRY_MS;
+    match storage.get_alarm().await? {
+        Some(at) if at <= due => {}
+        _ => storage.set_alarm(D1_RETRY_MS).await?,
+    }
+    Ok(())
 }

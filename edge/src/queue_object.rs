@@ -1,7 +1,9 @@
 //! The Queue Durable Object, one per queue name: pending jobs, leases and connected runners
 //! (their WebSockets, hibernation API). Decisions come from [`crate::queue_core`]; this shell
 //! persists them in the object's SQLite, pushes assignments the moment a job meets a free slot,
-//! and expires the leases of lost runners from an alarm.
+//! and from its alarm: expires the leases of lost runners, tells rooms the leases they missed,
+//! drops runner sockets silent for longer than a lease, and reconciles itself with the rooms and
+//! D1 (a job is always queued, leased or ended). An alarm that fails is set again.
 //!
 //! Internal API: `POST /enqueue`, `POST /release`, `POST /relay`, `POST /request`, `GET /stats`,
 //! `GET /snapshot`, `GET /connect` (a runner's socket, already authenticated by the Worker).
@@ -23,10 +25,15 @@ use worker::{
 
 use crate::env::{self, new_id, now_ms, Config};
 use crate::http::{self, body_as, json, ApiError, ApiResult};
-use crate::job_room::{TransitionRequest, TransitionResult};
+use crate::job_room::{InitRequest, RoomMeta, TransitionRequest, TransitionResult};
 use crate::queue_core::{Expired, Lease, Limits, Pending, QueueState};
-use crate::store::JobPatch;
+use crate::store::{self, JobPatch, JobRow};
 use crate::time::rfc3339;
+
+/// How soon a room call that failed is tried again.
+const RETRY_MS: i64 = 1_000;
+/// A job row younger than this is left to its submit call by reconciliation.
+const RECONCILE_GRACE_MS: i64 = 10_000;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct EnqueueRequest {
@@ -68,6 +75,65 @@ pub struct Stats {
     pub tools: Vec<NamedRunnerTools>,
 }
 
+/// A new job's room as its row describes it.
+pub fn room_meta(row: &JobRow) -> RoomMeta {
+    RoomMeta {
+        job_id: row.id.clone(),
+        owner: row.owner.clone(),
+        job_type: row.job_type(),
+        queue: row.queue.clone(),
+        status: JobStatus::Queued,
+        lease_id: None,
+        attempt: 0,
+        runner_id: None,
+    }
+}
+
+/// What the queue needs of a job, from its row (at submit, and when reconciliation queues a row
+/// the queue lost).
+pub fn enqueue_request(row: &JobRow) -> EnqueueRequest {
+    let pending = Pending {
+        job_id: row.id.clone(),
+        priority: row.priority as i32,
+        order: 0,
+        attempts: 0,
+        owner: row.owner.clone(),
+        title: row.title.clone(),
+        created_at: row.created_at.clone(),
+    };
+    let assignment = Assignment {
+        job_id: row.id.clone(),
+        lease_id: String::new(),
+        attempt: 0,
+        job_type: row.job_type(),
+        prompt: row.prompt.clone(),
+        title: row.title.clone(),
+        branch_name: row.branch_name.clone(),
+        github_org: row.github_org.clone(),
+        github_repo: row.github_repo.clone(),
+        base_branch: row.base_branch.clone(),
+        ralph: row.ralph(),
+        timeout_seconds: row.timeout_seconds(),
+    };
+    EnqueueRequest { pending, assignment }
+}
+
+/// The faults `KILN_FAULTS` injects (test builds only).
+#[cfg(feature = "faults")]
+pub(crate) fn read_faults(env: &Env) -> crate::queue_core::Faults {
+    crate::queue_core::Faults::parse(&env.var("KILN_FAULTS").map(|v| v.to_string()).unwrap_or_default())
+}
+
+/// Whether the injected fault `name` fires now (using one up); logged when it does.
+#[cfg(feature = "faults")]
+pub(crate) fn fire_fault(faults: &RefCell<crate::queue_core::Faults>, name: &str) -> bool {
+    let fired = faults.borrow_mut().fire(name);
+    if fired {
+        worker::console_warn!("injected fault: {name}");
+    }
+    fired
+}
+
 /// Attached to a runner's socket; `capacity` and `tools` are set by its `hello`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RunnerSocket {
@@ -76,6 +142,14 @@ struct RunnerSocket {
     capacity: Option<u32>,
     #[serde(default)]
     tools: Option<RunnerTools>,
+    /// This socket's own id: a runner's slot is forgotten only when the socket it came from closes.
+    #[serde(default)]
+    socket_id: String,
+    #[serde(default)]
+    connected_ms: i64,
+    /// When the runner last sent anything on this socket.
+    #[serde(default)]
+    last_seen_ms: i64,
 }
 
 #[durable_object]
@@ -84,8 +158,15 @@ pub struct Queue {
     env: Env,
     limits: Limits,
     heartbeat_secs: u32,
+    /// Period of the reconciliation with the rooms and D1 (`RECONCILE_SECS`, default 30).
+    reconcile_ms: i64,
     core: RefCell<Option<QueueState>>,
     waiting: RefCell<HashMap<String, oneshot::Sender<serde_json::Value>>>,
+    /// When reconciliation last ran (0: not since the object started, so soon).
+    reconciled_ms: RefCell<i64>,
+    /// Test-only faults (`KILN_FAULTS`, builds with the `faults` feature).
+    #[cfg(feature = "faults")]
+    faults: RefCell<crate::queue_core::Faults>,
 }
 
 #[derive(Deserialize)]
@@ -127,13 +208,21 @@ impl Queue {
             }
             let next: Vec<Kv> = self.sql().exec("SELECT v FROM kv WHERE k = 'next_order'", None)?.to_array()?;
             core.next_order = next.first().map_or(0, |r| r.v as u64);
+            // A runner's current socket is its newest one that said hello.
+            let mut newest: HashMap<String, RunnerSocket> = HashMap::new();
             for ws in self.state.get_websockets() {
                 if let Ok(Some(info)) = ws.deserialize_attachment::<RunnerSocket>() {
-                    if let Some(capacity) = info.capacity {
-                        core.runners.retain(|r| r.runner_id != info.runner_id);
-                        core.runners.push(crate::queue_core::RunnerSlot { runner_id: info.runner_id, capacity });
+                    if info.capacity.is_some() && newest.get(&info.runner_id).is_none_or(|o| o.connected_ms <= info.connected_ms) {
+                        newest.insert(info.runner_id.clone(), info);
                     }
                 }
+            }
+            for info in newest.into_values() {
+                core.runners.push(crate::queue_core::RunnerSlot {
+                    runner_id: info.runner_id,
+                    capacity: info.capacity.unwrap_or(0),
+                    socket_id: info.socket_id,
+                });
             }
             *self.core.borrow_mut() = Some(core);
         }
@@ -176,8 +265,38 @@ impl Queue {
         Ok(())
     }
 
+    /// The socket `runner_id` is connected on (its slot's socket).
     fn runner_socket(&self, runner_id: &str) -> Option<WebSocket> {
-        self.state.get_websockets_with_tag(runner_id).into_iter().next()
+        let current = self.with_core(|c| c.socket_of(runner_id).map(str::to_string)).ok().flatten()?;
+        self.state.get_websockets_with_tag(runner_id).into_iter().find(|ws| {
+            ws.deserialize_attachment::<RunnerSocket>().ok().flatten().is_some_and(|i| i.socket_id == current)
+        })
+    }
+
+    /// Whether an injected fault named `name` fires (using one up); never in production builds.
+    fn fault(&self, name: &str) -> bool {
+        #[cfg(feature = "faults")]
+        return fire_fault(&self.faults, name);
+        #[cfg(not(feature = "faults"))]
+        {
+            let _ = name;
+            false
+        }
+    }
+
+    /// A call to a job's room.
+    async fn room_call<T: serde::de::DeserializeOwned>(
+        &self,
+        job_id: &str,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> ApiResult<T> {
+        if self.fault("queue_room_calls") {
+            return Err(ApiError::Unavailable(format!("injected fault: room call {path} failed")));
+        }
+        let room = env::job_room(&self.env, job_id)?;
+        http::call(&room, method, path, body).await
     }
 
     fn send_to_runner(&self, runner_id: &str, msg: &EdgeMessage) -> bool {
@@ -187,16 +306,38 @@ impl Queue {
         }
     }
 
+    /// Sets the alarm for the next thing due: a lease expiry, a lease to announce again, a runner
+    /// socket to check for silence, or the next reconciliation (while anything is in the queue or
+    /// connected).
     async fn schedule_alarm(&self) -> ApiResult<()> {
-        if let Some(at) = self.with_core(|c| c.next_expiry())? {
-            let delay = (at - now_ms()).max(50);
+        let now = now_ms();
+        let (expiry, unannounced, busy) =
+            self.with_core(|c| (c.next_expiry(), !c.unannounced().is_empty(), !c.pending.is_empty() || !c.leases.is_empty()))?;
+        let sockets = self.state.get_websockets();
+        let mut due: Vec<i64> = expiry.into_iter().collect();
+        if unannounced {
+            due.push(now + RETRY_MS);
+        }
+        for ws in &sockets {
+            if let Ok(Some(info)) = ws.deserialize_attachment::<RunnerSocket>() {
+                due.push(info.last_seen_ms.max(info.connected_ms) + self.limits.lease_ms + 1);
+            }
+        }
+        if busy || !sockets.is_empty() {
+            let last = *self.reconciled_ms.borrow();
+            due.push(if last == 0 { now + RETRY_MS } else { last + self.reconcile_ms });
+        }
+        if let Some(at) = due.into_iter().min() {
+            let delay = (at - now).max(50);
             self.state.storage().set_alarm(Duration::from_millis(delay as u64)).await?;
         }
         Ok(())
     }
 
-    /// Pairs pending jobs with free runner slots until nothing more fits. Each lease is
-    /// announced to the job's room (which moves it to `running`) before the runner gets it.
+    /// Pairs pending jobs with free runner slots until nothing more fits. Each lease is persisted,
+    /// then announced to the job's room (which moves it to `running`), and only then sent to the
+    /// runner. A lease whose room did not answer stays unannounced and is announced again from the
+    /// alarm under the same id.
     async fn dispatch(&self) -> ApiResult<()> {
         loop {
             let leases = self.with_core(|c| c.dispatch(now_ms(), &rfc3339(now_ms()), self.limits, new_id))?;
@@ -206,19 +347,44 @@ impl Queue {
             for lease in &leases {
                 self.persist(&lease.job_id)?;
             }
+            if self.fault("queue_restart_after_lease") {
+                // As if the object restarted here: what is not persisted is gone.
+                *self.core.borrow_mut() = None;
+                *self.reconciled_ms.borrow_mut() = 0;
+                self.schedule_alarm().await?;
+                return Err(ApiError::Unavailable("injected fault: queue restarted after persisting leases".into()));
+            }
+            let mut progress = false;
             for lease in leases {
-                self.start_lease(lease).await?;
+                progress |= self.announce(lease).await?;
+            }
+            if !progress {
+                break;
             }
         }
         self.schedule_alarm().await
     }
 
-    async fn start_lease(&self, lease: Lease) -> ApiResult<()> {
-        let room = env::job_room(&self.env, &lease.job_id)?;
-        let moved = http::call::<TransitionResult>(
-            &room,
-            Method::Post,
-            "/transition",
+    /// Dispatches for a caller whose own change is already persisted (an enqueue, a release, a
+    /// hello): a dispatch that fails does not fail the caller; the alarm tries again soon.
+    async fn dispatch_or_retry(&self) {
+        if let Err(e) = self.dispatch().await {
+            worker::console_error!("dispatch: {e:?}; trying again from the alarm");
+            if let Err(e) = self.state.storage().set_alarm(Duration::from_millis(RETRY_MS as u64)).await {
+                worker::console_error!("setting the alarm: {e:?}");
+            }
+        }
+    }
+
+    /// Tells the room a lease (again), then the runner. Answers whether the lease was settled
+    /// (accepted, or dropped because the job ended); a room that did not answer leaves it
+    /// unannounced, to be tried again.
+    async fn announce(&self, lease: Lease) -> ApiResult<bool> {
+        let moved = self
+            .room_call::<TransitionResult>(
+                &lease.job_id,
+                Method::Post,
+                "/transition",
             Some(&TransitionRequest {
                 to: JobStatus::Running,
                 message: format!("assigned to a runner (attempt {})", lease.attempt),
@@ -229,16 +395,24 @@ impl Queue {
                 from_queue: false,
             }),
         )
-        .await;
+            .await;
         match moved {
             Ok(_) => {}
             Err(ApiError::Conflict(_)) | Err(ApiError::NotFound(_)) => {
                 // Cancelled (or gone) while it waited: forget it.
                 self.with_core(|c| c.release(&lease.job_id))?;
-                return self.persist(&lease.job_id);
+                self.persist(&lease.job_id)?;
+                return Ok(true);
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                worker::console_error!("announcing lease of {}: {e:?}; trying again", lease.job_id);
+                return Ok(false);
+            }
         }
+        if !self.with_core(|c| c.mark_announced(&lease.job_id, &lease.lease_id))? {
+            return Ok(true);
+        }
+        self.persist(&lease.job_id)?;
         let rows: Vec<DataRow> = self
             .sql()
             .exec("SELECT data FROM assignments WHERE job_id = ?", vec![SqlStorageValue::from(lease.job_id.clone())])?
@@ -251,18 +425,22 @@ impl Queue {
         assignment.attempt = lease.attempt;
         // A runner that vanished in between is handled by lease expiry.
         self.send_to_runner(&lease.runner_id, &EdgeMessage::Assign { assignment });
-        Ok(())
+        Ok(true)
     }
 
     async fn enqueue(&self, req: EnqueueRequest) -> ApiResult<Position> {
         let job_id = req.pending.job_id.clone();
+        if self.fault("queue_drop_enqueue") {
+            // As if the object restarted before persisting: answered, but forgotten.
+            return Ok(Position { position: 1 });
+        }
         self.sql().exec(
             "INSERT OR REPLACE INTO assignments (job_id, data) VALUES (?, ?)",
             vec![SqlStorageValue::from(job_id.clone()), SqlStorageValue::from(serde_json::to_string(&req.assignment)?)],
         )?;
         let position = self.with_core(|c| c.enqueue(req.pending))?;
         self.persist(&job_id)?;
-        self.dispatch().await?;
+        self.dispatch_or_retry().await;
         Ok(Position { position })
     }
 
@@ -272,7 +450,7 @@ impl Queue {
         if let (Some(lease), true) = (&lease, req.cancel) {
             self.send_to_runner(&lease.runner_id, &EdgeMessage::Cancel { job_id: req.job_id.clone() });
         }
-        self.dispatch().await?;
+        self.dispatch_or_retry().await;
         Ok(serde_json::json!({ "was_running": lease.is_some() }))
     }
 
@@ -370,12 +548,23 @@ impl Queue {
         let name = get("name").unwrap_or_default();
         // One socket per runner: a reconnect replaces the old one.
         for old in self.state.get_websockets_with_tag(&runner_id) {
+            if let Ok(Some(info)) = old.deserialize_attachment::<RunnerSocket>() {
+                self.with_core(|c| c.disconnect(&runner_id, &info.socket_id))?;
+            }
             let _ = old.close(Some(4000), Some("replaced by a new connection"));
         }
-        self.with_core(|c| c.disconnect(&runner_id))?;
         let pair = WebSocketPair::new()?;
         self.state.accept_websocket_with_tags(&pair.server, &[runner_id.as_str()]);
-        pair.server.serialize_attachment(RunnerSocket { runner_id, name, capacity: None, tools: None })?;
+        let now = now_ms();
+        pair.server.serialize_attachment(RunnerSocket {
+            runner_id,
+            name,
+            capacity: None,
+            tools: None,
+            socket_id: new_id(),
+            connected_ms: now,
+            last_seen_ms: now,
+        })?;
         Ok(Response::from_websocket(pair.client)?)
     }
 
@@ -391,13 +580,14 @@ impl Queue {
             }
         };
         let now = now_ms();
+        info.last_seen_ms = now;
         match msg {
             RunnerMessage::Hello { capacity, running, tools, .. } => {
                 info.capacity = Some(capacity);
                 info.tools = tools;
                 ws.serialize_attachment(&info)?;
                 let held: Vec<(String, String)> = running.into_iter().map(|h| (h.job_id, h.lease_id)).collect();
-                let stale = self.with_core(|c| c.connect(&info.runner_id, capacity, &held, now, self.limits))?;
+                let stale = self.with_core(|c| c.connect(&info.runner_id, &info.socket_id, capacity, &held, now, self.limits))?;
                 for (job_id, _) in &held {
                     self.persist(job_id)?;
                 }
@@ -409,13 +599,14 @@ impl Queue {
                 for job_id in stale {
                     ws.send(&EdgeMessage::Cancel { job_id })?;
                 }
-                self.dispatch().await?;
+                self.dispatch_or_retry().await;
             }
             RunnerMessage::Heartbeat { running } => {
                 if info.capacity.is_none() {
                     ws.send(&EdgeMessage::Error { message: "send hello first".into() })?;
                     return Ok(());
                 }
+                ws.serialize_attachment(&info)?;
                 let held: Vec<(String, String)> = running.into_iter().map(|h| (h.job_id, h.lease_id)).collect();
                 let stale = self.with_core(|c| c.heartbeat(&info.runner_id, &held, now, self.limits))?;
                 for (job_id, _) in &held {
@@ -424,9 +615,16 @@ impl Queue {
                 for job_id in stale {
                     ws.send(&EdgeMessage::Cancel { job_id })?;
                 }
+                // The edge's answer to every heartbeat (its pong): the session's settings again.
+                ws.send(&EdgeMessage::Welcome {
+                    runner_id: info.runner_id.clone(),
+                    heartbeat_secs: self.heartbeat_secs,
+                    lease_secs: (self.limits.lease_ms / 1000) as u32,
+                })?;
                 self.schedule_alarm().await?;
             }
             RunnerMessage::Reply { request_id, result } => {
+                ws.serialize_attachment(&info)?;
                 if let Some(tx) = self.waiting.borrow_mut().remove(&request_id) {
                     let _ = tx.send(result);
                 }
@@ -435,11 +633,20 @@ impl Queue {
         Ok(())
     }
 
+    /// Expires leases not renewed in time and tells their rooms. A room that cannot be told keeps
+    /// the job where the queue can find it again: a requeued job stays pending (its next lease
+    /// replaces the old one in the room), a failed one gets its lease back to try again.
     async fn expire_leases(&self) -> ApiResult<()> {
-        let expired = self.with_core(|c| c.expire(now_ms(), self.limits))?;
+        let now = now_ms();
+        let before = self.with_core(|c| c.leases.clone())?;
+        let expired = self.with_core(|c| c.expire(now, self.limits))?;
         let max = self.limits.max_attempts;
         for e in expired {
             let (job_id, lease_id, to, message, patch) = match e {
+                Expired::Returned { job_id } => {
+                    self.persist(&job_id)?;
+                    continue;
+                }
                 Expired::Requeued { job_id, lease_id, attempts, .. } => (
                     job_id,
                     lease_id,
@@ -453,32 +660,151 @@ impl Queue {
                 }
             };
             self.persist(&job_id)?;
-            let room = env::job_room(&self.env, &job_id)?;
-            let moved = http::call::<TransitionResult>(
-                &room,
-                Method::Post,
-                "/transition",
-                Some(&TransitionRequest {
-                    to,
-                    message,
-                    patch,
-                    lease: None,
-                    runner_id: None,
-                    if_lease: Some(lease_id),
-                    from_queue: true,
-                }),
-            )
-            .await;
-            if let Err(e) = moved {
-                // The job ended meanwhile (finished or cancelled): it must not run again.
-                if !matches!(e, ApiError::Conflict(_)) {
-                    worker::console_error!("requeue of {job_id}: {e:?}");
+            let moved = self
+                .room_call::<TransitionResult>(
+                    &job_id,
+                    Method::Post,
+                    "/transition",
+                    Some(&TransitionRequest {
+                        to,
+                        message,
+                        patch,
+                        lease: None,
+                        runner_id: None,
+                        if_lease: Some(lease_id),
+                        from_queue: true,
+                    }),
+                )
+                .await;
+            match moved {
+                Ok(_) => {}
+                Err(ApiError::Conflict(_)) | Err(ApiError::NotFound(_)) => {
+                    // The room no longer holds the job under that lease: if it ended meanwhile
+                    // (finished or cancelled) it must not run again; otherwise it stays queued.
+                    if self.room_ended(&job_id).await? {
+                        self.with_core(|c| c.release(&job_id))?;
+                        self.persist(&job_id)?;
+                    }
                 }
-                self.with_core(|c| c.release(&job_id))?;
-                self.persist(&job_id)?;
+                Err(e) => {
+                    worker::console_error!("expiry of {job_id}: {e:?}; trying again");
+                    if to == JobStatus::Failed {
+                        if let Some(lease) = before.get(&job_id).cloned() {
+                            self.with_core(|c| c.reinstate(lease, now + RETRY_MS))?;
+                            self.persist(&job_id)?;
+                        }
+                    }
+                }
             }
         }
         self.dispatch().await
+    }
+
+    /// Whether a job's room says it ended (or has no such job). A room that does not answer: no.
+    async fn room_ended(&self, job_id: &str) -> ApiResult<bool> {
+        match self.room_call::<RoomMeta>(job_id, Method::Get, "/meta", None::<&()>).await {
+            Ok(meta) => Ok(meta.status.is_terminal()),
+            Err(ApiError::NotFound(_)) => Ok(true),
+            Err(e) => {
+                worker::console_error!("asking the room of {job_id}: {e:?}");
+                Ok(false)
+            }
+        }
+    }
+
+    /// Announces again every lease its room has not accepted.
+    async fn announce_pending(&self) -> ApiResult<()> {
+        for lease in self.with_core(|c| c.unannounced())? {
+            self.announce(lease).await?;
+        }
+        Ok(())
+    }
+
+    /// Closes runner sockets silent for longer than a lease (a half-open connection): the runner
+    /// stops counting as capacity, and its leases run out unless it reconnects.
+    fn drop_silent_sockets(&self) -> ApiResult<()> {
+        let now = now_ms();
+        for ws in self.state.get_websockets() {
+            let Ok(Some(info)) = ws.deserialize_attachment::<RunnerSocket>() else { continue };
+            if info.last_seen_ms.max(info.connected_ms) + self.limits.lease_ms < now {
+                worker::console_warn!("runner {} silent for longer than a lease; dropping its socket", info.runner_id);
+                self.with_core(|c| c.disconnect(&info.runner_id, &info.socket_id))?;
+                let _ = ws.close(Some(4002), Some("silent for longer than the lease"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Compares the queue with the rooms and D1 and repairs both directions: a lease whose room
+    /// ended is released; a D1 row `queued`/`running` the queue does not hold is enqueued again
+    /// (its room opened first if it has none) or, if its room ended, copied again from the room.
+    async fn reconcile(&self) -> ApiResult<()> {
+        *self.reconciled_ms.borrow_mut() = now_ms();
+        let leases: Vec<Lease> = self.with_core(|c| c.leases.values().cloned().collect())?;
+        for lease in leases {
+            if self.room_ended(&lease.job_id).await? {
+                let released = self.with_core(|c| c.release(&lease.job_id))?;
+                self.persist(&lease.job_id)?;
+                if released.is_some() {
+                    worker::console_warn!("reconcile: released the lease of ended job {}", lease.job_id);
+                    self.send_to_runner(&lease.runner_id, &EdgeMessage::Cancel { job_id: lease.job_id.clone() });
+                }
+            }
+        }
+        let name = self.state.id().name().unwrap_or_else(|| "default".into());
+        let db = env::db(&self.env)?;
+        let rows = store::jobs_in_flight(&db, &name, now_ms() - RECONCILE_GRACE_MS).await?;
+        for row in rows {
+            if self.with_core(|c| c.holds(&row.id))? {
+                continue;
+            }
+            let meta = match self.room_call::<RoomMeta>(&row.id, Method::Get, "/meta", None::<&()>).await {
+                Ok(meta) => meta,
+                Err(ApiError::NotFound(_)) => {
+                    let init = InitRequest { meta: room_meta(&row), message: "job queued".into() };
+                    match self.room_call::<RoomMeta>(&row.id, Method::Post, "/init", Some(&init)).await {
+                        Ok(meta) => meta,
+                        Err(e) => {
+                            worker::console_error!("reconcile: opening the room of {}: {e:?}", row.id);
+                            continue;
+                        }
+                    }
+                }
+                Err(e) => {
+                    worker::console_error!("reconcile: asking the room of {}: {e:?}", row.id);
+                    continue;
+                }
+            };
+            if meta.status.is_terminal() {
+                worker::console_warn!("reconcile: D1 says {} is {}, its room {}; copying again", row.id, row.status, meta.status.as_str());
+                if let Err(e) = self.room_call::<serde_json::Value>(&row.id, Method::Post, "/repair", None::<&()>).await {
+                    worker::console_error!("reconcile: repairing the D1 row of {}: {e:?}", row.id);
+                }
+                continue;
+            }
+            worker::console_warn!("reconcile: job {} ({}) was in no queue; enqueued again", row.id, meta.status.as_str());
+            let req = enqueue_request(&row);
+            let job_id = req.pending.job_id.clone();
+            self.sql().exec(
+                "INSERT OR REPLACE INTO assignments (job_id, data) VALUES (?, ?)",
+                vec![SqlStorageValue::from(job_id.clone()), SqlStorageValue::from(serde_json::to_string(&req.assignment)?)],
+            )?;
+            self.with_core(|c| c.enqueue(req.pending))?;
+            self.persist(&job_id)?;
+        }
+        self.dispatch().await
+    }
+
+    /// Everything the alarm does; an error sets the alarm again soon.
+    async fn on_alarm(&self) -> ApiResult<()> {
+        self.drop_silent_sockets()?;
+        self.expire_leases().await?;
+        self.announce_pending().await?;
+        let last = *self.reconciled_ms.borrow();
+        if last == 0 || now_ms() >= last + self.reconcile_ms {
+            self.reconcile().await?;
+        }
+        self.schedule_alarm().await
     }
 
     async fn route(&self, mut req: Request) -> ApiResult {
@@ -505,13 +831,18 @@ impl Queue {
 impl DurableObject for Queue {
     fn new(state: State, env: Env) -> Self {
         let config = Config::from_env(&env);
+        let reconcile_secs = env.var("RECONCILE_SECS").ok().and_then(|v| v.to_string().trim().parse::<i64>().ok()).unwrap_or(30);
         let queue = Self {
+            #[cfg(feature = "faults")]
+            faults: RefCell::new(read_faults(&env)),
             state,
             env,
             limits: config.limits,
             heartbeat_secs: config.heartbeat_secs,
+            reconcile_ms: reconcile_secs.max(1) * 1000,
             core: RefCell::new(None),
             waiting: RefCell::new(HashMap::new()),
+            reconciled_ms: RefCell::new(0),
         };
         if let Err(e) = queue.ensure_schema() {
             worker::console_error!("queue schema: {e}");
@@ -524,8 +855,9 @@ impl DurableObject for Queue {
     }
 
     async fn alarm(&self) -> worker::Result<Response> {
-        if let Err(e) = self.expire_leases().await {
-            worker::console_error!("lease expiry: {e:?}");
+        if let Err(e) = self.on_alarm().await {
+            worker::console_error!("queue alarm: {e:?}; trying again");
+            self.state.storage().set_alarm(Duration::from_millis(RETRY_MS as u64)).await?;
         }
         Response::ok("ok")
     }
@@ -555,11 +887,8 @@ impl Queue {
     /// it reconnects and re-announces them.
     fn forget_socket(&self, ws: &WebSocket) {
         if let Ok(Some(info)) = ws.deserialize_attachment::<RunnerSocket>() {
-            // Only forget the runner if this was its current socket (not one replaced by a reconnect).
-            let current = self.state.get_websockets_with_tag(&info.runner_id);
-            if current.len() <= 1 {
-                let _ = self.with_core(|c| c.disconnect(&info.runner_id));
-            }
+            // Only this socket's slot: a runner that reconnected meanwhile stays on its new one.
+            let _ = self.with_core(|c| c.disconnect(&info.runner_id, &info.socket_id));
         }
         let _ = ws.close(Some(1000), Some("closing"));
     }

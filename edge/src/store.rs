@@ -171,6 +171,19 @@ pub async fn get_job_any(db: &D1Database, id: &str) -> ApiResult<Option<JobRow>>
     Ok(db.prepare(format!("{JOB_SELECT} WHERE j.id = ?1")).bind(&[s(id)])?.first::<JobRow>(None).await?)
 }
 
+/// Jobs of `queue` that D1 holds `queued` or `running`, created before `created_before_ms` (the
+/// queue's reconciliation), oldest first.
+pub async fn jobs_in_flight(db: &D1Database, queue: &str, created_before_ms: i64) -> ApiResult<Vec<JobRow>> {
+    Ok(db
+        .prepare(format!(
+            "{JOB_SELECT} WHERE j.queue = ?1 AND j.status IN ('queued', 'running') AND j.created_ms < ?2 ORDER BY j.created_ms LIMIT 1000"
+        ))
+        .bind(&[s(queue), n(created_before_ms)])?
+        .all()
+        .await?
+        .results::<JobRow>()?)
+}
+
 /// The job or 404, owner-scoped: another owner's job is indistinguishable from a missing one.
 pub async fn owned_job(db: &D1Database, id: &str, owner: &str) -> ApiResult<JobRow> {
     get_job(db, id, owner).await?.ok_or_else(|| ApiError::NotFound("job not found".into()))

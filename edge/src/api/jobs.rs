@@ -5,7 +5,6 @@ use kiln_schemas::jobs::{
     generated_branch, CancelResponse, CreateJobResponse, Health, IterationList, JobList, JobTarget, ListQuery, NewJob,
     QueueCounts, QueueView, RetryResponse,
 };
-use kiln_schemas::runner::Assignment;
 use kiln_schemas::status::{JobStatus, JobType};
 use worker::{Method, Request};
 
@@ -14,8 +13,7 @@ use crate::auth::Principal;
 use crate::env::{self, new_id, now_ms};
 use crate::http::{self, body_json, json, json_status, ApiError, ApiResult};
 use crate::job_room::{InitRequest, RoomMeta, TransitionRequest, TransitionResult};
-use crate::queue_core::Pending;
-use crate::queue_object::{EnqueueRequest, Position, Stats};
+use crate::queue_object::{enqueue_request, room_meta, Position, Stats};
 use crate::store::{self, JobPatch, JobRow};
 use crate::time::rfc3339;
 
@@ -216,48 +214,33 @@ async fn submit(ctx: &Ctx, who: &Principal, job: NewJob, original_job_id: Option
         Some(orig) => format!("job queued (retry of {orig})"),
         None => "job queued".to_string(),
     };
-    let meta = RoomMeta {
-        job_id: id.clone(),
-        owner: row.owner.clone(),
-        job_type: job.job_type,
-        queue: row.queue.clone(),
-        status: JobStatus::Queued,
-        lease_id: None,
-        attempt: 0,
-        runner_id: None,
-    };
-    // The row and the room are independent; the queue needs both.
-    let init = InitRequest { meta, message };
-    let (inserted, opened) =
-        futures::join!(store::insert_job(&db, &row), http::call::<RoomMeta>(&room, Method::Post, "/init", Some(&init)));
-    inserted?;
-    opened?;
-
-    let pending = Pending {
-        job_id: id.clone(),
-        priority: job.priority,
-        order: 0,
-        attempts: 0,
-        owner: row.owner.clone(),
-        title: job.title.clone(),
-        created_at: created_at.clone(),
-    };
-    let assignment = Assignment {
-        job_id: id.clone(),
-        lease_id: String::new(),
-        attempt: 0,
-        job_type: job.job_type,
-        prompt: job.prompt.clone(),
-        title: job.title.clone(),
-        branch_name,
-        github_org,
-        github_repo,
-        base_branch,
-        ralph: job.ralph.clone(),
-        timeout_seconds: job.timeout_seconds,
-    };
+    // The room first, then the row, then the queue: a failure at any step leaves no job a user
+    // can see that will never run (a room without a row is invisible and never queued; a row
+    // whose enqueue failed is failed by its room; the queue's reconciliation enqueues any row
+    // left `queued` without a queue).
+    let init = InitRequest { meta: room_meta(&row), message };
+    http::call::<RoomMeta>(&room, Method::Post, "/init", Some(&init)).await?;
+    store::insert_job(&db, &row).await?;
     let q = env::queue(&ctx.env, &row.queue)?;
-    let pos: Position = http::call(&q, Method::Post, "/enqueue", Some(&EnqueueRequest { pending, assignment })).await?;
+    let pos = match http::call::<Position>(&q, Method::Post, "/enqueue", Some(&enqueue_request(&row))).await {
+        Ok(pos) => pos,
+        Err(e) => {
+            let why = "the job could not be queued; submit it again";
+            let failed = TransitionRequest {
+                to: JobStatus::Failed,
+                message: why.to_string(),
+                patch: JobPatch { error_message: Some(why.to_string()), ..Default::default() },
+                lease: None,
+                runner_id: None,
+                if_lease: None,
+                from_queue: false,
+            };
+            if let Err(e2) = http::call::<TransitionResult>(&room, Method::Post, "/transition", Some(&failed)).await {
+                worker::console_error!("job {id}: enqueue failed ({e:?}) and so did failing it ({e2:?}); reconciliation queues it");
+            }
+            return Err(e);
+        }
+    };
     Ok((row, pos.position))
 }
 
