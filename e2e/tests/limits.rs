@@ -305,3 +305,56 @@ async fn a_long_log_is_replayed_and_read_a_page_at_a_time() {
     assert!(plain.get("messages").is_none() && plain.get("messages_next_after").is_none(), "{plain}");
     println!("GET /jobs/:id?includeMessages=true (1000 of {last} messages): {first_ms} ms");
 }
+
+/// Issue 6 item 15, what the runner relies on: the edge (workerd) answers the WebSocket pings a
+/// runner sends on its session, without any message of the runner's protocol in between, so a
+/// runner hears from a live edge however quiet its queue is.
+#[tokio::test]
+async fn the_edge_answers_a_runners_websocket_pings() {
+    use futures::{SinkExt, StreamExt};
+    use kiln_schemas::runner::RunnerMessage;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let edge = edge().await;
+    let (status, reg) = edge
+        .api()
+        .send(Method::POST, "/runner/v1/register", Some(&kiln_e2e::runner_registration_token()), Some(json!({"name": "pinger"})))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{reg}");
+    let mut req = format!("{}/runner/v1/connect", edge.ws_url()).into_client_request().unwrap();
+    let auth = format!("Bearer {}", reg["token"].as_str().unwrap());
+    req.headers_mut().insert("authorization", HeaderValue::from_str(&auth).unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("the runner socket");
+    // Capacity 0: this session takes no job of the other tests.
+    let hello = RunnerMessage::Hello { name: "pinger".into(), capacity: 0, running: vec![], version: "0".into(), tools: None };
+    ws.send(Message::Text(serde_json::to_string(&hello).unwrap().into())).await.unwrap();
+    macro_rules! next {
+        () => {
+            tokio::time::timeout(Duration::from_secs(5), ws.next()).await.ok().flatten().map(|m| m.expect("a frame"))
+        };
+    }
+    match next!() {
+        Some(Message::Text(t)) => assert!(t.contains("welcome"), "{t}"),
+        other => panic!("no welcome: {other:?}"),
+    }
+    for i in 0..3u8 {
+        let payload = vec![b'k', i];
+        let t = Instant::now();
+        ws.send(Message::Ping(payload.clone().into())).await.unwrap();
+        loop {
+            match next!() {
+                Some(Message::Pong(p)) => {
+                    assert_eq!(p.as_ref(), payload.as_slice());
+                    println!("ping {i} answered in {} ms", t.elapsed().as_millis());
+                    break;
+                }
+                Some(_) => continue,
+                None => panic!("ping {i} got no pong within 5 s"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _ = ws.close(None).await;
+}
