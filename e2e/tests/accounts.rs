@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use hmac::{Hmac, Mac};
+use sha2::Digest;
 use kiln_e2e::{unique_email, Api, Method, StatusCode, TestEdge, PASSWORD};
 use serde_json::{json, Value};
 use tokio::sync::OnceCell;
@@ -269,6 +270,29 @@ async fn reusing_a_rotated_refresh_token_revokes_its_whole_family() {
     // The user's other login is another family.
     let (status, body) = c.refresh("/api/auth/refresh/", &text(&other, "refresh")).await;
     assert_eq!(status, StatusCode::OK, "another family is untouched: {body}");
+}
+
+#[tokio::test]
+async fn expired_refresh_tokens_are_refused_and_purged() {
+    let mut edge = TestEdge::start(&[("REFRESH_TOKEN_TTL_SECS", "1")]).await.expect("starting wrangler dev");
+    let c = Client::new(&edge);
+    let email = unique_email("expiry");
+    let reg = c.new_user(&email).await;
+    let id = text(&reg, "id");
+    let (_, _, first) = c.login(&email, PASSWORD).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for token in [text(&reg, "refresh"), text(&first, "refresh")] {
+        let (status, body) = c.refresh("/api/auth/token/refresh/", &token).await;
+        assert_api_error(status, &body, StatusCode::UNAUTHORIZED, "an expired refresh token");
+    }
+    // A login purges what has expired: only its own token is left.
+    let (status, _, last) = c.login(&email, PASSWORD).await;
+    assert_eq!(status, StatusCode::OK, "{last}");
+    edge.stop();
+    let rows = edge.d1(&format!("SELECT token_hash FROM refresh_tokens WHERE user_id = '{id}'")).expect("reading D1");
+    let digest = |t: &str| sha2::Sha256::digest(t.as_bytes()).iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let kept: Vec<&str> = rows.iter().filter_map(|r| r["token_hash"].as_str()).collect();
+    assert_eq!(kept, vec![digest(&text(&last, "refresh"))], "expired tokens are deleted");
 }
 
 // --- rate limits --------------------------------------------------------------------------------

@@ -35,6 +35,12 @@ async fn time_logins(http: &reqwest::Client, base: &str, email: &str, password: 
     Ok(samples)
 }
 
+fn tail_of(log: &str, max: usize) -> &str {
+    let start = log.len().saturating_sub(max);
+    let start = (start..log.len()).find(|i| log.is_char_boundary(*i)).unwrap_or(log.len());
+    &log[start..]
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let http = reqwest::Client::new();
@@ -62,7 +68,10 @@ async fn main() -> anyhow::Result<()> {
         let mut rows = vec![];
         let mut baseline = Duration::ZERO;
         for n in COUNTS {
-            let s = time_logins(&http, &base, &format!("bench-{n}@example.com"), "Wrong-Horse-1", 401).await?;
+            let s = match time_logins(&http, &base, &format!("bench-{n}@example.com"), "Wrong-Horse-1", 401).await {
+                Ok(s) => s,
+                Err(e) => anyhow::bail!("{e}; the edge's log ends:\n{}", tail_of(&edge.log(), 3000)),
+            };
             let p50 = percentile(&s, 50.0);
             if n == COUNTS[0] {
                 baseline = p50;
