@@ -358,3 +358,62 @@ async fn the_edge_answers_a_runners_websocket_pings() {
     }
     let _ = ws.close(None).await;
 }
+
+fn git_out(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git").args(args).current_dir(dir).output().expect("git runs");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Issue 6 item 11: a runner SIGKILLed in the middle of a job leaves its worktree and branch; the
+/// next runner on the same directories sweeps them before it connects, and the job, requeued
+/// when its lease expires, is finished there.
+#[tokio::test]
+async fn a_runner_started_after_a_crash_sweeps_what_the_crash_left() {
+    let _turn = RUNNERS.lock().await;
+    let edge = edge().await;
+    let api = edge.api();
+    let token = api.new_user("limits-crash").await;
+    let remotes = GitRemotes::new();
+    remotes.create_with_files("acme", "crash", &[("README.md", "# crash\n")]);
+    let (state1, state2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut first = runner(edge, &remotes, &state1, "head -n 1 >/dev/null; echo working; sleep 600", &[("RUNNER_NAME", "crash-1")]).await;
+    let created = api
+        .create_job(&token, json!({"prompt": "work", "githubOrg": "acme", "githubRepo": "crash", "branchName": "kiln/crash"}))
+        .await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let (repos, worktrees) = (first.repos_dir(), first.worktrees_dir());
+    let mirror = repos.join("acme/crash.git");
+    let wt = worktrees.join(&id);
+    kiln_e2e::eventually(Duration::from_secs(60), "the job's worktree", || {
+        let wt = wt.clone();
+        async move { wt.join("README.md").is_file().then_some(()) }
+    })
+    .await;
+    assert!(git_out(&mirror, &["for-each-ref", "--format=%(refname:short)", "refs/heads/"]).contains("kiln/crash"));
+
+    first.kill();
+    assert!(wt.exists(), "a SIGKILLed runner cleans nothing up");
+    let t = Instant::now();
+    let second = runner(
+        edge,
+        &remotes,
+        &state2,
+        "head -n 1 >/dev/null; echo finished elsewhere",
+        &[("RUNNER_NAME", "crash-2"), ("REPOS_DIR", repos.to_str().unwrap()), ("WORKTREES_DIR", worktrees.to_str().unwrap())],
+    )
+    .await;
+    // The runner answers /health only once it is built: the sweep is done.
+    println!("second runner up (sweep included) in {} ms", t.elapsed().as_millis());
+    assert!(!wt.exists(), "the crashed job's worktree is swept");
+    assert_eq!(git_out(&mirror, &["for-each-ref", "refs/heads/"]), "", "and its branch");
+    assert_eq!(git_out(&mirror, &["worktree", "list", "--porcelain"]).matches("worktree ").count(), 1, "git lists no worktree");
+    let health: Value = reqwest::get(second.health_url()).await.unwrap().json().await.unwrap();
+    assert_eq!(health["disk"]["worktrees"]["count"], 0, "{health}");
+    assert_eq!(health["disk"]["mirrors"]["count"], 1, "{health}");
+
+    // The job's lease runs out (30 s) and the second runner finishes it.
+    let job = api.wait_status(&token, &id, "completed", Duration::from_secs(120)).await;
+    assert_eq!(job["attempts"], 2, "{job}");
+    drop(first);
+}
