@@ -614,3 +614,18 @@ async fn the_development_settings_allow_vites_dev_server() {
     let (_, h) = preflight(&api, "/api/auth/register/", "https://app.example.com").await;
     assert!(header(&h, "access-control-allow-origin").is_none(), "{h:?}");
 }
+
+#[tokio::test]
+async fn production_sends_no_cors_headers_until_its_origins_are_set() {
+    let edge = TestEdge::start_env("production", &[]).await.expect("starting wrangler dev --env production");
+    let api = edge.api();
+    for origin in ["http://localhost:5173", "https://app.example.com"] {
+        let (status, h) = preflight(&api, "/api/auth/login/", origin).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        assert!(header(&h, "access-control-allow-origin").is_none(), "{origin}: {h:?}");
+        assert!(header(&h, "vary").is_none(), "CORS is off altogether: {h:?}");
+    }
+    let (status, h, body) = api.send_with(Method::GET, "/api/auth/me/", &[("Origin", "http://localhost:5173")], None).await;
+    assert_api_error(status, &body, StatusCode::UNAUTHORIZED, "me without a token in production");
+    assert!(header(&h, "access-control-allow-origin").is_none(), "{h:?}");
+}
