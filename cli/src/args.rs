@@ -57,8 +57,8 @@ pub enum Command {
     Complete(JobId),
     /// Retry a failed or cancelled job as a new job.
     Retry(JobId),
-    /// Print a job's messages (stdout, stderr, system, user input).
-    Logs(JobId),
+    /// Print a job's messages (stdout, stderr, system, user input), the whole log a page at a time.
+    Logs(LogsArgs),
     /// A ralph job's iterations: exit codes, feedback commands, completion promise.
     Iterations(JobId),
     /// The server's health: queue and runners.
@@ -187,6 +187,15 @@ pub struct LsArgs {
 pub struct JobId {
     /// The job's id.
     pub id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The job's id.
+    pub id: String,
+    /// Messages fetched per request (the edge answers at most 4999).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=4999))]
+    pub page_size: u32,
 }
 
 #[derive(Debug, Args)]

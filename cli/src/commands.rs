@@ -138,9 +138,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Logs(j) => {
-            let v = ctx.client()?.call(Method::GET, &job_path(&j.id, "?includeMessages=true"), None).await?;
-            let job: JobView = serde_json::from_value(v).context("reading the job")?;
-            let messages = job.messages.unwrap_or_default();
+            // The edge answers a page of the log at a time; follow `messages_next_after` to its end.
+            let mut client = ctx.client()?;
+            let (mut messages, mut after) = (Vec::new(), None);
+            loop {
+                let mut query = format!("?includeMessages=true&messagesLimit={}", j.page_size);
+                if let Some(seq) = after {
+                    query.push_str(&format!("&messagesAfter={seq}"));
+                }
+                let v = client.call(Method::GET, &job_path(&j.id, &query), None).await?;
+                let job: JobView = serde_json::from_value(v).context("reading the job")?;
+                messages.extend(job.messages.unwrap_or_default());
+                match job.messages_next_after {
+                    Some(next) if Some(next) != after => after = Some(next),
+                    _ => break,
+                }
+            }
             if ctx.json {
                 ctx.print_json(&serde_json::to_value(&messages)?);
             } else {

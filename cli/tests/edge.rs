@@ -231,8 +231,11 @@ async fn login_submit_list_show_cancel_and_logs_with_text_and_json() {
     let logs = kiln.run(&["logs", &code_id]).await.ok("logs").stdout;
     assert!(logs.lines().any(|l| l.contains(" system ") && l.ends_with("job cancelled by user")), "{logs}");
     let messages = kiln.run(&["--json", "logs", &code_id]).await.ok("logs --json").json();
+    // A page at a time, the whole log all the same.
+    let paged = kiln.run(&["--json", "logs", "--page-size", "1", &code_id]).await.ok("logs --page-size 1").json();
+    assert_eq!(paged, messages);
     let messages = messages.as_array().unwrap();
-    assert!(!messages.is_empty());
+    assert!(messages.len() >= 2, "more than one page: {messages:?}");
     for m in messages {
         let keys: Vec<&String> = m.as_object().unwrap().keys().collect();
         assert_eq!(keys, ["content", "created_at", "type"], "{m}");
