@@ -169,6 +169,11 @@ pub fn event_lines(view: &mut FollowView, ev: &ServerEvent, p: Palette) -> Vec<S
             vec![format!("{time} {}", p.bold(&iteration_summary(iteration, view.max_iterations)))]
         }
         EventBody::AgentEvent { event, .. } => agent_lines(view, event, p).into_iter().map(|l| format!("{time} {l}")).collect(),
+        // The job's totals so far; the runner's own line says the same of the run in words.
+        EventBody::Usage { totals, .. } => {
+            view.cost_usd = Some(totals.cost_usd);
+            vec![]
+        }
     }
 }
 

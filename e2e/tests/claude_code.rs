@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use kiln_e2e::model::{ModelServer, Script};
-use kiln_e2e::{Api, FakeGitHub, GitRemotes, Method, StatusCode, TestEdge, TestRunner};
+use kiln_e2e::{Api, FakeGitHub, GitRemotes, Method, StatusCode, TestEdge, TestRunner, WsAuth, WsClient};
 use serde_json::{json, Value};
 
 const GITHUB_TOKEN: &str = "ghp_kiln_claude_test";
@@ -122,6 +122,16 @@ async fn a_code_job_runs_claude_code_which_writes_a_file_that_is_committed_into_
     assert_eq!(w.results(&id).await, vec!["Added src/logout.js."]);
     let system = w.system_lines(&id).await;
     assert!(system.iter().any(|l| l.starts_with("Agent usage: ") && l.contains(" tokens in, ")), "{system:#?}");
+    // The CLI's usage and cost: a job field, and a `usage` event on the live channel.
+    let usage = &job["usage"];
+    assert!(usage["input_tokens"].as_u64().is_some_and(|n| n > 0), "{job}");
+    assert!(usage["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{job}");
+    let mut ws = WsClient::connect(&w.edge.ws_url(), &id, WsAuth::Header(&w.token), None).await.expect("the job's channel");
+    let events = ws.until(Duration::from_secs(10), "the usage event", |e| e["kind"] == "usage").await;
+    let event = events.last().unwrap();
+    assert_eq!(event["usage"]["source"], "claude", "{event}");
+    assert_eq!(&event["totals"], usage, "one agent run: its usage is the job's");
+
     // The edge's /health tells what the runner found: seed 003's claude and git blocks.
     let (_, health) = w.api().send(Method::GET, "/health", None, None).await;
     assert_eq!(health["claude"]["authenticated"], true, "{health}");

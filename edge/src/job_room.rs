@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use kiln_schemas::events::{parse_cursor, ClientMessage, EventBody, LogStream, ServerEvent, SocketError};
-use kiln_schemas::runner::{BatchAck, EventBatch, Outcome, RunnerEvent};
+use kiln_schemas::runner::{BatchAck, EventBatch, Outcome, RunnerEvent, UsageTotals};
 use kiln_schemas::status::{JobStatus, JobType};
 use serde::{Deserialize, Serialize};
 use worker::{
@@ -38,6 +38,9 @@ pub struct RoomMeta {
     /// The runner that holds `lease_id`: only it may post the job's events.
     #[serde(default)]
     pub runner_id: Option<String>,
+    /// Tokens and cost the runners reported so far; copied to D1 with each status change.
+    #[serde(default)]
+    pub usage: UsageTotals,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -245,6 +248,7 @@ impl RoomStore {
         if req.lease.is_some() {
             patch.attempts = Some(meta.attempt as i64);
         }
+        patch.usage = (!meta.usage.is_empty()).then_some(meta.usage);
         let (texts, seq) = self.insert_events(vec![JobRoom::status_event(&meta, &req.message, &patch)])?;
         Ok(Some(Applied { from, meta, seq, patch, texts }))
     }
@@ -281,6 +285,12 @@ impl RoomStore {
             match ev.event {
                 RunnerEvent::Log { stream, content } => bodies.push(EventBody::Log { stream, content, timestamp: ts }),
                 RunnerEvent::Agent { event } => bodies.push(EventBody::AgentEvent { event, timestamp: ts }),
+                RunnerEvent::Usage { usage } => {
+                    let mut meta = self.meta()?;
+                    meta.usage.add(&usage);
+                    self.save_meta(&meta)?;
+                    bodies.push(EventBody::Usage { usage, totals: meta.usage, timestamp: ts });
+                }
                 RunnerEvent::Started { message } => {
                     bodies.push(EventBody::Log { stream: LogStream::System, content: message, timestamp: ts })
                 }
@@ -297,6 +307,7 @@ impl RoomStore {
                             total_iterations: total_iterations.map(|n| n as i64),
                             error_message,
                             attempts: None,
+                            usage: None,
                         },
                     ));
                 }
@@ -555,7 +566,11 @@ impl JobRoom {
             .to_array()?;
         let Some(row) = rows.first() else { return Ok(meta.status) };
         let event: ServerEvent = serde_json::from_str(&row.body)?;
-        let mut patch = JobPatch { attempts: (meta.attempt > 0).then_some(meta.attempt as i64), ..Default::default() };
+        let mut patch = JobPatch {
+            attempts: (meta.attempt > 0).then_some(meta.attempt as i64),
+            usage: (!meta.usage.is_empty()).then_some(meta.usage),
+            ..Default::default()
+        };
         if let EventBody::JobStatus { pr_url, completion_reason, total_iterations, error_message, .. } = event.body {
             patch.pr_url = pr_url;
             patch.completion_reason =

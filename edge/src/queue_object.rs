@@ -86,6 +86,7 @@ pub fn room_meta(row: &JobRow) -> RoomMeta {
         lease_id: None,
         attempt: 0,
         runner_id: None,
+        usage: Default::default(),
     }
 }
 

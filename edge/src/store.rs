@@ -3,6 +3,7 @@
 
 use kiln_schemas::jobs::{ClientRef, FeatureRef, JobView, ListQuery, RalphParams, RepositoryRef};
 use kiln_schemas::status::{CompletionReason, JobStatus, JobType};
+use kiln_schemas::runner::UsageTotals;
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::JsValue;
 use worker::D1Database;
@@ -56,6 +57,9 @@ pub struct JobRow {
     pub status_seq: i64,
     #[serde(default)]
     pub client_name: Option<String>,
+    /// JSON `UsageTotals`; `None` until a runner reports usage.
+    #[serde(default)]
+    pub usage: Option<String>,
 }
 
 impl JobRow {
@@ -117,6 +121,7 @@ impl JobRow {
             completed_at: self.completed_at.clone(),
             messages: None,
             messages_next_after: None,
+            usage: self.usage.as_deref().and_then(|u| serde_json::from_str(u).ok()),
         }
     }
 }
@@ -245,6 +250,9 @@ pub struct JobPatch {
     pub total_iterations: Option<i64>,
     pub error_message: Option<String>,
     pub attempts: Option<i64>,
+    /// The job's usage so far (the room's totals).
+    #[serde(default)]
+    pub usage: Option<UsageTotals>,
 }
 
 pub async fn update_job_status(
@@ -262,7 +270,7 @@ pub async fn update_job_status(
            started_at = COALESCE(?4, started_at), completed_at = COALESCE(?5, completed_at),
            pr_url = COALESCE(?6, pr_url), completion_reason = COALESCE(?7, completion_reason),
            total_iterations = COALESCE(?8, total_iterations), error_message = COALESCE(?9, error_message),
-           attempts = COALESCE(?10, attempts), status_seq = ?11
+           attempts = COALESCE(?10, attempts), status_seq = ?11, usage = COALESCE(?12, usage)
          WHERE id = ?1 AND status_seq < ?11",
     )
     .bind(&[
@@ -277,6 +285,7 @@ pub async fn update_job_status(
         opt(patch.error_message.as_deref()),
         patch.attempts.map(n).unwrap_or(JsValue::NULL),
         n(status_seq as i64),
+        opt(patch.usage.as_ref().and_then(|u| serde_json::to_string(u).ok()).as_deref()),
     ])?
     .run()
     .await?;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::jobs::{Iteration, JobMessage};
+use crate::runner::{UsageReport, UsageTotals};
 use crate::status::CompletionReason;
 
 /// Largest chat message a client may send over the socket.
@@ -64,6 +65,9 @@ pub enum EventBody {
     /// One structured event of an agent that speaks a JSON stream (`claude-stream-json`).
     #[serde(rename = "agentEvent")]
     AgentEvent { event: Value, timestamp: String },
+    /// Tokens and cost of one agent run or LLM step, with the job's totals after it.
+    #[serde(rename = "usage")]
+    Usage { usage: UsageReport, totals: UsageTotals, timestamp: String },
 }
 
 impl EventBody {
@@ -75,6 +79,7 @@ impl EventBody {
             EventBody::Log { .. } => "log",
             EventBody::Iteration { .. } => "iteration",
             EventBody::AgentEvent { .. } => "agentEvent",
+            EventBody::Usage { .. } => "usage",
         }
     }
 
@@ -84,7 +89,8 @@ impl EventBody {
             | EventBody::StageUpdate { timestamp, .. }
             | EventBody::Log { timestamp, .. }
             | EventBody::Iteration { timestamp, .. }
-            | EventBody::AgentEvent { timestamp, .. } => timestamp,
+            | EventBody::AgentEvent { timestamp, .. }
+            | EventBody::Usage { timestamp, .. } => timestamp,
         }
     }
 
@@ -108,6 +114,8 @@ impl EventBody {
                 ),
             ),
             EventBody::AgentEvent { event, .. } => ("stdout", event.to_string()),
+            // The runner's system line says the same in words.
+            EventBody::Usage { .. } => return None,
         };
         Some(JobMessage { kind: kind.to_string(), content, created_at: self.timestamp().to_string() })
     }

@@ -316,6 +316,10 @@ pub struct JobView {
     /// `messagesAfter` for the next page.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages_next_after: Option<u64>,
+    /// Kiln's addition: tokens and cost the job's agent runs reported, as of its last status
+    /// change (live, per run, as `usage` events on its channel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::runner::UsageTotals>,
 }
 
 /// Answer of `GET /jobs`.

@@ -153,6 +153,8 @@ pub enum RunnerEvent {
     Agent { event: Value },
     /// The job started running on this runner.
     Started { message: String },
+    /// Tokens and cost that one agent run (or LLM step) reported.
+    Usage { usage: UsageReport },
     /// A ralph iteration finished.
     Iteration { iteration: Iteration },
     /// The job ended.
@@ -168,6 +170,47 @@ pub enum RunnerEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error_message: Option<String>,
     },
+}
+
+/// Tokens and cost that one agent run or LLM step reported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct UsageReport {
+    /// What spent them: the agent profile (`claude`, `codex`) or an LLM step's role.
+    pub source: String,
+    /// The model, when the reporter names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Cache reads and writes, already counted in the price.
+    #[serde(default)]
+    pub cached_tokens: u64,
+    /// `None` when the reporter knows no price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+}
+
+/// A job's usage so far: every [`UsageReport`] summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct UsageTotals {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_tokens: u64,
+    /// The priced reports' cost (unpriced ones add nothing).
+    pub cost_usd: f64,
+}
+
+impl UsageTotals {
+    pub fn add(&mut self, r: &UsageReport) {
+        self.input_tokens += r.input_tokens;
+        self.output_tokens += r.output_tokens;
+        self.cached_tokens += r.cached_tokens;
+        self.cost_usd += r.cost_usd.unwrap_or(0.0);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == UsageTotals::default()
+    }
 }
 
 /// How a job ended on the runner.

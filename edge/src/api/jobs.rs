@@ -207,6 +207,7 @@ async fn submit(ctx: &Ctx, who: &Principal, job: NewJob, original_job_id: Option
         created_ms: now,
         status_seq: 0,
         client_name: None,
+        usage: None,
     };
     let db = env::db(&ctx.env)?;
     let room = env::job_room(&ctx.env, &id)?;

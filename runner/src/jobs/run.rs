@@ -475,6 +475,18 @@ impl JobRun {
             self.sink
                 .system(format!("Agent usage: {}{note}", u.describe()))
                 .await;
+            self.sink
+                .send(RunnerEvent::Usage {
+                    usage: kiln_schemas::runner::UsageReport {
+                        source: self.services.agent.format.profile_name().to_string(),
+                        model: None,
+                        input_tokens: u.input_tokens,
+                        output_tokens: u.output_tokens,
+                        cached_tokens: u.cached_tokens,
+                        cost_usd: u.cost_usd,
+                    },
+                })
+                .await;
         }
         CommandResult {
             exit_code,
