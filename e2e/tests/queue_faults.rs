@@ -302,9 +302,9 @@ async fn a_batch_that_fails_half_way_is_stored_whole_by_its_retry() {
 
 // --- 15. half-open and replaced runner sockets ------------------------------------------------------
 
-/// A runner that reconnects says hello on its new socket before its old connection ends: the old
-/// socket's end must not make the live runner invisible (the queue forgets a runner only when the
-/// socket its slot came from closes).
+/// A runner that reconnects says hello on its new socket while its old connection lingers: work
+/// goes to the new socket (not to one picked by the runner's tag), and the old one's end does not
+/// make the live runner invisible (the queue forgets a runner only when its current socket closes).
 #[tokio::test]
 async fn a_reconnect_never_makes_a_live_runner_invisible() {
     let w = World::start(&[]).await;
@@ -315,15 +315,15 @@ async fn a_reconnect_never_makes_a_live_runner_invisible() {
     let mut new = w.socket(&runner_token).await;
     send(&mut new, &hello(1)).await;
     assert!(matches!(next_message(&mut new, Duration::from_secs(10)).await, EdgeMessage::Welcome { .. }));
-    // Only now does the old connection end, without answering the edge's close (as a connection
-    // that died does): the queue hears of it after the new socket's hello.
-    drop(old);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let h = w.health().await;
-    assert_eq!((h["runners"]["connected"].clone(), h["runners"]["free_slots"].clone()), (json!(1), json!(1)), "{h}");
+    // The old connection lingers, unanswered: work goes to the socket the runner said hello on.
     let token = api.new_user("visible").await;
     let id = w.job(&token, "p", "b/visible").await;
     assert_eq!(next_assignment(&mut new).await.job_id, id, "the live socket gets the work");
+    // Then the old connection ends without answering the edge's close (as a dead one does).
+    drop(old);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let h = w.health().await;
+    assert_eq!((h["runners"]["connected"].clone(), h["queue"]["running"].clone()), (json!(1), json!(1)), "still connected: {h}");
 }
 
 /// A runner socket that goes silent (a half-open connection) is dropped after a lease, with close
