@@ -65,10 +65,16 @@ impl WsClient {
         match tokio::time::timeout(Duration::from_secs(20), tokio_tungstenite::connect_async(req)).await {
             Err(_) => panic!("connecting to {url} timed out"),
             Ok(Ok((stream, _))) => Ok(WsClient { stream }),
-            Ok(Err(WsError::Http(resp))) => Err(WsRefused {
-                status: StatusCode::from_u16(resp.status().as_u16()).expect("an HTTP status"),
-                body: resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default(),
-            }),
+            Ok(Err(WsError::Http(resp))) => {
+                let status = StatusCode::from_u16(resp.status().as_u16()).expect("an HTTP status");
+                let mut body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+                if body.is_empty() {
+                    // tungstenite keeps only the body bytes that came with the headers; ask again
+                    // over plain HTTP for the whole answer.
+                    body = refusal_body(&url, authorization).await;
+                }
+                Err(WsRefused { status, body })
+            }
             Ok(Err(e)) => panic!("connecting to {url}: {e}"),
         }
     }
@@ -140,5 +146,23 @@ impl WsClient {
 
     pub async fn close(mut self) {
         let _ = self.stream.close(None).await;
+    }
+}
+
+/// The body of a refused upgrade, fetched again as a plain request with the upgrade's headers.
+async fn refusal_body(ws_url: &str, authorization: Option<&str>) -> String {
+    let http_url = ws_url.replacen("ws", "http", 1);
+    let mut req = reqwest::Client::new()
+        .get(&http_url)
+        .header("upgrade", "websocket")
+        .header("connection", "Upgrade")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+    if let Some(a) = authorization {
+        req = req.header("authorization", a);
+    }
+    match req.send().await {
+        Ok(resp) => resp.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
     }
 }
