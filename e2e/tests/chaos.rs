@@ -1,8 +1,10 @@
 //! Chaos (issue 6, "Proof"): a few hundred jobs across three runners while runners are killed and
-//! restarted, the edge is restarted, and the runners' connections are cut at random. At the end
+//! restarted, the edge is restarted, and the runners' connections are cut (or left half-open) at
+//! random. At the end
 //! every job is terminal, none ran twice to completion, and every job's event log has a dense
 //! `seq` with no duplicate. Prints the counts.
 //!
+//! The edge is the Worker built with the test-only `faults` feature, some of whose room calls fail.
 //! The runners reach the edge through a [`CutProxy`]; the agent sleeps a random 0–300 ms and writes
 //! one file, which the runner commits and pushes; a `post-receive` hook on the remote records every
 //! push, so a branch pushed by two runs shows up.
@@ -42,6 +44,7 @@ struct Counts {
     runner_restarts: u32,
     edge_restarts: u32,
     cuts: u32,
+    stalls: u32,
 }
 
 async fn start_runner(edge: &TestEdge, env: Vec<(String, String)>) -> TestRunner {
@@ -77,7 +80,10 @@ async fn jobs_survive_killed_runners_edge_restarts_and_cut_sockets() {
     eprintln!("chaos seed {seed} (KILN_CHAOS_SEED to replay the same choices)");
     let mut rng = Rng(seed);
 
-    let mut edge = TestEdge::start(&[
+    // The Worker with the test-only faults: besides the chaos, the queue's first room calls fail
+    // and it loses its memory twice between persisting leases and telling the rooms.
+    let mut edge = TestEdge::start_with_faults(&[
+        ("KILN_FAULTS", "queue_room_calls=25,queue_restart_after_lease=2"),
         ("MAX_CONCURRENT_JOBS", "6"),
         ("LEASE_SECS", "30"),
         ("HEARTBEAT_SECS", "2"),
@@ -85,7 +91,7 @@ async fn jobs_survive_killed_runners_edge_restarts_and_cut_sockets() {
         ("RECONCILE_SECS", "10"),
     ])
     .await
-    .expect("starting wrangler dev");
+    .expect("starting wrangler dev on the faults build");
     let api = edge.api();
     api.grant("*", "acme/*").await;
     let token = api.new_user("chaos").await;
@@ -152,10 +158,16 @@ async fn jobs_survive_killed_runners_edge_restarts_and_cut_sockets() {
         if ids.len() == JOBS && terminal(&api, &token).await == JOBS as u64 {
             break;
         }
-        match rng.below(10) {
-            0..=4 => {
+        // Once for sure: half-open connections, midway.
+        let pick = if counts.stalls == 0 && ids.len() >= JOBS / 2 { 4 } else { rng.below(10) };
+        match pick {
+            0..=3 => {
                 proxy.cut();
                 counts.cuts += 1;
+            }
+            4 if counts.stalls < 2 => {
+                proxy.stall();
+                counts.stalls += 1;
             }
             5..=7 => {
                 let i = rng.below(RUNNERS as u64) as usize;
@@ -231,7 +243,10 @@ async fn jobs_survive_killed_runners_edge_restarts_and_cut_sockets() {
         }
         match ends.first().and_then(|e| e["status"].as_str()) {
             Some("completed") => completed += 1,
-            _ => failed += 1,
+            _ => {
+                failed += 1;
+                eprintln!("job {id} failed: {}", ends.first().map_or(json!(null), |e| e["message"].clone()));
+            }
         }
         let job_requeues =
             events.iter().filter(|e| e["kind"] == "jobStatus" && e["message"].as_str().is_some_and(|m| m.contains("requeued"))).count();
@@ -245,18 +260,20 @@ async fn jobs_survive_killed_runners_edge_restarts_and_cut_sockets() {
         }
     }
     let lost = 0;
+    let faults = edge.log().matches("injected fault").count();
     eprintln!(
         "chaos: jobs {JOBS} (completed {completed}, failed {failed}), runner kills {}, runner restarts {}, edge restarts {}, \
-         socket cuts {} ({} proxied connections), requeues {requeues}, lost {lost}, double-run {double_run}, \
-         pushed twice after a lost runner {double_push}; chaos phase {chaos_took:?}, total {:?}",
+         socket cuts {}, half-open stalls {} ({} proxied connections), requeues {requeues}, lost {lost}, double-run {double_run}, \
+         pushed twice after a lost runner {double_push}, injected faults since the last edge restart {faults}; chaos phase {chaos_took:?}, total {:?}",
         counts.kills,
         counts.runner_restarts,
         counts.edge_restarts,
         counts.cuts,
+        counts.stalls,
         proxy.connections(),
         started.elapsed()
     );
     assert_eq!(double_run, 0, "no job ran twice to completion");
     assert!(completed >= JOBS * 9 / 10, "most jobs complete: {completed} of {JOBS}");
-    assert!(counts.kills + counts.cuts + counts.edge_restarts > 0, "there was chaos");
+    assert!(counts.kills + counts.cuts + counts.stalls + counts.edge_restarts > 0, "there was chaos");
 }
