@@ -497,13 +497,7 @@ async fn a_task_job_talks_to_its_agent_through_docker_exec() {
             |e| matches!(e, RunnerEvent::Log { content, .. } if content == "echo: ping"),
         )
         .await;
-    runner
-        .edge
-        .send(EdgeMessage::Complete {
-            job_id: job.clone(),
-        })
-        .await;
-    let events = runner.edge.wait_finished(&job, 15).await;
+    let events = runner.complete(&job, 15).await;
     assert_eq!(finished(&events).0, Outcome::Completed);
     assert!(
         stdout_lines(&events).contains(&"agent: input closed".to_string()),

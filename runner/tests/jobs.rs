@@ -422,22 +422,9 @@ async fn a_task_job_relays_messages_until_completed() {
             |e| matches!(e, RunnerEvent::Log { content, .. } if content == "echo: With charts"),
         )
         .await;
-    assert!(
-        runner
-            .edge
-            .events(&job)
-            .iter()
-            .all(|e| !matches!(e, RunnerEvent::Finished { .. })),
-        "still running"
-    );
+    assert!(!runner.has_finished(&job), "still running");
 
-    runner
-        .edge
-        .send(EdgeMessage::Complete {
-            job_id: job.clone(),
-        })
-        .await;
-    let events = runner.edge.wait_finished(&job, 10).await;
+    let events = runner.complete(&job, 10).await;
     assert_started_and_finished(&events);
     let (outcome, message, pr_url, ..) = finished(&events);
     assert_eq!((outcome, pr_url), (Outcome::Completed, None));
@@ -509,21 +496,11 @@ async fn a_claude_task_answers_each_message_in_a_resumed_turn_while_running() {
             )
             .await;
         assert!(
-            runner
-                .edge
-                .events(&job)
-                .iter()
-                .all(|e| !matches!(e, RunnerEvent::Finished { .. })),
+            !runner.has_finished(&job),
             "the answer streams back while the job runs"
         );
     }
-    runner
-        .edge
-        .send(EdgeMessage::Complete {
-            job_id: job.clone(),
-        })
-        .await;
-    let events = runner.edge.wait_finished(&job, 10).await;
+    let events = runner.complete(&job, 10).await;
     assert_started_and_finished(&events);
     let (outcome, message, ..) = finished(&events);
     assert_eq!(outcome, Outcome::Completed);

@@ -18,7 +18,7 @@ use kiln_runner::jobs::Supervisor;
 use kiln_runner::Application;
 use kiln_schemas::grants::{ProtectedBranches, RepoPattern};
 use kiln_schemas::jobs::RalphParams;
-use kiln_schemas::runner::{Assignment, Outcome, RunnerEvent};
+use kiln_schemas::runner::{Assignment, EdgeMessage, Outcome, RunnerEvent};
 use kiln_schemas::status::{CompletionReason, JobType};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -354,6 +354,24 @@ impl TestRunner {
         let id = a.job_id.clone();
         self.edge.assign(a).await;
         self.edge.wait_finished(&id, secs).await
+    }
+
+    /// Whether the runner has sent the job's `finished` event yet.
+    pub fn has_finished(&self, job_id: &str) -> bool {
+        self.edge
+            .events(job_id)
+            .iter()
+            .any(|e| matches!(e, RunnerEvent::Finished { .. }))
+    }
+
+    /// Ends a task job's session (`complete`) and waits for its `finished` event.
+    pub async fn complete(&self, job_id: &str, secs: u64) -> Vec<RunnerEvent> {
+        self.edge
+            .send(EdgeMessage::Complete {
+                job_id: job_id.to_string(),
+            })
+            .await;
+        self.edge.wait_finished(job_id, secs).await
     }
 
     /// Waits until the job is no longer held (its clean-up is done).
