@@ -34,7 +34,7 @@ pub fn exit_code(status: JobStatus) -> i32 {
         JobStatus::Failed => 1,
         JobStatus::Cancelled => 2,
         // Not terminal: never asked for.
-        JobStatus::Queued | JobStatus::Running => 3,
+        JobStatus::Collecting | JobStatus::Queued | JobStatus::Running => 3,
     }
 }
 

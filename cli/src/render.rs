@@ -174,6 +174,17 @@ pub fn event_lines(view: &mut FollowView, ev: &ServerEvent, p: Palette) -> Vec<S
             view.cost_usd = Some(totals.cost_usd);
             vec![]
         }
+        EventBody::AgentDialogue { agent, message, .. } => {
+            let who = p.cyan(&format!("[{}]", sanitize(agent)));
+            sanitize_lines(message).into_iter().map(|l| format!("{time} {who} {l}")).collect()
+        }
+        EventBody::PrdReady { prd_markdown, .. } => {
+            vec![format!("{time} {}", p.bold(&format!("PRD ready ({} lines)", prd_markdown.lines().count())))]
+        }
+        EventBody::TicketUpdate { title, status, message, .. } => {
+            vec![format!("{time} {} {}", p.bold(&format!("ticket {} {}", sanitize(title), sanitize(status))), sanitize(message))]
+        }
+        EventBody::TicketReset { .. } => vec![format!("{time} {}", p.dim("· the backlog is being rewritten"))],
     }
 }
 

@@ -295,6 +295,13 @@ impl RoomStore {
                     bodies.push(EventBody::Log { stream: LogStream::System, content: message, timestamp: ts })
                 }
                 RunnerEvent::Iteration { iteration } => bodies.push(EventBody::Iteration { iteration, timestamp: ts }),
+                // App-build pipeline events: rendered by the app builder's room logic (next commit).
+                RunnerEvent::Phase { .. }
+                | RunnerEvent::Stage { .. }
+                | RunnerEvent::Dialogue { .. }
+                | RunnerEvent::Prd { .. }
+                | RunnerEvent::Backlog { .. }
+                | RunnerEvent::Ticket { .. } => {}
                 RunnerEvent::Finished { outcome, message, pr_url, completion_reason, total_iterations, error_message } => {
                     finished = Some((
                         outcome,

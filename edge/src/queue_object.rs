@@ -115,6 +115,7 @@ pub fn enqueue_request(row: &JobRow) -> EnqueueRequest {
         base_branch: row.base_branch.clone(),
         ralph: row.ralph(),
         timeout_seconds: row.timeout_seconds(),
+        app: None,
     };
     EnqueueRequest { pending, assignment }
 }

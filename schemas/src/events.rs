@@ -68,6 +68,28 @@ pub enum EventBody {
     /// Tokens and cost of one agent run or LLM step, with the job's totals after it.
     #[serde(rename = "usage")]
     Usage { usage: UsageReport, totals: UsageTotals, timestamp: String },
+    /// An executive dialogue turn of an app build's planning (seed 000).
+    #[serde(rename = "agentDialogue", rename_all = "camelCase")]
+    AgentDialogue { job_id: String, agent: String, message: String, order: u32, timestamp: String },
+    /// An app build's PRD and structured spec, saved as its App (seed 000).
+    #[serde(rename = "prdReady", rename_all = "camelCase")]
+    PrdReady { job_id: String, spec: Value, prd_markdown: String, timestamp: String },
+    /// A ticket changed (seed 000): `todo → in_progress → done | failed`, with log snippets or
+    /// stage names in `metadata`.
+    #[serde(rename = "ticketUpdate", rename_all = "camelCase")]
+    TicketUpdate {
+        job_id: String,
+        ticket_id: String,
+        status: String,
+        title: String,
+        assigned_to: String,
+        message: String,
+        metadata: Value,
+        timestamp: String,
+    },
+    /// The backlog is about to be rewritten: fetch the tickets again (seed 000).
+    #[serde(rename = "ticketReset", rename_all = "camelCase")]
+    TicketReset { job_id: String, timestamp: String },
 }
 
 impl EventBody {
@@ -80,6 +102,10 @@ impl EventBody {
             EventBody::Iteration { .. } => "iteration",
             EventBody::AgentEvent { .. } => "agentEvent",
             EventBody::Usage { .. } => "usage",
+            EventBody::AgentDialogue { .. } => "agentDialogue",
+            EventBody::PrdReady { .. } => "prdReady",
+            EventBody::TicketUpdate { .. } => "ticketUpdate",
+            EventBody::TicketReset { .. } => "ticketReset",
         }
     }
 
@@ -90,7 +116,11 @@ impl EventBody {
             | EventBody::Log { timestamp, .. }
             | EventBody::Iteration { timestamp, .. }
             | EventBody::AgentEvent { timestamp, .. }
-            | EventBody::Usage { timestamp, .. } => timestamp,
+            | EventBody::Usage { timestamp, .. }
+            | EventBody::AgentDialogue { timestamp, .. }
+            | EventBody::PrdReady { timestamp, .. }
+            | EventBody::TicketUpdate { timestamp, .. }
+            | EventBody::TicketReset { timestamp, .. } => timestamp,
         }
     }
 
@@ -116,6 +146,12 @@ impl EventBody {
             EventBody::AgentEvent { event, .. } => ("stdout", event.to_string()),
             // The runner's system line says the same in words.
             EventBody::Usage { .. } => return None,
+            EventBody::AgentDialogue { agent, message, .. } => ("stdout", format!("{agent}: {message}")),
+            EventBody::PrdReady { .. } => ("system", "PRD ready".to_string()),
+            EventBody::TicketUpdate { title, status, message, .. } => {
+                ("system", format!("ticket {title:?} {status}: {message}"))
+            }
+            EventBody::TicketReset { .. } => return None,
         };
         Some(JobMessage { kind: kind.to_string(), content, created_at: self.timestamp().to_string() })
     }

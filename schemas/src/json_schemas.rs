@@ -6,7 +6,7 @@ use schemars::{schema_for, Schema};
 
 /// `(file stem, schema)` for every wire type.
 pub fn all() -> Vec<(&'static str, Schema)> {
-    use crate::{auth, events, grants, jobs, runner};
+    use crate::{app, auth, events, grants, jobs, runner};
     vec![
         ("error", schema_for!(crate::ErrorBody)),
         ("auth.register_request", schema_for!(auth::RegisterRequest)),
@@ -36,6 +36,16 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("runner.event_batch", schema_for!(runner::EventBatch)),
         ("runner.batch_ack", schema_for!(runner::BatchAck)),
         ("runner.repo_result", schema_for!(runner::RepoResult)),
+        ("app.job", schema_for!(app::AppJobView)),
+        ("app.message", schema_for!(app::MessageView)),
+        ("app.app", schema_for!(app::AppView)),
+        ("app.ticket", schema_for!(app::TicketView)),
+        ("app.file_structure", schema_for!(app::FileStructure)),
+        ("app.file_content", schema_for!(app::FileContent)),
+        ("app.pause_answer", schema_for!(app::PauseAnswer)),
+        ("app.purge_answer", schema_for!(app::PurgeAnswer)),
+        ("app.workspace_snapshot", schema_for!(app::WorkspaceSnapshot)),
+        ("runner.gather_reply", schema_for!(runner::GatherReply)),
         ("grants.request", schema_for!(grants::GrantRequest)),
         ("grants.grant", schema_for!(grants::Grant)),
         ("grants.list", schema_for!(grants::GrantList)),

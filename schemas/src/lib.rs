@@ -5,6 +5,7 @@
 //! depends on neither the Workers runtime nor tokio. JSON Schemas generated from these types are
 //! checked in under `schemas/json/` (see `json_schemas`).
 
+pub mod app;
 pub mod auth;
 pub mod events;
 pub mod grants;

@@ -5,9 +5,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::app::{Ticket, TicketStatus};
 use crate::events::LogStream;
 use crate::jobs::{Iteration, RalphParams};
-use crate::status::{CompletionReason, JobType};
+use crate::status::{AppPhase, CompletionReason, JobType};
 
 /// `POST /runner/v1/register` (bearer: the operator's registration token).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -97,6 +98,63 @@ pub enum RunnerRequest {
     Sync { repos: Vec<RepoSpec> },
     /// Create (or refresh) the bare mirror of every listed repository; reply: `Vec<RepoResult>`.
     Clone { repos: Vec<RepoSpec> },
+    /// One turn of an app build's requirements gatherer (an LLM step that holds no job slot);
+    /// reply: [`GatherReply`] or `{"error"}`. Sent to any runner.
+    Gather(GatherRequest),
+    /// List a held job's workspace (`files/structure/`); reply: `crate::app::FileStructure` or
+    /// `{"error"}`. Sent to the runner that holds the job.
+    ListFiles {
+        job_id: String,
+        /// Relative to `/app` (checked by `crate::app::workspace_path`).
+        path: String,
+        limit: u32,
+    },
+    /// Read one file of a held job's workspace (`files/content/`); reply:
+    /// `crate::app::FileContent` or `{"error"}`. Sent to the runner that holds the job.
+    ReadFile { job_id: String, path: String },
+}
+
+/// What the requirements gatherer is asked: the idea, the conversation so far, and whether this
+/// turn must end with the summary (rounds exhausted).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct GatherRequest {
+    pub job_id: String,
+    pub initial_prompt: String,
+    /// The transcript, oldest first: `user` and `agent` turns.
+    pub transcript: Vec<ChatTurn>,
+    pub must_summarise: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ChatTurn {
+    /// `user` or `agent`.
+    pub role: String,
+    pub content: String,
+}
+
+/// The gatherer's answer: its reply as written (`REQUIREMENTS_SUMMARY` included, split by the
+/// edge with `crate::app::split_summary`), the model that wrote it and what it cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct GatherReply {
+    pub reply: String,
+    /// The gatherer's display name (`sender` of its messages).
+    pub sender: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageReport>,
+}
+
+/// What an app build's run starts from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AppBuildParams {
+    pub initial_prompt: String,
+    pub requirements_summary: String,
+    /// A continuation run's new requirements (`/continue/`): the runner plans and builds only
+    /// them, over the workspace the earlier run left (restored from its snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continuation: Option<String>,
+    /// The job was paused before it was dispatched: wait for `resume` before the first step.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// Everything a runner needs to run one job.
@@ -119,6 +177,10 @@ pub struct Assignment {
     /// `RUNNER_JOB_TIMEOUT`. Absent: the runner's limit alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<u32>,
+    /// An app build's inputs (`job_type: app_build`, whose repository fields are empty: its
+    /// workspace is a new git repository on the runner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<AppBuildParams>,
 }
 
 /// Messages the queue sends to a runner.
@@ -137,6 +199,10 @@ pub enum EdgeMessage {
     Complete { job_id: String },
     /// Stop a ralph job after its current iteration.
     Stop { job_id: String },
+    /// Pause a pipeline job between steps (the step running finishes).
+    Pause { job_id: String },
+    /// Go on with a paused pipeline job.
+    Resume { job_id: String },
     /// Repository work answered with a `reply`.
     Request { request_id: String, request: RunnerRequest },
     /// A protocol error (the socket stays open).
@@ -157,6 +223,26 @@ pub enum RunnerEvent {
     Usage { usage: UsageReport },
     /// A ralph iteration finished.
     Iteration { iteration: Iteration },
+    /// An app build's pipeline entered a phase (a `jobStatus` with seed 000's status).
+    Phase { phase: AppPhase, message: String },
+    /// A conversation turn or a narration (`stageUpdate`; narrations carry
+    /// `metadata.type = "description"`).
+    Stage { role: String, sender: String, content: String, metadata: Value },
+    /// An executive dialogue turn (`agentDialogue`).
+    Dialogue { agent: String, message: String, order: u32 },
+    /// The PRD and spec (`prdReady`; the room saves them as the job's App).
+    Prd { spec: Value, prd_markdown: String },
+    /// A new backlog (checked with `crate::app::build_order`): the room announces `ticketReset`,
+    /// replaces the job's tickets and sends a `ticketUpdate` for each.
+    Backlog { tickets: Vec<Ticket> },
+    /// A ticket changed (`ticketUpdate`; the room updates its row).
+    Ticket {
+        ticket_id: String,
+        status: TicketStatus,
+        message: String,
+        #[serde(default)]
+        metadata: Value,
+    },
     /// The job ended.
     Finished {
         outcome: Outcome,
@@ -246,6 +332,10 @@ pub struct BatchAck {
     /// False when the lease is no longer this runner's (cancelled, requeued): stop the job.
     pub lease_valid: bool,
 }
+
+/// `PUT /runner/v1/jobs/<job_id>/snapshot?lease_id=` (bearer: the runner token): the workspace's
+/// text files as a run of an app build ends, kept in R2 for the files API and continuation runs.
+pub const MAX_SNAPSHOT_BYTES: usize = 16 * 1024 * 1024;
 
 #[cfg(test)]
 mod tests {

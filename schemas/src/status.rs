@@ -13,17 +13,35 @@ pub enum JobType {
     Task,
     /// Agent and feedback commands in a loop until the completion promise or a limit.
     Ralph,
+    /// Seed 000's app builder: requirements chat (`collecting`), then a pipeline on a runner
+    /// (executive planning, PRD, tickets, one build agent run per ticket). Its face renders the
+    /// core status with its [`AppPhase`] as seed 000's statuses ([`app_status`]).
+    AppBuild,
 }
 
 impl JobType {
-    pub const ALL: [JobType; 3] = [JobType::Code, JobType::Task, JobType::Ralph];
+    pub const ALL: [JobType; 4] = [JobType::Code, JobType::Task, JobType::Ralph, JobType::AppBuild];
 
     pub fn as_str(self) -> &'static str {
         match self {
             JobType::Code => "code",
             JobType::Task => "task",
             JobType::Ralph => "ralph",
+            JobType::AppBuild => "app_build",
         }
+    }
+
+    /// Whether `POST /jobs` (seed 003) may create this kind; the others have their own face.
+    pub fn is_seed_003(self) -> bool {
+        matches!(self, JobType::Code | JobType::Task | JobType::Ralph)
+    }
+
+    /// Whether a job of this kind may go `from → to`: [`JobStatus::can_become`], and for an app
+    /// build also a continuation run (`completed | failed → queued`, seed 000's `/continue/`).
+    pub fn allows(self, from: JobStatus, to: JobStatus) -> bool {
+        from.can_become(to)
+            || (self == JobType::AppBuild
+                && matches!((from, to), (JobStatus::Completed | JobStatus::Failed, JobStatus::Queued)))
     }
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -31,10 +49,13 @@ impl JobType {
     }
 }
 
-/// A job's lifecycle status (seed 003: `queued → running → completed | failed | cancelled`).
+/// A job's core lifecycle status (seed 003: `queued → running → completed | failed |
+/// cancelled`; an app build starts in `collecting`, its requirements chat, before it is queued).
+/// Faces with their own names map these (with an app build's [`AppPhase`]) onto them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
+    Collecting,
     Queued,
     Running,
     Completed,
@@ -43,7 +64,8 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 5] = [
+    pub const ALL: [JobStatus; 6] = [
+        JobStatus::Collecting,
         JobStatus::Queued,
         JobStatus::Running,
         JobStatus::Completed,
@@ -53,6 +75,7 @@ impl JobStatus {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            JobStatus::Collecting => "collecting",
             JobStatus::Queued => "queued",
             JobStatus::Running => "running",
             JobStatus::Completed => "completed",
@@ -72,11 +95,15 @@ impl JobStatus {
 
     /// Whether `self → to` is allowed. `running → queued` is the requeue of a job whose runner
     /// was lost; `queued → failed` is a job that can never be dispatched (attempts exhausted).
+    /// Kinds may allow more ([`JobType::allows`]).
     pub fn can_become(self, to: JobStatus) -> bool {
         use JobStatus::*;
         matches!(
             (self, to),
-            (Queued, Running)
+            (Collecting, Queued)
+                | (Collecting, Failed)
+                | (Collecting, Cancelled)
+                | (Queued, Running)
                 | (Queued, Cancelled)
                 | (Queued, Failed)
                 | (Running, Completed)
@@ -86,6 +113,59 @@ impl JobStatus {
         )
     }
 }
+
+/// Where an app build's pipeline is while its core status is `running` (seed 000's statuses
+/// between `queued` and `build_done`). Set by the runner, forward only, reset by a requeue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AppPhase {
+    Planning,
+    PrdReady,
+    Ticketing,
+    TicketsReady,
+    Building,
+}
+
+impl AppPhase {
+    pub const ALL: [AppPhase; 5] =
+        [AppPhase::Planning, AppPhase::PrdReady, AppPhase::Ticketing, AppPhase::TicketsReady, AppPhase::Building];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppPhase::Planning => "planning",
+            AppPhase::PrdReady => "prd_ready",
+            AppPhase::Ticketing => "ticketing",
+            AppPhase::TicketsReady => "tickets_ready",
+            AppPhase::Building => "building",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// Phases only move forward (skipping is allowed: a continuation run may go from planning
+    /// straight to ticketing); staying is not a change.
+    pub fn can_become(self, to: AppPhase) -> bool {
+        (to as u8) > (self as u8)
+    }
+}
+
+/// Seed 000's status of an app build: the core status, with the phase while it runs.
+/// `completed` is `build_done`; `cancelled` is `failed` (seed 000 has no cancelled status).
+pub fn app_status(status: JobStatus, phase: Option<AppPhase>) -> &'static str {
+    match status {
+        JobStatus::Collecting => "collecting",
+        JobStatus::Queued => "queued",
+        JobStatus::Running => phase.unwrap_or(AppPhase::Planning).as_str(),
+        JobStatus::Completed => "build_done",
+        JobStatus::Failed | JobStatus::Cancelled => "failed",
+    }
+}
+
+/// Every status seed 000 documents, in lifecycle order.
+pub const APP_STATUSES: [&str; 9] =
+    ["collecting", "queued", "planning", "prd_ready", "ticketing", "tickets_ready", "building", "build_done", "failed"];
 
 /// Why a ralph loop ended (seed 003's `completion_reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -121,6 +201,42 @@ mod tests {
         assert!(Running.can_become(Queued), "requeue after a lost runner");
         assert!(!Queued.can_become(Completed), "a job never completes without running");
         assert!(!Queued.can_become(Queued));
+    }
+
+    #[test]
+    fn collecting_leads_to_the_queue_and_app_builds_continue() {
+        use JobStatus::*;
+        assert!(Collecting.can_become(Queued));
+        assert!(Collecting.can_become(Failed));
+        assert!(!Collecting.can_become(Running), "a collecting job is queued before it runs");
+        assert!(!Queued.can_become(Collecting));
+        assert!(JobType::AppBuild.allows(Completed, Queued), "continuation");
+        assert!(JobType::AppBuild.allows(Failed, Queued), "continuation after a failure");
+        assert!(!JobType::AppBuild.allows(Cancelled, Queued));
+        assert!(!JobType::Code.allows(Completed, Queued));
+        assert!(JobType::Code.allows(Queued, Running));
+    }
+
+    #[test]
+    fn app_statuses_are_seed_000s() {
+        use JobStatus::*;
+        assert_eq!(app_status(Collecting, None), "collecting");
+        assert_eq!(app_status(Running, None), "planning");
+        assert_eq!(app_status(Running, Some(AppPhase::Ticketing)), "ticketing");
+        assert_eq!(app_status(Completed, Some(AppPhase::Building)), "build_done");
+        assert_eq!(app_status(Cancelled, None), "failed");
+        for s in JobStatus::ALL {
+            for p in AppPhase::ALL.map(Some).into_iter().chain([None]) {
+                assert!(APP_STATUSES.contains(&app_status(s, p)));
+            }
+        }
+        assert!(AppPhase::Planning.can_become(AppPhase::PrdReady));
+        assert!(AppPhase::Planning.can_become(AppPhase::Ticketing));
+        assert!(!AppPhase::Building.can_become(AppPhase::Planning));
+        assert!(!AppPhase::Building.can_become(AppPhase::Building));
+        for p in AppPhase::ALL {
+            assert_eq!(AppPhase::parse(p.as_str()), Some(p));
+        }
     }
 
     #[test]

@@ -325,6 +325,16 @@ impl Session {
                     unknown(&job_id)
                 }
             }
+            EdgeMessage::Pause { job_id } => {
+                if !self.supervisor.control(&job_id, JobControl::Pause) {
+                    unknown(&job_id)
+                }
+            }
+            EdgeMessage::Resume { job_id } => {
+                if !self.supervisor.control(&job_id, JobControl::Resume) {
+                    unknown(&job_id)
+                }
+            }
             EdgeMessage::Request {
                 request_id,
                 request,
@@ -412,6 +422,8 @@ pub async fn answer_request(workspaces: &Workspaces, request: &RunnerRequest) ->
     let (repos, with_path) = match request {
         RunnerRequest::Sync { repos } => (repos, false),
         RunnerRequest::Clone { repos } => (repos, true),
+        // Answered by the pipeline module (the app builder lands in steps).
+        RunnerRequest::Gather(_) | RunnerRequest::ListFiles { .. } | RunnerRequest::ReadFile { .. } => return vec![],
     };
     let work = repos.iter().map(|spec| async move {
         let slug = format!("{}/{}", spec.github_org, spec.github_repo);

@@ -80,6 +80,10 @@ pub enum JobControl {
     Complete,
     /// Stop a ralph job after the current iteration.
     Stop,
+    /// Pause a pipeline job between steps.
+    Pause,
+    /// Go on with a paused pipeline job.
+    Resume,
 }
 
 /// Fires once; every clone sees it.
@@ -230,6 +234,7 @@ impl Supervisor {
             (&control, entry.job_type),
             (JobControl::Deliver(_) | JobControl::Complete, JobType::Task)
                 | (JobControl::Stop, JobType::Ralph)
+                | (JobControl::Pause | JobControl::Resume, JobType::AppBuild)
         );
         if !fits {
             tracing::warn!(

@@ -244,6 +244,8 @@ impl Inbox {
                 self.complete = true;
                 first.then(|| "Session completed: the job ends when the agent's turn does".into())
             }
+            // The supervisor passes these to app builds only.
+            JobControl::Pause | JobControl::Resume => None,
         }
     }
 }
@@ -349,6 +351,7 @@ impl JobRun {
                 JobType::Code => this.run_code().await,
                 JobType::Task => this.run_task(controls).await,
                 JobType::Ralph => this.run_ralph(controls).await,
+                JobType::AppBuild => failed("This runner does not build apps yet"),
             }
         };
         // Handlers check the worktree after every command; this catches one that grows it while

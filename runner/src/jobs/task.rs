@@ -180,7 +180,8 @@ impl JobRun {
                             self.sink.system("Session completed: the agent's input is closed; waiting for it to finish").await;
                         }
                     }
-                    JobControl::Stop => {}
+                    // The supervisor passes these to app builds only.
+                    JobControl::Stop | JobControl::Pause | JobControl::Resume => {}
                 },
             }
         }

@@ -178,6 +178,7 @@ pub fn assignment(job_type: JobType, prompt: &str) -> Assignment {
             feedback_commands: vec![],
         }),
         timeout_seconds: None,
+        app: None,
     }
 }
 
