@@ -114,6 +114,9 @@ impl NewJob {
             Some(s) => JobType::parse(&s)
                 .ok_or_else(|| format!("jobType must be one of code, task, ralph (got {s:?})"))?,
         };
+        if !job_type.is_seed_003() {
+            return Err(format!("jobType {} is not created here: use POST /api/jobs/", job_type.as_str()));
+        }
 
         let client_id = opt_uuid(obj, "clientId")?;
         let github_org = opt_string(obj, "githubOrg")?;
@@ -632,6 +635,7 @@ mod tests {
             (json!({"prompt": "x", "githubOrg": "../etc", "githubRepo": "r", "branchName": "b"}), "githubOrg"),
             (json!({"prompt": "x", "clientId": "nope", "branchName": "b"}), "clientId must be a UUID"),
             (json!({"prompt": "x", "clientId": CLIENT, "branchName": "b", "jobType": "deploy"}), "jobType"),
+            (json!({"prompt": "x", "clientId": CLIENT, "branchName": "b", "jobType": "app_build"}), "POST /api/jobs/"),
             (json!({"prompt": "x", "clientId": CLIENT, "branchName": "a..b"}), "branchName"),
             (json!({"prompt": "x", "clientId": CLIENT, "branchName": "b", "priority": 1000}), "priority"),
         ];
