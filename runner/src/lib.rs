@@ -12,6 +12,7 @@ pub mod config;
 pub mod docker;
 pub mod edge;
 pub mod executor;
+pub mod files;
 pub mod github;
 pub mod health;
 pub mod isolation;

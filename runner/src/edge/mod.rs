@@ -7,10 +7,17 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
-use kiln_schemas::runner::{BatchAck, EventBatch, RegisterRunnerRequest, RegisterRunnerResponse};
+use kiln_schemas::app::WorkspaceSnapshot;
+use kiln_schemas::runner::{
+    BatchAck, EventBatch, RegisterRunnerRequest, RegisterRunnerResponse, MAX_SNAPSHOT_BYTES,
+};
 use url::Url;
 
+use crate::backoff::Backoff;
 use crate::state::{SavedRegistration, StateDir};
+
+/// Attempts of a snapshot upload or download before its transient errors are given up on.
+const SNAPSHOT_ATTEMPTS: u32 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EdgeError {
@@ -200,6 +207,128 @@ impl EdgeClient {
             .send()
             .await;
         read_json(&url, res).await
+    }
+
+    fn snapshot_url(&self, job_id: &str, lease_id: &str) -> Url {
+        let mut url = endpoint(&self.base, "/runner/v1/jobs");
+        url.path_segments_mut()
+            .expect("http URLs have paths")
+            .push(job_id)
+            .push("snapshot");
+        url.query_pairs_mut().append_pair("lease_id", lease_id);
+        url
+    }
+
+    /// `PUT /runner/v1/jobs/{job_id}/snapshot?lease_id=`: keeps the workspace's text files in
+    /// R2. Transient failures are retried with backoff (a few times: a later snapshot or the
+    /// run's last one replaces this one anyway).
+    pub async fn put_snapshot(
+        &self,
+        job_id: &str,
+        lease_id: &str,
+        snapshot: &WorkspaceSnapshot,
+    ) -> Result<(), EdgeError> {
+        let url = self.snapshot_url(job_id, lease_id);
+        let body = serde_json::to_vec(snapshot).expect("a snapshot serializes");
+        if body.len() > MAX_SNAPSHOT_BYTES {
+            return Err(EdgeError::Status {
+                url: url.to_string(),
+                status: 413,
+                body: format!(
+                    "the snapshot is {} bytes; at most {MAX_SNAPSHOT_BYTES} are sent",
+                    body.len()
+                ),
+            });
+        }
+        retry_transient(|| async {
+            let res = self
+                .http
+                .put(url.clone())
+                .bearer_auth(self.token())
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .timeout(Duration::from_secs(120))
+                .body(body.clone())
+                .send()
+                .await;
+            check_status(&url, res).await.map(|_| ())
+        })
+        .await
+    }
+
+    /// `GET /runner/v1/jobs/{job_id}/snapshot?lease_id=`: the snapshot an earlier run of the job
+    /// left, `None` when there is none (404).
+    pub async fn get_snapshot(
+        &self,
+        job_id: &str,
+        lease_id: &str,
+    ) -> Result<Option<WorkspaceSnapshot>, EdgeError> {
+        let url = self.snapshot_url(job_id, lease_id);
+        retry_transient(|| async {
+            let res = self
+                .http
+                .get(url.clone())
+                .bearer_auth(self.token())
+                .timeout(Duration::from_secs(120))
+                .send()
+                .await;
+            match check_status(&url, res).await {
+                Ok(res) => res
+                    .json::<WorkspaceSnapshot>()
+                    .await
+                    .map(Some)
+                    .map_err(|source| EdgeError::Http {
+                        url: url.to_string(),
+                        source,
+                    }),
+                Err(EdgeError::Status { status: 404, .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+}
+
+/// The response when its status is a success, else [`EdgeError::Status`] with its body's start.
+async fn check_status(
+    url: &Url,
+    res: Result<reqwest::Response, reqwest::Error>,
+) -> Result<reqwest::Response, EdgeError> {
+    let res = res.map_err(|source| EdgeError::Http {
+        url: url.to_string(),
+        source,
+    })?;
+    let status = res.status();
+    if status.is_success() {
+        return Ok(res);
+    }
+    let mut body = res.text().await.unwrap_or_default();
+    body.truncate(500);
+    Err(EdgeError::Status {
+        url: url.to_string(),
+        status: status.as_u16(),
+        body,
+    })
+}
+
+/// Calls `attempt` until it succeeds, fails for good, or [`SNAPSHOT_ATTEMPTS`] transient
+/// failures have passed.
+async fn retry_transient<T, F, Fut>(mut attempt: F) -> Result<T, EdgeError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, EdgeError>>,
+{
+    let mut backoff = Backoff::default();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match attempt().await {
+            Err(e) if e.is_transient() && tries < SNAPSHOT_ATTEMPTS => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "snapshot request failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            other => return other,
+        }
     }
 }
 

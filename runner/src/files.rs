@@ -1,0 +1,385 @@
+//! A held app build's workspace as the files API sees it: listing and reading (`ListFiles`,
+//! `ReadFile`) and the snapshot kept in R2 (`snapshot`, `restore`).
+//!
+//! Everything here is sandboxed to the worktree: paths are checked again with
+//! [`workspace_path`], no symbolic link is ever followed (one is listed as `symlink`, and a path
+//! through one is refused), and a read verifies through `/proc/self/fd` that the file it opened
+//! is inside the worktree, so a directory swapped for a link mid-request reads nothing outside.
+//! `.git` is never shown. All functions block: call them from `spawn_blocking`.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, Metadata, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use kiln_schemas::app::{
+    workspace_path, FileContent, FileEntry, FileStructure, SnapshotFile, WorkspaceSnapshot,
+    MAX_FILE_BYTES, WORKSPACE_ROOT,
+};
+use kiln_schemas::runner::MAX_SNAPSHOT_BYTES;
+
+/// Directory names never listed, read or snapshotted.
+const HIDDEN: &[&str] = &[".git"];
+
+/// Bytes of a snapshot kept for its `omitted` list and its JSON frame.
+const OMITTED_RESERVE: usize = 512 * 1024;
+
+/// A refusal, worded for the client (no host paths, no OS error text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilesError(pub String);
+
+impl std::fmt::Display for FilesError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for FilesError {}
+
+fn refuse(msg: impl Into<String>) -> FilesError {
+    FilesError(msg.into())
+}
+
+/// Checks a request's path: absolute (`/app/...`) or relative to `/app`. Answers it relative,
+/// `/`-separated, `""` for the root.
+pub fn checked_path(path: &str) -> Result<String, FilesError> {
+    let abs = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("{WORKSPACE_ROOT}/{path}")
+    };
+    let rel = workspace_path(&abs).map_err(FilesError)?;
+    if rel.split('/').any(|seg| HIDDEN.contains(&seg)) {
+        return Err(refuse("no such file or directory"));
+    }
+    Ok(rel)
+}
+
+fn display_path(rel: &str) -> String {
+    if rel.is_empty() {
+        WORKSPACE_ROOT.to_string()
+    } else {
+        format!("{WORKSPACE_ROOT}/{rel}")
+    }
+}
+
+/// Walks `rel` under `dir` one component at a time without following links. Answers the full
+/// path and the last component's metadata (`None` when it does not exist).
+fn resolve(dir: &Path, rel: &str) -> Result<(PathBuf, Option<Metadata>), FilesError> {
+    let mut at = dir.to_path_buf();
+    let mut meta = fs::symlink_metadata(&at).map_err(|_| refuse("this job has no workspace on this runner"))?;
+    if !meta.is_dir() {
+        return Err(refuse("this job has no workspace on this runner"));
+    }
+    let segs: Vec<&str> = rel.split('/').filter(|s| !s.is_empty()).collect();
+    for (i, seg) in segs.iter().enumerate() {
+        at.push(seg);
+        meta = match fs::symlink_metadata(&at) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((at, None)),
+            Err(_) => return Err(refuse("no such file or directory")),
+        };
+        if meta.file_type().is_symlink() {
+            return Err(refuse(format!("{} is a symbolic link", display_path(&segs[..=i].join("/")))));
+        }
+        if i + 1 < segs.len() && !meta.is_dir() {
+            return Err(refuse("no such file or directory"));
+        }
+    }
+    Ok((at, Some(meta)))
+}
+
+fn kind_of(meta: &Metadata) -> Option<&'static str> {
+    let t = meta.file_type();
+    if t.is_symlink() {
+        Some("symlink")
+    } else if t.is_dir() {
+        Some("directory")
+    } else if t.is_file() {
+        Some("file")
+    } else {
+        None
+    }
+}
+
+/// The entries of one directory, hidden names left out, directories first then by name.
+fn entries(dir: &Path) -> Vec<(String, Metadata)> {
+    let Ok(rd) = fs::read_dir(dir) else { return Vec::new() };
+    let mut out: Vec<(String, Metadata)> = rd
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            if HIDDEN.contains(&name.as_str()) {
+                return None;
+            }
+            let meta = fs::symlink_metadata(e.path()).ok()?;
+            kind_of(&meta)?;
+            Some((name, meta))
+        })
+        .collect();
+    out.sort_by(|(a, am), (b, bm)| bm.is_dir().cmp(&am.is_dir()).then_with(|| a.cmp(b)));
+    out
+}
+
+/// `files/structure/`: the tree under `path`, breadth first (the shallow levels are complete
+/// before a deeper one starts) until `limit` entries are listed.
+pub fn list(dir: &Path, path: &str, limit: u32) -> Result<FileStructure, FilesError> {
+    let rel = checked_path(path)?;
+    let (root, meta) = resolve(dir, &rel)?;
+    match meta {
+        None => return Err(refuse(format!("{} does not exist", display_path(&rel)))),
+        Some(m) if !m.is_dir() => return Err(refuse(format!("{} is not a directory", display_path(&rel)))),
+        Some(_) => {}
+    }
+    struct Node {
+        entry: FileEntry,
+        children: Option<Vec<usize>>,
+    }
+    let limit = limit.max(1) as usize;
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut top: Vec<usize> = Vec::new();
+    // (node whose children these are, or None for the top; its path on disk; its relative path)
+    let mut queue: VecDeque<(Option<usize>, PathBuf, String)> = VecDeque::new();
+    queue.push_back((None, root, rel));
+    let mut truncated = false;
+    'walk: while let Some((parent, disk, rel)) = queue.pop_front() {
+        let mut ids = Vec::new();
+        let found = entries(&disk);
+        for (name, meta) in found {
+            if nodes.len() >= limit {
+                truncated = true;
+                if let Some(p) = parent {
+                    nodes[p].children = Some(ids);
+                } else {
+                    top = ids;
+                }
+                break 'walk;
+            }
+            let child_rel = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            let kind = kind_of(&meta).unwrap_or("file");
+            let id = nodes.len();
+            nodes.push(Node {
+                entry: FileEntry {
+                    name: name.clone(),
+                    path: display_path(&child_rel),
+                    kind: kind.to_string(),
+                    size: (kind == "file").then(|| meta.len()),
+                    children: None,
+                },
+                children: None,
+            });
+            if kind == "directory" {
+                queue.push_back((Some(id), disk.join(&name), child_rel));
+            }
+            ids.push(id);
+        }
+        match parent {
+            Some(p) => nodes[p].children = Some(ids),
+            None => top = ids,
+        }
+    }
+    if !queue.is_empty() {
+        truncated = true;
+    }
+    fn build(nodes: &mut [Option<(FileEntry, Option<Vec<usize>>)>], id: usize) -> FileEntry {
+        let (mut entry, children) = nodes[id].take().expect("each node is built once");
+        if let Some(ids) = children {
+            entry.children = Some(ids.into_iter().map(|c| build(nodes, c)).collect());
+        }
+        entry
+    }
+    let mut slots: Vec<Option<(FileEntry, Option<Vec<usize>>)>> =
+        nodes.into_iter().map(|n| Some((n.entry, n.children))).collect();
+    let structure = top.into_iter().map(|id| build(&mut slots, id)).collect();
+    Ok(FileStructure {
+        structure,
+        truncated,
+        source: "runner".into(),
+        detail: None,
+    })
+}
+
+/// Opens a regular file without following a link, and checks that what was opened lies inside
+/// `dir` (closing the race between the checks of [`resolve`] and the open).
+fn open_inside(dir: &Path, at: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(at)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    use std::os::fd::AsRawFd;
+    let proc = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    if let Ok(real) = fs::read_link(&proc) {
+        let base = dir.canonicalize()?;
+        if !real.starts_with(&base) {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "outside the workspace"));
+        }
+    }
+    Ok(file)
+}
+
+/// Reads at most `max` bytes; `None` when the file holds more.
+fn read_bounded(file: File, max: u64) -> io::Result<Option<Vec<u8>>> {
+    let mut buf = Vec::new();
+    file.take(max + 1).read_to_end(&mut buf)?;
+    Ok((buf.len() as u64 <= max).then_some(buf))
+}
+
+fn text(bytes: Vec<u8>) -> Option<String> {
+    if bytes.contains(&0) {
+        return None;
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// `files/content/`: one text file, at most [`MAX_FILE_BYTES`].
+pub fn read(dir: &Path, path: &str) -> Result<FileContent, FilesError> {
+    let rel = checked_path(path)?;
+    let shown = display_path(&rel);
+    let (at, meta) = resolve(dir, &rel)?;
+    let meta = meta.ok_or_else(|| refuse(format!("{shown} does not exist")))?;
+    if meta.is_dir() {
+        return Err(refuse(format!("{shown} is a directory")));
+    }
+    if !meta.is_file() {
+        return Err(refuse(format!("{shown} is not a regular file")));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(refuse(format!("file is over {MAX_FILE_BYTES} bytes ({} bytes)", meta.len())));
+    }
+    let file = open_inside(dir, &at).map_err(|_| refuse(format!("{shown} could not be read")))?;
+    let bytes = read_bounded(file, MAX_FILE_BYTES)
+        .map_err(|_| refuse(format!("{shown} could not be read")))?
+        .ok_or_else(|| refuse(format!("file is over {MAX_FILE_BYTES} bytes")))?;
+    let size = bytes.len() as u64;
+    let content = text(bytes).ok_or_else(|| refuse("binary file"))?;
+    Ok(FileContent { path: shown, content, size })
+}
+
+/// Every text file under `dir` (not `.git`, no link followed), in path order. Binary files,
+/// files over [`MAX_FILE_BYTES`] and files past the snapshot's budget are listed in `omitted`;
+/// the snapshot's JSON stays under [`MAX_SNAPSHOT_BYTES`].
+pub fn snapshot(dir: &Path) -> io::Result<WorkspaceSnapshot> {
+    let mut snap = WorkspaceSnapshot::default();
+    let budget = MAX_SNAPSHOT_BYTES - OMITTED_RESERVE;
+    let mut used = 0usize;
+    let mut omitted_bytes = 0usize;
+    let mut omitted_dropped = 0usize;
+    let mut omit = |snap: &mut WorkspaceSnapshot, rel: String| {
+        let cost = rel.len() + 8;
+        if omitted_bytes + cost <= OMITTED_RESERVE / 2 {
+            omitted_bytes += cost;
+            snap.omitted.push(rel);
+        } else {
+            omitted_dropped += 1;
+        }
+    };
+    let mut stack: Vec<(PathBuf, String)> = vec![(dir.to_path_buf(), String::new())];
+    let meta = fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "the workspace is not a directory"));
+    }
+    // Depth first, names in order, so the snapshot lists files in path order.
+    while let Some((disk, rel)) = stack.pop() {
+        let mut names: Vec<(String, Metadata)> = fs::read_dir(&disk)?
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                if HIDDEN.contains(&name.as_str()) {
+                    return None;
+                }
+                Some((name, fs::symlink_metadata(e.path()).ok()?))
+            })
+            .collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut dirs = Vec::new();
+        for (name, meta) in names {
+            let child = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            if meta.is_dir() {
+                dirs.push((disk.join(&name), child));
+                continue;
+            }
+            if !meta.is_file() {
+                continue; // links and special files are not part of a snapshot
+            }
+            if meta.len() > MAX_FILE_BYTES {
+                omit(&mut snap, child);
+                continue;
+            }
+            let bytes = match open_inside(dir, &disk.join(&name)).and_then(|f| read_bounded(f, MAX_FILE_BYTES)) {
+                Ok(Some(b)) => b,
+                Ok(None) => {
+                    omit(&mut snap, child);
+                    continue;
+                }
+                Err(_) => continue, // vanished or swapped while we walked
+            };
+            let size = bytes.len() as u64;
+            let Some(content) = text(bytes) else {
+                omit(&mut snap, child);
+                continue;
+            };
+            let file = SnapshotFile { path: child, content, size };
+            let cost = serde_json::to_string(&file).map(|s| s.len() + 1).unwrap_or(usize::MAX);
+            if used.saturating_add(cost) > budget {
+                omit(&mut snap, file.path);
+                continue;
+            }
+            used += cost;
+            snap.files.push(file);
+        }
+        // Reversed so the stack pops them in name order.
+        stack.extend(dirs.into_iter().rev());
+    }
+    if omitted_dropped > 0 {
+        tracing::warn!(omitted_dropped, "the snapshot's list of omitted files is full; more were left out unlisted");
+    }
+    Ok(snap)
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+/// Writes a snapshot's files back under `dir`. Every path is checked first (and the whole
+/// snapshot refused when one is bad); no link is followed, so nothing is written outside `dir`.
+pub fn restore(dir: &Path, snap: &WorkspaceSnapshot) -> io::Result<()> {
+    let mut rels = Vec::with_capacity(snap.files.len());
+    for f in &snap.files {
+        let rel = checked_path(&f.path).map_err(|e| invalid(format!("snapshot path {:?}: {e}", f.path)))?;
+        if rel.is_empty() {
+            return Err(invalid("a snapshot file has an empty path".into()));
+        }
+        rels.push(rel);
+    }
+    fs::create_dir_all(dir)?;
+    for (rel, f) in rels.iter().zip(&snap.files) {
+        let segs: Vec<&str> = rel.split('/').collect();
+        let mut at = dir.to_path_buf();
+        for seg in &segs[..segs.len() - 1] {
+            at.push(seg);
+            match fs::symlink_metadata(&at) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(invalid(format!("snapshot path {rel:?} runs through a symbolic link")));
+                }
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return Err(invalid(format!("snapshot path {rel:?} runs through a file"))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(&at)?,
+                Err(e) => return Err(e),
+            }
+        }
+        at.push(segs[segs.len() - 1]);
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&at)
+            .map_err(|e| invalid(format!("snapshot path {rel:?} could not be written: {e}")))?;
+        out.write_all(f.content.as_bytes())?;
+    }
+    Ok(())
+}
