@@ -315,6 +315,7 @@ impl RoomStore {
                             error_message,
                             attempts: None,
                             usage: None,
+                            app: None,
                         },
                     ));
                 }

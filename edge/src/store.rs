@@ -23,7 +23,7 @@ pub fn n(v: i64) -> JsValue {
 }
 
 /// A row of `jobs`, joined with its client's name.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct JobRow {
     pub id: String,
     pub owner: String,
@@ -60,6 +60,18 @@ pub struct JobRow {
     /// JSON `UsageTotals`; `None` until a runner reports usage.
     #[serde(default)]
     pub usage: Option<String>,
+    /// An app build's idea as the user wrote it (migration 0005).
+    #[serde(default)]
+    pub initial_prompt: Option<String>,
+    /// The requirements gatherer's summary, once collecting ended.
+    #[serde(default)]
+    pub requirements_summary: Option<String>,
+    /// 1 while an app build is paused between steps.
+    #[serde(default)]
+    pub is_paused: i64,
+    /// A running app build's `AppPhase`.
+    #[serde(default)]
+    pub phase: Option<String>,
 }
 
 impl JobRow {
@@ -132,8 +144,9 @@ pub async fn insert_job(db: &D1Database, j: &JobRow) -> ApiResult<()> {
     db.prepare(
         "INSERT INTO jobs (id, owner, job_type, status, queue, prompt, title, branch_name, client_id, feature_id,
            repository_id, github_org, github_repo, base_branch, created_by_team_member_id, params, priority, attempts,
-           original_job_id, created_at, updated_at, created_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, 0, ?18, ?19, ?19, ?20)",
+           original_job_id, created_at, updated_at, created_ms, initial_prompt, requirements_summary, is_paused, phase)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, 0, ?18, ?19, ?19, ?20,
+           ?21, ?22, ?23, ?24)",
     )
     .bind(&[
         s(&j.id),
@@ -156,6 +169,10 @@ pub async fn insert_job(db: &D1Database, j: &JobRow) -> ApiResult<()> {
         opt(j.original_job_id.as_deref()),
         s(&j.created_at),
         n(j.created_ms),
+        opt(j.initial_prompt.as_deref()),
+        opt(j.requirements_summary.as_deref()),
+        n(j.is_paused),
+        opt(j.phase.as_deref()),
     ])?
     .run()
     .await?;
@@ -253,6 +270,18 @@ pub struct JobPatch {
     /// The job's usage so far (the room's totals).
     #[serde(default)]
     pub usage: Option<UsageTotals>,
+    /// An app build's columns as its room holds them (written whole with each status copy).
+    #[serde(default)]
+    pub app: Option<AppColumns>,
+}
+
+/// What a status copy writes of an app build: its phase (`NULL` clears it), whether it is paused,
+/// and its requirements summary (kept when `None`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AppColumns {
+    pub phase: Option<String>,
+    pub is_paused: bool,
+    pub requirements_summary: Option<String>,
 }
 
 pub async fn update_job_status(
@@ -270,7 +299,10 @@ pub async fn update_job_status(
            started_at = COALESCE(?4, started_at), completed_at = COALESCE(?5, completed_at),
            pr_url = COALESCE(?6, pr_url), completion_reason = COALESCE(?7, completion_reason),
            total_iterations = COALESCE(?8, total_iterations), error_message = COALESCE(?9, error_message),
-           attempts = COALESCE(?10, attempts), status_seq = ?11, usage = COALESCE(?12, usage)
+           attempts = COALESCE(?10, attempts), status_seq = ?11, usage = COALESCE(?12, usage),
+           phase = CASE WHEN ?13 = 1 THEN ?14 ELSE phase END,
+           is_paused = CASE WHEN ?13 = 1 THEN ?15 ELSE is_paused END,
+           requirements_summary = COALESCE(?16, requirements_summary)
          WHERE id = ?1 AND status_seq < ?11",
     )
     .bind(&[
@@ -286,6 +318,10 @@ pub async fn update_job_status(
         patch.attempts.map(n).unwrap_or(JsValue::NULL),
         n(status_seq as i64),
         opt(patch.usage.as_ref().and_then(|u| serde_json::to_string(u).ok()).as_deref()),
+        n(patch.app.is_some() as i64),
+        opt(patch.app.as_ref().and_then(|a| a.phase.as_deref())),
+        n(patch.app.as_ref().is_some_and(|a| a.is_paused) as i64),
+        opt(patch.app.as_ref().and_then(|a| a.requirements_summary.as_deref())),
     ])?
     .run()
     .await?;
@@ -462,4 +498,89 @@ pub async fn grants_of_user(db: &D1Database, user_id: &str, email: &str) -> ApiR
 pub async fn delete_grant(db: &D1Database, id: &str) -> ApiResult<bool> {
     let result = db.prepare("DELETE FROM grants WHERE id = ?1").bind(&[s(id)])?.run().await?;
     Ok(result.meta()?.and_then(|m| m.changes).unwrap_or(0) > 0)
+}
+
+// ---- app builds (migration 0005): written by the job's room ----
+
+/// Sets whether an app build is paused (the room's `is_paused`, copied when it changes).
+pub async fn set_job_paused(db: &D1Database, id: &str, paused: bool, now: &str) -> ApiResult<()> {
+    db.prepare("UPDATE jobs SET is_paused = ?2, updated_at = ?3 WHERE id = ?1")
+        .bind(&[s(id), n(paused as i64), s(now)])?
+        .run()
+        .await?;
+    Ok(())
+}
+
+/// The job's App: inserted with `new_id` the first time, its PRD and spec replaced after that.
+pub async fn upsert_app(
+    db: &D1Database,
+    new_id: &str,
+    job_id: &str,
+    owner: &str,
+    spec: &serde_json::Value,
+    prd_markdown: &str,
+    now: &str,
+) -> ApiResult<()> {
+    db.prepare(
+        "INSERT INTO apps (id, job_id, owner, spec, prd_markdown, prd_generated_at, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6)
+         ON CONFLICT (job_id) DO UPDATE SET spec = excluded.spec, prd_markdown = excluded.prd_markdown,
+           prd_generated_at = excluded.prd_generated_at, updated_at = excluded.updated_at",
+    )
+    .bind(&[s(new_id), s(job_id), s(owner), s(&spec.to_string()), s(prd_markdown), s(now)])?
+    .run()
+    .await?;
+    Ok(())
+}
+
+/// Replaces a job's backlog with `tickets` (in their order) in one batch.
+pub async fn replace_tickets(
+    db: &D1Database,
+    job_id: &str,
+    owner: &str,
+    tickets: &[kiln_schemas::app::Ticket],
+    now: &str,
+) -> ApiResult<()> {
+    let mut stmts = vec![db.prepare("DELETE FROM tickets WHERE job_id = ?1").bind(&[s(job_id)])?];
+    for (i, t) in tickets.iter().enumerate() {
+        stmts.push(
+            db.prepare(
+                "INSERT INTO tickets (id, job_id, owner, parent_id, type, title, description, status, assigned_to,
+                   dependencies, ordinal, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+            )
+            .bind(&[
+                s(&t.id),
+                s(job_id),
+                s(owner),
+                opt(t.parent_id.as_deref()),
+                s(t.kind.as_str()),
+                s(&t.title),
+                s(&t.description),
+                s(t.status.as_str()),
+                s(&t.assigned_to),
+                s(&serde_json::to_string(&t.dependencies)?),
+                n(i as i64),
+                s(now),
+            ])?,
+        );
+    }
+    db.batch(stmts).await?;
+    Ok(())
+}
+
+/// Sets one ticket's status (and who builds it, when known).
+pub async fn set_ticket_status(
+    db: &D1Database,
+    job_id: &str,
+    ticket_id: &str,
+    status: kiln_schemas::app::TicketStatus,
+    assigned_to: &str,
+    now: &str,
+) -> ApiResult<()> {
+    db.prepare("UPDATE tickets SET status = ?3, assigned_to = ?4, updated_at = ?5 WHERE id = ?2 AND job_id = ?1")
+        .bind(&[s(job_id), s(ticket_id), s(status.as_str()), s(assigned_to), s(now)])?
+        .run()
+        .await?;
+    Ok(())
 }

@@ -208,6 +208,7 @@ async fn submit(ctx: &Ctx, who: &Principal, job: NewJob, original_job_id: Option
         status_seq: 0,
         client_name: None,
         usage: None,
+        ..Default::default()
     };
     let db = env::db(&ctx.env)?;
     let room = env::job_room(&ctx.env, &id)?;
