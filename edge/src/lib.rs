@@ -1,6 +1,8 @@
 //! Kiln's control plane: a Cloudflare Worker. Pure logic (auth, queue) is plain Rust tested
 //! natively; the Worker entry, handlers and Durable Objects build only for wasm32.
 
+pub mod app_store;
+pub mod app_room;
 pub mod auth;
 pub mod cors;
 pub mod queue_core;
