@@ -25,6 +25,8 @@ pub struct Config {
     pub auth_limits: rate_limit::Limits,
     /// PBKDF2 iterations of new password hashes (`PASSWORD_ITERATIONS`).
     pub password_iterations: u32,
+    /// `DELETE /api/jobs/purge/` is allowed (`ALLOW_JOB_PURGE=true`; development only).
+    pub allow_job_purge: bool,
 }
 
 fn var(env: &Env, name: &str) -> Option<String> {
@@ -44,6 +46,7 @@ impl Config {
             access_ttl_secs: num(env, "ACCESS_TOKEN_TTL_SECS", 900),
             refresh_ttl_secs: num(env, "REFRESH_TOKEN_TTL_SECS", 30 * 24 * 3600),
             allow_ws_token_query: var(env, "ALLOW_WS_TOKEN_QUERY").is_some_and(|v| v == "true"),
+            allow_job_purge: var(env, "ALLOW_JOB_PURGE").is_some_and(|v| v.trim() == "true"),
             limits: Limits {
                 max_concurrent: num(env, "MAX_CONCURRENT_JOBS", 2),
                 max_per_owner: num(env, "MAX_CONCURRENT_JOBS_PER_OWNER", 0),
@@ -81,6 +84,11 @@ fn namespace(env: &Env, binding: &str) -> worker::Result<ObjectNamespace> {
 /// The JobRoom object of a job.
 pub fn job_room(env: &Env, job_id: &str) -> worker::Result<Stub> {
     namespace(env, "JOB_ROOM")?.id_from_name(job_id)?.get_stub()
+}
+
+/// The R2 bucket of artifacts (binding `ARTIFACTS`): app builds' workspace snapshots.
+pub fn artifacts(env: &Env) -> worker::Result<worker::Bucket> {
+    env.bucket("ARTIFACTS")
 }
 
 /// The Queue object of a queue.

@@ -62,12 +62,7 @@ impl ApiError {
             }
         };
         let mut resp = if with_detail {
-            #[derive(Serialize)]
-            struct WithDetail<'a> {
-                error: &'a str,
-                detail: &'a str,
-            }
-            json_status(&WithDetail { error: &msg, detail: &msg }, status)
+            drf_error(status, &msg)
         } else {
             error_response(status, &msg)
         };
@@ -76,6 +71,17 @@ impl ApiError {
         }
         resp
     }
+}
+
+/// An error answer of the `/api/` face: `{"error", "detail"}` with the same text. For statuses
+/// [`ApiError`] has no variant of (415 for a file the files API will not show).
+pub fn drf_error(status: u16, msg: &str) -> Response {
+    #[derive(Serialize)]
+    struct WithDetail<'a> {
+        error: &'a str,
+        detail: &'a str,
+    }
+    json_status(&WithDetail { error: msg, detail: msg }, status)
 }
 
 pub fn error_response(status: u16, msg: &str) -> Response {
@@ -125,7 +131,7 @@ fn strip_serde(e: &serde_json::Error) -> String {
 }
 
 /// A JSON call to a Durable Object's internal API. Answers with status ≥ 400 carrying
-/// `{"error"}` come back as the matching [`ApiError`].
+/// `{"error"}` come back as the matching [`ApiError`]; an empty answer (204) reads as `null`.
 pub async fn call<T: DeserializeOwned>(stub: &Stub, method: Method, path: &str, body: Option<&impl Serialize>) -> ApiResult<T> {
     let mut init = RequestInit::new();
     init.with_method(method);
@@ -149,9 +155,9 @@ pub async fn call<T: DeserializeOwned>(stub: &Stub, method: Method, path: &str, 
             409 => ApiError::Conflict(msg),
             413 => ApiError::TooLarge(msg),
             429 => ApiError::TooManyRequests { message: msg, retry_after_secs: 1 },
-            503 => ApiError::Unavailable(msg),
+            502..=504 => ApiError::Unavailable(msg),
             _ => ApiError::Internal(msg),
         });
     }
-    Ok(serde_json::from_str(&text)?)
+    Ok(serde_json::from_str(if text.is_empty() { "null" } else { &text })?)
 }
