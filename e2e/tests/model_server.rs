@@ -1462,3 +1462,164 @@ fn codex_writes_a_file_with_the_demo_model_and_resumes_its_thread() {
     let written = std::fs::read_to_string(dir.path().join("KILN_DEMO.md")).unwrap();
     assert!(written.contains(&format!("2. {follow}")), "{written}");
 }
+
+/// The fenced ```json block of a reply, parsed.
+fn fenced_json(text: &str) -> Value {
+    let start = text.find("```json").unwrap_or_else(|| panic!("no ```json block in {text}")) + "```json".len();
+    let end = start + text[start..].find("```").expect("the block ends");
+    serde_json::from_str(text[start..end].trim()).unwrap_or_else(|e| panic!("the block is not JSON ({e}): {text}"))
+}
+
+/// An LLM step's request as the runner sends it: `Kiln role: <role>` first in the system prompt.
+fn step_body(role: &str, user_messages: &[&str]) -> Value {
+    let mut messages = vec![];
+    for (i, m) in user_messages.iter().enumerate() {
+        if i > 0 {
+            messages.push(json!({"role": "assistant", "content": "an earlier answer"}));
+        }
+        messages.push(json!({"role": "user", "content": m}));
+    }
+    json!({"model": "kiln-demo", "max_tokens": 1024, "stream": false,
+           "system": format!("Kiln role: {role}\nYou are the {role} of an app-building team."),
+           "messages": messages})
+}
+
+#[tokio::test]
+async fn the_demo_script_answers_every_app_builder_role_and_builds_tickets_with_files() {
+    let server = ModelServer::demo();
+    let url = format!("{}/v1/messages", server.url());
+    let ask = |body: Value| {
+        let url = url.clone();
+        async move {
+            let v: Value = post_json(&url, &body).await;
+            assert_eq!(v["model"], "kiln-demo", "{v}");
+            v
+        }
+    };
+    let text = |v: &Value| {
+        v["content"].as_array().unwrap().iter().filter_map(|b| b["text"].as_str()).collect::<Vec<_>>().join("")
+    };
+    let idea = "A habit tracker for runners";
+
+    // The gatherer asks while it has heard the idea alone, then summarises quoting it.
+    let first = text(&ask(step_body("gatherer", &[idea])).await);
+    assert!(first.starts_with("[demo model]") && first.contains('?'), "{first}");
+    let (_, summary) = kiln_schemas::app::split_summary(&first);
+    assert_eq!(summary, None, "a question is no summary: {first}");
+    let second = text(&ask(step_body("gatherer", &[idea, "Runners who log a run a day"])).await);
+    let (before, summary) = kiln_schemas::app::split_summary(&second);
+    let summary = summary.unwrap_or_else(|| panic!("a summary after two user messages: {second}"));
+    assert!(summary.contains(&format!("\"{idea}\"")), "the summary quotes the idea: {summary}");
+    assert!(summary.contains("Runners who log a run a day"), "{summary}");
+    assert!(before.starts_with("[demo model]"), "{before}");
+    // Asked to summarise, it does, however short the chat.
+    let forced = text(&ask(step_body("gatherer", &[idea, "Summarise now: write REQUIREMENTS_SUMMARY."])).await);
+    assert!(kiln_schemas::app::split_summary(&forced).1.is_some_and(|s| s.contains(idea)), "{forced}");
+
+    // The executives, the last of whom agrees.
+    let ceo = text(&ask(step_body("ceo", &[idea])).await);
+    let cto = text(&ask(step_body("cto", &[idea])).await);
+    let secretary = text(&ask(step_body("secretary", &[idea])).await);
+    assert!(ceo.contains("CEO:") && cto.contains("CTO:") && secretary.contains("Secretary:"), "{ceo}\n{cto}\n{secretary}");
+    assert!(!ceo.contains("CONSENSUS") && !cto.contains("CONSENSUS") && secretary.contains("CONSENSUS"));
+
+    // The PRD: markdown, then the spec.
+    let prd = text(&ask(step_body("prd", &[&format!("Write the PRD.\n{idea}")])).await);
+    assert!(prd.contains("# Product requirements"), "{prd}");
+    let spec = fenced_json(&prd);
+    assert!(spec["name"].is_string() && spec["pages"].is_array() && spec["features"].is_array(), "{spec}");
+
+    // The backlog: an epic and two stories, the second after the first.
+    let tickets = text(&ask(step_body("tickets", &["Write the backlog."])).await);
+    let backlog = fenced_json(&tickets);
+    let parsed: Vec<kiln_schemas::app::Ticket> = backlog["tickets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            serde_json::from_value(json!({"id": t["id"], "parent_id": t["parent"], "type": t["type"], "title": t["title"],
+                "description": t["description"], "status": "todo", "dependencies": t["dependencies"]}))
+            .unwrap()
+        })
+        .collect();
+    let order: Vec<&str> =
+        kiln_schemas::app::build_order(&parsed).unwrap().into_iter().map(|i| parsed[i].id.as_str()).collect();
+    assert_eq!(order, ["S1", "S2"]);
+    assert_eq!(backlog["tickets"][2]["dependencies"], json!(["S1"]));
+
+    // A ticket build: the agent CLI is told to write the ticket's file, then says it built it.
+    let build = |id: &str, title: &str| {
+        json!({"model": "claude-sonnet-4-5", "max_tokens": 1024, "stream": false,
+               "system": [{"type": "text", "text": "You are Claude Code."}],
+               "tools": [{"name": "Write", "input_schema": {}}, {"name": "Bash", "input_schema": {}}],
+               "messages": [
+                   {"role": "user", "content": format!("<system-reminder>x</system-reminder>\nTicket: {title}\nTicket id: {id}\n\nDo it.")},
+                   {"role": "system", "content": "Primary working directory: /app"}]})
+    };
+    let mut written = vec![];
+    for (id, title, file) in [("S1", "Page skeleton", "/app/index.html"), ("S2", "List behaviour", "/app/app.js"), ("S9", "Docs", "/app/S9.md")] {
+        let body = build(id, title);
+        let answer = ask(body.clone()).await;
+        let call = answer["content"].as_array().unwrap().iter().find(|b| b["type"] == "tool_use").cloned().expect("a tool call");
+        assert_eq!(call["name"], "Write", "{answer}");
+        assert_eq!(call["input"]["file_path"], file, "{answer}");
+        let content = call["input"]["content"].as_str().unwrap().to_string();
+        assert!(content.contains(&format!("ticket {id}: {title}")) || content.contains(&format!("Ticket {id}: {title}")), "{content}");
+        written.push(content);
+        let mut messages = body["messages"].as_array().unwrap().clone();
+        messages.push(json!({"role": "assistant", "content": answer["content"]}));
+        messages.push(json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"], "content": "File created"}]}));
+        let done = text(&ask(json!({"model": "claude-sonnet-4-5", "max_tokens": 1024, "tools": body["tools"], "messages": messages})).await);
+        assert_eq!(done, format!("[demo model] Built ticket {id}: {title}."));
+    }
+    assert!(written[0].contains("<script src=\"app.js\">"), "{}", written[0]);
+
+    // The same roles over OpenAI chat completions (system messages carry the role there).
+    let o: Value = post_json(
+        &format!("{}/chat/completions", server.openai_base_url()),
+        &json!({"model": "kiln-demo", "messages": [
+            {"role": "system", "content": "Kiln role: cto\nYou are the CTO."}, {"role": "user", "content": idea}]}),
+    )
+    .await;
+    assert!(o["choices"][0]["message"]["content"].as_str().unwrap().contains("CTO:"), "{o}");
+
+    let rules: Vec<String> = server.requests().iter().filter_map(|r| r.rule.clone()).collect();
+    assert_eq!(
+        rules,
+        [
+            "demo-gatherer-question", "demo-gatherer-summary", "demo-gatherer-summary", "demo-ceo", "demo-cto",
+            "demo-secretary", "demo-prd", "demo-tickets", "demo-ticket-page", "demo-ticket-done", "demo-ticket-script",
+            "demo-ticket-done", "demo-ticket-other", "demo-ticket-done", "demo-cto"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn roles_match_exactly_and_user_messages_are_counted() {
+    let server = ModelServer::start(script(json!({"rules": [
+        {"name": "ceo", "when": {"role": "ceo"}, "text": "I am {{role}}"},
+        {"name": "two-or-more", "when": {"min_user_messages": 2}, "text": "{{prompt_count}} prompts, idea {{idea}}"},
+        {"name": "exactly-one", "when": {"user_messages": 1}, "text": "one: {{ticket_id}}/{{ticket_title}}"},
+        {"name": "fallback", "text": "none"}
+    ]})));
+    let url = format!("{}/v1/messages", server.url());
+    let answer = |body: Value| {
+        let url = url.clone();
+        async move {
+            let v: Value = post_json(&url, &body).await;
+            v["content"][0]["text"].as_str().unwrap_or_default().to_string()
+        }
+    };
+    assert_eq!(answer(step_body("ceo", &["x"])).await, "I am ceo");
+    // `role` is the whole value of the line, not a substring of it.
+    assert_eq!(answer(step_body("ceo-assistant", &["Ticket: T\nTicket id: S7"])).await, "one: S7/T");
+    let mut no_role = step_body("x", &["An idea\nmore", "b", "c"]);
+    no_role["system"] = json!("You are nobody.");
+    assert_eq!(answer(no_role).await, "3 prompts, idea An idea");
+    // Tool results alone are no user message.
+    let tool_only = json!({"model": "m", "messages": [
+        {"role": "user", "content": "only"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Bash", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}]});
+    assert_eq!(answer(tool_only).await, "one: /");
+}

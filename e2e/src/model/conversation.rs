@@ -411,6 +411,26 @@ impl Conversation {
         None
     }
 
+    /// The LLM step's role: `X` of the system prompt's line `Kiln role: X` (every step of the
+    /// runner's pipelines starts its system prompt with one), if any.
+    pub fn role(&self) -> Option<String> {
+        self.system.lines().find_map(|l| {
+            let rest = l.trim().strip_prefix("Kiln role:")?.trim();
+            (!rest.is_empty()).then(|| rest.to_string())
+        })
+    }
+
+    /// The value of the last prompt line `<label>: value` (e.g. `Ticket id: S1`), trimmed.
+    pub fn prompt_field(&self, label: &str) -> Option<String> {
+        let prefix = format!("{label}:");
+        self.prompts().iter().rev().find_map(|p| {
+            p.lines().find_map(|l| {
+                let v = l.trim().strip_prefix(prefix.as_str())?.trim();
+                (!v.is_empty()).then(|| v.to_string())
+            })
+        })
+    }
+
     /// The ralph iteration: `N` of the runner's "this is iteration N of at most M" in the prompts;
     /// 1 when no prompt says (the first iteration's prompt is the job's own).
     pub fn iteration(&self) -> u32 {

@@ -83,6 +83,8 @@
 //! | `tool_error` | whether the last tool result is an error (`is_error`) |
 //! | `iteration` | the ralph iteration: N of the runner's "this is iteration N of at most M", which every iteration's prompt after the first carries (1 when absent) |
 //! | `has_promise` | whether a prompt holds `<promise>…</promise>` |
+//! | `role` | the LLM step's role: exactly `X` of the system prompt's line `Kiln role: X` (the runner's pipeline steps start their system prompts with it: `gatherer`, `ceo`, `cto`, `secretary`, `prd`, `tickets`) |
+//! | `user_messages` / `min_user_messages` | exactly / at least N user messages with text (tool results alone are not one): a requirements chat asks until the user has answered, then summarises |
 //! | `from_match` | the rule applies from the Nth request (1-based) that reached it and met its other conditions; earlier ones fall through |
 //!
 //! Templates (`{{name}}`, unknown names left as written): `prompt`, `prompt_line` (its first
@@ -90,14 +92,18 @@
 //! `prompt_count`, `cwd` (the agent's working directory from Claude Code's environment block
 //! `Primary working directory: …` or Codex's `<cwd>…</cwd>`; `.` when absent), `turn`, `iteration`, `promise` (the text of
 //! the prompt's `<promise>…</promise>`), `model` (answered), `requested_model`, `tool_result`
-//! (the last tool result's text), `answer` (1 for the rule's first answer, 2 for its second…).
+//! (the last tool result's text), `answer` (1 for the rule's first answer, 2 for its second…),
+//! `role` (the step's `Kiln role:`), `idea` (the first prompt's first line, ≤ 200 chars: an app
+//! build's idea as its gatherer is first told it), `ticket_id` and `ticket_title` (the values of
+//! the prompt's `Ticket id: …` and `Ticket: …` lines, which every ticket build's prompt carries).
 //!
 //! Recipes:
 //! - retry: `{"error": {"status": 429, "retry_after": 1}, "fail_first": 2, "text": "ok"}`;
 //! - a promise on ralph iteration 3: `{"when": {"iteration": 3}, "text": "<promise>DONE</promise>"}`
 //!   before a rule for the other iterations; counting instead of reading the prompt:
 //!   `{"when": {"turn": 0, "from_match": 3}, …}` answers the third agent run;
-//! - a role: `{"when": {"system": "requirements gatherer"}, "text": "…"}`;
+//! - a role: `{"when": {"role": "gatherer", "min_user_messages": 2}, "text": "Thanks.\nREQUIREMENTS_SUMMARY: …"}`
+//!   before `{"when": {"role": "gatherer"}, "text": "Who is it for?"}`;
 //! - a file written by Claude Code: turn 0 `{"tool_calls": [{"name": "Write", "input":
 //!   {"file_path": "{{cwd}}/out.txt", "content": "…"}}]}`, then `{"when": {"after_tool": true},
 //!   "text": "done"}`.
@@ -105,9 +111,17 @@
 //! # The demo script
 //!
 //! [`Script::demo`] (`e2e/src/model/demo.json`, the binary's default) answers as `kiln-demo` and
-//! says so. To a request offering Claude Code's `Write` tool it answers with a `Write` of
-//! `<cwd>/KILN_DEMO.md` listing the conversation's requests (to Codex, offering `exec_command`,
-//! a `cat > <cwd>/KILN_DEMO.md` heredoc of the same text); after the tool result it answers
+//! says so (every text starts `[demo model]`). It walks an app build end to end: the `gatherer`
+//! asks one question while it has heard only the idea, then (or whenever its prompt names
+//! `REQUIREMENTS_SUMMARY`) thanks and writes `REQUIREMENTS_SUMMARY: Build "<idea>" …`; `ceo`, `cto`
+//! and `secretary` take one short turn each, the secretary's saying `CONSENSUS`; `prd` answers a
+//! small markdown PRD and the spec in a fenced `json` block (`name`, `pages`, `features`);
+//! `tickets` a backlog in one (epic `E1`, stories `S1` and `S2`, `S2` depending on `S1`). A ticket build
+//! (Claude Code, its prompt holding `Ticket id: …`) is answered with a `Write` of `<cwd>/index.html`
+//! for `S1`, `<cwd>/app.js` for `S2` (together a small list app) and `<cwd>/<id>.md` for any other
+//! ticket, then `[demo model] Built ticket <id>: <title>.`. Other agent runs: to a request
+//! offering Claude Code's `Write` tool it answers with a `Write` of `<cwd>/KILN_DEMO.md` listing
+//! the conversation's requests (to Codex, offering `exec_command`, a `cat > <cwd>/KILN_DEMO.md` heredoc of the same text); after the tool result it answers
 //! `[demo model] Wrote KILN_DEMO.md for: <prompt> (request N of this conversation)` (with the
 //! prompt's `<promise>…</promise>` repeated, so a demo ralph loop ends), or says the write failed;
 //! anything else (side requests, OpenAI chat, LLM steps) gets a labelled one-line answer.

@@ -135,6 +135,15 @@ pub struct When {
     /// Whether the prompts hold a `<promise>…</promise>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub has_promise: Option<bool>,
+    /// The LLM step's role: exactly `X` of the system prompt's line `Kiln role: X`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// Exactly this many user messages with text (prompts) in the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_messages: Option<u32>,
+    /// At least this many user messages with text (prompts) in the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_user_messages: Option<u32>,
     /// The rule applies from the Nth request (1-based) that meets its other conditions; earlier
     /// ones fall through to later rules. Counts every request that reached this rule and met them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -260,6 +269,9 @@ impl When {
             )
             && self.iteration.is_none_or(|i| i == c.iteration())
             && is(self.has_promise, c.promise().is_some())
+            && self.role.as_ref().is_none_or(|r| c.role().as_ref() == Some(r))
+            && self.user_messages.is_none_or(|n| c.prompts().len() == n as usize)
+            && self.min_user_messages.is_none_or(|n| c.prompts().len() >= n as usize)
     }
 }
 
@@ -336,6 +348,15 @@ impl TemplateVars {
             .enumerate()
             .map(|(i, p)| format!("{}. {}", i + 1, p.replace('\n', "\n   ")))
             .collect();
+        // The first prompt's first line: an app build's idea, as its gatherer is first told it.
+        let idea = prompts
+            .first()
+            .and_then(|p| p.lines().map(str::trim).find(|l| !l.is_empty()))
+            .map(|l| match l.chars().count() > 200 {
+                true => format!("{}…", l.chars().take(200).collect::<String>()),
+                false => l.to_string(),
+            })
+            .unwrap_or_default();
         let tool_result = c
             .last_tool_result()
             .map(|r| r.text.clone())
@@ -354,6 +375,10 @@ impl TemplateVars {
                 ("requested_model", c.model.clone()),
                 ("tool_result", tool_result),
                 ("answer", (answered_before + 1).to_string()),
+                ("role", c.role().unwrap_or_default()),
+                ("idea", idea),
+                ("ticket_id", c.prompt_field("Ticket id").unwrap_or_default()),
+                ("ticket_title", c.prompt_field("Ticket").unwrap_or_default()),
             ],
         }
     }
