@@ -216,6 +216,7 @@ impl Application {
             registrar,
             metrics,
             tools,
+            gatherer: crate::gather::Gatherer::new(&config.llm, config.resources.chat_concurrency),
         };
         tracing::info!(
             name = %config.name,

@@ -32,6 +32,8 @@ pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
 /// `RUNNER_TASK_IDLE_TIMEOUT`'s default: 30 min.
 pub const DEFAULT_TASK_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 pub const DEFAULT_FETCH_PARALLELISM: usize = 2;
+/// Default of `RUNNER_CHAT_CONCURRENCY`.
+pub const DEFAULT_CHAT_CONCURRENCY: usize = crate::gather::DEFAULT_CONCURRENCY;
 pub const DEFAULT_MIRROR_MAX_AGE_DAYS: u64 = 14;
 pub const DEFAULT_EVENT_BUFFER_MB: u64 = 16;
 
@@ -336,6 +338,9 @@ pub struct Resources {
     /// `RUNNER_EVENT_BUFFER_MB`, in bytes: a job's events waiting for the edge; output beyond
     /// it is dropped (and counted).
     pub event_buffer_bytes: usize,
+    /// `RUNNER_CHAT_CONCURRENCY`: app builders' gatherer turns answered at once (besides the
+    /// job slots).
+    pub chat_concurrency: usize,
 }
 
 impl Default for Resources {
@@ -344,6 +349,7 @@ impl Default for Resources {
             fetch_parallelism: DEFAULT_FETCH_PARALLELISM,
             mirror_max_age: Duration::from_secs(DEFAULT_MIRROR_MAX_AGE_DAYS * 86_400),
             event_buffer_bytes: (DEFAULT_EVENT_BUFFER_MB * 1024 * 1024) as usize,
+            chat_concurrency: DEFAULT_CHAT_CONCURRENCY,
         }
     }
 }
@@ -572,6 +578,9 @@ pub struct Args {
     /// MiB of a job's events waiting for the edge; while it is full, output lines are dropped and counted (a system line says where) [default: 16]
     #[arg(long, env = "RUNNER_EVENT_BUFFER_MB")]
     pub event_buffer_mb: Option<u64>,
+    /// App builders' requirements-gatherer turns (LLM calls that hold no job slot) answered at once; more wait for a turn [default: 4]
+    #[arg(long, env = "RUNNER_CHAT_CONCURRENCY")]
+    pub chat_concurrency: Option<usize>,
     /// Docker daemon address [default: unix:///var/run/docker.sock]
     #[arg(long, env = "DOCKER_HOST")]
     pub docker_host: Option<String>,
@@ -622,6 +631,7 @@ pub struct FileSettings {
     pub runner_fetch_parallelism: Option<usize>,
     pub runner_mirror_max_age_days: Option<u64>,
     pub runner_event_buffer_mb: Option<u64>,
+    pub runner_chat_concurrency: Option<usize>,
     pub docker_host: Option<String>,
     pub runner_container_user: Option<String>,
     pub runner_llm_model: Option<String>,
@@ -944,10 +954,18 @@ impl Config {
         if event_buffer_mb < 1 {
             return Err(invalid("RUNNER_EVENT_BUFFER_MB", "must be at least 1"));
         }
+        let chat_concurrency = args
+            .chat_concurrency
+            .or(file.runner_chat_concurrency)
+            .unwrap_or(DEFAULT_CHAT_CONCURRENCY);
+        if chat_concurrency < 1 {
+            return Err(invalid("RUNNER_CHAT_CONCURRENCY", "must be at least 1"));
+        }
         let resources = Resources {
             fetch_parallelism,
             mirror_max_age: Duration::from_secs(mirror_max_age_days * 86_400),
             event_buffer_bytes: (event_buffer_mb * 1024 * 1024) as usize,
+            chat_concurrency,
         };
 
         let mounts = match non_empty(args.mounts.or(file.runner_mounts)) {
@@ -1629,6 +1647,7 @@ mod tests {
             "RUNNER_FETCH_PARALLELISM",
             "RUNNER_MIRROR_MAX_AGE_DAYS",
             "RUNNER_EVENT_BUFFER_MB",
+            "RUNNER_CHAT_CONCURRENCY",
             "RUNNER_LLM_MODEL",
             "DOCKER_HOST",
         ] {

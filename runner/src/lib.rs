@@ -13,6 +13,7 @@ pub mod docker;
 pub mod edge;
 pub mod executor;
 pub mod files;
+pub mod gather;
 pub mod github;
 pub mod health;
 pub mod isolation;

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use kiln_schemas::runner::{EdgeMessage, RepoResult, RunnerMessage, RunnerRequest, RunnerTools};
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -23,6 +24,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::{connect_url, EdgeClient, Registrar};
 use crate::backoff::Backoff;
+use crate::files;
+use crate::gather::Gatherer;
 use crate::jobs::{CancelToken, JobControl, Supervisor};
 use crate::metrics::Metrics;
 use crate::workspace::{RepoRef, Workspaces};
@@ -109,6 +112,8 @@ pub struct Session {
     pub metrics: Arc<Metrics>,
     /// What `hello` reports of the agent CLI and git (`crate::tools`).
     pub tools: RunnerTools,
+    /// Answers the app builder's gatherer turns.
+    pub gatherer: Gatherer,
 }
 
 impl Session {
@@ -120,6 +125,7 @@ impl Session {
             shutdown.clone(),
         ));
         self.keep_connected(shutdown).await;
+        self.gatherer.shutdown();
         watchdog.abort();
     }
 
@@ -339,11 +345,16 @@ impl Session {
                 request_id,
                 request,
             } => {
-                let workspaces = self.workspaces.clone();
+                // Off the socket loop: a model call or a slow fetch never holds up heartbeats
+                // or assignments.
+                let answering = Answering {
+                    workspaces: self.workspaces.clone(),
+                    supervisor: self.supervisor.clone(),
+                    gatherer: self.gatherer.clone(),
+                };
                 let replies = replies.clone();
                 tokio::spawn(async move {
-                    let results = answer_request(&workspaces, &request).await;
-                    let result = serde_json::to_value(results).expect("repo results serialize");
+                    let result = answering.answer(request).await;
                     let _ = replies.send(RunnerMessage::Reply { request_id, result });
                 });
             }
@@ -416,13 +427,74 @@ fn encode(msg: &RunnerMessage) -> Message {
     )
 }
 
+/// What a request's answer needs.
+#[derive(Clone)]
+pub struct Answering {
+    pub workspaces: Arc<Workspaces>,
+    pub supervisor: Supervisor,
+    pub gatherer: Gatherer,
+}
+
+fn error_reply(message: impl std::fmt::Display) -> Value {
+    json!({ "error": message.to_string() })
+}
+
+impl Answering {
+    /// The reply to any request: repository results, a gatherer turn, a listing or a file, or
+    /// `{"error"}`.
+    pub async fn answer(&self, request: RunnerRequest) -> Value {
+        match request {
+            RunnerRequest::Sync { .. } | RunnerRequest::Clone { .. } => {
+                let results = answer_request(&self.workspaces, &request).await;
+                serde_json::to_value(results).expect("repo results serialize")
+            }
+            RunnerRequest::Gather(req) => match self.gatherer.answer(&req).await {
+                Ok(reply) => serde_json::to_value(reply).expect("gather replies serialize"),
+                Err(e) => error_reply(e),
+            },
+            RunnerRequest::ListFiles {
+                job_id,
+                path,
+                limit,
+            } => {
+                self.in_workspace(&job_id, move |dir| {
+                    files::list(dir, &path, limit).map(|s| serde_json::to_value(s).expect("listings serialize"))
+                })
+                .await
+            }
+            RunnerRequest::ReadFile { job_id, path } => {
+                self.in_workspace(&job_id, move |dir| {
+                    files::read(dir, &path).map(|c| serde_json::to_value(c).expect("files serialize"))
+                })
+                .await
+            }
+        }
+    }
+
+    /// Runs `f` on the worktree of a job this runner holds, off the async threads.
+    async fn in_workspace<F>(&self, job_id: &str, f: F) -> Value
+    where
+        F: FnOnce(&std::path::Path) -> Result<Value, files::FilesError> + Send + 'static,
+    {
+        if !self.supervisor.held().iter().any(|h| h.job_id == job_id) {
+            return error_reply("this runner does not hold the job");
+        }
+        let dir = self.workspaces.worktree_path(job_id);
+        match tokio::task::spawn_blocking(move || f(&dir)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => error_reply(e),
+            Err(_) => error_reply("reading the workspace failed"),
+        }
+    }
+}
+
 /// Carries out a repository request: every listed repository's mirror is created if missing and
 /// fetched. Repositories are handled concurrently; each gets its own result.
 pub async fn answer_request(workspaces: &Workspaces, request: &RunnerRequest) -> Vec<RepoResult> {
     let (repos, with_path) = match request {
         RunnerRequest::Sync { repos } => (repos, false),
         RunnerRequest::Clone { repos } => (repos, true),
-        // Answered by the pipeline module (the app builder lands in steps).
+        // Not repository work: `Answering::answer` handles them.
         RunnerRequest::Gather(_) | RunnerRequest::ListFiles { .. } | RunnerRequest::ReadFile { .. } => return vec![],
     };
     let work = repos.iter().map(|spec| async move {
