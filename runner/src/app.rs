@@ -58,6 +58,8 @@ pub enum StartError {
     },
     #[error("the health API failed: {0}")]
     Serve(#[source] std::io::Error),
+    #[error("the LLM client: {0}")]
+    Llm(#[source] crate::llm::LlmError),
 }
 
 pub struct Application {
@@ -168,6 +170,7 @@ impl Application {
             metrics: metrics.clone(),
             limits: config.job_limits,
             event_buffer_bytes: config.resources.event_buffer_bytes,
+            llm: crate::llm::LlmClient::new(config.llm.clone()).map_err(StartError::Llm)?,
         });
         let supervisor = Supervisor::new(services, config.max_concurrent_jobs);
 

@@ -21,6 +21,7 @@ pub mod jobs;
 pub mod llm;
 pub mod metrics;
 pub mod output;
+pub mod pipeline;
 pub mod reporter;
 pub mod state;
 pub mod tools;

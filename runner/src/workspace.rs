@@ -1,5 +1,6 @@
 //! Git workspaces: a bare mirror per repository at `REPOS_DIR/<org>/<repo>.git`, and a worktree per
-//! job at `WORKTREES_DIR/<job_id>` on the job's branch. Every git operation on a mirror (fetch,
+//! job at `WORKTREES_DIR/<job_id>` on the job's branch (an app build's is a new repository of its
+//! own there, its git directory beside it at `<job_id>.git`). Every git operation on a mirror (fetch,
 //! worktree add and remove, commit, push) holds that mirror's lock, so concurrent jobs on one
 //! repository never race on its refs. User-supplied names are validated and never reach git as
 //! options. Commands inside a worktree name its git directory explicitly, so a `.git` file the
@@ -25,6 +26,10 @@ pub const AUTHOR_EMAIL: &str = "kiln@localhost";
 pub const LAST_USED_FILE: &str = "kiln-last-used";
 /// Suffix of a ralph job's progress notes beside its worktree.
 const PROGRESS_SUFFIX: &str = ".progress.md";
+/// Suffix of an app build's git directory beside its workspace (out of the agent's reach).
+const APP_GIT_SUFFIX: &str = ".git";
+/// The owner an app build's workspace is locked under (its repository is the job's own).
+const APP_OWNER: &str = "kiln-app";
 
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
@@ -181,6 +186,9 @@ pub struct Worktree {
     pub branch: String,
     /// The branch the work started from and the pull request targets.
     pub base_branch: String,
+    /// A repository of its own (an app build's), not a worktree of a mirror: nothing is
+    /// fetched or pushed, and removing it removes its git directory.
+    pub standalone: bool,
 }
 
 impl Worktree {
@@ -465,7 +473,85 @@ impl Workspaces {
             git_dir,
             branch: branch.to_string(),
             base_branch,
+            standalone: false,
         })
+    }
+
+    /// An app build's workspace: a new git repository at `WORKTREES_DIR/<job_id>` (no remote),
+    /// its git directory beside it at `<job_id>.git` so the agent in the sandbox can neither
+    /// see nor rewrite it. A leftover of the same job is replaced.
+    pub async fn create_app_workspace(&self, job_id: &str) -> Result<Worktree, GitError> {
+        if !is_job_id(job_id) {
+            return Err(GitError::Invalid(format!(
+                "{job_id:?} is not a valid job id"
+            )));
+        }
+        let repo = RepoRef::new(APP_OWNER, job_id)?;
+        let _guard = self.lock(&repo).await;
+        tokio::fs::create_dir_all(&self.worktrees_dir)
+            .await
+            .map_err(io_err(format!("creating {}", self.worktrees_dir.display())))?;
+        let path = self.worktree_path(job_id);
+        let git_dir = self
+            .worktrees_dir
+            .join(format!("{job_id}{APP_GIT_SUFFIX}"));
+        for old in [&path, &git_dir] {
+            if old.exists() {
+                tokio::fs::remove_dir_all(old)
+                    .await
+                    .map_err(io_err(format!("removing {}", old.display())))?;
+            }
+        }
+        tokio::fs::create_dir_all(&path)
+            .await
+            .map_err(io_err(format!("creating {}", path.display())))?;
+        let gd = git_dir.to_string_lossy();
+        self.git
+            .run(
+                &self.worktrees_dir,
+                &["init", "--quiet", "--bare", "--initial-branch=main", "--", &gd],
+            )
+            .await?;
+        Ok(Worktree {
+            repo,
+            path,
+            git_dir,
+            branch: "main".into(),
+            base_branch: "main".into(),
+            standalone: true,
+        })
+    }
+
+    /// Commits the worktree as it is, even when nothing changed (an app build's ticket is one
+    /// commit whatever its agent did).
+    pub async fn commit_allow_empty(
+        &self,
+        wt: &Worktree,
+        message: &str,
+    ) -> Result<String, GitError> {
+        if let Some(sha) = self.commit_all(wt, message).await? {
+            return Ok(sha);
+        }
+        let _guard = self.lock(&wt.repo).await;
+        self.in_worktree(
+            wt,
+            &["commit", "--quiet", "--no-verify", "--allow-empty", "-m", message],
+        )
+        .await?;
+        let sha = self.in_worktree(wt, &["rev-parse", "HEAD"]).await?;
+        Ok(sha.trim().to_string())
+    }
+
+    /// `git log` of the worktree's branch: (sha, subject), newest first.
+    pub async fn log(&self, wt: &Worktree) -> Result<Vec<(String, String)>, GitError> {
+        let out = self
+            .in_worktree(wt, &["log", "--format=%H %s", "HEAD"])
+            .await?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(h, s)| (h.to_string(), s.to_string()))
+            .collect())
     }
 
     async fn in_worktree(&self, wt: &Worktree, args: &[&str]) -> Result<String, GitError> {
@@ -518,9 +604,22 @@ impl Workspaces {
         Ok(())
     }
 
-    /// Removes the worktree and its local branch (the remote keeps what was pushed).
+    /// Removes the worktree and its local branch (the remote keeps what was pushed); an app
+    /// build's workspace goes with its git directory.
     pub async fn remove_worktree(&self, wt: &Worktree) {
         let _guard = self.lock(&wt.repo).await;
+        if wt.standalone {
+            for dir in [&wt.path, &wt.git_dir] {
+                if let Err(e) = tokio::fs::remove_dir_all(dir).await {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(path = %dir.display(), error = %e, "could not delete an app workspace");
+                    }
+                }
+            }
+            drop(_guard);
+            self.locks.lock().unwrap().remove(&wt.repo);
+            return;
+        }
         let mirror = self.mirror_path(&wt.repo);
         self.remove_locked(&mirror, &wt.path, Some(&wt.branch))
             .await;
@@ -564,7 +663,10 @@ impl Workspaces {
             };
             for e in entries.filter_map(Result::ok) {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let job = name.strip_suffix(PROGRESS_SUFFIX).unwrap_or(&name);
+                let job = name
+                    .strip_suffix(PROGRESS_SUFFIX)
+                    .or_else(|| name.strip_suffix(APP_GIT_SUFFIX))
+                    .unwrap_or(&name);
                 if name.starts_with('.') || !is_job_id(job) || held.iter().any(|h| h == job) {
                     continue;
                 }

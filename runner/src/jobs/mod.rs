@@ -1,12 +1,15 @@
 //! The jobs this runner holds: the table the edge's messages act on (assign, cancel, deliver,
 //! complete, stop), the capacity limit, and what heartbeats report.
 
+mod app_build;
 mod code;
 mod ralph;
 mod run;
 mod task;
 
+pub use app_build::{fenced_json, parse_backlog, parse_prd, ticket_prompt};
 pub use ralph::{build_prompt, progress_entry};
+pub(crate) use run::{CommandResult, JobRun};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +25,7 @@ use crate::config::{AgentProfile, JobLimits};
 use crate::edge::EdgeClient;
 use crate::executor::Executor;
 use crate::github::GithubClient;
+use crate::llm::LlmClient;
 use crate::metrics::Metrics;
 use crate::workspace::{RepoRef, Workspaces};
 
@@ -41,6 +45,8 @@ pub struct JobServices {
     pub limits: JobLimits,
     /// `RUNNER_EVENT_BUFFER_MB`, in bytes: each job's buffer of events not yet posted.
     pub event_buffer_bytes: usize,
+    /// The LLM client of pipeline jobs' steps (`[llm]`; its budget is every job's).
+    pub llm: LlmClient,
 }
 
 impl JobServices {

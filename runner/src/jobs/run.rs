@@ -66,6 +66,7 @@ pub(super) async fn run_job(
         sink,
         worktree: None,
         sandbox: None,
+        cancel: cancel.clone(),
     };
     let finished = tokio::select! {
         f = job.execute(controls) => Some(f),
@@ -176,7 +177,7 @@ pub(super) fn failed(message: impl Into<String>) -> RunnerEvent {
 }
 
 /// What an agent run or command produced.
-pub(super) struct CommandResult {
+pub(crate) struct CommandResult {
     /// `None` when the command could not be run or its exit code is unknown.
     pub exit_code: Option<i32>,
     pub error: Option<String>,
@@ -214,7 +215,7 @@ impl CommandResult {
 
 /// The edge's messages for a job, noted while its commands run.
 #[derive(Debug, Default)]
-pub(super) struct Inbox {
+pub(crate) struct Inbox {
     /// Ralph: stop after the current iteration.
     pub stop: bool,
     /// Task: follow-up messages not yet given to the agent, oldest first.
@@ -251,19 +252,21 @@ impl Inbox {
 }
 
 /// Published work.
-pub(super) enum Published {
+pub(crate) enum Published {
     NothingToCommit,
     PullRequest(String),
     /// The branch is pushed but no pull request was opened; the text says where and why.
     BranchOnly(String),
 }
 
-pub(super) struct JobRun {
+pub(crate) struct JobRun {
     pub services: Arc<JobServices>,
     pub assignment: Assignment,
     pub sink: EventSink,
     pub worktree: Option<Worktree>,
     pub sandbox: Option<Arc<dyn Sandbox>>,
+    /// The job's cancel token (LLM steps abort their calls with it).
+    pub cancel: CancelToken,
 }
 
 impl JobRun {
@@ -284,6 +287,9 @@ impl JobRun {
                 ),
             })
             .await;
+        if a.job_type == JobType::AppBuild {
+            return super::app_build::run(self, controls).await;
+        }
         let repo = match RepoRef::new(&a.github_org, &a.github_repo) {
             Ok(r) => r,
             Err(e) => return failed(e.to_string()),
@@ -317,15 +323,39 @@ impl JobRun {
             .await;
         let path = wt.path.clone();
         self.worktree = Some(wt);
+        if let Err(f) = self.prepare_sandbox(&path).await {
+            return f;
+        }
 
+        let this = &*self;
+        let handler = async move {
+            match this.assignment.job_type {
+                JobType::Code => this.run_code().await,
+                JobType::Task => this.run_task(controls).await,
+                JobType::Ralph => this.run_ralph(controls).await,
+                JobType::AppBuild => unreachable!("app builds are run before the worktree"),
+            }
+        };
+        // Handlers check the worktree after every command; this catches one that grows it while
+        // a long command runs.
+        tokio::select! {
+            f = handler => f,
+            over = this.watch_workspace() => failed(over),
+        }
+    }
+
+    /// Creates the job's sandbox over `path` (saying so, and whether the agent is on the demo
+    /// model); the `finished` event of a failed job when it cannot be made.
+    pub async fn prepare_sandbox(&mut self, path: &std::path::Path) -> Result<(), RunnerEvent> {
+        let s = self.services.clone();
         let t = Instant::now();
-        let sandbox = match s.executor.create_sandbox(&a.job_id, &path).await {
+        let sandbox = match s.executor.create_sandbox(self.job_id(), path).await {
             Ok(sb) => Arc::from(sb),
             Err(e) => {
-                return failed(format!(
+                return Err(failed(format!(
                     "Creating the {} sandbox failed: {e}",
                     s.executor.kind().as_str()
-                ))
+                )))
             }
         };
         self.sandbox = Some(sandbox);
@@ -344,22 +374,7 @@ impl JobRun {
                 ))
                 .await;
         }
-
-        let this = &*self;
-        let handler = async move {
-            match this.assignment.job_type {
-                JobType::Code => this.run_code().await,
-                JobType::Task => this.run_task(controls).await,
-                JobType::Ralph => this.run_ralph(controls).await,
-                JobType::AppBuild => failed("This runner does not build apps yet"),
-            }
-        };
-        // Handlers check the worktree after every command; this catches one that grows it while
-        // a long command runs.
-        tokio::select! {
-            f = handler => f,
-            over = this.watch_workspace() => failed(over),
-        }
+        Ok(())
     }
 
     /// The worktree's size (apparent bytes, symbolic links not followed).
@@ -385,7 +400,7 @@ impl JobRun {
     }
 
     /// Resolves (with the message) once the worktree is over its limit; checked every 15 s.
-    async fn watch_workspace(&self) -> String {
+    pub async fn watch_workspace(&self) -> String {
         let mut tick = tokio::time::interval(Duration::from_secs(15));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;

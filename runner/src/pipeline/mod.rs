@@ -1,0 +1,423 @@
+//! The pipeline engine: one small engine every pipeline kind (the app builder now, landing pages
+//! and the dashboard's tasks next) runs its steps through. A kind is a module that decides which
+//! steps to run and what their answers mean; the engine runs each step the same way:
+//!
+//! - **Between steps** it honours pause and cancellation: a `pause` from the edge (or a job
+//!   dispatched paused) makes the next step wait, saying so in a system line, until `resume`;
+//!   a cancel ends the wait at once (the job's task is then dropped by its supervisor).
+//! - **Every step's start and end** is a system line of the job's log, numbered.
+//! - **LLM steps** ([`Pipeline::llm`]): a role, a system prompt (the engine writes its first line,
+//!   `Kiln role: <role>`), messages → the model's streamed text through the runner's one
+//!   [`LlmClient`]; every call's usage is a `usage` event and a system line (provider, model,
+//!   tokens, latency, cost, the engine's own overhead), and the job's [`Meter`] enforces its
+//!   budget (over it: [`StepError::Budget`], and the job ends `failed` naming it). The kind's
+//!   `accept` turns the text into its value and events; an answer it cannot use is asked for
+//!   again with the reason (as many times as the step allows), then fails the step.
+//! - **Agent runs and commands** ([`Pipeline::agent`], [`Pipeline::command`]) run in the job's
+//!   sandbox through the job's own machinery (`JobRun::run_agent`, the runner's agent profile).
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use kiln_schemas::runner::{RunnerEvent, UsageReport};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::jobs::{CancelToken, CommandResult, JobControl, JobRun};
+use crate::llm::{Budget, ChatRequest, LlmClient, LlmError, Message, Meter, StepUsage, TextEvent};
+use crate::reporter::EventSink;
+
+/// Why a step could not give its kind what it needed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepError {
+    /// The job's LLM budget is spent: the job ends `failed` with this reason.
+    Budget(String),
+    /// The step failed (the model could not be reached, its answer could not be used).
+    Failed(String),
+}
+
+impl StepError {
+    pub fn message(&self) -> &str {
+        match self {
+            StepError::Budget(m) | StepError::Failed(m) => m,
+        }
+    }
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+/// One LLM step.
+#[derive(Debug, Clone)]
+pub struct LlmStep {
+    /// What the log calls it (`CEO, round 1`).
+    pub name: String,
+    /// `[llm.roles]` key and the system prompt's `Kiln role:` line.
+    pub role: String,
+    /// The system prompt after the role line.
+    pub system: String,
+    pub messages: Vec<Message>,
+    /// Answers asked for in all when the kind cannot use one (1: no second try).
+    pub attempts: u32,
+}
+
+impl LlmStep {
+    pub fn new(name: impl Into<String>, role: impl Into<String>, system: impl Into<String>, prompt: impl Into<String>) -> LlmStep {
+        LlmStep {
+            name: name.into(),
+            role: role.into(),
+            system: system.into(),
+            messages: vec![Message::user(prompt)],
+            attempts: 1,
+        }
+    }
+
+    pub fn attempts(mut self, n: u32) -> LlmStep {
+        self.attempts = n.max(1);
+        self
+    }
+}
+
+/// The system prompt of a role: `Kiln role: <role>`, then the step's own.
+pub fn system_prompt(role: &str, system: &str) -> String {
+    format!("Kiln role: {role}\n{system}")
+}
+
+/// The engine's own time in one LLM call, the model server's latency subtracted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Overhead {
+    /// Step start → first text delta, less the provider's time to its first byte.
+    pub before_first_token_us: u64,
+    /// Last text delta → the step's events handed to the reporter, less the provider's time
+    /// from its last text to the end of its stream.
+    pub after_last_token_us: u64,
+}
+
+impl Overhead {
+    /// How the engine writes it in the step's system line (the benchmark reads it back).
+    pub fn describe(&self) -> String {
+        format!(
+            "engine overhead {} us before the first token, {} us after the last",
+            self.before_first_token_us, self.after_last_token_us
+        )
+    }
+
+    /// Reads [`Overhead::describe`]'s text out of a log line.
+    pub fn parse(line: &str) -> Option<Overhead> {
+        let rest = line.split("engine overhead ").nth(1)?;
+        let mut nums = rest.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
+        Some(Overhead {
+            before_first_token_us: nums.next()?.parse().ok()?,
+            after_last_token_us: nums.next()?.parse().ok()?,
+        })
+    }
+}
+
+/// A pipeline job's engine: its event sink, the LLM client and the job's meter, the edge's
+/// pause/resume messages and the job's cancel token.
+pub struct Pipeline {
+    sink: EventSink,
+    llm: LlmClient,
+    meter: Mutex<Meter>,
+    cancel: CancelToken,
+    controls: mpsc::UnboundedReceiver<JobControl>,
+    paused: bool,
+    steps: u32,
+    overheads: Vec<Overhead>,
+}
+
+impl Pipeline {
+    pub fn new(
+        sink: EventSink,
+        llm: LlmClient,
+        budget: Budget,
+        cancel: CancelToken,
+        controls: mpsc::UnboundedReceiver<JobControl>,
+        paused: bool,
+    ) -> Pipeline {
+        Pipeline {
+            sink,
+            llm,
+            meter: Mutex::new(Meter::new(budget)),
+            cancel,
+            controls,
+            paused,
+            steps: 0,
+            overheads: Vec::new(),
+        }
+    }
+
+    pub fn sink(&self) -> &EventSink {
+        &self.sink
+    }
+
+    /// Every LLM call's overhead so far, in order.
+    pub fn overheads(&self) -> &[Overhead] {
+        &self.overheads
+    }
+
+    /// Hands an event to the reporter.
+    pub fn emit(&self, event: RunnerEvent) {
+        self.sink.push(event);
+    }
+
+    pub fn system(&self, line: impl Into<String>) {
+        self.emit(RunnerEvent::Log {
+            stream: kiln_schemas::events::LogStream::System,
+            content: line.into(),
+        });
+    }
+
+    /// A narration: a `stageUpdate` from Kiln with `metadata.type = "description"`.
+    pub fn narrate(&self, text: impl Into<String>) {
+        self.emit(RunnerEvent::Stage {
+            role: "system".into(),
+            sender: "Kiln".into(),
+            content: text.into(),
+            metadata: json!({"type": "description"}),
+        });
+    }
+
+    fn note(&mut self, control: JobControl) {
+        match control {
+            JobControl::Pause if !self.paused => {
+                self.paused = true;
+                self.system("Pause requested: the job pauses when the running step ends");
+            }
+            JobControl::Resume if self.paused => self.paused = false,
+            JobControl::Pause | JobControl::Resume => {}
+            other => tracing::debug!(?other, "a message a pipeline does not take; ignored"),
+        }
+    }
+
+    /// The point between two steps: takes the edge's pause/resume messages and, while paused,
+    /// waits (saying so) until resumed or cancelled.
+    pub async fn checkpoint(&mut self, next: &str) {
+        while let Ok(c) = self.controls.try_recv() {
+            self.note(c);
+        }
+        if !self.paused {
+            return;
+        }
+        self.system(format!("Paused: the job waits for resume before {next}"));
+        let t = Instant::now();
+        while self.paused {
+            tokio::select! {
+                c = self.controls.recv() => match c {
+                    Some(c) => self.note(c),
+                    // The supervisor is gone: nothing can resume the job.
+                    None => std::future::pending().await,
+                },
+                _ = self.cancel.cancelled() => return,
+            }
+        }
+        self.system(format!(
+            "Resumed after {} s: going on with {next}",
+            t.elapsed().as_secs()
+        ));
+    }
+
+    /// Numbers the next step, waits at the checkpoint, logs its start.
+    async fn begin(&mut self, kind: &str, name: &str) -> u32 {
+        self.checkpoint(name).await;
+        self.steps += 1;
+        self.system(format!("Step {} ({kind}) started: {name}", self.steps));
+        self.steps
+    }
+
+    fn end(&self, n: u32, name: &str, t: Instant, outcome: &str) {
+        self.system(format!(
+            "Step {n} ended in {} ms: {name}: {outcome}",
+            t.elapsed().as_millis()
+        ));
+    }
+
+    /// Runs an LLM step. `accept` turns the answer's text into the kind's value and the events
+    /// that announce it (handed to the reporter at once), or says why the text cannot be used:
+    /// then the model is asked again with that reason, up to `step.attempts` answers.
+    pub async fn llm<T>(
+        &mut self,
+        step: LlmStep,
+        mut accept: impl FnMut(&str) -> Result<(T, Vec<RunnerEvent>), String>,
+    ) -> Result<T, StepError> {
+        let n = self.begin(&format!("LLM, role {}", step.role), &step.name).await;
+        let t = Instant::now();
+        let mut messages = step.messages.clone();
+        let mut last_reason = String::new();
+        for attempt in 1..=step.attempts.max(1) {
+            let req = ChatRequest {
+                system: Some(system_prompt(&step.role, &step.system)),
+                messages: messages.clone(),
+                ..ChatRequest::for_role(step.role.clone())
+            };
+            let started = Instant::now();
+            let mut first: Option<Instant> = None;
+            let mut last: Option<Instant> = None;
+            let result = self
+                .llm
+                .complete(&req, &self.meter, &self.cancel, |ev| match ev {
+                    TextEvent::Delta(_) => {
+                        let now = Instant::now();
+                        first.get_or_insert(now);
+                        last = Some(now);
+                    }
+                    TextEvent::Restart { .. } => {
+                        first = None;
+                        last = None;
+                    }
+                })
+                .await;
+            let done = match result {
+                Ok(done) => done,
+                Err(LlmError::Budget { exceeded, usage }) => {
+                    if let Some(u) = usage {
+                        self.report_usage(&step.role, &u, None);
+                    }
+                    let reason = exceeded.reason.clone();
+                    self.end(n, &step.name, t, &reason);
+                    return Err(StepError::Budget(reason));
+                }
+                Err(e) => {
+                    let reason = format!("the {} step's model call failed: {e}", step.role);
+                    self.end(n, &step.name, t, &reason);
+                    return Err(StepError::Failed(reason));
+                }
+            };
+            match accept(&done.text) {
+                Ok((value, events)) => {
+                    for ev in events {
+                        self.sink.push(ev);
+                    }
+                    let handed = Instant::now();
+                    let overhead = overhead(&done.usage, started, first, last, handed);
+                    self.overheads.push(overhead);
+                    self.report_usage(&step.role, &done.usage, Some(overhead));
+                    self.end(n, &step.name, t, "done");
+                    return Ok(value);
+                }
+                Err(reason) => {
+                    self.report_usage(&step.role, &done.usage, None);
+                    last_reason = reason;
+                    if attempt < step.attempts {
+                        self.system(format!(
+                            "Step {n}: the answer could not be used ({last_reason}); asking again"
+                        ));
+                        messages.push(Message::assistant(done.text));
+                        messages.push(Message::user(format!(
+                            "Your answer could not be used: {last_reason}. Answer again, in exactly the format asked for."
+                        )));
+                    }
+                }
+            }
+        }
+        let reason = format!(
+            "the {} step's answer could not be used after {} tries: {last_reason}",
+            step.role,
+            step.attempts.max(1)
+        );
+        self.end(n, &step.name, t, &reason);
+        Err(StepError::Failed(reason))
+    }
+
+    fn report_usage(&self, role: &str, u: &StepUsage, overhead: Option<Overhead>) {
+        let cost = u
+            .cost_usd
+            .map(|c| format!(", ${c:.4}"))
+            .unwrap_or_default();
+        let first = u
+            .first_token_ms
+            .map(|f| format!(", first token at {f} ms"))
+            .unwrap_or_default();
+        let estimated = if u.usage_estimated { " (estimated)" } else { "" };
+        let overhead = overhead
+            .map(|o| format!("; {}", o.describe()))
+            .unwrap_or_default();
+        self.system(format!(
+            "LLM {role}: {}/{} answered as {}, {} in / {} out tokens{estimated}, {} ms{first}{cost}, {} attempt(s){overhead}",
+            u.provider, u.requested_model, u.model, u.input_tokens, u.output_tokens, u.latency_ms, u.attempts
+        ));
+        self.emit(RunnerEvent::Usage {
+            usage: UsageReport {
+                source: role.to_string(),
+                model: Some(u.model.clone()),
+                input_tokens: u.input_tokens,
+                output_tokens: u.output_tokens,
+                cached_tokens: 0,
+                cost_usd: u.cost_usd,
+            },
+        });
+    }
+
+    /// Runs the job's agent once in its sandbox with `prompt` (`ITERATION` = `iteration`).
+    pub(crate) async fn agent(&mut self, job: &JobRun, name: &str, prompt: &str, iteration: u32) -> CommandResult {
+        let n = self.begin("agent", name).await;
+        let t = Instant::now();
+        let r = job.run_agent(prompt, iteration, None, None, None).await;
+        let outcome = if r.succeeded() { "done".to_string() } else { r.failure("the agent") };
+        self.end(n, name, t, &outcome);
+        r
+    }
+
+    /// Runs a command in the job's sandbox.
+    #[allow(dead_code)] // no kind runs a bare command yet; the landing-page kind's build will
+    pub(crate) async fn command(&mut self, job: &JobRun, name: &str, command: &str, iteration: u32) -> CommandResult {
+        let n = self.begin("command", name).await;
+        let t = Instant::now();
+        let r = job.run_command(command, iteration, None).await;
+        let outcome = if r.succeeded() { "done".to_string() } else { r.failure("the command") };
+        self.end(n, name, t, &outcome);
+        r
+    }
+}
+
+/// The engine's time in a call: `started` (the step's call began) to the first delta less the
+/// provider's time to its first byte, and the last delta to `handed` less the provider's time
+/// from its last text to its stream's end. Microseconds of the client's marks are since its
+/// own start, which follows `started` by the few instructions between them.
+fn overhead(
+    u: &StepUsage,
+    started: Instant,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    handed: Instant,
+) -> Overhead {
+    let tm = &u.timing;
+    let before = first.map_or(0, |f| {
+        let seen = f.duration_since(started).as_micros() as u64;
+        let server = tm.first_byte_us.unwrap_or(tm.headers_us).saturating_sub(tm.request_us);
+        seen.saturating_sub(server)
+    });
+    let after = last.map_or(0, |l| {
+        let seen = handed.duration_since(l).as_micros() as u64;
+        let server = tm.done_us.saturating_sub(tm.last_token_us.unwrap_or(tm.done_us));
+        seen.saturating_sub(server)
+    });
+    Overhead {
+        before_first_token_us: before,
+        after_last_token_us: after,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overheads_read_back_from_their_line() {
+        let o = Overhead {
+            before_first_token_us: 412,
+            after_last_token_us: 37,
+        };
+        let line = format!("LLM ceo: a/b answered as b, 1 in / 2 out tokens, 3 ms, 1 attempt(s); {}", o.describe());
+        assert_eq!(Overhead::parse(&line), Some(o));
+        assert_eq!(Overhead::parse("LLM ceo: no overhead here"), None);
+    }
+
+    #[test]
+    fn roles_open_the_system_prompt() {
+        assert_eq!(system_prompt("ceo", "Plan."), "Kiln role: ceo\nPlan.");
+    }
+}
