@@ -32,6 +32,7 @@
 //! The whole format (conditions, replies, errors, stalls, templates) is in [`model`]'s docs.
 
 pub mod agents;
+pub mod app;
 pub mod bench;
 mod edge;
 mod git;
