@@ -4,23 +4,27 @@
 //! Internal API (called by the Worker and the Queue object, never exposed):
 //! `POST /init`, `POST /transition`, `POST /append`, `POST /runner-batch`, `GET /events` (one page:
 //! `after`, `limit`, `kind`), `GET /ws` (replays the log after `after` a page at a time, then
-//! follows).
+//! follows), `POST /check-lease` (a runner's snapshot call). An app build's (seed 000's face):
+//! `POST /messages`, `GET /messages`, `DELETE /messages/<seq>`, `GET /steps`, `POST /pause`,
+//! `POST /resume`, `POST /continue`, `DELETE /`. Its requirements gatherer runs from the alarm.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use kiln_schemas::app::{Ticket, TicketStatus, MESSAGE_ROLES};
 use kiln_schemas::events::{parse_cursor, ClientMessage, EventBody, LogStream, ServerEvent, SocketError};
-use kiln_schemas::runner::{BatchAck, EventBatch, Outcome, RunnerEvent, UsageTotals};
-use kiln_schemas::status::{JobStatus, JobType};
+use kiln_schemas::runner::{AppBuildParams, BatchAck, EventBatch, Outcome, RunnerEvent, RunnerRequest, UsageTotals};
+use kiln_schemas::status::{app_status, AppPhase, JobStatus, JobType};
 use serde::{Deserialize, Serialize};
 use worker::{
     durable_object, wasm_bindgen, DurableObject, Env, Method, Request, Response, SqlStorage, SqlStorageValue, State,
     WebSocket, WebSocketIncomingMessage, WebSocketPair,
 };
 
+use crate::app_room::{self, GatherOutcome, GatherState, GatherStep, SYSTEM_SENDER};
 use crate::env::{self, now_ms};
 use crate::http::{self, body_as, json, ApiError, ApiResult};
-use crate::store::{self, JobPatch};
+use crate::store::{self, AppColumns, JobPatch};
 use crate::time::rfc3339;
 
 /// What the room knows of its job.
@@ -41,6 +45,80 @@ pub struct RoomMeta {
     /// Tokens and cost the runners reported so far; copied to D1 with each status change.
     #[serde(default)]
     pub usage: UsageTotals,
+    /// An app build's pipeline phase while it runs (forward only; cleared by a requeue).
+    #[serde(default)]
+    pub phase: Option<AppPhase>,
+    /// An app build paused between steps.
+    #[serde(default)]
+    pub is_paused: bool,
+    /// An app build's idea (the D1 row's, which `PATCH` changes while collecting, is read at
+    /// each gather turn).
+    #[serde(default)]
+    pub initial_prompt: Option<String>,
+    #[serde(default)]
+    pub requirements_summary: Option<String>,
+    /// The requirements of the latest continuation run (`/continue`).
+    #[serde(default)]
+    pub continuation: Option<String>,
+    /// The requirements gatherer's turns (while collecting).
+    #[serde(default)]
+    pub gather: GatherState,
+    /// The lease and runner of the run that ended last: its final workspace snapshot is taken
+    /// from that runner even after its `finished`.
+    #[serde(default)]
+    pub last_lease: Option<(String, String)>,
+}
+
+impl RoomMeta {
+    /// A new app build's room: it starts collecting its requirements (for the app-builder face).
+    #[allow(dead_code)]
+    pub fn app_build(job_id: &str, owner: &str, queue: &str, initial_prompt: &str) -> RoomMeta {
+        RoomMeta {
+            job_id: job_id.to_string(),
+            owner: owner.to_string(),
+            job_type: JobType::AppBuild,
+            queue: queue.to_string(),
+            status: JobStatus::Collecting,
+            lease_id: None,
+            attempt: 0,
+            runner_id: None,
+            usage: UsageTotals::default(),
+            phase: None,
+            is_paused: false,
+            initial_prompt: Some(initial_prompt.to_string()),
+            requirements_summary: None,
+            continuation: None,
+            gather: GatherState::default(),
+            last_lease: None,
+        }
+    }
+
+    /// The status as the job's face names it: seed 000's for an app build.
+    pub fn face_status(&self) -> &'static str {
+        match self.job_type {
+            JobType::AppBuild => app_status(self.status, self.phase),
+            _ => self.status.as_str(),
+        }
+    }
+
+    /// The app-build columns a status copy writes to D1.
+    fn app_columns(&self) -> Option<AppColumns> {
+        (self.job_type == JobType::AppBuild).then(|| AppColumns {
+            phase: self.phase.map(|p| p.as_str().to_string()),
+            is_paused: self.is_paused,
+            requirements_summary: self.requirements_summary.clone(),
+        })
+    }
+
+    /// What an app build's run starts from (with its assignment).
+    pub fn app_params(&self) -> Option<AppBuildParams> {
+        (self.job_type == JobType::AppBuild).then(|| AppBuildParams {
+            initial_prompt: self.initial_prompt.clone().unwrap_or_default(),
+            requirements_summary: self.requirements_summary.clone().unwrap_or_default(),
+            continuation: self.continuation.clone(),
+            paused: self.is_paused,
+        })
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -73,6 +151,10 @@ pub struct TransitionRequest {
 pub struct TransitionResult {
     pub from: JobStatus,
     pub to: JobStatus,
+    /// An app build dispatched (`to = running`): what its run starts from, as the room holds it
+    /// now (a pause or continuation after enqueue included); the queue puts it in the assignment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<AppBuildParams>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -116,6 +198,32 @@ struct Applied {
 
 /// Retry delay of a D1 status copy that failed.
 const D1_RETRY_MS: i64 = 2_000;
+/// The tombstone `kind` of a deleted message's row: its seq stays taken, nothing reads it.
+const DELETED_KIND: &str = "deleted";
+/// Messages a `GET /messages` page answers by default.
+pub const MESSAGES_PAGE: usize = 1000;
+/// How long the room waits for the gatherer's turn (the queue's request timeout is 120 s).
+const GATHER_CALL_NOTE: &str = "The requirements gatherer is unavailable right now. Your messages are kept; it will answer them as soon as it can (retrying).";
+
+/// A D1 write that follows a runner batch's commit (the events are stored first; a failed write is
+/// logged and repaired from the room's alarm).
+enum Followup {
+    /// A phase change's status copy (the seq of its `jobStatus`).
+    PhaseCopy(u64),
+    /// The App row or the tickets changed.
+    AppRows,
+    /// One ticket's status.
+    TicketStatus { ticket_id: String, status: TicketStatus, assigned_to: String },
+}
+
+/// The App of the job as the room keeps it (for the D1 row and its repair).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredApp {
+    id: String,
+    spec: serde_json::Value,
+    prd_markdown: String,
+    generated_at: String,
+}
 
 /// What a transaction in the room touches: its SQLite and the caches of its meta and `next_seq`
 /// (shared with the room, so a rolled-back transaction can drop them).
@@ -207,6 +315,31 @@ impl RoomStore {
         Ok((texts, seq - 1))
     }
 
+    fn kv_get<T: serde::de::DeserializeOwned>(&self, k: &str) -> ApiResult<Option<T>> {
+        #[derive(Deserialize)]
+        struct Row {
+            v: String,
+        }
+        let rows: Vec<Row> = self.sql().exec("SELECT v FROM meta WHERE k = ?", vec![SqlStorageValue::from(k.to_string())])?.to_array()?;
+        Ok(match rows.first() {
+            Some(r) => Some(serde_json::from_str(&r.v)?),
+            None => None,
+        })
+    }
+
+    fn kv_put<T: Serialize>(&self, k: &str, v: &T) -> ApiResult<()> {
+        self.sql().exec(
+            "INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)",
+            vec![SqlStorageValue::from(k.to_string()), SqlStorageValue::from(serde_json::to_string(v)?)],
+        )?;
+        Ok(())
+    }
+
+    /// The job's backlog as the room keeps it, in its order.
+    fn tickets(&self) -> ApiResult<Vec<Ticket>> {
+        Ok(self.kv_get::<Vec<Ticket>>("tickets")?.unwrap_or_default())
+    }
+
     /// The one place a job's status changes: checks it, saves the new meta and appends its status
     /// event (inside [`JobRoom::atomically`]). `None`: the queue announced a lease the job already
     /// runs under (a retried dispatch), nothing changes.
@@ -226,12 +359,16 @@ impl RoomStore {
                 // The queue leased the job again (it is the authority on leases): the old lease
                 // is void, so batches under it are refused from now on.
             }
-            _ if !from.can_become(req.to) => {
+            _ if !meta.job_type.allows(from, req.to) => {
                 return Err(ApiError::Conflict(format!("job is {}; it cannot become {}", from.as_str(), req.to.as_str())));
             }
             _ => {}
         }
         meta.status = req.to;
+        if matches!(req.to, JobStatus::Queued | JobStatus::Running) {
+            // A requeue, a continuation or a new run: the pipeline starts again from planning.
+            meta.phase = None;
+        }
         match (&req.lease, req.to) {
             (Some((lease_id, attempt)), JobStatus::Running) => {
                 meta.lease_id = Some(lease_id.clone());
@@ -239,8 +376,9 @@ impl RoomStore {
                 meta.runner_id = req.runner_id.clone();
             }
             _ => {
-                meta.lease_id = None;
-                meta.runner_id = None;
+                if let (Some(l), Some(r)) = (meta.lease_id.take(), meta.runner_id.take()) {
+                    meta.last_lease = Some((l, r));
+                }
             }
         }
         self.save_meta(&meta)?;
@@ -249,16 +387,21 @@ impl RoomStore {
             patch.attempts = Some(meta.attempt as i64);
         }
         patch.usage = (!meta.usage.is_empty()).then_some(meta.usage);
+        patch.app = meta.app_columns();
         let (texts, seq) = self.insert_events(vec![JobRoom::status_event(&meta, &req.message, &patch)])?;
         Ok(Some(Applied { from, meta, seq, patch, texts }))
     }
 
     /// The storage part of a runner batch (inside [`JobRoom::atomically`]).
     #[allow(clippy::type_complexity)]
-    fn store_batch(&self, batch: EventBatch) -> ApiResult<(u32, u32, Vec<String>, Option<Applied>)> {
+    fn store_batch(&self, batch: EventBatch) -> ApiResult<(u32, u32, Vec<String>, Option<Applied>, Vec<Followup>)> {
         let (mut stored, mut duplicates) = (0, 0);
         let mut bodies = vec![];
         let mut finished = None;
+        // Followups whose seq is an index into `bodies` (PhaseCopy), fixed once they are stored.
+        let mut followups: Vec<Followup> = vec![];
+        let job_id = batch_job_id(self)?;
+        let system = |content: String, ts: &str| EventBody::Log { stream: LogStream::System, content, timestamp: ts.to_string() };
         for ev in batch.events {
             #[derive(Deserialize)]
             struct Row {
@@ -295,13 +438,70 @@ impl RoomStore {
                     bodies.push(EventBody::Log { stream: LogStream::System, content: message, timestamp: ts })
                 }
                 RunnerEvent::Iteration { iteration } => bodies.push(EventBody::Iteration { iteration, timestamp: ts }),
-                // App-build pipeline events: rendered by the app builder's room logic (next commit).
-                RunnerEvent::Phase { .. }
-                | RunnerEvent::Stage { .. }
-                | RunnerEvent::Dialogue { .. }
-                | RunnerEvent::Prd { .. }
-                | RunnerEvent::Backlog { .. }
-                | RunnerEvent::Ticket { .. } => {}
+                RunnerEvent::Phase { phase, message } => {
+                    let mut meta = self.meta()?;
+                    match meta.phase {
+                        _ if meta.job_type != JobType::AppBuild => {
+                            bodies.push(system(format!("phase {} ignored: not an app build", phase.as_str()), &ts))
+                        }
+                        Some(current) if !current.can_become(phase) => bodies.push(system(
+                            format!("phase {} refused: the job is at {} (phases only move forward)", phase.as_str(), current.as_str()),
+                            &ts,
+                        )),
+                        _ => {
+                            meta.phase = Some(phase);
+                            self.save_meta(&meta)?;
+                            followups.push(Followup::PhaseCopy(bodies.len() as u64));
+                            bodies.push(JobRoom::status_event(&meta, &message, &JobPatch::default()));
+                        }
+                    }
+                }
+                RunnerEvent::Stage { role, sender, content, metadata } => {
+                    bodies.push(EventBody::StageUpdate { role, sender, content, metadata, timestamp: ts })
+                }
+                RunnerEvent::Dialogue { agent, message, order } => {
+                    bodies.push(EventBody::AgentDialogue { job_id: job_id.clone(), agent, message, order, timestamp: ts })
+                }
+                RunnerEvent::Prd { spec, prd_markdown } => {
+                    let id = self.kv_get::<StoredApp>("app")?.map(|a| a.id).unwrap_or_else(env::new_id);
+                    self.kv_put("app", &StoredApp { id, spec: spec.clone(), prd_markdown: prd_markdown.clone(), generated_at: ts.clone() })?;
+                    followups.push(Followup::AppRows);
+                    bodies.push(EventBody::PrdReady { job_id: job_id.clone(), spec, prd_markdown, timestamp: ts });
+                }
+                RunnerEvent::Backlog { tickets } => match app_room::backlog_events(&job_id, &tickets, &ts) {
+                    Ok(events) => {
+                        self.kv_put("tickets", &tickets)?;
+                        followups.push(Followup::AppRows);
+                        bodies.extend(events);
+                    }
+                    Err(why) => bodies.push(system(format!("backlog refused: {why}"), &ts)),
+                },
+                RunnerEvent::Ticket { ticket_id, status, message, metadata } => {
+                    let mut tickets = self.tickets()?;
+                    match tickets.iter_mut().find(|t| t.id == ticket_id) {
+                        None => bodies.push(system(format!("ticket update refused: no ticket {ticket_id} in the backlog"), &ts)),
+                        Some(t) => {
+                            t.status = status;
+                            let (title, assigned_to) = (t.title.clone(), t.assigned_to.clone());
+                            self.kv_put("tickets", &tickets)?;
+                            followups.push(Followup::TicketStatus {
+                                ticket_id: ticket_id.clone(),
+                                status,
+                                assigned_to: assigned_to.clone(),
+                            });
+                            bodies.push(EventBody::TicketUpdate {
+                                job_id: job_id.clone(),
+                                ticket_id,
+                                status: status.as_str().to_string(),
+                                title,
+                                assigned_to,
+                                message,
+                                metadata: if metadata.is_null() { serde_json::json!({}) } else { metadata },
+                                timestamp: ts,
+                            });
+                        }
+                    }
+                }
                 RunnerEvent::Finished { outcome, message, pr_url, completion_reason, total_iterations, error_message } => {
                     finished = Some((
                         outcome,
@@ -327,7 +527,14 @@ impl RoomStore {
             self.insert_events(bodies.drain(..half).collect())?;
             return Err(ApiError::Internal("injected fault: runner batch failed half-way".into()));
         }
-        let (texts, _) = self.insert_events(bodies)?;
+        let count = bodies.len() as u64;
+        let (texts, last) = self.insert_events(bodies)?;
+        let first = last + 1 - count;
+        for f in followups.iter_mut() {
+            if let Followup::PhaseCopy(i) = f {
+                *i += first;
+            }
+        }
         let applied = match finished {
             Some((outcome, message, patch)) => {
                 let to = match outcome {
@@ -339,8 +546,13 @@ impl RoomStore {
             }
             None => None,
         };
-        Ok((stored, duplicates, texts, applied))
+        Ok((stored, duplicates, texts, applied, followups))
     }
+}
+
+/// The job a batch is stored for (the room's own).
+fn batch_job_id(st: &RoomStore) -> ApiResult<String> {
+    Ok(st.meta()?.job_id)
 }
 
 #[durable_object]
@@ -390,6 +602,7 @@ impl JobRoom {
         sql.exec("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)", None)?;
         sql.exec("CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, body TEXT NOT NULL)", None)?;
         sql.exec("CREATE TABLE IF NOT EXISTS runner_idx (lease_id TEXT NOT NULL, idx INTEGER NOT NULL, PRIMARY KEY (lease_id, idx))", None)?;
+        sql.exec("CREATE INDEX IF NOT EXISTS events_kind ON events (kind, seq)", None)?;
         Ok(())
     }
 
@@ -470,7 +683,10 @@ impl JobRoom {
                 .to_array()?,
             None => self
                 .sql()
-                .exec("SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", vec![after, limit])?
+                .exec(
+                    "SELECT seq, body FROM events WHERE seq > ? AND kind != ? ORDER BY seq LIMIT ?",
+                    vec![after, SqlStorageValue::from(DELETED_KIND.to_string()), limit],
+                )?
                 .to_array()?,
         };
         Ok(rows.into_iter().map(|r| (r.seq as u64, r.body)).collect())
@@ -479,7 +695,7 @@ impl JobRoom {
     fn status_event(meta: &RoomMeta, message: &str, patch: &JobPatch) -> EventBody {
         EventBody::JobStatus {
             job_id: meta.job_id.clone(),
-            status: meta.status.as_str().to_string(),
+            status: meta.face_status().to_string(),
             message: message.to_string(),
             timestamp: rfc3339(now_ms()),
             pr_url: patch.pr_url.clone(),
@@ -496,9 +712,23 @@ impl JobRoom {
         if let Some(meta) = self.load_meta()? {
             return json(&meta);
         }
-        self.save_meta(&req.meta)?;
-        self.append(vec![Self::status_event(&req.meta, &req.message, &JobPatch::default())])?;
-        json(&req.meta)
+        let mut meta = req.meta;
+        let collecting = meta.job_type == JobType::AppBuild && meta.status == JobStatus::Collecting;
+        if collecting {
+            // The gatherer's first reply answers the idea.
+            meta.gather = GatherState { pending: true, ..Default::default() };
+        }
+        let event = Self::status_event(&meta, &req.message, &JobPatch::default());
+        let saved = meta.clone();
+        let (texts, _) = self.atomically(move |st| {
+            st.save_meta(&saved)?;
+            st.insert_events(vec![event])
+        })?;
+        self.broadcast(&texts);
+        if collecting {
+            self.alarm_by(now_ms()).await?;
+        }
+        json(&meta)
     }
 
     /// A status change and what follows it: the D1 copy and, for an end, the queue's release.
@@ -508,11 +738,12 @@ impl JobRoom {
     async fn transition(&self, req: TransitionRequest) -> ApiResult<TransitionResult> {
         let from_queue = req.from_queue;
         let Some(applied) = self.atomically(move |st| st.apply_transition(&req))? else {
-            return Ok(TransitionResult { from: JobStatus::Running, to: JobStatus::Running });
+            return Ok(TransitionResult { from: JobStatus::Running, to: JobStatus::Running, app: self.meta()?.app_params() });
         };
         self.broadcast(&applied.texts);
         self.follow_transition(&applied, from_queue).await;
-        Ok(TransitionResult { from: applied.from, to: applied.meta.status })
+        let app = if applied.meta.status == JobStatus::Running { applied.meta.app_params() } else { None };
+        Ok(TransitionResult { from: applied.from, to: applied.meta.status, app })
     }
 
     async fn follow_transition(&self, applied: &Applied, from_queue: bool) {
@@ -577,6 +808,7 @@ impl JobRoom {
         let mut patch = JobPatch {
             attempts: (meta.attempt > 0).then_some(meta.attempt as i64),
             usage: (!meta.usage.is_empty()).then_some(meta.usage),
+            app: meta.app_columns(),
             ..Default::default()
         };
         if let EventBody::JobStatus { pr_url, completion_reason, total_iterations, error_message, .. } = event.body {
@@ -614,8 +846,9 @@ impl JobRoom {
         }
         // The seen indices, the events and the status change a `finished` brings are stored in one
         // transaction: a batch is marked seen only with its events.
-        let (stored, duplicates, texts, applied) = self.atomically(move |st| st.store_batch(batch))?;
+        let (stored, duplicates, texts, applied, followups) = self.atomically(move |st| st.store_batch(batch))?;
         self.broadcast(&texts);
+        self.follow_batch(followups).await;
         if let Some(applied) = &applied {
             self.broadcast(&applied.texts);
             self.follow_transition(applied, false).await;
@@ -706,6 +939,13 @@ impl JobRoom {
                 return Ok(());
             }
         };
+        let meta = self.meta()?;
+        if meta.job_type == JobType::AppBuild && meta.status != JobStatus::Collecting {
+            ws.send(&SocketError {
+                message: format!("chat is closed: the requirements were collected (the job is {})", meta.face_status()),
+            })?;
+            return Ok(());
+        }
         let sender = ws.deserialize_attachment::<SocketInfo>()?.map(|s| s.sender).unwrap_or_else(|| "user".into());
         self.record_user_message(&sender, &content, "chat").await
     }
@@ -714,13 +954,7 @@ impl JobRoom {
     /// relays it to the agent.
     async fn record_user_message(&self, sender: &str, content: &str, source: &str) -> ApiResult<()> {
         let meta = self.meta()?;
-        self.append(vec![EventBody::StageUpdate {
-            role: "user".into(),
-            sender: sender.to_string(),
-            content: content.to_string(),
-            metadata: serde_json::json!({ "source": source }),
-            timestamp: rfc3339(now_ms()),
-        }])?;
+        self.post_message("user", sender, content, serde_json::json!({ "source": source })).await?;
         if meta.job_type == JobType::Task && meta.status == JobStatus::Running && source == "chat" {
             let queue = env::queue(&self.env, &meta.queue)?;
             let _ = http::call::<serde_json::Value>(
@@ -732,6 +966,446 @@ impl JobRoom {
             .await;
         }
         Ok(())
+    }
+
+
+    /// Appends a `stageUpdate`; a user's message to an app build that is collecting owes the
+    /// gatherer a turn (run from the alarm, so the caller never waits on a model). Answers the
+    /// message's seq and timestamp.
+    async fn post_message(&self, role: &str, sender: &str, content: &str, metadata: serde_json::Value) -> ApiResult<(u64, String)> {
+        let timestamp = rfc3339(now_ms());
+        let body = EventBody::StageUpdate {
+            role: role.to_string(),
+            sender: sender.to_string(),
+            content: content.to_string(),
+            metadata,
+            timestamp: timestamp.clone(),
+        };
+        let user = role == "user";
+        let (texts, seq, owed) = self.atomically(move |st| {
+            let mut meta = st.meta()?;
+            let owed = user && meta.job_type == JobType::AppBuild && meta.status == JobStatus::Collecting;
+            if owed {
+                meta.gather.pending = true;
+                st.save_meta(&meta)?;
+            }
+            let (texts, seq) = st.insert_events(vec![body])?;
+            Ok((texts, seq, owed))
+        })?;
+        self.broadcast(&texts);
+        if owed {
+            self.alarm_by(now_ms()).await?;
+        }
+        Ok((seq, timestamp))
+    }
+
+    /// The D1 writes a runner batch brings, after its events are stored. A failure is logged and
+    /// repaired from the alarm (the status copy as every status copy; the App and tickets rows
+    /// rewritten whole from the room's copy).
+    async fn follow_batch(&self, followups: Vec<Followup>) {
+        if followups.is_empty() {
+            return;
+        }
+        let Ok(meta) = self.meta() else { return };
+        let db = match env::db(&self.env) {
+            Ok(db) => db,
+            Err(e) => {
+                worker::console_error!("job {}: no D1 binding: {e}", meta.job_id);
+                return;
+            }
+        };
+        let now = rfc3339(now_ms());
+        let mut rows_stale = false;
+        let mut synced = false;
+        for f in followups {
+            match f {
+                Followup::PhaseCopy(seq) => {
+                    let patch = JobPatch {
+                        attempts: (meta.attempt > 0).then_some(meta.attempt as i64),
+                        usage: (!meta.usage.is_empty()).then_some(meta.usage),
+                        app: meta.app_columns(),
+                        ..Default::default()
+                    };
+                    let fail = self.fault("room_d1_copies");
+                    if let Err(e) = copy_status(&db, &meta.job_id, meta.status, seq, &now, &patch, fail).await {
+                        worker::console_error!("job {}: D1 phase copy failed, retrying from the alarm: {e:?}", meta.job_id);
+                        let _ = mark_d1_stale(&self.state.storage()).await;
+                    }
+                }
+                Followup::AppRows if !synced => {
+                    synced = true;
+                    if let Err(e) = self.sync_app_rows(&db, &meta).await {
+                        worker::console_error!("job {}: D1 app/tickets write failed, retrying from the alarm: {e:?}", meta.job_id);
+                        rows_stale = true;
+                    }
+                }
+                Followup::AppRows => {}
+                Followup::TicketStatus { ticket_id, status, assigned_to } => {
+                    if let Err(e) = store::set_ticket_status(&db, &meta.job_id, &ticket_id, status, &assigned_to, &now).await {
+                        worker::console_error!("job {}: D1 ticket write failed, retrying from the alarm: {e:?}", meta.job_id);
+                        rows_stale = true;
+                    }
+                }
+            }
+        }
+        if rows_stale {
+            let _ = self.sql().exec("INSERT OR REPLACE INTO meta (k, v) VALUES ('d1_rows_stale', '1')", None);
+            let _ = self.alarm_by(now_ms() + D1_RETRY_MS).await;
+        }
+    }
+
+    /// Writes the job's App and tickets rows whole from the room's copies.
+    async fn sync_app_rows(&self, db: &worker::D1Database, meta: &RoomMeta) -> ApiResult<()> {
+        let st = self.store();
+        let now = rfc3339(now_ms());
+        if let Some(app) = st.kv_get::<StoredApp>("app")? {
+            store::upsert_app(db, &app.id, &meta.job_id, &meta.owner, &app.spec, &app.prd_markdown, &app.generated_at).await?;
+        }
+        let tickets = st.tickets()?;
+        if !tickets.is_empty() {
+            store::replace_tickets(db, &meta.job_id, &meta.owner, &tickets, &now).await?;
+        }
+        self.sql().exec("DELETE FROM meta WHERE k = 'd1_rows_stale'", None)?;
+        Ok(())
+    }
+
+    fn flag(&self, k: &str) -> bool {
+        self.store().kv_get::<serde_json::Value>(k).ok().flatten().is_some()
+    }
+
+    /// One step of the requirements gatherer, from the alarm: a turn when one is owed and none
+    /// runs, else the alarm for when to look again.
+    async fn gather_step(&self) -> ApiResult<()> {
+        let Some(meta) = self.load_meta()? else { return Ok(()) };
+        let collecting = meta.job_type == JobType::AppBuild && meta.status == JobStatus::Collecting;
+        match meta.gather.decide(collecting, now_ms()) {
+            GatherStep::Idle => Ok(()),
+            GatherStep::Later(at) => self.alarm_by(at).await,
+            GatherStep::Run => self.gather_turn().await,
+        }
+    }
+
+    async fn gather_turn(&self) -> ApiResult<()> {
+        let now = now_ms();
+        let mut meta = self.meta()?;
+        meta.gather.begin(now);
+        self.save_meta(&meta)?;
+        // If this turn is lost with the object, the alarm finds it stale and runs it again.
+        self.alarm_by(now + app_room::GATHER_STALE_MS).await?;
+        let row = match env::db(&self.env) {
+            Ok(db) => store::get_job_any(&db, &meta.job_id).await.unwrap_or_else(|e| {
+                worker::console_warn!("job {}: reading the idea from D1: {e:?}", meta.job_id);
+                None
+            }),
+            Err(_) => None,
+        };
+        let idea = row
+            .as_ref()
+            .and_then(|r| r.initial_prompt.clone())
+            .or_else(|| meta.initial_prompt.clone())
+            .or_else(|| row.as_ref().map(|r| r.prompt.clone()))
+            .unwrap_or_default();
+        let transcript: Vec<(String, String)> = self
+            .messages_after(0, crate::job_room::MAX_EVENTS_READ)?
+            .into_iter()
+            .filter_map(|(_, e)| match e {
+                EventBody::StageUpdate { role, content, .. } => Some((role, content)),
+                _ => None,
+            })
+            .collect();
+        let request = RunnerRequest::Gather(app_room::gather_request(&meta.job_id, &idea, &transcript));
+        let answer = match env::queue(&self.env, &meta.queue) {
+            Ok(queue) => http::call::<serde_json::Value>(&queue, Method::Post, "/request", Some(&request)).await,
+            Err(e) => Err(e.into()),
+        };
+        let outcome = match answer {
+            Ok(v) => app_room::gather_outcome(&v),
+            Err(e) => Err(format!("{e:?}")),
+        };
+        match outcome {
+            Ok(o) => self.gather_succeeded(o, idea, row).await,
+            Err(why) => self.gather_failed(why).await,
+        }
+    }
+
+    async fn gather_succeeded(&self, o: GatherOutcome, idea: String, row: Option<store::JobRow>) -> ApiResult<()> {
+        let now = now_ms();
+        let ts = rfc3339(now);
+        let summary = o.summary.clone();
+        let (texts, applied, again) = self.atomically(move |st| {
+            let mut meta = st.meta()?;
+            if meta.status != JobStatus::Collecting {
+                // Cancelled or deleted meanwhile: the answer goes nowhere.
+                meta.gather = GatherState::default();
+                st.save_meta(&meta)?;
+                return Ok((vec![], None, false));
+            }
+            let again = meta.gather.succeeded();
+            let mut bodies: Vec<EventBody> = o
+                .messages
+                .into_iter()
+                .map(|(content, metadata)| EventBody::StageUpdate {
+                    role: "agent".into(),
+                    sender: o.sender.clone(),
+                    content,
+                    metadata,
+                    timestamp: ts.clone(),
+                })
+                .collect();
+            if let Some(usage) = o.reply.usage {
+                meta.usage.add(&usage);
+                bodies.push(EventBody::Usage { usage, totals: meta.usage, timestamp: ts.clone() });
+            }
+            if let Some(s) = &summary {
+                meta.requirements_summary = Some(s.clone());
+                meta.initial_prompt = Some(idea);
+                meta.gather = GatherState::default();
+            }
+            st.save_meta(&meta)?;
+            let (texts, _) = st.insert_events(bodies)?;
+            let applied = match summary {
+                Some(_) => st.apply_transition(&TransitionRequest {
+                    to: JobStatus::Queued,
+                    message: "requirements collected; job queued".into(),
+                    patch: JobPatch::default(),
+                    lease: None,
+                    runner_id: None,
+                    if_lease: None,
+                    from_queue: false,
+                })?,
+                None => None,
+            };
+            Ok((texts, applied, again))
+        })?;
+        self.broadcast(&texts);
+        if let Some(applied) = applied {
+            self.broadcast(&applied.texts);
+            self.follow_transition(&applied, false).await;
+            self.enqueue_app(&applied.meta, row).await;
+        } else if again {
+            self.alarm_by(now_ms()).await?;
+        }
+        Ok(())
+    }
+
+    async fn gather_failed(&self, why: String) -> ApiResult<()> {
+        let now = now_ms();
+        let ts = rfc3339(now);
+        let job = self.meta()?.job_id;
+        worker::console_warn!("job {job}: gather turn failed: {why}");
+        let (texts, retry_at) = self.atomically(move |st| {
+            let mut meta = st.meta()?;
+            if meta.status != JobStatus::Collecting {
+                meta.gather = GatherState::default();
+                st.save_meta(&meta)?;
+                return Ok((vec![], None));
+            }
+            let first = meta.gather.failed(now);
+            let at = meta.gather.not_before_ms;
+            st.save_meta(&meta)?;
+            let texts = if first {
+                st.insert_events(vec![EventBody::StageUpdate {
+                    role: "system".into(),
+                    sender: SYSTEM_SENDER.into(),
+                    content: GATHER_CALL_NOTE.into(),
+                    metadata: serde_json::json!({ "type": "gatherer_unavailable" }),
+                    timestamp: ts,
+                }])?
+                .0
+            } else {
+                vec![]
+            };
+            Ok((texts, Some(at)))
+        })?;
+        self.broadcast(&texts);
+        if let Some(at) = retry_at {
+            self.alarm_by(at).await?;
+        }
+        Ok(())
+    }
+
+    /// Puts an app build in its queue (after collecting, or a continuation), as submit does: the
+    /// row's enqueue request, with the room's app parameters. A failure is logged: the row is
+    /// `queued` in D1, and the queue's reconciliation enqueues it.
+    async fn enqueue_app(&self, meta: &RoomMeta, row: Option<store::JobRow>) {
+        let row = match row {
+            Some(r) => Some(r),
+            None => match env::db(&self.env) {
+                Ok(db) => store::get_job_any(&db, &meta.job_id).await.ok().flatten(),
+                Err(_) => None,
+            },
+        };
+        let Some(row) = row else {
+            worker::console_error!("job {}: no D1 row to enqueue from; reconciliation will find none either", meta.job_id);
+            return;
+        };
+        let mut req = crate::queue_object::enqueue_request(&row);
+        req.assignment.app = meta.app_params();
+        let queued = match env::queue(&self.env, &meta.queue) {
+            Ok(q) => http::call::<serde_json::Value>(&q, Method::Post, "/enqueue", Some(&req)).await.map(|_| ()),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = queued {
+            worker::console_error!("job {}: enqueue failed (reconciliation enqueues it): {e:?}", meta.job_id);
+        }
+    }
+
+    /// `stageUpdate` events after `after`, oldest first (deleted ones are gone), at most `limit`.
+    fn messages_after(&self, after: u64, limit: usize) -> ApiResult<Vec<(u64, EventBody)>> {
+        let mut out = vec![];
+        for (seq, text) in self.events_after(after, Some("stageUpdate"), limit)? {
+            out.push((seq, serde_json::from_str::<ServerEvent>(&text)?.body));
+        }
+        Ok(out)
+    }
+
+    /// `POST /pause` and `/resume`: the flag is the room's; a running job's runner is told through
+    /// its queue, a queued one gets it with its assignment.
+    async fn set_paused(&self, paused: bool) -> ApiResult<serde_json::Value> {
+        let mut meta = self.meta()?;
+        if meta.job_type != JobType::AppBuild {
+            return Err(ApiError::Conflict("only app builds pause".into()));
+        }
+        if meta.status.is_terminal() {
+            return Err(ApiError::Conflict(format!("job has ended ({}); nothing to {}", meta.face_status(), if paused { "pause" } else { "resume" })));
+        }
+        if meta.is_paused != paused {
+            meta.is_paused = paused;
+            self.save_meta(&meta)?;
+            if meta.status == JobStatus::Running {
+                let relayed = match env::queue(&self.env, &meta.queue) {
+                    Ok(q) => http::call::<serde_json::Value>(
+                        &q,
+                        Method::Post,
+                        "/relay",
+                        Some(&serde_json::json!({"job_id": meta.job_id, "kind": if paused { "pause" } else { "resume" }})),
+                    )
+                    .await
+                    .map(|_| ()),
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(e) = relayed {
+                    worker::console_warn!("job {}: telling the runner to {}: {e:?}", meta.job_id, if paused { "pause" } else { "resume" });
+                }
+            }
+            match env::db(&self.env) {
+                Ok(db) => {
+                    if let Err(e) = store::set_job_paused(&db, &meta.job_id, paused, &rfc3339(now_ms())).await {
+                        worker::console_error!("job {}: D1 is_paused copy failed: {e:?}", meta.job_id);
+                    }
+                }
+                Err(e) => worker::console_error!("job {}: no D1 binding: {e}", meta.job_id),
+            }
+        }
+        Ok(serde_json::json!({ "is_paused": meta.is_paused, "status": meta.face_status() }))
+    }
+
+    /// `POST /continue`: a finished app build runs again with more requirements.
+    async fn continue_run(&self, requirements: String) -> ApiResult<serde_json::Value> {
+        let meta = self.meta()?;
+        if meta.job_type != JobType::AppBuild || !meta.job_type.allows(meta.status, JobStatus::Queued) || meta.status == JobStatus::Collecting {
+            return Err(ApiError::Conflict(format!(
+                "job is {}; only a finished app build (build_done or failed) can continue",
+                meta.face_status()
+            )));
+        }
+        let applied = self.atomically(move |st| {
+            let mut meta = st.meta()?;
+            meta.continuation = Some(requirements);
+            meta.attempt = 0;
+            st.save_meta(&meta)?;
+            st.apply_transition(&TransitionRequest {
+                to: JobStatus::Queued,
+                message: "continuation queued with new requirements".into(),
+                patch: JobPatch { attempts: Some(0), ..Default::default() },
+                lease: None,
+                runner_id: None,
+                if_lease: None,
+                from_queue: false,
+            })
+        })?;
+        let Some(applied) = applied else { return Err(ApiError::Internal("continuation changed nothing".into())) };
+        self.broadcast(&applied.texts);
+        self.follow_transition(&applied, false).await;
+        self.enqueue_app(&applied.meta, None).await;
+        Ok(serde_json::json!({ "status": applied.meta.face_status() }))
+    }
+
+    /// `DELETE /`: stops the job wherever it is, closes its sockets and forgets everything.
+    async fn delete_room(&self) -> ApiResult<()> {
+        let meta = self.meta()?;
+        if !meta.status.is_terminal() && meta.status != JobStatus::Collecting {
+            let released = match env::queue(&self.env, &meta.queue) {
+                Ok(q) => http::call::<serde_json::Value>(
+                    &q,
+                    Method::Post,
+                    "/release",
+                    Some(&serde_json::json!({"job_id": meta.job_id, "cancel": true})),
+                )
+                .await
+                .map(|_| ()),
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = released {
+                worker::console_error!("job {}: queue release at delete failed (reconciliation releases it): {e:?}", meta.job_id);
+            }
+        }
+        for ws in self.state.get_websockets() {
+            let _ = ws.close(Some(1000), Some("job deleted"));
+        }
+        let storage = self.state.storage();
+        storage.delete_alarm().await?;
+        storage.delete_all().await?;
+        *self.meta.borrow_mut() = None;
+        *self.next_seq.borrow_mut() = None;
+        self.ensure_schema()?;
+        Ok(())
+    }
+
+    /// `DELETE /messages/<seq>`: the row stays as a tombstone (its seq is never reused).
+    fn delete_message(&self, seq: u64) -> ApiResult<()> {
+        self.meta()?;
+        let found = self.atomically(move |st| {
+            #[derive(Deserialize)]
+            struct Row {
+                #[allow(dead_code)]
+                seq: i64,
+            }
+            let rows: Vec<Row> = st
+                .sql()
+                .exec("SELECT seq FROM events WHERE seq = ? AND kind = 'stageUpdate'", vec![SqlStorageValue::from(seq as i64)])?
+                .to_array()?;
+            if rows.is_empty() {
+                return Ok(false);
+            }
+            st.sql().exec(
+                "UPDATE events SET kind = ?, body = '' WHERE seq = ?",
+                vec![SqlStorageValue::from(DELETED_KIND.to_string()), SqlStorageValue::from(seq as i64)],
+            )?;
+            Ok(true)
+        })?;
+        if found {
+            Ok(())
+        } else {
+            Err(ApiError::NotFound("message not found".into()))
+        }
+    }
+
+    /// Whether a runner's snapshot call comes from the runner of the job's lease: the current one
+    /// while it runs, or the last one after its run ended.
+    fn check_lease(&self, lease_id: &str, runner_id: &str) -> ApiResult<()> {
+        let meta = self.meta()?;
+        let current = meta.status == JobStatus::Running && meta.lease_id.as_deref() == Some(lease_id);
+        if current {
+            if meta.runner_id.as_deref() != Some(runner_id) {
+                return Err(ApiError::Conflict(format!("job {} is leased to another runner", meta.job_id)));
+            }
+            return Ok(());
+        }
+        match &meta.last_lease {
+            Some((l, r)) if l == lease_id && r == runner_id && meta.status != JobStatus::Running => Ok(()),
+            _ => Err(ApiError::Conflict("that lease is not the job's current one".into())),
+        }
     }
 
     async fn route(&self, mut req: Request) -> ApiResult {
@@ -772,6 +1446,106 @@ impl JobRoom {
                 json(&events)
             }
             (Method::Get, "/meta") => json(&self.meta()?),
+            (Method::Post, "/messages") => {
+                #[derive(Deserialize)]
+                struct Msg {
+                    role: String,
+                    #[serde(default)]
+                    sender: Option<String>,
+                    content: String,
+                    #[serde(default)]
+                    metadata: serde_json::Value,
+                }
+                let m: Msg = body_as(&mut req).await?;
+                if !MESSAGE_ROLES.contains(&m.role.as_str()) {
+                    return Err(ApiError::BadRequest(format!("role must be user, agent or system, not {:?}", m.role)));
+                }
+                if m.content.trim().is_empty() {
+                    return Err(ApiError::BadRequest("content may not be blank".into()));
+                }
+                let metadata = if m.metadata.is_null() { serde_json::json!({}) } else { m.metadata };
+                let sender = m.sender.unwrap_or_else(|| m.role.clone());
+                let (seq, created_at) = self.post_message(&m.role, &sender, &m.content, metadata).await?;
+                json(&serde_json::json!({ "seq": seq, "created_at": created_at }))
+            }
+            (Method::Get, "/messages") => {
+                self.meta()?;
+                let url = req.url()?;
+                let param = |name: &str| url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.to_string());
+                let after = parse_cursor(param("after").as_deref()).map_err(ApiError::BadRequest)?;
+                let limit = match param("limit") {
+                    None => MESSAGES_PAGE,
+                    Some(v) => v
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=MAX_EVENTS_READ).contains(n))
+                        .ok_or_else(|| ApiError::BadRequest(format!("limit must be 1 to {MAX_EVENTS_READ}")))?,
+                };
+                let page = self.messages_after(after, limit)?;
+                let next_after = (page.len() == limit).then(|| page.last().map(|(s, _)| *s)).flatten();
+                let messages: Vec<serde_json::Value> = page
+                    .into_iter()
+                    .filter_map(|(seq, e)| match e {
+                        EventBody::StageUpdate { role, sender, content, metadata, timestamp } => Some(serde_json::json!({
+                            "seq": seq, "role": role, "sender": sender, "content": content, "metadata": metadata, "timestamp": timestamp,
+                        })),
+                        _ => None,
+                    })
+                    .collect();
+                json(&serde_json::json!({ "messages": messages, "next_after": next_after }))
+            }
+            (Method::Get, "/steps") => {
+                self.meta()?;
+                let mut steps = vec![];
+                let mut after = 0;
+                loop {
+                    let page = self.events_after(after, Some("agentDialogue"), EVENTS_PAGE)?;
+                    for (seq, text) in &page {
+                        if let EventBody::AgentDialogue { agent, message, order, timestamp, .. } = serde_json::from_str::<ServerEvent>(text)?.body {
+                            steps.push(serde_json::json!({
+                                "seq": seq, "agent": agent, "message": message, "order": order, "timestamp": timestamp,
+                            }));
+                        }
+                    }
+                    match page.last() {
+                        Some((seq, _)) if page.len() == EVENTS_PAGE => after = *seq,
+                        _ => break,
+                    }
+                }
+                json(&serde_json::json!({ "steps": steps }))
+            }
+            (Method::Delete, p) if p.starts_with("/messages/") => {
+                let seq = p["/messages/".len()..].parse::<u64>().map_err(|_| ApiError::NotFound("message not found".into()))?;
+                self.delete_message(seq)?;
+                Ok(Response::empty()?.with_status(204))
+            }
+            (Method::Post, "/pause") => json(&self.set_paused(true).await?),
+            (Method::Post, "/resume") => json(&self.set_paused(false).await?),
+            (Method::Post, "/continue") => {
+                #[derive(Deserialize)]
+                struct Continue {
+                    requirements: String,
+                }
+                let c: Continue = body_as(&mut req).await?;
+                if c.requirements.trim().is_empty() {
+                    return Err(ApiError::BadRequest("requirements may not be blank".into()));
+                }
+                json(&self.continue_run(c.requirements).await?)
+            }
+            (Method::Delete, "/") => {
+                self.delete_room().await?;
+                Ok(Response::empty()?.with_status(204))
+            }
+            (Method::Post, "/check-lease") => {
+                #[derive(Deserialize)]
+                struct Check {
+                    lease_id: String,
+                    runner_id: String,
+                }
+                let c: Check = body_as(&mut req).await?;
+                self.check_lease(&c.lease_id, &c.runner_id)?;
+                json(&serde_json::json!({ "lease_valid": true }))
+            }
             (Method::Post, "/repair") => json(&serde_json::json!({ "status": self.repair_d1().await? })),
             (Method::Get, "/ws") => self.accept_socket(&req).await,
             _ => Err(ApiError::NotFound("no such room route".into())),
@@ -808,6 +1582,21 @@ impl DurableObject for JobRoom {
                 worker::console_error!("D1 status copy failed again: {e:?}");
                 let _ = self.alarm_by(now_ms() + D1_RETRY_MS).await;
             }
+        }
+        if self.flag("d1_rows_stale") {
+            let synced = match (self.meta(), env::db(&self.env)) {
+                (Ok(meta), Ok(db)) => self.sync_app_rows(&db, &meta).await,
+                (Err(e), _) => Err(e),
+                (_, Err(e)) => Err(e.into()),
+            };
+            if let Err(e) = synced {
+                worker::console_error!("D1 app/tickets write failed again: {e:?}");
+                let _ = self.alarm_by(now_ms() + D1_RETRY_MS).await;
+            }
+        }
+        if let Err(e) = self.gather_step().await {
+            worker::console_error!("gather turn: {e:?}");
+            let _ = self.alarm_by(now_ms() + D1_RETRY_MS).await;
         }
         Response::ok("ok")
     }

@@ -336,8 +336,27 @@ impl Faults {
     }
 }
 
+/// The runner to send a request to: the one with the fewest requests in flight (ties: the first
+/// listed, the earliest connected).
+pub fn least_busy<'a>(runners: &'a [String], in_flight: impl Fn(&str) -> u32) -> Option<&'a str> {
+    runners.iter().min_by_key(|r| in_flight(r)).map(String::as_str)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn requests_go_to_the_least_busy_runner() {
+        let runners: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let busy = |r: &str| match r {
+            "a" => 2,
+            "b" => 1,
+            _ => 1,
+        };
+        assert_eq!(least_busy(&runners, busy), Some("b"), "fewest in flight, first of equals");
+        assert_eq!(least_busy(&runners, |_| 0), Some("a"));
+        assert_eq!(least_busy(&[], |_| 0), None);
+    }
+
     use super::*;
 
     const LIMITS: Limits = Limits { max_concurrent: 2, max_per_owner: 0, lease_ms: 30_000, max_attempts: 3 };

@@ -5,8 +5,10 @@
 //! drops runner sockets silent for longer than a lease, and reconciles itself with the rooms and
 //! D1 (a job is always queued, leased or ended). An alarm that fails is set again.
 //!
-//! Internal API: `POST /enqueue`, `POST /release`, `POST /relay`, `POST /request`, `GET /stats`,
-//! `GET /snapshot`, `GET /connect` (a runner's socket, already authenticated by the Worker).
+//! Internal API: `POST /enqueue`, `POST /release`, `POST /relay`, `POST /request` (any runner: the
+//! one with the fewest requests in flight), `POST /request-job` (the runner that holds a job's
+//! lease), `GET /stats`, `GET /snapshot`, `GET /connect` (a runner's socket, already authenticated
+//! by the Worker).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -15,8 +17,8 @@ use std::time::Duration;
 use futures::channel::oneshot;
 use futures::future::{select, Either};
 use kiln_schemas::jobs::{NamedRunnerTools, QueueEntry, QueueView};
-use kiln_schemas::runner::{Assignment, EdgeMessage, RunnerMessage, RunnerRequest, RunnerTools};
-use kiln_schemas::status::JobStatus;
+use kiln_schemas::runner::{AppBuildParams, Assignment, EdgeMessage, RunnerMessage, RunnerRequest, RunnerTools};
+use kiln_schemas::status::{AppPhase, JobStatus, JobType};
 use serde::{Deserialize, Serialize};
 use worker::{
     durable_object, wasm_bindgen, DurableObject, Env, Method, Request, Response, SqlStorage, SqlStorageValue, State,
@@ -34,6 +36,17 @@ use crate::time::rfc3339;
 const RETRY_MS: i64 = 1_000;
 /// A job row younger than this is left to its submit call by reconciliation.
 const RECONCILE_GRACE_MS: i64 = 10_000;
+/// How long a request to any runner (a gather turn, a sync) waits for its reply.
+const REQUEST_TIMEOUT_SECS: u64 = 120;
+/// How long a request about a held job's workspace (files) waits for its reply.
+const JOB_REQUEST_TIMEOUT_SECS: u64 = 10;
+
+/// `POST /request-job`: a request for the runner that holds `job_id`'s lease.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JobRequest {
+    pub job_id: String,
+    pub request: RunnerRequest,
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct EnqueueRequest {
@@ -75,18 +88,26 @@ pub struct Stats {
     pub tools: Vec<NamedRunnerTools>,
 }
 
-/// A new job's room as its row describes it.
+/// A new job's room as its row describes it (an app build still collecting starts there).
 pub fn room_meta(row: &JobRow) -> RoomMeta {
+    let app = row.job_type() == JobType::AppBuild;
     RoomMeta {
         job_id: row.id.clone(),
         owner: row.owner.clone(),
         job_type: row.job_type(),
         queue: row.queue.clone(),
-        status: JobStatus::Queued,
+        status: if row.status() == JobStatus::Collecting { JobStatus::Collecting } else { JobStatus::Queued },
         lease_id: None,
         attempt: 0,
         runner_id: None,
         usage: Default::default(),
+        phase: row.phase.as_deref().and_then(AppPhase::parse).filter(|_| app && row.status() == JobStatus::Running),
+        is_paused: row.is_paused != 0,
+        initial_prompt: app.then(|| row.initial_prompt.clone().unwrap_or_else(|| row.prompt.clone())),
+        requirements_summary: row.requirements_summary.clone(),
+        continuation: None,
+        gather: Default::default(),
+        last_lease: None,
     }
 }
 
@@ -115,7 +136,14 @@ pub fn enqueue_request(row: &JobRow) -> EnqueueRequest {
         base_branch: row.base_branch.clone(),
         ralph: row.ralph(),
         timeout_seconds: row.timeout_seconds(),
-        app: None,
+        // An app build's inputs from its row; at dispatch its room's (a continuation's
+        // requirements, a pause since) replace them.
+        app: (row.job_type() == JobType::AppBuild).then(|| AppBuildParams {
+            initial_prompt: row.initial_prompt.clone().unwrap_or_else(|| row.prompt.clone()),
+            requirements_summary: row.requirements_summary.clone().unwrap_or_default(),
+            continuation: None,
+            paused: row.is_paused != 0,
+        }),
     };
     EnqueueRequest { pending, assignment }
 }
@@ -164,6 +192,8 @@ pub struct Queue {
     reconcile_ms: i64,
     core: RefCell<Option<QueueState>>,
     waiting: RefCell<HashMap<String, oneshot::Sender<serde_json::Value>>>,
+    /// Requests in flight per runner (the least busy runner gets the next one).
+    in_flight: RefCell<HashMap<String, u32>>,
     /// When reconciliation last ran (0: not since the object started, so soon).
     reconciled_ms: RefCell<i64>,
     /// Test-only faults (`KILN_FAULTS`, builds with the `faults` feature).
@@ -398,8 +428,8 @@ impl Queue {
             }),
         )
             .await;
-        match moved {
-            Ok(_) => {}
+        let room_app = match moved {
+            Ok(result) => result.app,
             Err(ApiError::Conflict(_)) | Err(ApiError::NotFound(_)) => {
                 // Cancelled (or gone) while it waited: forget it.
                 self.with_core(|c| c.release(&lease.job_id))?;
@@ -410,7 +440,7 @@ impl Queue {
                 worker::console_error!("announcing lease of {}: {e:?}; trying again", lease.job_id);
                 return Ok(false);
             }
-        }
+        };
         if !self.with_core(|c| c.mark_announced(&lease.job_id, &lease.lease_id))? {
             return Ok(true);
         }
@@ -425,6 +455,9 @@ impl Queue {
         let mut assignment: Assignment = serde_json::from_str(&row.data)?;
         assignment.lease_id = lease.lease_id.clone();
         assignment.attempt = lease.attempt;
+        if room_app.is_some() {
+            assignment.app = room_app;
+        }
         // A runner that vanished in between is handled by lease expiry.
         self.send_to_runner(&lease.runner_id, &EdgeMessage::Assign { assignment });
         Ok(true)
@@ -464,6 +497,8 @@ impl Queue {
             "deliver" => EdgeMessage::Deliver { job_id: req.job_id, message: req.message.unwrap_or_default() },
             "complete" => EdgeMessage::Complete { job_id: req.job_id },
             "stop" => EdgeMessage::Stop { job_id: req.job_id },
+            "pause" => EdgeMessage::Pause { job_id: req.job_id },
+            "resume" => EdgeMessage::Resume { job_id: req.job_id },
             other => return Err(ApiError::BadRequest(format!("unknown relay {other:?}"))),
         };
         if !self.send_to_runner(&lease.runner_id, &msg) {
@@ -472,27 +507,51 @@ impl Queue {
         Ok(serde_json::json!({ "sent": true }))
     }
 
-    /// Sends a request to one connected runner and waits for its reply.
+    /// Sends a request to the connected runner with the fewest requests in flight (it holds no
+    /// slot) and waits for its reply.
     async fn request(&self, request: RunnerRequest) -> ApiResult<serde_json::Value> {
-        let runner = self.with_core(|c| c.runners.first().map(|r| r.runner_id.clone()))?;
+        let runners = self.with_core(|c| c.runners.iter().map(|r| r.runner_id.clone()).collect::<Vec<_>>())?;
+        let runner = {
+            let busy = self.in_flight.borrow();
+            crate::queue_core::least_busy(&runners, |r| busy.get(r).copied().unwrap_or(0)).map(str::to_string)
+        };
         let Some(runner_id) = runner else {
             return Err(ApiError::Unavailable("no runner is connected".into()));
         };
+        self.ask_runner(&runner_id, request, REQUEST_TIMEOUT_SECS).await
+    }
+
+    /// `POST /request-job`: a request for the runner that holds the job's lease.
+    async fn request_job(&self, req: JobRequest) -> ApiResult<serde_json::Value> {
+        let runner = self.with_core(|c| c.leases.get(&req.job_id).map(|l| l.runner_id.clone()))?;
+        let Some(runner_id) = runner.filter(|r| self.runner_socket(r).is_some()) else {
+            return Err(ApiError::NotFound("no runner holds this job".into()));
+        };
+        self.ask_runner(&runner_id, req.request, JOB_REQUEST_TIMEOUT_SECS).await
+    }
+
+    /// Sends one request to a runner and waits up to `timeout_secs` for its reply.
+    async fn ask_runner(&self, runner_id: &str, request: RunnerRequest, timeout_secs: u64) -> ApiResult<serde_json::Value> {
         let request_id = new_id();
         let (tx, rx) = oneshot::channel();
         self.waiting.borrow_mut().insert(request_id.clone(), tx);
-        if !self.send_to_runner(&runner_id, &EdgeMessage::Request { request_id: request_id.clone(), request }) {
+        if !self.send_to_runner(runner_id, &EdgeMessage::Request { request_id: request_id.clone(), request }) {
             self.waiting.borrow_mut().remove(&request_id);
             return Err(ApiError::Unavailable("no runner is connected".into()));
         }
-        let timeout = worker::Delay::from(Duration::from_secs(120));
-        match select(rx, timeout).await {
+        *self.in_flight.borrow_mut().entry(runner_id.to_string()).or_insert(0) += 1;
+        let timeout = worker::Delay::from(Duration::from_secs(timeout_secs));
+        let answer = match select(rx, timeout).await {
             Either::Left((Ok(value), _)) => Ok(value),
             _ => {
                 self.waiting.borrow_mut().remove(&request_id);
                 Err(ApiError::Unavailable("the runner did not answer in time".into()))
             }
+        };
+        if let Some(n) = self.in_flight.borrow_mut().get_mut(runner_id) {
+            *n = n.saturating_sub(1);
         }
+        answer
     }
 
     fn stats(&self) -> ApiResult<Stats> {
@@ -818,6 +877,7 @@ impl Queue {
             (Method::Post, "/release") => json(&self.release(body_as(&mut req).await?).await?),
             (Method::Post, "/relay") => json(&self.relay(body_as(&mut req).await?)?),
             (Method::Post, "/request") => json(&self.request(body_as(&mut req).await?).await?),
+            (Method::Post, "/request-job") => json(&self.request_job(body_as(&mut req).await?).await?),
             (Method::Get, "/stats") => json(&self.stats()?),
             (Method::Get, "/snapshot") => json(&self.snapshot(&query("owner").unwrap_or_default())?),
             (Method::Get, "/position") => {
@@ -844,6 +904,7 @@ impl DurableObject for Queue {
             reconcile_ms: reconcile_secs.max(1) * 1000,
             core: RefCell::new(None),
             waiting: RefCell::new(HashMap::new()),
+            in_flight: RefCell::new(HashMap::new()),
             reconciled_ms: RefCell::new(0),
         };
         if let Err(e) = queue.ensure_schema() {

@@ -1,8 +1,10 @@
-//! `/runner/v1/*`: registration (operator's token), the runner's socket to its queue, and event
-//! batches. Runner tokens open these endpoints only; user and service tokens never do.
+//! `/runner/v1/*`: registration (operator's token), the runner's socket to its queue, event
+//! batches, and an app build's workspace snapshot (R2). Runner tokens open these endpoints only;
+//! user and service tokens never do.
 
-use kiln_schemas::runner::{BatchAck, EventBatch, RegisterRunnerRequest, RegisterRunnerResponse};
-use worker::{Headers, Method, Request, RequestInit};
+use kiln_schemas::app::WorkspaceSnapshot;
+use kiln_schemas::runner::{BatchAck, EventBatch, RegisterRunnerRequest, RegisterRunnerResponse, MAX_SNAPSHOT_BYTES};
+use worker::{Headers, Method, Request, RequestInit, Response};
 
 use super::Ctx;
 use crate::auth::{bearer, tokens};
@@ -21,6 +23,14 @@ pub async fn route(mut req: Request, ctx: &Ctx, method: Method, rest: &[&str]) -
         (Method::Post, ["jobs", job_id, "events"]) => {
             let runner = authenticate(&req, ctx).await?;
             events(&mut req, ctx, &runner, job_id).await
+        }
+        (Method::Put, ["jobs", job_id, "snapshot"]) => {
+            let runner = authenticate(&req, ctx).await?;
+            put_snapshot(&mut req, ctx, &runner, job_id).await
+        }
+        (Method::Get, ["jobs", job_id, "snapshot"]) => {
+            let runner = authenticate(&req, ctx).await?;
+            get_snapshot(&req, ctx, &runner, job_id).await
         }
         _ => Err(ApiError::NotFound("no such runner endpoint".into())),
     }
@@ -95,4 +105,72 @@ async fn events(req: &mut Request, ctx: &Ctx, runner: &RunnerRow, job_id: &str) 
         )),
         Err(e) => Err(e),
     }
+}
+
+/// The R2 key of a job's workspace snapshot (bucket binding `ARTIFACTS`).
+pub fn snapshot_key(job_id: &str) -> String {
+    format!("snapshots/{job_id}.json")
+}
+
+/// Checks that `runner` holds the job's lease named by `?lease_id=`, as its room sees it (as for
+/// event batches: only the lease's runner; after the run ended, its last one). Errors: 400 without
+/// a lease id, 404 for no such job, 409 otherwise.
+async fn check_lease(req: &Request, ctx: &Ctx, runner: &RunnerRow, job_id: &str) -> ApiResult<()> {
+    let url = req.url()?;
+    let lease_id = url
+        .query_pairs()
+        .find(|(k, _)| k == "lease_id")
+        .map(|(_, v)| v.to_string())
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| ApiError::BadRequest("lease_id is required".into()))?;
+    if store::get_job_any(&env::db(&ctx.env)?, job_id).await?.is_none() {
+        return Err(ApiError::NotFound("job not found".into()));
+    }
+    let room = env::job_room(&ctx.env, job_id)?;
+    let _: serde_json::Value = http::call(
+        &room,
+        Method::Post,
+        "/check-lease",
+        Some(&serde_json::json!({ "lease_id": lease_id, "runner_id": runner.id })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// `PUT /runner/v1/jobs/<id>/snapshot?lease_id=`: the workspace's text files, a
+/// [`WorkspaceSnapshot`] of at most [`MAX_SNAPSHOT_BYTES`], kept in R2 for the files API and the
+/// job's continuation runs.
+async fn put_snapshot(req: &mut Request, ctx: &Ctx, runner: &RunnerRow, job_id: &str) -> ApiResult {
+    let too_large = || ApiError::TooLarge(format!("snapshot over {MAX_SNAPSHOT_BYTES} bytes"));
+    let declared = req.headers().get("content-length")?.and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_SNAPSHOT_BYTES as u64) {
+        return Err(too_large());
+    }
+    check_lease(req, ctx, runner, job_id).await?;
+    let body = req.bytes().await.map_err(|_| ApiError::BadRequest("could not read request body".into()))?;
+    if body.len() > MAX_SNAPSHOT_BYTES {
+        return Err(too_large());
+    }
+    let snapshot: WorkspaceSnapshot = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::BadRequest("body must be a workspace snapshot: {\"files\": [{\"path\", \"content\", \"size\"}], \"omitted\": [...]}".into()))?;
+    let (files, bytes) = (snapshot.files.len(), body.len());
+    let bucket = ctx.env.bucket("ARTIFACTS")?;
+    bucket.put(snapshot_key(job_id), body).execute().await?;
+    Ok(json_status(&serde_json::json!({ "stored": true, "files": files, "bytes": bytes }), 200))
+}
+
+/// `GET /runner/v1/jobs/<id>/snapshot?lease_id=`: the job's last snapshot, or 404.
+async fn get_snapshot(req: &Request, ctx: &Ctx, runner: &RunnerRow, job_id: &str) -> ApiResult {
+    check_lease(req, ctx, runner, job_id).await?;
+    let bucket = ctx.env.bucket("ARTIFACTS")?;
+    let Some(object) = bucket.get(snapshot_key(job_id)).execute().await? else {
+        return Err(ApiError::NotFound("no snapshot of this job".into()));
+    };
+    let Some(body) = object.body() else {
+        return Err(ApiError::NotFound("no snapshot of this job".into()));
+    };
+    let bytes = body.bytes().await?;
+    let headers = Headers::new();
+    headers.set("content-type", "application/json")?;
+    Ok(Response::from_bytes(bytes)?.with_headers(headers))
 }
