@@ -256,8 +256,11 @@ impl Gatherer {
         match tokio::time::timeout(self.time_limit, work).await {
             Ok(r) => r,
             Err(_) => Err(fail(format!(
-                "the gatherer's turn took longer than {} s",
-                self.time_limit.as_secs()
+                "the gatherer's turn took longer than {}",
+                match self.time_limit.as_millis() {
+                    ms if ms % 1000 == 0 => format!("{} s", ms / 1000),
+                    ms => format!("{ms} ms"),
+                }
             ))),
         }
     }
