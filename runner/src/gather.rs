@@ -19,8 +19,9 @@ pub const ROLE: &str = "gatherer";
 pub const SENDER: &str = "Client Relations";
 /// Default of `RUNNER_CHAT_CONCURRENCY`.
 pub const DEFAULT_CONCURRENCY: usize = 4;
-/// Longest a turn may take, waiting for a free turn included.
-pub const TURN_TIME_LIMIT: Duration = Duration::from_secs(180);
+/// Longest a turn may take, waiting for a free turn included: under the 120 s the edge's queue
+/// waits for a reply, so the client hears this runner's reason rather than a timeout.
+pub const TURN_TIME_LIMIT: Duration = Duration::from_secs(110);
 /// Most tokens a turn's reply may have.
 const MAX_REPLY_TOKENS: u32 = 2048;
 /// Most input and output tokens one turn may use (within the runner's `[llm]` budget).
