@@ -11,9 +11,11 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::extract::Query;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{SinkExt, StreamExt};
+use kiln_schemas::app::WorkspaceSnapshot;
 use kiln_schemas::runner::{
     Assignment, BatchAck, EdgeMessage, EventBatch, RegisterRunnerRequest, RegisterRunnerResponse,
     RunnerEvent, RunnerMessage,
@@ -49,6 +51,9 @@ struct EdgeState {
     lease_secs: AtomicU32,
     /// Milliseconds each event post waits before it is answered (a slow edge).
     post_delay_ms: AtomicU32,
+    /// App builds' workspace snapshots by job, and every PUT of one: (job, lease, files).
+    snapshots: Mutex<HashMap<String, WorkspaceSnapshot>>,
+    snapshot_puts: Mutex<Vec<(String, String, usize)>>,
 }
 
 #[derive(Clone)]
@@ -206,6 +211,55 @@ async fn events(
     .into_response()
 }
 
+#[derive(serde::Deserialize)]
+struct LeaseQuery {
+    lease_id: Option<String>,
+}
+
+/// `PUT /runner/v1/jobs/{job_id}/snapshot?lease_id=`, refused like an event batch when the
+/// job's lease was invalidated.
+async fn put_snapshot(
+    State(s): State<Arc<EdgeState>>,
+    headers: HeaderMap,
+    Path(job_id): Path<String>,
+    Query(q): Query<LeaseQuery>,
+    Json(snap): Json<WorkspaceSnapshot>,
+) -> Response {
+    if !authorized(&s, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let Some(lease) = q.lease_id else {
+        return (StatusCode::BAD_REQUEST, Json(serde_json::json!({"error": "lease_id is required"}))).into_response();
+    };
+    if s.invalid.lock().unwrap().contains(&job_id) {
+        return (StatusCode::CONFLICT, Json(serde_json::json!({"error": "lease no longer valid"}))).into_response();
+    }
+    s.snapshot_puts
+        .lock()
+        .unwrap()
+        .push((job_id.clone(), lease, snap.files.len()));
+    s.snapshots.lock().unwrap().insert(job_id, snap);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn get_snapshot(
+    State(s): State<Arc<EdgeState>>,
+    headers: HeaderMap,
+    Path(job_id): Path<String>,
+    Query(q): Query<LeaseQuery>,
+) -> Response {
+    if !authorized(&s, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    if q.lease_id.is_none() {
+        return (StatusCode::BAD_REQUEST, Json(serde_json::json!({"error": "lease_id is required"}))).into_response();
+    }
+    match s.snapshots.lock().unwrap().get(&job_id) {
+        Some(snap) => Json(snap.clone()).into_response(),
+        None => (StatusCode::NOT_FOUND, Json(serde_json::json!({"error": "no snapshot"}))).into_response(),
+    }
+}
+
 fn store(s: &EdgeState, job_id: &str, batch: &EventBatch) -> (u32, u32) {
     s.batches
         .lock()
@@ -241,6 +295,10 @@ impl FakeEdge {
             .route("/runner/v1/register", post(register))
             .route("/runner/v1/connect", get(connect))
             .route("/runner/v1/jobs/{job_id}/events", post(events))
+            .route(
+                "/runner/v1/jobs/{job_id}/snapshot",
+                get(get_snapshot).put(put_snapshot),
+            )
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -287,6 +345,32 @@ impl FakeEdge {
     /// The `lease_secs` the next sessions are welcomed with.
     pub fn set_lease_secs(&self, secs: u32) {
         self.state.lease_secs.store(secs, Ordering::SeqCst);
+    }
+
+    /// The job's last workspace snapshot.
+    pub fn snapshot(&self, job_id: &str) -> Option<WorkspaceSnapshot> {
+        self.state.snapshots.lock().unwrap().get(job_id).cloned()
+    }
+
+    /// Sets the snapshot an earlier run of the job left.
+    pub fn set_snapshot(&self, job_id: &str, snap: WorkspaceSnapshot) {
+        self.state
+            .snapshots
+            .lock()
+            .unwrap()
+            .insert(job_id.to_string(), snap);
+    }
+
+    /// Every snapshot PUT of the job: (lease, files).
+    pub fn snapshot_puts(&self, job_id: &str) -> Vec<(String, usize)> {
+        self.state
+            .snapshot_puts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(j, _, _)| j == job_id)
+            .map(|(_, l, n)| (l.clone(), *n))
+            .collect()
     }
 
     /// Makes every event post wait this long before it is answered.

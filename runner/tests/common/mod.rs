@@ -206,6 +206,8 @@ pub struct RunnerOptions {
     /// Directories to use instead of new ones (a runner started again over what an earlier one
     /// left).
     pub dirs: Option<TempDir>,
+    /// `[llm]`: providers, roles, prices, retries, the per-job budget [default: none].
+    pub llm: kiln_runner::llm::LlmConfig,
 }
 
 impl Default for RunnerOptions {
@@ -226,6 +228,7 @@ impl Default for RunnerOptions {
             limits: JobLimits::default(),
             resources: Resources::default(),
             dirs: None,
+            llm: Default::default(),
         }
     }
 }
@@ -307,7 +310,7 @@ impl TestRunner {
             container_user: ContainerUser::default(),
             job_limits: opts.limits,
             resources: opts.resources,
-            llm: Default::default(),
+            llm: opts.llm,
         };
         let app = Application::build(config).await?;
         let port = app.port();
