@@ -202,6 +202,7 @@ impl Application {
             metrics: metrics.clone(),
             repos_dir: config.repos_dir.clone(),
             worktrees_dir: config.worktrees_dir.clone(),
+            llm: health::llm_summary(&config.llm),
         });
         let tools = crate::tools::report(
             &config.agent,

@@ -2,7 +2,8 @@
 //!
 //! - `GET /health`: queue counts, Docker, agent profile, git, the edge session, the executor
 //!   (seed 003's health shape, with the runner's own parts added), and disk use (`disk`: the
-//!   worktrees and the mirrors, their count and apparent bytes).
+//!   worktrees and the mirrors, their count and apparent bytes), and the LLM settings (`llm`:
+//!   whether a provider is configured, provider names, each role's model).
 //! - `GET /metrics`: the same and more as Prometheus text (`metrics.rs`).
 
 use std::path::PathBuf;
@@ -36,6 +37,23 @@ pub struct HealthState {
     pub metrics: Arc<Metrics>,
     pub repos_dir: PathBuf,
     pub worktrees_dir: PathBuf,
+    /// What `/health` says of the LLM settings ([`llm_summary`]).
+    pub llm: Value,
+}
+
+/// The LLM settings as `/health` shows them: whether a provider is configured, the providers'
+/// names and each role's `provider/model` (never a key or a URL).
+pub fn llm_summary(config: &crate::llm::LlmConfig) -> Value {
+    let roles: serde_json::Map<String, Value> = config
+        .roles
+        .iter()
+        .map(|(role, m)| (role.clone(), Value::String(m.to_string())))
+        .collect();
+    json!({
+        "configured": !config.providers.is_empty(),
+        "providers": config.providers.keys().collect::<Vec<_>>(),
+        "roles": roles,
+    })
 }
 
 pub fn router(state: Arc<HealthState>) -> Router {
@@ -99,6 +117,7 @@ async fn health(State(s): State<Arc<HealthState>>) -> Json<Value> {
         "edge": {"connected": s.edge.is_connected(), "url": s.edge_url},
         "executor": s.executor.as_str(),
         "isolation": s.isolation,
+        "llm": s.llm,
         "disk": {
             "worktrees": {"count": worktrees.count, "bytes": worktrees.bytes, "path": s.worktrees_dir},
             "mirrors": {"count": mirrors.count, "bytes": mirrors.bytes, "path": s.repos_dir},
