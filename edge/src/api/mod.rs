@@ -2,6 +2,7 @@
 //! once, before any handler runs; so do, for every face, CORS (`CORS_ORIGINS`, preflights
 //! included) and the error envelope (`{"error"}`, plus DRF's `detail` under `/api/`).
 
+mod app_builder;
 mod auth;
 mod clients;
 mod grants;
@@ -97,6 +98,35 @@ async fn route_authenticated(req: Request, ctx: &Ctx, who: &Principal, method: M
     match (method, segments) {
         // `GET /api/auth/me/`
         (Method::Get, ["api", "auth", "me"]) => auth::me(ctx, who).await,
+        // Seed 000's app builder (`app_builder`): trailing slashes as the frontend sends them.
+        // `GET /api/jobs/` · `POST /api/jobs/` · `DELETE /api/jobs/purge/`
+        (Method::Get, ["api", "jobs"]) => app_builder::jobs::list(ctx, who).await,
+        (Method::Post, ["api", "jobs"]) => app_builder::jobs::create(req, ctx, who).await,
+        (Method::Delete, ["api", "jobs", "purge"]) => app_builder::jobs::purge(ctx, who).await,
+        // `GET|PATCH|DELETE /api/jobs/<id>/`
+        (Method::Get, ["api", "jobs", id]) => app_builder::jobs::get(ctx, who, id).await,
+        (Method::Patch, ["api", "jobs", id]) => app_builder::jobs::patch(req, ctx, who, id).await,
+        (Method::Delete, ["api", "jobs", id]) => app_builder::jobs::delete(ctx, who, id).await,
+        // `POST /api/jobs/<id>/pause/` · `resume/` · `continue/`
+        (Method::Post, ["api", "jobs", id, "pause"]) => app_builder::jobs::pause(ctx, who, id, true).await,
+        (Method::Post, ["api", "jobs", id, "resume"]) => app_builder::jobs::pause(ctx, who, id, false).await,
+        (Method::Post, ["api", "jobs", id, "continue"]) => app_builder::jobs::continue_job(req, ctx, who, id).await,
+        // `GET /api/jobs/<id>/files/structure/?path=&limit=` · `files/content/?path=`
+        (Method::Get, ["api", "jobs", id, "files", "structure"]) => app_builder::files::structure(req, ctx, who, id).await,
+        (Method::Get, ["api", "jobs", id, "files", "content"]) => app_builder::files::content(req, ctx, who, id).await,
+        // `GET /api/job-messages/?job_id=` · `POST /api/job-messages/`
+        (Method::Get, ["api", "job-messages"]) => app_builder::messages::list(req, ctx, who).await,
+        (Method::Post, ["api", "job-messages"]) => app_builder::messages::create(req, ctx, who).await,
+        // `GET|DELETE /api/job-messages/<id>/`
+        (Method::Get, ["api", "job-messages", id]) => app_builder::messages::get(ctx, who, id).await,
+        (Method::Delete, ["api", "job-messages", id]) => app_builder::messages::delete(ctx, who, id).await,
+        // `GET /api/apps/` · `GET /api/apps/<id>/` · `GET /api/apps/by-job/<job_id>/`
+        (Method::Get, ["api", "apps"]) => app_builder::artifacts::list_apps(ctx, who).await,
+        (Method::Get, ["api", "apps", "by-job", job_id]) => app_builder::artifacts::app_of_job(ctx, who, job_id).await,
+        (Method::Get, ["api", "apps", id]) => app_builder::artifacts::get_app(ctx, who, id).await,
+        // `GET /api/tickets/?job_id=` · `GET /api/tickets/<id>/`
+        (Method::Get, ["api", "tickets"]) => app_builder::artifacts::list_tickets(req, ctx, who).await,
+        (Method::Get, ["api", "tickets", id]) => app_builder::artifacts::get_ticket(ctx, who, id).await,
         // `GET /jobs` · `POST /jobs`
         (Method::Get, ["jobs"]) => jobs::list(req, ctx, who).await,
         (Method::Post, ["jobs"]) => jobs::create(req, ctx, who).await,
