@@ -68,7 +68,8 @@ fn display_path(rel: &str) -> String {
 /// path and the last component's metadata (`None` when it does not exist).
 fn resolve(dir: &Path, rel: &str) -> Result<(PathBuf, Option<Metadata>), FilesError> {
     let mut at = dir.to_path_buf();
-    let mut meta = fs::symlink_metadata(&at).map_err(|_| refuse("this job has no workspace on this runner"))?;
+    let mut meta = fs::symlink_metadata(&at)
+        .map_err(|_| refuse("this job has no workspace on this runner"))?;
     if !meta.is_dir() {
         return Err(refuse("this job has no workspace on this runner"));
     }
@@ -81,7 +82,10 @@ fn resolve(dir: &Path, rel: &str) -> Result<(PathBuf, Option<Metadata>), FilesEr
             Err(_) => return Err(refuse("no such file or directory")),
         };
         if meta.file_type().is_symlink() {
-            return Err(refuse(format!("{} is a symbolic link", display_path(&segs[..=i].join("/")))));
+            return Err(refuse(format!(
+                "{} is a symbolic link",
+                display_path(&segs[..=i].join("/"))
+            )));
         }
         if i + 1 < segs.len() && !meta.is_dir() {
             return Err(refuse("no such file or directory"));
@@ -105,7 +109,9 @@ fn kind_of(meta: &Metadata) -> Option<&'static str> {
 
 /// The entries of one directory, hidden names left out, directories first then by name.
 fn entries(dir: &Path) -> Vec<(String, Metadata)> {
-    let Ok(rd) = fs::read_dir(dir) else { return Vec::new() };
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
     let mut out: Vec<(String, Metadata)> = rd
         .filter_map(Result::ok)
         .filter_map(|e| {
@@ -129,69 +135,70 @@ pub fn list(dir: &Path, path: &str, limit: u32) -> Result<FileStructure, FilesEr
     let (root, meta) = resolve(dir, &rel)?;
     match meta {
         None => return Err(refuse(format!("{} does not exist", display_path(&rel)))),
-        Some(m) if !m.is_dir() => return Err(refuse(format!("{} is not a directory", display_path(&rel)))),
+        Some(m) if !m.is_dir() => {
+            return Err(refuse(format!("{} is not a directory", display_path(&rel))))
+        }
         Some(_) => {}
     }
-    struct Node {
-        entry: FileEntry,
-        children: Option<Vec<usize>>,
-    }
     let limit = limit.max(1) as usize;
-    let mut nodes: Vec<Node> = Vec::new();
+    // Entries in the order they were found (a parent before its children), and the ids of
+    // each directory's listed children (`None`: not reached within the limit).
+    let mut found: Vec<Option<FileEntry>> = Vec::new();
+    let mut kids: Vec<Option<Vec<usize>>> = Vec::new();
     let mut top: Vec<usize> = Vec::new();
-    // (node whose children these are, or None for the top; its path on disk; its relative path)
+    // (the directory's id, `None` for the top; its path on disk; its relative path)
     let mut queue: VecDeque<(Option<usize>, PathBuf, String)> = VecDeque::new();
     queue.push_back((None, root, rel));
     let mut truncated = false;
-    'walk: while let Some((parent, disk, rel)) = queue.pop_front() {
+    while let Some((parent, disk, rel)) = queue.pop_front() {
         let mut ids = Vec::new();
-        let found = entries(&disk);
-        for (name, meta) in found {
-            if nodes.len() >= limit {
+        for (name, meta) in entries(&disk) {
+            if found.len() >= limit {
                 truncated = true;
-                if let Some(p) = parent {
-                    nodes[p].children = Some(ids);
-                } else {
-                    top = ids;
-                }
-                break 'walk;
+                break;
             }
-            let child_rel = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            let child_rel = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
             let kind = kind_of(&meta).unwrap_or("file");
-            let id = nodes.len();
-            nodes.push(Node {
-                entry: FileEntry {
-                    name: name.clone(),
-                    path: display_path(&child_rel),
-                    kind: kind.to_string(),
-                    size: (kind == "file").then(|| meta.len()),
-                    children: None,
-                },
-                children: None,
-            });
+            let id = found.len();
             if kind == "directory" {
-                queue.push_back((Some(id), disk.join(&name), child_rel));
+                queue.push_back((Some(id), disk.join(&name), child_rel.clone()));
             }
+            found.push(Some(FileEntry {
+                name,
+                path: display_path(&child_rel),
+                kind: kind.to_string(),
+                size: (kind == "file").then_some(meta.len()),
+                children: None,
+            }));
+            kids.push(None);
             ids.push(id);
         }
         match parent {
-            Some(p) => nodes[p].children = Some(ids),
+            Some(p) => kids[p] = Some(ids),
             None => top = ids,
         }
-    }
-    if !queue.is_empty() {
-        truncated = true;
-    }
-    fn build(nodes: &mut [Option<(FileEntry, Option<Vec<usize>>)>], id: usize) -> FileEntry {
-        let (mut entry, children) = nodes[id].take().expect("each node is built once");
-        if let Some(ids) = children {
-            entry.children = Some(ids.into_iter().map(|c| build(nodes, c)).collect());
+        if truncated {
+            break;
         }
-        entry
     }
-    let mut slots: Vec<Option<(FileEntry, Option<Vec<usize>>)>> =
-        nodes.into_iter().map(|n| Some((n.entry, n.children))).collect();
-    let structure = top.into_iter().map(|id| build(&mut slots, id)).collect();
+    // Children have larger ids than their parents: attach them from the last entry back.
+    for id in (0..found.len()).rev() {
+        if let Some(ids) = kids[id].take() {
+            let children = ids
+                .iter()
+                .map(|&c| found[c].take().expect("one parent each"))
+                .collect();
+            found[id].as_mut().expect("not yet attached").children = Some(children);
+        }
+    }
+    let structure = top
+        .iter()
+        .map(|&id| found[id].take().expect("a top entry"))
+        .collect();
     Ok(FileStructure {
         structure,
         truncated,
@@ -208,14 +215,20 @@ fn open_inside(dir: &Path, at: &Path) -> io::Result<File> {
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
         .open(at)?;
     if !file.metadata()?.is_file() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
     }
     use std::os::fd::AsRawFd;
     let proc = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
     if let Ok(real) = fs::read_link(&proc) {
         let base = dir.canonicalize()?;
         if !real.starts_with(&base) {
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "outside the workspace"));
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "outside the workspace",
+            ));
         }
     }
     Ok(file)
@@ -248,7 +261,10 @@ pub fn read(dir: &Path, path: &str) -> Result<FileContent, FilesError> {
         return Err(refuse(format!("{shown} is not a regular file")));
     }
     if meta.len() > MAX_FILE_BYTES {
-        return Err(refuse(format!("file is over {MAX_FILE_BYTES} bytes ({} bytes)", meta.len())));
+        return Err(refuse(format!(
+            "file is over {MAX_FILE_BYTES} bytes ({} bytes)",
+            meta.len()
+        )));
     }
     let file = open_inside(dir, &at).map_err(|_| refuse(format!("{shown} could not be read")))?;
     let bytes = read_bounded(file, MAX_FILE_BYTES)
@@ -256,7 +272,11 @@ pub fn read(dir: &Path, path: &str) -> Result<FileContent, FilesError> {
         .ok_or_else(|| refuse(format!("file is over {MAX_FILE_BYTES} bytes")))?;
     let size = bytes.len() as u64;
     let content = text(bytes).ok_or_else(|| refuse("binary file"))?;
-    Ok(FileContent { path: shown, content, size })
+    Ok(FileContent {
+        path: shown,
+        content,
+        size,
+    })
 }
 
 /// Every text file under `dir` (not `.git`, no link followed), in path order. Binary files,
@@ -280,7 +300,10 @@ pub fn snapshot(dir: &Path) -> io::Result<WorkspaceSnapshot> {
     let mut stack: Vec<(PathBuf, String)> = vec![(dir.to_path_buf(), String::new())];
     let meta = fs::symlink_metadata(dir)?;
     if !meta.is_dir() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "the workspace is not a directory"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the workspace is not a directory",
+        ));
     }
     // Depth first, names in order, so the snapshot lists files in path order.
     while let Some((disk, rel)) = stack.pop() {
@@ -297,7 +320,11 @@ pub fn snapshot(dir: &Path) -> io::Result<WorkspaceSnapshot> {
         names.sort_by(|a, b| a.0.cmp(&b.0));
         let mut dirs = Vec::new();
         for (name, meta) in names {
-            let child = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            let child = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
             if meta.is_dir() {
                 dirs.push((disk.join(&name), child));
                 continue;
@@ -309,7 +336,9 @@ pub fn snapshot(dir: &Path) -> io::Result<WorkspaceSnapshot> {
                 omit(&mut snap, child);
                 continue;
             }
-            let bytes = match open_inside(dir, &disk.join(&name)).and_then(|f| read_bounded(f, MAX_FILE_BYTES)) {
+            let bytes = match open_inside(dir, &disk.join(&name))
+                .and_then(|f| read_bounded(f, MAX_FILE_BYTES))
+            {
                 Ok(Some(b)) => b,
                 Ok(None) => {
                     omit(&mut snap, child);
@@ -322,8 +351,14 @@ pub fn snapshot(dir: &Path) -> io::Result<WorkspaceSnapshot> {
                 omit(&mut snap, child);
                 continue;
             };
-            let file = SnapshotFile { path: child, content, size };
-            let cost = serde_json::to_string(&file).map(|s| s.len() + 1).unwrap_or(usize::MAX);
+            let file = SnapshotFile {
+                path: child,
+                content,
+                size,
+            };
+            let cost = serde_json::to_string(&file)
+                .map(|s| s.len() + 1)
+                .unwrap_or(usize::MAX);
             if used.saturating_add(cost) > budget {
                 omit(&mut snap, file.path);
                 continue;
@@ -335,7 +370,10 @@ pub fn snapshot(dir: &Path) -> io::Result<WorkspaceSnapshot> {
         stack.extend(dirs.into_iter().rev());
     }
     if omitted_dropped > 0 {
-        tracing::warn!(omitted_dropped, "the snapshot's list of omitted files is full; more were left out unlisted");
+        tracing::warn!(
+            omitted_dropped,
+            "the snapshot's list of omitted files is full; more were left out unlisted"
+        );
     }
     Ok(snap)
 }
@@ -349,7 +387,8 @@ fn invalid(msg: String) -> io::Error {
 pub fn restore(dir: &Path, snap: &WorkspaceSnapshot) -> io::Result<()> {
     let mut rels = Vec::with_capacity(snap.files.len());
     for f in &snap.files {
-        let rel = checked_path(&f.path).map_err(|e| invalid(format!("snapshot path {:?}: {e}", f.path)))?;
+        let rel = checked_path(&f.path)
+            .map_err(|e| invalid(format!("snapshot path {:?}: {e}", f.path)))?;
         if rel.is_empty() {
             return Err(invalid("a snapshot file has an empty path".into()));
         }
@@ -363,10 +402,16 @@ pub fn restore(dir: &Path, snap: &WorkspaceSnapshot) -> io::Result<()> {
             at.push(seg);
             match fs::symlink_metadata(&at) {
                 Ok(m) if m.file_type().is_symlink() => {
-                    return Err(invalid(format!("snapshot path {rel:?} runs through a symbolic link")));
+                    return Err(invalid(format!(
+                        "snapshot path {rel:?} runs through a symbolic link"
+                    )));
                 }
                 Ok(m) if m.is_dir() => {}
-                Ok(_) => return Err(invalid(format!("snapshot path {rel:?} runs through a file"))),
+                Ok(_) => {
+                    return Err(invalid(format!(
+                        "snapshot path {rel:?} runs through a file"
+                    )))
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(&at)?,
                 Err(e) => return Err(e),
             }

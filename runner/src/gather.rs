@@ -75,14 +75,20 @@ pub fn conversation(req: &GatherRequest) -> Result<Vec<Message>, GatherError> {
         let user = match t.role.as_str() {
             "user" => true,
             "agent" => false,
-            other => return Err(fail(format!("a transcript turn's role must be user or agent, not {other:?}"))),
+            other => {
+                return Err(fail(format!(
+                    "a transcript turn's role must be user or agent, not {other:?}"
+                )))
+            }
         };
         if !t.content.trim().is_empty() {
             turns.push((user, t.content.as_str()));
         }
     }
     if turns.is_empty() {
-        return Err(fail("the conversation is empty: there is no idea to ask about"));
+        return Err(fail(
+            "the conversation is empty: there is no idea to ask about",
+        ));
     }
     let mut messages: Vec<Message> = Vec::new();
     for (user, text) in turns {
@@ -91,7 +97,11 @@ pub fn conversation(req: &GatherRequest) -> Result<Vec<Message>, GatherError> {
                 m.content.push_str("\n\n");
                 m.content.push_str(text);
             }
-            _ => messages.push(if user { Message::user(text) } else { Message::assistant(text) }),
+            _ => messages.push(if user {
+                Message::user(text)
+            } else {
+                Message::assistant(text)
+            }),
         }
     }
     if messages[0].role != crate::llm::MessageRole::User {
@@ -162,10 +172,13 @@ pub async fn turn(
         ..ChatRequest::for_role(ROLE)
     };
     let meter = Mutex::new(Meter::new(budget));
-    let done = llm.complete(&chat, &meter, cancel, |_| {}).await.map_err(|e| {
-        tracing::warn!(job_id = %req.job_id, error = %e, "a gatherer turn failed");
-        explain(&e)
-    })?;
+    let done = llm
+        .complete(&chat, &meter, cancel, |_| {})
+        .await
+        .map_err(|e| {
+            tracing::warn!(job_id = %req.job_id, error = %e, "a gatherer turn failed");
+            explain(&e)
+        })?;
     let reply = done.text.trim().to_string();
     if reply.is_empty() {
         return Err(fail("the model's reply was empty"));
@@ -278,30 +291,73 @@ mod tests {
             initial_prompt: "A todo app".into(),
             transcript: turns
                 .iter()
-                .map(|(r, c)| ChatTurn { role: r.to_string(), content: c.to_string() })
+                .map(|(r, c)| ChatTurn {
+                    role: r.to_string(),
+                    content: c.to_string(),
+                })
                 .collect(),
             must_summarise: must,
         }
     }
 
     fn shape(m: &[Message]) -> Vec<(&str, &str)> {
-        m.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect()
+        m.iter()
+            .map(|m| (m.role.as_str(), m.content.as_str()))
+            .collect()
     }
 
     #[test]
     fn the_idea_comes_first_and_turns_alternate() {
         let m = conversation(&req(&[], false)).unwrap();
         assert_eq!(shape(&m), [("user", "A todo app")]);
-        let m = conversation(&req(&[("user", "A todo app"), ("agent", "Who uses it?"), ("user", "Me")], false)).unwrap();
-        assert_eq!(shape(&m), [("user", "A todo app"), ("assistant", "Who uses it?"), ("user", "Me")]);
-        let m = conversation(&req(&[("agent", "Hi"), ("agent", "Who?"), ("user", "a"), ("user", "b")], false)).unwrap();
-        assert_eq!(shape(&m), [("user", "A todo app"), ("assistant", "Hi\n\nWho?"), ("user", "a\n\nb")]);
+        let m = conversation(&req(
+            &[
+                ("user", "A todo app"),
+                ("agent", "Who uses it?"),
+                ("user", "Me"),
+            ],
+            false,
+        ))
+        .unwrap();
+        assert_eq!(
+            shape(&m),
+            [
+                ("user", "A todo app"),
+                ("assistant", "Who uses it?"),
+                ("user", "Me")
+            ]
+        );
+        let m = conversation(&req(
+            &[
+                ("agent", "Hi"),
+                ("agent", "Who?"),
+                ("user", "a"),
+                ("user", "b"),
+            ],
+            false,
+        ))
+        .unwrap();
+        assert_eq!(
+            shape(&m),
+            [
+                ("user", "A todo app"),
+                ("assistant", "Hi\n\nWho?"),
+                ("user", "a\n\nb")
+            ]
+        );
         let m = conversation(&req(&[("user", "Me"), ("agent", "Ok")], false)).unwrap();
-        assert_eq!(m.last().unwrap().role.as_str(), "user", "the model answers a user message");
+        assert_eq!(
+            m.last().unwrap().role.as_str(),
+            "user",
+            "the model answers a user message"
+        );
         let m = conversation(&req(&[("agent", "Who?"), ("user", "Me")], true)).unwrap();
         assert!(m.last().unwrap().content.starts_with("Me\n\n"));
         assert!(m.last().unwrap().content.contains(SUMMARY_MARKER));
-        assert!(conversation(&req(&[("boss", "x")], false)).unwrap_err().0.contains("user or agent"));
+        assert!(conversation(&req(&[("boss", "x")], false))
+            .unwrap_err()
+            .0
+            .contains("user or agent"));
     }
 
     #[test]

@@ -42,12 +42,18 @@ async fn snapshot(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    e.seen.lock().unwrap().push((method.to_string(), job, q.unwrap_or_default(), bearer));
+    e.seen
+        .lock()
+        .unwrap()
+        .push((method.to_string(), job, q.unwrap_or_default(), bearer));
     {
         let mut f = e.fail_with.lock().unwrap();
         if let Some((status, n)) = *f {
             *f = (n > 1).then_some((status, n - 1));
-            return (StatusCode::from_u16(status).unwrap(), r#"{"error": "injected"}"#.into());
+            return (
+                StatusCode::from_u16(status).unwrap(),
+                r#"{"error": "injected"}"#.into(),
+            );
         }
     }
     match method {
@@ -57,7 +63,10 @@ async fn snapshot(
         }
         _ => match e.stored.lock().unwrap().clone() {
             Some(b) => (StatusCode::OK, String::from_utf8(b).unwrap()),
-            None => (StatusCode::NOT_FOUND, r#"{"error": "no snapshot of this job"}"#.into()),
+            None => (
+                StatusCode::NOT_FOUND,
+                r#"{"error": "no snapshot of this job"}"#.into(),
+            ),
         },
     }
 }
@@ -77,7 +86,11 @@ async fn start() -> (Arc<Edge>, EdgeClient) {
 fn worktree() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("src")).unwrap();
-    std::fs::write(dir.path().join("index.html"), "<h1>\"quoted\" & ünïcode</h1>\n").unwrap();
+    std::fs::write(
+        dir.path().join("index.html"),
+        "<h1>\"quoted\" & ünïcode</h1>\n",
+    )
+    .unwrap();
     std::fs::write(dir.path().join("src/app.js"), "console.log('hi')\n").unwrap();
     dir
 }
@@ -85,12 +98,23 @@ fn worktree() -> tempfile::TempDir {
 #[tokio::test]
 async fn a_snapshot_goes_to_the_edge_and_comes_back() {
     let (edge, client) = start().await;
-    assert_eq!(client.get_snapshot("job-1", "lease-1").await.unwrap(), None, "404 is none");
+    assert_eq!(
+        client.get_snapshot("job-1", "lease-1").await.unwrap(),
+        None,
+        "404 is none"
+    );
 
     let from = worktree();
     let snap = files::snapshot(from.path()).unwrap();
-    client.put_snapshot("job-1", "lease-1", &snap).await.unwrap();
-    let back = client.get_snapshot("job-1", "lease-2").await.unwrap().expect("stored");
+    client
+        .put_snapshot("job-1", "lease-1", &snap)
+        .await
+        .unwrap();
+    let back = client
+        .get_snapshot("job-1", "lease-2")
+        .await
+        .unwrap()
+        .expect("stored");
     assert_eq!(back, snap);
     let into = tempfile::tempdir().unwrap();
     files::restore(into.path(), &back).unwrap();
@@ -102,7 +126,9 @@ async fn a_snapshot_goes_to_the_edge_and_comes_back() {
     let seen = edge.seen.lock().unwrap().clone();
     let methods: Vec<&str> = seen.iter().map(|s| s.0.as_str()).collect();
     assert_eq!(methods, ["GET", "PUT", "GET"]);
-    assert!(seen.iter().all(|s| s.1 == "job-1" && s.3 == format!("Bearer {TOKEN}")));
+    assert!(seen
+        .iter()
+        .all(|s| s.1 == "job-1" && s.3 == format!("Bearer {TOKEN}")));
     assert_eq!(seen[1].2, "lease_id=lease-1");
     assert_eq!(seen[2].2, "lease_id=lease-2");
 }
@@ -114,14 +140,24 @@ async fn transient_failures_are_retried_and_refusals_are_not() {
 
     *edge.fail_with.lock().unwrap() = Some((503, 2));
     client.put_snapshot("job-2", "lease", &snap).await.unwrap();
-    assert_eq!(edge.attempts.swap(0, Ordering::SeqCst), 3, "two 503s, then stored");
+    assert_eq!(
+        edge.attempts.swap(0, Ordering::SeqCst),
+        3,
+        "two 503s, then stored"
+    );
     *edge.fail_with.lock().unwrap() = Some((502, 1));
-    assert_eq!(client.get_snapshot("job-2", "lease").await.unwrap(), Some(snap.clone()));
+    assert_eq!(
+        client.get_snapshot("job-2", "lease").await.unwrap(),
+        Some(snap.clone())
+    );
     assert_eq!(edge.attempts.swap(0, Ordering::SeqCst), 2);
 
     // A lease the edge no longer knows: refused at once, the error says so.
     *edge.fail_with.lock().unwrap() = Some((409, 5));
-    let e = client.put_snapshot("job-2", "old-lease", &snap).await.unwrap_err();
+    let e = client
+        .put_snapshot("job-2", "old-lease", &snap)
+        .await
+        .unwrap_err();
     assert!(!e.is_transient() && e.to_string().contains("409"), "{e}");
     assert_eq!(edge.attempts.swap(0, Ordering::SeqCst), 1);
     *edge.fail_with.lock().unwrap() = None;
@@ -139,10 +175,17 @@ async fn transient_failures_are_retried_and_refusals_are_not() {
 async fn a_snapshot_over_the_limit_is_not_sent() {
     let (edge, client) = start().await;
     let big = WorkspaceSnapshot {
-        files: vec![SnapshotFile { path: "big.txt".into(), content: "x".repeat(MAX_SNAPSHOT_BYTES), size: MAX_SNAPSHOT_BYTES as u64 }],
+        files: vec![SnapshotFile {
+            path: "big.txt".into(),
+            content: "x".repeat(MAX_SNAPSHOT_BYTES),
+            size: MAX_SNAPSHOT_BYTES as u64,
+        }],
         omitted: vec![],
     };
-    let e = client.put_snapshot("job-3", "lease", &big).await.unwrap_err();
+    let e = client
+        .put_snapshot("job-3", "lease", &big)
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("at most 16777216"), "{e}");
     assert_eq!(edge.attempts.load(Ordering::SeqCst), 0);
 }

@@ -458,13 +458,15 @@ impl Answering {
                 limit,
             } => {
                 self.in_workspace(&job_id, move |dir| {
-                    files::list(dir, &path, limit).map(|s| serde_json::to_value(s).expect("listings serialize"))
+                    files::list(dir, &path, limit)
+                        .map(|s| serde_json::to_value(s).expect("listings serialize"))
                 })
                 .await
             }
             RunnerRequest::ReadFile { job_id, path } => {
                 self.in_workspace(&job_id, move |dir| {
-                    files::read(dir, &path).map(|c| serde_json::to_value(c).expect("files serialize"))
+                    files::read(dir, &path)
+                        .map(|c| serde_json::to_value(c).expect("files serialize"))
                 })
                 .await
             }
@@ -495,7 +497,9 @@ pub async fn answer_request(workspaces: &Workspaces, request: &RunnerRequest) ->
         RunnerRequest::Sync { repos } => (repos, false),
         RunnerRequest::Clone { repos } => (repos, true),
         // Not repository work: `Answering::answer` handles them.
-        RunnerRequest::Gather(_) | RunnerRequest::ListFiles { .. } | RunnerRequest::ReadFile { .. } => return vec![],
+        RunnerRequest::Gather(_)
+        | RunnerRequest::ListFiles { .. }
+        | RunnerRequest::ReadFile { .. } => return vec![],
     };
     let work = repos.iter().map(|spec| async move {
         let slug = format!("{}/{}", spec.github_org, spec.github_repo);
