@@ -543,3 +543,20 @@ async fn an_app_workspace_is_a_new_repository_its_agent_cannot_reach() {
     assert!(!left.git_dir.exists());
     assert!(ws.create_app_workspace("../x").await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_refusing_with_429_then_answering_costs_a_retry_not_the_job() {
+    let mut s = script(&todo_backlog());
+    s["rules"][0] = json!({"when": {"role": "ceo"}, "error": {"status": 429, "retry_after": 0}, "fail_first": 1, "text": "CEO: a todo list first."});
+    let server = model(s);
+    let runner = runner(&server, Budget::default()).await;
+    let events = runner.run(app_job(None, false), 60).await;
+    assert_eq!(finished(&events).0, Outcome::Completed, "{events:#?}");
+    let statuses: Vec<(String, u16)> = server.chat_requests().iter().map(|r| (role_of(r), r.status)).collect();
+    assert_eq!(&statuses[..2], [("ceo".to_string(), 429), ("ceo".to_string(), 200)]);
+    assert!(
+        system_lines(&events).iter().any(|l| l.starts_with("LLM ceo: ") && l.contains("2 attempt(s)")),
+        "the step's line counts the attempts"
+    );
+    runner.stop().await;
+}
