@@ -22,6 +22,17 @@ use kiln_schemas::runner::MAX_SNAPSHOT_BYTES;
 /// Directory names never listed, read or snapshotted.
 const HIDDEN: &[&str] = &[".git"];
 
+/// Directories a snapshot leaves out (not listed as omitted either): installed dependencies and
+/// caches, which a build recreates and which would crowd the app's own files out of the budget.
+const NOT_SNAPSHOTTED: &[&str] = &[
+    "node_modules",
+    ".venv",
+    "venv",
+    "__pycache__",
+    ".next",
+    ".cache",
+];
+
 /// Bytes of a snapshot kept for its `omitted` list and its JSON frame.
 const OMITTED_RESERVE: usize = 512 * 1024;
 
@@ -279,7 +290,8 @@ pub fn read(dir: &Path, path: &str) -> Result<FileContent, FilesError> {
     })
 }
 
-/// Every text file under `dir` (not `.git`, no link followed), in path order. Binary files,
+/// Every text file under `dir` (not `.git`, no link followed, not in installed dependencies or
+/// caches such as `node_modules`), in path order. Binary files,
 /// files over [`MAX_FILE_BYTES`] and files past the snapshot's budget are listed in `omitted`;
 /// the snapshot's JSON stays under [`MAX_SNAPSHOT_BYTES`].
 pub fn snapshot(dir: &Path) -> io::Result<WorkspaceSnapshot> {
@@ -326,7 +338,9 @@ pub fn snapshot(dir: &Path) -> io::Result<WorkspaceSnapshot> {
                 format!("{rel}/{name}")
             };
             if meta.is_dir() {
-                dirs.push((disk.join(&name), child));
+                if !NOT_SNAPSHOTTED.contains(&name.as_str()) {
+                    dirs.push((disk.join(&name), child));
+                }
                 continue;
             }
             if !meta.is_file() {

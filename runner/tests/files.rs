@@ -235,6 +235,12 @@ fn a_snapshot_holds_the_text_files_and_restores_them() {
         "a".repeat(MAX_FILE_BYTES as usize + 1),
     )
     .unwrap();
+    write(
+        &f.ws,
+        "node_modules/react/index.js",
+        "module.exports = {};\n",
+    );
+    write(&f.ws, "src/__pycache__/x.pyc", "cached");
     let snap = files::snapshot(&f.ws).unwrap();
     let paths: Vec<&str> = snap.files.iter().map(|f| f.path.as_str()).collect();
     assert_eq!(
