@@ -492,9 +492,7 @@ impl Workspaces {
             .await
             .map_err(io_err(format!("creating {}", self.worktrees_dir.display())))?;
         let path = self.worktree_path(job_id);
-        let git_dir = self
-            .worktrees_dir
-            .join(format!("{job_id}{APP_GIT_SUFFIX}"));
+        let git_dir = self.worktrees_dir.join(format!("{job_id}{APP_GIT_SUFFIX}"));
         for old in [&path, &git_dir] {
             if old.exists() {
                 tokio::fs::remove_dir_all(old)
@@ -509,7 +507,14 @@ impl Workspaces {
         self.git
             .run(
                 &self.worktrees_dir,
-                &["init", "--quiet", "--bare", "--initial-branch=main", "--", &gd],
+                &[
+                    "init",
+                    "--quiet",
+                    "--bare",
+                    "--initial-branch=main",
+                    "--",
+                    &gd,
+                ],
             )
             .await?;
         Ok(Worktree {
@@ -535,7 +540,14 @@ impl Workspaces {
         let _guard = self.lock(&wt.repo).await;
         self.in_worktree(
             wt,
-            &["commit", "--quiet", "--no-verify", "--allow-empty", "-m", message],
+            &[
+                "commit",
+                "--quiet",
+                "--no-verify",
+                "--allow-empty",
+                "-m",
+                message,
+            ],
         )
         .await?;
         let sha = self.in_worktree(wt, &["rev-parse", "HEAD"]).await?;

@@ -24,7 +24,10 @@ use serde_json::{json, Value};
 const PRD: &str = "# Todo PRD\n\nA todo list for one person.\n\n```json\n{\"name\": \"todo\", \"features\": [\"list\", \"add\"]}\n```";
 
 fn backlog(tickets: Value) -> String {
-    format!("The backlog:\n```json\n{}\n```", json!({ "tickets": tickets }))
+    format!(
+        "The backlog:\n```json\n{}\n```",
+        json!({ "tickets": tickets })
+    )
 }
 
 /// E1, then S2 (after S1) before S1 in the backlog, and T1: built S1, S2, T1.
@@ -70,7 +73,12 @@ fn llm(server: &ModelServer, budget: Budget) -> LlmConfig {
     };
     c.providers.insert(
         "anthropic".into(),
-        Provider::new("anthropic", Api::Anthropic, &server.url(), Some(ApiKey::new("sk-ant-test"))),
+        Provider::new(
+            "anthropic",
+            Api::Anthropic,
+            &server.url(),
+            Some(ApiKey::new("sk-ant-test")),
+        ),
     );
     c.roles.insert(
         "default".into(),
@@ -114,8 +122,16 @@ fn lifecycle(events: &[RunnerEvent]) -> Vec<String> {
             RunnerEvent::Dialogue { agent, order, .. } => out.push(format!("{agent} #{order}")),
             RunnerEvent::Prd { .. } => out.push("prd".into()),
             RunnerEvent::Backlog { tickets } => out.push(format!("backlog of {}", tickets.len())),
-            RunnerEvent::Ticket { ticket_id, status, metadata, .. } => {
-                let id = metadata["local_id"].as_str().unwrap_or(ticket_id).to_string();
+            RunnerEvent::Ticket {
+                ticket_id,
+                status,
+                metadata,
+                ..
+            } => {
+                let id = metadata["local_id"]
+                    .as_str()
+                    .unwrap_or(ticket_id)
+                    .to_string();
                 local.insert(ticket_id.clone(), id.clone());
                 out.push(format!("{id} {}", status.as_str()));
             }
@@ -130,7 +146,10 @@ fn system_lines(events: &[RunnerEvent]) -> Vec<String> {
     events
         .iter()
         .filter_map(|e| match e {
-            RunnerEvent::Log { stream: LogStream::System, content } => Some(content.clone()),
+            RunnerEvent::Log {
+                stream: LogStream::System,
+                content,
+            } => Some(content.clone()),
             _ => None,
         })
         .collect()
@@ -146,7 +165,10 @@ fn role_of(r: &RecordedRequest) -> String {
 }
 
 fn snapshot_files(snap: &WorkspaceSnapshot) -> HashMap<String, String> {
-    snap.files.iter().map(|f| (f.path.clone(), f.content.clone())).collect()
+    snap.files
+        .iter()
+        .map(|f| (f.path.clone(), f.content.clone()))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,9 +182,22 @@ async fn an_app_build_plans_writes_the_prd_and_builds_its_tickets_in_dependency_
     assert_eq!(
         lifecycle(&events),
         [
-            "phase planning", "CEO #1", "CTO #2", "Secretary #3", "prd", "phase prd_ready",
-            "phase ticketing", "backlog of 4", "phase tickets_ready", "phase building",
-            "S1 in_progress", "S1 done", "S2 in_progress", "S2 done", "T1 in_progress", "T1 done",
+            "phase planning",
+            "CEO #1",
+            "CTO #2",
+            "Secretary #3",
+            "prd",
+            "phase prd_ready",
+            "phase ticketing",
+            "backlog of 4",
+            "phase tickets_ready",
+            "phase building",
+            "S1 in_progress",
+            "S1 done",
+            "S2 in_progress",
+            "S2 done",
+            "T1 in_progress",
+            "T1 done",
             "finished Completed",
         ],
         "the lifecycle; the secretary's CONSENSUS ends planning after one round; S2 after S1"
@@ -195,26 +230,56 @@ async fn an_app_build_plans_writes_the_prd_and_builds_its_tickets_in_dependency_
         .unwrap();
     let by_title: HashMap<&str, &kiln_schemas::app::Ticket> =
         tickets.iter().map(|t| (t.title.as_str(), t)).collect();
-    let (epic, s1, s2) = (by_title["Todo app"], by_title["Model write"], by_title["List write"]);
-    assert!(uuid::Uuid::parse_str(&s1.id).is_ok(), "UUIDs, not the model's ids");
-    assert_eq!(s2.dependencies, [s1.id.clone()]);
+    let (epic, s1, s2) = (
+        by_title["Todo app"],
+        by_title["Model write"],
+        by_title["List write"],
+    );
+    assert!(
+        uuid::Uuid::parse_str(&s1.id).is_ok(),
+        "UUIDs, not the model's ids"
+    );
+    assert_eq!(s2.dependencies, vec![s1.id.clone()]);
     assert_eq!(s2.parent_id.as_deref(), Some(epic.id.as_str()));
     assert!(tickets.iter().all(|t| t.status == TicketStatus::Todo));
-    assert_eq!(s1.assigned_to, "text", "the runner's agent profile builds them");
+    assert_eq!(
+        s1.assigned_to, "text",
+        "the runner's agent profile builds them"
+    );
 
     // The model was asked by role, each turn seeing the requirements and the dialogue so far.
     let asked = server.chat_requests();
     let roles: Vec<String> = asked.iter().map(role_of).collect();
     assert_eq!(roles, ["ceo", "cto", "secretary", "prd", "tickets"]);
-    assert!(asked[0].prompt.contains("A todo list for one person"), "{}", asked[0].prompt);
-    assert!(asked[1].prompt.contains("CEO: CEO: a todo list first"), "the CTO sees the CEO: {}", asked[1].prompt);
-    assert!(asked[3].prompt.contains("Decided: a todo list in plain HTML"), "the PRD sees the planning");
-    assert!(asked[4].prompt.contains("# Todo PRD"), "the backlog sees the PRD");
+    assert!(
+        asked[0].prompt.contains("A todo list for one person"),
+        "{}",
+        asked[0].prompt
+    );
+    assert!(
+        asked[1].prompt.contains("CEO: CEO: a todo list first"),
+        "the CTO sees the CEO: {}",
+        asked[1].prompt
+    );
+    assert!(
+        asked[3]
+            .prompt
+            .contains("Decided: a todo list in plain HTML"),
+        "the PRD sees the planning"
+    );
+    assert!(
+        asked[4].prompt.contains("# Todo PRD"),
+        "the backlog sees the PRD"
+    );
 
     // Each ticket: one agent run with its prompt, one commit, a snapshot after it.
     let snap = runner.edge.snapshot(&id).expect("a snapshot at the edge");
     let files = snapshot_files(&snap);
-    for (n, title, local) in [(1, "Model write", "S1"), (2, "List write", "S2"), (3, "Styles write", "T1")] {
+    for (n, title, local) in [
+        (1, "Model write", "S1"),
+        (2, "List write", "S2"),
+        (3, "Styles write", "T1"),
+    ] {
         let f = &files[&format!("kiln/iteration-{n}.txt")];
         assert!(
             f.starts_with(&format!("Ticket: {title}\nTicket id: {local}\n")),
@@ -231,22 +296,34 @@ async fn an_app_build_plans_writes_the_prd_and_builds_its_tickets_in_dependency_
     let commits: Vec<String> = events
         .iter()
         .filter_map(|e| match e {
-            RunnerEvent::Ticket { status: TicketStatus::Done, metadata, .. } => {
-                Some(metadata["commit"].as_str().unwrap().to_string())
-            }
+            RunnerEvent::Ticket {
+                status: TicketStatus::Done,
+                metadata,
+                ..
+            } => Some(metadata["commit"].as_str().unwrap().to_string()),
             _ => None,
         })
         .collect();
     assert_eq!(commits.len(), 3);
-    assert!(commits.iter().all(|c| c.len() == 40) && commits[0] != commits[1] && commits[1] != commits[2]);
+    assert!(
+        commits.iter().all(|c| c.len() == 40)
+            && commits[0] != commits[1]
+            && commits[1] != commits[2]
+    );
     let log = system_lines(&events);
-    assert_eq!(log.iter().filter(|l| l.starts_with("Committed ")).count(), 3, "one commit per ticket");
+    assert_eq!(
+        log.iter().filter(|l| l.starts_with("Committed ")).count(),
+        3,
+        "one commit per ticket"
+    );
 
     // Narrations, usage per LLM step, every step's start and end in the log.
     let narrations = events
         .iter()
-        .filter(|e| matches!(e, RunnerEvent::Stage { role, sender, metadata, .. }
-            if role == "system" && sender == "Kiln" && metadata["type"] == "description"))
+        .filter(|e| {
+            matches!(e, RunnerEvent::Stage { role, sender, metadata, .. }
+            if role == "system" && sender == "Kiln" && metadata["type"] == "description")
+        })
         .count();
     assert!(narrations >= 4, "a narration at each phase");
     let usage: Vec<String> = events
@@ -258,13 +335,28 @@ async fn an_app_build_plans_writes_the_prd_and_builds_its_tickets_in_dependency_
         .collect();
     assert_eq!(usage, ["ceo", "cto", "secretary", "prd", "tickets"]);
     for n in 1..=8 {
-        assert!(log.iter().any(|l| l.starts_with(&format!("Step {n} ("))), "step {n} starts: {log:#?}");
-        assert!(log.iter().any(|l| l.starts_with(&format!("Step {n} ended in "))), "step {n} ends");
+        assert!(
+            log.iter().any(|l| l.starts_with(&format!("Step {n} ("))),
+            "step {n} starts: {log:#?}"
+        );
+        assert!(
+            log.iter()
+                .any(|l| l.starts_with(&format!("Step {n} ended in "))),
+            "step {n} ends"
+        );
     }
-    assert!(log.iter().any(|l| l.starts_with("LLM ceo: anthropic/app-test-model") && l.contains("engine overhead")));
+    assert!(log.iter().any(
+        |l| l.starts_with("LLM ceo: anthropic/app-test-model") && l.contains("engine overhead")
+    ));
     runner.wait_released(&id).await;
-    assert!(!runner.worktrees_dir().join(&id).exists(), "the workspace is removed");
-    assert!(!runner.worktrees_dir().join(format!("{id}.git")).exists(), "with its git directory");
+    assert!(
+        !runner.worktrees_dir().join(&id).exists(),
+        "the workspace is removed"
+    );
+    assert!(
+        !runner.worktrees_dir().join(format!("{id}.git")).exists(),
+        "with its git directory"
+    );
     runner.stop().await;
 }
 
@@ -286,7 +378,11 @@ async fn a_ticket_failing_twice_fails_the_job_and_its_dependents_are_not_built()
     let events = runner.run(a, 60).await;
     let labels = lifecycle(&events);
     let turns: Vec<&String> = labels.iter().filter(|l| l.contains(" #")).collect();
-    assert_eq!(turns.len(), 9, "three rounds of three without consensus: {labels:?}");
+    assert_eq!(
+        turns.len(),
+        9,
+        "three rounds of three without consensus: {labels:?}"
+    );
     assert_eq!(turns[8], "Secretary #9");
     let building: Vec<&str> = labels
         .iter()
@@ -297,36 +393,58 @@ async fn a_ticket_failing_twice_fails_the_job_and_its_dependents_are_not_built()
     assert_eq!(
         building,
         [
-            "S1 in_progress", "S1 in_progress", "S1 failed", "S2 failed", "S3 failed",
-            "T1 in_progress", "T1 in_progress", "T1 done", "finished Failed",
+            "S1 in_progress",
+            "S1 in_progress",
+            "S1 failed",
+            "S2 failed",
+            "S3 failed",
+            "T1 in_progress",
+            "T1 in_progress",
+            "T1 done",
+            "finished Failed",
         ],
         "S1 tried twice; S2 and S3 (through S2) not built; flaky T1 done on its second try"
     );
     let messages: HashMap<String, String> = events
         .iter()
         .filter_map(|e| match e {
-            RunnerEvent::Ticket { status: TicketStatus::Failed, message, metadata, .. } => {
-                Some((metadata["local_id"].as_str().unwrap().to_string(), message.clone()))
-            }
+            RunnerEvent::Ticket {
+                status: TicketStatus::Failed,
+                message,
+                metadata,
+                ..
+            } => Some((
+                metadata["local_id"].as_str().unwrap().to_string(),
+                message.clone(),
+            )),
             _ => None,
         })
         .collect();
-    assert_eq!(messages["S1"], "Failed after 2 attempts: the agent exited with code 1");
+    assert_eq!(
+        messages["S1"],
+        "Failed after 2 attempts: the agent exited with code 1"
+    );
     assert_eq!(messages["S2"], "not built: its dependency S1 failed");
     assert_eq!(messages["S3"], "not built: its dependency S2 failed");
     let s1_log = events.iter().find_map(|e| match e {
-        RunnerEvent::Ticket { status: TicketStatus::Failed, metadata, .. } if metadata["local_id"] == "S1" => {
-            metadata["log"].as_str().map(str::to_string)
-        }
+        RunnerEvent::Ticket {
+            status: TicketStatus::Failed,
+            metadata,
+            ..
+        } if metadata["local_id"] == "S1" => metadata["log"].as_str().map(str::to_string),
         _ => None,
     });
-    assert!(s1_log.unwrap().contains("agent: about to fail"), "a log snippet rides with the ticket");
+    assert!(
+        s1_log.unwrap().contains("agent: about to fail"),
+        "a log snippet rides with the ticket"
+    );
     let (outcome, _, _, _, _, error) = finished(&events);
     assert_eq!(outcome, Outcome::Failed);
     let error = error.unwrap();
     assert!(
-        error.starts_with("3 of 4 tickets were not built: S1 \"Broken fail\" (the agent exited with code 1)")
-            && error.contains("S2 (not built: its dependency S1 failed)")
+        error.starts_with(
+            "3 of 4 tickets were not built: S1 \"Broken fail\" (the agent exited with code 1)"
+        ) && error.contains("S2 (not built: its dependency S1 failed)")
             && error.contains("S3 (not built: its dependency S2 failed)"),
         "{error}"
     );
@@ -343,23 +461,36 @@ async fn an_invalid_backlog_is_asked_for_again_with_the_reason() {
         {"id": "S1", "type": "story", "title": "A write", "dependencies": ["S2"]},
         {"id": "S2", "type": "story", "title": "B write", "dependencies": ["S1"]}
     ]));
-    let good = backlog(json!([{"id": "S1", "type": "story", "title": "A write", "dependencies": []}]));
+    let good =
+        backlog(json!([{"id": "S1", "type": "story", "title": "A write", "dependencies": []}]));
     let mut s = script(&good);
     s["rules"][4] = json!({"when": {"role": "tickets", "user_messages": 1}, "text": cycle});
-    s["rules"].as_array_mut().unwrap().insert(5, json!({"when": {"role": "tickets"}, "text": good}));
+    s["rules"]
+        .as_array_mut()
+        .unwrap()
+        .insert(5, json!({"when": {"role": "tickets"}, "text": good}));
     let server = model(s);
     let runner = runner(&server, Budget::default()).await;
     let a = app_job(None, false);
     let events = runner.run(a, 60).await;
     assert_eq!(finished(&events).0, Outcome::Completed, "{events:#?}");
-    let asked: Vec<RecordedRequest> = server.chat_requests().into_iter().filter(|r| role_of(r) == "tickets").collect();
+    let asked: Vec<RecordedRequest> = server
+        .chat_requests()
+        .into_iter()
+        .filter(|r| role_of(r) == "tickets")
+        .collect();
     assert_eq!(asked.len(), 2, "the backlog asked for twice");
     assert!(
-        asked[1].prompt.contains("the dependencies of tickets S1, S2 form a cycle"),
+        asked[1]
+            .prompt
+            .contains("the dependencies of tickets S1, S2 form a cycle"),
         "the second ask carries the reason, in the model's ids: {}",
         asked[1].prompt
     );
-    let backlogs = events.iter().filter(|e| matches!(e, RunnerEvent::Backlog { .. })).count();
+    let backlogs = events
+        .iter()
+        .filter(|e| matches!(e, RunnerEvent::Backlog { .. }))
+        .count();
     assert_eq!(backlogs, 1, "only the valid backlog reaches the edge");
     assert!(system_lines(&events).iter().any(|l| l.contains("the answer could not be used (the dependencies of tickets S1, S2 form a cycle); asking again")));
     runner.stop().await;
@@ -378,8 +509,17 @@ async fn a_prd_without_its_spec_twice_fails_the_job_clearly() {
         error.as_deref(),
         Some("Writing the PRD failed: the prd step's answer could not be used after 2 tries: the answer has no fenced ```json block holding the spec")
     );
-    assert!(!lifecycle(&events).iter().any(|l| l == "prd" || l.starts_with("backlog")));
-    assert_eq!(server.chat_requests().iter().filter(|r| role_of(r) == "prd").count(), 2);
+    assert!(!lifecycle(&events)
+        .iter()
+        .any(|l| l == "prd" || l.starts_with("backlog")));
+    assert_eq!(
+        server
+            .chat_requests()
+            .iter()
+            .filter(|r| role_of(r) == "prd")
+            .count(),
+        2
+    );
     runner.stop().await;
 }
 
@@ -396,15 +536,24 @@ async fn a_spent_budget_fails_the_job_naming_it() {
     assert_eq!(outcome, Outcome::Failed);
     let error = error.unwrap();
     assert!(
-        error.starts_with("LLM budget exceeded: the job used ") && error.contains("over its budget of 100"),
+        error.starts_with("LLM budget exceeded: the job used ")
+            && error.contains("over its budget of 100"),
         "{error}"
     );
-    assert_eq!(server.chat_requests().len(), 1, "no call starts past the budget");
+    assert_eq!(
+        server.chat_requests().len(),
+        1,
+        "no call starts past the budget"
+    );
     assert!(
-        events.iter().any(|e| matches!(e, RunnerEvent::Usage { usage } if usage.source == "ceo")),
+        events
+            .iter()
+            .any(|e| matches!(e, RunnerEvent::Usage { usage } if usage.source == "ceo")),
         "the call that went over is still reported"
     );
-    assert!(!events.iter().any(|e| matches!(e, RunnerEvent::Dialogue { .. })));
+    assert!(!events
+        .iter()
+        .any(|e| matches!(e, RunnerEvent::Dialogue { .. })));
     runner.stop().await;
 }
 
@@ -418,13 +567,20 @@ async fn a_paused_app_build_waits_between_steps_until_resumed() {
     let a = app_job(None, true);
     let id = a.job_id.clone();
     runner.edge.assign(a).await;
-    let paused = |e: &RunnerEvent| {
-        matches!(e, RunnerEvent::Log { content, .. } if content.starts_with("Paused: the job waits for resume before"))
-    };
-    runner.edge.wait_event(&id, "the paused line", 20, paused).await;
+    let paused = |e: &RunnerEvent| matches!(e, RunnerEvent::Log { content, .. } if content.starts_with("Paused: the job waits for resume before"));
+    runner
+        .edge
+        .wait_event(&id, "the paused line", 20, paused)
+        .await;
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(server.chat_requests().is_empty(), "dispatched paused: no step starts");
-    runner.edge.send(EdgeMessage::Resume { job_id: id.clone() }).await;
+    assert!(
+        server.chat_requests().is_empty(),
+        "dispatched paused: no step starts"
+    );
+    runner
+        .edge
+        .send(EdgeMessage::Resume { job_id: id.clone() })
+        .await;
 
     // Paused while the CEO speaks: the CEO's turn ends, the CTO's does not start.
     runner
@@ -433,7 +589,10 @@ async fn a_paused_app_build_waits_between_steps_until_resumed() {
             matches!(e, RunnerEvent::Log { content, .. } if content.starts_with("Step 1 (LLM, role ceo) started"))
         })
         .await;
-    runner.edge.send(EdgeMessage::Pause { job_id: id.clone() }).await;
+    runner
+        .edge
+        .send(EdgeMessage::Pause { job_id: id.clone() })
+        .await;
     let events = runner
         .edge
         .wait_event(&id, "the second pause", 20, |e| {
@@ -443,13 +602,26 @@ async fn a_paused_app_build_waits_between_steps_until_resumed() {
     assert_eq!(lifecycle(&events), ["phase planning", "CEO #1"]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(server.chat_requests().len(), 1, "nothing runs while paused");
-    assert_eq!(lifecycle(&runner.edge.events(&id)), ["phase planning", "CEO #1"]);
-    runner.edge.send(EdgeMessage::Resume { job_id: id.clone() }).await;
+    assert_eq!(
+        lifecycle(&runner.edge.events(&id)),
+        ["phase planning", "CEO #1"]
+    );
+    runner
+        .edge
+        .send(EdgeMessage::Resume { job_id: id.clone() })
+        .await;
     let events = runner.edge.wait_finished(&id, 60).await;
     assert_eq!(finished(&events).0, Outcome::Completed);
     let log = system_lines(&events);
-    assert!(log.iter().any(|l| l == "Pause requested: the job pauses when the running step ends"));
-    assert_eq!(log.iter().filter(|l| l.starts_with("Resumed after ")).count(), 2);
+    assert!(log
+        .iter()
+        .any(|l| l == "Pause requested: the job pauses when the running step ends"));
+    assert_eq!(
+        log.iter()
+            .filter(|l| l.starts_with("Resumed after "))
+            .count(),
+        2
+    );
     runner.stop().await;
 }
 
@@ -462,15 +634,24 @@ async fn a_cancelled_paused_app_build_leaves_no_workspace() {
     runner.edge.assign(a).await;
     runner
         .edge
-        .wait_event(&id, "the paused line", 20, |e| {
-            matches!(e, RunnerEvent::Log { content, .. } if content.starts_with("Paused:"))
-        })
+        .wait_event(
+            &id,
+            "the paused line",
+            20,
+            |e| matches!(e, RunnerEvent::Log { content, .. } if content.starts_with("Paused:")),
+        )
         .await;
     assert!(runner.worktrees_dir().join(&id).is_dir());
     assert!(runner.worktrees_dir().join(format!("{id}.git")).is_dir());
-    runner.edge.send(EdgeMessage::Cancel { job_id: id.clone() }).await;
+    runner
+        .edge
+        .send(EdgeMessage::Cancel { job_id: id.clone() })
+        .await;
     runner.wait_released(&id).await;
-    assert!(!runner.has_finished(&id), "a cancelled job sends nothing more");
+    assert!(
+        !runner.has_finished(&id),
+        "a cancelled job sends nothing more"
+    );
     assert!(!runner.worktrees_dir().join(&id).exists());
     assert!(!runner.worktrees_dir().join(format!("{id}.git")).exists());
     runner.stop().await;
@@ -478,7 +659,8 @@ async fn a_cancelled_paused_app_build_leaves_no_workspace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_continuation_plans_only_the_new_requirements_over_the_restored_workspace() {
-    let tickets = backlog(json!([{"id": "S1", "type": "story", "title": "Dark write", "dependencies": []}]));
+    let tickets =
+        backlog(json!([{"id": "S1", "type": "story", "title": "Dark write", "dependencies": []}]));
     let server = model(script(&tickets));
     let runner = runner(&server, Budget::default()).await;
     let a = app_job(Some("add a dark mode"), false);
@@ -496,33 +678,65 @@ async fn a_continuation_plans_only_the_new_requirements_over_the_restored_worksp
     );
     let events = runner.run(a, 60).await;
     assert_eq!(finished(&events).0, Outcome::Completed, "{events:#?}");
-    assert!(system_lines(&events).iter().any(|l| l == "Restored 1 files of the earlier run from its snapshot"));
+    assert!(system_lines(&events)
+        .iter()
+        .any(|l| l == "Restored 1 files of the earlier run from its snapshot"));
     let asked = server.chat_requests();
     assert!(
-        asked[0].prompt.contains("Plan and build only these new requirements now") && asked[0].prompt.contains("add a dark mode"),
+        asked[0]
+            .prompt
+            .contains("Plan and build only these new requirements now")
+            && asked[0].prompt.contains("add a dark mode"),
         "{}",
         asked[0].prompt
     );
-    assert!(asked[0].prompt.contains("A todo list for one person"), "in the context of the earlier summary");
+    assert!(
+        asked[0].prompt.contains("A todo list for one person"),
+        "in the context of the earlier summary"
+    );
     let files = snapshot_files(&runner.edge.snapshot(&id).unwrap());
-    assert_eq!(files["index.html"], "<h1>todo</h1>\n", "the earlier run's files stay");
+    assert_eq!(
+        files["index.html"], "<h1>todo</h1>\n",
+        "the earlier run's files stay"
+    );
     assert!(files["kiln/iteration-1.txt"].starts_with("Ticket: Dark write"));
-    assert_eq!(lifecycle(&events).iter().filter(|l| l.ends_with(" done")).count(), 1, "only the new ticket is built");
+    assert_eq!(
+        lifecycle(&events)
+            .iter()
+            .filter(|l| l.ends_with(" done"))
+            .count(),
+        1,
+        "only the new ticket is built"
+    );
     runner.stop().await;
 }
 
 #[tokio::test]
 async fn an_app_workspace_is_a_new_repository_its_agent_cannot_reach() {
     let dir = tempfile::tempdir().unwrap();
-    let ws = Workspaces::new(dir.path().join("repos"), dir.path().join("worktrees"), "file:///nowhere", None);
+    let ws = Workspaces::new(
+        dir.path().join("repos"),
+        dir.path().join("worktrees"),
+        "file:///nowhere",
+        None,
+    );
     let id = uuid::Uuid::new_v4().to_string();
     let wt = ws.create_app_workspace(&id).await.unwrap();
     assert_eq!(wt.path, dir.path().join("worktrees").join(&id));
-    assert!(!wt.path.join(".git").exists(), "no git directory inside the workspace");
+    assert!(
+        !wt.path.join(".git").exists(),
+        "no git directory inside the workspace"
+    );
     std::fs::write(wt.path.join("index.html"), "hi\n").unwrap();
     let first = ws.commit_allow_empty(&wt, "S1: page").await.unwrap();
-    let second = ws.commit_allow_empty(&wt, "S2: nothing changed").await.unwrap();
-    assert_ne!(first, second, "a ticket that changed nothing is still one commit");
+    let second = ws
+        .commit_allow_empty(&wt, "S2: nothing changed")
+        .await
+        .unwrap();
+    assert_ne!(
+        first, second,
+        "a ticket that changed nothing is still one commit"
+    );
     let log = ws.log(&wt).await.unwrap();
     assert_eq!(
         log.iter().map(|(_, s)| s.as_str()).collect::<Vec<_>>(),
@@ -539,7 +753,10 @@ async fn an_app_workspace_is_a_new_repository_its_agent_cannot_reach() {
     // A crash's leftovers are swept.
     let left = ws.create_app_workspace(&id).await.unwrap();
     let swept = ws.sweep(&[]).await;
-    assert!(swept.worktrees.contains(&id) && swept.worktrees.contains(&format!("{id}.git")), "{swept:?}");
+    assert!(
+        swept.worktrees.contains(&id) && swept.worktrees.contains(&format!("{id}.git")),
+        "{swept:?}"
+    );
     assert!(!left.git_dir.exists());
     assert!(ws.create_app_workspace("../x").await.is_err());
 }
@@ -552,10 +769,19 @@ async fn a_provider_refusing_with_429_then_answering_costs_a_retry_not_the_job()
     let runner = runner(&server, Budget::default()).await;
     let events = runner.run(app_job(None, false), 60).await;
     assert_eq!(finished(&events).0, Outcome::Completed, "{events:#?}");
-    let statuses: Vec<(String, u16)> = server.chat_requests().iter().map(|r| (role_of(r), r.status)).collect();
-    assert_eq!(&statuses[..2], [("ceo".to_string(), 429), ("ceo".to_string(), 200)]);
+    let statuses: Vec<(String, u16)> = server
+        .chat_requests()
+        .iter()
+        .map(|r| (role_of(r), r.status))
+        .collect();
+    assert_eq!(
+        &statuses[..2],
+        [("ceo".to_string(), 429), ("ceo".to_string(), 200)]
+    );
     assert!(
-        system_lines(&events).iter().any(|l| l.starts_with("LLM ceo: ") && l.contains("2 attempt(s)")),
+        system_lines(&events)
+            .iter()
+            .any(|l| l.starts_with("LLM ceo: ") && l.contains("2 attempt(s)")),
         "the step's line counts the attempts"
     );
     runner.stop().await;

@@ -35,7 +35,12 @@ async fn an_app_build_runs_its_tickets_in_the_jobs_named_container() {
     let mut llm = LlmConfig::default();
     llm.providers.insert(
         "anthropic".into(),
-        Provider::new("anthropic", Api::Anthropic, &server.url(), Some(ApiKey::new("sk-ant-test"))),
+        Provider::new(
+            "anthropic",
+            Api::Anthropic,
+            &server.url(),
+            Some(ApiKey::new("sk-ant-test")),
+        ),
     );
     llm.roles.insert(
         "default".into(),
@@ -67,10 +72,19 @@ async fn an_app_build_runs_its_tickets_in_the_jobs_named_container() {
     runner
         .edge
         .wait_event(&id, "S1 in progress", 60, |e| {
-            matches!(e, RunnerEvent::Ticket { status: TicketStatus::InProgress, .. })
+            matches!(
+                e,
+                RunnerEvent::Ticket {
+                    status: TicketStatus::InProgress,
+                    ..
+                }
+            )
         })
         .await;
-    assert!(docker.container_exists(&name).await.unwrap(), "the ticket runs in {name}");
+    assert!(
+        docker.container_exists(&name).await.unwrap(),
+        "the ticket runs in {name}"
+    );
     let events = runner.edge.wait_finished(&id, 90).await;
     assert_eq!(finished(&events).0, Outcome::Completed, "{events:#?}");
     let agent_lines: Vec<&String> = events
@@ -80,11 +94,23 @@ async fn an_app_build_runs_its_tickets_in_the_jobs_named_container() {
             _ => None,
         })
         .collect();
-    assert_eq!(agent_lines.len(), 2, "one agent run per ticket: {agent_lines:?}");
-    assert!(agent_lines[0].ends_with("prompt: Ticket: Page slow write"), "{}", agent_lines[0]);
+    assert_eq!(
+        agent_lines.len(),
+        2,
+        "one agent run per ticket: {agent_lines:?}"
+    );
+    assert!(
+        agent_lines[0].ends_with("prompt: Ticket: Page slow write"),
+        "{}",
+        agent_lines[0]
+    );
     let snap = runner.edge.snapshot(&id).expect("a snapshot");
     let paths: Vec<&str> = snap.files.iter().map(|f| f.path.as_str()).collect();
-    assert_eq!(paths, ["kiln/iteration-1.txt", "kiln/iteration-2.txt"], "written in the container's /app");
+    assert_eq!(
+        paths,
+        ["kiln/iteration-1.txt", "kiln/iteration-2.txt"],
+        "written in the container's /app"
+    );
     runner.wait_released(&id).await;
     let mut gone = false;
     for _ in 0..50 {

@@ -32,8 +32,10 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_engines_overhead_per_llm_step() {
-    let turn = "We keep the first version small and plain; storage comes later, after the list works.";
-    let backlog = json!({"tickets": [{"id": "S1", "type": "story", "title": "Page", "dependencies": []}]});
+    let turn =
+        "We keep the first version small and plain; storage comes later, after the list works.";
+    let backlog =
+        json!({"tickets": [{"id": "S1", "type": "story", "title": "Page", "dependencies": []}]});
     let server = ModelServer::start(
         Script::from_value(json!({"rules": [
             {"when": {"role": "prd"}, "text": "# PRD\n\nA list.\n\n```json\n{\"name\": \"list\"}\n```", "chunks": 6, "chunk_delay_ms": 2},
@@ -45,7 +47,12 @@ async fn the_engines_overhead_per_llm_step() {
     let mut llm = LlmConfig::default();
     llm.providers.insert(
         "anthropic".into(),
-        Provider::new("anthropic", Api::Anthropic, &server.url(), Some(ApiKey::new("sk-ant-test"))),
+        Provider::new(
+            "anthropic",
+            Api::Anthropic,
+            &server.url(),
+            Some(ApiKey::new("sk-ant-test")),
+        ),
     );
     llm.roles.insert(
         "default".into(),
@@ -74,9 +81,13 @@ async fn the_engines_overhead_per_llm_step() {
         let measured: Vec<Overhead> = events
             .iter()
             .filter_map(|e| match e {
-                RunnerEvent::Log { stream: LogStream::System, content } if content.starts_with("LLM ") => {
-                    Some(Overhead::parse(content).unwrap_or_else(|| panic!("no overhead in {content:?}")))
-                }
+                RunnerEvent::Log {
+                    stream: LogStream::System,
+                    content,
+                } if content.starts_with("LLM ") => Some(
+                    Overhead::parse(content)
+                        .unwrap_or_else(|| panic!("no overhead in {content:?}")),
+                ),
                 _ => None,
             })
             .collect();
@@ -87,20 +98,41 @@ async fn the_engines_overhead_per_llm_step() {
 
     let mut before: Vec<u64> = samples.iter().map(|o| o.before_first_token_us).collect();
     let mut after: Vec<u64> = samples.iter().map(|o| o.after_last_token_us).collect();
-    let mut total: Vec<u64> = samples.iter().map(|o| o.before_first_token_us + o.after_last_token_us).collect();
+    let mut total: Vec<u64> = samples
+        .iter()
+        .map(|o| o.before_first_token_us + o.after_last_token_us)
+        .collect();
     for v in [&mut before, &mut after, &mut total] {
         v.sort_unstable();
     }
-    let build = if cfg!(debug_assertions) { "debug" } else { "release" };
-    println!("\nPipeline engine overhead per LLM step ({} steps, {build} build), microseconds:", samples.len());
+    let build = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    println!(
+        "\nPipeline engine overhead per LLM step ({} steps, {build} build), microseconds:",
+        samples.len()
+    );
     println!("| measure | p50 | p99 | max |");
     println!("|---|---|---|---|");
     for (name, v) in [
-        ("step start → first token, less the server's first byte", &before),
-        ("last token → event handed to the reporter, less the server's stream end", &after),
+        (
+            "step start → first token, less the server's first byte",
+            &before,
+        ),
+        (
+            "last token → event handed to the reporter, less the server's stream end",
+            &after,
+        ),
         ("both", &total),
     ] {
-        println!("| {name} | {} | {} | {} |", percentile(v, 0.5), percentile(v, 0.99), v[v.len() - 1]);
+        println!(
+            "| {name} | {} | {} | {} |",
+            percentile(v, 0.5),
+            percentile(v, 0.99),
+            v[v.len() - 1]
+        );
     }
     runner.stop().await;
 }

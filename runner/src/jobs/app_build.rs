@@ -140,7 +140,13 @@ pub fn parse_backlog(text: &str, assigned_to: &str) -> Result<(Vec<Ticket>, Vec<
         locals.push(id);
     }
     let map = |id: &str| ids.get(id).cloned().unwrap_or_else(|| id.to_string());
-    let text_of = |t: &Value, k: &str| t.get(k).and_then(Value::as_str).unwrap_or("").trim().to_string();
+    let text_of = |t: &Value, k: &str| {
+        t.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    };
     let mut tickets = Vec::with_capacity(items.len());
     let mut seen = HashSet::new();
     for (i, t) in items.iter().enumerate() {
@@ -166,10 +172,16 @@ pub fn parse_backlog(text: &str, assigned_to: &str) -> Result<(Vec<Ticket>, Vec<
                 .map(|d| match d {
                     Value::String(s) => Ok(map(s.trim())),
                     Value::Number(n) => Ok(map(&n.to_string())),
-                    other => Err(format!("ticket {local} names a dependency {other} that is not an id")),
+                    other => Err(format!(
+                        "ticket {local} names a dependency {other} that is not an id"
+                    )),
                 })
                 .collect::<Result<_, _>>()?,
-            Some(_) => return Err(format!("ticket {local}'s dependencies must be an array of ids")),
+            Some(_) => {
+                return Err(format!(
+                    "ticket {local}'s dependencies must be an array of ids"
+                ))
+            }
         };
         tickets.push(Ticket {
             id: map(local),
@@ -178,7 +190,11 @@ pub fn parse_backlog(text: &str, assigned_to: &str) -> Result<(Vec<Ticket>, Vec<
             title: text_of(t, "title"),
             description: text_of(t, "description"),
             status: TicketStatus::Todo,
-            assigned_to: if kind == TicketType::Epic { String::new() } else { assigned_to.to_string() },
+            assigned_to: if kind == TicketType::Epic {
+                String::new()
+            } else {
+                assigned_to.to_string()
+            },
             dependencies,
         });
     }
@@ -194,7 +210,13 @@ pub fn parse_backlog(text: &str, assigned_to: &str) -> Result<(Vec<Ticket>, Vec<
 
 /// The prompt of one ticket's agent run: `Ticket:` and `Ticket id:` lines first, then the
 /// ticket's description and the PRD.
-pub fn ticket_prompt(title: &str, local_id: &str, kind: &str, description: &str, prd: &str) -> String {
+pub fn ticket_prompt(
+    title: &str,
+    local_id: &str,
+    kind: &str,
+    description: &str,
+    prd: &str,
+) -> String {
     format!(
         "Ticket: {title}\nTicket id: {local_id}\nType: {kind}\n\n{description}\n\nBuild this ticket in the current directory (the app's workspace, /app in its container), over what earlier tickets built. The product requirements document:\n\n{prd}\n"
     )
@@ -243,17 +265,36 @@ pub(super) async fn run(
             Ok(Some(snap)) => {
                 let n = snap.files.len();
                 let dir = path.clone();
-                let restored = tokio::task::spawn_blocking(move || crate::files::restore(&dir, &snap)).await;
+                let restored =
+                    tokio::task::spawn_blocking(move || crate::files::restore(&dir, &snap)).await;
                 match restored {
-                    Ok(Ok(())) => job.sink.system(format!("Restored {n} files of the earlier run from its snapshot")).await,
-                    Ok(Err(e)) => return failed(format!("Restoring the earlier run's workspace failed: {e}")),
-                    Err(e) => return failed(format!("Restoring the earlier run's workspace failed: {e}")),
+                    Ok(Ok(())) => {
+                        job.sink
+                            .system(format!(
+                                "Restored {n} files of the earlier run from its snapshot"
+                            ))
+                            .await
+                    }
+                    Ok(Err(e)) => {
+                        return failed(format!("Restoring the earlier run's workspace failed: {e}"))
+                    }
+                    Err(e) => {
+                        return failed(format!("Restoring the earlier run's workspace failed: {e}"))
+                    }
                 }
             }
-            Ok(None) => job.sink.system("No snapshot of an earlier run: building over an empty workspace").await,
+            Ok(None) => {
+                job.sink
+                    .system("No snapshot of an earlier run: building over an empty workspace")
+                    .await
+            }
             Err(e) => return failed(format!("Fetching the earlier run's workspace failed: {e}")),
         }
-        if let Err(e) = s.workspaces.commit_all(job.worktree(), "The workspace of the earlier run").await {
+        if let Err(e) = s
+            .workspaces
+            .commit_all(job.worktree(), "The workspace of the earlier run")
+            .await
+        {
             return failed(format!("Committing the restored workspace failed: {e}"));
         }
     }
@@ -358,7 +399,11 @@ impl App<'_> {
             .await;
         let (tickets, locals) = match backlog {
             Ok(b) => b,
-            Err(e) => return self.end_early(p, step_failure(e, "Writing the backlog")).await,
+            Err(e) => {
+                return self
+                    .end_early(p, step_failure(e, "Writing the backlog"))
+                    .await
+            }
         };
         let order = build_order(&tickets).expect("parse_backlog checked the order");
         phase(
@@ -395,7 +440,10 @@ impl App<'_> {
                 broken.insert(t.id.clone(), why);
                 continue;
             }
-            match self.build_ticket(p, t, local, &prd, position as u32 + 1).await {
+            match self
+                .build_ticket(p, t, local, &prd, position as u32 + 1)
+                .await
+            {
                 Ok(()) => done.push(i),
                 Err(why) => {
                     failures.push(format!("{local} {:?} ({why})", t.title));
@@ -423,8 +471,18 @@ impl App<'_> {
                 order.len(),
                 failures.join("; ")
             );
-            p.narrate(format!("The build ended with failed tickets: {}", failures.join("; ")));
-            finished(Outcome::Failed, message.clone(), None, None, None, Some(message))
+            p.narrate(format!(
+                "The build ended with failed tickets: {}",
+                failures.join("; ")
+            ));
+            finished(
+                Outcome::Failed,
+                message.clone(),
+                None,
+                None,
+                None,
+                Some(message),
+            )
         }
     }
 
@@ -451,25 +509,32 @@ impl App<'_> {
                 );
                 let order = turns.len() as u32 + 1;
                 let text = p
-                    .llm(LlmStep::new(format!("{agent}, round {round}"), role, system, prompt), |text| {
-                        let text = text.trim().to_string();
-                        let ev = RunnerEvent::Dialogue {
-                            agent: agent.to_string(),
-                            message: text.clone(),
-                            order,
-                        };
-                        Ok((text, vec![ev]))
-                    })
+                    .llm(
+                        LlmStep::new(format!("{agent}, round {round}"), role, system, prompt),
+                        |text| {
+                            let text = text.trim().to_string();
+                            let ev = RunnerEvent::Dialogue {
+                                agent: agent.to_string(),
+                                message: text.clone(),
+                                order,
+                            };
+                            Ok((text, vec![ev]))
+                        },
+                    )
                     .await?;
                 let agreed = says_consensus(&text);
                 turns.push((agent.to_string(), text));
                 if agreed {
-                    p.system(format!("{agent} declared consensus in round {round}: planning ends"));
+                    p.system(format!(
+                        "{agent} declared consensus in round {round}: planning ends"
+                    ));
                     return Ok(turns);
                 }
             }
         }
-        p.system(format!("No consensus after {MAX_ROUNDS} rounds: planning ends"));
+        p.system(format!(
+            "No consensus after {MAX_ROUNDS} rounds: planning ends"
+        ));
         Ok(turns)
     }
 
@@ -498,7 +563,12 @@ impl App<'_> {
                 metadata: json!({"local_id": local, "attempt": attempt}),
             });
             let r = p
-                .agent(job, &format!("ticket {local} {:?}, attempt {attempt}", t.title), &prompt, iteration)
+                .agent(
+                    job,
+                    &format!("ticket {local} {:?}, attempt {attempt}", t.title),
+                    &prompt,
+                    iteration,
+                )
                 .await;
             if r.succeeded() {
                 last = Some(Ok(r));
@@ -506,7 +576,9 @@ impl App<'_> {
             }
             let why = r.failure("the agent");
             if attempt < TICKET_ATTEMPTS {
-                p.system(format!("Ticket {local} failed ({why}); trying it once more"));
+                p.system(format!(
+                    "Ticket {local} failed ({why}); trying it once more"
+                ));
             }
             last = Some(Err((why, r)));
         }
@@ -519,15 +591,29 @@ impl App<'_> {
         let commit = job
             .services
             .workspaces
-            .commit_allow_empty(job.worktree(), &format!("{message}\n\nKiln app build {}, ticket {}", job.job_id(), t.id))
+            .commit_allow_empty(
+                job.worktree(),
+                &format!(
+                    "{message}\n\nKiln app build {}, ticket {}",
+                    job.job_id(),
+                    t.id
+                ),
+            )
             .await;
         let sha = match commit {
             Ok(sha) => {
-                job.sink.system(format!("Committed {} for ticket {local}", &sha[..sha.len().min(12)])).await;
+                job.sink
+                    .system(format!(
+                        "Committed {} for ticket {local}",
+                        &sha[..sha.len().min(12)]
+                    ))
+                    .await;
                 Some(sha)
             }
             Err(e) => {
-                job.sink.system(format!("Committing ticket {local} failed: {e}")).await;
+                job.sink
+                    .system(format!("Committing ticket {local} failed: {e}"))
+                    .await;
                 None
             }
         };
@@ -609,14 +695,21 @@ mod tests {
 
     #[test]
     fn the_last_json_fence_holds_the_spec() {
-        let text = "# PRD\nA todo app.\n```ts\nconst x = 1;\n```\n```json\n{\"name\": \"todo\"}\n```\n";
+        let text =
+            "# PRD\nA todo app.\n```ts\nconst x = 1;\n```\n```json\n{\"name\": \"todo\"}\n```\n";
         let (md, spec) = parse_prd(text).unwrap();
         assert_eq!(spec, json!({"name": "todo"}));
         assert!(md.starts_with("# PRD") && md.contains("const x"), "{md}");
         assert!(parse_prd("# PRD only").unwrap_err().contains("fenced"));
-        assert!(parse_prd("# PRD\n```json\n{nope\n```").unwrap_err().contains("not valid JSON"));
-        assert!(parse_prd("# PRD\n```json\n[1]\n```").unwrap_err().contains("object"));
-        assert!(parse_prd("```json\n{}\n```").unwrap_err().contains("no PRD"));
+        assert!(parse_prd("# PRD\n```json\n{nope\n```")
+            .unwrap_err()
+            .contains("not valid JSON"));
+        assert!(parse_prd("# PRD\n```json\n[1]\n```")
+            .unwrap_err()
+            .contains("object"));
+        assert!(parse_prd("```json\n{}\n```")
+            .unwrap_err()
+            .contains("no PRD"));
     }
 
     #[test]
@@ -632,7 +725,10 @@ mod tests {
         let (tickets, locals) = parse_backlog(text, "text").unwrap();
         assert_eq!(locals, ["E1", "S2", "S1"]);
         assert!(tickets.iter().all(|t| uuid::Uuid::parse_str(&t.id).is_ok()));
-        assert_eq!(tickets[1].parent_id.as_deref(), Some(tickets[0].id.as_str()));
+        assert_eq!(
+            tickets[1].parent_id.as_deref(),
+            Some(tickets[0].id.as_str())
+        );
         assert_eq!(tickets[1].dependencies, [tickets[2].id.clone()]);
         assert_eq!(tickets[0].assigned_to, "", "epics are not built");
         assert_eq!(tickets[2].assigned_to, "text");
@@ -647,10 +743,16 @@ mod tests {
 ```"#;
         let e = parse_backlog(cycle, "text").unwrap_err();
         assert!(e.contains("S1, S2") && e.contains("cycle"), "{e}");
-        let dangling = r#"{"tickets": [{"id": "S1", "type": "story", "title": "a", "dependencies": ["S9"]}]}"#;
+        let dangling =
+            r#"{"tickets": [{"id": "S1", "type": "story", "title": "a", "dependencies": ["S9"]}]}"#;
         assert!(parse_backlog(dangling, "text").unwrap_err().contains("S9"));
         assert!(parse_backlog("no json", "text").is_err());
-        assert!(parse_backlog(r#"{"tickets": [{"id": "S1", "type": "bug", "title": "a"}]}"#, "t").unwrap_err().contains("type"));
+        assert!(parse_backlog(
+            r#"{"tickets": [{"id": "S1", "type": "bug", "title": "a"}]}"#,
+            "t"
+        )
+        .unwrap_err()
+        .contains("type"));
     }
 
     #[test]

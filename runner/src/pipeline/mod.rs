@@ -65,7 +65,12 @@ pub struct LlmStep {
 }
 
 impl LlmStep {
-    pub fn new(name: impl Into<String>, role: impl Into<String>, system: impl Into<String>, prompt: impl Into<String>) -> LlmStep {
+    pub fn new(
+        name: impl Into<String>,
+        role: impl Into<String>,
+        system: impl Into<String>,
+        prompt: impl Into<String>,
+    ) -> LlmStep {
         LlmStep {
             name: name.into(),
             role: role.into(),
@@ -108,7 +113,9 @@ impl Overhead {
     /// Reads [`Overhead::describe`]'s text out of a log line.
     pub fn parse(line: &str) -> Option<Overhead> {
         let rest = line.split("engine overhead ").nth(1)?;
-        let mut nums = rest.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
+        let mut nums = rest
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty());
         Some(Overhead {
             before_first_token_us: nums.next()?.parse().ok()?,
             after_last_token_us: nums.next()?.parse().ok()?,
@@ -243,7 +250,9 @@ impl Pipeline {
         step: LlmStep,
         mut accept: impl FnMut(&str) -> Result<(T, Vec<RunnerEvent>), String>,
     ) -> Result<T, StepError> {
-        let n = self.begin(&format!("LLM, role {}", step.role), &step.name).await;
+        let n = self
+            .begin(&format!("LLM, role {}", step.role), &step.name)
+            .await;
         let t = Instant::now();
         let mut messages = step.messages.clone();
         let mut last_reason = String::new();
@@ -323,15 +332,16 @@ impl Pipeline {
     }
 
     fn report_usage(&self, role: &str, u: &StepUsage, overhead: Option<Overhead>) {
-        let cost = u
-            .cost_usd
-            .map(|c| format!(", ${c:.4}"))
-            .unwrap_or_default();
+        let cost = u.cost_usd.map(|c| format!(", ${c:.4}")).unwrap_or_default();
         let first = u
             .first_token_ms
             .map(|f| format!(", first token at {f} ms"))
             .unwrap_or_default();
-        let estimated = if u.usage_estimated { " (estimated)" } else { "" };
+        let estimated = if u.usage_estimated {
+            " (estimated)"
+        } else {
+            ""
+        };
         let overhead = overhead
             .map(|o| format!("; {}", o.describe()))
             .unwrap_or_default();
@@ -352,22 +362,42 @@ impl Pipeline {
     }
 
     /// Runs the job's agent once in its sandbox with `prompt` (`ITERATION` = `iteration`).
-    pub(crate) async fn agent(&mut self, job: &JobRun, name: &str, prompt: &str, iteration: u32) -> CommandResult {
+    pub(crate) async fn agent(
+        &mut self,
+        job: &JobRun,
+        name: &str,
+        prompt: &str,
+        iteration: u32,
+    ) -> CommandResult {
         let n = self.begin("agent", name).await;
         let t = Instant::now();
         let r = job.run_agent(prompt, iteration, None, None, None).await;
-        let outcome = if r.succeeded() { "done".to_string() } else { r.failure("the agent") };
+        let outcome = if r.succeeded() {
+            "done".to_string()
+        } else {
+            r.failure("the agent")
+        };
         self.end(n, name, t, &outcome);
         r
     }
 
     /// Runs a command in the job's sandbox.
     #[allow(dead_code)] // no kind runs a bare command yet; the landing-page kind's build will
-    pub(crate) async fn command(&mut self, job: &JobRun, name: &str, command: &str, iteration: u32) -> CommandResult {
+    pub(crate) async fn command(
+        &mut self,
+        job: &JobRun,
+        name: &str,
+        command: &str,
+        iteration: u32,
+    ) -> CommandResult {
         let n = self.begin("command", name).await;
         let t = Instant::now();
         let r = job.run_command(command, iteration, None).await;
-        let outcome = if r.succeeded() { "done".to_string() } else { r.failure("the command") };
+        let outcome = if r.succeeded() {
+            "done".to_string()
+        } else {
+            r.failure("the command")
+        };
         self.end(n, name, t, &outcome);
         r
     }
@@ -387,12 +417,17 @@ fn overhead(
     let tm = &u.timing;
     let before = first.map_or(0, |f| {
         let seen = f.duration_since(started).as_micros() as u64;
-        let server = tm.first_byte_us.unwrap_or(tm.headers_us).saturating_sub(tm.request_us);
+        let server = tm
+            .first_byte_us
+            .unwrap_or(tm.headers_us)
+            .saturating_sub(tm.request_us);
         seen.saturating_sub(server)
     });
     let after = last.map_or(0, |l| {
         let seen = handed.duration_since(l).as_micros() as u64;
-        let server = tm.done_us.saturating_sub(tm.last_token_us.unwrap_or(tm.done_us));
+        let server = tm
+            .done_us
+            .saturating_sub(tm.last_token_us.unwrap_or(tm.done_us));
         seen.saturating_sub(server)
     });
     Overhead {
@@ -411,7 +446,10 @@ mod tests {
             before_first_token_us: 412,
             after_last_token_us: 37,
         };
-        let line = format!("LLM ceo: a/b answered as b, 1 in / 2 out tokens, 3 ms, 1 attempt(s); {}", o.describe());
+        let line = format!(
+            "LLM ceo: a/b answered as b, 1 in / 2 out tokens, 3 ms, 1 attempt(s); {}",
+            o.describe()
+        );
         assert_eq!(Overhead::parse(&line), Some(o));
         assert_eq!(Overhead::parse("LLM ceo: no overhead here"), None);
     }
