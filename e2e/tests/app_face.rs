@@ -267,31 +267,108 @@ async fn purge_is_refused_unless_allowed() {
     assert_eq!(list.as_array().map(Vec::len), Some(1));
 }
 
+/// `wrangler r2 object <args> --local` on an edge's state (stop the edge first: workerd holds it).
+fn r2(edge: &TestEdge, args: &[&str]) -> std::process::Output {
+    let root = kiln_e2e::repo_root();
+    std::process::Command::new(root.join("node_modules/.bin/wrangler"))
+        .current_dir(&root)
+        .args(["r2", "object"])
+        .args(args)
+        .arg("--local")
+        .arg("--persist-to")
+        .arg(edge.persist_dir())
+        .env("CI", "true")
+        .env("WRANGLER_SEND_METRICS", "false")
+        .env("XDG_CONFIG_HOME", root.join(".kiln/xdg/config"))
+        .env("XDG_CACHE_HOME", root.join(".kiln/xdg/cache"))
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running wrangler r2 object")
+}
+
+/// What a runner's snapshot of a finished job's workspace holds (`schemas::app::WorkspaceSnapshot`).
+fn snapshot() -> Value {
+    json!({
+        "files": [
+            {"path": "index.html", "content": "<h1>Todo</h1>", "size": 13},
+            {"path": "src/app.js", "content": "export const app = 1;", "size": 21},
+            {"path": "src/lib/store.js", "content": "let s;", "size": 6},
+            {"path": "README.md", "content": "# Todo", "size": 6}
+        ],
+        "omitted": ["assets/logo.png"]
+    })
+}
+
 /// An edge of its own: purge allowed, and a job moved out of `collecting` behind the edge's back
-/// (its D1 row, as a room's status copy writes it) to check what only a collecting job may do.
+/// (its D1 row as a room's status copy writes it, and a workspace snapshot in R2 as a runner's
+/// last PUT leaves it) to check what only a collecting job may do and the files of an ended job.
 #[tokio::test]
-async fn purge_deletes_only_the_callers_jobs_and_patch_needs_collecting() {
+async fn purge_deletes_only_the_callers_jobs_and_ended_jobs_answer_from_their_snapshot() {
     let mut edge = TestEdge::start(&[("ALLOW_JOB_PURGE", "true")]).await.expect("starting wrangler dev");
     let ann = User::new(&edge, "purge").await;
     let bob = User::new(&edge, "other").await;
     let bobs = text(&bob.create("Bob's app").await, "id");
     let done = text(&ann.create("Finished app").await, "id");
-    for idea in ["One", "Two"] {
-        ann.create(idea).await;
-    }
+    let bare = text(&ann.create("Finished, nothing kept").await, "id");
+    ann.create("Still collecting").await;
 
     edge.stop();
-    edge.d1(&format!("UPDATE jobs SET status = 'completed', phase = 'building' WHERE id = '{done}'")).expect("updating D1");
+    edge.d1(&format!("UPDATE jobs SET status = 'completed', phase = 'building' WHERE id IN ('{done}', '{bare}')")).expect("updating D1");
+    let file = edge.persist_dir().join("snapshot.json");
+    std::fs::write(&file, snapshot().to_string()).unwrap();
+    let key = format!("kiln-artifacts/snapshots/{done}.json");
+    let put = r2(&edge, &["put", &key, "--file", file.to_str().unwrap()]);
+    assert!(put.status.success(), "wrangler r2 object put: {}", String::from_utf8_lossy(&put.stderr));
+    let check = edge.persist_dir().join("check.json");
+    let got = r2(&edge, &["get", &key, "--file", check.to_str().unwrap()]);
+    assert!(got.status.success() && check.exists(), "wrangler r2 object get reads it back: {}", String::from_utf8_lossy(&got.stderr));
     edge.restart().await.expect("restarting wrangler dev");
+
+    // The whole tree: directories first, then by name; an omitted file listed without a size.
+    let (status, tree) = ann.get(&format!("/api/jobs/{done}/files/structure/?path=/app")).await;
+    assert_eq!(status, StatusCode::OK, "{tree}");
+    assert_eq!((tree["source"].clone(), tree["truncated"].clone()), (json!("snapshot"), json!(false)), "{tree}");
+    let names: Vec<&str> = tree["structure"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["assets", "src", "README.md", "index.html"], "{tree}");
+    assert_eq!(tree["structure"][3], json!({"name": "index.html", "path": "/app/index.html", "type": "file", "size": 13}));
+    assert_eq!(tree["structure"][0]["children"], json!([{"name": "logo.png", "path": "/app/assets/logo.png", "type": "file"}]));
+    assert_eq!(tree["structure"][1]["children"][0]["children"][0]["path"], "/app/src/lib/store.js");
+    let (status, sub) = ann.get(&format!("/api/jobs/{done}/files/structure/?path=/app/src/&limit=2")).await;
+    assert_eq!(status, StatusCode::OK, "{sub}");
+    assert_eq!((sub["truncated"].clone(), sub["structure"][0]["path"].clone()), (json!(true), json!("/app/src/lib")), "{sub}");
+    let (status, answer) = ann.get(&format!("/api/jobs/{done}/files/structure/?path=/app/nope")).await;
+    assert_api_error(status, &answer, StatusCode::NOT_FOUND, "a directory not in the snapshot");
+    let (status, answer) = ann.get(&format!("/api/jobs/{done}/files/structure/?path=/app/index.html")).await;
+    assert_api_error(status, &answer, StatusCode::BAD_REQUEST, "listing a file");
+
+    let (status, file) = ann.get(&format!("/api/jobs/{done}/files/content/?path=/app/src/app.js")).await;
+    assert_eq!((status, file), (StatusCode::OK, json!({"path": "/app/src/app.js", "content": "export const app = 1;", "size": 21})));
+    let (status, answer) = ann.get(&format!("/api/jobs/{done}/files/content/?path=/app/assets/logo.png")).await;
+    assert_api_error(status, &answer, StatusCode::UNSUPPORTED_MEDIA_TYPE, "an omitted file");
+    assert!(text(&answer, "error").contains("left out"), "{answer}");
+    let (status, answer) = ann.get(&format!("/api/jobs/{done}/files/content/?path=/app/src/missing.js")).await;
+    assert_api_error(status, &answer, StatusCode::NOT_FOUND, "a file not in the snapshot");
+    let (status, answer) = ann.get(&format!("/api/jobs/{done}/files/content/?path=/app/src")).await;
+    assert_api_error(status, &answer, StatusCode::BAD_REQUEST, "reading a directory");
+    // Another user sees none of it.
+    let (status, answer) = bob.get(&format!("/api/jobs/{done}/files/content/?path=/app/src/app.js")).await;
+    assert_api_error(status, &answer, StatusCode::NOT_FOUND, "another user's snapshot");
+
+    let (status, job) = ann.get(&format!("/api/jobs/{bare}/")).await;
+    assert_eq!((status, job["status"].clone()), (StatusCode::OK, json!("build_done")), "completed reads build_done: {job}");
+    let (status, answer) = ann.send(Method::PATCH, &format!("/api/jobs/{bare}/"), Some(json!({"initial_prompt": "late"}))).await;
+    assert_api_error(status, &answer, StatusCode::CONFLICT, "PATCH after collecting");
+    let (status, body) = ann.get(&format!("/api/apps/by-job/{bare}/")).await;
+    assert_eq!((status, body), (StatusCode::NO_CONTENT, Value::Null), "a finished job without an App: 204");
+    let (status, tree) = ann.get(&format!("/api/jobs/{bare}/files/structure/")).await;
+    assert_eq!(status, StatusCode::OK, "{tree}");
+    assert_eq!((tree["structure"].clone(), tree["source"].clone()), (json!([]), json!("none")), "no snapshot kept: {tree}");
     let (status, job) = ann.get(&format!("/api/jobs/{done}/")).await;
     assert_eq!((status, job["status"].clone()), (StatusCode::OK, json!("build_done")), "completed reads build_done: {job}");
     let (status, answer) = ann.send(Method::PATCH, &format!("/api/jobs/{done}/"), Some(json!({"initial_prompt": "late"}))).await;
     assert_api_error(status, &answer, StatusCode::CONFLICT, "PATCH after collecting");
     let (status, body) = ann.get(&format!("/api/apps/by-job/{done}/")).await;
     assert_eq!((status, body), (StatusCode::NO_CONTENT, Value::Null), "a finished job without an App: 204");
-    let (status, tree) = ann.get(&format!("/api/jobs/{done}/files/structure/")).await;
-    assert_eq!(status, StatusCode::OK, "{tree}");
-    assert_eq!((tree["structure"].clone(), tree["source"].clone()), (json!([]), json!("none")), "no snapshot kept: {tree}");
 
     let (status, purged) = ann.send(Method::DELETE, "/api/jobs/purge/", None).await;
     assert_eq!((status, purged), (StatusCode::OK, json!({"deleted": 3})));
@@ -301,6 +378,13 @@ async fn purge_deletes_only_the_callers_jobs_and_patch_needs_collecting() {
     assert_eq!((status, again), (StatusCode::OK, json!({"deleted": 0})));
     let (status, job) = bob.get(&format!("/api/jobs/{bobs}/")).await;
     assert_eq!((status, job["id"].clone()), (StatusCode::OK, json!(bobs)), "another user's jobs stay");
+
+    // The purge removed the snapshot from R2 too.
+    edge.stop();
+    let out = edge.persist_dir().join("got.json");
+    let got = r2(&edge, &["get", &key, "--file", out.to_str().unwrap()]);
+    let said = format!("{}{}", String::from_utf8_lossy(&got.stdout), String::from_utf8_lossy(&got.stderr));
+    assert!(!got.status.success() && said.contains("does not exist"), "the snapshot is gone from R2: {said}");
 }
 
 // --- messages -----------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ use crate::auth::Principal;
 use crate::env::{self, new_id, now_ms};
 use crate::http::{self, body_json, json, json_status, ApiError, ApiResult};
 use crate::job_room::{InitRequest, RoomMeta};
-use crate::queue_object::room_meta;
 use crate::store::{self, JobRow};
 use crate::time::rfc3339;
 
@@ -35,7 +34,7 @@ pub async fn create(mut req: Request, ctx: &Ctx, who: &Principal) -> ApiResult {
         status: JobStatus::Collecting.as_str().to_string(),
         queue: DEFAULT_QUEUE.to_string(),
         prompt: idea.clone(),
-        initial_prompt: Some(idea),
+        initial_prompt: Some(idea.clone()),
         params: "{}".into(),
         created_at: created_at.clone(),
         updated_at: created_at,
@@ -43,8 +42,7 @@ pub async fn create(mut req: Request, ctx: &Ctx, who: &Principal) -> ApiResult {
         ..Default::default()
     };
     // The room first, then the row (as `POST /jobs`): a room without a row is invisible.
-    let mut meta = room_meta(&row);
-    meta.status = JobStatus::Collecting;
+    let meta = RoomMeta::app_build(&id, who.owner(), DEFAULT_QUEUE, &idea);
     let init = InitRequest { meta, message: "collecting requirements".into() };
     http::call::<RoomMeta>(&env::job_room(&ctx.env, &id)?, Method::Post, "/init", Some(&init)).await?;
     store::insert_job(&env::db(&ctx.env)?, &row).await?;
