@@ -118,9 +118,21 @@ fn kind_of(meta: &Metadata) -> Option<&'static str> {
     }
 }
 
-/// The entries of one directory, hidden names left out, directories first then by name.
-fn entries(dir: &Path) -> Vec<(String, Metadata)> {
-    let Ok(rd) = fs::read_dir(dir) else {
+/// The entries of the directory `at` (under the workspace `base`), hidden names left out,
+/// directories first then by name. The directory is opened without following a link and read
+/// through its descriptor, so one swapped for a link after the checks lists nothing outside.
+fn entries(base: &Path, at: &Path) -> Vec<(String, Metadata)> {
+    let Ok(handle) = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_DIRECTORY)
+        .open(at)
+    else {
+        return Vec::new();
+    };
+    let Ok(opened) = inside(base, &handle) else {
+        return Vec::new();
+    };
+    let Ok(rd) = fs::read_dir(opened.as_deref().unwrap_or(at)) else {
         return Vec::new();
     };
     let mut out: Vec<(String, Metadata)> = rd
@@ -163,7 +175,7 @@ pub fn list(dir: &Path, path: &str, limit: u32) -> Result<FileStructure, FilesEr
     let mut truncated = false;
     while let Some((parent, disk, rel)) = queue.pop_front() {
         let mut ids = Vec::new();
-        for (name, meta) in entries(&disk) {
+        for (name, meta) in entries(dir, &disk) {
             if found.len() >= limit {
                 truncated = true;
                 break;
@@ -231,18 +243,25 @@ fn open_inside(dir: &Path, at: &Path) -> io::Result<File> {
             "not a regular file",
         ));
     }
+    inside(dir, &file)?;
+    Ok(file)
+}
+
+/// Checks that an open file lies inside `dir`, by where `/proc/self/fd` says it is; answers
+/// that `/proc` path (which reaches the open file itself), or `None` without `/proc`.
+fn inside(dir: &Path, file: &File) -> io::Result<Option<PathBuf>> {
     use std::os::fd::AsRawFd;
     let proc = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-    if let Ok(real) = fs::read_link(&proc) {
-        let base = dir.canonicalize()?;
-        if !real.starts_with(&base) {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "outside the workspace",
-            ));
-        }
+    let Ok(real) = fs::read_link(&proc) else {
+        return Ok(None);
+    };
+    if !real.starts_with(dir.canonicalize()?) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "outside the workspace",
+        ));
     }
-    Ok(file)
+    Ok(Some(proc))
 }
 
 /// Reads at most `max` bytes; `None` when the file holds more.
@@ -441,4 +460,28 @@ pub fn restore(dir: &Path, snap: &WorkspaceSnapshot) -> io::Result<()> {
         out.write_all(f.content.as_bytes())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn a_directory_reached_through_a_link_lists_nothing() {
+        // What `list` reads if a directory is swapped for a link after its path was checked.
+        let root = tempfile::tempdir().unwrap();
+        let (ws, outside) = (root.path().join("ws"), root.path().join("outside"));
+        fs::create_dir_all(ws.join("real")).unwrap();
+        fs::write(ws.join("real/a.txt"), "a").unwrap();
+        fs::create_dir_all(outside.join("inner")).unwrap();
+        fs::write(outside.join("inner/secret.txt"), "s").unwrap();
+        symlink(&outside, ws.join("link")).unwrap();
+        assert_eq!(entries(&ws, &ws.join("real")).len(), 1);
+        assert!(entries(&ws, &ws.join("link")).is_empty(), "the last component is a link");
+        assert!(
+            entries(&ws, &ws.join("link/inner")).is_empty(),
+            "an earlier component is a link"
+        );
+    }
 }
