@@ -141,6 +141,7 @@ async fn an_idea_becomes_a_built_app_through_chat_planning_prd_and_tickets_and_a
     let w = shared().await;
     let c = w.user("flow").await;
     let idea = "A reading list for people who read a lot (kiln-flow)";
+    let started = std::time::Instant::now();
     let job = c.create_job(idea).await;
     let id = job["id"].as_str().unwrap().to_string();
     assert_eq!(job["status"], "collecting", "{job}");
@@ -152,13 +153,17 @@ async fn an_idea_becomes_a_built_app_through_chat_planning_prd_and_tickets_and_a
         .until(WAIT, "the gatherer's question", |e| e["kind"] == "stageUpdate" && e["role"] == "agent")
         .await;
     let question = first.last().unwrap();
+    println!("idea to the gatherer's question: {:?}", started.elapsed());
     assert!(question["content"].as_str().unwrap().contains("who will use it"), "{question}");
     assert!(question["sender"].as_str().is_some_and(|s| !s.is_empty()), "{question}");
     assert!(question["content"].as_str().unwrap().contains(idea), "the gatherer was told the idea: {question}");
     assert_eq!(statuses(&first), ["collecting"]);
 
+    let answered = std::time::Instant::now();
     ws.send_json(&chat("Readers who want to remember what they read")).await;
     let to_queue = until_status(&mut ws, "queued", WAIT).await;
+    println!("answer to the summary and queued: {:?}", answered.elapsed());
+    let queued_at = std::time::Instant::now();
     let agent_turns: Vec<&Value> = kinds(&to_queue, "stageUpdate").into_iter().filter(|e| e["role"] == "agent").collect();
     let summary_message = agent_turns.iter().find(|e| e["content"].as_str().unwrap().contains(&format!("\"{idea}\""))).copied();
     assert!(summary_message.is_some(), "the summary is posted as a message: {to_queue:#?}");
@@ -175,6 +180,7 @@ async fn an_idea_becomes_a_built_app_through_chat_planning_prd_and_tickets_and_a
     // Planning to build_done, every phase announced in order.
     let mut events = refused;
     events.extend(until_status(&mut ws, "build_done", JOB_TIMEOUT).await);
+    println!("queued to build_done (6 dialogue turns, PRD, backlog, 2 tickets by Claude Code): {:?}", queued_at.elapsed());
     let s = statuses(&events);
     let order = ["planning", "prd_ready", "ticketing", "tickets_ready", "building", "build_done"];
     let positions: Vec<usize> = order.iter().map(|p| s.iter().position(|x| x == p).unwrap_or_else(|| panic!("no {p} in {s:?}"))).collect();
@@ -281,6 +287,7 @@ async fn an_idea_becomes_a_built_app_through_chat_planning_prd_and_tickets_and_a
     }
 
     // A continuation run builds only the new requirements, over the workspace the first run left.
+    let continued = std::time::Instant::now();
     let (status, body) = c.post(&format!("/api/jobs/{id}/continue/"), json!({"requirements": "Add an about page (kiln-more)"})).await;
     assert!(status.is_success(), "{status} {body}");
     let mut ws = c.socket(&id).await;
@@ -291,6 +298,7 @@ async fn an_idea_becomes_a_built_app_through_chat_planning_prd_and_tickets_and_a
         .await;
     let end = cont.last().unwrap();
     assert_eq!(end["status"], "build_done", "{cont:#?}");
+    println!("continuation to build_done (1 ticket): {:?}", continued.elapsed());
     let tickets = c.tickets(&id).await;
     assert!(tickets.iter().any(|t| t["title"] == "About page" && t["status"] == "done"), "{tickets:#?}");
     assert!(c.file(&id, "/app/S3.md").await.contains("Ticket S3: About page"));
@@ -382,6 +390,7 @@ async fn a_ticket_failing_twice_fails_the_job_and_leaves_its_dependent_unbuilt()
     assert_eq!(job["status"], "failed");
     let error = job["error_message"].as_str().unwrap_or_else(|| panic!("an error message: {job}"));
     assert!(error.contains("S1") && error.contains("S2"), "{error}");
+    println!("the failed job says: {error}");
 
     let tickets = c.tickets(&id).await;
     assert_eq!(by_title(&tickets, "Broken")["status"], "failed", "{tickets:#?}");
@@ -417,6 +426,7 @@ async fn a_job_over_its_token_budget_fails_with_a_clear_reason() {
     let job = c.job(&id).await;
     let error = job["error_message"].as_str().unwrap_or_else(|| panic!("an error message: {job}"));
     assert!(error.contains("budget"), "the reason names the budget: {error}");
+    println!("the job over budget says: {error}");
     let (status, app) = c.app_by_job(&id).await;
     assert_eq!(status, StatusCode::NO_CONTENT, "no PRD was saved: {app}");
     assert!(c.tickets(&id).await.is_empty());
