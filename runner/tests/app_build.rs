@@ -786,3 +786,56 @@ async fn a_provider_refusing_with_429_then_answering_costs_a_retry_not_the_job()
     );
     runner.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_during_a_ticket_holds_the_next_one_before_it_is_announced() {
+    let tickets = backlog(json!([
+        {"id": "S1", "type": "story", "title": "Page slow write", "dependencies": []},
+        {"id": "S2", "type": "story", "title": "Script write", "dependencies": ["S1"]}
+    ]));
+    let server = model(script(&tickets));
+    let runner = runner(&server, Budget::default()).await;
+    let a = app_job(None, false);
+    let id = a.job_id.clone();
+    runner.edge.assign(a).await;
+    runner
+        .edge
+        .wait_event(&id, "S1 in progress", 30, |e| {
+            matches!(
+                e,
+                RunnerEvent::Ticket {
+                    status: TicketStatus::InProgress,
+                    ..
+                }
+            )
+        })
+        .await;
+    runner
+        .edge
+        .send(EdgeMessage::Pause { job_id: id.clone() })
+        .await;
+    runner
+        .edge
+        .wait_event(&id, "the pause before S2", 30, |e| {
+            matches!(e, RunnerEvent::Log { content, .. } if content == "Paused: the job waits for resume before ticket S2")
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let building: Vec<String> = lifecycle(&runner.edge.events(&id))
+        .into_iter()
+        .skip_while(|l| l != "phase building")
+        .collect();
+    assert_eq!(
+        building,
+        ["phase building", "S1 in_progress", "S1 done"],
+        "S1 finishes; S2 is not announced while paused"
+    );
+    runner
+        .edge
+        .send(EdgeMessage::Resume { job_id: id.clone() })
+        .await;
+    let events = runner.edge.wait_finished(&id, 30).await;
+    assert_eq!(finished(&events).0, Outcome::Completed);
+    assert!(lifecycle(&events).contains(&"S2 done".to_string()));
+    runner.stop().await;
+}

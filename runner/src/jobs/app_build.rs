@@ -352,6 +352,7 @@ impl App<'_> {
             Err(e) => return self.end_early(p, step_failure(e, "Planning")).await,
         };
 
+        p.checkpoint("the PRD").await;
         p.narrate("The Secretary is writing the product requirements document.");
         let prd_prompt = format!(
             "{}\n\nThe executives' planning:\n{}\n\nWrite the PRD and its spec.",
@@ -377,6 +378,8 @@ impl App<'_> {
         };
         phase(p, AppPhase::PrdReady, "The PRD is ready");
 
+        // A paused job stops before it announces what comes next.
+        p.checkpoint("the backlog").await;
         phase(p, AppPhase::Ticketing, "Splitting the PRD into tickets");
         p.narrate("The PRD is being split into epics, stories and tasks.");
         let assigned = self.job.services.agent.format.profile_name().to_string();
@@ -412,6 +415,7 @@ impl App<'_> {
             &format!("{} tickets, {} to build", tickets.len(), order.len()),
         );
 
+        p.checkpoint("the build").await;
         phase(p, AppPhase::Building, "Building the tickets");
         p.narrate(format!(
             "Building {} tickets in dependency order.",
@@ -552,6 +556,7 @@ impl App<'_> {
         let started = Instant::now();
         let mut last = None;
         for attempt in 1..=TICKET_ATTEMPTS {
+            p.checkpoint(&format!("ticket {local}")).await;
             p.emit(RunnerEvent::Ticket {
                 ticket_id: t.id.clone(),
                 status: TicketStatus::InProgress,

@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::Query;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::extract::Query;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{SinkExt, StreamExt};
@@ -229,10 +229,18 @@ async fn put_snapshot(
         return StatusCode::UNAUTHORIZED.into_response();
     }
     let Some(lease) = q.lease_id else {
-        return (StatusCode::BAD_REQUEST, Json(serde_json::json!({"error": "lease_id is required"}))).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({"error": "lease_id is required"})),
+        )
+            .into_response();
     };
     if s.invalid.lock().unwrap().contains(&job_id) {
-        return (StatusCode::CONFLICT, Json(serde_json::json!({"error": "lease no longer valid"}))).into_response();
+        return (
+            StatusCode::CONFLICT,
+            Json(serde_json::json!({"error": "lease no longer valid"})),
+        )
+            .into_response();
     }
     s.snapshot_puts
         .lock()
@@ -252,11 +260,19 @@ async fn get_snapshot(
         return StatusCode::UNAUTHORIZED.into_response();
     }
     if q.lease_id.is_none() {
-        return (StatusCode::BAD_REQUEST, Json(serde_json::json!({"error": "lease_id is required"}))).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({"error": "lease_id is required"})),
+        )
+            .into_response();
     }
     match s.snapshots.lock().unwrap().get(&job_id) {
         Some(snap) => Json(snap.clone()).into_response(),
-        None => (StatusCode::NOT_FOUND, Json(serde_json::json!({"error": "no snapshot"}))).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"error": "no snapshot"})),
+        )
+            .into_response(),
     }
 }
 
