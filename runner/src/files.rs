@@ -389,9 +389,7 @@ pub fn snapshot(dir: &Path) -> io::Result<WorkspaceSnapshot> {
                 content,
                 size,
             };
-            let cost = serde_json::to_string(&file)
-                .map(|s| s.len() + 1)
-                .unwrap_or(usize::MAX);
+            let cost = json_len(&file);
             if used.saturating_add(cost) > budget {
                 omit(&mut snap, file.path);
                 continue;
@@ -409,6 +407,26 @@ pub fn snapshot(dir: &Path) -> io::Result<WorkspaceSnapshot> {
         );
     }
     Ok(snap)
+}
+
+/// A JSON string's length once quoted and escaped as serde_json writes it.
+fn json_str_len(s: &str) -> usize {
+    2 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
+/// What a file adds to a snapshot's JSON: `{"path":…,"content":…,"size":N}` and a comma.
+fn json_len(f: &SnapshotFile) -> usize {
+    r#"{"path":,"content":,"size":},"#.len()
+        + json_str_len(&f.path)
+        + json_str_len(&f.content)
+        + f.size.to_string().len()
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -468,6 +486,27 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     #[test]
+    fn a_files_json_length_is_computed_exactly() {
+        for content in [
+            "plain",
+            "quote \" back \\ nl \n tab \t cr \r",
+            "\u{1} \u{8} \u{c} \u{1f}",
+            "ünï 😀 </script>",
+        ] {
+            let f = SnapshotFile {
+                path: "a/\"b\".txt".into(),
+                content: content.into(),
+                size: 1234,
+            };
+            assert_eq!(
+                json_len(&f),
+                serde_json::to_string(&f).unwrap().len() + 1,
+                "{content:?}"
+            );
+        }
+    }
+
+    #[test]
     fn a_directory_reached_through_a_link_lists_nothing() {
         // What `list` reads if a directory is swapped for a link after its path was checked.
         let root = tempfile::tempdir().unwrap();
@@ -478,7 +517,10 @@ mod tests {
         fs::write(outside.join("inner/secret.txt"), "s").unwrap();
         symlink(&outside, ws.join("link")).unwrap();
         assert_eq!(entries(&ws, &ws.join("real")).len(), 1);
-        assert!(entries(&ws, &ws.join("link")).is_empty(), "the last component is a link");
+        assert!(
+            entries(&ws, &ws.join("link")).is_empty(),
+            "the last component is a link"
+        );
         assert!(
             entries(&ws, &ws.join("link/inner")).is_empty(),
             "an earlier component is a link"
