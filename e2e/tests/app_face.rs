@@ -1,15 +1,15 @@
 //! Seed 000's app-builder REST face against a real `wrangler dev` (issue 8 §2): `/api/jobs/`
 //! (create, list order, detail, PATCH rules, pause/resume, continue, delete, purge and its
 //! guard), `/api/job-messages/` (post, list, get, delete, as views of the job's event log: a
-//! deleted message leaves the socket's replay too), `/api/apps/` and `/api/tickets/` before a
-//! runner wrote any, the files endpoints (bad paths refused, the empty tree of a job with no
-//! workspace), the envelope (`detail` beside `error`, plain arrays, JSON on every 2xx but 204),
-//! and owner scoping: another user's ids answer 404 on every endpoint.
+//! deleted message leaves the socket's replay too), `/api/apps/` and `/api/tickets/` (empty, and
+//! as a room writes them), the files endpoints (bad paths refused, the empty tree of a job with no
+//! workspace, an ended job's R2 snapshot), the envelope (`detail` beside `error`, plain arrays,
+//! JSON on every 2xx but 204), and owner scoping: another user's ids answer 404 on every endpoint.
 //!
 //! No runner runs here: jobs stay in `collecting` (the requirements gatherer finds no runner and
-//! says so in the transcript, which these tests tolerate). What needs a runner (gatherer replies,
-//! phases, the App, tickets, files from a live workspace or its snapshot) is
-//! `e2e/tests/app_builder.rs`'s.
+//! says so in the transcript, which these tests tolerate); one test ends jobs behind the edge's
+//! back (D1 rows and an R2 object as the room and a runner write them). The lifecycle itself
+//! (gatherer replies, phases, files from a live workspace) is `e2e/tests/app_builder.rs`'s.
 
 use std::time::Duration;
 
@@ -303,7 +303,7 @@ fn snapshot() -> Value {
 /// (its D1 row as a room's status copy writes it, and a workspace snapshot in R2 as a runner's
 /// last PUT leaves it) to check what only a collecting job may do and the files of an ended job.
 #[tokio::test]
-async fn purge_deletes_only_the_callers_jobs_and_ended_jobs_answer_from_their_snapshot() {
+async fn ended_jobs_show_their_app_tickets_and_snapshot_and_purge_deletes_only_the_callers() {
     let mut edge = TestEdge::start(&[("ALLOW_JOB_PURGE", "true")]).await.expect("starting wrangler dev");
     let ann = User::new(&edge, "purge").await;
     let bob = User::new(&edge, "other").await;
@@ -314,6 +314,18 @@ async fn purge_deletes_only_the_callers_jobs_and_ended_jobs_answer_from_their_sn
 
     edge.stop();
     edge.d1(&format!("UPDATE jobs SET status = 'completed', phase = 'building' WHERE id IN ('{done}', '{bare}')")).expect("updating D1");
+    // The App and backlog a room writes (store::upsert_app, store::replace_tickets).
+    let owner = edge.d1(&format!("SELECT owner FROM jobs WHERE id = '{done}'")).expect("reading D1")[0]["owner"].as_str().unwrap().to_string();
+    let (app, epic, s1, s2) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4(), uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    edge.d1(&format!(
+        "INSERT INTO apps (id, job_id, owner, spec, prd_markdown, prd_generated_at, created_at, updated_at)
+           VALUES ('{app}', '{done}', '{owner}', '{{\"name\":\"Todo\"}}', '# Todo PRD', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z');
+         INSERT INTO tickets (id, job_id, owner, parent_id, type, title, description, status, assigned_to, dependencies, ordinal, created_at, updated_at) VALUES
+           ('{s2}', '{done}', '{owner}', '{epic}', 'story', 'List todos', 'Show them', 'done', 'claude', '[\"{s1}\"]', 2, 't', 't'),
+           ('{epic}', '{done}', '{owner}', NULL, 'epic', 'Todos', '', 'todo', '', '[]', 0, 't', 't'),
+           ('{s1}', '{done}', '{owner}', '{epic}', 'story', 'Store todos', 'Keep them', 'done', 'claude', '[]', 1, 't', 't');"
+    ))
+    .expect("writing the App and tickets");
     let file = edge.persist_dir().join("snapshot.json");
     std::fs::write(&file, snapshot().to_string()).unwrap();
     let key = format!("kiln-artifacts/snapshots/{done}.json");
@@ -354,6 +366,35 @@ async fn purge_deletes_only_the_callers_jobs_and_ended_jobs_answer_from_their_sn
     let (status, answer) = bob.get(&format!("/api/jobs/{done}/files/content/?path=/app/src/app.js")).await;
     assert_api_error(status, &answer, StatusCode::NOT_FOUND, "another user's snapshot");
 
+    // The App and the backlog, owner-scoped.
+    let (status, apps) = ann.get("/api/apps/").await;
+    assert_eq!(status, StatusCode::OK, "{apps}");
+    assert_eq!(apps.as_array().map(Vec::len), Some(1), "{apps}");
+    let want = json!({"id": app, "job_id": done, "spec": {"name": "Todo"}, "prd_markdown": "# Todo PRD",
+        "prd_generated_at": "2026-01-01T00:00:00.000Z", "created_at": "2026-01-01T00:00:00.000Z", "updated_at": "2026-01-01T00:00:00.000Z"});
+    assert_eq!(apps[0], want);
+    for path in [format!("/api/apps/{app}/"), format!("/api/apps/by-job/{done}/")] {
+        let (status, one) = ann.get(&path).await;
+        assert_eq!((status, &one), (StatusCode::OK, &want), "{path}");
+    }
+    let (status, tickets) = ann.get(&format!("/api/tickets/?job_id={done}")).await;
+    assert_eq!(status, StatusCode::OK, "{tickets}");
+    let order: Vec<&str> = tickets.as_array().unwrap().iter().map(|t| t["title"].as_str().unwrap()).collect();
+    assert_eq!(order, ["Todos", "Store todos", "List todos"], "the backlog's order");
+    assert_eq!(tickets[2]["dependencies"], json!([s1.to_string()]));
+    assert_eq!((tickets[0]["dependencies"].clone(), tickets[0]["parent_id"].clone(), tickets[0]["type"].clone()), (json!([]), Value::Null, json!("epic")));
+    let (status, ticket) = ann.get(&format!("/api/tickets/{s2}/")).await;
+    assert_eq!((status, &ticket), (StatusCode::OK, &tickets[2]));
+    for key in ["id", "job_id", "parent_id", "type", "title", "description", "status", "assigned_to", "dependencies", "created_at", "updated_at"] {
+        assert!(ticket.get(key).is_some(), "{key} in {ticket}");
+    }
+    let (status, empty) = bob.get("/api/apps/").await;
+    assert_eq!((status, empty), (StatusCode::OK, json!([])), "another user's Apps are not listed");
+    for path in [format!("/api/apps/{app}/"), format!("/api/apps/by-job/{done}/"), format!("/api/tickets/?job_id={done}"), format!("/api/tickets/{s2}/")] {
+        let (status, answer) = bob.get(&path).await;
+        assert_api_error(status, &answer, StatusCode::NOT_FOUND, &format!("{path} as another user"));
+    }
+
     let (status, job) = ann.get(&format!("/api/jobs/{bare}/")).await;
     assert_eq!((status, job["status"].clone()), (StatusCode::OK, json!("build_done")), "completed reads build_done: {job}");
     let (status, answer) = ann.send(Method::PATCH, &format!("/api/jobs/{bare}/"), Some(json!({"initial_prompt": "late"}))).await;
@@ -363,17 +404,15 @@ async fn purge_deletes_only_the_callers_jobs_and_ended_jobs_answer_from_their_sn
     let (status, tree) = ann.get(&format!("/api/jobs/{bare}/files/structure/")).await;
     assert_eq!(status, StatusCode::OK, "{tree}");
     assert_eq!((tree["structure"].clone(), tree["source"].clone()), (json!([]), json!("none")), "no snapshot kept: {tree}");
-    let (status, job) = ann.get(&format!("/api/jobs/{done}/")).await;
-    assert_eq!((status, job["status"].clone()), (StatusCode::OK, json!("build_done")), "completed reads build_done: {job}");
-    let (status, answer) = ann.send(Method::PATCH, &format!("/api/jobs/{done}/"), Some(json!({"initial_prompt": "late"}))).await;
-    assert_api_error(status, &answer, StatusCode::CONFLICT, "PATCH after collecting");
-    let (status, body) = ann.get(&format!("/api/apps/by-job/{done}/")).await;
-    assert_eq!((status, body), (StatusCode::NO_CONTENT, Value::Null), "a finished job without an App: 204");
 
     let (status, purged) = ann.send(Method::DELETE, "/api/jobs/purge/", None).await;
     assert_eq!((status, purged), (StatusCode::OK, json!({"deleted": 3})));
     let (_, list) = ann.get("/api/jobs/").await;
     assert_eq!(list, json!([]));
+    let (_, apps) = ann.get("/api/apps/").await;
+    assert_eq!(apps, json!([]), "the App went with its job");
+    let (status, answer) = ann.get(&format!("/api/tickets/{s1}/")).await;
+    assert_api_error(status, &answer, StatusCode::NOT_FOUND, "a purged job's ticket");
     let (status, again) = ann.send(Method::DELETE, "/api/jobs/purge/", None).await;
     assert_eq!((status, again), (StatusCode::OK, json!({"deleted": 0})));
     let (status, job) = bob.get(&format!("/api/jobs/{bobs}/")).await;
