@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use axum::http::{header, StatusCode as HttpStatus, Uri};
 use axum::response::{IntoResponse, Response};
-use kiln_e2e::{repo_root, unique_email, StatusCode, TestEdge, PASSWORD};
+use kiln_e2e::model::{ModelServer, Script};
+use kiln_e2e::{repo_root, unique_email, StatusCode, TestEdge, TestRunner, PASSWORD};
 use serde_json::{json, Value};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -62,6 +63,7 @@ async fn page_file(uri: Uri) -> Response {
     let (name, kind) = match uri.path() {
         "/" | "/index.html" => ("index.html", "text/html; charset=utf-8"),
         "/app.js" => ("app.js", "text/javascript; charset=utf-8"),
+        "/favicon.ico" => return HttpStatus::NO_CONTENT.into_response(),
         _ => return (HttpStatus::NOT_FOUND, "not found").into_response(),
     };
     match tokio::fs::read(repo_root().join("e2e/browser/page").join(name)).await {
@@ -220,7 +222,206 @@ async fn a_page_from_a_listed_origin_signs_in_and_refreshes_and_an_unlisted_one_
     assert_eq!(status, StatusCode::UNAUTHORIZED, "the refused page's registration never reached the edge: {body}");
 
     eprintln!(
-        "browser auth run: Chromium {} launched in {} ms; steps {:?} ms; whole run {} ms",
+        "browser auth run: Chromium {} launched in {} ms; steps {} ms; whole run {} ms",
         result["browser"], result["launch_ms"], result["steps_ms"], elapsed.as_millis()
+    );
+}
+
+/// The seed's frontend flow: register, log in, `POST /api/jobs/`, the job's socket (`?token=`)
+/// rendering `stageUpdate`s, the gatherer's question (a real runner's LLM step on the scripted
+/// model's demo script), a `chat` answer, the summary and `jobStatus queued`; then the job on to
+/// `build_done` as the page follows it (the executives' dialogue, the PRD and its App, the ticket
+/// board fetched at `tickets_ready`, the job refetched at every `jobStatus`); and
+/// `GET /api/job-messages/?job_id=` agreeing with what the socket showed, message for message
+/// (ids `<job_id>:<seq>`, `created_at` equal to the `stageUpdate`'s `timestamp`, so the page's
+/// de-duplication renders each message once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_from_another_origin_chats_with_the_gatherer_and_follows_the_job_to_build_done() {
+    let site = Site::start().await;
+    let origin = site.origin();
+    let model = ModelServer::start(Script::demo());
+    let edge = TestEdge::start(&[("CORS_ORIGINS", origin.as_str())]).await.expect("starting wrangler dev");
+    let model_url = model.url();
+    // Every LLM step on the scripted model; tickets built by the text agent in the process
+    // executor (the page watches the lifecycle, not what an agent writes).
+    let runner = TestRunner::start(
+        &edge,
+        &[
+            ("RUNNER_EXECUTOR", "process"),
+            ("RUNNER_AGENT", "text"),
+            ("ANTHROPIC_BASE_URL", model_url.as_str()),
+            ("ANTHROPIC_API_KEY", "sk-ant-kiln-test"),
+            ("RUNNER_LLM_MODEL", "anthropic/kiln-demo"),
+        ],
+    )
+    .await
+    .expect("starting a runner");
+    let email = unique_email("browser-flow");
+    let idea = "A tea timer with presets for green and black tea (kiln-browser)";
+    let answer = "Tea drinkers; the first screen shows the presets and a start button";
+    let saw_status = |s: &str| format!("kiln.statuses.includes('{s}') || kiln.statuses.includes('failed')");
+
+    let started = Instant::now();
+    let result = drive(vec![
+        json!({"goto": site.page(&edge)}),
+        fill("#email", &email),
+        fill("#password", PASSWORD),
+        fill("#name", "Browser Flow"),
+        click("#register"),
+        wait("kiln.user !== null", "registered"),
+        click("#login"),
+        wait("'logged_in' in kiln.marks", "logged in"),
+        fill("#prompt", idea),
+        click("#create"),
+        wait("kiln.jobId !== null && kiln.socketOpens > 0", "the job and its socket"),
+        json!({"wait": "kiln.socketFrames.some(f => f.kind === 'stageUpdate' && f.role === 'agent')",
+               "what": "the gatherer's question on the socket", "timeout_ms": 90_000}),
+        json!({"snapshot": "asked"}),
+        fill("#chat-input", answer),
+        click("#send"),
+        json!({"wait": saw_status("queued"), "what": "jobStatus queued", "timeout_ms": 90_000}),
+        json!({"wait": saw_status("build_done"), "what": "jobStatus build_done", "timeout_ms": 180_000}),
+        // The last refetches the final jobStatus started have answered.
+        wait("kiln.job && kiln.job.status === kiln.status && kiln.tickets && kiln.tickets.length > 0 && kiln.app", "the job, tickets and App refetched"),
+        click("#reload"),
+        wait("kiln.reloaded === true", "the transcript over REST"),
+        // Everything REST answered has arrived on the socket too (the frames may trail the answer).
+        wait("kiln.restMessages.every(m => kiln.socketFrames.some(f => m.id === `${kiln.jobId}:${f.seq}`))", "the socket to hold every REST message"),
+        json!({"snapshot": "done"}),
+    ])
+    .await;
+    let elapsed = started.elapsed();
+
+    let asked = &result["snapshots"]["asked"];
+    let snap = &result["snapshots"]["done"];
+    let kiln = &snap["kiln"];
+    let job_id = kiln["jobId"].as_str().expect("a job id").to_string();
+    let created = &kiln["createdJob"];
+    assert_eq!(created["status"], "collecting", "{created:#}");
+    assert_eq!(created["initial_prompt"], idea, "{created:#}");
+    let statuses: Vec<&str> = kiln["statuses"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    assert!(!statuses.contains(&"failed"), "the job failed: {:#}\nrunner log:\n{}", kiln["job"], runner.log());
+    let order = ["collecting", "queued", "planning", "prd_ready", "ticketing", "tickets_ready", "building", "build_done"];
+    let positions: Vec<usize> =
+        order.iter().map(|p| statuses.iter().position(|x| x == p).unwrap_or_else(|| panic!("no {p} in {statuses:?}"))).collect();
+    assert!(positions.windows(2).all(|p| p[0] < p[1]), "seed 000's statuses in order: {statuses:?}");
+
+    // The page's calls: all answered and readable from its origin, no 401 on the way.
+    let trace = calls(kiln);
+    let first: Vec<_> = trace.iter().take(3).cloned().collect();
+    assert_eq!(
+        first,
+        vec![
+            ("POST".to_string(), "/api/auth/register/".to_string(), 201),
+            ("POST".to_string(), "/api/auth/login/".to_string(), 200),
+            ("POST".to_string(), "/api/jobs/".to_string(), 201),
+        ],
+        "{trace:?}"
+    );
+    assert!(trace[3..].iter().all(|(m, _, s)| m == "GET" && *s == 200), "every later call a GET answered 200: {trace:?}");
+    let count = |path: &str| trace.iter().filter(|(_, p, _)| p == path).count();
+    let messages_path = format!("/api/job-messages/?job_id={job_id}");
+    assert_eq!(count(&messages_path), 2, "the transcript was loaded at the socket's open and on reload: {trace:?}");
+    assert_eq!(count(&format!("/api/jobs/{job_id}/")), statuses.len(), "one job refetch per jobStatus: {trace:?}");
+    assert_eq!(kiln["refreshes"], 0);
+    assert_eq!(kiln["socketOpens"], 1);
+    assert_eq!(kiln["socketCloses"], json!([]), "the socket stayed open");
+
+    // The socket: the log replayed from its start, dense, then followed.
+    let frames = kiln["socketFrames"].as_array().unwrap();
+    let seqs: Vec<u64> = frames.iter().map(|f| f["seq"].as_u64().expect("every frame has a seq")).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "dense seqs from 1: {frames:#?}");
+    assert_eq!(frames[0]["kind"], "jobStatus");
+    assert_eq!(frames[0]["status"], "collecting");
+    let stage: Vec<&Value> = frames.iter().filter(|f| f["kind"] == "stageUpdate").collect();
+    let by_role = |role: &str| stage.iter().filter(|f| f["role"] == role).copied().collect::<Vec<_>>();
+    let users = by_role("user");
+    // The answer is the user's last message (whether the idea opens the transcript as a message
+    // of its own is the room's choice; the job carries it as `initial_prompt` either way).
+    let user_texts: Vec<&str> = users.iter().map(|u| u["content"].as_str().unwrap()).collect();
+    assert_eq!(user_texts.last(), Some(&answer), "{stage:#?}");
+    assert!(user_texts[..user_texts.len() - 1].iter().all(|t| *t == idea), "{user_texts:?}");
+    let agents = by_role("agent");
+    assert!(agents.len() >= 2, "a question and the summary: {stage:#?}");
+    assert!(agents[0]["content"].as_str().unwrap().contains("who will use it"), "{:#}", agents[0]);
+    assert!(agents.iter().all(|a| a["sender"].as_str().is_some_and(|s| !s.is_empty())), "{agents:#?}");
+    assert!(agents[0]["seq"].as_u64().unwrap() < users.last().unwrap()["seq"].as_u64().unwrap(), "the answer followed the question");
+    let queued_at = frames.iter().find(|f| f["kind"] == "jobStatus" && f["status"] == "queued").expect("jobStatus queued")["seq"].as_u64().unwrap();
+    let summary = stage
+        .iter()
+        .find(|f| f["content"].as_str().is_some_and(|c| c.contains(&format!("\"{idea}\"")) && c.contains("Tea drinkers")))
+        .unwrap_or_else(|| panic!("the summary, quoting the idea and the answer, is a message: {stage:#?}"));
+    assert!(summary["seq"].as_u64().unwrap() < queued_at, "the summary came before jobStatus queued: {frames:#?}");
+    let asked_statuses: Vec<&Value> = asked["kiln"]["socketFrames"].as_array().unwrap().iter().filter(|f| f["kind"] == "jobStatus").collect();
+    assert!(asked_statuses.iter().all(|f| f["status"] == "collecting"), "the job stayed collecting while the gatherer asked: {asked_statuses:#?}");
+
+    // REST's transcript is the socket's, message for message.
+    let rest = kiln["restMessages"].as_array().expect("the transcript over REST");
+    let rest_seqs: Vec<u64> = rest
+        .iter()
+        .map(|m| {
+            let id = m["id"].as_str().unwrap_or_else(|| panic!("a message id: {m}"));
+            let (job, seq) = id.rsplit_once(':').unwrap_or_else(|| panic!("ids are <job_id>:<seq>: {id}"));
+            assert_eq!(job, job_id, "{m}");
+            seq.parse().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        rest_seqs,
+        stage.iter().map(|f| f["seq"].as_u64().unwrap()).collect::<Vec<_>>(),
+        "the same messages, oldest first, over REST and the socket (the job had ended: nothing trails)"
+    );
+    for (m, f) in rest.iter().zip(&stage) {
+        assert_eq!(m["role"], f["role"], "{m} vs {f}");
+        assert_eq!(m["sender"], f["sender"], "{m} vs {f}");
+        assert_eq!(m["content"], f["content"], "{m} vs {f}");
+        assert_eq!(m["metadata"], f["metadata"], "{m} vs {f}");
+        assert_eq!(m["created_at"], f["timestamp"], "created_at is the stageUpdate's timestamp: {m} vs {f}");
+    }
+    // The page rendered each message once: live and stored copies de-duplicated by timestamp.
+    let transcript = snap["transcript"].as_array().unwrap();
+    assert_eq!(transcript.len(), stage.len(), "{transcript:#?}\n{stage:#?}");
+    assert!(transcript.iter().any(|li| li["text"].as_str().unwrap().ends_with(answer)), "{transcript:#?}");
+
+    // What the page fetched on the way agrees with what the socket said.
+    let job = &kiln["job"];
+    assert_eq!(job["status"], "build_done", "{job:#}");
+    assert!(job["requirements_summary"].as_str().is_some_and(|s| s.contains("Tea drinkers")), "{job:#}");
+    let dialogue = frames.iter().filter(|f| f["kind"] == "agentDialogue").count();
+    assert!(dialogue >= 3, "the executives spoke: {frames:#?}");
+    assert_eq!(job["steps"].as_array().map(Vec::len), Some(dialogue), "the job's steps are its dialogue: {job:#}");
+    let prd = frames.iter().find(|f| f["kind"] == "prdReady").expect("a prdReady event");
+    assert_eq!(kiln["app"]["job_id"], job_id.as_str());
+    assert_eq!(kiln["app"]["prd_markdown"], prd["prdMarkdown"], "the App holds the PRD the socket announced");
+    assert_eq!(kiln["app"]["spec"], prd["spec"]);
+    let tickets = kiln["tickets"].as_array().unwrap();
+    assert!(tickets.iter().any(|t| t["type"] == "epic") && tickets.iter().any(|t| t["type"] == "story"), "{tickets:#?}");
+    assert!(tickets.iter().all(|t| t["job_id"] == job_id.as_str()), "{tickets:#?}");
+    // Stories are what agents build (an epic is only their parent).
+    assert!(
+        tickets.iter().filter(|t| t["type"] != "epic").all(|t| t["status"] == "done"),
+        "the board after build_done: {tickets:#?}"
+    );
+
+    // The answers came from the scripted model, asked as the gatherer.
+    let gatherer_rules: Vec<String> =
+        model.requests().iter().filter(|r| r.system.contains("Kiln role: gatherer")).filter_map(|r| r.rule.clone()).collect();
+    assert!(gatherer_rules.iter().any(|r| r == "demo-gatherer-question"), "{gatherer_rules:?}");
+    assert!(gatherer_rules.iter().any(|r| r == "demo-gatherer-summary"), "{gatherer_rules:?}");
+    assert!(!console_says(&result, "CORS"), "no CORS complaint from the listed origin: {:#}", result["console"]);
+
+    let marks = &kiln["marks"];
+    let ms = |a: &str, b: &str| marks[b].as_i64().unwrap_or(-1) - marks[a].as_i64().unwrap_or(0);
+    eprintln!(
+        "browser flow: Chromium {} launched in {} ms; job created to socket open {} ms, to the gatherer's question {} ms; \
+         answer sent to queued {} ms, to build_done {} ms; {} REST calls; whole run {} ms",
+        result["browser"],
+        result["launch_ms"],
+        ms("job_created", "socket_open"),
+        ms("job_created", "first_agent_reply"),
+        ms("chat_sent", "status_queued"),
+        ms("chat_sent", "status_build_done"),
+        trace.len(),
+        elapsed.as_millis()
     );
 }

@@ -22,6 +22,12 @@ const kiln = {
   socketOpens: 0,
   socketCloses: [],
   restMessages: null,
+  // Every jobStatus's status, in order; the job, App and tickets as last fetched.
+  statuses: [],
+  job: null,
+  app: null,
+  tickets: null,
+  dialogue: [],
   errors: [],
   marks: {},
 };
@@ -119,6 +125,39 @@ async function loadMessages() {
   return list;
 }
 
+// Answers can overtake each other: keep only the newest request's.
+const latest = {};
+async function fetchLatest(key, path) {
+  const n = (latest[key] = (latest[key] || 0) + 1);
+  const data = await api('GET', path);
+  return n === latest[key] ? data : undefined;
+}
+
+async function loadJob() {
+  const job = await fetchLatest('job', `/api/jobs/${encodeURIComponent(kiln.jobId)}/`);
+  if (job !== undefined) kiln.job = job;
+}
+
+async function loadApp() {
+  const app = await fetchLatest('app', `/api/apps/by-job/${encodeURIComponent(kiln.jobId)}/`);
+  if (app !== undefined) kiln.app = app;
+}
+
+async function loadTickets() {
+  const list = await fetchLatest('tickets', `/api/tickets/?job_id=${encodeURIComponent(kiln.jobId)}`);
+  if (list === undefined) return;
+  if (!Array.isArray(list)) throw new Error('GET /api/tickets/ did not answer a JSON array');
+  kiln.tickets = list;
+  $('tickets').replaceChildren(
+    ...list.map((t) => {
+      const li = document.createElement('li');
+      li.dataset.status = t.status;
+      li.textContent = `${t.type} ${t.title}: ${t.status}`;
+      return li;
+    }),
+  );
+}
+
 let socket = null;
 function openSocket() {
   const url = `${WS}/ws/jobs/${encodeURIComponent(kiln.jobId)}/?token=${encodeURIComponent(kiln.access)}`;
@@ -144,8 +183,24 @@ function openSocket() {
       if (frame.role === 'agent') mark('first_agent_reply');
     } else if (frame.kind === 'jobStatus') {
       kiln.status = frame.status;
+      kiln.statuses.push(frame.status);
       $('status').textContent = frame.status;
       mark(`status_${frame.status}`);
+      // jobStatus is the seed frontend's only trigger to refetch the job (it does not poll); the
+      // ticket board is fetched once the backlog is stored, and again at the end.
+      loadJob().catch((e) => showError(String(e)));
+      if (frame.status === 'tickets_ready' || frame.status === 'build_done') {
+        loadTickets().catch((e) => showError(String(e)));
+      }
+    } else if (frame.kind === 'agentDialogue') {
+      kiln.dialogue.push(frame);
+      const li = document.createElement('li');
+      li.textContent = `${frame.agent}: ${frame.message}`;
+      $('dialogue').appendChild(li);
+    } else if (frame.kind === 'prdReady') {
+      $('prd').textContent = frame.prdMarkdown;
+      mark('prd_ready');
+      loadApp().catch((e) => showError(String(e)));
     } else if (frame.kind === 'error') {
       showError(`socket error event: ${frame.message}`);
     }
