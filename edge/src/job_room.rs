@@ -1303,7 +1303,9 @@ impl JobRoom {
     /// `POST /continue`: a finished app build runs again with more requirements.
     async fn continue_run(&self, requirements: String) -> ApiResult<serde_json::Value> {
         let meta = self.meta()?;
-        if meta.job_type != JobType::AppBuild || !meta.job_type.allows(meta.status, JobStatus::Queued) || meta.status == JobStatus::Collecting {
+        // From an ended run only (`running → queued` is the queue's requeue, not a continuation).
+        let ended = matches!(meta.status, JobStatus::Completed | JobStatus::Failed);
+        if !ended || !meta.job_type.allows(meta.status, JobStatus::Queued) {
             return Err(ApiError::Conflict(format!(
                 "job is {}; only a finished app build (build_done or failed) can continue",
                 meta.face_status()
