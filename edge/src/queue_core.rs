@@ -337,8 +337,8 @@ impl Faults {
 }
 
 /// The runner to send a request to: the one with the fewest requests in flight (ties: the first
-/// listed, the earliest connected).
-pub fn least_busy<'a>(runners: &'a [String], in_flight: impl Fn(&str) -> u32) -> Option<&'a str> {
+/// listed).
+pub fn least_busy(runners: &[String], in_flight: impl Fn(&str) -> u32) -> Option<&str> {
     runners.iter().min_by_key(|r| in_flight(r)).map(String::as_str)
 }
 
