@@ -140,14 +140,14 @@ fn console_says(result: &Value, needle: &str) -> bool {
 // --- Tests -----------------------------------------------------------------------------------
 
 /// Register, log in, and the seed's 401 → `POST /api/auth/token/refresh/` → retry cycle on an
-/// access token that really expired (2 s lifetime); then a page from an origin `CORS_ORIGINS`
+/// access token that really expired (5 s lifetime); then a page from an origin `CORS_ORIGINS`
 /// does not list fails to register because the browser refuses the edge's answer to its preflight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_from_a_listed_origin_signs_in_and_refreshes_and_an_unlisted_one_is_refused() {
     let site = Site::start().await;
     let other = Site::start().await;
     let origin = site.origin();
-    let edge = TestEdge::start(&[("CORS_ORIGINS", origin.as_str()), ("ACCESS_TOKEN_TTL_SECS", "2")]).await.expect("starting wrangler dev");
+    let edge = TestEdge::start(&[("CORS_ORIGINS", origin.as_str()), ("ACCESS_TOKEN_TTL_SECS", "5")]).await.expect("starting wrangler dev");
     let email = unique_email("browser");
     let refused_email = unique_email("browser-refused");
 
