@@ -346,6 +346,13 @@ pub fn no_workspace(why: &str) -> FileStructure {
     FileStructure { structure: vec![], truncated: false, source: "none".into(), detail: Some(format!("no workspace yet: {why}")) }
 }
 
+/// Whether a runner's `{"error"}` says it no longer holds the job's workspace (the job moved or
+/// ended between the queue's answer and the runner's): the snapshot answers then.
+pub fn runner_lacks_workspace(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    e.contains("does not hold") || e.contains("no workspace")
+}
+
 /// The HTTP status of a runner's `{"error"}` to a files request (its wording: `files.rs` in the
 /// runner): a missing path 404, a binary file 415, an oversize one 413, anything else 400.
 pub fn runner_error_status(error: &str) -> u16 {
@@ -662,6 +669,13 @@ mod tests {
         assert_eq!(runner_error_status("not found: /app/x"), 404);
         assert_eq!(runner_error_status("no such file or directory"), 404);
         assert_eq!(runner_error_status("path is a symlink"), 400);
+        // The runner's own wording (runner/src/files.rs, edge/connection.rs).
+        assert_eq!(runner_error_status("/app/src does not exist"), 404);
+        assert_eq!(runner_error_status("/app/x is a symbolic link"), 400);
+        assert_eq!(runner_error_status("file is over 524288 bytes (600000 bytes)"), 413);
+        assert!(runner_lacks_workspace("this runner does not hold the job"));
+        assert!(runner_lacks_workspace("this job has no workspace on this runner"));
+        assert!(!runner_lacks_workspace("binary file"));
         assert_eq!(snapshot_key("j"), "snapshots/j.json");
         let none = serde_json::to_value(no_workspace("the job has not started")).unwrap();
         assert_eq!(none, json!({"structure": [], "truncated": false, "source": "none", "detail": "no workspace yet: the job has not started"}));

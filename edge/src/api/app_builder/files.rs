@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use worker::{Method, Request};
 
 use super::{owned_job, param, Ctx};
-use crate::app_store::{self, no_workspace, runner_error_status, AppJobRow, SnapshotMiss};
+use crate::app_store::{self, no_workspace, runner_error_status, runner_lacks_workspace, AppJobRow, SnapshotMiss};
 use crate::auth::Principal;
 use crate::env;
 use crate::http::{self, drf_error, ApiError, ApiResult};
@@ -22,6 +22,7 @@ async fn ask_runner(ctx: &Ctx, row: &AppJobRow, request: RunnerRequest) -> ApiRe
     let queue = env::queue(&ctx.env, &row.queue)?;
     let body = json!({ "job_id": row.id, "request": request });
     match http::call::<Value>(&queue, Method::Post, "/request-job", Some(&body)).await {
+        Ok(reply) if reply.get("error").and_then(Value::as_str).is_some_and(runner_lacks_workspace) => Ok(None),
         Ok(reply) => Ok(Some(reply)),
         Err(ApiError::NotFound(_) | ApiError::Unavailable(_)) => Ok(None),
         Err(e) => Err(e),

@@ -44,8 +44,15 @@ pub async fn create(mut req: Request, ctx: &Ctx, who: &Principal) -> ApiResult {
     // The room first, then the row (as `POST /jobs`): a room without a row is invisible.
     let meta = RoomMeta::app_build(&id, who.owner(), DEFAULT_QUEUE, &idea);
     let init = InitRequest { meta, message: "collecting requirements".into() };
-    http::call::<RoomMeta>(&env::job_room(&ctx.env, &id)?, Method::Post, "/init", Some(&init)).await?;
-    store::insert_job(&env::db(&ctx.env)?, &row).await?;
+    let room = env::job_room(&ctx.env, &id)?;
+    http::call::<RoomMeta>(&room, Method::Post, "/init", Some(&init)).await?;
+    if let Err(e) = store::insert_job(&env::db(&ctx.env)?, &row).await {
+        // Without its row the job is invisible: its room (and its gatherer turns) go too.
+        if let Err(e2) = http::call::<serde_json::Value>(&room, Method::Delete, "/", None::<&()>).await {
+            worker::console_error!("job {id}: its row was not written ({e:?}) and its room not removed ({e2:?})");
+        }
+        return Err(e);
+    }
     let view = app_store::get_app_job(&env::db(&ctx.env)?, &id, Scope::Any)
         .await?
         .ok_or_else(|| ApiError::Internal(format!("job {id} vanished after insert")))?
