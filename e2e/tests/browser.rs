@@ -3,8 +3,9 @@
 //! own (a second local port), calling a real `wrangler dev` with `fetch` and `WebSocket`. The
 //! page does what the seed's React frontend does: register, log in, refresh an expired access
 //! token on a 401 and retry, create a job, follow its socket, chat with the requirements gatherer
-//! (a real runner's LLM step against the scripted model server) until the job is queued, and load
-//! the transcript over REST. A page from an origin `CORS_ORIGINS` does not list is refused by the
+//! (a real runner's LLM step against the scripted model server) until the job is queued, follow it
+//! to `build_done` (job, App and tickets refetched as the seed's frontend does), and load the
+//! transcript over REST. A page from an origin `CORS_ORIGINS` does not list is refused by the
 //! browser itself.
 //!
 //! Needs what `scripts/setup` installs (`chromium`, `e2e/browser/node_modules`), `edge/build`
@@ -139,9 +140,11 @@ fn console_says(result: &Value, needle: &str) -> bool {
 
 // --- Tests -----------------------------------------------------------------------------------
 
-/// Register, log in, and the seed's 401 → `POST /api/auth/token/refresh/` → retry cycle on an
-/// access token that really expired (5 s lifetime); then a page from an origin `CORS_ORIGINS`
-/// does not list fails to register because the browser refuses the edge's answer to its preflight.
+/// Register, log in, open a job's socket and see the room close it with 4001 when the access
+/// token (5 s lifetime) expires; then the seed's 401 → `POST /api/auth/token/refresh/` → retry
+/// cycle on that really expired token, and the refreshed token opening the socket again. Last, a
+/// page from an origin `CORS_ORIGINS` does not list fails to register: the browser refuses the
+/// edge's answer to its preflight and never sends the POST.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_from_a_listed_origin_signs_in_and_refreshes_and_an_unlisted_one_is_refused() {
     let site = Site::start().await;
@@ -162,10 +165,19 @@ async fn a_page_from_a_listed_origin_signs_in_and_refreshes_and_an_unlisted_one_
         click("#login"),
         wait("'logged_in' in kiln.marks", "logged in"),
         json!({"snapshot": "logged_in"}),
-        // The access token's own `exp` (the seed's frontend decodes it too) passes.
-        wait("Date.now() / 1000 > JSON.parse(atob(kiln.access.split('.')[1].replace(/-/g, '+').replace(/_/g, '/'))).exp + 1", "the access token to expire"),
+        // A job's socket lives no longer than the token it was opened with: the room closes it
+        // with 4001 (the seed's frontend reads that as "log in again").
+        fill("#prompt", "A page that counts down to the weekend (kiln-browser-refresh)"),
+        click("#create"),
+        wait("kiln.socketOpens === 1", "the job's socket"),
+        json!({"wait": "kiln.socketCloses.length > 0", "what": "the socket closed at the token's expiry", "timeout_ms": 30_000}),
+        // The access token's own `exp` (the seed's frontend decodes it too) has passed.
+        wait("Date.now() / 1000 > JSON.parse(atob(kiln.access.split('.')[1].replace(/-/g, '+').replace(/_/g, '/'))).exp", "the access token to expire"),
         click("#me"),
         wait("kiln.me !== undefined", "GET /api/auth/me/ to succeed after the refresh"),
+        // The refreshed token opens the socket again.
+        click("#reconnect"),
+        wait("kiln.socketOpens === 2", "the socket reopened"),
         json!({"snapshot": "refreshed"}),
         // Another origin, not listed.
         json!({"goto": other.page(&edge)}),
@@ -188,16 +200,31 @@ async fn a_page_from_a_listed_origin_signs_in_and_refreshes_and_an_unlisted_one_
     );
 
     let refreshed = &result["snapshots"]["refreshed"]["kiln"];
-    let after_login = calls(refreshed).split_off(2);
+    let job_id = refreshed["jobId"].as_str().expect("a job id");
+    // Left out: the loads a socket's open and its jobStatus events start (all GETs answered 200).
+    let loads = [format!("/api/job-messages/?job_id={job_id}"), format!("/api/jobs/{job_id}/")];
+    let (loaded, after_login): (Vec<_>, Vec<_>) = calls(refreshed).split_off(2).into_iter().partition(|(_, p, _)| loads.contains(p));
+    assert!(loaded.iter().all(|(m, _, s)| m == "GET" && *s == 200), "{loaded:?}");
     assert_eq!(
         after_login,
         vec![
+            ("POST".into(), "/api/jobs/".into(), 201),
             ("GET".into(), "/api/auth/me/".into(), 401),
             ("POST".into(), "/api/auth/token/refresh/".into(), 200),
             ("GET".into(), "/api/auth/me/".into(), 200),
         ],
         "an expired access token: 401, refresh, retry"
     );
+    let closes = refreshed["socketCloses"].as_array().unwrap();
+    assert_eq!(closes[0]["code"], 4001, "the socket closed at the token's expiry with 4001: {closes:?}");
+    let exp = |token: &Value| -> i64 {
+        use base64::Engine;
+        let payload = token.as_str().unwrap().split('.').nth(1).unwrap();
+        let claims: Value = serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        claims["exp"].as_i64().unwrap()
+    };
+    assert!(exp(&refreshed["access"]) > exp(&logged_in["access"]), "the new access token expires later");
+    assert_eq!(refreshed["socketOpens"], 2, "the refreshed token opened the socket again");
     assert_eq!(refreshed["refreshes"], 1);
     assert_eq!(refreshed["me"]["email"], email.as_str());
     assert_ne!(refreshed["access"], logged_in["access"], "the refresh answered a new access token");
@@ -326,6 +353,7 @@ async fn a_page_from_another_origin_chats_with_the_gatherer_and_follows_the_job_
     assert_eq!(kiln["refreshes"], 0);
     assert_eq!(kiln["socketOpens"], 1);
     assert_eq!(kiln["socketCloses"], json!([]), "the socket stayed open");
+    assert_eq!(kiln["socketErrors"], json!([]), "no error event on the socket");
 
     // The socket: the log replayed from its start, dense, then followed.
     let frames = kiln["socketFrames"].as_array().unwrap();

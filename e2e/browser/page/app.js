@@ -21,6 +21,7 @@ const kiln = {
   socketFrames: [],
   socketOpens: 0,
   socketCloses: [],
+  socketErrors: [],
   restMessages: null,
   // Every jobStatus's status, in order; the job, App and tickets as last fetched.
   statuses: [],
@@ -202,7 +203,9 @@ function openSocket() {
       mark('prd_ready');
       loadApp().catch((e) => showError(String(e)));
     } else if (frame.kind === 'error') {
-      showError(`socket error event: ${frame.message}`);
+      // Shown, not a failure of the page: the edge says so before it closes an expired socket.
+      kiln.socketErrors.push(frame.message);
+      $('error').textContent = `socket: ${frame.message}`;
     }
   };
   socket.onclose = (ev) => {
@@ -242,6 +245,11 @@ on('create', async () => {
   $('job-id').textContent = job.id;
   $('status').textContent = job.status;
   mark('job_created');
+  openSocket();
+});
+
+on('reconnect', async () => {
+  if (socket && socket.readyState === WebSocket.OPEN) socket.close(1000);
   openSocket();
 });
 
