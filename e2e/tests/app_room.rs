@@ -352,6 +352,24 @@ async fn the_gatherer_needs_no_slot_and_is_retried_until_a_runner_answers() {
     assert_eq!(contents[1..], ["Who is it for?", "My kids", "Thanks!"], "{contents:?}");
     assert!(contents[0].contains("unavailable"));
 
+    // What a turn costs the edge (the runner here answers at once): chat sent → request at the
+    // runner, and reply sent → the answer on the socket.
+    let (mut ask, mut answer) = (vec![], vec![]);
+    for i in 0..7 {
+        let t = Instant::now();
+        ws.send_json(&json!({"kind": "chat", "content": format!("detail {i}")})).await;
+        let (rid, g) = runner.gather().await;
+        ask.push(t.elapsed());
+        assert_eq!(g.must_summarise, i >= 6, "the rounds run out at the 8th user message");
+        let t = Instant::now();
+        runner.reply(&rid, json!({"reply": format!("noted {i}"), "sender": "Client Relations"})).await;
+        until(&mut ws, "the answer", |e| e["kind"] == "stageUpdate" && e["content"] == format!("noted {i}")).await;
+        answer.push(t.elapsed());
+    }
+    ask.sort();
+    answer.sort();
+    eprintln!("gather turn through the edge: chat to request p50 {:?} max {:?}; reply to socket p50 {:?} max {:?}", ask[3], ask[6], answer[3], answer[6]);
+
     // Pausing a collecting job is carried to its dispatch.
     let (status, paused) = api.post(&format!("/api/jobs/{job_id}/pause/"), &ann, json!({})).await;
     assert_eq!((status, paused["status"].clone()), (StatusCode::OK, json!("collecting")), "{paused}");

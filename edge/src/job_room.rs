@@ -202,7 +202,7 @@ const D1_RETRY_MS: i64 = 2_000;
 const DELETED_KIND: &str = "deleted";
 /// Messages a `GET /messages` page answers by default.
 pub const MESSAGES_PAGE: usize = 1000;
-/// How long the room waits for the gatherer's turn (the queue's request timeout is 120 s).
+/// What the user is told when a gather turn fails (once per streak of failures).
 const GATHER_CALL_NOTE: &str = "The requirements gatherer is unavailable right now. Your messages are kept; it will answer them as soon as it can (retrying).";
 
 /// A D1 write that follows a runner batch's commit (the events are stored first; a failed write is

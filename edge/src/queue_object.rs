@@ -18,7 +18,7 @@ use futures::channel::oneshot;
 use futures::future::{select, Either};
 use kiln_schemas::jobs::{NamedRunnerTools, QueueEntry, QueueView};
 use kiln_schemas::runner::{AppBuildParams, Assignment, EdgeMessage, RunnerMessage, RunnerRequest, RunnerTools};
-use kiln_schemas::status::{AppPhase, JobStatus, JobType};
+use kiln_schemas::status::{JobStatus, JobType};
 use serde::{Deserialize, Serialize};
 use worker::{
     durable_object, wasm_bindgen, DurableObject, Env, Method, Request, Response, SqlStorage, SqlStorageValue, State,
@@ -101,7 +101,8 @@ pub fn room_meta(row: &JobRow) -> RoomMeta {
         attempt: 0,
         runner_id: None,
         usage: Default::default(),
-        phase: row.phase.as_deref().and_then(AppPhase::parse).filter(|_| app && row.status() == JobStatus::Running),
+        // A room opened from its row starts its run over (queued), so from no phase.
+        phase: None,
         is_paused: row.is_paused != 0,
         initial_prompt: app.then(|| row.initial_prompt.clone().unwrap_or_else(|| row.prompt.clone())),
         requirements_summary: row.requirements_summary.clone(),
