@@ -21,8 +21,9 @@ use kiln_e2e::{repo_root, unique_email, StatusCode, TestEdge, TestRunner, PASSWO
 use serde_json::{json, Value};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
-/// The longest one browser run may take, launch included.
-const DRIVE_TIMEOUT: Duration = Duration::from_secs(180);
+/// The longest one browser run may take, launch included: longer than its steps' own waits, so
+/// a stuck step is reported by the driver with the page's state.
+const DRIVE_TIMEOUT: Duration = Duration::from_secs(420);
 
 // --- The page's own origin -------------------------------------------------------------------
 
