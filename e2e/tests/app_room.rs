@@ -327,12 +327,16 @@ async fn the_gatherer_needs_no_slot_and_is_retried_until_a_runner_answers() {
     let seen = until(&mut ws, "the unavailable note", |e| e["kind"] == "stageUpdate" && e["role"] == "system").await;
     assert!(seen.last().unwrap()["content"].as_str().unwrap().contains("unavailable"));
 
-    // A runner with no free slot (capacity 0) still answers the gatherer, after the backoff.
+    // A runner with no free slot (capacity 0) still answers the gatherer; its hello ends the
+    // backoff (2 s after the first failure, then 4 s: the turn would otherwise come ~6 s in).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let started = Instant::now();
     let mut runner = HandRunner::connect(&edge, "no-slots", 0).await;
     let (rid, g) = runner.gather().await;
     assert_eq!(g.initial_prompt, "A recipe book");
-    eprintln!("gather retried {:?} after a runner connected", started.elapsed());
+    let waited = started.elapsed();
+    eprintln!("gather turn {waited:?} after a runner connected");
+    assert!(waited < Duration::from_millis(1500), "a runner's hello runs the owed turn at once, not after the backoff: {waited:?}");
     runner.reply(&rid, json!({"error": "the model is overloaded"})).await;
     let (rid, _) = runner.gather().await;
     runner.reply(&rid, json!({"reply": "Who is it for?", "sender": "Client Relations"})).await;

@@ -4,7 +4,8 @@
 //! Internal API (called by the Worker and the Queue object, never exposed):
 //! `POST /init`, `POST /transition`, `POST /append`, `POST /runner-batch`, `GET /events` (one page:
 //! `after`, `limit`, `kind`), `GET /ws` (replays the log after `after` a page at a time, then
-//! follows), `POST /check-lease` (a runner's snapshot call). An app build's (seed 000's face):
+//! follows), `POST /check-lease` (a runner's snapshot call), `POST /gather-now` (the queue: a
+//! runner connected). An app build's (seed 000's face):
 //! `POST /messages`, `GET /messages`, `DELETE /messages/<seq>`, `GET /steps`, `POST /pause`,
 //! `POST /resume`, `POST /continue`, `DELETE /`. Its requirements gatherer runs from the alarm.
 
@@ -1537,6 +1538,16 @@ impl JobRoom {
             (Method::Delete, "/") => {
                 self.delete_room().await?;
                 Ok(Response::empty()?.with_status(204))
+            }
+            (Method::Post, "/gather-now") => {
+                // A runner connected: an owed gather turn need not wait out its backoff.
+                let mut meta = self.meta()?;
+                if meta.gather.pending && meta.gather.running_since_ms.is_none() && meta.status == JobStatus::Collecting {
+                    meta.gather.not_before_ms = 0;
+                    self.save_meta(&meta)?;
+                    self.alarm_by(now_ms()).await?;
+                }
+                json(&serde_json::json!({ "ok": true }))
             }
             (Method::Post, "/check-lease") => {
                 #[derive(Deserialize)]

@@ -195,6 +195,9 @@ pub struct Queue {
     waiting: RefCell<HashMap<String, oneshot::Sender<serde_json::Value>>>,
     /// Requests in flight per runner (the least busy runner gets the next one).
     in_flight: RefCell<HashMap<String, u32>>,
+    /// Jobs whose gather turn found no runner: their rooms are told when one says hello, so the
+    /// turn need not wait out its backoff.
+    gather_waiting: RefCell<std::collections::BTreeSet<String>>,
     /// When reconciliation last ran (0: not since the object started, so soon).
     reconciled_ms: RefCell<i64>,
     /// Test-only faults (`KILN_FAULTS`, builds with the `faults` feature).
@@ -517,6 +520,9 @@ impl Queue {
             crate::queue_core::least_busy(&runners, |r| busy.get(r).copied().unwrap_or(0)).map(str::to_string)
         };
         let Some(runner_id) = runner else {
+            if let RunnerRequest::Gather(g) = &request {
+                self.gather_waiting.borrow_mut().insert(g.job_id.clone());
+            }
             return Err(ApiError::Unavailable("no runner is connected".into()));
         };
         self.ask_runner(&runner_id, request, REQUEST_TIMEOUT_SECS).await
@@ -662,6 +668,12 @@ impl Queue {
                     ws.send(&EdgeMessage::Cancel { job_id })?;
                 }
                 self.dispatch_or_retry().await;
+                let waiting = std::mem::take(&mut *self.gather_waiting.borrow_mut());
+                for job_id in waiting {
+                    if let Err(e) = self.room_call::<serde_json::Value>(&job_id, Method::Post, "/gather-now", None::<&()>).await {
+                        worker::console_warn!("telling the room of {job_id} a runner is back: {e:?}");
+                    }
+                }
             }
             RunnerMessage::Heartbeat { running } => {
                 if info.capacity.is_none() {
@@ -906,6 +918,7 @@ impl DurableObject for Queue {
             core: RefCell::new(None),
             waiting: RefCell::new(HashMap::new()),
             in_flight: RefCell::new(HashMap::new()),
+            gather_waiting: RefCell::new(Default::default()),
             reconciled_ms: RefCell::new(0),
         };
         if let Err(e) = queue.ensure_schema() {
