@@ -290,7 +290,7 @@ pub async fn follow<W: Write>(client: &mut Client, id: &str, out: &mut Output<W>
                 }
                 Incoming::Event(ev) => {
                     let terminal = match &ev.body {
-                        EventBody::JobStatus { status, .. } => JobStatus::parse(status).filter(|s| s.is_terminal()),
+                        EventBody::JobStatus { status, .. } => JobStatus::from_face(status).filter(|s| s.is_terminal()),
                         _ => None,
                     };
                     if out.json {

@@ -116,7 +116,7 @@ impl FollowView {
 
     /// The terminal status reached, if any.
     pub fn terminal(&self) -> Option<JobStatus> {
-        JobStatus::parse(&self.status).filter(|s| s.is_terminal())
+        JobStatus::from_face(&self.status).filter(|s| s.is_terminal())
     }
 }
 
@@ -185,6 +185,10 @@ pub fn event_lines(view: &mut FollowView, ev: &ServerEvent, p: Palette) -> Vec<S
             vec![format!("{time} {} {}", p.bold(&format!("ticket {} {}", sanitize(title), sanitize(status))), sanitize(message))]
         }
         EventBody::TicketReset { .. } => vec![format!("{time} {}", p.dim("· the backlog is being rewritten"))],
+        EventBody::Node { node, event_type, message, .. } => {
+            let who = p.cyan(&format!("[{} {}]", sanitize(node), sanitize(event_type)));
+            sanitize_lines(message).into_iter().map(|l| format!("{time} {who} {l}")).collect()
+        }
     }
 }
 

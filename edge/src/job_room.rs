@@ -429,6 +429,10 @@ impl RoomStore {
             match ev.event {
                 RunnerEvent::Log { stream, content } => bodies.push(EventBody::Log { stream, content, timestamp: ts }),
                 RunnerEvent::Agent { event } => bodies.push(EventBody::AgentEvent { event, timestamp: ts }),
+                RunnerEvent::Node { node, event_type, message, data } => {
+                    let data = if data.is_null() { serde_json::json!({}) } else { data };
+                    bodies.push(EventBody::Node { node, event_type, message, data, timestamp: ts })
+                }
                 RunnerEvent::Usage { usage } => {
                     let mut meta = self.meta()?;
                     meta.usage.add(&usage);
@@ -503,7 +507,7 @@ impl RoomStore {
                         }
                     }
                 }
-                RunnerEvent::Finished { outcome, message, pr_url, completion_reason, total_iterations, error_message } => {
+                RunnerEvent::Finished { outcome, message, pr_url, completion_reason, total_iterations, error_message, result: _ } => {
                     finished = Some((
                         outcome,
                         message,

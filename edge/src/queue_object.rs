@@ -145,6 +145,8 @@ pub fn enqueue_request(row: &JobRow) -> EnqueueRequest {
             continuation: None,
             paused: row.is_paused != 0,
         }),
+        // Landing jobs (seed 001): filled from the row by the landing face's work.
+        landing: None,
     };
     EnqueueRequest { pending, assignment }
 }

@@ -90,6 +90,11 @@ pub enum EventBody {
     /// The backlog is about to be rewritten: fetch the tickets again (seed 000).
     #[serde(rename = "ticketReset", rename_all = "camelCase")]
     TicketReset { job_id: String, timestamp: String },
+    /// A pipeline node's event (seed 001's job events): `event_type` is `node` (started),
+    /// `node_completed`, `tool`, `error`, …; the job's last is node `__end__` with
+    /// `job_completed`, `job_failed` or `job_cancelled`, written by the room.
+    #[serde(rename = "node")]
+    Node { node: String, event_type: String, message: String, data: Value, timestamp: String },
 }
 
 impl EventBody {
@@ -106,6 +111,7 @@ impl EventBody {
             EventBody::PrdReady { .. } => "prdReady",
             EventBody::TicketUpdate { .. } => "ticketUpdate",
             EventBody::TicketReset { .. } => "ticketReset",
+            EventBody::Node { .. } => "node",
         }
     }
 
@@ -120,7 +126,8 @@ impl EventBody {
             | EventBody::AgentDialogue { timestamp, .. }
             | EventBody::PrdReady { timestamp, .. }
             | EventBody::TicketUpdate { timestamp, .. }
-            | EventBody::TicketReset { timestamp, .. } => timestamp,
+            | EventBody::TicketReset { timestamp, .. }
+            | EventBody::Node { timestamp, .. } => timestamp,
         }
     }
 
@@ -152,6 +159,7 @@ impl EventBody {
                 ("system", format!("ticket {title:?} {status}: {message}"))
             }
             EventBody::TicketReset { .. } => return None,
+            EventBody::Node { node, event_type, message, .. } => ("system", format!("[{node} {event_type}] {message}")),
         };
         Some(JobMessage { kind: kind.to_string(), content, created_at: self.timestamp().to_string() })
     }

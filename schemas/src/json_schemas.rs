@@ -6,7 +6,7 @@ use schemars::{schema_for, Schema};
 
 /// `(file stem, schema)` for every wire type.
 pub fn all() -> Vec<(&'static str, Schema)> {
-    use crate::{app, auth, events, grants, jobs, runner};
+    use crate::{app, auth, events, grants, jobs, landing, runner};
     vec![
         ("error", schema_for!(crate::ErrorBody)),
         ("auth.register_request", schema_for!(auth::RegisterRequest)),
@@ -45,6 +45,12 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("app.pause_answer", schema_for!(app::PauseAnswer)),
         ("app.purge_answer", schema_for!(app::PurgeAnswer)),
         ("app.workspace_snapshot", schema_for!(app::WorkspaceSnapshot)),
+        ("landing.init_answer", schema_for!(landing::InitAnswer)),
+        ("landing.chat_answer", schema_for!(landing::ChatAnswer)),
+        ("landing.job", schema_for!(landing::LandingJobEnvelope)),
+        ("landing.page", schema_for!(landing::LandingPageView)),
+        ("landing.preview_bundle", schema_for!(landing::PreviewBundle)),
+        ("landing.published", schema_for!(landing::Published)),
         ("runner.gather_reply", schema_for!(runner::GatherReply)),
         ("grants.request", schema_for!(grants::GrantRequest)),
         ("grants.grant", schema_for!(grants::Grant)),

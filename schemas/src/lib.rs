@@ -10,6 +10,7 @@ pub mod auth;
 pub mod events;
 pub mod grants;
 pub mod jobs;
+pub mod landing;
 pub mod json_schemas;
 pub mod runner;
 pub mod status;

@@ -181,6 +181,22 @@ pub struct Assignment {
     /// workspace is a new git repository on the runner).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app: Option<AppBuildParams>,
+    /// A landing job's inputs (`landing_init`, `landing_chat`; repository fields empty: the
+    /// session's workspace is a git repository kept as a bundle between jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub landing: Option<LandingParams>,
+}
+
+/// What a landing job (seed 001) starts from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct LandingParams {
+    pub session_id: String,
+    pub landing_page_id: String,
+    /// The session's init payload (`business_data`), for init and chat jobs alike.
+    pub payload: Value,
+    /// A chat job's request; `None` for init.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// Messages the queue sends to a runner.
@@ -235,6 +251,15 @@ pub enum RunnerEvent {
     /// A new backlog (checked with `crate::app::build_order`): the room announces `ticketReset`,
     /// replaces the job's tickets and sends a `ticketUpdate` for each.
     Backlog { tickets: Vec<Ticket> },
+    /// A pipeline node's event (`node`; seed 001's job events). Tool events never carry raw
+    /// file contents.
+    Node {
+        node: String,
+        event_type: String,
+        message: String,
+        #[serde(default)]
+        data: Value,
+    },
     /// A ticket changed (`ticketUpdate`; the room updates its row).
     Ticket {
         ticket_id: String,
@@ -255,6 +280,10 @@ pub enum RunnerEvent {
         total_iterations: Option<u32>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error_message: Option<String>,
+        /// What the job produced, for faces that show it (a landing job: `preview_url`,
+        /// `landing_page_id`, `sections`); the room puts it in the `__end__` node's `data`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        result: Option<Value>,
     },
 }
 
@@ -333,6 +362,12 @@ pub struct BatchAck {
     pub lease_valid: bool,
 }
 
+/// `PUT|GET /runner/v1/jobs/<job_id>/bundle?lease_id=` (bearer: the runner token): a landing
+/// session's workspace as a git bundle (`application/octet-stream`, at most
+/// `crate::landing::MAX_BUNDLE_BYTES`), kept in R2 per landing page between jobs (404: none yet).
+/// `PUT /runner/v1/jobs/<job_id>/preview?lease_id=`: a `crate::landing::PreviewBundle` that
+/// replaces the job's landing page's preview, answered by `crate::landing::Published`.
+///
 /// `PUT /runner/v1/jobs/<job_id>/snapshot?lease_id=` (bearer: the runner token): the workspace's
 /// text files as a run of an app build ends, kept in R2 for the files API and continuation runs.
 pub const MAX_SNAPSHOT_BYTES: usize = 16 * 1024 * 1024;

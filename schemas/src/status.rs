@@ -17,10 +17,15 @@ pub enum JobType {
     /// (executive planning, PRD, tickets, one build agent run per ticket). Its face renders the
     /// core status with its [`AppPhase`] as seed 000's statuses ([`app_status`]).
     AppBuild,
+    /// Seed 001's init job: a landing page's node graph from a session's payload.
+    LandingInit,
+    /// Seed 001's chat job: the graph again over the session's page, with a user's request.
+    LandingChat,
 }
 
 impl JobType {
-    pub const ALL: [JobType; 4] = [JobType::Code, JobType::Task, JobType::Ralph, JobType::AppBuild];
+    pub const ALL: [JobType; 6] =
+        [JobType::Code, JobType::Task, JobType::Ralph, JobType::AppBuild, JobType::LandingInit, JobType::LandingChat];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -28,12 +33,19 @@ impl JobType {
             JobType::Task => "task",
             JobType::Ralph => "ralph",
             JobType::AppBuild => "app_build",
+            JobType::LandingInit => "landing_init",
+            JobType::LandingChat => "landing_chat",
         }
     }
 
     /// Whether `POST /jobs` (seed 003) may create this kind; the others have their own face.
     pub fn is_seed_003(self) -> bool {
         matches!(self, JobType::Code | JobType::Task | JobType::Ralph)
+    }
+
+    /// Seed 001's landing-page kinds.
+    pub fn is_landing(self) -> bool {
+        matches!(self, JobType::LandingInit | JobType::LandingChat)
     }
 
     /// Whether a job of this kind may go `from → to`: [`JobStatus::can_become`], and for an app
@@ -86,6 +98,16 @@ impl JobStatus {
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// The core status behind a status as any face names it in a `jobStatus` event: the core
+    /// names, seed 000's (`build_done`, the app phases) and seed 001's (`pending`).
+    pub fn from_face(s: &str) -> Option<Self> {
+        Self::parse(s).or(match s {
+            "build_done" => Some(JobStatus::Completed),
+            "pending" => Some(JobStatus::Queued),
+            _ => AppPhase::parse(s).map(|_| JobStatus::Running),
+        })
     }
 
     /// Terminal statuses never change again.
@@ -236,6 +258,18 @@ mod tests {
         assert!(!AppPhase::Building.can_become(AppPhase::Building));
         for p in AppPhase::ALL {
             assert_eq!(AppPhase::parse(p.as_str()), Some(p));
+        }
+    }
+
+    #[test]
+    fn face_statuses_map_to_core_ones() {
+        assert_eq!(JobStatus::from_face("build_done"), Some(JobStatus::Completed));
+        assert_eq!(JobStatus::from_face("ticketing"), Some(JobStatus::Running));
+        assert_eq!(JobStatus::from_face("pending"), Some(JobStatus::Queued));
+        assert_eq!(JobStatus::from_face("failed"), Some(JobStatus::Failed));
+        assert_eq!(JobStatus::from_face("nope"), None);
+        for s in APP_STATUSES {
+            assert!(JobStatus::from_face(s).is_some(), "{s}");
         }
     }
 

@@ -57,6 +57,7 @@ async fn run_noop_runner(base: String, token: String, assigned: Assigned, done: 
                             completion_reason: None,
                             total_iterations: None,
                             error_message: None,
+                            result: None,
                         },
                     },
                 ],

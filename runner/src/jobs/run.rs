@@ -173,6 +173,7 @@ pub(super) fn failed(message: impl Into<String>) -> RunnerEvent {
         completion_reason: None,
         total_iterations: None,
         error_message: Some(message),
+        result: None,
     }
 }
 
@@ -333,6 +334,7 @@ impl JobRun {
                 JobType::Code => this.run_code().await,
                 JobType::Task => this.run_task(controls).await,
                 JobType::Ralph => this.run_ralph(controls).await,
+                JobType::LandingInit | JobType::LandingChat => failed("This runner does not build landing pages yet"),
                 JobType::AppBuild => unreachable!("app builds are run before the worktree"),
             }
         };
@@ -670,6 +672,7 @@ pub(super) fn finished(
         completion_reason,
         total_iterations,
         error_message,
+        result: None,
     }
 }
 

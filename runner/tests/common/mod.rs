@@ -179,6 +179,7 @@ pub fn assignment(job_type: JobType, prompt: &str) -> Assignment {
         }),
         timeout_seconds: None,
         app: None,
+        landing: None,
     }
 }
 
@@ -421,6 +422,7 @@ pub fn finished(
             completion_reason,
             total_iterations,
             error_message,
+            ..
         }) => (
             *outcome,
             message.clone(),
