@@ -30,6 +30,8 @@ const PROGRESS_SUFFIX: &str = ".progress.md";
 const APP_GIT_SUFFIX: &str = ".git";
 /// The owner an app build's workspace is locked under (its repository is the job's own).
 const APP_OWNER: &str = "kiln-app";
+/// Suffix of a landing session's bundle file while it is read or written beside its workspace.
+const SESSION_BUNDLE_SUFFIX: &str = ".bundle";
 
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
@@ -173,6 +175,42 @@ impl Git {
     pub async fn version(&self) -> Option<String> {
         let out = self.run(Path::new("/"), &["--version"]).await.ok()?;
         out.trim().strip_prefix("git version ").map(str::to_string)
+    }
+}
+
+/// Files changed in a worktree since its index was last written ([`Workspaces::changes`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub created: Vec<String>,
+    pub updated: Vec<String>,
+    pub deleted: Vec<String>,
+}
+
+impl Changes {
+    /// From `git status --porcelain=v1 -z`: the worktree's column against the index (`??`
+    /// untracked: created; `M`/`T`: updated; `D`: deleted).
+    pub fn from_porcelain(out: &str) -> Changes {
+        let mut c = Changes::default();
+        for entry in out.split('\0').filter(|e| e.len() > 3) {
+            let (code, path) = entry.split_at(3);
+            let path = path.to_string();
+            let mut chars = code.chars();
+            let (x, y) = (chars.next().unwrap_or(' '), chars.next().unwrap_or(' '));
+            match (x, y) {
+                ('?', '?') => c.created.push(path),
+                (_, 'M') | (_, 'T') => c.updated.push(path),
+                (_, 'D') => c.deleted.push(path),
+                _ => {}
+            }
+        }
+        c.created.sort();
+        c.updated.sort();
+        c.deleted.sort();
+        c
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.created.is_empty() && self.updated.is_empty() && self.deleted.is_empty()
     }
 }
 
@@ -566,6 +604,121 @@ impl Workspaces {
             .collect())
     }
 
+    /// A landing session's workspace (seed 001): an app-build-like repository at
+    /// `WORKTREES_DIR/<job_id>` (its git directory beside it), holding the session's history
+    /// from `bundle` (a git bundle of its `main`, as [`Workspaces::bundle`] made it) when there
+    /// is one, else new and empty. Answers the workspace and how many commits it holds.
+    pub async fn create_session_workspace(
+        &self,
+        job_id: &str,
+        bundle: Option<&[u8]>,
+    ) -> Result<(Worktree, usize), GitError> {
+        let wt = self.create_app_workspace(job_id).await?;
+        let Some(bytes) = bundle else {
+            return Ok((wt, 0));
+        };
+        let file = self
+            .worktrees_dir
+            .join(format!("{job_id}{SESSION_BUNDLE_SUFFIX}"));
+        tokio::fs::write(&file, bytes)
+            .await
+            .map_err(io_err(format!("writing {}", file.display())))?;
+        let fetched = async {
+            let _guard = self.lock(&wt.repo).await;
+            let gd = wt.git_dir.to_string_lossy();
+            let f = file.to_string_lossy();
+            // A bundle is verified as it is fetched (its objects and its prerequisites).
+            self.git
+                .run(
+                    &self.worktrees_dir,
+                    &[
+                        "--git-dir",
+                        &gd,
+                        "fetch",
+                        "--quiet",
+                        "--no-tags",
+                        "--",
+                        &f,
+                        "+refs/heads/main:refs/heads/main",
+                    ],
+                )
+                .await?;
+            self.in_worktree(&wt, &["reset", "--quiet", "--hard", "main"])
+                .await?;
+            self.in_worktree(&wt, &["rev-list", "--count", "HEAD"])
+                .await
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&file).await;
+        let count = fetched?.trim().parse().unwrap_or(0);
+        Ok((wt, count))
+    }
+
+    /// The workspace's `main` as a git bundle (its whole history); `None` before its first
+    /// commit.
+    pub async fn bundle(&self, wt: &Worktree) -> Result<Option<Vec<u8>>, GitError> {
+        let _guard = self.lock(&wt.repo).await;
+        if self
+            .in_worktree(wt, &["rev-parse", "--verify", "--quiet", "refs/heads/main"])
+            .await
+            .is_err()
+        {
+            return Ok(None);
+        }
+        let name = wt
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let file = self
+            .worktrees_dir
+            .join(format!("{name}{SESSION_BUNDLE_SUFFIX}"));
+        let f = file.to_string_lossy();
+        let made = self
+            .in_worktree(wt, &["bundle", "create", "--quiet", &f, "refs/heads/main"])
+            .await;
+        let bytes = match made {
+            Ok(_) => tokio::fs::read(&file)
+                .await
+                .map_err(io_err(format!("reading {}", file.display()))),
+            Err(e) => Err(e),
+        };
+        let _ = tokio::fs::remove_file(&file).await;
+        bytes.map(Some)
+    }
+
+    /// Stages everything in the worktree (without committing): the baseline the next
+    /// [`Workspaces::changes`] compares with.
+    pub async fn stage_all(&self, wt: &Worktree) -> Result<(), GitError> {
+        let _guard = self.lock(&wt.repo).await;
+        match self
+            .in_worktree(wt, &["add", "--all", "--ignore-errors"])
+            .await
+        {
+            Ok(_) | Err(GitError::Failed { code: 1, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What changed in the worktree since it was last staged (or committed): files created,
+    /// updated and deleted, by path, sorted.
+    pub async fn changes(&self, wt: &Worktree) -> Result<Changes, GitError> {
+        let _guard = self.lock(&wt.repo).await;
+        let out = self
+            .in_worktree(
+                wt,
+                &[
+                    "status",
+                    "--porcelain=v1",
+                    "-z",
+                    "--untracked-files=all",
+                    "--no-renames",
+                ],
+            )
+            .await?;
+        Ok(Changes::from_porcelain(&out))
+    }
+
     async fn in_worktree(&self, wt: &Worktree, args: &[&str]) -> Result<String, GitError> {
         let gd = wt.git_dir.to_string_lossy();
         let tree = wt.path.to_string_lossy();
@@ -678,6 +831,7 @@ impl Workspaces {
                 let job = name
                     .strip_suffix(PROGRESS_SUFFIX)
                     .or_else(|| name.strip_suffix(APP_GIT_SUFFIX))
+                    .or_else(|| name.strip_suffix(SESSION_BUNDLE_SUFFIX))
                     .unwrap_or(&name);
                 if name.starts_with('.') || !is_job_id(job) || held.iter().any(|h| h == job) {
                     continue;
@@ -832,6 +986,90 @@ mod tests {
         for bad in ["", "-x", "a/b", "..", "a b", "a.b"] {
             assert!(!is_job_id(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn porcelain_status_becomes_changes() {
+        let out = "?? index.html\0 M styles.css\0AM design/spec.md\0 D old.js\0M  staged.txt\0?? a b.txt\0";
+        let c = Changes::from_porcelain(out);
+        assert_eq!(c.created, ["a b.txt", "index.html"]);
+        assert_eq!(c.updated, ["design/spec.md", "styles.css"]);
+        assert_eq!(c.deleted, ["old.js"]);
+        assert!(Changes::from_porcelain("").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_session_workspace_travels_as_a_bundle_with_its_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspaces::new(
+            dir.path().join("r"),
+            dir.path().join("w"),
+            "file:///x",
+            None,
+        );
+        let (first, commits) = ws.create_session_workspace("job-a", None).await.unwrap();
+        assert_eq!(commits, 0);
+        assert_eq!(
+            ws.bundle(&first).await.unwrap(),
+            None,
+            "nothing to bundle before a commit"
+        );
+        std::fs::write(first.path.join("index.html"), "<html>one</html>").unwrap();
+        ws.stage_all(&first).await.unwrap();
+        std::fs::write(first.path.join("index.html"), "<html>two</html>").unwrap();
+        std::fs::write(first.path.join("styles.css"), "body{}").unwrap();
+        let c = ws.changes(&first).await.unwrap();
+        assert_eq!(
+            (c.created.as_slice(), c.updated.as_slice()),
+            (
+                &["styles.css".to_string()][..],
+                &["index.html".to_string()][..]
+            )
+        );
+        ws.commit_all(&first, "landing_init: a page")
+            .await
+            .unwrap()
+            .unwrap();
+        let bytes = ws.bundle(&first).await.unwrap().unwrap();
+        ws.remove_worktree(&first).await;
+
+        let (second, commits) = ws
+            .create_session_workspace("job-b", Some(&bytes))
+            .await
+            .unwrap();
+        assert_eq!(commits, 1);
+        assert_eq!(
+            std::fs::read_to_string(second.path.join("index.html")).unwrap(),
+            "<html>two</html>"
+        );
+        assert!(
+            ws.changes(&second).await.unwrap().is_empty(),
+            "restored clean"
+        );
+        std::fs::write(second.path.join("index.html"), "<html>three</html>").unwrap();
+        ws.commit_all(&second, "landing_chat: more")
+            .await
+            .unwrap()
+            .unwrap();
+        let log: Vec<String> = ws
+            .log(&second)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        assert_eq!(log, ["landing_chat: more", "landing_init: a page"]);
+        assert!(
+            !dir.path().join("w/job-b.bundle").exists(),
+            "the bundle file is gone"
+        );
+
+        let err = ws
+            .create_session_workspace("job-c", Some(b"not a bundle"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("fetch"), "{err}");
+        assert!(!dir.path().join("w/job-c.bundle").exists());
     }
 
     #[test]
