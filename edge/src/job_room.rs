@@ -68,6 +68,9 @@ pub struct RoomMeta {
     /// from that runner even after its `finished`.
     #[serde(default)]
     pub last_lease: Option<(String, String)>,
+    /// A landing job's page: its status follows the job's (`landing_pages`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub landing_page_id: Option<String>,
 }
 
 impl RoomMeta {
@@ -91,6 +94,7 @@ impl RoomMeta {
             continuation: None,
             gather: GatherState::default(),
             last_lease: None,
+            landing_page_id: None,
         }
     }
 
@@ -126,6 +130,34 @@ impl RoomMeta {
 pub struct InitRequest {
     pub meta: RoomMeta,
     pub message: String,
+}
+
+/// `POST /init` with a first node event after the status event (a landing job created while
+/// another of its session waits or runs: `{node: "queue", event_type: "waiting", ...}`). The
+/// room's `/init` reads both shapes.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InitWithNote {
+    pub meta: RoomMeta,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeNote>,
+}
+
+/// A node event the edge itself writes (`EventBody::Node` without its timestamp).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeNote {
+    pub node: String,
+    pub event_type: String,
+    pub message: String,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+impl NodeNote {
+    fn body(self, timestamp: String) -> EventBody {
+        let data = if self.data.is_null() { serde_json::json!({}) } else { self.data };
+        EventBody::Node { node: self.node, event_type: self.event_type, message: self.message, data, timestamp }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -195,6 +227,8 @@ struct Applied {
     patch: JobPatch,
     /// The new events' texts, to broadcast once committed.
     texts: Vec<String>,
+    /// A landing job's page status to write (with the D1 copy).
+    page: Option<crate::landing_room::PageStatus>,
 }
 
 /// Retry delay of a D1 status copy that failed.
@@ -345,6 +379,12 @@ impl RoomStore {
     /// event (inside [`JobRoom::atomically`]). `None`: the queue announced a lease the job already
     /// runs under (a retried dispatch), nothing changes.
     fn apply_transition(&self, req: &TransitionRequest) -> ApiResult<Option<Applied>> {
+        self.apply_ending(req, None)
+    }
+
+    /// [`RoomStore::apply_transition`] with what a finished job produced (the runner's
+    /// `Finished.result`): a landing job's `__end__` data and its page's preview and sections.
+    fn apply_ending(&self, req: &TransitionRequest, result: Option<&serde_json::Value>) -> ApiResult<Option<Applied>> {
         let mut meta = self.meta()?;
         let from = meta.status;
         if let Some(lease) = &req.if_lease {
@@ -389,8 +429,23 @@ impl RoomStore {
         }
         patch.usage = (!meta.usage.is_empty()).then_some(meta.usage);
         patch.app = meta.app_columns();
-        let (texts, seq) = self.insert_events(vec![JobRoom::status_event(&meta, &req.message, &patch)])?;
-        Ok(Some(Applied { from, meta, seq, patch, texts }))
+        let mut bodies = vec![JobRoom::status_event(&meta, &req.message, &patch)];
+        let mut page = None;
+        if meta.job_type.is_landing() {
+            // Every end of a landing job, whatever caused it, writes its `__end__` node.
+            let ended = crate::landing_room::end_node(meta.status, &req.message, patch.error_message.as_deref(), result);
+            if let Some((node, event_type, message, data)) = ended {
+                bodies.push(EventBody::Node { node, event_type, message, data, timestamp: rfc3339(now_ms()) });
+            }
+            page = crate::landing_room::PageStatus::of(meta.status, result);
+            if let Some(p) = &page {
+                self.kv_put("page_status", p)?;
+            }
+        }
+        let (texts, seq) = self.insert_events(bodies)?;
+        // The status event's seq (the D1 copy's guard), not the `__end__` node's.
+        let seq = seq + 1 - texts.len() as u64;
+        Ok(Some(Applied { from, meta, seq, patch, texts, page }))
     }
 
     /// The storage part of a runner batch (inside [`JobRoom::atomically`]).
@@ -507,8 +562,9 @@ impl RoomStore {
                         }
                     }
                 }
-                RunnerEvent::Finished { outcome, message, pr_url, completion_reason, total_iterations, error_message, result: _ } => {
+                RunnerEvent::Finished { outcome, message, pr_url, completion_reason, total_iterations, error_message, result } => {
                     finished = Some((
+                        result,
                         outcome,
                         message,
                         JobPatch {
@@ -541,13 +597,13 @@ impl RoomStore {
             }
         }
         let applied = match finished {
-            Some((outcome, message, patch)) => {
+            Some((result, outcome, message, patch)) => {
                 let to = match outcome {
                     Outcome::Completed => JobStatus::Completed,
                     Outcome::Failed => JobStatus::Failed,
                 };
                 let req = TransitionRequest { to, message, patch, lease: None, runner_id: None, if_lease: None, from_queue: false };
-                self.apply_transition(&req)?
+                self.apply_ending(&req, result.as_ref())?
             }
             None => None,
         };
@@ -713,7 +769,7 @@ impl JobRoom {
         }
     }
 
-    async fn init(&self, req: InitRequest) -> ApiResult {
+    async fn init(&self, req: InitWithNote) -> ApiResult {
         if let Some(meta) = self.load_meta()? {
             return json(&meta);
         }
@@ -723,11 +779,14 @@ impl JobRoom {
             // The gatherer's first reply answers the idea.
             meta.gather = GatherState { pending: true, ..Default::default() };
         }
-        let event = Self::status_event(&meta, &req.message, &JobPatch::default());
+        let mut events = vec![Self::status_event(&meta, &req.message, &JobPatch::default())];
+        if let Some(note) = req.node {
+            events.push(note.body(rfc3339(now_ms())));
+        }
         let saved = meta.clone();
         let (texts, _) = self.atomically(move |st| {
             st.save_meta(&saved)?;
-            st.insert_events(vec![event])
+            st.insert_events(events)
         })?;
         self.broadcast(&texts);
         if collecting {
@@ -762,20 +821,31 @@ impl JobRoom {
             }
         };
         let (job_id, seq, patch, now) = (meta.job_id.clone(), applied.seq, applied.patch.clone(), rfc3339(now_ms()));
+        let page = applied.page.clone().zip(meta.landing_page_id.clone());
         if meta.status == JobStatus::Running {
             // On the dispatch path the runner is waiting: the D1 copy follows in the background
             // (`status_seq` keeps a late write from overwriting a newer status).
             let storage = self.state.storage();
             self.state.wait_until(async move {
-                if let Err(e) = copy_status(&db, &job_id, JobStatus::Running, seq, &now, &patch, fail).await {
+                let copied = match copy_status(&db, &job_id, JobStatus::Running, seq, &now, &patch, fail).await {
+                    Ok(()) => copy_page(&db, page.as_ref(), &now).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = copied {
                     worker::console_error!("job {job_id}: D1 status copy failed, retrying from the alarm: {e:?}");
                     let _ = mark_d1_stale(&storage).await;
                 }
             });
-        } else if let Err(e) = copy_status(&db, &job_id, meta.status, seq, &now, &patch, fail).await {
-            worker::console_error!("job {job_id}: D1 status copy failed, retrying from the alarm: {e:?}");
-            if let Err(e) = mark_d1_stale(&self.state.storage()).await {
-                worker::console_error!("job {job_id}: scheduling the D1 retry: {e:?}");
+        } else {
+            let copied = match copy_status(&db, &job_id, meta.status, seq, &now, &patch, fail).await {
+                Ok(()) => copy_page(&db, page.as_ref(), &now).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = copied {
+                worker::console_error!("job {job_id}: D1 status copy failed, retrying from the alarm: {e:?}");
+                if let Err(e) = mark_d1_stale(&self.state.storage()).await {
+                    worker::console_error!("job {job_id}: scheduling the D1 retry: {e:?}");
+                }
             }
         }
         if meta.status.is_terminal() && !from_queue {
@@ -824,7 +894,13 @@ impl JobRoom {
             patch.error_message = error_message;
         }
         let fail = self.fault("room_d1_copies");
-        copy_status(&env::db(&self.env)?, &meta.job_id, meta.status, event.seq, &rfc3339(now_ms()), &patch, fail).await?;
+        let db = env::db(&self.env)?;
+        let now = rfc3339(now_ms());
+        copy_status(&db, &meta.job_id, meta.status, event.seq, &now, &patch, fail).await?;
+        if let Some(page_id) = &meta.landing_page_id {
+            let page = self.store().kv_get::<crate::landing_room::PageStatus>("page_status")?;
+            copy_page(&db, page.map(|p| (p, page_id.clone())).as_ref(), &now).await?;
+        }
         self.sql().exec("DELETE FROM meta WHERE k = 'd1_stale'", None)?;
         Ok(meta.status)
     }
@@ -1670,6 +1746,14 @@ async fn copy_status(
         return Err(ApiError::Unavailable("injected fault: D1 status copy failed".into()));
     }
     store::update_job_status(db, job_id, status, seq, now, patch).await
+}
+
+/// A landing job's page status copy (none for other jobs).
+async fn copy_page(db: &worker::D1Database, page: Option<&(crate::landing_room::PageStatus, String)>, now: &str) -> ApiResult<()> {
+    match page {
+        Some((page, page_id)) => store::set_page_status(db, page_id, page, now).await,
+        None => Ok(()),
+    }
 }
 
 /// Records that the D1 row lags behind the room and sets the alarm that copies it again.

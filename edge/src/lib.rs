@@ -5,6 +5,7 @@ pub mod app_store;
 pub mod app_room;
 pub mod auth;
 pub mod cors;
+pub mod landing_room;
 pub mod queue_core;
 pub mod rate_limit;
 pub mod time;

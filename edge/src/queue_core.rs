@@ -21,6 +21,10 @@ pub struct Pending {
     pub owner: String,
     pub title: Option<String>,
     pub created_at: String,
+    /// Jobs with one serial key run one at a time, oldest first (a landing page's jobs:
+    /// `landing:<landing_page_id>`); a key's waiting job blocks no other job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
 }
 
 /// A job held by a runner.
@@ -123,15 +127,25 @@ impl QueueState {
         self.leases.values().filter(|l| l.pending.owner == owner).count() as u32
     }
 
+    /// Whether a pending job may be leased now as far as its serial key goes: no job of its key
+    /// is leased, and it is its key's oldest pending job.
+    fn serial_free(&self, p: &Pending) -> bool {
+        let Some(key) = &p.serial else { return true };
+        !self.leases.values().any(|l| l.pending.serial.as_ref() == Some(key))
+            && !self.pending.iter().any(|o| o.serial.as_ref() == Some(key) && o.order < p.order)
+    }
+
     /// The pending job to dispatch next: the head (priority, then age) of the owner with the
     /// fewest running jobs below `max_per_owner`; ties go to the owner whose head waited longest.
+    /// A job its serial key holds back is skipped: the owner's next job stands in for it.
     fn next_pending(&self, limits: Limits) -> Option<usize> {
         let mut seen = std::collections::BTreeSet::new();
         let mut best: Option<((u32, u64), usize)> = None;
         for (i, p) in self.pending.iter().enumerate() {
-            if !seen.insert(p.owner.as_str()) {
+            if seen.contains(p.owner.as_str()) || !self.serial_free(p) {
                 continue;
             }
+            seen.insert(p.owner.as_str());
             let running = self.running_of(&p.owner);
             if limits.max_per_owner > 0 && running >= limits.max_per_owner {
                 continue;
@@ -366,7 +380,54 @@ mod tests {
     }
 
     fn owned(id: &str, owner: &str, priority: i32) -> Pending {
-        Pending { job_id: id.into(), priority, order: 0, attempts: 0, owner: owner.into(), title: None, created_at: "t".into() }
+        Pending { job_id: id.into(), priority, order: 0, attempts: 0, owner: owner.into(), title: None, created_at: "t".into(), serial: None }
+    }
+
+    fn serial(id: &str, owner: &str, key: &str, priority: i32) -> Pending {
+        Pending { serial: Some(key.into()), ..owned(id, owner, priority) }
+    }
+
+    fn leased(leases: Vec<Lease>) -> Vec<String> {
+        leases.into_iter().map(|l| l.job_id).collect()
+    }
+
+    #[test]
+    fn a_serial_keys_jobs_run_one_at_a_time_oldest_first() {
+        let limits = Limits { max_concurrent: 4, ..LIMITS };
+        let mut q = QueueState::default();
+        q.enqueue(serial("s1", "alice", "landing:p", 0));
+        // A later job of the key with a higher priority still waits for the older one.
+        q.enqueue(serial("s2", "alice", "landing:p", 5));
+        q.enqueue(serial("t1", "alice", "landing:other", 0));
+        q.enqueue(owned("a1", "alice", 0));
+        q.enqueue(serial("b1", "bob", "landing:p", 0));
+        q.connect("r1", "s1", 4, &[], 0, limits);
+        let first = leased(q.dispatch(0, "t", limits, ids()));
+        // s2 is alice's head by priority but held by its key: her other jobs stand in for it;
+        // bob's job shares the key name (keys are per page, so per owner in practice) and waits.
+        assert_eq!(first, ["s1", "t1", "a1"], "{first:?}");
+        assert!(q.dispatch(0, "t", limits, ids()).is_empty(), "s2 and b1 wait for s1");
+        assert_eq!(q.position("s2"), Some(1));
+        q.release("s1");
+        let next = leased(q.dispatch(0, "t", limits, ids()));
+        assert_eq!(next, ["s2"], "the key's oldest waiting job (s2 was enqueued before b1), not both");
+        q.release("s2");
+        assert_eq!(leased(q.dispatch(0, "t", limits, ids())), ["b1"]);
+    }
+
+    #[test]
+    fn a_requeued_serial_job_keeps_its_place_in_its_key() {
+        let mut q = QueueState::default();
+        q.enqueue(serial("s1", "alice", "k", 0));
+        q.enqueue(serial("s2", "alice", "k", 0));
+        q.connect("r1", "s1", 2, &[], 0, LIMITS);
+        assert_eq!(leased(dispatch_announced(&mut q, 0, LIMITS)), ["s1"]);
+        assert!(matches!(q.expire(30_000, LIMITS).as_slice(), [Expired::Requeued { .. }]));
+        assert_eq!(leased(q.dispatch(30_000, "t", LIMITS, ids())), ["s1"], "the older job again, not s2");
+        let stored = serde_json::to_string(&q.pending[0]).unwrap();
+        assert_eq!(serde_json::from_str::<Pending>(&stored).unwrap().serial.as_deref(), Some("k"));
+        let old: Pending = serde_json::from_str(r#"{"job_id":"x","priority":0,"order":1,"attempts":0,"owner":"o","title":null,"created_at":"t"}"#).unwrap();
+        assert_eq!(old.serial, None, "entries persisted before serial keys read as unkeyed");
     }
 
     /// Dispatches and has every room accept its lease.

@@ -17,7 +17,7 @@ use std::time::Duration;
 use futures::channel::oneshot;
 use futures::future::{select, Either};
 use kiln_schemas::jobs::{NamedRunnerTools, QueueEntry, QueueView};
-use kiln_schemas::runner::{AppBuildParams, Assignment, EdgeMessage, RunnerMessage, RunnerRequest, RunnerTools};
+use kiln_schemas::runner::{AppBuildParams, Assignment, EdgeMessage, LandingParams, RunnerMessage, RunnerRequest, RunnerTools};
 use kiln_schemas::status::{JobStatus, JobType};
 use serde::{Deserialize, Serialize};
 use worker::{
@@ -109,6 +109,7 @@ pub fn room_meta(row: &JobRow) -> RoomMeta {
         continuation: None,
         gather: Default::default(),
         last_lease: None,
+        landing_page_id: row.landing_page_id.clone().filter(|_| row.job_type().is_landing()),
     }
 }
 
@@ -123,6 +124,7 @@ pub fn enqueue_request(row: &JobRow) -> EnqueueRequest {
         owner: row.owner.clone(),
         title: row.title.clone(),
         created_at: row.created_at.clone(),
+        serial: row.landing_page_id.as_deref().filter(|_| row.job_type().is_landing()).map(crate::landing_room::serial_key),
     };
     let assignment = Assignment {
         job_id: row.id.clone(),
@@ -145,10 +147,25 @@ pub fn enqueue_request(row: &JobRow) -> EnqueueRequest {
             continuation: None,
             paused: row.is_paused != 0,
         }),
-        // Landing jobs (seed 001): filled from the row by the landing face's work.
-        landing: None,
+        // A landing job's page and request; its payload (the page's business_data) is read from
+        // D1 at dispatch, so an edit since the enqueue is what runs.
+        landing: landing_params(row),
     };
     EnqueueRequest { pending, assignment }
+}
+
+/// A landing job's parameters from its row (`payload` is filled at dispatch).
+pub fn landing_params(row: &JobRow) -> Option<LandingParams> {
+    let kind = row.job_type();
+    if !kind.is_landing() {
+        return None;
+    }
+    Some(LandingParams {
+        session_id: row.session_id.clone().unwrap_or_default(),
+        landing_page_id: row.landing_page_id.clone().unwrap_or_default(),
+        payload: serde_json::Value::Null,
+        message: (kind == JobType::LandingChat).then(|| row.prompt.clone()),
+    })
 }
 
 /// The faults `KILN_FAULTS` injects (test builds only).
@@ -463,6 +480,19 @@ impl Queue {
         assignment.attempt = lease.attempt;
         if room_app.is_some() {
             assignment.app = room_app;
+        }
+        if let Some(landing) = assignment.landing.as_mut() {
+            // The page's business data as it is now; a page gone meanwhile runs with none.
+            match env::db(&self.env) {
+                Ok(db) => match store::page_business_data(&db, &landing.landing_page_id).await {
+                    Ok(data) => landing.payload = data.unwrap_or_else(|| serde_json::json!({})),
+                    Err(e) => worker::console_error!("reading the page of {}: {e:?}", lease.job_id),
+                },
+                Err(e) => worker::console_error!("no D1 binding: {e}"),
+            }
+            if landing.payload.is_null() {
+                landing.payload = serde_json::json!({});
+            }
         }
         // A runner that vanished in between is handled by lease expiry.
         self.send_to_runner(&lease.runner_id, &EdgeMessage::Assign { assignment });

@@ -72,6 +72,11 @@ pub struct JobRow {
     /// A running app build's `AppPhase`.
     #[serde(default)]
     pub phase: Option<String>,
+    /// A landing job's session and page (migration 0006).
+    #[serde(default)]
+    pub session_id: Option<String>,
+    #[serde(default)]
+    pub landing_page_id: Option<String>,
 }
 
 impl JobRow {
@@ -144,9 +149,10 @@ pub async fn insert_job(db: &D1Database, j: &JobRow) -> ApiResult<()> {
     db.prepare(
         "INSERT INTO jobs (id, owner, job_type, status, queue, prompt, title, branch_name, client_id, feature_id,
            repository_id, github_org, github_repo, base_branch, created_by_team_member_id, params, priority, attempts,
-           original_job_id, created_at, updated_at, created_ms, initial_prompt, requirements_summary, is_paused, phase)
+           original_job_id, created_at, updated_at, created_ms, initial_prompt, requirements_summary, is_paused, phase,
+           session_id, landing_page_id)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, 0, ?18, ?19, ?19, ?20,
-           ?21, ?22, ?23, ?24)",
+           ?21, ?22, ?23, ?24, ?25, ?26)",
     )
     .bind(&[
         s(&j.id),
@@ -173,6 +179,8 @@ pub async fn insert_job(db: &D1Database, j: &JobRow) -> ApiResult<()> {
         opt(j.requirements_summary.as_deref()),
         n(j.is_paused),
         opt(j.phase.as_deref()),
+        opt(j.session_id.as_deref()),
+        opt(j.landing_page_id.as_deref()),
     ])?
     .run()
     .await?;
@@ -583,4 +591,27 @@ pub async fn set_ticket_status(
         .run()
         .await?;
     Ok(())
+}
+
+/// Writes a landing page's status (its room's copy at a status change of one of its jobs).
+pub async fn set_page_status(db: &D1Database, page_id: &str, page: &crate::landing_room::PageStatus, now: &str) -> ApiResult<()> {
+    let sections = page.sections.as_ref().and_then(|v| serde_json::to_string(v).ok());
+    db.prepare(
+        "UPDATE landing_pages SET status = ?2, preview_url = COALESCE(?3, preview_url),
+           sections = COALESCE(?4, sections), updated_at = ?5 WHERE id = ?1",
+    )
+    .bind(&[s(page_id), s(&page.status), opt(page.preview_url.as_deref()), opt(sections.as_deref()), s(now)])?
+    .run()
+    .await?;
+    Ok(())
+}
+
+/// A landing page's `business_data` (the init payload), whoever owns it (the queue's dispatch).
+pub async fn page_business_data(db: &D1Database, page_id: &str) -> ApiResult<Option<serde_json::Value>> {
+    #[derive(Deserialize)]
+    struct Row {
+        business_data: String,
+    }
+    let row = db.prepare("SELECT business_data FROM landing_pages WHERE id = ?1").bind(&[s(page_id)])?.first::<Row>(None).await?;
+    Ok(row.map(|r| serde_json::from_str(&r.business_data).unwrap_or(serde_json::Value::Null)))
 }
