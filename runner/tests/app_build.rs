@@ -193,14 +193,33 @@ async fn an_app_build_plans_writes_the_prd_and_builds_its_tickets_in_dependency_
             "phase tickets_ready",
             "phase building",
             "S1 in_progress",
+            "E1 in_progress",
             "S1 done",
             "S2 in_progress",
             "S2 done",
             "T1 in_progress",
             "T1 done",
+            "E1 done",
             "finished Completed",
         ],
-        "the lifecycle; the secretary's CONSENSUS ends planning after one round; S2 after S1"
+        "the lifecycle; the secretary's CONSENSUS ends planning after one round; S2 after S1; \
+         the epic follows its stories and task"
+    );
+    let epic_done = events.iter().find_map(|e| match e {
+        RunnerEvent::Ticket {
+            status: TicketStatus::Done,
+            message,
+            metadata,
+            ..
+        } if metadata["local_id"] == "E1" => Some((message.clone(), metadata.clone())),
+        _ => None,
+    });
+    assert_eq!(
+        epic_done,
+        Some((
+            "E1: all 3 of its tickets are built".to_string(),
+            json!({"local_id": "E1", "tickets": 3, "done": 3})
+        ))
     );
 
     // The dialogue, PRD and backlog as the model wrote them; tickets with UUIDs and their links.
@@ -300,7 +319,9 @@ async fn an_app_build_plans_writes_the_prd_and_builds_its_tickets_in_dependency_
                 status: TicketStatus::Done,
                 metadata,
                 ..
-            } => Some(metadata["commit"].as_str().unwrap().to_string()),
+            } if metadata["local_id"] != "E1" => {
+                Some(metadata["commit"].as_str().unwrap().to_string())
+            }
             _ => None,
         })
         .collect();
@@ -362,12 +383,14 @@ async fn an_app_build_plans_writes_the_prd_and_builds_its_tickets_in_dependency_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ticket_failing_twice_fails_the_job_and_its_dependents_are_not_built() {
-    // No consensus: three full rounds.
+    // No consensus: three full rounds. E1 holds the broken chain, E2 the flaky task.
     let tickets = backlog(json!([
-        {"id": "S1", "type": "story", "title": "Broken fail", "dependencies": []},
-        {"id": "S2", "type": "story", "title": "Page write", "dependencies": ["S1"]},
-        {"id": "S3", "type": "story", "title": "More write", "dependencies": ["S2"]},
-        {"id": "T1", "type": "task", "title": "Styles flaky write", "dependencies": []}
+        {"id": "E1", "type": "epic", "title": "Pages", "parent": null},
+        {"id": "E2", "type": "epic", "title": "Looks", "parent": null},
+        {"id": "S1", "type": "story", "title": "Broken fail", "parent": "E1", "dependencies": []},
+        {"id": "S2", "type": "story", "title": "Page write", "parent": "E1", "dependencies": ["S1"]},
+        {"id": "S3", "type": "story", "title": "More write", "parent": "E1", "dependencies": ["S2"]},
+        {"id": "T1", "type": "task", "title": "Styles flaky write", "parent": "E2", "dependencies": []}
     ]));
     let mut s = script(&tickets);
     s["rules"][2] = json!({"when": {"role": "secretary"}, "text": "Still open: storage."});
@@ -394,16 +417,21 @@ async fn a_ticket_failing_twice_fails_the_job_and_its_dependents_are_not_built()
         building,
         [
             "S1 in_progress",
+            "E1 in_progress",
             "S1 in_progress",
             "S1 failed",
+            "E1 failed",
             "S2 failed",
             "S3 failed",
             "T1 in_progress",
+            "E2 in_progress",
             "T1 in_progress",
             "T1 done",
+            "E2 done",
             "finished Failed",
         ],
-        "S1 tried twice; S2 and S3 (through S2) not built; flaky T1 done on its second try"
+        "S1 tried twice; S2 and S3 (through S2) not built; flaky T1 done on its second try; \
+         E1 failed with S1, E2 done with T1"
     );
     let messages: HashMap<String, String> = events
         .iter()
@@ -426,6 +454,7 @@ async fn a_ticket_failing_twice_fails_the_job_and_its_dependents_are_not_built()
     );
     assert_eq!(messages["S2"], "not built: its dependency S1 failed");
     assert_eq!(messages["S3"], "not built: its dependency S2 failed");
+    assert_eq!(messages["E1"], "E1: its ticket S1 failed");
     let s1_log = events.iter().find_map(|e| match e {
         RunnerEvent::Ticket {
             status: TicketStatus::Failed,

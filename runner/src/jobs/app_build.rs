@@ -10,7 +10,9 @@
 //!    UUIDs and checked with `build_order` → `backlog`, phase `tickets_ready`;
 //! 4. **building**: one agent run per story and task in dependency order, each a commit and a
 //!    snapshot; a failed ticket is tried once more, then `failed`, and every ticket that depends
-//!    on it (transitively) is not built.
+//!    on it (transitively) is not built. An epic follows the stories and tasks under it
+//!    ([`Epics`]): `in_progress` when the first starts, `failed` when one fails, `done` when all
+//!    are done.
 //!
 //! An answer that cannot be used (PRD or backlog) is asked for once more with the reason, then
 //! fails the job; a spent LLM budget fails it naming the budget.
@@ -206,6 +208,131 @@ pub fn parse_backlog(text: &str, assigned_to: &str) -> Result<(Vec<Ticket>, Vec<
             .fold(e, |e, (uuid, local)| e.replace(uuid, local))
     })?;
     Ok((tickets, locals))
+}
+
+/// The epics of a backlog, following the stories and tasks under them (their descendants by
+/// `parent_id`): an epic becomes `in_progress` when the first of them starts, `failed` when one
+/// fails (built or not), `done` when all are done; an epic with none is `done` when the build
+/// ends. Pure: each call answers the `ticket` events to emit, once per change.
+pub struct Epics {
+    epics: Vec<Epic>,
+}
+
+struct Epic {
+    id: String,
+    local: String,
+    /// Indices of the stories and tasks under it.
+    members: HashSet<usize>,
+    done: usize,
+    status: TicketStatus,
+}
+
+impl Epics {
+    pub fn new(tickets: &[Ticket], locals: &[String]) -> Epics {
+        let index: HashMap<&str, usize> = tickets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.as_str(), i))
+            .collect();
+        let mut members: HashMap<usize, HashSet<usize>> = HashMap::new();
+        for (i, t) in tickets.iter().enumerate() {
+            if t.kind == TicketType::Epic {
+                continue;
+            }
+            // Up the parents (a cycle of parents ends the walk).
+            let mut at = t.parent_id.as_deref();
+            for _ in 0..tickets.len() {
+                let Some(&j) = at.and_then(|p| index.get(p)) else {
+                    break;
+                };
+                if tickets[j].kind == TicketType::Epic {
+                    members.entry(j).or_default().insert(i);
+                }
+                at = tickets[j].parent_id.as_deref();
+            }
+        }
+        let epics = tickets
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.kind == TicketType::Epic)
+            .map(|(j, t)| Epic {
+                id: t.id.clone(),
+                local: locals.get(j).cloned().unwrap_or_else(|| t.id.clone()),
+                members: members.remove(&j).unwrap_or_default(),
+                done: 0,
+                status: TicketStatus::Todo,
+            })
+            .collect();
+        Epics { epics }
+    }
+
+    fn event(e: &Epic, message: String) -> RunnerEvent {
+        RunnerEvent::Ticket {
+            ticket_id: e.id.clone(),
+            status: e.status,
+            message,
+            metadata: json!({"local_id": e.local, "tickets": e.members.len(), "done": e.done}),
+        }
+    }
+
+    /// Ticket `i` (a story or task, by its local id `local`) starts being built.
+    pub fn started(&mut self, i: usize, local: &str) -> Vec<RunnerEvent> {
+        let mut out = vec![];
+        for e in &mut self.epics {
+            if e.status == TicketStatus::Todo && e.members.contains(&i) {
+                e.status = TicketStatus::InProgress;
+                out.push(Self::event(
+                    e,
+                    format!("{}: building its first ticket, {local}", e.local),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Ticket `i` ended `done` (`ok`) or `failed`.
+    pub fn settled(&mut self, i: usize, local: &str, ok: bool) -> Vec<RunnerEvent> {
+        let mut out = vec![];
+        for e in &mut self.epics {
+            if !e.members.contains(&i)
+                || matches!(e.status, TicketStatus::Done | TicketStatus::Failed)
+            {
+                continue;
+            }
+            if !ok {
+                e.status = TicketStatus::Failed;
+                out.push(Self::event(
+                    e,
+                    format!("{}: its ticket {local} failed", e.local),
+                ));
+                continue;
+            }
+            e.done += 1;
+            if e.done == e.members.len() {
+                e.status = TicketStatus::Done;
+                out.push(Self::event(
+                    e,
+                    format!("{}: all {} of its tickets are built", e.local, e.done),
+                ));
+            }
+        }
+        out
+    }
+
+    /// The build ended: an epic with nothing under it is done.
+    pub fn finish(&mut self) -> Vec<RunnerEvent> {
+        let mut out = vec![];
+        for e in &mut self.epics {
+            if e.members.is_empty() && e.status == TicketStatus::Todo {
+                e.status = TicketStatus::Done;
+                out.push(Self::event(
+                    e,
+                    format!("{}: nothing under it to build", e.local),
+                ));
+            }
+        }
+        out
+    }
 }
 
 /// The prompt of one ticket's agent run: `Ticket:` and `Ticket id:` lines first, then the
@@ -422,6 +549,7 @@ impl App<'_> {
             order.len()
         ));
         let mut done: Vec<usize> = Vec::new();
+        let mut epics = Epics::new(&tickets, &locals);
         let mut broken: HashMap<String, String> = HashMap::new(); // uuid → why
         let mut failures: Vec<String> = Vec::new();
         for (position, &i) in order.iter().enumerate() {
@@ -442,12 +570,22 @@ impl App<'_> {
                 });
                 failures.push(format!("{local} ({why})"));
                 broken.insert(t.id.clone(), why);
+                epics
+                    .settled(i, local, false)
+                    .into_iter()
+                    .for_each(|e| p.emit(e));
                 continue;
             }
-            match self
-                .build_ticket(p, t, local, &prd, position as u32 + 1)
-                .await
-            {
+            let built = self
+                .build_ticket(p, t, local, &prd, position as u32 + 1, || {
+                    epics.started(i, local)
+                })
+                .await;
+            epics
+                .settled(i, local, built.is_ok())
+                .into_iter()
+                .for_each(|e| p.emit(e));
+            match built {
                 Ok(()) => done.push(i),
                 Err(why) => {
                     failures.push(format!("{local} {:?} ({why})", t.title));
@@ -455,6 +593,7 @@ impl App<'_> {
                 }
             }
         }
+        epics.finish().into_iter().for_each(|e| p.emit(e));
         if self.snapshots_put == 0 {
             self.put_snapshot(p).await;
         }
@@ -550,10 +689,12 @@ impl App<'_> {
         local: &str,
         prd: &str,
         iteration: u32,
+        started: impl FnOnce() -> Vec<RunnerEvent>,
     ) -> Result<(), String> {
         let job = self.job;
         let prompt = ticket_prompt(&t.title, local, t.kind.as_str(), &t.description, prd);
-        let started = Instant::now();
+        let t0 = Instant::now();
+        let mut started = Some(started);
         let mut last = None;
         for attempt in 1..=TICKET_ATTEMPTS {
             p.checkpoint(&format!("ticket {local}")).await;
@@ -567,6 +708,10 @@ impl App<'_> {
                 },
                 metadata: json!({"local_id": local, "attempt": attempt}),
             });
+            // Its epics follow it.
+            if let Some(f) = started.take() {
+                f().into_iter().for_each(|e| p.emit(e));
+            }
             let r = p
                 .agent(
                     job,
@@ -623,7 +768,7 @@ impl App<'_> {
             }
         };
         self.put_snapshot(p).await;
-        let secs = started.elapsed().as_secs_f64();
+        let secs = t0.elapsed().as_secs_f64();
         match last.expect("at least one attempt ran") {
             Ok(r) => {
                 let Some(sha) = sha else {
@@ -758,6 +903,122 @@ mod tests {
         )
         .unwrap_err()
         .contains("type"));
+    }
+
+    /// (local id, status) of the epics' events.
+    fn said(events: Vec<RunnerEvent>, locals: &[String], tickets: &[Ticket]) -> Vec<String> {
+        events
+            .into_iter()
+            .map(|e| match e {
+                RunnerEvent::Ticket {
+                    ticket_id, status, ..
+                } => {
+                    let i = tickets.iter().position(|t| t.id == ticket_id).unwrap();
+                    format!("{} {}", locals[i], status.as_str())
+                }
+                other => panic!("not a ticket event: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn epics_follow_the_stories_and_tasks_under_them() {
+        // E1 holds S1 and (through S2) T1; E2 holds S3; E3 is empty; E4 is under E1 and holds T2.
+        let text = r#"{"tickets": [
+  {"id": "E1", "type": "epic", "title": "a"},
+  {"id": "S1", "type": "story", "title": "b", "parent": "E1"},
+  {"id": "S2", "type": "story", "title": "c", "parent": "E1"},
+  {"id": "T1", "type": "task", "title": "d", "parent": "S2"},
+  {"id": "E2", "type": "epic", "title": "e"},
+  {"id": "S3", "type": "story", "title": "f", "parent": "E2"},
+  {"id": "E3", "type": "epic", "title": "g"},
+  {"id": "E4", "type": "epic", "title": "h", "parent": "E1"},
+  {"id": "T2", "type": "task", "title": "i", "parent": "E4"}
+]}"#;
+        let (tickets, locals) = parse_backlog(text, "text").unwrap();
+        let at = |l: &str| locals.iter().position(|x| x == l).unwrap();
+        let mut epics = Epics::new(&tickets, &locals);
+        let say = |e| said(e, &locals, &tickets);
+        assert_eq!(say(epics.started(at("S1"), "S1")), ["E1 in_progress"]);
+        assert_eq!(
+            say(epics.settled(at("S1"), "S1", true)),
+            Vec::<String>::new()
+        );
+        assert!(epics.started(at("S2"), "S2").is_empty(), "announced once");
+        assert_eq!(
+            say(epics.settled(at("S2"), "S2", true)),
+            Vec::<String>::new()
+        );
+        assert_eq!(say(epics.started(at("T1"), "T1")), Vec::<String>::new());
+        assert_eq!(
+            say(epics.settled(at("T1"), "T1", true)),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            say(epics.started(at("T2"), "T2")),
+            ["E4 in_progress"],
+            "E1 is already in progress"
+        );
+        assert_eq!(
+            say(epics.settled(at("T2"), "T2", true)),
+            ["E1 done", "E4 done"],
+            "the last ticket under both"
+        );
+        assert_eq!(say(epics.started(at("S3"), "S3")), ["E2 in_progress"]);
+        assert_eq!(say(epics.settled(at("S3"), "S3", false)), ["E2 failed"]);
+        assert_eq!(say(epics.finish()), ["E3 done"], "nothing under it");
+        assert!(epics.finish().is_empty());
+
+        // A failure fails the epic at once and nothing after it changes it.
+        let mut epics = Epics::new(&tickets, &locals);
+        assert_eq!(
+            say(epics.settled(at("T1"), "T1", false)),
+            ["E1 failed"],
+            "a ticket not built fails it too"
+        );
+        assert!(epics.started(at("S1"), "S1").is_empty());
+        assert!(epics.settled(at("S1"), "S1", true).is_empty());
+        assert!(epics.settled(at("S2"), "S2", true).is_empty());
+        match &epics.settled(at("T2"), "T2", true)[..] {
+            [RunnerEvent::Ticket {
+                status,
+                message,
+                metadata,
+                ..
+            }] => {
+                assert_eq!(*status, TicketStatus::Done);
+                assert_eq!(message, "E4: all 1 of its tickets are built");
+                assert_eq!(
+                    *metadata,
+                    json!({"local_id": "E4", "tickets": 1, "done": 1})
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn parents_in_a_cycle_end_the_walk() {
+        let t = |id: &str, kind, parent: Option<&str>| Ticket {
+            id: id.into(),
+            parent_id: parent.map(Into::into),
+            kind,
+            title: id.into(),
+            description: String::new(),
+            status: TicketStatus::Todo,
+            assigned_to: String::new(),
+            dependencies: vec![],
+        };
+        let tickets = vec![
+            t("E1", TicketType::Epic, Some("S1")),
+            t("S1", TicketType::Story, Some("E1")),
+        ];
+        let locals = vec!["E1".to_string(), "S1".to_string()];
+        let mut epics = Epics::new(&tickets, &locals);
+        assert_eq!(
+            said(epics.settled(1, "S1", true), &locals, &tickets),
+            ["E1 done"]
+        );
     }
 
     #[test]
