@@ -158,6 +158,8 @@ impl Application {
 
         let client = EdgeClient::new(http.clone(), config.edge_url.clone(), token);
         let metrics = Arc::new(Metrics::default());
+        // One LLM client for the jobs' steps and the gatherer's turns: one pool, one set of settings.
+        let llm = crate::llm::LlmClient::new(config.llm.clone()).map_err(StartError::Llm)?;
         let services = Arc::new(JobServices {
             executor: executor.clone(),
             workspaces: workspaces.clone(),
@@ -170,7 +172,7 @@ impl Application {
             metrics: metrics.clone(),
             limits: config.job_limits,
             event_buffer_bytes: config.resources.event_buffer_bytes,
-            llm: crate::llm::LlmClient::new(config.llm.clone()).map_err(StartError::Llm)?,
+            llm: llm.clone(),
         });
         let supervisor = Supervisor::new(services, config.max_concurrent_jobs);
 
@@ -220,7 +222,7 @@ impl Application {
             registrar,
             metrics,
             tools,
-            gatherer: crate::gather::Gatherer::new(&config.llm, config.resources.chat_concurrency),
+            gatherer: crate::gather::Gatherer::new(llm, config.resources.chat_concurrency),
         };
         tracing::info!(
             name = %config.name,

@@ -11,7 +11,7 @@ use kiln_schemas::runner::{GatherReply, GatherRequest, UsageReport};
 use tokio::sync::Semaphore;
 
 use crate::jobs::CancelToken;
-use crate::llm::{Budget, ChatRequest, LlmClient, LlmConfig, LlmError, Message, Meter};
+use crate::llm::{Budget, ChatRequest, LlmClient, LlmError, Message, Meter};
 
 /// The step's role (`[llm.roles] gatherer`).
 pub const ROLE: &str = "gatherer";
@@ -198,8 +198,9 @@ pub async fn turn(
     })
 }
 
-/// The runner's gatherer: its LLM client (none without a provider), its turns' concurrency and
-/// their cancellation. Cheap to clone.
+/// The runner's gatherer: the runner's one LLM client (shared with its jobs' steps: one set of
+/// settings, one connection pool; `None` without a provider), its turns' concurrency and their
+/// cancellation. Cheap to clone.
 #[derive(Clone)]
 pub struct Gatherer {
     llm: Option<LlmClient>,
@@ -210,26 +211,16 @@ pub struct Gatherer {
 }
 
 impl Gatherer {
-    /// A gatherer over the runner's `[llm]` settings, `concurrency` turns at once.
-    pub fn new(config: &LlmConfig, concurrency: usize) -> Gatherer {
-        let llm = if config.providers.is_empty() {
-            None
-        } else {
-            match LlmClient::new(config.clone()) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    tracing::error!(error = %e, "the gatherer's LLM client could not start");
-                    None
-                }
-            }
-        };
+    /// A gatherer over the runner's LLM client, `concurrency` turns at once.
+    pub fn new(llm: LlmClient, concurrency: usize) -> Gatherer {
+        let budget = llm.config().budget.within(Budget {
+            max_tokens: Some(TURN_BUDGET_TOKENS),
+            max_usd: None,
+        });
         Gatherer {
-            llm,
+            llm: (!llm.config().providers.is_empty()).then_some(llm),
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
-            budget: config.budget.within(Budget {
-                max_tokens: Some(TURN_BUDGET_TOKENS),
-                max_usd: None,
-            }),
+            budget,
             time_limit: TURN_TIME_LIMIT,
             cancel: CancelToken::default(),
         }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use kiln_e2e::model::{ModelServer, Script};
 use kiln_runner::gather::{Gatherer, SENDER};
-use kiln_runner::llm::{Api, ApiKey, LlmConfig, ModelRef, Provider, RetryPolicy};
+use kiln_runner::llm::{Api, ApiKey, LlmClient, LlmConfig, ModelRef, Provider, RetryPolicy};
 use kiln_schemas::app::split_summary;
 use kiln_schemas::runner::{ChatTurn, EdgeMessage, GatherReply, GatherRequest, RunnerRequest};
 use serde_json::{json, Value};
@@ -61,6 +61,11 @@ fn config(s: &ModelServer) -> LlmConfig {
     c
 }
 
+/// The runner's one LLM client over `c`.
+fn client(c: LlmConfig) -> LlmClient {
+    LlmClient::new(c).expect("an LLM client")
+}
+
 fn request(turns: &[(&str, &str)], must_summarise: bool) -> GatherRequest {
     GatherRequest {
         job_id: uuid::Uuid::new_v4().to_string(),
@@ -93,7 +98,7 @@ fn gatherer_rules() -> Value {
 #[tokio::test]
 async fn the_first_turn_asks_a_question() {
     let s = server(gatherer_rules());
-    let g = Gatherer::new(&config(&s), 4);
+    let g = Gatherer::new(client(config(&s)), 4);
     let reply = g.answer(&request(&[], false)).await.unwrap();
     assert_eq!(reply.reply, "Who will add recipes, and do you need tags?");
     assert_eq!(reply.sender, SENDER);
@@ -130,7 +135,7 @@ async fn the_first_turn_asks_a_question() {
 #[tokio::test]
 async fn a_later_turn_summarises_with_the_whole_transcript() {
     let s = server(gatherer_rules());
-    let g = Gatherer::new(&config(&s), 4);
+    let g = Gatherer::new(client(config(&s)), 4);
     // The edge's transcript may hold the idea as its first user turn: it is not sent twice.
     let req = request(
         &[
@@ -163,7 +168,7 @@ async fn a_later_turn_summarises_with_the_whole_transcript() {
 #[tokio::test]
 async fn when_the_rounds_are_used_up_the_summary_is_demanded() {
     let s = server(gatherer_rules());
-    let g = Gatherer::new(&config(&s), 4);
+    let g = Gatherer::new(client(config(&s)), 4);
     let req = request(
         &[
             ("agent", "Who uses it?"),
@@ -193,7 +198,7 @@ async fn a_rate_limited_turn_is_retried_and_succeeds() {
     let s = server(json!([
         {"error": {"status": 429, "retry_after": 1}, "fail_first": 1, "text": "What should it be called?"}
     ]));
-    let g = Gatherer::new(&config(&s), 4);
+    let g = Gatherer::new(client(config(&s)), 4);
     let t0 = Instant::now();
     let reply = g.answer(&request(&[], false)).await.unwrap();
     assert_eq!(reply.reply, "What should it be called?");
@@ -211,7 +216,7 @@ async fn a_rate_limited_turn_is_retried_and_succeeds() {
 #[tokio::test]
 async fn a_provider_that_keeps_refusing_gives_a_clear_error_without_internals() {
     let s = server(json!([{"error": {"status": 429, "message": format!("slow down, key {KEY}")}}]));
-    let g = Gatherer::new(&config(&s), 4);
+    let g = Gatherer::new(client(config(&s)), 4);
     let e = g.answer(&request(&[], false)).await.unwrap_err().0;
     assert_eq!(
         e,
@@ -224,7 +229,7 @@ async fn a_provider_that_keeps_refusing_gives_a_clear_error_without_internals() 
     );
 
     let s = server(json!([{"error": {"status": 400, "message": format!("bad request {KEY}")}}]));
-    let e = Gatherer::new(&config(&s), 4)
+    let e = Gatherer::new(client(config(&s)), 4)
         .answer(&request(&[], false))
         .await
         .unwrap_err()
@@ -235,7 +240,7 @@ async fn a_provider_that_keeps_refusing_gives_a_clear_error_without_internals() 
 
 #[tokio::test]
 async fn without_a_provider_the_turn_is_refused() {
-    let g = Gatherer::new(&LlmConfig::default(), 4);
+    let g = Gatherer::new(client(LlmConfig::default()), 4);
     assert!(!g.has_provider());
     let e = g.answer(&request(&[], false)).await.unwrap_err().0;
     assert!(e.starts_with("this runner has no LLM provider"), "{e}");
@@ -243,7 +248,7 @@ async fn without_a_provider_the_turn_is_refused() {
     let s = server(gatherer_rules());
     let mut c = config(&s);
     c.roles.clear();
-    let e = Gatherer::new(&c, 4)
+    let e = Gatherer::new(client(c), 4)
         .answer(&request(&[], false))
         .await
         .unwrap_err()
@@ -259,7 +264,7 @@ async fn without_a_provider_the_turn_is_refused() {
 async fn turns_beyond_the_concurrency_wait_for_a_free_one() {
     let s = server(json!([{"stall_before_ms": 600, "text": "A question?"}]));
     let run = |n: usize| {
-        let g = Gatherer::new(&config(&s), n);
+        let g = Gatherer::new(client(config(&s)), n);
         async move {
             let t0 = Instant::now();
             let turns = (0..4).map(|_| {
@@ -292,13 +297,13 @@ async fn turns_beyond_the_concurrency_wait_for_a_free_one() {
 #[tokio::test]
 async fn a_turn_is_bounded_in_time_and_cancelled_at_shutdown() {
     let s = server(json!([{"stall_before_ms": 5000, "text": "late"}]));
-    let g = Gatherer::new(&config(&s), 4).with_time_limit(Duration::from_millis(400));
+    let g = Gatherer::new(client(config(&s)), 4).with_time_limit(Duration::from_millis(400));
     let t0 = Instant::now();
     let e = g.answer(&request(&[], false)).await.unwrap_err().0;
     assert!(e.contains("took longer than"), "{e}");
     assert!(t0.elapsed() < Duration::from_secs(2));
 
-    let g = Gatherer::new(&config(&s), 4);
+    let g = Gatherer::new(client(config(&s)), 4);
     let stopper = g.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
