@@ -6,7 +6,7 @@ use schemars::{schema_for, Schema};
 
 /// `(file stem, schema)` for every wire type.
 pub fn all() -> Vec<(&'static str, Schema)> {
-    use crate::{app, auth, events, grants, jobs, landing, runner};
+    use crate::{app, auth, events, grants, jobs, landing, runner, webhooks};
     vec![
         ("error", schema_for!(crate::ErrorBody)),
         ("auth.register_request", schema_for!(auth::RegisterRequest)),
@@ -55,5 +55,10 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("grants.request", schema_for!(grants::GrantRequest)),
         ("grants.grant", schema_for!(grants::Grant)),
         ("grants.list", schema_for!(grants::GrantList)),
+        ("webhooks.create_request", schema_for!(webhooks::CreateHookRequest)),
+        ("webhooks.hook", schema_for!(webhooks::HookView)),
+        ("webhooks.hook_with_secret", schema_for!(webhooks::HookWithSecret)),
+        ("webhooks.list", schema_for!(webhooks::HookList)),
+        ("webhooks.inbound_answer", schema_for!(webhooks::InboundAnswer)),
     ]
 }

@@ -15,6 +15,7 @@ pub mod json_schemas;
 pub mod runner;
 pub mod status;
 pub mod validate;
+pub mod webhooks;
 
 /// The error envelope every REST error uses: `{"error": "..."}`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
