@@ -6,6 +6,7 @@ pub mod app_room;
 pub mod auth;
 pub mod cors;
 pub mod landing_room;
+pub mod preview;
 pub mod landing_store;
 pub mod queue_core;
 pub mod rate_limit;

@@ -1,15 +1,18 @@
 //! `/runner/v1/*`: registration (operator's token), the runner's socket to its queue, event
-//! batches, and an app build's workspace snapshot (R2). Runner tokens open these endpoints only;
+//! batches, an app build's workspace snapshot, a landing session's bundle and its page's preview
+//! (R2). Runner tokens open these endpoints only;
 //! user and service tokens never do.
 
 use kiln_schemas::app::WorkspaceSnapshot;
+use kiln_schemas::landing::{content_type, PreviewBundle, Published, MAX_BUNDLE_BYTES};
 use kiln_schemas::runner::{BatchAck, EventBatch, RegisterRunnerRequest, RegisterRunnerResponse, MAX_SNAPSHOT_BYTES};
-use worker::{Headers, Method, Request, RequestInit, Response};
+use worker::{Headers, HttpMetadata, Method, Request, RequestInit, Response};
 
 use super::Ctx;
 use crate::auth::{bearer, tokens};
 use crate::env::{self, new_id, now_ms, random};
 use crate::http::{self, body_as, json, json_status, ApiError, ApiResult};
+use crate::preview;
 use crate::store::{self, RunnerRow};
 use crate::time::rfc3339;
 
@@ -31,6 +34,18 @@ pub async fn route(mut req: Request, ctx: &Ctx, method: Method, rest: &[&str]) -
         (Method::Get, ["jobs", job_id, "snapshot"]) => {
             let runner = authenticate(&req, ctx).await?;
             get_snapshot(&req, ctx, &runner, job_id).await
+        }
+        (Method::Put, ["jobs", job_id, "bundle"]) => {
+            let runner = authenticate(&req, ctx).await?;
+            put_bundle(&mut req, ctx, &runner, job_id).await
+        }
+        (Method::Get, ["jobs", job_id, "bundle"]) => {
+            let runner = authenticate(&req, ctx).await?;
+            get_bundle(&req, ctx, &runner, job_id).await
+        }
+        (Method::Put, ["jobs", job_id, "preview"]) => {
+            let runner = authenticate(&req, ctx).await?;
+            put_preview(&mut req, ctx, &runner, job_id).await
         }
         _ => Err(ApiError::NotFound("no such runner endpoint".into())),
     }
@@ -114,8 +129,8 @@ pub fn snapshot_key(job_id: &str) -> String {
 
 /// Checks that `runner` holds the job's lease named by `?lease_id=`, as its room sees it (as for
 /// event batches: only the lease's runner; after the run ended, its last one). Errors: 400 without
-/// a lease id, 404 for no such job, 409 otherwise.
-async fn check_lease(req: &Request, ctx: &Ctx, runner: &RunnerRow, job_id: &str) -> ApiResult<()> {
+/// a lease id, 404 for no such job, 409 otherwise. Answers the job's row.
+async fn check_lease(req: &Request, ctx: &Ctx, runner: &RunnerRow, job_id: &str) -> ApiResult<store::JobRow> {
     let url = req.url()?;
     let lease_id = url
         .query_pairs()
@@ -123,9 +138,9 @@ async fn check_lease(req: &Request, ctx: &Ctx, runner: &RunnerRow, job_id: &str)
         .map(|(_, v)| v.to_string())
         .filter(|v| !v.is_empty())
         .ok_or_else(|| ApiError::BadRequest("lease_id is required".into()))?;
-    if store::get_job_any(&env::db(&ctx.env)?, job_id).await?.is_none() {
+    let Some(row) = store::get_job_any(&env::db(&ctx.env)?, job_id).await? else {
         return Err(ApiError::NotFound("job not found".into()));
-    }
+    };
     let room = env::job_room(&ctx.env, job_id)?;
     let _: serde_json::Value = http::call(
         &room,
@@ -134,7 +149,104 @@ async fn check_lease(req: &Request, ctx: &Ctx, runner: &RunnerRow, job_id: &str)
         Some(&serde_json::json!({ "lease_id": lease_id, "runner_id": runner.id })),
     )
     .await?;
+    Ok(row)
+}
+
+/// Reads a body of at most `limit` bytes: refused on its `Content-Length` before the lease check
+/// and again once read (413).
+async fn body_bytes(req: &mut Request, limit: usize, what: &str) -> ApiResult<Vec<u8>> {
+    let body = req.bytes().await.map_err(|_| ApiError::BadRequest("could not read request body".into()))?;
+    if body.len() > limit {
+        return Err(ApiError::TooLarge(format!("{what} over {limit} bytes")));
+    }
+    Ok(body)
+}
+
+fn declared_over(req: &Request, limit: usize, what: &str) -> ApiResult<()> {
+    let declared = req.headers().get("content-length")?.and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::TooLarge(format!("{what} over {limit} bytes")));
+    }
     Ok(())
+}
+
+/// The landing page of a landing job's row (400 for any other job).
+fn landing_page_of(row: &store::JobRow) -> ApiResult<String> {
+    row.landing_page_id
+        .clone()
+        .filter(|p| row.job_type().is_landing() && !p.is_empty())
+        .ok_or_else(|| ApiError::BadRequest("this job is not a landing job".into()))
+}
+
+/// `PUT /runner/v1/jobs/<id>/bundle?lease_id=`: the session's workspace (a git bundle, raw
+/// bytes, at most `MAX_BUNDLE_BYTES`), kept in R2 per landing page between jobs.
+async fn put_bundle(req: &mut Request, ctx: &Ctx, runner: &RunnerRow, job_id: &str) -> ApiResult {
+    declared_over(req, MAX_BUNDLE_BYTES, "bundle")?;
+    let row = check_lease(req, ctx, runner, job_id).await?;
+    let page = landing_page_of(&row)?;
+    let body = body_bytes(req, MAX_BUNDLE_BYTES, "bundle").await?;
+    if body.is_empty() {
+        return Err(ApiError::BadRequest("the bundle is empty".into()));
+    }
+    let bytes = body.len();
+    env::artifacts(&ctx.env)?.put(preview::bundle_key(&page), body).execute().await?;
+    json(&serde_json::json!({ "stored": true, "bytes": bytes }))
+}
+
+/// `GET /runner/v1/jobs/<id>/bundle?lease_id=`: the session's last bundle, or 404.
+async fn get_bundle(req: &Request, ctx: &Ctx, runner: &RunnerRow, job_id: &str) -> ApiResult {
+    let row = check_lease(req, ctx, runner, job_id).await?;
+    let page = landing_page_of(&row)?;
+    let none = || ApiError::NotFound("no bundle of this session yet".into());
+    let object = env::artifacts(&ctx.env)?.get(preview::bundle_key(&page)).execute().await?.ok_or_else(none)?;
+    let bytes = object.body().ok_or_else(none)?.bytes().await?;
+    let headers = Headers::new();
+    headers.set("content-type", "application/octet-stream")?;
+    Ok(Response::from_bytes(bytes)?.with_headers(headers))
+}
+
+/// `PUT /runner/v1/jobs/<id>/preview?lease_id=`: a [`PreviewBundle`] that replaces the page's
+/// preview: its files written (with their content types), the previous preview's files it lacks
+/// deleted, its manifest kept; answered by [`Published`].
+async fn put_preview(req: &mut Request, ctx: &Ctx, runner: &RunnerRow, job_id: &str) -> ApiResult {
+    declared_over(req, preview::MAX_PREVIEW_BODY_BYTES, "preview")?;
+    let row = check_lease(req, ctx, runner, job_id).await?;
+    let page = landing_page_of(&row)?;
+    let origin = req.url()?.origin().ascii_serialization();
+    let body = body_bytes(req, preview::MAX_PREVIEW_BODY_BYTES, "preview").await?;
+    let bundle: PreviewBundle = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::BadRequest("body must be a preview: {\"files\": [{\"path\", \"content\", \"base64\"}]}".into()))?;
+    drop(body);
+    let files = preview::decode_bundle(bundle).map_err(|(status, m)| match status {
+        413 => ApiError::TooLarge(m),
+        _ => ApiError::BadRequest(m),
+    })?;
+    let bucket = env::artifacts(&ctx.env)?;
+    let old: Vec<String> = match bucket.get(preview::manifest_key(&page)).execute().await? {
+        Some(o) => match o.body() {
+            Some(b) => serde_json::from_slice(&b.bytes().await?).unwrap_or_default(),
+            None => vec![],
+        },
+        None => vec![],
+    };
+    let paths: Vec<String> = files.iter().map(|(p, _)| p.clone()).collect();
+    let mut bytes = 0u64;
+    for (path, content) in files {
+        bytes += content.len() as u64;
+        let meta = HttpMetadata { content_type: Some(content_type(&path).to_string()), ..Default::default() };
+        bucket.put(preview::object_key(&page, &path), content).http_metadata(meta).execute().await?;
+    }
+    // The manifest names the new files before the old ones go: a failure half-way leaves files
+    // no manifest names only until the next publish of a preview that lacks them.
+    let mut known = paths.clone();
+    known.extend(old.iter().filter(|p| !paths.contains(p)).cloned());
+    bucket.put(preview::manifest_key(&page), serde_json::to_vec(&known)?).execute().await?;
+    for path in preview::stale(&old, &paths) {
+        bucket.delete(preview::object_key(&page, path)).await?;
+    }
+    bucket.put(preview::manifest_key(&page), serde_json::to_vec(&paths)?).execute().await?;
+    let base = ctx.env.var("PUBLIC_URL").map(|v| v.to_string()).ok().filter(|v| !v.trim().is_empty()).unwrap_or(origin);
+    json(&Published { preview_url: preview::preview_url(&base, &page), files: paths.len() as u32, bytes })
 }
 
 /// `PUT /runner/v1/jobs/<id>/snapshot?lease_id=`: the workspace's text files, a
