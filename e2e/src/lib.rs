@@ -34,6 +34,7 @@
 pub mod agents;
 pub mod app;
 pub mod bench;
+pub mod landing;
 mod edge;
 mod git;
 mod github;

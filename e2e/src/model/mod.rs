@@ -95,7 +95,11 @@
 //! (the last tool result's text), `answer` (1 for the rule's first answer, 2 for its second…),
 //! `role` (the step's `Kiln role:`), `idea` (the first prompt's first line, ≤ 200 chars: an app
 //! build's idea as its gatherer is first told it), `ticket_id` and `ticket_title` (the values of
-//! the prompt's `Ticket id: …` and `Ticket: …` lines, which every ticket build's prompt carries).
+//! the prompt's `Ticket id: …` and `Ticket: …` lines, which every ticket build's prompt carries),
+//! `product` (what a landing page is titled: the prompts' last `Headline: …`, found anywhere in a
+//! line, else the payload's product name as `"productName": "…"` or a `productName: …` /
+//! `Product name: …` line; `Your product` when none) and `fix_attempt` (the prompt's
+//! `Fix attempt: …` line).
 //!
 //! Recipes:
 //! - retry: `{"error": {"status": 429, "retry_after": 1}, "fail_first": 2, "text": "ok"}`;
@@ -125,6 +129,20 @@
 //! `[demo model] Wrote KILN_DEMO.md for: <prompt> (request N of this conversation)` (with the
 //! prompt's `<promise>…</promise>` repeated, so a demo ralph loop ends), or says the write failed;
 //! anything else (side requests, OpenAI chat, LLM steps) gets a labelled one-line answer.
+//!
+//! Landing pages (seed 001): the `router` answers a fenced `json` block `{"route", "reason"}`:
+//! `clarify` when the prompt holds `CLARIFY_ME` (the reason is the question), `deploy` for
+//! `DEPLOY_ONLY`, `design` when it names `landing_init`, else `code`; the `design_planner` a
+//! dark theme's guidelines (4 colors, 2 typography entries, 3 sections, 2 animations); the
+//! `designer` a short markdown spec titled with `{{product}}`. The `coder` agent run (prompt line
+//! `Landing node: coder`, Claude Code) reads `index.html`, `styles.css` and `script.js` (turn 0:
+//! Claude Code writes over a file only once it has read it), writes the three (turn 1; the page's
+//! `<title>` and `<h1>` are `{{product}}`, so a chat saying `Headline: X` changes the page), then
+//! reports; with `BREAK_BUILD` in the conversation it leaves `styles.css` out, with `ALWAYS_BROKEN`
+//! it also links `ALWAYS_BROKEN.css`, which nobody writes. The `deployment_fixer` (`Landing node:
+//! deployment_fixer`) reads and writes `styles.css`, or, when its conversation names
+//! `ALWAYS_BROKEN` (the check's errors name `ALWAYS_BROKEN.css`), answers that it could not
+//! repair the page and writes nothing.
 //!
 //! # What Claude Code 2.1.328 sends
 //!

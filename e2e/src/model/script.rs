@@ -379,6 +379,15 @@ impl TemplateVars {
                 ("idea", idea),
                 ("ticket_id", c.prompt_field("Ticket id").unwrap_or_default()),
                 ("ticket_title", c.prompt_field("Ticket").unwrap_or_default()),
+                (
+                    "product",
+                    c.landing_product()
+                        .unwrap_or_else(|| "Your product".into()),
+                ),
+                (
+                    "fix_attempt",
+                    c.prompt_field("Fix attempt").unwrap_or_default(),
+                ),
             ],
         }
     }
