@@ -87,6 +87,9 @@ async fn route(req: Request, ctx: &Ctx) -> ApiResult {
             let (who, expires_at_ms) = authenticate_socket(&req, ctx).await?;
             ws::connect(req, ctx, &who, expires_at_ms, job_id).await
         }
+        // Landing pages' previews: public, the page id is unguessable.
+        // `GET|HEAD /preview/<landing_page_id>/<path…>`
+        (Method::Get | Method::Head, ["preview", ..]) => crate::preview::serve(&req, ctx).await,
         _ => {
             let who = authenticate(&req, ctx).await?;
             route_authenticated(req, ctx, &who, method, &segments).await
