@@ -27,6 +27,9 @@ pub struct Config {
     pub password_iterations: u32,
     /// `DELETE /api/jobs/purge/` is allowed (`ALLOW_JOB_PURGE=true`; development only).
     pub allow_job_purge: bool,
+    /// Seconds between keepalive comments of an idle `/v1/jobs/<id>/stream` (`SSE_KEEPALIVE_SECS`,
+    /// default 15).
+    pub sse_keepalive_secs: u64,
 }
 
 fn var(env: &Env, name: &str) -> Option<String> {
@@ -47,6 +50,7 @@ impl Config {
             refresh_ttl_secs: num(env, "REFRESH_TOKEN_TTL_SECS", 30 * 24 * 3600),
             allow_ws_token_query: var(env, "ALLOW_WS_TOKEN_QUERY").is_some_and(|v| v == "true"),
             allow_job_purge: var(env, "ALLOW_JOB_PURGE").is_some_and(|v| v.trim() == "true"),
+            sse_keepalive_secs: num(env, "SSE_KEEPALIVE_SECS", 15),
             limits: Limits {
                 max_concurrent: num(env, "MAX_CONCURRENT_JOBS", 2),
                 max_per_owner: num(env, "MAX_CONCURRENT_JOBS_PER_OWNER", 0),
@@ -86,7 +90,8 @@ pub fn job_room(env: &Env, job_id: &str) -> worker::Result<Stub> {
     namespace(env, "JOB_ROOM")?.id_from_name(job_id)?.get_stub()
 }
 
-/// The R2 bucket of artifacts (binding `ARTIFACTS`): app builds' workspace snapshots.
+/// The R2 bucket of artifacts (binding `ARTIFACTS`): app builds' workspace snapshots, landing
+/// sessions' workspace bundles and previews.
 pub fn artifacts(env: &Env) -> worker::Result<worker::Bucket> {
     env.bucket("ARTIFACTS")
 }

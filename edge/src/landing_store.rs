@@ -289,11 +289,6 @@ pub fn parse_page_patch(body: &Value) -> Result<PagePatch, String> {
     Ok(p)
 }
 
-/// The R2 key of a session's workspace bundle.
-pub fn bundle_key(page_id: &str) -> String {
-    format!("sessions/{page_id}.bundle")
-}
-
 /// The R2 prefix of a page's preview.
 pub fn preview_prefix(page_id: &str) -> String {
     format!("previews/{page_id}/")

@@ -1,12 +1,14 @@
 //! The Worker's routes: one flat table, each face in its own module. Authentication happens here,
 //! once, before any handler runs; so do, for every face, CORS (`CORS_ORIGINS`, preflights
-//! included) and the error envelope (`{"error"}`, plus DRF's `detail` under `/api/`).
+//! included) and the error envelope (`{"error"}`, plus `detail` under `/api/` (DRF) and `/v1/`
+//! (FastAPI)).
 
 mod app_builder;
 mod auth;
 mod clients;
 mod grants;
 mod jobs;
+mod landing;
 mod runner;
 mod ws;
 
@@ -36,9 +38,10 @@ pub async fn handle(req: Request, env: Env) -> worker::Result<Response> {
         return Ok(resp);
     }
     let path = req.path();
-    // The `/api/` face is seed 000's Django REST framework API: its errors also carry `detail`.
-    let drf = path == "/api" || path.starts_with("/api/");
-    let mut resp = route(req, &ctx).await.unwrap_or_else(|e| e.respond(drf));
+    // The `/api/` face is seed 000's Django REST framework API and `/v1/` seed 001's FastAPI one:
+    // their errors also carry `detail`.
+    let with_detail = ["/api", "/v1"].iter().any(|p| path == *p || path.starts_with(&format!("{p}/")));
+    let mut resp = route(req, &ctx).await.unwrap_or_else(|e| e.respond(with_detail));
     // A socket's upgrade answer is not read by CORS (and its headers are the runtime's).
     if resp.status_code() != 101 {
         apply_cors(&mut resp, &ctx.config.cors, origin.as_deref(), false);
@@ -87,6 +90,12 @@ async fn route(req: Request, ctx: &Ctx) -> ApiResult {
             let (who, expires_at_ms) = authenticate_socket(&req, ctx).await?;
             ws::connect(req, ctx, &who, expires_at_ms, job_id).await
         }
+        // `GET /v1/jobs/<id>/stream` (Server-Sent Events): credentials as for sockets (an
+        // EventSource sends no header), and it ends when they expire.
+        (Method::Get, ["v1", "jobs", job_id, "stream"]) => {
+            let (who, expires_at_ms) = authenticate_socket(&req, ctx).await?;
+            landing::jobs::stream(req, ctx, &who, expires_at_ms, job_id).await
+        }
         // Landing pages' previews: public, the page id is unguessable.
         // `GET|HEAD /preview/<landing_page_id>/<path…>`
         (Method::Get | Method::Head, ["preview", ..]) => crate::preview::serve(&req, ctx).await,
@@ -130,6 +139,21 @@ async fn route_authenticated(req: Request, ctx: &Ctx, who: &Principal, method: M
         // `GET /api/tickets/?job_id=` · `GET /api/tickets/<id>/`
         (Method::Get, ["api", "tickets"]) => app_builder::artifacts::list_tickets(req, ctx, who).await,
         (Method::Get, ["api", "tickets", id]) => app_builder::artifacts::get_ticket(ctx, who, id).await,
+        // Seed 001's landing pages (`landing`).
+        // `POST /v1/agent/init` · `POST /v1/agent/chat`
+        (Method::Post, ["v1", "agent", "init"]) => landing::agent::init(req, ctx, who).await,
+        (Method::Post, ["v1", "agent", "chat"]) => landing::agent::chat(req, ctx, who).await,
+        // `GET /v1/jobs` · `GET /v1/jobs/<id>` · `POST /v1/jobs/<id>/cancel`
+        (Method::Get, ["v1", "jobs"]) => landing::jobs::list(req, ctx, who).await,
+        (Method::Get, ["v1", "jobs", id]) => landing::jobs::get(req, ctx, who, id).await,
+        (Method::Post, ["v1", "jobs", id, "cancel"]) => landing::jobs::cancel(ctx, who, id).await,
+        // `GET /v1/landing-pages` · `GET /v1/landing-pages/by-session/<session_id>`
+        (Method::Get, ["v1", "landing-pages"]) => landing::pages::list(req, ctx, who).await,
+        (Method::Get, ["v1", "landing-pages", "by-session", session_id]) => landing::pages::by_session(ctx, who, session_id).await,
+        // `GET|PATCH|DELETE /v1/landing-pages/<id>`
+        (Method::Get, ["v1", "landing-pages", id]) => landing::pages::get(ctx, who, id).await,
+        (Method::Patch, ["v1", "landing-pages", id]) => landing::pages::patch(req, ctx, who, id).await,
+        (Method::Delete, ["v1", "landing-pages", id]) => landing::pages::delete(ctx, who, id).await,
         // `GET /jobs` · `POST /jobs`
         (Method::Get, ["jobs"]) => jobs::list(req, ctx, who).await,
         (Method::Post, ["jobs"]) => jobs::create(req, ctx, who).await,
