@@ -150,6 +150,8 @@ pub fn enqueue_request(row: &JobRow) -> EnqueueRequest {
         // A landing job's page and request; its payload (the page's business_data) is read from
         // D1 at dispatch, so an edit since the enqueue is what runs.
         landing: landing_params(row),
+        // A webhook-started job's issue (`sourceIssue` in its params).
+        source_issue: kiln_schemas::webhooks::IssueRef::from_params(&row.params),
     };
     EnqueueRequest { pending, assignment }
 }

@@ -185,6 +185,10 @@ pub struct Assignment {
     /// session's workspace is a git repository kept as a bundle between jobs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub landing: Option<LandingParams>,
+    /// The GitHub issue (or pull request) a webhook started this job from: the runner comments on
+    /// it with the pull request it opens (issue 12).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_issue: Option<crate::webhooks::IssueRef>,
 }
 
 /// What a landing job (seed 001) starts from.

@@ -180,6 +180,7 @@ pub fn assignment(job_type: JobType, prompt: &str) -> Assignment {
         timeout_seconds: None,
         app: None,
         landing: None,
+        source_issue: None,
     }
 }
 
