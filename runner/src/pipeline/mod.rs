@@ -91,7 +91,9 @@ pub fn system_prompt(role: &str, system: &str) -> String {
     format!("Kiln role: {role}\n{system}")
 }
 
-/// The engine's own time in one LLM call, the model server's latency subtracted.
+/// The engine's own time in one LLM call, the model server's latency subtracted, and the
+/// call's marks on the wall clock (so a subscriber on the same host can measure on to its
+/// socket: `e2e/src/bin/bench_steps.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Overhead {
     /// Step start → first text delta, less the provider's time to its first byte.
@@ -99,14 +101,31 @@ pub struct Overhead {
     /// Last text delta → the step's events handed to the reporter, less the provider's time
     /// from its last text to the end of its stream.
     pub after_last_token_us: u64,
+    /// Microseconds since the Unix epoch: the call's start, its first and last text deltas, and
+    /// the moment its events were handed to the reporter (0: not known).
+    pub started_at_us: u64,
+    pub first_token_at_us: u64,
+    pub last_token_at_us: u64,
+    pub handed_at_us: u64,
+    /// The provider's time to its first byte, and from its last text to its stream's end (what
+    /// the two overheads subtract).
+    pub server_first_byte_us: u64,
+    pub server_tail_us: u64,
 }
 
 impl Overhead {
-    /// How the engine writes it in the step's system line (the benchmark reads it back).
+    /// How the engine writes it in the step's system line (the benchmarks read it back).
     pub fn describe(&self) -> String {
         format!(
-            "engine overhead {} us before the first token, {} us after the last",
-            self.before_first_token_us, self.after_last_token_us
+            "engine overhead {} us before the first token, {} us after the last; at (unix us) start {}, first token {}, last token {}, handed {}; server first byte {} us, tail {} us",
+            self.before_first_token_us,
+            self.after_last_token_us,
+            self.started_at_us,
+            self.first_token_at_us,
+            self.last_token_at_us,
+            self.handed_at_us,
+            self.server_first_byte_us,
+            self.server_tail_us,
         )
     }
 
@@ -115,10 +134,61 @@ impl Overhead {
         let rest = line.split("engine overhead ").nth(1)?;
         let mut nums = rest
             .split(|c: char| !c.is_ascii_digit())
-            .filter(|s| !s.is_empty());
-        Some(Overhead {
-            before_first_token_us: nums.next()?.parse().ok()?,
-            after_last_token_us: nums.next()?.parse().ok()?,
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse::<u64>().ok());
+        let mut o = Overhead {
+            before_first_token_us: nums.next()??,
+            after_last_token_us: nums.next()??,
+            ..Default::default()
+        };
+        if rest.contains("; at (unix us) start ") {
+            for field in [
+                &mut o.started_at_us,
+                &mut o.first_token_at_us,
+                &mut o.last_token_at_us,
+                &mut o.handed_at_us,
+                &mut o.server_first_byte_us,
+                &mut o.server_tail_us,
+            ] {
+                *field = nums.next()??;
+            }
+        }
+        Some(o)
+    }
+}
+
+/// What one LLM step's calls cost, every answer it asked for summed (a kind puts it in the
+/// step's own events: seed 001's nodes carry it in their data).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepCost {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// `None` when a model of the step has no price.
+    pub cost_usd: Option<f64>,
+    /// The model that answered last.
+    pub model: String,
+}
+
+impl StepCost {
+    fn add(&mut self, u: &StepUsage) {
+        let first = self.model.is_empty() && self.input_tokens == 0 && self.output_tokens == 0;
+        self.input_tokens += u.input_tokens;
+        self.output_tokens += u.output_tokens;
+        self.cost_usd = match (first, self.cost_usd, u.cost_usd) {
+            (true, _, c) => c,
+            (false, Some(a), Some(b)) => Some(a + b),
+            _ => None,
+        };
+        self.model = u.model.clone();
+    }
+
+    /// `{input_tokens, output_tokens, cost_usd, model}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cost_usd": self.cost_usd,
+            "model": self.model,
         })
     }
 }
@@ -406,7 +476,8 @@ impl Pipeline {
 /// The engine's time in a call: `started` (the step's call began) to the first delta less the
 /// provider's time to its first byte, and the last delta to `handed` less the provider's time
 /// from its last text to its stream's end. Microseconds of the client's marks are since its
-/// own start, which follows `started` by the few instructions between them.
+/// own start, which follows `started` by the few instructions between them. The marks go on
+/// the wall clock through one reading of it taken now.
 fn overhead(
     u: &StepUsage,
     started: Instant,
@@ -415,13 +486,16 @@ fn overhead(
     handed: Instant,
 ) -> Overhead {
     let tm = &u.timing;
+    let server_first_byte = tm
+        .first_byte_us
+        .unwrap_or(tm.headers_us)
+        .saturating_sub(tm.request_us);
+    let server_tail = tm
+        .done_us
+        .saturating_sub(tm.last_token_us.unwrap_or(tm.done_us));
     let before = first.map_or(0, |f| {
         let seen = f.duration_since(started).as_micros() as u64;
-        let server = tm
-            .first_byte_us
-            .unwrap_or(tm.headers_us)
-            .saturating_sub(tm.request_us);
-        seen.saturating_sub(server)
+        seen.saturating_sub(server_first_byte)
     });
     let after = last.map_or(0, |l| {
         let seen = handed.duration_since(l).as_micros() as u64;
@@ -433,6 +507,12 @@ fn overhead(
     Overhead {
         before_first_token_us: before,
         after_last_token_us: after,
+        started_at_us: at(started),
+        first_token_at_us: first.map_or(0, at),
+        last_token_at_us: last.map_or(0, at),
+        handed_at_us: at(handed),
+        server_first_byte_us: server_first_byte,
+        server_tail_us: server_tail,
     }
 }
 
@@ -445,6 +525,12 @@ mod tests {
         let o = Overhead {
             before_first_token_us: 412,
             after_last_token_us: 37,
+            started_at_us: 1_780_000_000_000_001,
+            first_token_at_us: 1_780_000_000_020_413,
+            last_token_at_us: 1_780_000_000_041_000,
+            handed_at_us: 1_780_000_000_041_040,
+            server_first_byte_us: 20_000,
+            server_tail_us: 3,
         };
         let line = format!(
             "LLM ceo: a/b answered as b, 1 in / 2 out tokens, 3 ms, 1 attempt(s); {}",
@@ -452,6 +538,22 @@ mod tests {
         );
         assert_eq!(Overhead::parse(&line), Some(o));
         assert_eq!(Overhead::parse("LLM ceo: no overhead here"), None);
+        let short = Overhead {
+            before_first_token_us: 412,
+            after_last_token_us: 37,
+            ..Default::default()
+        };
+        assert_eq!(
+            Overhead::parse(
+                "LLM ceo: x; engine overhead 412 us before the first token, 37 us after the last"
+            ),
+            Some(short)
+        );
+        assert_eq!(
+            Overhead::parse("LLM ceo: x; engine overhead 412 us before the first token, 37 us after the last; at (unix us) start 5"),
+            None,
+            "a cut line"
+        );
     }
 
     #[test]
