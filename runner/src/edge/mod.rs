@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
 use kiln_schemas::app::WorkspaceSnapshot;
+use kiln_schemas::landing::{PreviewBundle, Published, MAX_BUNDLE_BYTES, MAX_PREVIEW_BYTES};
 use kiln_schemas::runner::{
     BatchAck, EventBatch, RegisterRunnerRequest, RegisterRunnerResponse, MAX_SNAPSHOT_BYTES,
 };
@@ -16,7 +17,7 @@ use url::Url;
 use crate::backoff::Backoff;
 use crate::state::{SavedRegistration, StateDir};
 
-/// Attempts of a snapshot upload or download before its transient errors are given up on.
+/// Attempts of a snapshot, bundle or preview upload or download before its transient errors are given up on.
 const SNAPSHOT_ATTEMPTS: u32 = 6;
 
 #[derive(Debug, thiserror::Error)]
@@ -210,13 +211,110 @@ impl EdgeClient {
     }
 
     fn snapshot_url(&self, job_id: &str, lease_id: &str) -> Url {
+        self.job_url(job_id, "snapshot", lease_id)
+    }
+
+    /// `/runner/v1/jobs/{job_id}/{what}?lease_id=`.
+    fn job_url(&self, job_id: &str, what: &str, lease_id: &str) -> Url {
         let mut url = endpoint(&self.base, "/runner/v1/jobs");
         url.path_segments_mut()
             .expect("http URLs have paths")
             .push(job_id)
-            .push("snapshot");
+            .push(what);
         url.query_pairs_mut().append_pair("lease_id", lease_id);
         url
+    }
+
+    /// `GET /runner/v1/jobs/{job_id}/bundle?lease_id=`: the landing session's workspace as a git
+    /// bundle, `None` when the session has none yet (404). Transient failures are retried.
+    pub async fn get_bundle(
+        &self,
+        job_id: &str,
+        lease_id: &str,
+    ) -> Result<Option<Vec<u8>>, EdgeError> {
+        let url = self.job_url(job_id, "bundle", lease_id);
+        retry_transient(|| async {
+            let res = self
+                .http
+                .get(url.clone())
+                .bearer_auth(self.token())
+                .timeout(Duration::from_secs(120))
+                .send()
+                .await;
+            let res = match check_status(&url, res).await {
+                Ok(res) => res,
+                Err(EdgeError::Status { status: 404, .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let http = |source| EdgeError::Http {
+                url: url.to_string(),
+                source,
+            };
+            let bytes = res.bytes().await.map_err(http)?;
+            if bytes.len() > MAX_BUNDLE_BYTES {
+                return Err(too_big(&url, "bundle", bytes.len(), MAX_BUNDLE_BYTES));
+            }
+            Ok(Some(bytes.to_vec()))
+        })
+        .await
+    }
+
+    /// `PUT /runner/v1/jobs/{job_id}/bundle?lease_id=`: keeps the session's workspace (a git
+    /// bundle of at most `MAX_BUNDLE_BYTES`) for its next job. Transient failures are retried.
+    pub async fn put_bundle(
+        &self,
+        job_id: &str,
+        lease_id: &str,
+        bundle: Vec<u8>,
+    ) -> Result<(), EdgeError> {
+        let url = self.job_url(job_id, "bundle", lease_id);
+        if bundle.len() > MAX_BUNDLE_BYTES {
+            return Err(too_big(&url, "bundle", bundle.len(), MAX_BUNDLE_BYTES));
+        }
+        let body = bundle;
+        retry_transient(|| async {
+            let res = self
+                .http
+                .put(url.clone())
+                .bearer_auth(self.token())
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .timeout(Duration::from_secs(120))
+                .body(body.clone())
+                .send()
+                .await;
+            check_status(&url, res).await.map(|_| ())
+        })
+        .await
+    }
+
+    /// `PUT /runner/v1/jobs/{job_id}/preview?lease_id=`: publishes the landing page's files,
+    /// replacing its preview; answers where it is served. Files over `MAX_PREVIEW_BYTES` in all
+    /// are refused here. Transient failures are retried.
+    pub async fn put_preview(
+        &self,
+        job_id: &str,
+        lease_id: &str,
+        preview: &PreviewBundle,
+    ) -> Result<Published, EdgeError> {
+        let url = self.job_url(job_id, "preview", lease_id);
+        let bytes: usize = preview.files.iter().map(|f| f.content.len()).sum();
+        if bytes > MAX_PREVIEW_BYTES {
+            return Err(too_big(&url, "preview", bytes, MAX_PREVIEW_BYTES));
+        }
+        let body = serde_json::to_vec(preview).expect("a preview serializes");
+        retry_transient(|| async {
+            let res = self
+                .http
+                .put(url.clone())
+                .bearer_auth(self.token())
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .timeout(Duration::from_secs(120))
+                .body(body.clone())
+                .send()
+                .await;
+            read_json::<Published>(&url, Ok(check_status(&url, res).await?)).await
+        })
+        .await
     }
 
     /// `PUT /runner/v1/jobs/{job_id}/snapshot?lease_id=`: keeps the workspace's text files in
@@ -288,6 +386,15 @@ impl EdgeClient {
     }
 }
 
+/// A body over its limit, refused before it is sent (or kept).
+fn too_big(url: &Url, what: &str, len: usize, max: usize) -> EdgeError {
+    EdgeError::Status {
+        url: url.to_string(),
+        status: 413,
+        body: format!("the {what} is {len} bytes; at most {max} are allowed"),
+    }
+}
+
 /// The response when its status is a success, else [`EdgeError::Status`] with its body's start.
 async fn check_status(
     url: &Url,
@@ -324,7 +431,7 @@ where
         match attempt().await {
             Err(e) if e.is_transient() && tries < SNAPSHOT_ATTEMPTS => {
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "snapshot request failed; retrying");
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "a snapshot, bundle or preview request failed; retrying");
                 tokio::time::sleep(delay).await;
             }
             other => return other,

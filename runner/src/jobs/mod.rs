@@ -3,6 +3,7 @@
 
 mod app_build;
 mod code;
+mod landing;
 mod ralph;
 mod run;
 mod task;
@@ -240,7 +241,10 @@ impl Supervisor {
             (&control, entry.job_type),
             (JobControl::Deliver(_) | JobControl::Complete, JobType::Task)
                 | (JobControl::Stop, JobType::Ralph)
-                | (JobControl::Pause | JobControl::Resume, JobType::AppBuild)
+                | (
+                    JobControl::Pause | JobControl::Resume,
+                    JobType::AppBuild | JobType::LandingInit | JobType::LandingChat
+                )
         );
         if !fits {
             tracing::warn!(

@@ -291,6 +291,9 @@ impl JobRun {
         if a.job_type == JobType::AppBuild {
             return super::app_build::run(self, controls).await;
         }
+        if matches!(a.job_type, JobType::LandingInit | JobType::LandingChat) {
+            return super::landing::run(self, controls).await;
+        }
         let repo = match RepoRef::new(&a.github_org, &a.github_repo) {
             Ok(r) => r,
             Err(e) => return failed(e.to_string()),
@@ -334,8 +337,9 @@ impl JobRun {
                 JobType::Code => this.run_code().await,
                 JobType::Task => this.run_task(controls).await,
                 JobType::Ralph => this.run_ralph(controls).await,
-                JobType::LandingInit | JobType::LandingChat => failed("This runner does not build landing pages yet"),
-                JobType::AppBuild => unreachable!("app builds are run before the worktree"),
+                JobType::AppBuild | JobType::LandingInit | JobType::LandingChat => {
+                    unreachable!("pipeline kinds are run before the worktree")
+                }
             }
         };
         // Handlers check the worktree after every command; this catches one that grows it while

@@ -19,12 +19,16 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
+use kiln_schemas::events::LogStream;
 use kiln_schemas::runner::{RunnerEvent, UsageReport};
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use crate::config::AgentFormat;
+use crate::executor::ExecSpec;
 use crate::jobs::{CancelToken, CommandResult, JobControl, JobRun};
 use crate::llm::{Budget, ChatRequest, LlmClient, LlmError, Message, Meter, StepUsage, TextEvent};
+use crate::output::OutputCollector;
 use crate::reporter::EventSink;
 
 /// Why a step could not give its kind what it needed.
@@ -204,6 +208,8 @@ pub struct Pipeline {
     paused: bool,
     steps: u32,
     overheads: Vec<Overhead>,
+    /// The last LLM step's cost so far.
+    step_cost: StepCost,
 }
 
 impl Pipeline {
@@ -224,6 +230,7 @@ impl Pipeline {
             paused,
             steps: 0,
             overheads: Vec::new(),
+            step_cost: StepCost::default(),
         }
     }
 
@@ -234,6 +241,11 @@ impl Pipeline {
     /// Every LLM call's overhead so far, in order.
     pub fn overheads(&self) -> &[Overhead] {
         &self.overheads
+    }
+
+    /// What the last LLM step cost (all its answers; a failed step's too).
+    pub fn last_step_cost(&self) -> &StepCost {
+        &self.step_cost
     }
 
     /// Hands an event to the reporter.
@@ -324,6 +336,7 @@ impl Pipeline {
             .begin(&format!("LLM, role {}", step.role), &step.name)
             .await;
         let t = Instant::now();
+        self.step_cost = StepCost::default();
         let mut messages = step.messages.clone();
         let mut last_reason = String::new();
         for attempt in 1..=step.attempts.max(1) {
@@ -401,7 +414,8 @@ impl Pipeline {
         Err(StepError::Failed(reason))
     }
 
-    fn report_usage(&self, role: &str, u: &StepUsage, overhead: Option<Overhead>) {
+    fn report_usage(&mut self, role: &str, u: &StepUsage, overhead: Option<Overhead>) {
+        self.step_cost.add(u);
         let cost = u.cost_usd.map(|c| format!(", ${c:.4}")).unwrap_or_default();
         let first = u
             .first_token_ms
@@ -463,6 +477,65 @@ impl Pipeline {
         let n = self.begin("command", name).await;
         let t = Instant::now();
         let r = job.run_command(command, iteration, None).await;
+        let outcome = if r.succeeded() {
+            "done".to_string()
+        } else {
+            r.failure("the command")
+        };
+        self.end(n, name, t, &outcome);
+        r
+    }
+}
+
+impl Pipeline {
+    /// Runs a command in the job's sandbox like [`Pipeline::command`], handing each line of its
+    /// stdout to `observe` as well as to the job's log (a kind that reads a check's findings).
+    pub(crate) async fn command_observed(
+        &mut self,
+        job: &JobRun,
+        name: &str,
+        command: &str,
+        iteration: u32,
+        mut observe: impl FnMut(&str),
+    ) -> CommandResult {
+        let n = self.begin("command", name).await;
+        let t = Instant::now();
+        let r = match job
+            .start(ExecSpec::new(command, job.job_id(), iteration))
+            .await
+        {
+            Err(e) => CommandResult::not_run(e.to_string()),
+            Ok(mut exec) => {
+                let mut collector = OutputCollector::new(AgentFormat::Text, None);
+                let mut pass = |events: Vec<RunnerEvent>, sink: &EventSink| {
+                    for ev in events {
+                        if let RunnerEvent::Log {
+                            stream: LogStream::Stdout,
+                            content,
+                        } = &ev
+                        {
+                            observe(content);
+                        }
+                        sink.push(ev);
+                    }
+                };
+                while let Some(chunk) = exec.output.recv().await {
+                    pass(collector.feed(&chunk), &self.sink);
+                }
+                pass(collector.finish(), &self.sink);
+                let (exit_code, error) = match exec.exit_code().await {
+                    Ok(code) => (Some(code), None),
+                    Err(e) => (None, Some(e.to_string())),
+                };
+                CommandResult {
+                    exit_code,
+                    error,
+                    summary: collector.summary(),
+                    promise_detected: false,
+                    session_id: None,
+                }
+            }
+        };
         let outcome = if r.succeeded() {
             "done".to_string()
         } else {
