@@ -10,6 +10,7 @@ pub mod preview;
 pub mod landing_store;
 pub mod queue_core;
 pub mod rate_limit;
+pub mod sealed;
 pub mod time;
 
 #[cfg(target_arch = "wasm32")]

@@ -6,6 +6,7 @@ use kiln_schemas::jobs::{
     QueueCounts, QueueView, RetryResponse,
 };
 use kiln_schemas::status::{JobStatus, JobType};
+use kiln_schemas::webhooks::IssueRef;
 use worker::{Method, Request};
 
 use super::{grants, Ctx};
@@ -158,8 +159,16 @@ async fn resolve_target(ctx: &Ctx, who: &Principal, job: &NewJob) -> ApiResult<T
     }
 }
 
-/// Stores a validated job, opens its room and queues it.
-async fn submit(ctx: &Ctx, who: &Principal, job: NewJob, original_job_id: Option<String>, branch_override: Option<String>) -> ApiResult<(JobRow, u32)> {
+/// Stores a validated job, opens its room and queues it (`POST /jobs`, retries, and jobs that
+/// webhooks start, which carry the GitHub issue they came from).
+pub(crate) async fn submit(
+    ctx: &Ctx,
+    who: &Principal,
+    job: NewJob,
+    original_job_id: Option<String>,
+    branch_override: Option<String>,
+    source_issue: Option<&IssueRef>,
+) -> ApiResult<(JobRow, u32)> {
     let Target { github_org, github_repo, client_id, repository_id, base_branch, default_branch } =
         resolve_target(ctx, who, &job).await?;
     // Checked before anything is stored: the repository must be granted to the caller, and the
@@ -172,10 +181,13 @@ async fn submit(ctx: &Ctx, who: &Principal, job: NewJob, original_job_id: Option
         .or(job.branch_name.clone())
         .unwrap_or_else(|| generated_branch(job.job_type, &id));
     ctx.config.protected_branches.check(&branch_name, default_branch.as_deref()).map_err(ApiError::BadRequest)?;
-    let params = match job.timeout_seconds {
+    let mut params = match job.timeout_seconds {
         Some(t) => serde_json::json!({ "ralph": job.ralph, "timeoutSeconds": t }),
         None => serde_json::json!({ "ralph": job.ralph }),
     };
+    if let Some(issue) = source_issue {
+        params["sourceIssue"] = serde_json::to_value(issue)?;
+    }
     let row = JobRow {
         id: id.clone(),
         owner: who.owner().to_string(),
@@ -249,7 +261,7 @@ async fn submit(ctx: &Ctx, who: &Principal, job: NewJob, original_job_id: Option
 pub async fn create(mut req: Request, ctx: &Ctx, who: &Principal) -> ApiResult {
     let body = body_json(&mut req).await?;
     let job = NewJob::parse(&body).map_err(ApiError::BadRequest)?;
-    let (row, position) = submit(ctx, who, job.clone(), None, None).await?;
+    let (row, position) = submit(ctx, who, job.clone(), None, None, None).await?;
     let ralph = job.ralph;
     Ok(json_status(
         &CreateJobResponse {
@@ -313,7 +325,9 @@ pub async fn retry(ctx: &Ctx, who: &Principal, id: &str) -> ApiResult {
         timeout_seconds: row.timeout_seconds(),
     };
     let branch = format!("{}-retry-{}", row.branch_name, now_ms());
-    let (new_row, position) = submit(ctx, who, job, Some(row.id.clone()), Some(branch)).await?;
+    // A retry of a webhook's job still answers its issue.
+    let issue = IssueRef::from_params(&row.params);
+    let (new_row, position) = submit(ctx, who, job, Some(row.id.clone()), Some(branch), issue.as_ref()).await?;
     // The original's channel says where its work went (its status itself does not change).
     let room = env::job_room(&ctx.env, id)?;
     let note = EventBody::JobStatus {

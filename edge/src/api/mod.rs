@@ -10,6 +10,7 @@ mod grants;
 mod jobs;
 mod landing;
 mod runner;
+mod webhooks;
 mod ws;
 
 use worker::{Env, Method, Request, Response};
@@ -82,6 +83,10 @@ async fn route(req: Request, ctx: &Ctx) -> ApiResult {
         (Method::Post, ["api", "auth", "refresh"] | ["api", "auth", "token", "refresh"]) => auth::refresh(req, ctx).await,
         // `POST /api/auth/logout/` (the refresh token is the credential)
         (Method::Post, ["api", "auth", "logout"]) => auth::logout(req, ctx).await,
+        // Inbound webhooks: the signature is the credential.
+        // `POST /webhooks/github/<id>` · `POST /webhooks/generic/<id>`
+        (Method::Post, ["webhooks", "github", id]) => webhooks::github(req, ctx, id).await,
+        (Method::Post, ["webhooks", "generic", id]) => webhooks::generic(req, ctx, id).await,
         // Runner protocol: its own credentials.
         (_, ["runner", "v1", rest @ ..]) => runner::route(req, ctx, method, rest).await,
         // The live channel: header or (dev) query token.
@@ -183,6 +188,12 @@ async fn route_authenticated(req: Request, ctx: &Ctx, who: &Principal, method: M
         (Method::Get, ["grants"]) => grants::list(req, ctx, who).await,
         (Method::Post, ["grants"]) => grants::create(req, ctx, who).await,
         (Method::Delete, ["grants", id]) => grants::delete(ctx, who, id).await,
+        // Inbound webhooks: `GET|POST /webhooks` · `GET|DELETE /webhooks/:id` · `POST /webhooks/:id/rotate-secret`
+        (Method::Get, ["webhooks"]) => webhooks::list(ctx, who).await,
+        (Method::Post, ["webhooks"]) => webhooks::create(req, ctx, who).await,
+        (Method::Get, ["webhooks", id]) => webhooks::get(ctx, who, id).await,
+        (Method::Delete, ["webhooks", id]) => webhooks::delete(ctx, who, id).await,
+        (Method::Post, ["webhooks", id, "rotate-secret"]) => webhooks::rotate(ctx, who, id).await,
         _ => Err(ApiError::NotFound("no such endpoint".into())),
     }
 }
