@@ -610,6 +610,8 @@ impl Landing<'_> {
 
     /// `design_planner` then `designer`.
     async fn design(&self, p: &mut Pipeline) -> Result<(), End> {
+        // A paused job stops before it announces the next node.
+        p.checkpoint("design_planner").await;
         node(
             p,
             "design_planner",
@@ -651,6 +653,8 @@ impl Landing<'_> {
             data,
         );
 
+        // A paused job stops before it announces the next node.
+        p.checkpoint("designer").await;
         node(
             p,
             "designer",
@@ -738,6 +742,8 @@ impl Landing<'_> {
     async fn code(&self, p: &mut Pipeline) -> Result<(), End> {
         let spec = self.read(SPEC_FILE).await;
         let guidelines = self.read(GUIDELINES_FILE).await;
+        // A paused job stops before it announces the next node.
+        p.checkpoint("coder").await;
         node(
             p,
             "coder",
@@ -779,6 +785,8 @@ impl Landing<'_> {
 
     /// `build_check`: the script in the sandbox; the errors it found (none: it passed).
     async fn check(&self, p: &mut Pipeline, iteration: u32) -> Vec<String> {
+        // A paused job stops before it announces the next node.
+        p.checkpoint("build_check").await;
         node(
             p,
             "build_check",
@@ -821,6 +829,8 @@ impl Landing<'_> {
 
     /// `deployment_fixer`: one attempt (an agent run with the errors).
     async fn fix(&self, p: &mut Pipeline, attempt: u32, iteration: u32, errors: &[String]) {
+        // A paused job stops before it announces the next node.
+        p.checkpoint("deployment_fixer").await;
         node(
             p,
             "deployment_fixer",

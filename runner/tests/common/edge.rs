@@ -16,6 +16,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{SinkExt, StreamExt};
 use kiln_schemas::app::WorkspaceSnapshot;
+use kiln_schemas::landing::{PreviewBundle, Published};
 use kiln_schemas::runner::{
     Assignment, BatchAck, EdgeMessage, EventBatch, RegisterRunnerRequest, RegisterRunnerResponse,
     RunnerEvent, RunnerMessage,
@@ -54,6 +55,15 @@ struct EdgeState {
     /// App builds' workspace snapshots by job, and every PUT of one: (job, lease, files).
     snapshots: Mutex<HashMap<String, WorkspaceSnapshot>>,
     snapshot_puts: Mutex<Vec<(String, String, usize)>>,
+    /// Landing jobs' pages (from their assignments), the sessions' bundles and the pages'
+    /// previews by landing page, and every PUT of either: (job, lease).
+    pages: Mutex<HashMap<String, String>>,
+    bundles: Mutex<HashMap<String, Vec<u8>>>,
+    bundle_puts: Mutex<Vec<(String, String)>>,
+    previews: Mutex<HashMap<String, PreviewBundle>>,
+    preview_puts: Mutex<Vec<(String, String)>>,
+    /// The edge's own URL (previews are served under it).
+    url: Mutex<String>,
 }
 
 #[derive(Clone)]
@@ -276,6 +286,99 @@ async fn get_snapshot(
     }
 }
 
+/// The landing page of a job's assignment, or the answer refusing the request: 401, 400
+/// without a lease, 409 for an invalidated lease, 404 for a job that is no landing job.
+fn landing_page(
+    s: &EdgeState,
+    headers: &HeaderMap,
+    job_id: &str,
+    q: &LeaseQuery,
+) -> Result<String, Response> {
+    if !authorized(s, headers) {
+        return Err(StatusCode::UNAUTHORIZED.into_response());
+    }
+    let refuse =
+        |status, error: &str| (status, Json(serde_json::json!({ "error": error }))).into_response();
+    if q.lease_id.is_none() {
+        return Err(refuse(StatusCode::BAD_REQUEST, "lease_id is required"));
+    }
+    if s.invalid.lock().unwrap().contains(job_id) {
+        return Err(refuse(StatusCode::CONFLICT, "lease no longer valid"));
+    }
+    s.pages
+        .lock()
+        .unwrap()
+        .get(job_id)
+        .cloned()
+        .ok_or_else(|| refuse(StatusCode::NOT_FOUND, "not a landing job"))
+}
+
+/// `GET /runner/v1/jobs/{job_id}/bundle?lease_id=`: the session's bundle (404: none yet).
+async fn get_bundle(
+    State(s): State<Arc<EdgeState>>,
+    headers: HeaderMap,
+    Path(job_id): Path<String>,
+    Query(q): Query<LeaseQuery>,
+) -> Response {
+    let page = match landing_page(&s, &headers, &job_id, &q) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    match s.bundles.lock().unwrap().get(&page) {
+        Some(b) => b.clone().into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"error": "no bundle"})),
+        )
+            .into_response(),
+    }
+}
+
+/// `PUT /runner/v1/jobs/{job_id}/bundle?lease_id=`: keeps the session's bundle.
+async fn put_bundle(
+    State(s): State<Arc<EdgeState>>,
+    headers: HeaderMap,
+    Path(job_id): Path<String>,
+    Query(q): Query<LeaseQuery>,
+    body: axum::body::Bytes,
+) -> Response {
+    let page = match landing_page(&s, &headers, &job_id, &q) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    s.bundle_puts
+        .lock()
+        .unwrap()
+        .push((job_id, q.lease_id.unwrap_or_default()));
+    s.bundles.lock().unwrap().insert(page, body.to_vec());
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// `PUT /runner/v1/jobs/{job_id}/preview?lease_id=`: replaces the page's preview.
+async fn put_preview(
+    State(s): State<Arc<EdgeState>>,
+    headers: HeaderMap,
+    Path(job_id): Path<String>,
+    Query(q): Query<LeaseQuery>,
+    Json(preview): Json<PreviewBundle>,
+) -> Response {
+    let page = match landing_page(&s, &headers, &job_id, &q) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    s.preview_puts
+        .lock()
+        .unwrap()
+        .push((job_id, q.lease_id.unwrap_or_default()));
+    let published = Published {
+        preview_url: format!("{}/preview/{page}/", s.url.lock().unwrap()),
+        files: preview.files.len() as u32,
+        bytes: preview.files.iter().map(|f| f.content.len() as u64).sum(),
+    };
+    s.previews.lock().unwrap().insert(page, preview);
+    Json(published).into_response()
+}
+
 fn store(s: &EdgeState, job_id: &str, batch: &EventBatch) -> (u32, u32) {
     s.batches
         .lock()
@@ -315,9 +418,18 @@ impl FakeEdge {
                 "/runner/v1/jobs/{job_id}/snapshot",
                 get(get_snapshot).put(put_snapshot),
             )
+            .route(
+                "/runner/v1/jobs/{job_id}/bundle",
+                get(get_bundle).put(put_bundle),
+            )
+            .route(
+                "/runner/v1/jobs/{job_id}/preview",
+                axum::routing::put(put_preview),
+            )
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
+        *state.url.lock().unwrap() = url.clone();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         FakeEdge { url, state }
     }
@@ -340,6 +452,13 @@ impl FakeEdge {
     }
 
     pub async fn assign(&self, assignment: Assignment) {
+        if let Some(l) = &assignment.landing {
+            self.state
+                .pages
+                .lock()
+                .unwrap()
+                .insert(assignment.job_id.clone(), l.landing_page_id.clone());
+        }
         self.send(EdgeMessage::Assign { assignment }).await;
     }
 
@@ -386,6 +505,34 @@ impl FakeEdge {
             .iter()
             .filter(|(j, _, _)| j == job_id)
             .map(|(_, l, n)| (l.clone(), *n))
+            .collect()
+    }
+
+    /// A landing session's bundle, by landing page.
+    pub fn bundle(&self, page: &str) -> Option<Vec<u8>> {
+        self.state.bundles.lock().unwrap().get(page).cloned()
+    }
+
+    /// Every bundle PUT of the job: its lease.
+    pub fn bundle_puts(&self, job_id: &str) -> Vec<String> {
+        let puts = self.state.bundle_puts.lock().unwrap();
+        puts.iter()
+            .filter(|(j, _)| j == job_id)
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
+    /// A landing page's preview as last published.
+    pub fn preview(&self, page: &str) -> Option<PreviewBundle> {
+        self.state.previews.lock().unwrap().get(page).cloned()
+    }
+
+    /// Every preview PUT of the job: its lease.
+    pub fn preview_puts(&self, job_id: &str) -> Vec<String> {
+        let puts = self.state.preview_puts.lock().unwrap();
+        puts.iter()
+            .filter(|(j, _)| j == job_id)
+            .map(|(_, l)| l.clone())
             .collect()
     }
 

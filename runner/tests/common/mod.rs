@@ -210,6 +210,8 @@ pub struct RunnerOptions {
     pub dirs: Option<TempDir>,
     /// `[llm]`: providers, roles, prices, retries, the per-job budget [default: none].
     pub llm: kiln_runner::llm::LlmConfig,
+    /// `RUNNER_AGENT_CMD` [default: `tests/agents/agent.sh`].
+    pub agent_command: Option<String>,
 }
 
 impl Default for RunnerOptions {
@@ -231,6 +233,7 @@ impl Default for RunnerOptions {
             resources: Resources::default(),
             dirs: None,
             llm: Default::default(),
+            agent_command: None,
         }
     }
 }
@@ -282,7 +285,9 @@ impl TestRunner {
             executor: Some(opts.executor),
             image: "kiln-busybox:latest".into(),
             agent: AgentProfile {
-                command: agent_cmd(opts.executor),
+                command: opts
+                    .agent_command
+                    .unwrap_or_else(|| agent_cmd(opts.executor)),
                 format: opts.format,
                 env: opts.agent_env,
                 demo_model: false,

@@ -1,0 +1,755 @@
+//! Landing pages (seed 001) through a whole runner: the fake edge assigns `landing_init` and
+//! `landing_chat` jobs and keeps the session's bundle and the page's preview, the LLM nodes
+//! (router, design_planner, designer) talk to the real scripted model server
+//! (`kiln_e2e::model`), and the coder and deployment_fixer are agent runs of the `text` profile
+//! under the process executor: a test-local sh script that writes the page as a coding agent
+//! would (the prompt's `Landing node:` line picks its part; `BREAK_BUILD` in the request makes the
+//! coder leave out styles.css, which the fixer then writes, unless the request also says
+//! `ALWAYS_BROKEN`). The text profile is used because what is under test is the runner's graph,
+//! git and the real build check in the sandbox, not an agent CLI's tool loop (the e2e tests drive
+//! Claude Code against the demo script for that). Checked: the node events in order with their
+//! data, the files written, the preview published, the bundle kept with one commit per job and a
+//! chat job refining the page init made; a broken build repaired; a build never repaired failing
+//! after MAX_FIX_ATTEMPTS with nothing published; clarify; deploy; cancel; pause and resume.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{
+    assert_started_and_finished, assignment, finished, searchable, RunnerOptions, TestRunner,
+};
+use kiln_e2e::model::{ModelServer, Script};
+use kiln_runner::llm::{Api, ApiKey, LlmConfig, ModelRef, Provider, RetryPolicy};
+use kiln_schemas::landing::{PreviewBundle, MAX_FIX_ATTEMPTS};
+use kiln_schemas::runner::{Assignment, EdgeMessage, LandingParams, Outcome, RunnerEvent};
+use kiln_schemas::status::JobType;
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+/// The coder and the fixer: a coding agent's work, scripted.
+const AGENT: &str = r##"#!/bin/sh
+prompt=$(cat)
+node=$(printf '%s\n' "$prompt" | sed -n 's/^Landing node: //p' | head -n 1)
+request=$(printf '%s\n' "$prompt" | grep -m 1 -E "^(The user's request: |Build a new landing page)")
+echo "landing agent: $node"
+case "$prompt" in *"# Design spec"*) echo "landing agent: the design spec is in the prompt" ;; esac
+case "$node" in
+coder)
+  case "$prompt" in
+    *BREAK_BUILD*) rm -f styles.css ;;
+    *) printf 'body { font-family: sans-serif; }\n' > styles.css ;;
+  esac
+  printf 'document.documentElement.dataset.ready = "1";\n' > script.js
+  cat > index.html <<EOF
+<!doctype html>
+<html><head><title>Aurora</title><link rel="stylesheet" href="styles.css"></head>
+<body><h1>Aurora</h1><p>$request</p><script src="script.js"></script></body></html>
+EOF
+  ;;
+deployment_fixer)
+  attempt=$(printf '%s\n' "$prompt" | sed -n 's/^Fix attempt: //p')
+  echo "landing agent: fix attempt $attempt"
+  case "$prompt" in
+    *ALWAYS_BROKEN*) echo "landing agent: cannot fix it" ;;
+    *) printf 'body { color: black; }\n' > styles.css ;;
+  esac ;;
+*) echo "landing agent: no node in the prompt" >&2; exit 1 ;;
+esac
+"##;
+
+const GUIDELINES: &str = r##"Here are the guidelines.
+```json
+{"theme": "dark",
+ "colors": [{"name": "primary", "hex": "#7C3AED"}, {"name": "accent", "hex": "#FDE68A"}, {"name": "neutral", "hex": "#111827"}],
+ "typography": [{"role": "heading", "font": "General Sans"}, {"role": "body", "font": "Inter"}],
+ "sections": [{"id": "hero"}, {"id": "features"}, {"id": "pricing"}, {"id": "cta"}],
+ "animations": [{"name": "fade-in"}, {"name": "scroll-reveal"}]}
+```"##;
+
+fn route(route: &str, reason: &str) -> String {
+    format!(
+        "```json\n{}\n```",
+        json!({"route": route, "reason": reason})
+    )
+}
+
+fn script() -> Value {
+    json!({"rules": [
+        {"when": {"role": "router", "prompt": "which one"}, "text": route("clarify", "Which section should change: the hero or the pricing?")},
+        {"when": {"role": "router", "prompt": "DEPLOY_ONLY"}, "text": route("deploy", "publish as it is")},
+        {"when": {"role": "router", "prompt": "Job: init"}, "text": route("design", "a new page")},
+        {"when": {"role": "router"}, "text": route("code", "a change within the design")},
+        {"when": {"role": "design_planner"}, "text": GUIDELINES},
+        {"when": {"role": "designer"}, "text": "# Design spec\n\nA dark hero, three features, pricing and a call to action.", "chunk_delay_ms": 0},
+        {"text": "no rule for this request"}
+    ]})
+}
+
+fn llm(server: &ModelServer) -> LlmConfig {
+    let mut c = LlmConfig {
+        policy: RetryPolicy {
+            max_attempts: 2,
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(40),
+            max_retry_wait: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(20),
+            stall_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
+        },
+        ..Default::default()
+    };
+    c.providers.insert(
+        "anthropic".into(),
+        Provider::new(
+            "anthropic",
+            Api::Anthropic,
+            &server.url(),
+            Some(ApiKey::new("sk-ant-test")),
+        ),
+    );
+    c.roles.insert(
+        "default".into(),
+        ModelRef {
+            provider: "anthropic".into(),
+            model: "landing-test-model".into(),
+        },
+    );
+    c
+}
+
+/// A runner on the scripted model whose agent is [`AGENT`] (kept in a directory every user
+/// can read: a root runner runs it as another user).
+async fn runner(server: &ModelServer) -> (TestRunner, TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    searchable(dir.path());
+    let agent = dir.path().join("landing-agent.sh");
+    std::fs::write(&agent, AGENT).unwrap();
+    let runner = TestRunner::start(RunnerOptions {
+        llm: llm(server),
+        agent_command: Some(format!("sh {}", agent.display())),
+        ..Default::default()
+    })
+    .await;
+    (runner, dir)
+}
+
+fn payload(objective: &str) -> Value {
+    json!({
+        "campaign": {"objective": objective, "productName": "Aurora", "primaryOffer": "3 free recipes"},
+        "branding": {"theme": "dark", "sections": ["hero", "features", "pricing", "cta"]}
+    })
+}
+
+fn landing_job(page: &str, payload: Value, message: Option<&str>) -> Assignment {
+    let kind = if message.is_some() {
+        JobType::LandingChat
+    } else {
+        JobType::LandingInit
+    };
+    let mut a = assignment(kind, message.unwrap_or("init"));
+    a.github_org = String::new();
+    a.github_repo = String::new();
+    a.branch_name = String::new();
+    a.landing = Some(LandingParams {
+        session_id: format!("session-{page}"),
+        landing_page_id: page.to_string(),
+        payload,
+        message: message.map(Into::into),
+    });
+    a
+}
+
+fn new_page() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// The node events: (node, event_type, message, data).
+fn nodes(events: &[RunnerEvent]) -> Vec<(String, String, String, Value)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            RunnerEvent::Node {
+                node,
+                event_type,
+                message,
+                data,
+            } => Some((
+                node.clone(),
+                event_type.clone(),
+                message.clone(),
+                data.clone(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `node event_type` labels, in order.
+fn path(events: &[RunnerEvent]) -> Vec<String> {
+    nodes(events)
+        .into_iter()
+        .map(|(n, t, _, _)| format!("{n} {t}"))
+        .collect()
+}
+
+fn node_data(events: &[RunnerEvent], node: &str, event_type: &str) -> Value {
+    nodes(events)
+        .into_iter()
+        .find(|(n, t, _, _)| n == node && t == event_type)
+        .map(|(_, _, _, d)| d)
+        .unwrap_or_else(|| panic!("no {node} {event_type} in {:#?}", path(events)))
+}
+
+fn result(events: &[RunnerEvent]) -> Value {
+    match events.last() {
+        Some(RunnerEvent::Finished { result, .. }) => {
+            result.clone().expect("a landing job's result")
+        }
+        other => panic!("the last event is not finished: {other:?}"),
+    }
+}
+
+fn lines(events: &[RunnerEvent]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            RunnerEvent::Log { content, .. } => Some(content.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn preview_file<'a>(p: &'a PreviewBundle, path: &str) -> Option<&'a str> {
+    p.files
+        .iter()
+        .find(|f| f.path == path)
+        .map(|f| f.content.as_str())
+}
+
+/// Clones a session's bundle: (the clone, `git log` subjects newest first).
+fn clone_bundle(bundle: &[u8]) -> (TempDir, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("session.bundle");
+    std::fs::write(&file, bundle).unwrap();
+    let work = dir.path().join("work");
+    common::git(
+        dir.path(),
+        &[
+            "clone",
+            "--quiet",
+            "--branch",
+            "main",
+            file.to_str().unwrap(),
+            work.to_str().unwrap(),
+        ],
+    );
+    let log = common::git(&work, &["log", "--format=%s"])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    (dir, log)
+}
+
+fn read(dir: &TempDir, rel: &str) -> String {
+    std::fs::read_to_string(dir.path().join("work").join(rel)).unwrap_or_default()
+}
+
+async fn released_and_gone(runner: &TestRunner, id: &str) {
+    runner.wait_released(id).await;
+    assert!(
+        !runner.worktrees_dir().join(id).exists(),
+        "the workspace is removed"
+    );
+    assert!(
+        !runner.worktrees_dir().join(format!("{id}.git")).exists(),
+        "its git directory too"
+    );
+    assert!(!Path::new(&runner.worktrees_dir().join(format!("{id}.bundle"))).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_designs_codes_checks_and_publishes_then_chat_and_deploy_work_on_the_same_workspace() {
+    let server = ModelServer::start(Script::from_value(script()).unwrap());
+    let (runner, _agent) = runner(&server).await;
+    let page = new_page();
+
+    // init
+    let a = landing_job(&page, payload("Generate signups for the beta"), None);
+    let init_id = a.job_id.clone();
+    let t = std::time::Instant::now();
+    let events = runner.run(a, 60).await;
+    let init_ms = t.elapsed().as_millis();
+    assert_started_and_finished(&events);
+    assert_eq!(
+        finished(&events).0,
+        Outcome::Completed,
+        "{:#?}",
+        lines(&events)
+    );
+    assert_eq!(
+        path(&events),
+        [
+            "router node",
+            "router node_completed",
+            "design_planner node",
+            "design_planner node_completed",
+            "designer node",
+            "designer node_completed",
+            "coder node",
+            "coder_tools tool",
+            "coder node_completed",
+            "build_check node",
+            "build_check node_completed",
+            "deployer node",
+            "deployer node_completed",
+        ]
+    );
+    let router = node_data(&events, "router", "node_completed");
+    assert_eq!(router["route"], "design");
+    let planner = node_data(&events, "design_planner", "node_completed");
+    for (k, v) in [
+        ("theme", json!("dark")),
+        ("color_count", json!(3)),
+        ("typography_count", json!(2)),
+        ("section_count", json!(4)),
+        ("animation_count", json!(2)),
+    ] {
+        assert_eq!(planner[k], v, "{k} in {planner}");
+    }
+    for n in ["router", "design_planner", "designer"] {
+        let usage = &node_data(&events, n, "node_completed")["usage"];
+        assert!(usage["input_tokens"].as_u64().unwrap() > 0, "{n}: {usage}");
+        assert!(usage["output_tokens"].as_u64().unwrap() > 0, "{n}: {usage}");
+        assert_eq!(usage["model"], "landing-test-model", "{n}: {usage}");
+        assert!(usage.get("cost_usd").is_some(), "{n}: {usage}");
+    }
+    let (_, _, message, tools) = nodes(&events)
+        .into_iter()
+        .find(|(n, ..)| n == "coder_tools")
+        .unwrap();
+    assert_eq!(message, "Created 3 file(s)");
+    assert_eq!(
+        tools["files"],
+        json!(["index.html", "script.js", "styles.css"])
+    );
+    assert!(
+        !tools.to_string().contains("<html"),
+        "tool events carry names, never contents"
+    );
+    assert_eq!(
+        node_data(&events, "build_check", "node_completed")["passed"],
+        true
+    );
+    let preview_url = format!("{}/preview/{page}/", runner.edge.url);
+    assert_eq!(
+        node_data(&events, "deployer", "node_completed")["preview_url"],
+        preview_url
+    );
+    let r = result(&events);
+    assert_eq!(r["preview_url"], preview_url);
+    assert_eq!(r["landing_page_id"], page);
+    assert_eq!(r["sections"].as_array().map(Vec::len), Some(4));
+    assert!(r.get("reply").is_none());
+
+    // What the LLM nodes were asked: their roles, the brief, the session's state.
+    let roles: Vec<String> = server
+        .requests()
+        .iter()
+        .map(|r| r.system.lines().next().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            "Kiln role: router",
+            "Kiln role: design_planner",
+            "Kiln role: designer"
+        ]
+    );
+    let asked = &server.requests()[0];
+    assert!(
+        asked.prompt.contains("campaign.productName: Aurora"),
+        "{}",
+        asked.prompt
+    );
+    assert!(
+        asked.prompt.contains("index.html: absent"),
+        "{}",
+        asked.prompt
+    );
+
+    let preview = runner.edge.preview(&page).expect("a preview");
+    let paths: Vec<&str> = preview.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["index.html", "script.js", "styles.css"],
+        "design/ is not published"
+    );
+    assert!(preview_file(&preview, "index.html")
+        .unwrap()
+        .contains("Build a new landing page"));
+    assert!(lines(&events)
+        .iter()
+        .any(|l| l == "landing agent: the design spec is in the prompt"));
+
+    let (clone, log) = clone_bundle(&runner.edge.bundle(&page).expect("the session's bundle"));
+    assert_eq!(log, ["landing_init: Aurora"]);
+    assert!(read(&clone, "design/guidelines.json").contains("scroll-reveal"));
+    assert!(read(&clone, "design/spec.md").starts_with("# Design spec"));
+    assert_eq!(runner.edge.bundle_puts(&init_id).len(), 1);
+    released_and_gone(&runner, &init_id).await;
+
+    // chat: routed to code, over the stored design and the page init made
+    server.clear_requests();
+    let a = landing_job(
+        &page,
+        payload("Generate signups for the beta"),
+        Some("Make the hero blue"),
+    );
+    let chat_id = a.job_id.clone();
+    let t = std::time::Instant::now();
+    let events = runner.run(a, 60).await;
+    let chat_ms = t.elapsed().as_millis();
+    assert_eq!(
+        finished(&events).0,
+        Outcome::Completed,
+        "{:#?}",
+        lines(&events)
+    );
+    assert_eq!(
+        path(&events),
+        [
+            "router node",
+            "router node_completed",
+            "coder node",
+            "coder_tools tool",
+            "coder node_completed",
+            "build_check node",
+            "build_check node_completed",
+            "deployer node",
+            "deployer node_completed",
+        ]
+    );
+    assert_eq!(
+        node_data(&events, "router", "node_completed")["route"],
+        "code"
+    );
+    let (_, _, message, tools) = nodes(&events)
+        .into_iter()
+        .find(|(n, ..)| n == "coder_tools")
+        .unwrap();
+    assert_eq!(
+        (message.as_str(), &tools["files"]),
+        ("Updated 1 file(s)", &json!(["index.html"]))
+    );
+    assert!(
+        lines(&events).iter().any(
+            |l| l.starts_with("Session workspace restored from its bundle")
+                && l.contains("1 commit(s)")
+        ),
+        "{:#?}",
+        lines(&events)
+    );
+    assert!(
+        lines(&events)
+            .iter()
+            .any(|l| l == "landing agent: the design spec is in the prompt"),
+        "the stored spec reaches the coder"
+    );
+    let asked = &server.requests()[0];
+    assert!(
+        asked.prompt.contains("index.html: present") && asked.prompt.contains("Make the hero blue"),
+        "{}",
+        asked.prompt
+    );
+    assert_eq!(server.requests().len(), 1, "only the router is asked");
+    let preview = runner.edge.preview(&page).unwrap();
+    assert!(preview_file(&preview, "index.html")
+        .unwrap()
+        .contains("The user's request: Make the hero blue"));
+    assert_eq!(
+        result(&events)["sections"].as_array().map(Vec::len),
+        Some(4),
+        "the stored design's sections"
+    );
+    let (clone, log) = clone_bundle(&runner.edge.bundle(&page).unwrap());
+    assert_eq!(
+        log,
+        ["landing_chat: Make the hero blue", "landing_init: Aurora"]
+    );
+    assert!(read(&clone, "index.html").contains("Make the hero blue"));
+    released_and_gone(&runner, &chat_id).await;
+
+    // deploy: straight to the check and the deployer; nothing changes, so no new bundle
+    let a = landing_job(&page, payload("x"), Some("Publish it DEPLOY_ONLY"));
+    let deploy_id = a.job_id.clone();
+    let events = runner.run(a, 60).await;
+    assert_eq!(
+        finished(&events).0,
+        Outcome::Completed,
+        "{:#?}",
+        lines(&events)
+    );
+    assert_eq!(
+        path(&events),
+        [
+            "router node",
+            "router node_completed",
+            "build_check node",
+            "build_check node_completed",
+            "deployer node",
+            "deployer node_completed"
+        ]
+    );
+    assert!(
+        runner.edge.bundle_puts(&deploy_id).is_empty(),
+        "nothing to keep"
+    );
+    assert_eq!(clone_bundle(&runner.edge.bundle(&page).unwrap()).1.len(), 2);
+    assert_eq!(runner.edge.preview_puts(&deploy_id).len(), 1);
+    println!("landing init job: {init_ms} ms; chat job: {chat_ms} ms (assign → finished, process executor, scripted model)");
+    runner.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_build_is_repaired_by_the_fixer() {
+    let server = ModelServer::start(Script::from_value(script()).unwrap());
+    let (runner, _agent) = runner(&server).await;
+    let page = new_page();
+    let events = runner
+        .run(landing_job(&page, payload("signups BREAK_BUILD"), None), 60)
+        .await;
+    assert_eq!(
+        finished(&events).0,
+        Outcome::Completed,
+        "{:#?}",
+        lines(&events)
+    );
+    assert_eq!(
+        path(&events)[6..],
+        [
+            "coder node",
+            "coder_tools tool",
+            "coder node_completed",
+            "build_check node",
+            "build_check error",
+            "deployment_fixer node",
+            "deployment_fixer_tools tool",
+            "deployment_fixer node_completed",
+            "build_check node",
+            "build_check node_completed",
+            "deployer node",
+            "deployer node_completed",
+        ]
+    );
+    let check = node_data(&events, "build_check", "error");
+    assert_eq!(check["passed"], false);
+    assert_eq!(
+        check["errors"],
+        json!(["index.html references styles.css, which does not exist"])
+    );
+    let fixer = node_data(&events, "deployment_fixer", "node");
+    assert_eq!(
+        (fixer["attempt"].clone(), fixer["max_attempts"].clone()),
+        (json!(1), json!(MAX_FIX_ATTEMPTS))
+    );
+    assert_eq!(
+        node_data(&events, "deployment_fixer_tools", "tool")["files"],
+        json!(["styles.css"])
+    );
+    assert!(lines(&events)
+        .iter()
+        .any(|l| l == "landing agent: fix attempt 1"));
+    let preview = runner.edge.preview(&page).unwrap();
+    assert_eq!(
+        preview_file(&preview, "styles.css"),
+        Some("body { color: black; }\n")
+    );
+    runner.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_the_fixer_cannot_repair_fails_after_its_attempts_and_publishes_nothing() {
+    let server = ModelServer::start(Script::from_value(script()).unwrap());
+    let (runner, _agent) = runner(&server).await;
+    let page = new_page();
+    let a = landing_job(&page, payload("signups BREAK_BUILD ALWAYS_BROKEN"), None);
+    let id = a.job_id.clone();
+    let events = runner.run(a, 60).await;
+    let (outcome, message, _, _, _, error) = finished(&events);
+    assert_eq!(outcome, Outcome::Failed);
+    assert_eq!(
+        message,
+        format!("the page does not build after {MAX_FIX_ATTEMPTS} fix attempts: index.html references styles.css, which does not exist")
+    );
+    assert_eq!(error.as_deref(), Some(message.as_str()));
+    let mut want = vec![
+        "build_check node".to_string(),
+        "build_check error".to_string(),
+    ];
+    for _ in 1..=MAX_FIX_ATTEMPTS {
+        for s in [
+            "deployment_fixer node",
+            "deployment_fixer node_completed",
+            "build_check node",
+            "build_check error",
+        ] {
+            want.push(s.to_string());
+        }
+    }
+    assert_eq!(path(&events)[9..], want[..], "{:#?}", path(&events));
+    let attempts: Vec<Value> = nodes(&events)
+        .into_iter()
+        .filter(|(n, t, ..)| n == "deployment_fixer" && t == "node")
+        .map(|(_, _, _, d)| d["attempt"].clone())
+        .collect();
+    assert_eq!(
+        attempts,
+        (1..=MAX_FIX_ATTEMPTS).map(|n| json!(n)).collect::<Vec<_>>()
+    );
+    assert!(!path(&events).iter().any(|p| p.starts_with("deployer")));
+    assert!(
+        runner.edge.preview_puts(&id).is_empty(),
+        "nothing is published"
+    );
+    assert!(runner.edge.preview(&page).is_none());
+    assert_eq!(result(&events)["preview_url"], Value::Null);
+    // The work is kept: the next chat job starts from it.
+    let (_, log) = clone_bundle(
+        &runner
+            .edge
+            .bundle(&page)
+            .expect("the failed job's work is kept"),
+    );
+    assert_eq!(log, ["landing_init: Aurora"]);
+    runner.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_router_cannot_act_on_ends_with_its_question() {
+    let server = ModelServer::start(Script::from_value(script()).unwrap());
+    let (runner, _agent) = runner(&server).await;
+    let page = new_page();
+    let a = landing_job(&page, payload("x"), Some("Change which one?"));
+    let id = a.job_id.clone();
+    let events = runner.run(a, 60).await;
+    assert_eq!(
+        finished(&events).0,
+        Outcome::Completed,
+        "{:#?}",
+        lines(&events)
+    );
+    assert_eq!(
+        path(&events),
+        ["router node", "router node_completed", "router clarify"]
+    );
+    let question = "Which section should change: the hero or the pricing?";
+    assert_eq!(node_data(&events, "router", "clarify")["reply"], question);
+    let r = result(&events);
+    assert_eq!(
+        (
+            r["reply"].as_str(),
+            &r["preview_url"],
+            &r["landing_page_id"]
+        ),
+        (Some(question), &Value::Null, &json!(page))
+    );
+    assert!(runner.edge.bundle_puts(&id).is_empty() && runner.edge.preview_puts(&id).is_empty());
+    assert_eq!(server.requests().len(), 1);
+    runner.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_landing_job_stops_at_once_and_keeps_nothing() {
+    let mut s = script();
+    // The designer takes its time: the job is cancelled while it speaks.
+    s["rules"].as_array_mut().unwrap().insert(0, json!({"when": {"role": "designer"}, "text": "# Design spec\n\nslow", "stall_before_ms": 5000}));
+    let server = ModelServer::start(Script::from_value(s).unwrap());
+    let (runner, _agent) = runner(&server).await;
+    let page = new_page();
+    let a = landing_job(&page, payload("x"), None);
+    let id = a.job_id.clone();
+    runner.edge.assign(a).await;
+    runner
+        .edge
+        .wait_event(&id, "the designer's start", 30, |e| matches!(e, RunnerEvent::Node { node, event_type, .. } if node == "designer" && event_type == "node"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = std::time::Instant::now();
+    runner
+        .edge
+        .send(EdgeMessage::Cancel { job_id: id.clone() })
+        .await;
+    runner.wait_released(&id).await;
+    let released_ms = t.elapsed().as_millis();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events = runner.edge.events(&id);
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, RunnerEvent::Finished { .. })),
+        "a cancelled job sends no finished"
+    );
+    assert!(
+        !path(&events).iter().any(|p| p.starts_with("coder")),
+        "{:#?}",
+        path(&events)
+    );
+    assert!(runner.edge.bundle_puts(&id).is_empty() && runner.edge.preview_puts(&id).is_empty());
+    assert!(!runner.worktrees_dir().join(&id).exists());
+    assert!(
+        released_ms < 3000,
+        "released {released_ms} ms after the cancel"
+    );
+    println!("landing job cancelled during an LLM call: released in {released_ms} ms");
+    runner.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_landing_job_waits_between_nodes_until_resumed() {
+    let mut s = script();
+    s["rules"].as_array_mut().unwrap().insert(0, json!({"when": {"role": "router"}, "text": route("design", "new"), "stall_before_ms": 1500}));
+    let server = ModelServer::start(Script::from_value(s).unwrap());
+    let (runner, _agent) = runner(&server).await;
+    let page = new_page();
+    let a = landing_job(&page, payload("x"), None);
+    let id = a.job_id.clone();
+    runner.edge.assign(a).await;
+    runner
+        .edge
+        .wait_event(
+            &id,
+            "the router's start",
+            30,
+            |e| matches!(e, RunnerEvent::Node { node, .. } if node == "router"),
+        )
+        .await;
+    runner
+        .edge
+        .send(EdgeMessage::Pause { job_id: id.clone() })
+        .await;
+    runner
+        .edge
+        .wait_event(&id, "the pause", 30, |e| matches!(e, RunnerEvent::Log { content, .. } if content.starts_with("Paused: the job waits for resume before design_planner")))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        server.requests().len(),
+        1,
+        "the planner is not asked while paused"
+    );
+    runner
+        .edge
+        .send(EdgeMessage::Resume { job_id: id.clone() })
+        .await;
+    let events = runner.edge.wait_finished(&id, 60).await;
+    assert_eq!(
+        finished(&events).0,
+        Outcome::Completed,
+        "{:#?}",
+        lines(&events)
+    );
+    assert!(runner.edge.preview(&page).is_some());
+    runner.stop().await;
+}
