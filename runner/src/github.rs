@@ -1,4 +1,5 @@
-//! Opening pull requests through the GitHub REST API (`POST /repos/{org}/{repo}/pulls`).
+//! Opening pull requests through the GitHub REST API (`POST /repos/{org}/{repo}/pulls`), and
+//! commenting on the issue a webhook's job came from (`POST /repos/{org}/{repo}/issues/{n}/comments`).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -93,6 +94,35 @@ impl GithubClient {
         Err(GithubError::Status {
             status: status.as_u16(),
             message,
+        })
+    }
+
+    /// Comments on an issue (or a pull request's conversation) and returns the comment's
+    /// `html_url` (`POST /repos/{org}/{repo}/issues/{number}/comments`).
+    pub async fn comment_on_issue(
+        &self,
+        repo: &RepoRef,
+        number: u64,
+        body: &str,
+    ) -> Result<String, GithubError> {
+        let path = format!("/repos/{}/{}/issues/{number}/comments", repo.org, repo.repo);
+        let res = self
+            .request(reqwest::Method::POST, &path)
+            .json(&serde_json::json!({ "body": body }))
+            .send()
+            .await?;
+        let status = res.status();
+        if status.is_success() {
+            return res
+                .json::<PullRequest>()
+                .await?
+                .html_url
+                .ok_or(GithubError::NoUrl);
+        }
+        let body: Value = res.json().await.unwrap_or(Value::Null);
+        Err(GithubError::Status {
+            status: status.as_u16(),
+            message: error_message(&body),
         })
     }
 

@@ -3,6 +3,7 @@
 use kiln_schemas::runner::{Outcome, RunnerEvent};
 
 use super::run::{failed, finished, JobRun, Published};
+use crate::workspace::RepoRef;
 
 impl JobRun {
     pub(super) async fn run_code(&self) -> RunnerEvent {
@@ -46,6 +47,62 @@ impl JobRun {
                 None,
             ),
             Err(e) => failed(e),
+        }
+    }
+}
+
+impl JobRun {
+    /// A job a webhook started from a GitHub issue comments on that issue with the pull request
+    /// it opened. Only on the job's own repository; a failure is noted in the job's log and
+    /// does not fail the job (the pull request exists).
+    pub(super) async fn answer_source_issue(&self, pr_url: &str) {
+        let Some(issue) = &self.assignment.source_issue else {
+            return;
+        };
+        let a = &self.assignment;
+        if !issue.org.eq_ignore_ascii_case(&a.github_org)
+            || !issue.repo.eq_ignore_ascii_case(&a.github_repo)
+        {
+            self.sink
+                .system(format!(
+                    "Not commenting on {}/{}#{}: it is not this job's repository",
+                    issue.org, issue.repo, issue.number
+                ))
+                .await;
+            return;
+        }
+        let repo = match RepoRef::new(&a.github_org, &a.github_repo) {
+            Ok(r) => r,
+            Err(e) => {
+                self.sink
+                    .system(format!("Not commenting on the issue: {e}"))
+                    .await;
+                return;
+            }
+        };
+        let body = format!(
+            "Kiln opened {pr_url} for this issue (job `{}`).",
+            self.job_id()
+        );
+        match self
+            .services
+            .github
+            .comment_on_issue(&repo, issue.number, &body)
+            .await
+        {
+            Ok(url) => {
+                self.sink
+                    .system(format!(
+                        "Commented on issue #{} with the pull request: {url}",
+                        issue.number
+                    ))
+                    .await
+            }
+            Err(e) => {
+                self.sink
+                    .system(format!("Commenting on issue #{} failed: {e}", issue.number))
+                    .await
+            }
         }
     }
 }

@@ -656,6 +656,7 @@ impl JobRun {
                 )
             })?;
         self.sink.system(format!("Opened pull request {url}")).await;
+        self.answer_source_issue(&url).await;
         Ok(Published::PullRequest(url))
     }
 }
