@@ -55,7 +55,7 @@ async fn ask(server: &ModelServer, role: &str, prompt: &str) -> String {
 #[tokio::test]
 async fn the_demo_script_routes_plans_and_designs_landing_pages() {
     let server = ModelServer::demo();
-    let init = format!("Job: landing_init\nPayload:\n{:#}", payload("AuroraAI Automations", ""));
+    let init = "Job: init (a new page)\nBuild a new landing page from this brief:\ncampaign.productName: AuroraAI Automations\n\nThe session's workspace: empty.".to_string();
     let route = |t: String| fenced_json(&t)["route"].as_str().unwrap().to_string();
     assert_eq!(route(ask(&server, "router", &init).await), "design");
     assert_eq!(route(ask(&server, "router", "Chat message: more enterprise words").await), "code");

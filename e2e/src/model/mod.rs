@@ -132,7 +132,7 @@
 //!
 //! Landing pages (seed 001): the `router` answers a fenced `json` block `{"route", "reason"}`:
 //! `clarify` when the prompt holds `CLARIFY_ME` (the reason is the question), `deploy` for
-//! `DEPLOY_ONLY`, `design` when it names `landing_init`, else `code`; the `design_planner` a
+//! `DEPLOY_ONLY`, `design` when it says `Job: init`, else `code`; the `design_planner` a
 //! dark theme's guidelines (4 colors, 2 typography entries, 3 sections, 2 animations); the
 //! `designer` a short markdown spec titled with `{{product}}`. The `coder` agent run (prompt line
 //! `Landing node: coder`, Claude Code) reads `index.html`, `styles.css` and `script.js` (turn 0:
