@@ -4,6 +4,7 @@
 
 pub mod edge;
 pub mod github;
+pub mod landing;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
