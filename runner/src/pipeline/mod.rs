@@ -133,7 +133,8 @@ impl Overhead {
         )
     }
 
-    /// Reads [`Overhead::describe`]'s text out of a log line.
+    /// Reads [`Overhead::describe`]'s text out of a log line (a line with only the two
+    /// overheads reads with the marks 0).
     pub fn parse(line: &str) -> Option<Overhead> {
         let rest = line.split("engine overhead ").nth(1)?;
         let mut nums = rest
@@ -572,11 +573,13 @@ fn overhead(
     });
     let after = last.map_or(0, |l| {
         let seen = handed.duration_since(l).as_micros() as u64;
-        let server = tm
-            .done_us
-            .saturating_sub(tm.last_token_us.unwrap_or(tm.done_us));
-        seen.saturating_sub(server)
+        seen.saturating_sub(server_tail)
     });
+    let (now, wall) = (Instant::now(), std::time::SystemTime::now());
+    let wall_us = wall
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    let at = |i: Instant| wall_us.saturating_sub(now.saturating_duration_since(i).as_micros() as u64);
     Overhead {
         before_first_token_us: before,
         after_last_token_us: after,
