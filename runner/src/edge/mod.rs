@@ -288,8 +288,8 @@ impl EdgeClient {
     }
 
     /// `PUT /runner/v1/jobs/{job_id}/preview?lease_id=`: publishes the landing page's files,
-    /// replacing its preview; answers where it is served. Files over `MAX_PREVIEW_BYTES` in all
-    /// are refused here. Transient failures are retried.
+    /// replacing its preview; answers where it is served. Files of more than `MAX_PREVIEW_BYTES`
+    /// in all (decoded) are refused here. Transient failures are retried.
     pub async fn put_preview(
         &self,
         job_id: &str,
@@ -297,7 +297,18 @@ impl EdgeClient {
         preview: &PreviewBundle,
     ) -> Result<Published, EdgeError> {
         let url = self.job_url(job_id, "preview", lease_id);
-        let bytes: usize = preview.files.iter().map(|f| f.content.len()).sum();
+        // The files' own bytes: base64 content decodes to three quarters of its length.
+        let bytes: usize = preview
+            .files
+            .iter()
+            .map(|f| {
+                if f.base64 {
+                    f.content.len() / 4 * 3
+                } else {
+                    f.content.len()
+                }
+            })
+            .sum();
         if bytes > MAX_PREVIEW_BYTES {
             return Err(too_big(&url, "preview", bytes, MAX_PREVIEW_BYTES));
         }
@@ -459,6 +470,45 @@ mod tests {
             connect_url(&base).as_str(),
             "wss://kiln.example.com/edge/runner/v1/connect"
         );
+    }
+
+    #[tokio::test]
+    async fn bundles_and_previews_over_their_limits_are_refused_before_they_are_sent() {
+        // Nothing listens on the discard port: a request sent would fail as unreachable.
+        let edge = EdgeClient::new(
+            http_client(),
+            Url::parse("http://127.0.0.1:9").unwrap(),
+            "t".into(),
+        );
+        let e = edge
+            .put_bundle("j", "l", vec![0; MAX_BUNDLE_BYTES + 1])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, EdgeError::Status { status: 413, .. }) && !e.is_transient(),
+            "{e}"
+        );
+        let file = |content: String, base64| kiln_schemas::landing::PreviewFile {
+            path: "a".into(),
+            content,
+            base64,
+        };
+        let over = PreviewBundle {
+            files: vec![
+                file("x".repeat(MAX_PREVIEW_BYTES / 2 + 1), false),
+                file("x".repeat(MAX_PREVIEW_BYTES / 2), false),
+            ],
+        };
+        let e = edge.put_preview("j", "l", &over).await.unwrap_err();
+        assert!(matches!(e, EdgeError::Status { status: 413, .. }), "{e}");
+        // base64 counts what it decodes to: 4/3 of the limit in base64 is the limit.
+        let over = PreviewBundle {
+            files: vec![file("A".repeat((MAX_PREVIEW_BYTES / 3 + 1) * 4), true)],
+        };
+        assert!(matches!(
+            edge.put_preview("j", "l", &over).await.unwrap_err(),
+            EdgeError::Status { status: 413, .. }
+        ));
     }
 
     #[test]
