@@ -115,7 +115,7 @@
 //! # The demo script
 //!
 //! [`Script::demo`] (`e2e/src/model/demo.json`, the binary's default) answers as `kiln-demo` and
-//! says so (every text starts `[demo model]`). It walks an app build end to end: the `gatherer`
+//! says so (its texts start `[demo model]`, its PRD's title names it). It walks an app build end to end: the `gatherer`
 //! asks one question while it has heard only the idea, then (or whenever its prompt names
 //! `REQUIREMENTS_SUMMARY`) thanks and writes `REQUIREMENTS_SUMMARY: Build "<idea>" …`; `ceo`, `cto`
 //! and `secretary` take one short turn each, the secretary's saying `CONSENSUS`; `prd` answers a
