@@ -1,0 +1,260 @@
+//! Benchmark of seed 001's polling (`GET /v1/jobs/{id}`, issue 9): a landing job with 500 node
+//! events (posted through the runner protocol by a hand-written runner), then 32 concurrent
+//! pollers for a fixed time, closed loop (each polls again as soon as its answer is read): p50/p99
+//! latency and requests/s, and freshness (a new node event appended → the first poller that sees
+//! it), first with full polls (every event each time), then with `?after=<next_after>` (only new
+//! events). Meanwhile the runner appends one event every 200 ms; freshness is measured from the
+//! start of its POST (an upper bound: the room stores the event before the POST is answered).
+//!
+//! `cargo run --release -p kiln-e2e --bin bench_poll` starts its own edges (the `wrangler dev`
+//! command, then wrangler's dev server without the DevTools inspector); `KILN_BENCH_URL` measures
+//! an edge already running (its runner registration token must be the development one);
+//! `BENCH_POLL_SECS` sets each phase's length (default 15).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use kiln_e2e::bench::{percentile, print_table, Row};
+use kiln_schemas::runner::{EdgeMessage, HeldJob, RunnerMessage};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const POLLERS: usize = 32;
+const EVENTS: usize = 500;
+const APPEND_EVERY: Duration = Duration::from_millis(200);
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let secs: u64 = std::env::var("BENCH_POLL_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(15);
+    let mut rows = vec![];
+    for (label, edge, base) in kiln_e2e::bench::edges_for_bench(&[]).await? {
+        rows.extend(measure(&label, &base, Duration::from_secs(secs)).await?);
+        drop(edge);
+    }
+    print_table(&format!("GET /v1/jobs/{{id}}: {EVENTS} node events, {POLLERS} pollers, {secs} s per phase (loopback, 2 cores)"), &rows);
+    Ok(())
+}
+
+/// A runner that holds one job: it answers nothing but heartbeats, from a task of its own.
+struct HandRunner {
+    token: String,
+    job_id: String,
+    lease_id: String,
+    next_index: u64,
+    _beats: tokio::task::JoinHandle<()>,
+}
+
+impl HandRunner {
+    /// Registers, connects and waits for the job's assignment.
+    async fn hold(http: &reqwest::Client, base: &str, ws_base: &str, job_id: &str) -> anyhow::Result<HandRunner> {
+        let reg: Value = http
+            .post(format!("{base}/runner/v1/register"))
+            .bearer_auth(kiln_e2e::runner_registration_token())
+            .json(&json!({"name": format!("bench-poll-{}", uuid::Uuid::new_v4().simple())}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let token = reg["token"].as_str().ok_or_else(|| anyhow::anyhow!("register answered {reg}"))?.to_string();
+        let mut request = format!("{ws_base}/runner/v1/connect").into_client_request()?;
+        request.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
+        let (mut ws, _) = tokio_tungstenite::connect_async(request).await?;
+        let hello = RunnerMessage::Hello { name: "bench-poll".into(), capacity: 1, running: vec![], version: "bench".into(), tools: None };
+        ws.send(Message::Text(serde_json::to_string(&hello)?.into())).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let lease_id = loop {
+            anyhow::ensure!(Instant::now() < deadline, "no assignment within 30 s");
+            match tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    if let Ok(EdgeMessage::Assign { assignment }) = serde_json::from_str(t.as_str()) {
+                        anyhow::ensure!(assignment.job_id == job_id, "assigned another job: {}", assignment.job_id);
+                        break assignment.lease_id;
+                    }
+                }
+                Ok(Some(Ok(_))) | Err(_) => {}
+                Ok(other) => anyhow::bail!("the runner socket ended: {other:?}"),
+            }
+        };
+        let held = vec![HeldJob { job_id: job_id.to_string(), lease_id: lease_id.clone() }];
+        let beats = tokio::spawn(async move {
+            loop {
+                let beat = RunnerMessage::Heartbeat { running: held.clone() };
+                if ws.send(Message::Text(serde_json::to_string(&beat).unwrap().into())).await.is_err() {
+                    return;
+                }
+                // Read (and drop) what the edge says until the next beat is due.
+                let until = tokio::time::Instant::now() + Duration::from_secs(2);
+                while let Ok(Some(Ok(_))) = tokio::time::timeout_at(until, ws.next()).await {}
+            }
+        });
+        Ok(HandRunner { token, job_id: job_id.to_string(), lease_id, next_index: 0, _beats: beats })
+    }
+
+    async fn post(&mut self, http: &reqwest::Client, base: &str, events: Vec<Value>) -> anyhow::Result<()> {
+        let first = self.next_index;
+        self.next_index += events.len() as u64;
+        let events: Vec<Value> = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut e)| {
+                e["index"] = json!(first + i as u64);
+                e
+            })
+            .collect();
+        let ack: Value = http
+            .post(format!("{base}/runner/v1/jobs/{}/events", self.job_id))
+            .bearer_auth(&self.token)
+            .json(&json!({"lease_id": self.lease_id, "events": events}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        anyhow::ensure!(ack["lease_valid"] == true, "batch refused: {ack}");
+        Ok(())
+    }
+}
+
+/// A node event like the graph's (a tool event's data names files, never their contents).
+fn node_event(i: usize) -> Value {
+    let nodes = ["router", "design_planner", "designer", "coder", "coder_tools", "build_check", "deployment_fixer"];
+    let node = nodes[i % nodes.len()];
+    let (event_type, data) = if node == "coder_tools" {
+        ("tool", json!({"files": ["index.html", "styles.css", "script.js"]}))
+    } else {
+        ("node_completed", json!({"usage": {"input_tokens": 1200, "output_tokens": 340, "cost_usd": 0.0042, "model": "claude-sonnet"}}))
+    };
+    json!({"type": "node", "node": node, "event_type": event_type, "message": format!("{node} step {i} done"), "data": data})
+}
+
+/// One phase: pollers for `length` while the runner appends `fresh-<k>` events.
+struct Phase {
+    latencies: Vec<Duration>,
+    requests: usize,
+    elapsed: Duration,
+    freshness: Vec<Duration>,
+    appended: usize,
+    bytes: u64,
+}
+
+async fn phase(http: &reqwest::Client, base: &str, token: &str, runner: &mut HandRunner, incremental: bool, tag: &str, length: Duration) -> anyhow::Result<Phase> {
+    let url = format!("{base}/v1/jobs/{}", runner.job_id);
+    // k → when its POST started; k → when a poller first saw it.
+    let posted: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let seen: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let prefix = format!("fresh-{tag}-");
+    let start_after = {
+        let job: Value = http.get(&url).bearer_auth(token).send().await?.error_for_status()?.json().await?;
+        job["job"]["events"].as_array().map_or(0, Vec::len) as u64
+    };
+    let started = Instant::now();
+    let stop = started + length;
+    let mut tasks = vec![];
+    for _ in 0..POLLERS {
+        let (http, url, token, seen, prefix) = (http.clone(), url.clone(), token.to_string(), seen.clone(), prefix.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut samples = vec![];
+            let mut bytes = 0u64;
+            let mut after = start_after;
+            while Instant::now() < stop {
+                let target = if incremental { format!("{url}?after={after}") } else { url.clone() };
+                let t = Instant::now();
+                let resp = http.get(&target).bearer_auth(&token).send().await?;
+                anyhow::ensure!(resp.status() == 200, "GET answered {}", resp.status());
+                let body = resp.bytes().await?;
+                let at = Instant::now();
+                samples.push(at - t);
+                bytes += body.len() as u64;
+                let v: Value = serde_json::from_slice(&body)?;
+                if incremental {
+                    after = v["job"]["next_after"].as_u64().unwrap_or(after);
+                }
+                // The newest fresh event in the answer (they are appended in order).
+                let newest = v["job"]["events"].as_array().and_then(|evs| {
+                    evs.iter().rev().find_map(|e| e["message"].as_str().and_then(|m| m.strip_prefix(prefix.as_str())).and_then(|k| k.parse::<u64>().ok()))
+                });
+                if let Some(k) = newest {
+                    let mut seen = seen.lock().unwrap();
+                    for j in 0..=k {
+                        seen.entry(j).or_insert(at);
+                    }
+                }
+            }
+            anyhow::Ok((samples, bytes))
+        }));
+    }
+    // The runner appends while they poll.
+    let mut k = 0u64;
+    while Instant::now() + APPEND_EVERY < stop {
+        tokio::time::sleep(APPEND_EVERY).await;
+        posted.lock().unwrap().insert(k, Instant::now());
+        let ev = json!({"type": "node", "node": "coder", "event_type": "node", "message": format!("{prefix}{k}"), "data": {}});
+        runner.post(http, base, vec![ev]).await?;
+        k += 1;
+    }
+    let mut latencies = vec![];
+    let mut bytes = 0;
+    for t in tasks {
+        let (s, b) = t.await??;
+        latencies.extend(s);
+        bytes += b;
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    let posted = posted.lock().unwrap();
+    let seen = seen.lock().unwrap();
+    let mut freshness: Vec<Duration> = posted.iter().filter_map(|(k, p)| seen.get(k).map(|s| s.saturating_duration_since(*p))).collect();
+    freshness.sort();
+    Ok(Phase { requests: latencies.len(), latencies, elapsed, freshness, appended: posted.len(), bytes })
+}
+
+async fn measure(label: &str, base: &str, length: Duration) -> anyhow::Result<Vec<Row>> {
+    let http = reqwest::Client::new();
+    let email = format!("bench-poll-{}@example.com", uuid::Uuid::new_v4());
+    let token = kiln_e2e::bench::user_token(&http, base, &email).await?;
+    let init: Value = http
+        .post(format!("{base}/v1/agent/init"))
+        .bearer_auth(&token)
+        .header("x-session-id", format!("bench-{}", uuid::Uuid::new_v4().simple()))
+        .json(&json!({"payload": {"campaign": {"productName": "Bench"}}}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let job_id = init["job_id"].as_str().ok_or_else(|| anyhow::anyhow!("init answered {init}"))?.to_string();
+    let ws_base = base.replacen("http", "ws", 1);
+    let mut runner = HandRunner::hold(&http, base, &ws_base, &job_id).await?;
+    runner.post(&http, base, vec![json!({"type": "started", "message": "started"})]).await?;
+    for chunk in (0..EVENTS).collect::<Vec<_>>().chunks(100) {
+        runner.post(&http, base, chunk.iter().map(|i| node_event(*i)).collect()).await?;
+    }
+    let job: Value = http.get(format!("{base}/v1/jobs/{job_id}")).bearer_auth(&token).send().await?.json().await?;
+    let n = job["job"]["events"].as_array().map_or(0, Vec::len);
+    anyhow::ensure!(n == EVENTS, "the job holds {n} events, not {EVENTS}");
+
+    let mut rows = vec![];
+    for (incremental, name, tag) in [(false, "full", "f"), (true, "?after=next_after", "a")] {
+        let p = phase(&http, base, &token, &mut runner, incremental, tag, length).await?;
+        let rps = p.requests as f64 / p.elapsed.as_secs_f64();
+        rows.push(Row {
+            name: format!("{label}: GET {name}"),
+            samples: p.requests,
+            p50: percentile(&p.latencies, 50.0),
+            p99: percentile(&p.latencies, 99.0),
+            extra: format!("{rps:.0} req/s, {:.1} KB/answer", p.bytes as f64 / p.requests.max(1) as f64 / 1024.0),
+        });
+        rows.push(Row {
+            name: format!("{label}: freshness, {name}"),
+            samples: p.freshness.len(),
+            p50: percentile(&p.freshness, 50.0),
+            p99: percentile(&p.freshness, 99.0),
+            extra: format!("{} appended, {} seen; POST start -> first poller", p.appended, p.freshness.len()),
+        });
+    }
+    Ok(rows)
+}
