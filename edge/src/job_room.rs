@@ -14,7 +14,7 @@ use std::rc::Rc;
 
 use kiln_schemas::app::{Ticket, TicketStatus, MESSAGE_ROLES};
 use kiln_schemas::events::{parse_cursor, ClientMessage, EventBody, LogStream, ServerEvent, SocketError};
-use kiln_schemas::runner::{AppBuildParams, BatchAck, EventBatch, Outcome, RunnerEvent, RunnerRequest, UsageTotals};
+use kiln_schemas::runner::{AppBuildParams, BatchAck, EventBatch, Outcome, RunnerEvent, UsageTotals};
 use kiln_schemas::status::{app_status, AppPhase, JobStatus, JobType};
 use serde::{Deserialize, Serialize};
 use worker::{
@@ -1194,19 +1194,43 @@ impl JobRoom {
                 _ => None,
             })
             .collect();
-        let request = RunnerRequest::Gather(app_room::gather_request(&meta.job_id, &idea, &transcript));
-        let answer = match env::queue(&self.env, &meta.queue) {
-            Ok(queue) => http::call::<serde_json::Value>(&queue, Method::Post, "/request", Some(&request)).await,
+        // The queue sends the turn and answers at once; the reply comes to `/gather-reply`, so the
+        // alarm's other work never waits on a model.
+        let call = crate::queue_object::GatherCall {
+            job_id: meta.job_id.clone(),
+            request: app_room::gather_request(&meta.job_id, &idea, &transcript),
+            context: serde_json::json!({ "turn": now, "idea": idea }),
+        };
+        let sent = match env::queue(&self.env, &meta.queue) {
+            Ok(queue) => http::call::<serde_json::Value>(&queue, Method::Post, "/gather", Some(&call)).await,
             Err(e) => Err(e.into()),
         };
-        let outcome = match answer {
-            Ok(v) => app_room::gather_outcome(&v),
-            Err(e) => Err(format!("{e:?}")),
+        match sent {
+            Ok(_) => Ok(()),
+            Err(e) => self.gather_failed(format!("{e:?}")).await,
+        }
+    }
+
+    /// `POST /gather-reply` (the queue): a gather turn's answer, `{context: {turn, idea}, result}`
+    /// or `{context, error}`. A reply to a turn that is no longer the one in flight (taken for lost
+    /// and run again) is dropped.
+    async fn gather_reply(&self, reply: serde_json::Value) -> ApiResult<serde_json::Value> {
+        let meta = self.meta()?;
+        let turn = reply["context"]["turn"].as_i64();
+        if turn.is_none() || meta.gather.running_since_ms != turn {
+            return Ok(serde_json::json!({ "taken": false }));
+        }
+        let idea = reply["context"]["idea"].as_str().unwrap_or_default().to_string();
+        let outcome = match (reply.get("result"), reply.get("error")) {
+            (Some(v), _) => app_room::gather_outcome(v),
+            (None, Some(e)) => Err(e.as_str().map(str::to_string).unwrap_or_else(|| e.to_string())),
+            (None, None) => Err("the queue sent an empty gather reply".into()),
         };
         match outcome {
-            Ok(o) => self.gather_succeeded(o, idea, row).await,
-            Err(why) => self.gather_failed(why).await,
+            Ok(o) => self.gather_succeeded(o, idea, None).await?,
+            Err(why) => self.gather_failed(why).await?,
         }
+        Ok(serde_json::json!({ "taken": true }))
     }
 
     async fn gather_succeeded(&self, o: GatherOutcome, idea: String, row: Option<store::JobRow>) -> ApiResult<()> {
@@ -1409,6 +1433,15 @@ impl JobRoom {
         })?;
         let Some(applied) = applied else { return Err(ApiError::Internal("continuation changed nothing".into())) };
         self.broadcast(&applied.texts);
+        // The row keeps the continuation too, so a room or queue rebuilt from it runs the same.
+        let kept = match (env::db(&self.env), applied.meta.continuation.as_deref()) {
+            (Ok(db), Some(text)) => store::set_job_continuation(&db, &applied.meta.job_id, text).await,
+            (Err(e), _) => Err(e.into()),
+            (_, None) => Ok(()),
+        };
+        if let Err(e) = kept {
+            worker::console_error!("job {}: D1 continuation copy failed (the room keeps it): {e:?}", applied.meta.job_id);
+        }
         self.follow_transition(&applied, false).await;
         self.enqueue_app(&applied.meta, None).await;
         Ok(serde_json::json!({ "status": applied.meta.face_status() }))
@@ -1618,6 +1651,10 @@ impl JobRoom {
             (Method::Delete, "/") => {
                 self.delete_room().await?;
                 Ok(Response::empty()?.with_status(204))
+            }
+            (Method::Post, "/gather-reply") => {
+                let reply: serde_json::Value = body_as(&mut req).await?;
+                json(&self.gather_reply(reply).await?)
             }
             (Method::Post, "/gather-now") => {
                 // A runner connected: an owed gather turn need not wait out its backoff.

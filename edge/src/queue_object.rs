@@ -6,11 +6,13 @@
 //! D1 (a job is always queued, leased or ended). An alarm that fails is set again.
 //!
 //! Internal API: `POST /enqueue`, `POST /release`, `POST /relay`, `POST /request` (any runner: the
-//! one with the fewest requests in flight), `POST /request-job` (the runner that holds a job's
+//! one with the fewest requests in flight), `POST /gather` (a room's gather turn: answered at once,
+//! the reply sent to the room's `/gather-reply`), `POST /request-job` (the runner that holds a job's
 //! lease), `GET /stats`, `GET /snapshot`, `GET /connect` (a runner's socket, already authenticated
 //! by the Worker).
 
 use std::cell::RefCell;
+use std::rc::Rc;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -40,6 +42,17 @@ const RECONCILE_GRACE_MS: i64 = 10_000;
 const REQUEST_TIMEOUT_SECS: u64 = 120;
 /// How long a request about a held job's workspace (files) waits for its reply.
 const JOB_REQUEST_TIMEOUT_SECS: u64 = 10;
+
+/// `POST /gather`: a room's gather turn, answered later at the room's `/gather-reply` with
+/// `{context, result}` or `{context, error}`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GatherCall {
+    pub job_id: String,
+    pub request: kiln_schemas::runner::GatherRequest,
+    /// Given back with the reply (the room's turn).
+    #[serde(default)]
+    pub context: serde_json::Value,
+}
 
 /// `POST /request-job`: a request for the runner that holds `job_id`'s lease.
 #[derive(Debug, Serialize, Deserialize)]
@@ -106,7 +119,7 @@ pub fn room_meta(row: &JobRow) -> RoomMeta {
         is_paused: row.is_paused != 0,
         initial_prompt: app.then(|| row.initial_prompt.clone().unwrap_or_else(|| row.prompt.clone())),
         requirements_summary: row.requirements_summary.clone(),
-        continuation: None,
+        continuation: app.then(|| row.continuation()).flatten(),
         gather: Default::default(),
         last_lease: None,
         landing_page_id: row.landing_page_id.clone().filter(|_| row.job_type().is_landing()),
@@ -144,7 +157,7 @@ pub fn enqueue_request(row: &JobRow) -> EnqueueRequest {
         app: (row.job_type() == JobType::AppBuild).then(|| AppBuildParams {
             initial_prompt: row.initial_prompt.clone().unwrap_or_else(|| row.prompt.clone()),
             requirements_summary: row.requirements_summary.clone().unwrap_or_default(),
-            continuation: None,
+            continuation: row.continuation(),
             paused: row.is_paused != 0,
         }),
         // A landing job's page and request; its payload (the page's business_data) is read from
@@ -213,9 +226,9 @@ pub struct Queue {
     /// Period of the reconciliation with the rooms and D1 (`RECONCILE_SECS`, default 30).
     reconcile_ms: i64,
     core: RefCell<Option<QueueState>>,
-    waiting: RefCell<HashMap<String, oneshot::Sender<serde_json::Value>>>,
+    waiting: Rc<RefCell<HashMap<String, oneshot::Sender<serde_json::Value>>>>,
     /// Requests in flight per runner (the least busy runner gets the next one).
-    in_flight: RefCell<HashMap<String, u32>>,
+    in_flight: Rc<RefCell<HashMap<String, u32>>>,
     /// Jobs whose gather turn found no runner: their rooms are told when one says hello, so the
     /// turn need not wait out its backoff.
     gather_waiting: RefCell<std::collections::BTreeSet<String>>,
@@ -545,21 +558,74 @@ impl Queue {
         Ok(serde_json::json!({ "sent": true }))
     }
 
-    /// Sends a request to the connected runner with the fewest requests in flight (it holds no
-    /// slot) and waits for its reply.
-    async fn request(&self, request: RunnerRequest) -> ApiResult<serde_json::Value> {
+    /// The connected runner with the fewest requests in flight (a gather request that finds none
+    /// is remembered: its room is told when a runner says hello).
+    fn pick_runner(&self, request: &RunnerRequest) -> ApiResult<String> {
         let runners = self.with_core(|c| c.runners.iter().map(|r| r.runner_id.clone()).collect::<Vec<_>>())?;
         let runner = {
             let busy = self.in_flight.borrow();
             crate::queue_core::least_busy(&runners, |r| busy.get(r).copied().unwrap_or(0)).map(str::to_string)
         };
-        let Some(runner_id) = runner else {
-            if let RunnerRequest::Gather(g) = &request {
+        runner.ok_or_else(|| {
+            if let RunnerRequest::Gather(g) = request {
                 self.gather_waiting.borrow_mut().insert(g.job_id.clone());
             }
-            return Err(ApiError::Unavailable("no runner is connected".into()));
-        };
+            ApiError::Unavailable("no runner is connected".into())
+        })
+    }
+
+    /// Sends a request to the connected runner with the fewest requests in flight (it holds no
+    /// slot) and waits for its reply.
+    async fn request(&self, request: RunnerRequest) -> ApiResult<serde_json::Value> {
+        let runner_id = self.pick_runner(&request)?;
         self.ask_runner(&runner_id, request, REQUEST_TIMEOUT_SECS).await
+    }
+
+    /// `POST /gather`: sends a room's gather turn to the least busy runner and answers at once;
+    /// the reply (or the timeout, [`REQUEST_TIMEOUT_SECS`]) goes to the room's `/gather-reply`
+    /// with the turn's context, so no room waits on a model.
+    fn gather(&self, req: GatherCall) -> ApiResult<serde_json::Value> {
+        let request = RunnerRequest::Gather(req.request);
+        let runner_id = self.pick_runner(&request)?;
+        let (request_id, rx) = self.send_request(&runner_id, request)?;
+        let (env, waiting, in_flight) = (self.env.clone(), self.waiting.clone(), self.in_flight.clone());
+        let (job_id, context) = (req.job_id, req.context);
+        self.state.wait_until(async move {
+            let timeout = worker::Delay::from(Duration::from_secs(REQUEST_TIMEOUT_SECS));
+            let answer = match select(rx, timeout).await {
+                Either::Left((Ok(value), _)) => serde_json::json!({ "context": context, "result": value }),
+                _ => {
+                    waiting.borrow_mut().remove(&request_id);
+                    serde_json::json!({ "context": context, "error": "the runner did not answer in time" })
+                }
+            };
+            if let Some(n) = in_flight.borrow_mut().get_mut(&runner_id) {
+                *n = n.saturating_sub(1);
+            }
+            // A room that cannot be told finds its turn stale later and runs it again.
+            let told = match env::job_room(&env, &job_id) {
+                Ok(room) => http::call::<serde_json::Value>(&room, Method::Post, "/gather-reply", Some(&answer)).await.map(|_| ()),
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = told {
+                worker::console_warn!("telling the room of {job_id} its gather reply: {e:?}");
+            }
+        });
+        Ok(serde_json::json!({ "sent": true }))
+    }
+
+    /// Sends one request to a runner; answers its id and the channel its reply comes on. The
+    /// runner counts one more request in flight until the caller takes it off.
+    fn send_request(&self, runner_id: &str, request: RunnerRequest) -> ApiResult<(String, oneshot::Receiver<serde_json::Value>)> {
+        let request_id = new_id();
+        let (tx, rx) = oneshot::channel();
+        self.waiting.borrow_mut().insert(request_id.clone(), tx);
+        if !self.send_to_runner(runner_id, &EdgeMessage::Request { request_id: request_id.clone(), request }) {
+            self.waiting.borrow_mut().remove(&request_id);
+            return Err(ApiError::Unavailable("no runner is connected".into()));
+        }
+        *self.in_flight.borrow_mut().entry(runner_id.to_string()).or_insert(0) += 1;
+        Ok((request_id, rx))
     }
 
     /// `POST /request-job`: a request for the runner that holds the job's lease.
@@ -573,14 +639,7 @@ impl Queue {
 
     /// Sends one request to a runner and waits up to `timeout_secs` for its reply.
     async fn ask_runner(&self, runner_id: &str, request: RunnerRequest, timeout_secs: u64) -> ApiResult<serde_json::Value> {
-        let request_id = new_id();
-        let (tx, rx) = oneshot::channel();
-        self.waiting.borrow_mut().insert(request_id.clone(), tx);
-        if !self.send_to_runner(runner_id, &EdgeMessage::Request { request_id: request_id.clone(), request }) {
-            self.waiting.borrow_mut().remove(&request_id);
-            return Err(ApiError::Unavailable("no runner is connected".into()));
-        }
-        *self.in_flight.borrow_mut().entry(runner_id.to_string()).or_insert(0) += 1;
+        let (request_id, rx) = self.send_request(runner_id, request)?;
         let timeout = worker::Delay::from(Duration::from_secs(timeout_secs));
         let answer = match select(rx, timeout).await {
             Either::Left((Ok(value), _)) => Ok(value),
@@ -924,6 +983,7 @@ impl Queue {
             (Method::Post, "/release") => json(&self.release(body_as(&mut req).await?).await?),
             (Method::Post, "/relay") => json(&self.relay(body_as(&mut req).await?)?),
             (Method::Post, "/request") => json(&self.request(body_as(&mut req).await?).await?),
+            (Method::Post, "/gather") => json(&self.gather(body_as(&mut req).await?)?),
             (Method::Post, "/request-job") => json(&self.request_job(body_as(&mut req).await?).await?),
             (Method::Get, "/stats") => json(&self.stats()?),
             (Method::Get, "/snapshot") => json(&self.snapshot(&query("owner").unwrap_or_default())?),
@@ -950,8 +1010,8 @@ impl DurableObject for Queue {
             heartbeat_secs: config.heartbeat_secs,
             reconcile_ms: reconcile_secs.max(1) * 1000,
             core: RefCell::new(None),
-            waiting: RefCell::new(HashMap::new()),
-            in_flight: RefCell::new(HashMap::new()),
+            waiting: Rc::new(RefCell::new(HashMap::new())),
+            in_flight: Rc::new(RefCell::new(HashMap::new())),
             gather_waiting: RefCell::new(Default::default()),
             reconciled_ms: RefCell::new(0),
         };

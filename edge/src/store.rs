@@ -94,6 +94,13 @@ impl JobRow {
             .and_then(|v| serde_json::from_value(v.get("ralph")?.clone()).ok())
     }
 
+    /// An app build's latest continuation requirements, kept in `params` (`continuation`).
+    pub fn continuation(&self) -> Option<String> {
+        serde_json::from_str::<serde_json::Value>(&self.params)
+            .ok()
+            .and_then(|v| v.get("continuation")?.as_str().map(str::to_string))
+    }
+
     /// The job's own `timeoutSeconds`, kept in `params` beside the ralph settings.
     pub fn timeout_seconds(&self) -> Option<u32> {
         serde_json::from_str::<serde_json::Value>(&self.params)
@@ -590,6 +597,18 @@ pub async fn set_ticket_status(
         .bind(&[s(job_id), s(ticket_id), s(status.as_str()), s(assigned_to), s(now)])?
         .run()
         .await?;
+    Ok(())
+}
+
+/// Keeps an app build's continuation requirements in its row (`params.continuation`).
+pub async fn set_job_continuation(db: &D1Database, id: &str, text: &str) -> ApiResult<()> {
+    db.prepare(
+        "UPDATE jobs SET params = json_set(CASE WHEN json_valid(params) THEN params ELSE '{}' END, '$.continuation', ?2)
+         WHERE id = ?1",
+    )
+    .bind(&[s(id), s(text)])?
+    .run()
+    .await?;
     Ok(())
 }
 
