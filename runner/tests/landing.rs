@@ -10,7 +10,8 @@
 //! Claude Code against the demo script for that). Checked: the node events in order with their
 //! data, the files written, the preview published, the bundle kept with one commit per job and a
 //! chat job refining the page init made; a broken build repaired; a build never repaired failing
-//! after MAX_FIX_ATTEMPTS with nothing published; clarify; deploy; cancel; pause and resume.
+//! after MAX_FIX_ATTEMPTS with nothing published; clarify; deploy; cancel; pause and resume; a
+//! spent LLM budget.
 
 mod common;
 
@@ -522,5 +523,42 @@ async fn a_paused_landing_job_waits_between_nodes_until_resumed() {
         lines(&events)
     );
     assert!(runner.edge.preview(&page).is_some());
+    runner.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_llm_budget_fails_the_job_at_its_node() {
+    let server = ModelServer::start(Script::from_value(script()).unwrap());
+    let mut llm = llm(&server);
+    llm.budget = kiln_runner::llm::Budget {
+        max_tokens: Some(400),
+        max_usd: None,
+    };
+    let runner = TestRunner::start(RunnerOptions {
+        llm,
+        ..Default::default()
+    })
+    .await;
+    let page = new_page();
+    let a = landing_job(&page, payload("x"), None);
+    let id = a.job_id.clone();
+    let events = runner.run(a, 60).await;
+    let (outcome, message, ..) = finished(&events);
+    assert_eq!(outcome, Outcome::Failed);
+    assert!(message.starts_with("LLM budget exceeded"), "{message}");
+    let last = nodes(&events).pop().expect("node events");
+    assert_eq!(last.1, "error", "{:#?}", path(&events));
+    assert!(
+        ["router", "design_planner", "designer"].contains(&last.0.as_str()),
+        "{last:?}"
+    );
+    assert_eq!(last.2, message);
+    assert!(
+        last.3["usage"]["input_tokens"].as_u64().unwrap() > 0,
+        "what the node spent: {:?}",
+        last.3
+    );
+    assert!(!path(&events).iter().any(|p| p.starts_with("coder")));
+    assert!(runner.edge.preview_puts(&id).is_empty());
     runner.stop().await;
 }
