@@ -6,7 +6,7 @@ use schemars::{schema_for, Schema};
 
 /// `(file stem, schema)` for every wire type.
 pub fn all() -> Vec<(&'static str, Schema)> {
-    use crate::{app, auth, events, grants, jobs, landing, runner, webhooks};
+    use crate::{app, auth, events, grants, jobs, landing, runner, subscriptions, webhooks};
     vec![
         ("error", schema_for!(crate::ErrorBody)),
         ("auth.register_request", schema_for!(auth::RegisterRequest)),
@@ -60,5 +60,12 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("webhooks.hook_with_secret", schema_for!(webhooks::HookWithSecret)),
         ("webhooks.list", schema_for!(webhooks::HookList)),
         ("webhooks.inbound_answer", schema_for!(webhooks::InboundAnswer)),
+        ("subscriptions.create_request", schema_for!(subscriptions::CreateSubscriptionRequest)),
+        ("subscriptions.update_request", schema_for!(subscriptions::UpdateSubscriptionRequest)),
+        ("subscriptions.subscription", schema_for!(subscriptions::SubscriptionView)),
+        ("subscriptions.list", schema_for!(subscriptions::SubscriptionList)),
+        ("subscriptions.delivery", schema_for!(subscriptions::DeliveryView)),
+        ("subscriptions.delivery_list", schema_for!(subscriptions::DeliveryList)),
+        ("subscriptions.delivery_payload", schema_for!(subscriptions::DeliveryPayload)),
     ]
 }

@@ -14,6 +14,7 @@ pub mod landing;
 pub mod json_schemas;
 pub mod runner;
 pub mod status;
+pub mod subscriptions;
 pub mod validate;
 pub mod webhooks;
 
