@@ -85,6 +85,9 @@ fn when(marker: &str, role: &str) -> Value {
 /// The rules of the shared world's tests, tried before the demo script's.
 fn test_rules() -> Vec<Value> {
     vec![
+        // kiln-flow: the gatherer asks twice before it summarises.
+        json!({"name": "flow-second-question", "when": {"role": "gatherer", "conversation": "kiln-flow", "user_messages": 2},
+               "text": "[demo model] Thanks. And how should they find a book again later?"}),
         // kiln-flow: the CTO's provider rate-limits once (the runner waits Retry-After and asks
         // again); the Secretary agrees only in round 2.
         json!({"name": "flow-cto", "when": when("kiln-flow", "cto"), "error": {"status": 429, "retry_after": 1}, "fail_first": 1,
@@ -159,8 +162,15 @@ async fn an_idea_becomes_a_built_app_through_chat_planning_prd_and_tickets_and_a
     assert!(question["content"].as_str().unwrap().contains(idea), "the gatherer was told the idea: {question}");
     assert_eq!(statuses(&first), ["collecting"]);
 
-    let answered = std::time::Instant::now();
     ws.send_json(&chat("Readers who want to remember what they read")).await;
+    let second = ws
+        .until(WAIT, "the gatherer's second question", |e| e["kind"] == "stageUpdate" && e["role"] == "agent")
+        .await;
+    assert!(second.last().unwrap()["content"].as_str().unwrap().contains("find a book again"), "{second:#?}");
+    assert!(kinds(&second, "stageUpdate").iter().any(|e| e["role"] == "user" && e["content"] == "Readers who want to remember what they read"));
+    assert_eq!(c.job(&id).await["status"], "collecting");
+    let answered = std::time::Instant::now();
+    ws.send_json(&chat("By searching for a title")).await;
     let to_queue = until_status(&mut ws, "queued", WAIT).await;
     println!("answer to the summary and queued: {:?}", answered.elapsed());
     let queued_at = std::time::Instant::now();
@@ -169,7 +179,8 @@ async fn an_idea_becomes_a_built_app_through_chat_planning_prd_and_tickets_and_a
     assert!(summary_message.is_some(), "the summary is posted as a message: {to_queue:#?}");
     let queued = c.job(&id).await;
     let summary = queued["requirements_summary"].as_str().unwrap_or_else(|| panic!("a summary: {queued}"));
-    assert!(summary.contains(&format!("\"{idea}\"")) && summary.contains("Readers who want to remember"), "{summary}");
+    assert!(summary.contains(&format!("\"{idea}\"")) && summary.contains("By searching for a title"), "{summary}");
+    assert_eq!(w.model.requests().iter().filter(|r| r.rule.as_deref() == Some("flow-second-question")).count(), 1);
 
     // Chat after collecting is refused on the socket, which stays open.
     ws.send_json(&chat("one more thing")).await;
