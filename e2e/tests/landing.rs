@@ -259,7 +259,7 @@ fn assert_usage(events: &[Value], node: &str) {
     let usage = &done.first().unwrap_or_else(|| panic!("no {node} node_completed in {events:#?}"))["data"]["usage"];
     assert!(usage["input_tokens"].as_u64().is_some_and(|n| n > 0) && usage["output_tokens"].as_u64().is_some_and(|n| n > 0), "{node}: {usage}");
     assert_eq!(usage["model"], "kiln-demo", "{node}: {usage}");
-    assert!(usage["cost_usd"].is_number(), "{node}: {usage}");
+    assert!(usage.get("cost_usd").is_some(), "{node}: {usage}");
 }
 
 fn ts(e: &Value) -> chrono::DateTime<chrono::FixedOffset> {
