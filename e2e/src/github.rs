@@ -1,5 +1,6 @@
-//! [`FakeGitHub`]: a local stand-in for GitHub's pulls endpoint (`GITHUB_API_URL`), strict about
-//! the token and the body like the real one, recording every call for the tests to inspect.
+//! [`FakeGitHub`]: a local stand-in for GitHub's pulls and issue comments endpoints
+//! (`GITHUB_API_URL`), strict about the token and the body like the real one, recording every call
+//! for the tests to inspect.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -25,11 +26,24 @@ pub struct PullRequestCall {
     pub number: Option<u64>,
 }
 
+/// One `POST /repos/{owner}/{repo}/issues/{number}/comments`, accepted or not.
+#[derive(Debug, Clone)]
+pub struct CommentCall {
+    pub owner: String,
+    pub repo: String,
+    pub number: u64,
+    pub token: Option<String>,
+    pub body: Value,
+    /// What the fake answered.
+    pub status: u16,
+}
+
 #[derive(Default)]
 struct Shared {
     token: String,
     calls: Vec<PullRequestCall>,
     created: Vec<Value>,
+    comments: Vec<CommentCall>,
 }
 
 pub struct FakeGitHub {
@@ -50,6 +64,7 @@ impl FakeGitHub {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let app = Router::new()
             .route("/repos/{owner}/{repo}/pulls", post(create_pull).get(list_pulls))
+            .route("/repos/{owner}/{repo}/issues/{number}/comments", post(create_comment))
             .with_state(shared.clone());
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
@@ -74,6 +89,11 @@ impl FakeGitHub {
     /// Every call so far, in order.
     pub fn calls(&self) -> Vec<PullRequestCall> {
         self.shared.lock().expect("lock").calls.clone()
+    }
+
+    /// Every issue comment call so far, in order.
+    pub fn comments(&self) -> Vec<CommentCall> {
+        self.shared.lock().expect("lock").comments.clone()
     }
 
     /// The calls that created a pull request.
@@ -177,4 +197,36 @@ async fn list_pulls(
         .cloned()
         .collect();
     Json(list).into_response()
+}
+
+/// `POST /repos/{owner}/{repo}/issues/{number}/comments` with `{body}` (a non-empty string).
+async fn create_comment(
+    State(shared): State<Arc<Mutex<Shared>>>,
+    Path((owner, repo, number)): Path<(String, String, u64)>,
+    headers: HeaderMap,
+    body: Option<Json<Value>>,
+) -> Response {
+    let token = bearer(&headers);
+    let body = body.map(|Json(v)| v).unwrap_or(Value::Null);
+    let mut s = shared.lock().expect("lock");
+    let mut record = CommentCall { owner: owner.clone(), repo: repo.clone(), number, token: token.clone(), body: body.clone(), status: 0 };
+    let resp = if token.as_deref() != Some(s.token.as_str()) {
+        record.status = 401;
+        error(StatusCode::UNAUTHORIZED, "Bad credentials")
+    } else if body.get("body").and_then(Value::as_str).is_none_or(|b| b.trim().is_empty()) {
+        record.status = 422;
+        error(StatusCode::UNPROCESSABLE_ENTITY, "Validation Failed: body is required")
+    } else {
+        let id = 5000 + s.comments.len() as u64 + 1;
+        record.status = 201;
+        let comment = json!({
+            "id": id,
+            "body": body["body"],
+            "html_url": format!("https://github.com/{owner}/{repo}/issues/{number}#issuecomment-{id}"),
+            "issue_url": format!("https://api.github.com/repos/{owner}/{repo}/issues/{number}"),
+        });
+        (StatusCode::CREATED, Json(comment)).into_response()
+    };
+    s.comments.push(record);
+    resp
 }

@@ -47,7 +47,7 @@ mod ws;
 
 pub use edge::{EdgeServer, TestEdge};
 pub use git::GitRemotes;
-pub use github::{FakeGitHub, PullRequestCall};
+pub use github::{CommentCall, FakeGitHub, PullRequestCall};
 pub use http::{unique_email, Api, PASSWORD};
 pub use procs::{tail, GroupChild};
 pub use proxy::CutProxy;
