@@ -562,3 +562,64 @@ async fn a_spent_llm_budget_fails_the_job_at_its_node() {
     assert!(runner.edge.preview_puts(&id).is_empty());
     runner.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_answer_that_cannot_be_read_designs_an_init_and_fails_a_chat() {
+    let mut s = script();
+    s["rules"].as_array_mut().unwrap().insert(
+        0,
+        json!({"when": {"role": "router", "conversation": "PROSE_ROUTER"}, "text": "I would design it."}),
+    );
+    let server = ModelServer::start(Script::from_value(s).unwrap());
+    let (runner, _agent) = runner(&server).await;
+    let page = new_page();
+    let events = runner
+        .run(
+            landing_job(&page, payload("signups PROSE_ROUTER"), None),
+            60,
+        )
+        .await;
+    assert_eq!(
+        finished(&events).0,
+        Outcome::Completed,
+        "{:#?}",
+        lines(&events)
+    );
+    let router = node_data(&events, "router", "node_completed");
+    assert_eq!(router["route"], "design");
+    assert!(
+        router["reason"]
+            .as_str()
+            .unwrap()
+            .contains("could not be read"),
+        "{router}"
+    );
+    assert_eq!(
+        server.requests().len(),
+        3,
+        "one router answer, then the planner and the designer"
+    );
+
+    server.clear_requests();
+    let events = runner
+        .run(
+            landing_job(&page, payload("x"), Some("PROSE_ROUTER please")),
+            60,
+        )
+        .await;
+    let (outcome, message, ..) = finished(&events);
+    assert_eq!(outcome, Outcome::Failed);
+    assert!(
+        message.starts_with(
+            "the router node failed: the router step's answer could not be used after 2 tries"
+        ),
+        "{message}"
+    );
+    assert_eq!(path(&events), ["router node", "router error"]);
+    assert_eq!(
+        server.requests().len(),
+        2,
+        "asked once more with the reason"
+    );
+    runner.stop().await;
+}

@@ -496,10 +496,22 @@ impl Landing<'_> {
             self.request,
             state.describe()
         );
+        let init = self.init;
         let asked = p
             .llm(
                 LlmStep::new("router", "router", ROUTER_SYSTEM, prompt).attempts(ANSWER_ATTEMPTS),
-                |text| Ok((parse_route(text)?, vec![])),
+                |text| match parse_route(text) {
+                    Ok(r) => Ok((r, vec![])),
+                    // An init job designs whatever the router says.
+                    Err(e) if init => Ok((
+                        (
+                            Route::Design,
+                            format!("(its answer could not be read: {e})"),
+                        ),
+                        vec![],
+                    )),
+                    Err(e) => Err(e),
+                },
             )
             .await;
         let (asked, reason) = match asked {
