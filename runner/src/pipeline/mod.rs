@@ -467,7 +467,7 @@ impl Pipeline {
     }
 
     /// Runs a command in the job's sandbox.
-    #[allow(dead_code)] // no kind runs a bare command yet; the landing-page kind's build will
+    #[allow(dead_code)] // no kind runs a command whose output it does not read (see command_observed)
     pub(crate) async fn command(
         &mut self,
         job: &JobRun,
