@@ -789,6 +789,7 @@ impl JobRoom {
             st.insert_events(events)
         })?;
         self.broadcast(&texts);
+        crate::deliveries::job_created(&self.state, &self.env, &meta);
         if collecting {
             self.alarm_by(now_ms()).await?;
         }
@@ -812,6 +813,7 @@ impl JobRoom {
 
     async fn follow_transition(&self, applied: &Applied, from_queue: bool) {
         let meta = &applied.meta;
+        crate::deliveries::job_changed(&self.state, &self.env, applied.from, meta, applied.seq, &applied.patch);
         let fail = self.fault("room_d1_copies");
         let db = match env::db(&self.env) {
             Ok(db) => db,

@@ -16,6 +16,8 @@ pub mod time;
 #[cfg(target_arch = "wasm32")]
 mod api;
 #[cfg(target_arch = "wasm32")]
+mod deliveries;
+#[cfg(target_arch = "wasm32")]
 mod env;
 #[cfg(target_arch = "wasm32")]
 mod http;
@@ -35,4 +37,11 @@ pub use queue_object::Queue;
 #[worker::event(fetch)]
 async fn fetch(req: worker::Request, env: worker::Env, _ctx: worker::Context) -> worker::Result<worker::Response> {
     api::handle(req, env).await
+}
+
+/// Outbound webhook deliveries (Cloudflare Queues `WEBHOOK_DELIVERIES`).
+#[cfg(target_arch = "wasm32")]
+#[worker::event(queue)]
+async fn queue(batch: worker::MessageBatch<serde_json::Value>, env: worker::Env, ctx: worker::Context) -> worker::Result<()> {
+    deliveries::consume(batch, env, ctx).await
 }

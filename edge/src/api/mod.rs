@@ -10,6 +10,7 @@ mod grants;
 mod jobs;
 mod landing;
 mod runner;
+pub(crate) mod subscriptions;
 mod webhooks;
 mod ws;
 
@@ -194,6 +195,17 @@ async fn route_authenticated(req: Request, ctx: &Ctx, who: &Principal, method: M
         (Method::Get, ["webhooks", id]) => webhooks::get(ctx, who, id).await,
         (Method::Delete, ["webhooks", id]) => webhooks::delete(ctx, who, id).await,
         (Method::Post, ["webhooks", id, "rotate-secret"]) => webhooks::rotate(ctx, who, id).await,
+        // Outbound webhooks: `GET|POST /webhook-subscriptions` · `GET|PATCH|DELETE /webhook-subscriptions/:id`
+        (Method::Get, ["webhook-subscriptions"]) => subscriptions::list(ctx, who).await,
+        (Method::Post, ["webhook-subscriptions"]) => subscriptions::create(req, ctx, who).await,
+        (Method::Get, ["webhook-subscriptions", id]) => subscriptions::get(ctx, who, id).await,
+        (Method::Patch, ["webhook-subscriptions", id]) => subscriptions::update(req, ctx, who, id).await,
+        (Method::Delete, ["webhook-subscriptions", id]) => subscriptions::delete(ctx, who, id).await,
+        // `GET /webhook-subscriptions/:id/deliveries` · `POST .../deliveries/:delivery_id/redeliver`
+        (Method::Get, ["webhook-subscriptions", id, "deliveries"]) => subscriptions::deliveries(req, ctx, who, id).await,
+        (Method::Post, ["webhook-subscriptions", id, "deliveries", delivery, "redeliver"]) => {
+            subscriptions::redeliver(ctx, who, id, delivery).await
+        }
         _ => Err(ApiError::NotFound("no such endpoint".into())),
     }
 }
