@@ -246,7 +246,7 @@ impl Inbox {
                 self.complete = true;
                 first.then(|| "Session completed: the job ends when the agent's turn does".into())
             }
-            // The supervisor passes these to app builds only.
+            // The supervisor passes these to pipeline kinds only (app builds, landing jobs).
             JobControl::Pause | JobControl::Resume => None,
         }
     }
