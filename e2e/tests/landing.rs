@@ -480,7 +480,10 @@ async fn the_stream_resumes_after_last_event_id_losing_and_repeating_nothing() {
     let head = c.stream(&id, None, JOB_TIMEOUT, |e| is_end(e) || e.data["node"] == "designer").await;
     assert!(head.len() >= 3, "{head:#?}");
     let last = head.last().unwrap().id.clone().expect("events carry ids");
+    assert!(!head.iter().any(is_end), "the first stream stopped before the end: {head:#?}");
     let tail = c.stream(&id, Some(&last), JOB_TIMEOUT, is_end).await;
+    let next: u64 = last.parse::<u64>().expect("numeric event ids") + 1;
+    assert_eq!(tail.first().and_then(|e| e.id.clone()), Some(next.to_string()), "the resumed stream starts after Last-Event-ID");
     assert!(tail.last().is_some_and(is_end), "the stream reaches __end__: {tail:#?}");
     let streamed: Vec<Value> = head.iter().chain(&tail).map(|e| e.data.clone()).collect();
     let job = c.job(&id).await;
@@ -519,4 +522,32 @@ async fn another_users_jobs_and_pages_are_not_found() {
     // The owner's job is untouched and completes.
     assert_completed(&owner.wait_terminal(&id, JOB_TIMEOUT).await);
     let _ = &w.model;
+}
+
+#[tokio::test]
+async fn a_clarify_chat_asks_and_a_deploy_only_chat_publishes_without_coding() {
+    let w = shared().await;
+    let c = w.user("l4-routes").await;
+    let s = session("l4-routes");
+    let answer = c.init(&s, payload("Routed Page", "")).await;
+    let first = c.wait_terminal(answer["job_id"].as_str().unwrap(), JOB_TIMEOUT).await;
+    assert_completed(&first);
+    let preview = end(&first)["data"]["preview_url"].as_str().unwrap().to_string();
+    let (_, _, _, before) = fetch(&preview).await;
+
+    let job = c.wait_terminal(&c.chat(&s, "CLARIFY_ME: make it better").await, JOB_TIMEOUT).await;
+    assert_completed(&job);
+    let st = steps(&job);
+    assert!(in_order(&st, &[("router", "node_completed"), ("router", "clarify"), ("__end__", "job_completed")]), "{st:#?}");
+    assert!(st.iter().all(|(n, _)| !["coder", "build_check", "deployer"].contains(&n.as_str())), "{st:#?}");
+    let reply = end(&job)["data"]["reply"].as_str().unwrap_or_default().to_string();
+    assert!(reply.contains("Which section should change"), "the router's question is the reply: {job:#}");
+
+    let job = c.wait_terminal(&c.chat(&s, "DEPLOY_ONLY").await, JOB_TIMEOUT).await;
+    assert_completed(&job);
+    let st = steps(&job);
+    assert!(in_order(&st, &[("router", "node_completed"), ("build_check", "node_completed"), ("deployer", "node_completed"), ("__end__", "job_completed")]), "{st:#?}");
+    assert!(st.iter().all(|(n, _)| n != "coder" && n != "designer"), "{st:#?}");
+    assert_eq!(find(&events(&job), "router", "node_completed")[0]["data"]["route"], "deploy");
+    assert_eq!(fetch(&preview).await.3, before, "republished as it was");
 }
