@@ -139,6 +139,7 @@ struct Phase {
     freshness: Vec<Duration>,
     appended: usize,
     bytes: u64,
+    errors: usize,
 }
 
 async fn phase(http: &reqwest::Client, base: &str, token: &str, runner: &mut HandRunner, incremental: bool, tag: &str, length: Duration) -> anyhow::Result<Phase> {
@@ -159,13 +160,26 @@ async fn phase(http: &reqwest::Client, base: &str, token: &str, runner: &mut Han
         tasks.push(tokio::spawn(async move {
             let mut samples = vec![];
             let mut bytes = 0u64;
+            let mut errors = 0usize;
             let mut after = start_after;
             while Instant::now() < stop {
                 let target = if incremental { format!("{url}?after={after}") } else { url.clone() };
                 let t = Instant::now();
-                let resp = http.get(&target).bearer_auth(&token).send().await?;
-                anyhow::ensure!(resp.status() == 200, "GET answered {}", resp.status());
-                let body = resp.bytes().await?;
+                // A failed poll is counted and the poller goes on (the table says how many).
+                let body = match http.get(&target).bearer_auth(&token).send().await {
+                    Ok(resp) if resp.status() == 200 => match resp.bytes().await {
+                        Ok(b) => b,
+                        Err(_) => {
+                            errors += 1;
+                            continue;
+                        }
+                    },
+                    _ => {
+                        errors += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
                 let at = Instant::now();
                 samples.push(at - t);
                 bytes += body.len() as u64;
@@ -184,7 +198,7 @@ async fn phase(http: &reqwest::Client, base: &str, token: &str, runner: &mut Han
                     }
                 }
             }
-            anyhow::Ok((samples, bytes))
+            anyhow::Ok((samples, bytes, errors))
         }));
     }
     // The runner appends while they poll.
@@ -198,10 +212,12 @@ async fn phase(http: &reqwest::Client, base: &str, token: &str, runner: &mut Han
     }
     let mut latencies = vec![];
     let mut bytes = 0;
+    let mut errors = 0;
     for t in tasks {
-        let (s, b) = t.await??;
+        let (s, b, e) = t.await??;
         latencies.extend(s);
         bytes += b;
+        errors += e;
     }
     let elapsed = started.elapsed();
     latencies.sort();
@@ -209,7 +225,7 @@ async fn phase(http: &reqwest::Client, base: &str, token: &str, runner: &mut Han
     let seen = seen.lock().unwrap();
     let mut freshness: Vec<Duration> = posted.iter().filter_map(|(k, p)| seen.get(k).map(|s| s.saturating_duration_since(*p))).collect();
     freshness.sort();
-    Ok(Phase { requests: latencies.len(), latencies, elapsed, freshness, appended: posted.len(), bytes })
+    Ok(Phase { requests: latencies.len(), latencies, elapsed, freshness, appended: posted.len(), bytes, errors })
 }
 
 async fn measure(label: &str, base: &str, length: Duration) -> anyhow::Result<Vec<Row>> {
@@ -238,6 +254,26 @@ async fn measure(label: &str, base: &str, length: Duration) -> anyhow::Result<Ve
     anyhow::ensure!(n == EVENTS, "the job holds {n} events, not {EVENTS}");
 
     let mut rows = vec![];
+    // One poller alone: the cost of an answer without queueing behind the others.
+    for (query, name) in [("", "full"), ("?after=500", "?after (no new)")] {
+        let url = format!("{base}/v1/jobs/{job_id}{query}");
+        let mut samples = vec![];
+        for i in 0..120 {
+            let t = Instant::now();
+            http.get(&url).bearer_auth(&token).send().await?.error_for_status()?.bytes().await?;
+            if i >= 20 {
+                samples.push(t.elapsed());
+            }
+        }
+        samples.sort();
+        rows.push(Row {
+            name: format!("{label}: GET {name}, 1 poller"),
+            samples: samples.len(),
+            p50: percentile(&samples, 50.0),
+            p99: percentile(&samples, 99.0),
+            extra: "sequential".into(),
+        });
+    }
     for (incremental, name, tag) in [(false, "full", "f"), (true, "?after=next_after", "a")] {
         let p = phase(&http, base, &token, &mut runner, incremental, tag, length).await?;
         let rps = p.requests as f64 / p.elapsed.as_secs_f64();
@@ -246,7 +282,11 @@ async fn measure(label: &str, base: &str, length: Duration) -> anyhow::Result<Ve
             samples: p.requests,
             p50: percentile(&p.latencies, 50.0),
             p99: percentile(&p.latencies, 99.0),
-            extra: format!("{rps:.0} req/s, {:.1} KB/answer", p.bytes as f64 / p.requests.max(1) as f64 / 1024.0),
+            extra: format!(
+                "{rps:.0} req/s, {:.1} KB/answer, {} failed",
+                p.bytes as f64 / p.requests.max(1) as f64 / 1024.0,
+                p.errors
+            ),
         });
         rows.push(Row {
             name: format!("{label}: freshness, {name}"),
