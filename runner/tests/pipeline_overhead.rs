@@ -67,8 +67,15 @@ async fn the_engines_overhead_per_llm_step() {
     })
     .await;
 
+    let unix_us = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64
+    };
     let mut samples: Vec<Overhead> = Vec::new();
     for _ in 0..JOBS {
+        let t0 = unix_us();
         let mut a = assignment(JobType::AppBuild, "a list");
         a.app = Some(AppBuildParams {
             initial_prompt: "a list".into(),
@@ -92,6 +99,31 @@ async fn the_engines_overhead_per_llm_step() {
             })
             .collect();
         assert_eq!(measured.len(), STEPS_PER_JOB, "every LLM step is measured");
+        // The marks are on the wall clock, in order, within the job's run.
+        let t1 = unix_us();
+        for o in &measured {
+            let marks = [
+                t0,
+                o.started_at_us,
+                o.first_token_at_us,
+                o.last_token_at_us,
+                o.handed_at_us,
+                t1,
+            ];
+            assert!(
+                marks.windows(2).all(|w| w[0] <= w[1]),
+                "{o:?} within {t0}..{t1}"
+            );
+            // The same instants as the overheads (each mark rounded to a microsecond apart).
+            let before =
+                (o.first_token_at_us - o.started_at_us) as i64 - o.server_first_byte_us as i64;
+            let after = (o.handed_at_us - o.last_token_at_us) as i64 - o.server_tail_us as i64;
+            assert!(
+                (before - o.before_first_token_us as i64).abs() <= 2
+                    && (after - o.after_last_token_us as i64).abs() <= 2,
+                "{o:?}"
+            );
+        }
         samples.extend(measured);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
