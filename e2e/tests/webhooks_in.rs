@@ -328,6 +328,19 @@ async fn webhooks_refuse_bad_deliveries_and_bad_input_and_store_nothing() {
     assert_eq!(r1["job_id"], r2["job_id"], "{r1} {r2}");
     assert_eq!(job_count(&api, &token).await, 2);
     assert_eq!(deliveries_stored(&edge), 2);
+    // The same delivery sent five times at once: one job; the others answer it or 409 (retry).
+    let burst = json!({"title": "burst", "text": "x", "repo": "shop", "priority": 0});
+    let answers = futures::future::join_all(
+        (0..5).map(|_| generic(&api, &gen_id, &gen_secret, unix_now(), Some("burst-1"), &burst)),
+    )
+    .await;
+    let ids: std::collections::HashSet<String> =
+        answers.iter().filter_map(|(_, a)| a["job_id"].as_str().map(str::to_string)).collect();
+    assert_eq!(ids.len(), 1, "{answers:?}");
+    for (status, a) in &answers {
+        assert!(*status == StatusCode::CREATED || *status == StatusCode::CONFLICT, "{status} {a}");
+    }
+    assert_eq!(job_count(&api, &token).await, 3);
 
     // Rotation: the old secret stops verifying at once, the new one works.
     let (status, rotated) = api.post(&format!("/webhooks/{gen_id}/rotate-secret"), &token, json!({})).await;

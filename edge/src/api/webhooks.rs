@@ -361,9 +361,6 @@ async fn release(db: &D1Database, hook_id: &str, delivery: &str) {
 /// Starts the mapped job as the hook's owner, once per delivery.
 async fn start(ctx: &Ctx, hook: &HookRow, delivery: &str, event: &str, mut job_body: Value, issue: Option<IssueRef>) -> ApiResult {
     let db = env::db(&ctx.env)?;
-    if let Some(job) = earlier_answer(&db, &hook.id, delivery).await? {
-        return started(job);
-    }
     let Some(who) = owner_principal(&db, &hook.owner).await? else {
         return not_accepted("the hook's owner no longer exists");
     };
@@ -424,6 +421,10 @@ pub async fn github(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult {
     let delivery = header(&req, wh::GITHUB_DELIVERY_HEADER)?
         .filter(|d| wh::valid_delivery_id(d))
         .ok_or_else(|| ApiError::BadRequest("X-GitHub-Delivery is required (printable, at most 200 characters)".into()))?;
+    // A redelivery is answered what the first delivery was, whatever the rules say now.
+    if let Some(job) = earlier_answer(&env::db(&ctx.env)?, &hook.id, &delivery).await? {
+        return started(job);
+    }
     let payload: Value = serde_json::from_slice(&body)
         .map_err(|_| ApiError::BadRequest("the body is not JSON: set the hook's content type to application/json".into()))?;
     let mapped = match wh::map_github(&hook.rules(), &event, &payload) {
@@ -448,6 +449,9 @@ pub async fn generic(mut req: Request, ctx: &Ctx, id: &str) -> ApiResult {
         // delivery.
         None => format!("sig:{}", signature.split(',').find_map(|p| p.trim().strip_prefix("v1=")).unwrap_or_default()),
     };
+    if let Some(job) = earlier_answer(&env::db(&ctx.env)?, &hook.id, &delivery).await? {
+        return started(job);
+    }
     let payload: Value = serde_json::from_slice(&body).map_err(|_| ApiError::BadRequest("request body is not valid JSON".into()))?;
     let Some(template) = hook.template() else {
         return not_accepted("the hook has no template");
