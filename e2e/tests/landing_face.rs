@@ -5,8 +5,9 @@
 //! landing pages (list, get, by session, patch, delete; 409 while a job of it waits), another
 //! user's ids answering 404 on every endpoint, and, with a hand-written runner posting node events
 //! through the runner protocol, the SSE stream: live events, keepalives, `Last-Event-ID` and
-//! `?after=` resume losing and repeating nothing, the end at `__end__`, and a deleted page's
-//! preview and bundle gone from R2.
+//! `?after=` resume losing and repeating nothing, the end at `__end__`, a deleted page's
+//! preview and bundle gone from R2, and a stream ended (with an `error` event) at its token's
+//! expiry.
 //!
 //! No runner is connected to the shared edge: its jobs stay pending. The stream tests run on an
 //! edge of their own with the hand runner.
@@ -692,6 +693,31 @@ async fn the_stream_follows_resumes_and_ends() {
         let said = format!("{}{}", String::from_utf8_lossy(&got.stdout), String::from_utf8_lossy(&got.stderr));
         assert!(!got.status.success() && said.contains("does not exist"), "{key} is gone from R2: {said}");
     }
+}
+
+#[tokio::test]
+async fn a_stream_ends_when_its_token_expires() {
+    let edge = TestEdge::start(&[("ACCESS_TOKEN_TTL_SECS", "8")]).await.expect("starting wrangler dev");
+    let u = User::new(&edge, "lf-expiry").await;
+    let job = u.init(&session("exp"), "Expiring").await["job_id"].as_str().unwrap().to_string();
+    let opened = std::time::Instant::now();
+    let mut sse = Sse::open(&edge, &u.token, &job, "", None).await;
+    let error = loop {
+        match sse.frame().await {
+            Some(f) if f.event.as_deref() == Some("error") => break f,
+            Some(f) => assert!(f.id.is_none(), "no node event: {f:?}"),
+            None => panic!("the stream ended without saying why"),
+        }
+    };
+    let data: Value = serde_json::from_str(error.data.as_deref().unwrap()).unwrap();
+    assert!(data["error"].as_str().unwrap().contains("expired"), "{data}");
+    assert!(opened.elapsed() < Duration::from_secs(9), "at the token's expiry: {:?}", opened.elapsed());
+    // Then it ends, once told.
+    while let Some(f) = sse.frame().await {
+        assert!(f.event.is_none() && f.id.is_none(), "nothing after the error: {f:?}");
+    }
+    let (status, _) = u.get(&format!("/v1/jobs/{job}/stream")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "the expired token opens no stream");
 }
 
 /// `wrangler r2 object <args> --local` on an edge's state (stop the edge first: workerd holds it).

@@ -158,6 +158,8 @@ impl Relay {
             self.error("could not follow the job");
             return;
         };
+        // Whether the client was told why the stream ends.
+        let mut told = false;
         loop {
             let delay = Delay::from(std::time::Duration::from_millis(self.keepalive_ms));
             match select(events.next(), delay).await {
@@ -174,14 +176,16 @@ impl Relay {
                             break;
                         }
                     } else if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                        // The room's own word (a `kind: error`, as when the credential expires).
+                        // The room's own word (a `kind: error`, as when the credential expires:
+                        // its socket closes next).
                         if v.get("kind").and_then(|k| k.as_str()) == Some("error") {
                             self.error(v.get("message").and_then(|m| m.as_str()).unwrap_or("error"));
+                            told = true;
                         }
                     }
                 }
                 Either::Left((Some(Ok(WebsocketEvent::Close(c))), _)) => {
-                    if c.code() != 1000 {
+                    if c.code() != 1000 && !told {
                         self.error(&format!("the job's channel closed ({}); reconnect with Last-Event-ID", c.code()));
                     }
                     break;
