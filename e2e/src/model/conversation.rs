@@ -438,18 +438,27 @@ impl Conversation {
     pub fn landing_product(&self) -> Option<String> {
         let prompts = self.prompts();
         let clean = |v: &str| {
-            let v = v.trim().trim_end_matches(',').trim().trim_matches(|c| c == '"' || c == '\'' || c == '`');
+            let v = v
+                .trim()
+                .trim_end_matches(',')
+                .trim()
+                .trim_matches(|c| c == '"' || c == '\'' || c == '`');
             (!v.is_empty()).then(|| v.to_string())
         };
         let headline = prompts.iter().rev().find_map(|p| {
-            p.lines().rev().find_map(|l| clean(&l[l.find("Headline:")? + "Headline:".len()..]))
+            p.lines()
+                .rev()
+                .find_map(|l| clean(&l[l.find("Headline:")? + "Headline:".len()..]))
         });
         headline.or_else(|| {
             prompts.iter().rev().find_map(|p| {
                 p.lines().find_map(|l| {
                     let lower = l.to_ascii_lowercase();
-                    let at = ["productname", "product name"].iter().find_map(|k| Some(lower.find(k)? + k.len()))?;
-                    let rest = l[at..].trim_start_matches(|c: char| c == '"' || c == ':' || c.is_whitespace());
+                    let at = ["productname", "product name"]
+                        .iter()
+                        .find_map(|k| Some(lower.find(k)? + k.len()))?;
+                    let rest = l[at..]
+                        .trim_start_matches(|c: char| c == '"' || c == ':' || c.is_whitespace());
                     let end = rest.find('"').unwrap_or(rest.len());
                     clean(&rest[..end])
                 })
