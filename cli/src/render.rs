@@ -185,6 +185,10 @@ pub fn event_lines(view: &mut FollowView, ev: &ServerEvent, p: Palette) -> Vec<S
             vec![format!("{time} {} {}", p.bold(&format!("ticket {} {}", sanitize(title), sanitize(status))), sanitize(message))]
         }
         EventBody::TicketReset { .. } => vec![format!("{time} {}", p.dim("· the backlog is being rewritten"))],
+        EventBody::Progress { percent, stage, .. } => {
+            let stage = stage.as_deref().map(|s| format!(" ({})", sanitize(s))).unwrap_or_default();
+            vec![format!("{time} {}", p.dim(&format!("· {percent:.0}%{stage}")))]
+        }
         EventBody::Node { node, event_type, message, .. } => {
             let who = p.cyan(&format!("[{} {}]", sanitize(node), sanitize(event_type)));
             sanitize_lines(message).into_iter().map(|l| format!("{time} {who} {l}")).collect()

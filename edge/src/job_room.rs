@@ -484,6 +484,11 @@ impl RoomStore {
             match ev.event {
                 RunnerEvent::Log { stream, content } => bodies.push(EventBody::Log { stream, content, timestamp: ts }),
                 RunnerEvent::Agent { event } => bodies.push(EventBody::AgentEvent { event, timestamp: ts }),
+                RunnerEvent::Progress { percent, stage, data } => {
+                    let data = if data.is_null() { serde_json::json!({}) } else { data };
+                    let percent = if percent.is_finite() { percent.clamp(0.0, 100.0) } else { 0.0 };
+                    bodies.push(EventBody::Progress { percent, stage, data, timestamp: ts })
+                }
                 RunnerEvent::Node { node, event_type, message, data } => {
                     let data = if data.is_null() { serde_json::json!({}) } else { data };
                     bodies.push(EventBody::Node { node, event_type, message, data, timestamp: ts })

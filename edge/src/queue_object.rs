@@ -165,6 +165,8 @@ pub fn enqueue_request(row: &JobRow) -> EnqueueRequest {
         landing: landing_params(row),
         // A webhook-started job's issue (`sourceIssue` in its params).
         source_issue: kiln_schemas::webhooks::IssueRef::from_params(&row.params),
+        // Dashboard jobs (seed 002): filled by the dashboard face's work.
+        dashboard: None,
     };
     EnqueueRequest { pending, assignment }
 }

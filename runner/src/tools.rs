@@ -53,6 +53,7 @@ pub fn report(
         demo_model: agent.demo_model,
         git_version,
         forge_token,
+        round_table: vec![],
     }
 }
 

@@ -95,6 +95,16 @@ pub enum EventBody {
     /// `job_completed`, `job_failed` or `job_cancelled`, written by the room.
     #[serde(rename = "node")]
     Node { node: String, event_type: String, message: String, data: Value, timestamp: String },
+    /// How far a running step is (seed 002's tasks and pipelines): 0–100, the stage it is in
+    /// (`generating`, `scoring`, …) and what it reports.
+    #[serde(rename = "progress")]
+    Progress {
+        percent: f64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stage: Option<String>,
+        data: Value,
+        timestamp: String,
+    },
 }
 
 impl EventBody {
@@ -112,6 +122,7 @@ impl EventBody {
             EventBody::TicketUpdate { .. } => "ticketUpdate",
             EventBody::TicketReset { .. } => "ticketReset",
             EventBody::Node { .. } => "node",
+            EventBody::Progress { .. } => "progress",
         }
     }
 
@@ -127,7 +138,8 @@ impl EventBody {
             | EventBody::PrdReady { timestamp, .. }
             | EventBody::TicketUpdate { timestamp, .. }
             | EventBody::TicketReset { timestamp, .. }
-            | EventBody::Node { timestamp, .. } => timestamp,
+            | EventBody::Node { timestamp, .. }
+            | EventBody::Progress { timestamp, .. } => timestamp,
         }
     }
 
@@ -160,6 +172,7 @@ impl EventBody {
             }
             EventBody::TicketReset { .. } => return None,
             EventBody::Node { node, event_type, message, .. } => ("system", format!("[{node} {event_type}] {message}")),
+            EventBody::Progress { .. } => return None,
         };
         Some(JobMessage { kind: kind.to_string(), content, created_at: self.timestamp().to_string() })
     }

@@ -542,6 +542,7 @@ mod tests {
                 demo_model: demo,
                 git_version: Some("git version 2.39.5".into()),
                 forge_token: forge,
+                round_table: vec![],
             },
         }
     }

@@ -6,7 +6,7 @@ use schemars::{schema_for, Schema};
 
 /// `(file stem, schema)` for every wire type.
 pub fn all() -> Vec<(&'static str, Schema)> {
-    use crate::{app, auth, events, grants, jobs, landing, runner, subscriptions, webhooks};
+    use crate::{app, auth, dashboard, events, grants, jobs, landing, runner, subscriptions, webhooks};
     vec![
         ("error", schema_for!(crate::ErrorBody)),
         ("auth.register_request", schema_for!(auth::RegisterRequest)),
@@ -45,6 +45,14 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("app.pause_answer", schema_for!(app::PauseAnswer)),
         ("app.purge_answer", schema_for!(app::PurgeAnswer)),
         ("app.workspace_snapshot", schema_for!(app::WorkspaceSnapshot)),
+        ("dashboard.agent", schema_for!(dashboard::AgentView)),
+        ("dashboard.execute_answer", schema_for!(dashboard::ExecuteAnswer)),
+        ("dashboard.task", schema_for!(dashboard::TaskView)),
+        ("dashboard.competition", schema_for!(dashboard::CompetitionView)),
+        ("dashboard.provider", schema_for!(dashboard::ProviderView)),
+        ("dashboard.provider_stats", schema_for!(dashboard::ProviderStats)),
+        ("dashboard.pipeline_3d", schema_for!(dashboard::Pipeline3dView)),
+        ("dashboard.channel_client_message", schema_for!(dashboard::ChannelClientMessage)),
         ("landing.init_answer", schema_for!(landing::InitAnswer)),
         ("landing.chat_answer", schema_for!(landing::ChatAnswer)),
         ("landing.job", schema_for!(landing::LandingJobEnvelope)),

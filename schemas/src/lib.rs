@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod dashboard;
 pub mod events;
 pub mod grants;
 pub mod jobs;

@@ -41,6 +41,10 @@ pub struct RunnerTools {
     /// Whether the runner holds a forge token (`GITHUB_TOKEN`) to push over https and open pull
     /// requests.
     pub forge_token: bool,
+    /// The providers this runner's round tables use (seed 002's `GET
+    /// /api/v1/round-table/providers`); none for a runner without `[llm]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub round_table: Vec<crate::dashboard::ProviderView>,
 }
 
 /// A job a runner holds, with the lease it holds it under.
@@ -185,10 +189,41 @@ pub struct Assignment {
     /// session's workspace is a git repository kept as a bundle between jobs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub landing: Option<LandingParams>,
+    /// A dashboard job's inputs (seed 002 kinds; repository fields empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dashboard: Option<DashboardParams>,
     /// The GitHub issue (or pull request) a webhook started this job from: the runner comments on
     /// it with the pull request it opens (issue 12).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_issue: Option<crate::webhooks::IssueRef>,
+}
+
+/// What a dashboard job (seed 002) starts from, by kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DashboardParams {
+    /// An agent's task: the prompt is the job's; the agent's definition as it was at submit.
+    AgentTask {
+        agent_type: String,
+        /// The LLM role its steps use (`[llm.roles]`; falls back to `default`).
+        model_role: String,
+        technique: String,
+        instructions: String,
+        parameters: Value,
+        /// Answer through a round table (the winner's answer is the result).
+        use_round_table: bool,
+    },
+    /// A learning cycle: review these recent tasks and rewrite the instructions.
+    AgentLearn { agent_type: String, instructions: String, recent: Vec<Value> },
+    /// Every listed provider (`provider/model` as the runner's `[llm]` names them; `None`: the
+    /// runner's round-table providers) answers the prompt, a judge scores, the top two are
+    /// compared.
+    RoundTable {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        providers: Option<Vec<String>>,
+    },
+    /// Text to 3D, validated and uploaded.
+    Pipeline3d { format: String, max_faces: u32, max_texture_size: u32 },
 }
 
 /// What a landing job (seed 001) starts from.
@@ -261,6 +296,15 @@ pub enum RunnerEvent {
         node: String,
         event_type: String,
         message: String,
+        #[serde(default)]
+        data: Value,
+    },
+    /// How far the job is (`progress`; seed 002's `task_update`/`pipeline_update`/
+    /// `competition_update` are views of it).
+    Progress {
+        percent: f64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stage: Option<String>,
         #[serde(default)]
         data: Value,
     },
@@ -365,6 +409,11 @@ pub struct BatchAck {
     /// False when the lease is no longer this runner's (cancelled, requeued): stop the job.
     pub lease_valid: bool,
 }
+
+/// `PUT /runner/v1/jobs/<job_id>/artifact?lease_id=&name=<file name>` (bearer: the runner token):
+/// a file a job produced (a 3D model), raw bytes up to `MAX_ARTIFACT_BYTES`, kept in R2 at
+/// `artifacts/<job_id>/<name>`; answers `{"url"}` where the edge serves it to the job's owner.
+pub const MAX_ARTIFACT_BYTES: usize = 64 * 1024 * 1024;
 
 /// `PUT|GET /runner/v1/jobs/<job_id>/bundle?lease_id=` (bearer: the runner token): a landing
 /// session's workspace as a git bundle (`application/octet-stream`, at most

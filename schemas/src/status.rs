@@ -21,11 +21,29 @@ pub enum JobType {
     LandingInit,
     /// Seed 001's chat job: the graph again over the session's page, with a user's request.
     LandingChat,
+    /// Seed 002's task for one of the owner's agents (`/api/v1/tasks`, `execute`).
+    AgentTask,
+    /// Seed 002's learning cycle of an agent (`learn`).
+    AgentLearn,
+    /// Seed 002's LLM round table (`/api/v1/round-table/compete`).
+    RoundTable,
+    /// Seed 002's 3D asset pipeline (`/api/v1/3d`).
+    Pipeline3d,
 }
 
 impl JobType {
-    pub const ALL: [JobType; 6] =
-        [JobType::Code, JobType::Task, JobType::Ralph, JobType::AppBuild, JobType::LandingInit, JobType::LandingChat];
+    pub const ALL: [JobType; 10] = [
+        JobType::Code,
+        JobType::Task,
+        JobType::Ralph,
+        JobType::AppBuild,
+        JobType::LandingInit,
+        JobType::LandingChat,
+        JobType::AgentTask,
+        JobType::AgentLearn,
+        JobType::RoundTable,
+        JobType::Pipeline3d,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -35,6 +53,10 @@ impl JobType {
             JobType::AppBuild => "app_build",
             JobType::LandingInit => "landing_init",
             JobType::LandingChat => "landing_chat",
+            JobType::AgentTask => "agent_task",
+            JobType::AgentLearn => "agent_learn",
+            JobType::RoundTable => "round_table",
+            JobType::Pipeline3d => "pipeline_3d",
         }
     }
 
@@ -46,6 +68,11 @@ impl JobType {
     /// Seed 001's landing-page kinds.
     pub fn is_landing(self) -> bool {
         matches!(self, JobType::LandingInit | JobType::LandingChat)
+    }
+
+    /// Seed 002's dashboard kinds.
+    pub fn is_dashboard(self) -> bool {
+        matches!(self, JobType::AgentTask | JobType::AgentLearn | JobType::RoundTable | JobType::Pipeline3d)
     }
 
     /// Whether a job of this kind may go `from → to`: [`JobStatus::can_become`], and for an app

@@ -294,6 +294,10 @@ impl JobRun {
         if matches!(a.job_type, JobType::LandingInit | JobType::LandingChat) {
             return super::landing::run(self, controls).await;
         }
+        if a.job_type.is_dashboard() {
+            // Seed 002's kinds land in the dashboard's own modules.
+            return failed(format!("This runner does not run {} jobs yet", a.job_type.as_str()));
+        }
         let repo = match RepoRef::new(&a.github_org, &a.github_repo) {
             Ok(r) => r,
             Err(e) => return failed(e.to_string()),
@@ -337,9 +341,13 @@ impl JobRun {
                 JobType::Code => this.run_code().await,
                 JobType::Task => this.run_task(controls).await,
                 JobType::Ralph => this.run_ralph(controls).await,
-                JobType::AppBuild | JobType::LandingInit | JobType::LandingChat => {
-                    unreachable!("pipeline kinds are run before the worktree")
-                }
+                JobType::AppBuild
+                | JobType::LandingInit
+                | JobType::LandingChat
+                | JobType::AgentTask
+                | JobType::AgentLearn
+                | JobType::RoundTable
+                | JobType::Pipeline3d => unreachable!("pipeline kinds are run before the worktree"),
             }
         };
         // Handlers check the worktree after every command; this catches one that grows it while

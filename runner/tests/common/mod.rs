@@ -181,6 +181,7 @@ pub fn assignment(job_type: JobType, prompt: &str) -> Assignment {
         timeout_seconds: None,
         app: None,
         landing: None,
+        dashboard: None,
         source_issue: None,
     }
 }
