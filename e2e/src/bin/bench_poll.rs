@@ -3,7 +3,7 @@
 //! pollers for a fixed time, closed loop (each polls again as soon as its answer is read): p50/p99
 //! latency and requests/s, and freshness (a new node event appended → the first poller that sees
 //! it), first with full polls (every event each time), then with `?after=<next_after>` (only new
-//! events). Meanwhile the runner appends one event every 200 ms; freshness is measured from the
+//! events); then full polls paced as seed 001 recommends (every 1.5 s per poller, spread). Meanwhile the runner appends one event every 200 ms; freshness is measured from the
 //! start of its POST (an upper bound: the room stores the event before the POST is answered).
 //!
 //! `cargo run --release -p kiln-e2e --bin bench_poll` starts its own edges (the `wrangler dev`
@@ -142,7 +142,17 @@ struct Phase {
     errors: usize,
 }
 
-async fn phase(http: &reqwest::Client, base: &str, token: &str, runner: &mut HandRunner, incremental: bool, tag: &str, length: Duration) -> anyhow::Result<Phase> {
+#[allow(clippy::too_many_arguments)]
+async fn phase(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    runner: &mut HandRunner,
+    incremental: bool,
+    pace: Option<Duration>,
+    tag: &str,
+    length: Duration,
+) -> anyhow::Result<Phase> {
     let url = format!("{base}/v1/jobs/{}", runner.job_id);
     // k → when its POST started; k → when a poller first saw it.
     let posted: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
@@ -155,14 +165,20 @@ async fn phase(http: &reqwest::Client, base: &str, token: &str, runner: &mut Han
     let started = Instant::now();
     let stop = started + length;
     let mut tasks = vec![];
-    for _ in 0..POLLERS {
+    for n in 0..POLLERS {
         let (http, url, token, seen, prefix) = (http.clone(), url.clone(), token.to_string(), seen.clone(), prefix.clone());
+        let pace = pace;
         tasks.push(tokio::spawn(async move {
+            // Paced pollers start spread over one interval, as many users' would.
+            if let Some(p) = pace {
+                tokio::time::sleep(p * n as u32 / POLLERS as u32).await;
+            }
             let mut samples = vec![];
             let mut bytes = 0u64;
             let mut errors = 0usize;
             let mut after = start_after;
             while Instant::now() < stop {
+                let began = Instant::now();
                 let target = if incremental { format!("{url}?after={after}") } else { url.clone() };
                 let t = Instant::now();
                 // A failed poll is counted and the poller goes on (the table says how many).
@@ -196,6 +212,9 @@ async fn phase(http: &reqwest::Client, base: &str, token: &str, runner: &mut Han
                     for j in 0..=k {
                         seen.entry(j).or_insert(at);
                     }
+                }
+                if let Some(p) = pace {
+                    tokio::time::sleep((began + p).saturating_duration_since(Instant::now())).await;
                 }
             }
             anyhow::Ok((samples, bytes, errors))
@@ -274,8 +293,13 @@ async fn measure(label: &str, base: &str, length: Duration) -> anyhow::Result<Ve
             extra: "sequential".into(),
         });
     }
-    for (incremental, name, tag) in [(false, "full", "f"), (true, "?after=next_after", "a")] {
-        let p = phase(&http, base, &token, &mut runner, incremental, tag, length).await?;
+    let paced = Duration::from_millis(1500);
+    for (incremental, pace, name, tag) in [
+        (false, None, "full", "f"),
+        (true, None, "?after=next_after", "a"),
+        (false, Some(paced), "full, every 1.5 s", "p"),
+    ] {
+        let p = phase(&http, base, &token, &mut runner, incremental, pace, tag, length).await?;
         let rps = p.requests as f64 / p.elapsed.as_secs_f64();
         rows.push(Row {
             name: format!("{label}: GET {name}"),
