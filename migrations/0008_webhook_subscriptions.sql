@@ -32,11 +32,15 @@ CREATE TABLE webhook_deliveries (
   created_ms INTEGER NOT NULL,
   -- Retries stop WEBHOOK_RETRY_WINDOW_SECS after this (the event, or the last redeliver).
   window_start_ms INTEGER NOT NULL,
+  -- When the next attempt is due; while one runs, when it counts as lost (the sweep sends
+  -- pending deliveries far past it again).
   next_attempt_at TEXT,
   delivered_at TEXT
 );
 CREATE INDEX webhook_deliveries_subscription ON webhook_deliveries (subscription_id, created_ms);
 CREATE INDEX webhook_deliveries_job ON webhook_deliveries (job_id);
+-- The sweep: pending deliveries whose message was lost.
+CREATE INDEX webhook_deliveries_pending ON webhook_deliveries (status, next_attempt_at);
 
 CREATE TABLE webhook_attempts (
   delivery_id TEXT NOT NULL,

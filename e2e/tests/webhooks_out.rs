@@ -607,3 +607,76 @@ async fn other_owners_subscriptions_answer_404() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(got["enabled"], true);
 }
+
+#[tokio::test]
+async fn a_delivery_that_never_succeeds_is_failed_when_its_retry_window_ends() {
+    // A 4 s window: attempts at about 0, 1 and 3 s, then no attempt fits and it is failed.
+    let edge = TestEdge::start(&[("WEBHOOK_RETRY_WINDOW_SECS", "4")]).await.expect("starting wrangler dev");
+    edge.api().grant("*", "acme/*").await;
+    let token = edge.api().new_user("hooks-window").await;
+    let receiver = Receiver::start(Behaviour::FailFirst(usize::MAX));
+    let sub = subscribe(&edge, &token, json!({"url": receiver.url, "events": ["job.created"]})).await;
+    let sub_id = sub["id"].as_str().unwrap();
+    edge.api().create_job(&token, code_job("hooks/window")).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let d = loop {
+        let log = deliveries(&edge, &token, sub_id).await;
+        if log.first().is_some_and(|d| d["status"] == "failed") {
+            break log[0].clone();
+        }
+        assert!(Instant::now() < deadline, "not failed in time: {log:#?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let attempts = d["attempts"].as_array().unwrap();
+    assert!((2..=4).contains(&attempts.len()), "{d:#}");
+    assert!(attempts.iter().all(|a| a["response_code"] == 500 && a["error"] == "answered 500"), "{d:#}");
+    assert!(d["next_attempt_at"].is_null() && d["delivered_at"].is_null());
+    let hits = receiver.hits().len();
+    assert_eq!(hits, attempts.len());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(receiver.hits().len(), hits, "no attempt after failed");
+    let (status, list) = edge.api().get(&format!("/webhook-subscriptions/{sub_id}/deliveries?status=failed"), &token).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["deliveries"].as_array().unwrap().len(), 1);
+
+    // A redeliver opens a new window: attempts continue, with the same id.
+    let id = d["id"].as_str().unwrap();
+    let (status, again) = edge.api().post(&format!("/webhook-subscriptions/{sub_id}/deliveries/{id}/redeliver"), &token, json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{again}");
+    let more = receiver.wait_for(Duration::from_secs(10), "the redelivery", |h| h.len() > hits).await;
+    assert_eq!(more[hits].delivery, id);
+    assert_eq!(more[hits].attempt, (hits + 1).to_string());
+}
+
+#[tokio::test]
+async fn a_pending_delivery_whose_message_was_lost_is_swept_and_sent() {
+    let edge = TestEdge::start(&[]).await.expect("starting wrangler dev");
+    edge.api().grant("*", "acme/*").await;
+    let token = edge.api().new_user("hooks-sweep").await;
+    let receiver = Receiver::start(Behaviour::Ok);
+    let secret = "the-sweep-receivers-secret";
+    let sub = subscribe(&edge, &token, json!({"url": receiver.url, "events": ["job.created"], "secret": secret})).await;
+    let sub_id = sub["id"].as_str().unwrap();
+    // A delivery stored without its queue message (as when the send failed), due long ago.
+    let lost = uuid::Uuid::new_v4().to_string();
+    let job_id = uuid::Uuid::new_v4().to_string();
+    let payload = json!({"id": lost, "type": "job.created", "created_at": "2026-01-01T00:00:00.000Z", "job": {"id": job_id}}).to_string();
+    edge.d1(&format!(
+        "INSERT INTO webhook_deliveries (id, subscription_id, owner, event, job_id, payload, status, attempts, created_at, created_ms, window_start_ms, next_attempt_at) \
+         SELECT '{lost}', id, owner, 'job.created', '{job_id}', '{payload}', 'pending', 0, '2026-01-01T00:00:00.000Z', 1767225600000, {now}, '2026-01-01T00:00:00.000Z' \
+         FROM webhook_subscriptions WHERE id = '{sub_id}'",
+        now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+    ))
+    .expect("inserting a lost delivery");
+    // Any delivery runs the consumer, which sweeps.
+    edge.api().create_job(&token, code_job("hooks/sweep")).await;
+    let hits = receiver.wait_for(Duration::from_secs(15), "the swept delivery", |h| h.iter().any(|h| h.delivery == lost)).await;
+    let hit = hits.iter().find(|h| h.delivery == lost).unwrap();
+    verify(hit, secret);
+    assert_eq!(hit.body, payload.as_bytes(), "the stored payload, as stored");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = deliveries(&edge, &token, sub_id).await;
+    let d = log.iter().find(|d| d["id"] == lost.as_str()).unwrap();
+    assert_eq!(d["status"], "delivered", "{d:#}");
+    assert_eq!(d["attempts"].as_array().unwrap().len(), 1);
+}

@@ -33,6 +33,13 @@ pub const QUEUE_BINDING: &str = "WEBHOOK_DELIVERIES";
 const SEND_BATCH: usize = 100;
 /// The longest error text kept for an attempt.
 const MAX_ERROR_CHARS: usize = 300;
+/// A pending delivery whose `next_attempt_at` is this far past has lost its message (a failed
+/// send, an attempt cut off): [`sweep`] sends it again.
+const SWEEP_GRACE_MS: i64 = 60_000;
+/// The most deliveries one sweep sends again.
+const SWEEP_LIMIT: usize = 100;
+/// A consumer sweeps at most this often per isolate.
+const SWEEP_EVERY_MS: i64 = 30_000;
 
 /// The delivery settings (vars).
 #[derive(Debug, Clone, Copy)]
@@ -179,7 +186,20 @@ async fn record(env: &Env, event: JobEvent) -> ApiResult<()> {
     if statements.is_empty() {
         return Ok(());
     }
-    db.batch(statements).await?;
+    // A failed write is tried again (it is one batch: all rows or none); a failed send leaves the
+    // rows pending for the sweep.
+    let mut tries = 0;
+    loop {
+        match db.batch(statements.clone()).await {
+            Ok(_) => break,
+            Err(e) if tries < 2 => {
+                tries += 1;
+                worker::console_warn!("job {}: storing deliveries failed, retrying: {e}", event.job.id);
+                worker::Delay::from(std::time::Duration::from_millis(250 * tries)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     send(env, messages).await
 }
 
@@ -196,6 +216,14 @@ pub async fn send(env: &Env, messages: Vec<DeliveryMessage>) -> ApiResult<()> {
 /// once (the attempt sends the next message itself when it must be retried).
 pub async fn consume(batch: MessageBatch<serde_json::Value>, env: Env, ctx: Context) -> worker::Result<()> {
     let settings = Settings::from_env(&env);
+    if sweep_due() {
+        let env = env.clone();
+        ctx.wait_until(async move {
+            if let Err(e) = sweep(&env).await {
+                worker::console_error!("webhook sweep: {e:?}");
+            }
+        });
+    }
     for message in batch.messages()? {
         match serde_json::from_value::<DeliveryMessage>(message.body().clone()) {
             Ok(body) => {
@@ -263,9 +291,10 @@ async fn attempt(env: &Env, settings: Settings, message: DeliveryMessage) -> Api
     // Claim attempt k+1: of two messages for the same attempt, one sends.
     let claimed = db
         .prepare(
-            "UPDATE webhook_deliveries SET attempts = ?2, next_attempt_at = NULL WHERE id = ?1 AND attempts = ?3 AND status = 'pending'",
+            "UPDATE webhook_deliveries SET attempts = ?2, next_attempt_at = ?4 WHERE id = ?1 AND attempts = ?3 AND status = 'pending'",
         )
-        .bind(&[s(&row.id), n(n_attempt as i64), n(k as i64)])?
+        // Until the attempt is recorded, `next_attempt_at` is when the sweep takes it for lost.
+        .bind(&[s(&row.id), n(n_attempt as i64), n(k as i64), s(&rfc3339(now + settings.timeout_ms as i64 + SWEEP_GRACE_MS))])?
         .run()
         .await?
         .meta()?
@@ -393,4 +422,51 @@ pub async fn redeliver(env: &Env, delivery_id: &str, attempts: u32) -> ApiResult
         worker::console_error!("webhook delivery {delivery_id}: queueing a redelivery failed: {e:?}");
         ApiError::Unavailable("could not queue the delivery; try again".into())
     })
+}
+
+/// Whether this isolate's consumer should sweep now (at most every [`SWEEP_EVERY_MS`]).
+fn sweep_due() -> bool {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    let now = now_ms();
+    let last = LAST.load(Ordering::Relaxed);
+    now - last >= SWEEP_EVERY_MS && LAST.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+}
+
+#[derive(Deserialize)]
+struct Stale {
+    id: String,
+    attempts: u32,
+}
+
+/// Sends again the pending deliveries whose message was lost: `next_attempt_at` more than
+/// [`SWEEP_GRACE_MS`] past (a send that failed after the rows were stored, an attempt that never
+/// recorded its end). Run by the consumer (at most every 30 s per isolate) and the cron trigger.
+/// A message the queue still holds makes a duplicate at worst, and the claim sends it once.
+pub async fn sweep(env: &Env) -> ApiResult<usize> {
+    let db = crate::env::db(env)?;
+    let now = now_ms();
+    let stale = db
+        .prepare(format!(
+            "SELECT id, attempts FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at < ?1 ORDER BY next_attempt_at LIMIT {SWEEP_LIMIT}"
+        ))
+        .bind(&[s(&rfc3339(now - SWEEP_GRACE_MS))])?
+        .all()
+        .await?
+        .results::<Stale>()?;
+    if stale.is_empty() {
+        return Ok(0);
+    }
+    let due = rfc3339(now);
+    let statements = stale
+        .iter()
+        .map(|r| {
+            db.prepare("UPDATE webhook_deliveries SET next_attempt_at = ?2 WHERE id = ?1 AND attempts = ?3 AND status = 'pending'")
+                .bind(&[s(&r.id), s(&due), n(r.attempts as i64)])
+        })
+        .collect::<worker::Result<Vec<_>>>()?;
+    db.batch(statements).await?;
+    worker::console_warn!("webhook sweep: sending {} lost deliveries again", stale.len());
+    send(env, stale.iter().map(|r| DeliveryMessage { delivery_id: r.id.clone(), attempts: r.attempts }).collect()).await?;
+    Ok(stale.len())
 }

@@ -45,3 +45,12 @@ async fn fetch(req: worker::Request, env: worker::Env, _ctx: worker::Context) ->
 async fn queue(batch: worker::MessageBatch<serde_json::Value>, env: worker::Env, ctx: worker::Context) -> worker::Result<()> {
     deliveries::consume(batch, env, ctx).await
 }
+
+/// The cron trigger: sends again webhook deliveries whose queue message was lost.
+#[cfg(target_arch = "wasm32")]
+#[worker::event(scheduled)]
+async fn scheduled(_event: worker::ScheduledEvent, env: worker::Env, _ctx: worker::ScheduleContext) {
+    if let Err(e) = deliveries::sweep(&env).await {
+        worker::console_error!("webhook sweep: {e:?}");
+    }
+}
