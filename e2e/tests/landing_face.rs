@@ -1,4 +1,5 @@
-//! Seed 001's REST face (`/v1/*`) against a real `wrangler dev`: sessions from the header or the
+//! Seed 001's REST face (`/v1/*`) against a real `wrangler dev`: CORS preflights that let a
+//! frontend on another origin send `X-Session-Id` and `Last-Event-ID`, sessions from the header or the
 //! body (neither: 400, nothing stored), payload checks (wrong types, oversize: 400, nothing
 //! stored), `landing_page_id` null on a second init of a session, chat without a page (404), the
 //! job's exact shape, `?after=` paging, list filters, cancel of a pending job (its `__end__`),
@@ -29,9 +30,12 @@ const WAIT: Duration = Duration::from_secs(20);
 
 static SHARED: OnceCell<TestEdge> = OnceCell::const_new();
 
+/// The origin of seed 001's frontend in these tests.
+const FRONTEND: &str = "http://landing.frontend.test";
+
 /// The edge shared by the tests without a runner (each isolates itself by user).
 async fn shared() -> &'static TestEdge {
-    SHARED.get_or_init(|| async { TestEdge::start(&[]).await.expect("starting wrangler dev") }).await
+    SHARED.get_or_init(|| async { TestEdge::start(&[("CORS_ORIGINS", FRONTEND)]).await.expect("starting wrangler dev") }).await
 }
 
 /// A user of the face.
@@ -204,6 +208,32 @@ async fn sessions_and_payloads_are_checked_before_anything_is_stored() {
     assert_eq!(page["session_id"], s.as_str());
     assert_eq!(page["status"], "pending");
     assert_eq!(u.pages().await.len(), 2);
+}
+
+#[tokio::test]
+async fn a_frontend_on_another_origin_may_send_the_session_header() {
+    let edge = shared().await;
+    let api = edge.api();
+    for (path, method) in [("/v1/agent/init", "POST"), ("/v1/jobs/x/stream", "GET")] {
+        let (status, headers, _) = api
+            .send_with(
+                Method::OPTIONS,
+                path,
+                &[("origin", FRONTEND), ("access-control-request-method", method), ("access-control-request-headers", "authorization,x-session-id,last-event-id")],
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        assert_eq!(headers.get("access-control-allow-origin").and_then(|v| v.to_str().ok()), Some(FRONTEND));
+        let allowed = headers.get("access-control-allow-headers").and_then(|v| v.to_str().ok()).unwrap_or_default().to_ascii_lowercase();
+        for h in ["authorization", "x-session-id", "last-event-id"] {
+            assert!(allowed.split(',').any(|a| a.trim() == h), "{h} allowed: {allowed}");
+        }
+    }
+    // An answer (an error included) carries the origin too.
+    let (status, headers, body) = api.send_with(Method::POST, "/v1/agent/init", &[("origin", FRONTEND)], Some(json!({}))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(headers.get("access-control-allow-origin").and_then(|v| v.to_str().ok()), Some(FRONTEND));
 }
 
 #[tokio::test]

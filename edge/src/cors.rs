@@ -9,7 +9,7 @@
 /// Methods a preflight allows.
 pub const ALLOW_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, OPTIONS";
 /// Request headers a preflight allows.
-pub const ALLOW_HEADERS: &str = "Authorization, Content-Type, Accept, X-Requested-With";
+pub const ALLOW_HEADERS: &str = "Authorization, Content-Type, Accept, X-Requested-With, X-Session-Id, Last-Event-ID";
 /// How long a browser may cache a preflight answer, in seconds.
 pub const MAX_AGE_SECS: u32 = 600;
 
