@@ -345,6 +345,11 @@ async fn bundles_and_previews_under_the_lease() {
         assert!(body["error"].is_string(), "{body}");
     }
 
+    // Over the preview limit (decoded bytes): 413, and the published preview stays.
+    let big = "x".repeat(kiln_schemas::landing::MAX_PREVIEW_BYTES + 1);
+    let resp = preview_put(json!([{"path": "index.html", "content": big}])).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
     let get = |path: String| http.get(url_of(&edge, &path)).send();
     let resp = get(format!("/preview/{page}/")).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
