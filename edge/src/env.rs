@@ -30,6 +30,14 @@ pub struct Config {
     /// Seconds between keepalive comments of an idle `/v1/jobs/<id>/stream` (`SSE_KEEPALIVE_SECS`,
     /// default 15).
     pub sse_keepalive_secs: u64,
+    /// Dashboard sockets without credentials (the service principal's resources, read-only):
+    /// `ALLOW_ANONYMOUS_DASHBOARD=true` (development only).
+    pub allow_anonymous_dashboard: bool,
+    /// Seconds of silence before a dashboard socket is sent `keepalive` (`DASHBOARD_KEEPALIVE_SECS`,
+    /// default seed 002's `KEEPALIVE_SECS`).
+    pub dashboard_keepalive_secs: u64,
+    /// Seconds between `metrics_update`s (`DASHBOARD_METRICS_SECS`, default `METRICS_INTERVAL_SECS`).
+    pub dashboard_metrics_secs: u64,
 }
 
 fn var(env: &Env, name: &str) -> Option<String> {
@@ -51,6 +59,9 @@ impl Config {
             allow_ws_token_query: var(env, "ALLOW_WS_TOKEN_QUERY").is_some_and(|v| v == "true"),
             allow_job_purge: var(env, "ALLOW_JOB_PURGE").is_some_and(|v| v.trim() == "true"),
             sse_keepalive_secs: num(env, "SSE_KEEPALIVE_SECS", 15),
+            allow_anonymous_dashboard: var(env, "ALLOW_ANONYMOUS_DASHBOARD").is_some_and(|v| v.trim() == "true"),
+            dashboard_keepalive_secs: num(env, "DASHBOARD_KEEPALIVE_SECS", kiln_schemas::dashboard::KEEPALIVE_SECS),
+            dashboard_metrics_secs: num(env, "DASHBOARD_METRICS_SECS", kiln_schemas::dashboard::METRICS_INTERVAL_SECS),
             limits: Limits {
                 max_concurrent: num(env, "MAX_CONCURRENT_JOBS", 2),
                 max_per_owner: num(env, "MAX_CONCURRENT_JOBS_PER_OWNER", 0),
@@ -88,6 +99,11 @@ fn namespace(env: &Env, binding: &str) -> worker::Result<ObjectNamespace> {
 /// The JobRoom object of a job.
 pub fn job_room(env: &Env, job_id: &str) -> worker::Result<Stub> {
     namespace(env, "JOB_ROOM")?.id_from_name(job_id)?.get_stub()
+}
+
+/// The Dashboard object of an owner (seed 002's channels; `service` serves anonymous sockets).
+pub fn dashboard(env: &Env, owner: &str) -> worker::Result<Stub> {
+    namespace(env, "DASHBOARD")?.id_from_name(owner)?.get_stub()
 }
 
 /// The R2 bucket of artifacts (binding `ARTIFACTS`): app builds' workspace snapshots, landing

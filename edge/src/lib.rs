@@ -4,6 +4,7 @@
 pub mod app_store;
 pub mod app_room;
 pub mod auth;
+pub mod channels;
 pub mod cors;
 pub mod landing_room;
 pub mod preview;
@@ -15,6 +16,8 @@ pub mod time;
 
 #[cfg(target_arch = "wasm32")]
 mod api;
+#[cfg(target_arch = "wasm32")]
+mod dashboard_object;
 #[cfg(target_arch = "wasm32")]
 mod deliveries;
 #[cfg(target_arch = "wasm32")]
@@ -28,6 +31,8 @@ mod queue_object;
 #[cfg(target_arch = "wasm32")]
 mod store;
 
+#[cfg(target_arch = "wasm32")]
+pub use dashboard_object::Dashboard;
 #[cfg(target_arch = "wasm32")]
 pub use job_room::JobRoom;
 #[cfg(target_arch = "wasm32")]

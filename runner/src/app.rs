@@ -206,13 +206,14 @@ impl Application {
             worktrees_dir: config.worktrees_dir.clone(),
             llm: health::llm_summary(&config.llm),
         });
-        let tools = crate::tools::report(
+        let mut tools = crate::tools::report(
             &config.agent,
             crate::tools::agent_version(executor.as_ref(), &config.agent, &config.worktrees_dir)
                 .await,
             health.git_version.clone(),
             config.github_token.is_some(),
         );
+        tools.round_table = crate::tools::round_table(&config.llm);
         let session = Session {
             client,
             name: config.name.clone(),

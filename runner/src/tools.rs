@@ -57,6 +57,20 @@ pub fn report(
     }
 }
 
+/// The round table's providers as `hello` reports them (`[llm.round_table] providers`).
+pub fn round_table(llm: &crate::llm::LlmConfig) -> Vec<kiln_schemas::dashboard::ProviderView> {
+    llm.round_table
+        .providers
+        .iter()
+        .map(|m| kiln_schemas::dashboard::ProviderView {
+            name: m.to_string(),
+            display_name: format!("{} ({})", m.model, m.provider),
+            model: m.model.clone(),
+            enabled: llm.providers.contains_key(&m.provider),
+        })
+        .collect()
+}
+
 /// Runs the agent CLI's `--version` the way a job would run it: in a sandbox of `executor` over
 /// an empty directory under `worktrees_dir`. `None` when the profile has no CLI of its own or it
 /// does not answer within 30 seconds.

@@ -96,6 +96,13 @@ async fn route(req: Request, ctx: &Ctx) -> ApiResult {
             let (who, expires_at_ms) = authenticate_socket(&req, ctx).await?;
             ws::connect(req, ctx, &who, expires_at_ms, job_id).await
         }
+        // Seed 002's dashboard channels (WebSocket): credentials as the job channel's; none, while
+        // `ALLOW_ANONYMOUS_DASHBOARD=true`: the service principal's dashboard, read-only.
+        // `GET /api/ws/{agents,round_table,tasks,3d_pipeline,metrics}`
+        (Method::Get, ["api", "ws", channel]) => dashboard_socket(req, ctx, channel).await,
+        // The faults build only (tests): a channel message published as a job room publishes it.
+        #[cfg(feature = "faults")]
+        (Method::Post, ["__faults", "dashboard", "publish"]) => dashboard_publish(req, ctx).await,
         // `GET /v1/jobs/<id>/stream` (Server-Sent Events): credentials as for sockets (an
         // EventSource sends no header), and it ends when they expire.
         (Method::Get, ["v1", "jobs", job_id, "stream"]) => {
@@ -208,6 +215,44 @@ async fn route_authenticated(req: Request, ctx: &Ctx, who: &Principal, method: M
         }
         _ => Err(ApiError::NotFound("no such endpoint".into())),
     }
+}
+
+/// `GET /api/ws/<channel>`: a WebSocket upgrade; credentials as the job channel's, or none when
+/// anonymous dashboards are allowed.
+async fn dashboard_socket(req: Request, ctx: &Ctx, channel: &str) -> ApiResult {
+    let upgrade = req.headers().get("upgrade")?.unwrap_or_default();
+    if !upgrade.eq_ignore_ascii_case("websocket") {
+        return Err(ApiError::BadRequest("this endpoint expects a WebSocket upgrade".into()));
+    }
+    if crate::channels::channel(channel).is_none() {
+        return crate::channels::connect(req, ctx, None, channel).await;
+    }
+    let has_token = req.url()?.query_pairs().any(|(k, _)| k == "token");
+    if req.headers().get("authorization")?.is_some() || has_token {
+        let (who, expires_at_ms) = authenticate_socket(&req, ctx).await?;
+        return crate::channels::connect(req, ctx, Some((&who, expires_at_ms)), channel).await;
+    }
+    if !ctx.config.allow_anonymous_dashboard {
+        return Err(ApiError::Unauthorized(
+            "authentication required: send Authorization: Bearer <token> (anonymous dashboards are off)".into(),
+        ));
+    }
+    crate::channels::connect(req, ctx, None, channel).await
+}
+
+/// `POST /__faults/dashboard/publish` `{owner, channel, message}` with the service credential:
+/// compiled into the faults build only, so tests can publish before job rooms do.
+#[cfg(feature = "faults")]
+async fn dashboard_publish(mut req: Request, ctx: &Ctx) -> ApiResult {
+    if !matches!(authenticate(&req, ctx).await?, Principal::Service) {
+        return Err(ApiError::Forbidden("the service credential only".into()));
+    }
+    let body = crate::http::body_json(&mut req).await?;
+    let (Some(owner), Some(channel)) = (body["owner"].as_str(), body["channel"].as_str()) else {
+        return Err(ApiError::BadRequest("owner and channel are strings".into()));
+    };
+    let seq = crate::channels::publish(&ctx.env, owner, channel, &body["message"]).await?;
+    crate::http::json(&serde_json::json!({ "seq": seq }))
 }
 
 /// Checks a bearer token: the service credential or a user's access JWT.

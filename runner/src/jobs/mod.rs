@@ -3,6 +3,7 @@
 
 mod app_build;
 mod code;
+mod dashboard;
 mod landing;
 mod ralph;
 mod run;

@@ -294,6 +294,12 @@ impl JobRun {
         if matches!(a.job_type, JobType::LandingInit | JobType::LandingChat) {
             return super::landing::run(self, controls).await;
         }
+        if matches!(
+            a.job_type,
+            JobType::AgentTask | JobType::AgentLearn | JobType::RoundTable
+        ) {
+            return super::dashboard::run(self, controls).await;
+        }
         if a.job_type.is_dashboard() {
             // Seed 002's kinds land in the dashboard's own modules.
             return failed(format!("This runner does not run {} jobs yet", a.job_type.as_str()));

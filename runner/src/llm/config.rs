@@ -24,6 +24,10 @@
 //! [llm.prices."claude-sonnet-4-5"]
 //! input_per_mtok = 3.0
 //! output_per_mtok = 15.0
+//!
+//! [llm.round_table]                            # seed 002's round tables
+//! providers = ["anthropic/claude-sonnet-4-5", "groq/llama-3.3-70b-versatile"]
+//! timeout_secs = 60                            # each provider's answer; over it: `timeout`
 //! ```
 //!
 //! Environment shortcuts, so a runner works with no `[llm]` table: `ANTHROPIC_API_KEY` (and
@@ -81,6 +85,36 @@ pub struct LlmFile {
     pub max_retry_wait_secs: Option<u64>,
     pub budget_tokens: Option<u64>,
     pub budget_usd: Option<f64>,
+    pub round_table: Option<RoundTableFile>,
+}
+
+/// `[llm.round_table]` as written in the file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundTableFile {
+    #[serde(default)]
+    pub providers: Vec<String>,
+    pub timeout_secs: Option<u64>,
+}
+
+/// The round table's providers (`provider/model`, each of a defined provider) and the time each
+/// answer may take.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundTable {
+    pub providers: Vec<ModelRef>,
+    pub timeout: Duration,
+}
+
+/// Each round-table answer's limit when `timeout_secs` is unset.
+pub const DEFAULT_ROUND_TABLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Default for RoundTable {
+    fn default() -> Self {
+        RoundTable {
+            providers: vec![],
+            timeout: DEFAULT_ROUND_TABLE_TIMEOUT,
+        }
+    }
 }
 
 /// `[llm.providers.<name>]` as written in the file.
@@ -209,6 +243,8 @@ pub struct LlmConfig {
     pub policy: RetryPolicy,
     /// Every job's budget.
     pub budget: Budget,
+    /// `[llm.round_table]`.
+    pub round_table: RoundTable,
 }
 
 fn is_var_name(s: &str) -> bool {
@@ -378,6 +414,26 @@ impl LlmConfig {
             roles.insert(role, m);
         }
 
+        let mut round_table = RoundTable::default();
+        if let Some(rt) = &file.round_table {
+            for spec in &rt.providers {
+                let key = "[llm.round_table] providers";
+                let m = ModelRef::parse(spec).map_err(|e| err(key, e))?;
+                if !providers.contains_key(&m.provider) {
+                    return Err(err(key, format!("no provider named {:?}", m.provider)));
+                }
+                if round_table.providers.contains(&m) {
+                    return Err(err(key, format!("{m} is listed twice")));
+                }
+                round_table.providers.push(m);
+            }
+            round_table.timeout = seconds(
+                "[llm.round_table] timeout_secs",
+                rt.timeout_secs,
+                DEFAULT_ROUND_TABLE_TIMEOUT,
+            )?;
+        }
+
         let mut prices = BTreeMap::new();
         for (model, price) in file.prices {
             if !(price.input_per_mtok >= 0.0
@@ -434,6 +490,7 @@ impl LlmConfig {
                 max_tokens: file.budget_tokens,
                 max_usd: file.budget_usd,
             },
+            round_table,
         })
     }
 
@@ -657,6 +714,49 @@ mod tests {
                 !shown.contains("sk-ant-hidden") && !shown.contains("gsk-secret"),
                 "{shown}"
             );
+        }
+    }
+
+    #[test]
+    fn round_table_providers_resolve_against_the_providers() {
+        let v = vars(&[("ANTHROPIC_API_KEY", "k")]);
+        let c = LlmConfig::resolve(
+            Some(file(
+                "[llm.round_table]\nproviders = [\"anthropic/a\", \"anthropic/b/c\"]\ntimeout_secs = 5",
+            )),
+            None,
+            &v,
+        )
+        .unwrap();
+        let names: Vec<String> = c
+            .round_table
+            .providers
+            .iter()
+            .map(|m| m.to_string())
+            .collect();
+        assert_eq!(names, ["anthropic/a", "anthropic/b/c"]);
+        assert_eq!(c.round_table.timeout, Duration::from_secs(5));
+        let none = LlmConfig::resolve(None, None, &v).unwrap();
+        assert!(none.round_table.providers.is_empty());
+        assert_eq!(none.round_table.timeout, DEFAULT_ROUND_TABLE_TIMEOUT);
+        for (text, message) in [
+            (
+                "[llm.round_table]\nproviders = [\"groq/x\"]",
+                "no provider named \"groq\"",
+            ),
+            (
+                "[llm.round_table]\nproviders = [\"nomodel\"]",
+                "not provider/model",
+            ),
+            (
+                "[llm.round_table]\nproviders = [\"anthropic/a\", \"anthropic/a\"]",
+                "listed twice",
+            ),
+            ("[llm.round_table]\ntimeout_secs = 0", "at least 1 second"),
+        ] {
+            let e = LlmConfig::resolve(Some(file(text)), None, &v).unwrap_err();
+            assert!(e.key.starts_with("[llm.round_table]"), "{e}");
+            assert!(e.message.contains(message), "{e}");
         }
     }
 

@@ -27,7 +27,9 @@ use tokio::sync::mpsc;
 use crate::config::AgentFormat;
 use crate::executor::ExecSpec;
 use crate::jobs::{CancelToken, CommandResult, JobControl, JobRun};
-use crate::llm::{Budget, ChatRequest, LlmClient, LlmError, Message, Meter, StepUsage, TextEvent};
+use crate::llm::{
+    Budget, ChatRequest, LlmClient, LlmError, Message, Meter, ModelRef, StepUsage, TextEvent,
+};
 use crate::output::OutputCollector;
 use crate::reporter::EventSink;
 
@@ -196,6 +198,29 @@ impl StepCost {
             "model": self.model,
         })
     }
+}
+
+/// Why one call of a parallel step has no answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ParallelFailure {
+    Failed(String),
+    TimedOut(String),
+}
+
+impl ParallelFailure {
+    pub fn message(&self) -> &str {
+        match self {
+            ParallelFailure::Failed(m) | ParallelFailure::TimedOut(m) => m,
+        }
+    }
+}
+
+/// One call of [`Pipeline::llm_parallel`]: the model asked, how long it took, its answer.
+#[derive(Debug, Clone)]
+pub struct ParallelAnswer {
+    pub model: ModelRef,
+    pub latency_ms: f64,
+    pub outcome: Result<(String, StepUsage), ParallelFailure>,
 }
 
 /// A pipeline job's engine: its event sink, the LLM client and the job's meter, the edge's
@@ -415,6 +440,81 @@ impl Pipeline {
         Err(StepError::Failed(reason))
     }
 
+    /// Runs one LLM step whose calls go to several models at once (a round table's answers, a
+    /// self-consistency's samples), each given at most `limit`: a call that fails or runs out
+    /// of time is that answer's outcome, not the step's. Only a spent budget fails the step.
+    /// The step's `attempts` does not apply (every answer is the kind's to judge).
+    pub async fn llm_parallel(
+        &mut self,
+        step: &LlmStep,
+        models: &[ModelRef],
+        limit: std::time::Duration,
+    ) -> Result<Vec<ParallelAnswer>, StepError> {
+        let n = self
+            .begin(
+                &format!("LLM, role {}, {} calls at once", step.role, models.len()),
+                &step.name,
+            )
+            .await;
+        let t = Instant::now();
+        self.step_cost = StepCost::default();
+        let (llm, meter, cancel) = (&self.llm, &self.meter, &self.cancel);
+        let calls = models.iter().map(|m| {
+            let req = ChatRequest {
+                model: Some(m.clone()),
+                system: Some(system_prompt(&step.role, &step.system)),
+                messages: step.messages.clone(),
+                ..ChatRequest::for_role(step.role.clone())
+            };
+            async move {
+                let started = Instant::now();
+                let r =
+                    tokio::time::timeout(limit, llm.complete(&req, meter, cancel, |_| {})).await;
+                (m.clone(), started.elapsed(), r)
+            }
+        });
+        let results = futures::future::join_all(calls).await;
+        let mut answers = Vec::with_capacity(results.len());
+        let mut budget = None;
+        for (model, took, r) in results {
+            let outcome = match r {
+                Err(_) => Err(ParallelFailure::TimedOut(format!(
+                    "no answer within {} ms",
+                    limit.as_millis()
+                ))),
+                Ok(Ok(done)) => {
+                    self.report_usage(&step.role, &done.usage, None);
+                    Ok((done.text, done.usage))
+                }
+                Ok(Err(LlmError::Budget { exceeded, usage })) => {
+                    if let Some(u) = usage {
+                        self.report_usage(&step.role, &u, None);
+                    }
+                    budget.get_or_insert(exceeded.reason.clone());
+                    Err(ParallelFailure::Failed(exceeded.reason))
+                }
+                Ok(Err(e)) => Err(ParallelFailure::Failed(e.to_string())),
+            };
+            answers.push(ParallelAnswer {
+                model,
+                latency_ms: took.as_secs_f64() * 1000.0,
+                outcome,
+            });
+        }
+        let ok = answers.iter().filter(|a| a.outcome.is_ok()).count();
+        if let Some(reason) = budget {
+            self.end(n, &step.name, t, &reason);
+            return Err(StepError::Budget(reason));
+        }
+        self.end(
+            n,
+            &step.name,
+            t,
+            &format!("{ok} of {} answered", answers.len()),
+        );
+        Ok(answers)
+    }
+
     fn report_usage(&mut self, role: &str, u: &StepUsage, overhead: Option<Overhead>) {
         self.step_cost.add(u);
         let cost = u.cost_usd.map(|c| format!(", ${c:.4}")).unwrap_or_default();
@@ -579,7 +679,8 @@ fn overhead(
     let wall_us = wall
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64);
-    let at = |i: Instant| wall_us.saturating_sub(now.saturating_duration_since(i).as_micros() as u64);
+    let at =
+        |i: Instant| wall_us.saturating_sub(now.saturating_duration_since(i).as_micros() as u64);
     Overhead {
         before_first_token_us: before,
         after_last_token_us: after,
