@@ -229,6 +229,8 @@ struct Applied {
     texts: Vec<String>,
     /// A landing job's page status to write (with the D1 copy).
     page: Option<crate::landing_room::PageStatus>,
+    /// What a finished job produced (a dashboard job's rows are written from it).
+    result: Option<serde_json::Value>,
 }
 
 /// Retry delay of a D1 status copy that failed.
@@ -445,7 +447,7 @@ impl RoomStore {
         let (texts, seq) = self.insert_events(bodies)?;
         // The status event's seq (the D1 copy's guard), not the `__end__` node's.
         let seq = seq + 1 - texts.len() as u64;
-        Ok(Some(Applied { from, meta, seq, patch, texts, page }))
+        Ok(Some(Applied { from, meta, seq, patch, texts, page, result: result.cloned() }))
     }
 
     /// The storage part of a runner batch (inside [`JobRoom::atomically`]).
@@ -819,6 +821,17 @@ impl JobRoom {
     async fn follow_transition(&self, applied: &Applied, from_queue: bool) {
         let meta = &applied.meta;
         crate::deliveries::job_changed(&self.state, &self.env, applied.from, meta, applied.seq, &applied.patch);
+        if meta.job_type.is_dashboard() {
+            // Seed 002's rows and channel messages: an end's result is written before its status
+            // copy; a start (the runner is waiting) in the background.
+            let (env, meta, error, result) = (self.env.clone(), meta.clone(), applied.patch.error_message.clone(), applied.result.clone());
+            let hook = async move { crate::dashboard_store::room::on_status(&env, &meta, error.as_deref(), result.as_ref()).await };
+            if applied.meta.status == JobStatus::Running {
+                self.state.wait_until(hook);
+            } else {
+                hook.await;
+            }
+        }
         let fail = self.fault("room_d1_copies");
         let db = match env::db(&self.env) {
             Ok(db) => db,
@@ -937,6 +950,9 @@ impl JobRoom {
         let (stored, duplicates, texts, applied, followups) = self.atomically(move |st| st.store_batch(batch))?;
         self.broadcast(&texts);
         self.follow_batch(followups).await;
+        if meta.job_type.is_dashboard() {
+            crate::dashboard_store::room::on_events(&self.env, &meta, &texts).await;
+        }
         if let Some(applied) = &applied {
             self.broadcast(&applied.texts);
             self.follow_transition(applied, false).await;

@@ -6,6 +6,7 @@ pub mod app_room;
 pub mod auth;
 pub mod channels;
 pub mod cors;
+pub mod dashboard_store;
 pub mod landing_room;
 pub mod preview;
 pub mod landing_store;

@@ -165,8 +165,9 @@ pub fn enqueue_request(row: &JobRow) -> EnqueueRequest {
         landing: landing_params(row),
         // A webhook-started job's issue (`sourceIssue` in its params).
         source_issue: kiln_schemas::webhooks::IssueRef::from_params(&row.params),
-        // Dashboard jobs (seed 002): filled by the dashboard face's work.
-        dashboard: None,
+        // A dashboard job's inputs (seed 002), kept in its row's params at submit: the agent's
+        // definition as it was then, technique, parameters, providers, 3D limits.
+        dashboard: if row.job_type().is_dashboard() { crate::dashboard_store::params_of(&row.params) } else { None },
     };
     EnqueueRequest { pending, assignment }
 }

@@ -6,6 +6,7 @@
 mod app_builder;
 mod auth;
 mod clients;
+mod dashboard;
 mod grants;
 mod jobs;
 mod landing;
@@ -152,6 +153,32 @@ async fn route_authenticated(req: Request, ctx: &Ctx, who: &Principal, method: M
         // `GET /api/tickets/?job_id=` · `GET /api/tickets/<id>/`
         (Method::Get, ["api", "tickets"]) => app_builder::artifacts::list_tickets(req, ctx, who).await,
         (Method::Get, ["api", "tickets", id]) => app_builder::artifacts::get_ticket(ctx, who, id).await,
+        // Seed 002's agent dashboard (`dashboard`).
+        // `GET /api/v1/agents` · `GET /api/v1/agents/<type>`
+        (Method::Get, ["api", "v1", "agents"]) => dashboard::agents::list(ctx, who).await,
+        (Method::Get, ["api", "v1", "agents", kind]) => dashboard::agents::get(ctx, who, kind).await,
+        // `POST /api/v1/agents/<type>/execute` · `start` · `stop` · `learn`
+        (Method::Post, ["api", "v1", "agents", kind, "execute"]) => dashboard::agents::execute(req, ctx, who, kind).await,
+        (Method::Post, ["api", "v1", "agents", kind, "start"]) => dashboard::agents::set_stopped(ctx, who, kind, false).await,
+        (Method::Post, ["api", "v1", "agents", kind, "stop"]) => dashboard::agents::set_stopped(ctx, who, kind, true).await,
+        (Method::Post, ["api", "v1", "agents", kind, "learn"]) => dashboard::agents::learn(ctx, who, kind).await,
+        // `GET|POST /api/v1/tasks` · `GET /api/v1/tasks/<id>` · `POST /api/v1/tasks/<id>/cancel`
+        (Method::Get, ["api", "v1", "tasks"]) => dashboard::tasks::list(req, ctx, who).await,
+        (Method::Post, ["api", "v1", "tasks"]) => dashboard::tasks::submit(req, ctx, who).await,
+        (Method::Get, ["api", "v1", "tasks", id]) => dashboard::tasks::get(ctx, who, id).await,
+        (Method::Post, ["api", "v1", "tasks", id, "cancel"]) => dashboard::tasks::cancel(ctx, who, id).await,
+        // `GET /api/v1/round-table` · `POST .../compete` · `GET .../stats` · `.../providers` · `.../<id>`
+        (Method::Get, ["api", "v1", "round-table"]) => dashboard::round_table::list(req, ctx, who).await,
+        (Method::Post, ["api", "v1", "round-table", "compete"]) => dashboard::round_table::compete(req, ctx, who).await,
+        (Method::Get, ["api", "v1", "round-table", "stats"]) => dashboard::round_table::stats(ctx, who).await,
+        (Method::Get, ["api", "v1", "round-table", "providers"]) => dashboard::round_table::providers(ctx).await,
+        (Method::Get, ["api", "v1", "round-table", id]) => dashboard::round_table::get(ctx, who, id).await,
+        // `GET|POST /api/v1/3d` · `GET /api/v1/3d/<id>` · `POST .../<id>/cancel` · `GET .../<id>/asset`
+        (Method::Get, ["api", "v1", "3d"]) => dashboard::three_d::list(req, ctx, who).await,
+        (Method::Post, ["api", "v1", "3d"]) => dashboard::three_d::create(req, ctx, who).await,
+        (Method::Get, ["api", "v1", "3d", id]) => dashboard::three_d::get(ctx, who, id).await,
+        (Method::Post, ["api", "v1", "3d", id, "cancel"]) => dashboard::three_d::cancel(ctx, who, id).await,
+        (Method::Get, ["api", "v1", "3d", id, "asset"]) => dashboard::three_d::asset(ctx, who, id).await,
         // Seed 001's landing pages (`landing`).
         // `POST /v1/agent/init` · `POST /v1/agent/chat`
         (Method::Post, ["v1", "agent", "init"]) => landing::agent::init(req, ctx, who).await,
