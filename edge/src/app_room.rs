@@ -71,6 +71,12 @@ impl GatherState {
         self.running_since_ms = Some(now_ms);
     }
 
+    /// Whether a reply to the turn that began at `turn` (epoch ms) is for the turn in flight (a
+    /// turn taken for lost and run again has another start; its late reply is dropped).
+    pub fn is_current(&self, turn: Option<i64>) -> bool {
+        turn.is_some() && self.running_since_ms == turn
+    }
+
     /// The turn ended well. Answers whether another is owed (a user wrote meanwhile).
     pub fn succeeded(&mut self) -> bool {
         self.running_since_ms = None;
@@ -198,6 +204,13 @@ mod tests {
         g.begin(0);
         assert_eq!(g.decide(true, GATHER_STALE_MS - 1), GatherStep::Later(GATHER_STALE_MS));
         assert_eq!(g.decide(true, GATHER_STALE_MS), GatherStep::Run);
+        // Run again: the lost turn's late reply is no longer the current one's.
+        assert!(g.is_current(Some(0)));
+        g.begin(GATHER_STALE_MS);
+        assert!(!g.is_current(Some(0)) && g.is_current(Some(GATHER_STALE_MS)));
+        assert!(!g.is_current(None));
+        g.succeeded();
+        assert!(!g.is_current(Some(GATHER_STALE_MS)), "no turn in flight takes no reply");
     }
 
     #[test]

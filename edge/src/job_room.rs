@@ -1240,7 +1240,7 @@ impl JobRoom {
     async fn gather_reply(&self, reply: serde_json::Value) -> ApiResult<serde_json::Value> {
         let meta = self.meta()?;
         let turn = reply["context"]["turn"].as_i64();
-        if turn.is_none() || meta.gather.running_since_ms != turn {
+        if !meta.gather.is_current(turn) {
             return Ok(serde_json::json!({ "taken": false }));
         }
         let idea = reply["context"]["idea"].as_str().unwrap_or_default().to_string();

@@ -61,17 +61,20 @@ pub fn etag_matches(if_none_match: &str, etag: &str) -> bool {
     if_none_match.split(',').any(|t| t.trim() == "*" || bare(t) == bare(etag))
 }
 
+/// A preview file's checked path and its bytes.
+pub type PreviewBytes = (String, Vec<u8>);
+
 /// A preview's files checked and decoded: every path through [`preview_path`] (normalized, no
 /// two alike), base64 decoded, at most [`MAX_PREVIEW_FILES`] files and [`MAX_PREVIEW_BYTES`]
 /// bytes. Errors: `(status, message)`.
-pub fn decode_bundle(bundle: PreviewBundle) -> Result<Vec<(String, Vec<u8>)>, (u16, String)> {
+pub fn decode_bundle(bundle: PreviewBundle) -> Result<Vec<PreviewBytes>, (u16, String)> {
     if bundle.files.is_empty() {
         return Err((400, "a preview needs at least one file".into()));
     }
     if bundle.files.len() > MAX_PREVIEW_FILES {
         return Err((400, format!("a preview holds at most {MAX_PREVIEW_FILES} files")));
     }
-    let mut out: Vec<(String, Vec<u8>)> = Vec::with_capacity(bundle.files.len());
+    let mut out: Vec<PreviewBytes> = Vec::with_capacity(bundle.files.len());
     let mut total = 0usize;
     for f in bundle.files {
         let path = preview_path(&f.path).map_err(|_| (400, format!("bad preview path {:?}", truncate(&f.path))))?;
