@@ -1,5 +1,6 @@
 //! A job's events on their way to the edge: indexed densely from 0 per lease, gathered into
-//! batches (every 50 ms, or at 100 events or 256 KiB of JSON, whichever comes first), and posted
+//! batches (every 50 ms, or at 100 events or 256 KiB of JSON, or at once when a pipeline step's
+//! event or `finished` waits, whichever comes first), and posted
 //! until stored. A batch that failed is sent again unchanged, so the edge's dedup by index stores
 //! it once.
 //!
@@ -48,6 +49,20 @@ fn droppable(event: &RunnerEvent) -> bool {
                 stream: LogStream::Stdout | LogStream::Stderr,
                 ..
             }
+    )
+}
+
+/// Whether an event is posted at once rather than waiting out the batch window: a pipeline step's
+/// events (usage, node, stage, dialogue, prd, backlog, ticket, progress, phase) and a job's end.
+/// Output and system lines, `started` and iterations keep the window, so a burst of them is
+/// still one POST.
+pub fn urgent(event: &RunnerEvent) -> bool {
+    !matches!(
+        event,
+        RunnerEvent::Log { .. }
+            | RunnerEvent::Agent { .. }
+            | RunnerEvent::Iteration { .. }
+            | RunnerEvent::Started { .. }
     )
 }
 
@@ -103,6 +118,8 @@ pub struct EventBuffer {
     /// Dropped since the last marker line.
     dropped_events: u64,
     dropped_bytes: u64,
+    /// Urgent events queued (see [`urgent`]).
+    urgent: usize,
 }
 
 impl EventBuffer {
@@ -114,6 +131,7 @@ impl EventBuffer {
             dropping: false,
             dropped_events: 0,
             dropped_bytes: 0,
+            urgent: 0,
         }
     }
 
@@ -145,8 +163,14 @@ impl EventBuffer {
             self.queue.push_back((marker, size));
         }
         self.bytes += size;
+        self.urgent += urgent(&event) as usize;
         self.queue.push_back((event, size));
         true
+    }
+
+    /// Whether an urgent event waits: the batch goes now.
+    pub fn has_urgent(&self) -> bool {
+        self.urgent > 0
     }
 
     pub fn is_empty(&self) -> bool {
@@ -172,6 +196,7 @@ impl EventBuffer {
                 break;
             }
             let (event, size) = self.queue.pop_front().expect("the front exists");
+            self.urgent -= urgent(&event) as usize;
             bytes += size;
             self.bytes -= size;
             events.push(event);
@@ -339,13 +364,14 @@ async fn run(mut post: PostBatch, mut batcher: EventBatcher, shared: &Shared) ->
             }
             notified.await;
         }
-        // More, until the batch is full, the flush interval is up or nothing more will come.
+        // More, until the batch is full, the flush interval is up, an urgent event waits or
+        // nothing more will come.
         let deadline = Instant::now() + FLUSH_INTERVAL;
         loop {
             let notified = shared.notify.notified();
             {
                 let st = shared.state();
-                if st.closed || st.buffer.has_full_batch() {
+                if st.closed || st.buffer.has_full_batch() || st.buffer.has_urgent() {
                     break;
                 }
             }
@@ -602,6 +628,27 @@ mod tests {
             .map(|b| b.events.len())
             .collect();
         assert_eq!(sizes, vec![100, 100, 50]);
+    }
+
+    #[tokio::test]
+    async fn a_step_event_goes_at_once_and_output_keeps_the_window() {
+        let (post, calls) = fake_post(0, true);
+        let (sink, task) = spawn_with(post, "l".into(), DEFAULT_BUFFER_BYTES, Arc::default(), || {});
+        let posted = || calls.lock().unwrap().iter().map(|b| b.events.len()).collect::<Vec<_>>();
+        for i in 0..3 {
+            sink.send(log(i)).await;
+        }
+        sink.send(RunnerEvent::Progress { percent: 10.0, stage: None, data: serde_json::Value::Null }).await;
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        assert_eq!(posted(), [4], "the progress event took the lines before it along, well within the window");
+        sink.send(log(4)).await;
+        sink.send(log(5)).await;
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        assert_eq!(posted(), [4], "output lines wait for the window");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(posted(), [4, 2], "then go as one batch");
+        drop(sink);
+        task.await.unwrap();
     }
 
     #[tokio::test]
