@@ -421,3 +421,60 @@ async fn bundles_and_previews_under_the_lease() {
     assert_eq!(stale.status(), StatusCode::CONFLICT, "another job's lease");
     drop(stranger);
 }
+
+/// Issue 8's gap: a gather turn no longer holds the room's alarm. While a runner sits on a gather
+/// request, the room still closes a socket whose token expired on time (its alarm is free), and the
+/// late reply is still taken.
+#[tokio::test]
+async fn a_gather_turn_in_flight_does_not_hold_the_rooms_alarm() {
+    const TTL_MS: u64 = 6_000;
+    let edge = TestEdge::start(&[("ACCESS_TOKEN_TTL_SECS", "6")]).await.expect("starting wrangler dev");
+    let api = edge.api();
+    let email = kiln_e2e::unique_email("l1-gather");
+    let (token, _) = api.register_and_login(&email).await;
+    let logged_in = Instant::now();
+    let mut runner = HandRunner::connect(&edge, "gatherer", 0).await;
+    let (status, job) = api.post("/api/jobs/", &token, json!({"prompt": "A recipe book"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{job}");
+    let job_id = job["id"].as_str().unwrap().to_string();
+    let (request_id, gather) = match runner.next(WAIT).await {
+        Some(EdgeMessage::Request { request_id, request: kiln_schemas::runner::RunnerRequest::Gather(g) }) => (request_id, g),
+        other => panic!("expected a gather request, got {other:?}"),
+    };
+    assert_eq!(gather.job_id, job_id);
+
+    // The turn stays unanswered; the socket opened with the 6 s token closes at its expiry.
+    let mut ws = kiln_e2e::WsClient::connect(&edge.ws_url(), &job_id, kiln_e2e::WsAuth::Header(&token), None).await.expect("job socket");
+    let deadline = Instant::now() + Duration::from_millis(TTL_MS + 10_000);
+    let mut closed = None;
+    while Instant::now() < deadline {
+        match ws.next_json(Duration::from_millis(500)).await {
+            Some(e) if e["kind"] == "error" => {
+                closed = Some(logged_in.elapsed());
+                break;
+            }
+            _ => {}
+        }
+    }
+    let closed = closed.expect("the expired socket was told and closed while the gather turn was in flight");
+    println!("socket of a {TTL_MS} ms token closed {closed:?} after login, a gather turn in flight");
+    assert!(closed < Duration::from_millis(TTL_MS + 4_000), "closed late: {closed:?}");
+
+    // The late reply is taken: the gatherer's question is the job's next message.
+    let started = Instant::now();
+    let reply = json!({"reply": "Which cuisines should it cover?", "sender": "Gatherer"});
+    runner.send(&RunnerMessage::Reply { request_id, result: reply }).await;
+    let (_, pair) = api.login(&email, kiln_e2e::PASSWORD).await;
+    let fresh = pair["access"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, msgs) = api.get(&format!("/api/job-messages/?job_id={job_id}"), &fresh).await;
+        assert_eq!(status, StatusCode::OK, "{msgs}");
+        if msgs.as_array().unwrap().iter().any(|m| m["content"] == "Which cuisines should it cover?") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the late gather reply never reached the job: {msgs}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("a gather reply reached the job's messages {:?} after the runner sent it", started.elapsed());
+}
