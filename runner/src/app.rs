@@ -173,6 +173,7 @@ impl Application {
             limits: config.job_limits,
             event_buffer_bytes: config.resources.event_buffer_bytes,
             llm: llm.clone(),
+            three_d: config.three_d.clone(),
         });
         let supervisor = Supervisor::new(services, config.max_concurrent_jobs);
 

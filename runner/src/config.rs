@@ -637,6 +637,8 @@ pub struct FileSettings {
     pub runner_llm_model: Option<String>,
     /// LLM providers, roles, prices and budgets (see `crate::llm::config`).
     pub llm: Option<crate::llm::LlmFile>,
+    /// The 3D pipeline's vendor and WordPress site (see `crate::three_d`).
+    pub three_d: Option<crate::three_d::ThreeDFile>,
 }
 
 impl FileSettings {
@@ -688,6 +690,8 @@ pub struct Config {
     pub resources: Resources,
     /// LLM providers, role assignments, prices, retries and the per-job budget.
     pub llm: crate::llm::LlmConfig,
+    /// The 3D pipeline's vendor and WordPress site; keys from the runner's environment.
+    pub three_d: crate::three_d::ThreeDConfig,
 }
 
 /// What resolution needs from the machine, passed in so resolution stays a pure function.
@@ -1006,6 +1010,8 @@ impl Config {
                 non_empty(args.llm_model.or(file.runner_llm_model)).as_deref(),
                 &host.vars,
             )?,
+            three_d: crate::three_d::ThreeDConfig::resolve(file.three_d, &host.vars)
+                .map_err(|e| invalid("[three_d]", e))?,
         })
     }
 }

@@ -24,6 +24,7 @@ pub mod output;
 pub mod pipeline;
 pub mod reporter;
 pub mod state;
+pub mod three_d;
 pub mod tools;
 pub mod workspace;
 

@@ -1,11 +1,13 @@
 //! `/runner/v1/*`: registration (operator's token), the runner's socket to its queue, event
 //! batches, an app build's workspace snapshot, a landing session's bundle and its page's preview
-//! (R2). Runner tokens open these endpoints only;
+//! (R2), a 3D pipeline's model (R2). Runner tokens open these endpoints only;
 //! user and service tokens never do.
 
 use kiln_schemas::app::WorkspaceSnapshot;
 use kiln_schemas::landing::{content_type, PreviewBundle, Published, MAX_BUNDLE_BYTES};
-use kiln_schemas::runner::{BatchAck, EventBatch, RegisterRunnerRequest, RegisterRunnerResponse, MAX_SNAPSHOT_BYTES};
+use kiln_schemas::runner::{
+    BatchAck, EventBatch, RegisterRunnerRequest, RegisterRunnerResponse, MAX_ARTIFACT_BYTES, MAX_SNAPSHOT_BYTES,
+};
 use worker::{Headers, HttpMetadata, Method, Request, RequestInit, Response};
 
 use super::Ctx;
@@ -46,6 +48,10 @@ pub async fn route(mut req: Request, ctx: &Ctx, method: Method, rest: &[&str]) -
         (Method::Put, ["jobs", job_id, "preview"]) => {
             let runner = authenticate(&req, ctx).await?;
             put_preview(&mut req, ctx, &runner, job_id).await
+        }
+        (Method::Put, ["jobs", job_id, "artifact"]) => {
+            let runner = authenticate(&req, ctx).await?;
+            put_artifact(&mut req, ctx, &runner, job_id).await
         }
         _ => Err(ApiError::NotFound("no such runner endpoint".into())),
     }
@@ -191,6 +197,47 @@ async fn put_bundle(req: &mut Request, ctx: &Ctx, runner: &RunnerRow, job_id: &s
     let bytes = body.len();
     env::artifacts(&ctx.env)?.put(preview::bundle_key(&page), body).execute().await?;
     json(&serde_json::json!({ "stored": true, "bytes": bytes }))
+}
+
+/// An artifact's file name: 1–100 of `[A-Za-z0-9._-]`, not starting with a dot.
+fn artifact_name(req: &Request) -> ApiResult<String> {
+    let url = req.url()?;
+    let name = url.query_pairs().find(|(k, _)| k == "name").map(|(_, v)| v.to_string()).unwrap_or_default();
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !ok {
+        return Err(ApiError::BadRequest(
+            "name is required: 1 to 100 letters, digits, '.', '_' or '-', not starting with '.'".into(),
+        ));
+    }
+    Ok(name)
+}
+
+/// `PUT /runner/v1/jobs/<id>/artifact?lease_id=&name=`: a file a 3D pipeline produced (raw
+/// bytes, at most `MAX_ARTIFACT_BYTES`), kept in R2 at `artifacts/<id>/<name>`; answers the path
+/// where its owner gets it (`GET /api/v1/3d/<id>/asset`).
+async fn put_artifact(req: &mut Request, ctx: &Ctx, runner: &RunnerRow, job_id: &str) -> ApiResult {
+    declared_over(req, MAX_ARTIFACT_BYTES, "artifact")?;
+    let name = artifact_name(req)?;
+    let row = check_lease(req, ctx, runner, job_id).await?;
+    if row.job_type() != kiln_schemas::status::JobType::Pipeline3d {
+        return Err(ApiError::BadRequest("this job keeps no artifacts".into()));
+    }
+    let body = body_bytes(req, MAX_ARTIFACT_BYTES, "artifact").await?;
+    if body.is_empty() {
+        return Err(ApiError::BadRequest("the artifact is empty".into()));
+    }
+    let bytes = body.len();
+    let content_type = if name.ends_with(".glb") { "model/gltf-binary" } else { "application/octet-stream" };
+    let meta = HttpMetadata { content_type: Some(content_type.into()), ..Default::default() };
+    env::artifacts(&ctx.env)?
+        .put(format!("artifacts/{job_id}/{name}"), body)
+        .http_metadata(meta)
+        .execute()
+        .await?;
+    json(&serde_json::json!({ "url": format!("/api/v1/3d/{job_id}/asset"), "bytes": bytes }))
 }
 
 /// `GET /runner/v1/jobs/<id>/bundle?lease_id=`: the session's last bundle, or 404.

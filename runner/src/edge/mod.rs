@@ -10,7 +10,8 @@ use chrono::{SecondsFormat, Utc};
 use kiln_schemas::app::WorkspaceSnapshot;
 use kiln_schemas::landing::{PreviewBundle, Published, MAX_BUNDLE_BYTES, MAX_PREVIEW_BYTES};
 use kiln_schemas::runner::{
-    BatchAck, EventBatch, RegisterRunnerRequest, RegisterRunnerResponse, MAX_SNAPSHOT_BYTES,
+    BatchAck, EventBatch, RegisterRunnerRequest, RegisterRunnerResponse, MAX_ARTIFACT_BYTES,
+    MAX_SNAPSHOT_BYTES,
 };
 use url::Url;
 
@@ -285,6 +286,41 @@ impl EdgeClient {
             check_status(&url, res).await.map(|_| ())
         })
         .await
+    }
+
+    /// `PUT /runner/v1/jobs/{job_id}/artifact?lease_id=&name=`: keeps a file the job produced
+    /// (at most `MAX_ARTIFACT_BYTES`) in R2; answers where the edge serves it to the job's owner.
+    /// Transient failures are retried.
+    pub async fn put_artifact(
+        &self,
+        job_id: &str,
+        lease_id: &str,
+        name: &str,
+        bytes: Vec<u8>,
+    ) -> Result<String, EdgeError> {
+        let mut url = self.job_url(job_id, "artifact", lease_id);
+        url.query_pairs_mut().append_pair("name", name);
+        if bytes.len() > MAX_ARTIFACT_BYTES {
+            return Err(too_big(&url, "artifact", bytes.len(), MAX_ARTIFACT_BYTES));
+        }
+        #[derive(serde::Deserialize)]
+        struct Stored {
+            url: String,
+        }
+        let stored = retry_transient(|| async {
+            let res = self
+                .http
+                .put(url.clone())
+                .bearer_auth(self.token())
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .timeout(Duration::from_secs(300))
+                .body(bytes.clone())
+                .send()
+                .await;
+            read_json::<Stored>(&url, Ok(check_status(&url, res).await?)).await
+        })
+        .await?;
+        Ok(stored.url)
     }
 
     /// `PUT /runner/v1/jobs/{job_id}/preview?lease_id=`: publishes the landing page's files,

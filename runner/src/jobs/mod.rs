@@ -5,6 +5,7 @@ mod app_build;
 mod code;
 mod dashboard;
 mod landing;
+mod pipeline_3d;
 mod ralph;
 mod run;
 mod task;
@@ -49,6 +50,8 @@ pub struct JobServices {
     pub event_buffer_bytes: usize,
     /// The LLM client of pipeline jobs' steps (`[llm]`; its budget is every job's).
     pub llm: LlmClient,
+    /// `[three_d]`: the 3D pipeline's vendor and WordPress site.
+    pub three_d: crate::three_d::ThreeDConfig,
 }
 
 impl JobServices {

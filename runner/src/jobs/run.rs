@@ -300,6 +300,9 @@ impl JobRun {
         ) {
             return super::dashboard::run(self, controls).await;
         }
+        if a.job_type == JobType::Pipeline3d {
+            return super::pipeline_3d::run(self, controls).await;
+        }
         if a.job_type.is_dashboard() {
             // Seed 002's kinds land in the dashboard's own modules.
             return failed(format!("This runner does not run {} jobs yet", a.job_type.as_str()));

@@ -64,6 +64,8 @@ struct EdgeState {
     preview_puts: Mutex<Vec<(String, String)>>,
     /// The edge's own URL (previews are served under it).
     url: Mutex<String>,
+    /// Jobs' artifacts by (job, name), with the lease each was put under.
+    artifacts: Mutex<HashMap<(String, String), (String, Vec<u8>)>>,
 }
 
 #[derive(Clone)]
@@ -379,6 +381,39 @@ async fn put_preview(
     Json(published).into_response()
 }
 
+#[derive(serde::Deserialize)]
+struct ArtifactQuery {
+    lease_id: Option<String>,
+    name: Option<String>,
+}
+
+/// `PUT /runner/v1/jobs/{job_id}/artifact?lease_id=&name=`: keeps a job's file; answers its URL.
+async fn put_artifact(
+    State(s): State<Arc<EdgeState>>,
+    headers: HeaderMap,
+    Path(job_id): Path<String>,
+    Query(q): Query<ArtifactQuery>,
+    body: axum::body::Bytes,
+) -> Response {
+    if !authorized(&s, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let refuse =
+        |status, error: &str| (status, Json(serde_json::json!({ "error": error }))).into_response();
+    let (Some(lease), Some(name)) = (q.lease_id, q.name) else {
+        return refuse(StatusCode::BAD_REQUEST, "lease_id and name are required");
+    };
+    if s.invalid.lock().unwrap().contains(&job_id) {
+        return refuse(StatusCode::CONFLICT, "lease no longer valid");
+    }
+    let url = format!("{}/api/v1/3d/{job_id}/asset", s.url.lock().unwrap());
+    s.artifacts
+        .lock()
+        .unwrap()
+        .insert((job_id, name), (lease, body.to_vec()));
+    Json(serde_json::json!({ "url": url })).into_response()
+}
+
 fn store(s: &EdgeState, job_id: &str, batch: &EventBatch) -> (u32, u32) {
     s.batches
         .lock()
@@ -425,6 +460,10 @@ impl FakeEdge {
             .route(
                 "/runner/v1/jobs/{job_id}/preview",
                 axum::routing::put(put_preview),
+            )
+            .route(
+                "/runner/v1/jobs/{job_id}/artifact",
+                axum::routing::put(put_artifact),
             )
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -506,6 +545,16 @@ impl FakeEdge {
             .filter(|(j, _, _)| j == job_id)
             .map(|(_, l, n)| (l.clone(), *n))
             .collect()
+    }
+
+    /// A job's artifact and the lease it was put under.
+    pub fn artifact(&self, job_id: &str, name: &str) -> Option<(String, Vec<u8>)> {
+        self.state
+            .artifacts
+            .lock()
+            .unwrap()
+            .get(&(job_id.to_string(), name.to_string()))
+            .cloned()
     }
 
     /// A landing session's bundle, by landing page.

@@ -214,6 +214,8 @@ pub struct RunnerOptions {
     pub llm: kiln_runner::llm::LlmConfig,
     /// `RUNNER_AGENT_CMD` [default: `tests/agents/agent.sh`].
     pub agent_command: Option<String>,
+    /// `[three_d]` [default: none set].
+    pub three_d: kiln_runner::three_d::ThreeDConfig,
 }
 
 impl Default for RunnerOptions {
@@ -236,6 +238,7 @@ impl Default for RunnerOptions {
             dirs: None,
             llm: Default::default(),
             agent_command: None,
+            three_d: Default::default(),
         }
     }
 }
@@ -320,6 +323,7 @@ impl TestRunner {
             job_limits: opts.limits,
             resources: opts.resources,
             llm: opts.llm,
+            three_d: opts.three_d,
         };
         let app = Application::build(config).await?;
         let port = app.port();
