@@ -243,7 +243,7 @@ pub fn final_answer(text: &str) -> String {
         let l = line.trim().trim_start_matches(['*', '#', ' ']);
         for tag in ["Final Answer:", "Answer:"] {
             if let Some(rest) = l.strip_prefix(tag) {
-                let rest = rest.trim().trim_end_matches('*').trim();
+                let rest = rest.trim().trim_matches('*').trim();
                 if !rest.is_empty() {
                     return rest.to_string();
                 }
@@ -498,11 +498,11 @@ fn label(i: usize) -> String {
     }
 }
 
+/// Each label's rubric scores.
+pub type Scores = BTreeMap<String, Map<String, Value>>;
+
 /// The judge's scores: label → criterion → 0–10, every label and criterion present.
-pub fn parse_scores(
-    text: &str,
-    labels: &[String],
-) -> Result<(BTreeMap<String, Map<String, Value>>, String), String> {
+pub fn parse_scores(text: &str, labels: &[String]) -> Result<(Scores, String), String> {
     let body = fenced_json(text)
         .map(|(_, b)| b)
         .ok_or("the answer has no fenced ```json block")?;
@@ -806,4 +806,78 @@ async fn round_table(
         view,
         json!({"pairs": pairs, "judge_reasoning": judge_reasoning, "reasoning": why}),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_answers_and_majorities_are_read() {
+        assert_eq!(final_answer("1. think\nAnswer: $24"), "$24");
+        assert_eq!(final_answer("Thought: x\nFinal Answer: **Paris**"), "Paris");
+        assert_eq!(final_answer("  just this  "), "just this");
+        let v = |xs: &[&str]| xs.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            majority(&v(&["$30", "$24", "$24."])),
+            Some(("$24".into(), 2))
+        );
+        assert_eq!(
+            majority(&v(&["a", "b"])),
+            Some(("a".into(), 1)),
+            "a tie goes to the earliest"
+        );
+        assert_eq!(majority(&[]), None);
+    }
+
+    #[test]
+    fn judges_answers_are_checked() {
+        let labels = vec!["A".to_string(), "B".to_string()];
+        let full = |n: i32| json!({"relevance": n, "accuracy": n, "clarity": n, "completeness": n, "creativity": n});
+        let ok = format!(
+            "```json\n{}\n```",
+            json!({"scores": {"A": full(7), "B": full(3)}, "reasoning": "A"})
+        );
+        let (s, why) = parse_scores(&ok, &labels).unwrap();
+        assert_eq!(s["A"]["clarity"], 7.0);
+        assert_eq!(why, "A");
+        let missing = format!("```json\n{}\n```", json!({"scores": {"A": full(7)}}));
+        assert!(parse_scores(&missing, &labels)
+            .unwrap_err()
+            .contains("Answer B"));
+        let high = format!(
+            "```json\n{}\n```",
+            json!({"scores": {"A": full(11), "B": full(1)}})
+        );
+        assert!(parse_scores(&high, &labels)
+            .unwrap_err()
+            .contains("0 to 10"));
+        assert!(parse_scores("no json", &labels).is_err());
+        assert_eq!(
+            parse_ab("```json\n{\"winner\": \"b\", \"reasoning\": \"r\"}\n```").unwrap(),
+            (Some(1), "r".into())
+        );
+        assert_eq!(
+            parse_ab("```json\n{\"winner\": \"tie\"}\n```").unwrap().0,
+            None
+        );
+        assert!(parse_ab("```json\n{\"winner\": \"C\"}\n```").is_err());
+        assert_eq!(
+            (label(0), label(25), label(26)),
+            ("A".into(), "Z".into(), "A2".into())
+        );
+    }
+
+    #[test]
+    fn learning_answers_are_checked() {
+        let (i, c) = parse_learning(
+            "```json\n{\"instructions\": \"new\", \"changes\": [\"a\", {\"b\": 1}]}\n```",
+        )
+        .unwrap();
+        assert_eq!((i.as_str(), c.len()), ("new", 2));
+        assert!(
+            parse_learning("```json\n{\"instructions\": \" \", \"changes\": []}\n```").is_err()
+        );
+        assert!(parse_learning("```json\n{\"instructions\": \"x\"}\n```").is_err());
+    }
 }
