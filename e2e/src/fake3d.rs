@@ -44,7 +44,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         c ^= u32::from(b);
         for _ in 0..8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
         }
     }
     !c
@@ -115,7 +119,11 @@ pub fn glb(spec: GlbSpec) -> Vec<u8> {
     let positions = |n: u32| -> Vec<u8> {
         let mut p = Vec::with_capacity(n as usize * 12);
         for i in 0..n {
-            let (x, y, z) = ((i % 100) as f32, (i / 100 % 100) as f32, (i / 10_000) as f32);
+            let (x, y, z) = (
+                (i % 100) as f32,
+                (i / 100 % 100) as f32,
+                (i / 10_000) as f32,
+            );
             for c in [x, y, z] {
                 p.extend(c.to_le_bytes());
             }
@@ -126,7 +134,11 @@ pub fn glb(spec: GlbSpec) -> Vec<u8> {
     let bounds = |n: u32| -> (Value, Value) {
         let mut max = [0f32; 3];
         for i in 0..n {
-            let p = [(i % 100) as f32, (i / 100 % 100) as f32, (i / 10_000) as f32];
+            let p = [
+                (i % 100) as f32,
+                (i / 100 % 100) as f32,
+                (i / 10_000) as f32,
+            ];
             for k in 0..3 {
                 max[k] = max[k].max(p[k]);
             }
@@ -149,14 +161,18 @@ pub fn glb(spec: GlbSpec) -> Vec<u8> {
         let iv = view(&mut bin, &ix, Some(34963));
         accessors.push(json!({"bufferView": iv, "componentType": 5125, "count": spec.indexed * 3, "type": "SCALAR"}));
         let ind = accessors.len() - 1;
-        primitives.push(json!({"attributes": {"POSITION": pos}, "indices": ind, "mode": 4, "material": 0}));
+        primitives.push(
+            json!({"attributes": {"POSITION": pos}, "indices": ind, "mode": 4, "material": 0}),
+        );
     }
     if spec.plain > 0 {
         let verts = spec.plain * 3;
         let pv = view(&mut bin, &positions(verts), Some(34962));
         let (min, max) = bounds(verts);
         accessors.push(json!({"bufferView": pv, "componentType": 5126, "count": verts, "type": "VEC3", "min": min, "max": max}));
-        primitives.push(json!({"attributes": {"POSITION": accessors.len() - 1}, "mode": 4, "material": 0}));
+        primitives.push(
+            json!({"attributes": {"POSITION": accessors.len() - 1}, "mode": 4, "material": 0}),
+        );
     }
     let mut doc = json!({
         "asset": {"version": "2.0", "generator": "kiln-e2e fake3d"},
@@ -198,20 +214,53 @@ pub fn glb(spec: GlbSpec) -> Vec<u8> {
 /// texture (a 100×60 PNG).
 pub fn test_models() -> Vec<(&'static str, Vec<u8>)> {
     vec![
-        ("valid", glb(GlbSpec { indexed: 4_000, plain: 1_000, image: Some((256, 256)) })),
-        ("over_faces", glb(GlbSpec { indexed: 40_000, plain: 20_000, image: Some((256, 256)) })),
-        ("broken_texture", glb(GlbSpec { indexed: 500, plain: 0, image: Some((100, 60)) })),
+        (
+            "valid",
+            glb(GlbSpec {
+                indexed: 4_000,
+                plain: 1_000,
+                image: Some((256, 256)),
+            }),
+        ),
+        (
+            "over_faces",
+            glb(GlbSpec {
+                indexed: 40_000,
+                plain: 20_000,
+                image: Some((256, 256)),
+            }),
+        ),
+        (
+            "broken_texture",
+            glb(GlbSpec {
+                indexed: 500,
+                plain: 0,
+                image: Some((100, 60)),
+            }),
+        ),
     ]
 }
 
-fn serve(name: &str, app: Router) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>) {
+fn serve(
+    name: &str,
+    app: Router,
+) -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a fake");
-    listener.set_nonblocking(true).expect("a non-blocking listener");
+    listener
+        .set_nonblocking(true)
+        .expect("a non-blocking listener");
     let addr = listener.local_addr().expect("its address");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let name = name.to_string();
     let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
             axum::serve(listener, app)
@@ -262,21 +311,34 @@ fn authorized(s: &VendorState, headers: &HeaderMap) -> bool {
     headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(want.as_str())
 }
 
-async fn create_task(State(s): State<Vs>, headers: HeaderMap, body: Option<Json<Value>>) -> Response {
+async fn create_task(
+    State(s): State<Vs>,
+    headers: HeaderMap,
+    body: Option<Json<Value>>,
+) -> Response {
     let mut s = s.lock().expect("lock");
     if !authorized(&s, &headers) {
         s.unauthorized += 1;
         return vendor_error(StatusCode::UNAUTHORIZED, 1002, "Authentication failed");
     }
     let body = body.map(|Json(v)| v).unwrap_or(Value::Null);
-    let (Some("text_to_model"), Some(prompt)) = (body["type"].as_str(), body["prompt"].as_str()) else {
-        return vendor_error(StatusCode::BAD_REQUEST, 2002, "type text_to_model and a prompt are required");
+    let (Some("text_to_model"), Some(prompt)) = (body["type"].as_str(), body["prompt"].as_str())
+    else {
+        return vendor_error(
+            StatusCode::BAD_REQUEST,
+            2002,
+            "type text_to_model and a prompt are required",
+        );
     };
     if prompt.contains("[vendor-error]") {
         return vendor_error(StatusCode::INTERNAL_SERVER_ERROR, 1000, "server overloaded");
     }
     let id = format!("task-{}", s.tasks.len() + 1);
-    s.tasks.push(VendorTask { id: id.clone(), prompt: prompt.to_string(), polls: 0 });
+    s.tasks.push(VendorTask {
+        id: id.clone(),
+        prompt: prompt.to_string(),
+        polls: 0,
+    });
     Json(json!({"code": 0, "data": {"task_id": id}})).into_response()
 }
 
@@ -329,7 +391,10 @@ impl FakeVendor {
     pub fn start(key: &str) -> FakeVendor {
         let state: Vs = Arc::new(Mutex::new(VendorState {
             key: key.to_string(),
-            models: test_models().into_iter().map(|(n, b)| (n.to_string(), b)).collect(),
+            models: test_models()
+                .into_iter()
+                .map(|(n, b)| (n.to_string(), b))
+                .collect(),
             ..Default::default()
         }));
         let app = Router::new()
@@ -339,7 +404,12 @@ impl FakeVendor {
             .with_state(state.clone());
         let (addr, tx, thread) = serve("3D vendor", app);
         state.lock().expect("lock").base = format!("http://{addr}");
-        FakeVendor { addr, state, shutdown: Some(tx), thread: Some(thread) }
+        FakeVendor {
+            addr,
+            state,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -413,7 +483,9 @@ fn base64(data: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
         for i in 0..4 {
             if i <= c.len() {
                 out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
@@ -427,7 +499,13 @@ fn base64(data: &[u8]) -> String {
 
 async fn upload_media(State(s): State<Ws>, headers: HeaderMap, body: Bytes) -> Response {
     let mut s = s.lock().expect("lock");
-    let header = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let header = |k: &str| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
     if header("authorization") != s.authorization {
         s.refused += 1;
         return (
@@ -437,17 +515,34 @@ async fn upload_media(State(s): State<Ws>, headers: HeaderMap, body: Bytes) -> R
             .into_response();
     }
     let disposition = header("content-disposition");
-    let Some(filename) = disposition.split("filename=").nth(1).map(|f| f.trim_matches('"').to_string()).filter(|f| !f.is_empty())
+    let Some(filename) = disposition
+        .split("filename=")
+        .nth(1)
+        .map(|f| f.trim_matches('"').to_string())
+        .filter(|f| !f.is_empty())
     else {
         return (StatusCode::BAD_REQUEST, Json(json!({"code": "rest_upload_no_content_disposition", "message": "No Content-Disposition supplied."}))).into_response();
     };
     if body.is_empty() {
-        return (StatusCode::BAD_REQUEST, Json(json!({"code": "rest_upload_no_data", "message": "No data supplied."}))).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"code": "rest_upload_no_data", "message": "No data supplied."})),
+        )
+            .into_response();
     }
     let id = 100 + s.uploads.len() as u64 + 1;
     let source_url = format!("{}/wp-content/uploads/{filename}", s.base);
-    s.uploads.push(Upload { id, filename, content_type: header("content-type"), bytes: body.to_vec() });
-    (StatusCode::CREATED, Json(json!({"id": id, "source_url": source_url, "media_type": "file"}))).into_response()
+    s.uploads.push(Upload {
+        id,
+        filename,
+        content_type: header("content-type"),
+        bytes: body.to_vec(),
+    });
+    (
+        StatusCode::CREATED,
+        Json(json!({"id": id, "source_url": source_url, "media_type": "file"})),
+    )
+        .into_response()
 }
 
 impl FakeWordPress {
@@ -463,7 +558,12 @@ impl FakeWordPress {
             .with_state(state.clone());
         let (addr, tx, thread) = serve("WordPress", app);
         state.lock().expect("lock").base = format!("http://{addr}");
-        FakeWordPress { addr, state, shutdown: Some(tx), thread: Some(thread) }
+        FakeWordPress {
+            addr,
+            state,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        }
     }
 
     pub fn url(&self) -> String {

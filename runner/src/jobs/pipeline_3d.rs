@@ -42,27 +42,47 @@ impl Run<'_> {
         }
         self.job
             .sink
-            .send(RunnerEvent::Progress { percent, stage: Some(stage.into()), data: Value::Object(data) })
+            .send(RunnerEvent::Progress {
+                percent,
+                stage: Some(stage.into()),
+                data: Value::Object(data),
+            })
             .await;
     }
 
     /// Ends the job failed at `stage`, telling the stage first.
-    async fn fail(&mut self, stage: &str, reason: String, mut result: Map<String, Value>) -> RunnerEvent {
+    async fn fail(
+        &mut self,
+        stage: &str,
+        reason: String,
+        mut result: Map<String, Value>,
+    ) -> RunnerEvent {
         let percent = self.percent;
-        self.progress(percent, "failed", json!({"failed_stage": stage, "error": reason})).await;
+        self.progress(
+            percent,
+            "failed",
+            json!({"failed_stage": stage, "error": reason}),
+        )
+        .await;
         result.insert("stage".into(), json!(stage));
         match failed(format!("3D pipeline failed while {stage}: {reason}")) {
-            RunnerEvent::Finished { outcome, message, pr_url, completion_reason, total_iterations, error_message, .. } => {
-                RunnerEvent::Finished {
-                    outcome,
-                    message,
-                    pr_url,
-                    completion_reason,
-                    total_iterations,
-                    error_message,
-                    result: Some(Value::Object(result)),
-                }
-            }
+            RunnerEvent::Finished {
+                outcome,
+                message,
+                pr_url,
+                completion_reason,
+                total_iterations,
+                error_message,
+                ..
+            } => RunnerEvent::Finished {
+                outcome,
+                message,
+                pr_url,
+                completion_reason,
+                total_iterations,
+                error_message,
+                result: Some(Value::Object(result)),
+            },
             other => other,
         }
     }
@@ -73,17 +93,29 @@ fn report_value(r: &ValidationReport) -> Value {
 }
 
 /// Runs a 3D pipeline; answers its `finished` event.
-pub(super) async fn run(job: &mut JobRun, _controls: mpsc::UnboundedReceiver<JobControl>) -> RunnerEvent {
-    let Some(DashboardParams::Pipeline3d { format, max_faces, max_texture_size }) = job.assignment.dashboard.clone()
+pub(super) async fn run(
+    job: &mut JobRun,
+    _controls: mpsc::UnboundedReceiver<JobControl>,
+) -> RunnerEvent {
+    let Some(DashboardParams::Pipeline3d {
+        format,
+        max_faces,
+        max_texture_size,
+    }) = job.assignment.dashboard.clone()
     else {
         return failed("The assignment of this 3D pipeline carries no pipeline_3d parameters");
     };
     if format != "glb" {
-        return failed(format!("The 3D pipeline makes glb models; {format:?} is not one"));
+        return failed(format!(
+            "The 3D pipeline makes glb models; {format:?} is not one"
+        ));
     }
     let cfg = job.services.three_d.clone();
     let Some(key) = cfg.vendor_key.clone() else {
-        return failed(format!("This runner has no text-to-3D vendor key ({} is not set)", cfg.vendor_key_env));
+        return failed(format!(
+            "This runner has no text-to-3D vendor key ({} is not set)",
+            cfg.vendor_key_env
+        ));
     };
     let prompt = job.assignment.prompt.clone();
     let started_at = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
@@ -91,7 +123,11 @@ pub(super) async fn run(job: &mut JobRun, _controls: mpsc::UnboundedReceiver<Job
     base.insert("prompt".into(), json!(prompt));
     base.insert("format".into(), json!(format));
     base.insert("started_at".into(), json!(started_at));
-    let mut r = Run { job, base, percent: 0.0 };
+    let mut r = Run {
+        job,
+        base,
+        percent: 0.0,
+    };
     let http = reqwest::Client::new();
     let vendor = Vendor::new(http.clone(), cfg.vendor_url.clone(), key);
 
@@ -110,7 +146,13 @@ pub(super) async fn run(job: &mut JobRun, _controls: mpsc::UnboundedReceiver<Job
         let now = Instant::now();
         if now >= deadline {
             let secs = cfg.generate_timeout.as_secs();
-            return r.fail("generating", format!("the 3D vendor did not finish the model within {secs} s"), Map::new()).await;
+            return r
+                .fail(
+                    "generating",
+                    format!("the 3D vendor did not finish the model within {secs} s"),
+                    Map::new(),
+                )
+                .await;
         }
         tokio::time::sleep(wait.min(deadline - now)).await;
         wait = (wait * 2).min(cfg.poll_max);
@@ -119,11 +161,18 @@ pub(super) async fn run(job: &mut JobRun, _controls: mpsc::UnboundedReceiver<Job
                 errors = 0;
                 let scaled = (progress * 0.6).round();
                 if scaled != r.percent {
-                    r.progress(scaled, "generating", json!({"vendor_status": status, "vendor_progress": progress})).await;
+                    r.progress(
+                        scaled,
+                        "generating",
+                        json!({"vendor_status": status, "vendor_progress": progress}),
+                    )
+                    .await;
                 }
             }
             Ok(TaskState::Succeeded { model_url }) => break model_url,
-            Ok(TaskState::Failed { reason }) => return r.fail("generating", reason, Map::new()).await,
+            Ok(TaskState::Failed { reason }) => {
+                return r.fail("generating", reason, Map::new()).await
+            }
             Err(e) => {
                 errors += 1;
                 if errors >= POLL_ERRORS {
@@ -138,32 +187,72 @@ pub(super) async fn run(job: &mut JobRun, _controls: mpsc::UnboundedReceiver<Job
         Err(e) => return r.fail("generating", e, Map::new()).await,
     };
     let generate_ms = t.elapsed().as_millis() as u64;
-    r.progress(60.0, "generating", json!({"bytes": model.len(), "generate_ms": generate_ms})).await;
+    r.progress(
+        60.0,
+        "generating",
+        json!({"bytes": model.len(), "generate_ms": generate_ms}),
+    )
+    .await;
 
     // validating
     r.progress(70.0, "validating", json!({})).await;
     let t = Instant::now();
     let bytes = std::sync::Arc::new(model);
     let b = bytes.clone();
-    let report = match tokio::task::spawn_blocking(move || glb::validate(&b, max_faces, max_texture_size)).await {
-        Ok(r) => r,
-        Err(e) => return r.fail("validating", format!("validation stopped: {e}"), Map::new()).await,
-    };
+    let report =
+        match tokio::task::spawn_blocking(move || glb::validate(&b, max_faces, max_texture_size))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                return r
+                    .fail("validating", format!("validation stopped: {e}"), Map::new())
+                    .await
+            }
+        };
     let validate_ms = t.elapsed().as_millis() as u64;
     let mut result = Map::new();
     result.insert("report".into(), report_value(&report));
     if !report.valid {
         let why = report.problems.join("; ");
-        return r.fail("validating", format!("the model is not valid: {why}"), result).await;
+        return r
+            .fail(
+                "validating",
+                format!("the model is not valid: {why}"),
+                result,
+            )
+            .await;
     }
 
     // uploading
-    r.progress(85.0, "uploading", json!({"report": report_value(&report), "validate_ms": validate_ms})).await;
+    r.progress(
+        85.0,
+        "uploading",
+        json!({"report": report_value(&report), "validate_ms": validate_ms}),
+    )
+    .await;
     let bytes = std::sync::Arc::try_unwrap(bytes).unwrap_or_else(|a| (*a).clone());
-    let (job_id, lease_id) = (r.job.job_id().to_string(), r.job.assignment.lease_id.clone());
-    let asset_url = match r.job.services.edge.put_artifact(&job_id, &lease_id, MODEL_NAME, bytes.clone()).await {
+    let (job_id, lease_id) = (
+        r.job.job_id().to_string(),
+        r.job.assignment.lease_id.clone(),
+    );
+    let asset_url = match r
+        .job
+        .services
+        .edge
+        .put_artifact(&job_id, &lease_id, MODEL_NAME, bytes.clone())
+        .await
+    {
         Ok(url) => url,
-        Err(e) => return r.fail("uploading", format!("the model could not be stored: {e}"), result).await,
+        Err(e) => {
+            return r
+                .fail(
+                    "uploading",
+                    format!("the model could not be stored: {e}"),
+                    result,
+                )
+                .await
+        }
     };
     result.insert("asset_url".into(), json!(asset_url));
     if let Some(wp) = &cfg.wordpress {
@@ -179,10 +268,14 @@ pub(super) async fn run(job: &mut JobRun, _controls: mpsc::UnboundedReceiver<Job
         }
     }
 
-    r.progress(100.0, "completed", Value::Object(result.clone())).await;
+    r.progress(100.0, "completed", Value::Object(result.clone()))
+        .await;
     RunnerEvent::Finished {
         outcome: Outcome::Completed,
-        message: format!("3D model ready: {} triangles, {} textures", report.triangles, report.textures),
+        message: format!(
+            "3D model ready: {} triangles, {} textures",
+            report.triangles, report.textures
+        ),
         pr_url: None,
         completion_reason: None,
         total_iterations: None,

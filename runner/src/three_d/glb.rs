@@ -8,9 +8,13 @@ use kiln_schemas::dashboard::ValidationReport;
 /// Validates a GLB against the job's limits. Never fails: what is wrong is in `problems`, and
 /// `valid` is whether there are none.
 pub fn validate(bytes: &[u8], max_faces: u32, max_texture_size: u32) -> ValidationReport {
-    let mut r = ValidationReport { max_faces, ..Default::default() };
+    let mut r = ValidationReport {
+        max_faces,
+        ..Default::default()
+    };
     if bytes.get(..4) != Some(b"glTF") {
-        r.problems.push("the file is not a GLB (no glTF magic)".into());
+        r.problems
+            .push("the file is not a GLB (no glTF magic)".into());
         return r;
     }
     let g = match gltf::Gltf::from_slice(bytes) {
@@ -57,7 +61,10 @@ pub fn validate(bytes: &[u8], max_faces: u32, max_texture_size: u32) -> Validati
         r.problems.push("the model has no triangles".into());
     }
     if r.triangles > u64::from(max_faces) {
-        r.problems.push(format!("{} triangles, over the limit of {max_faces}", r.triangles));
+        r.problems.push(format!(
+            "{} triangles, over the limit of {max_faces}",
+            r.triangles
+        ));
     }
 
     r.textures = g.document.textures().count() as u32;
@@ -68,7 +75,8 @@ pub fn validate(bytes: &[u8], max_faces: u32, max_texture_size: u32) -> Validati
         let i = image.index();
         let bytes: Vec<u8> = match image.source() {
             gltf::image::Source::View { view, .. } => {
-                let Some(b) = data(view.buffer()).and_then(|b| b.get(view.offset()..view.offset() + view.length()))
+                let Some(b) = data(view.buffer())
+                    .and_then(|b| b.get(view.offset()..view.offset() + view.length()))
                 else {
                     r.problems.push(format!("image {i}'s data is missing"));
                     continue;
@@ -78,23 +86,29 @@ pub fn validate(bytes: &[u8], max_faces: u32, max_texture_size: u32) -> Validati
             gltf::image::Source::Uri { uri, .. } => match data_uri(uri) {
                 Some(b) => b,
                 None => {
-                    r.problems.push(format!("image {i} refers to a file outside the GLB"));
+                    r.problems
+                        .push(format!("image {i} refers to a file outside the GLB"));
                     continue;
                 }
             },
         };
         let Some((w, h)) = image_size(&bytes) else {
-            r.problems.push(format!("image {i} is neither a PNG nor a JPEG that can be read"));
+            r.problems.push(format!(
+                "image {i} is neither a PNG nor a JPEG that can be read"
+            ));
             continue;
         };
         r.images.push([w, h]);
         if w == 0 || h == 0 {
             r.problems.push(format!("image {i} is empty ({w}×{h})"));
         } else if !w.is_power_of_two() || !h.is_power_of_two() {
-            r.problems.push(format!("image {i} is {w}×{h}: sides must be powers of two"));
+            r.problems
+                .push(format!("image {i} is {w}×{h}: sides must be powers of two"));
         }
         if w > max_texture_size || h > max_texture_size {
-            r.problems.push(format!("image {i} is {w}×{h}, over the largest side of {max_texture_size}"));
+            r.problems.push(format!(
+                "image {i} is {w}×{h}, over the largest side of {max_texture_size}"
+            ));
         }
     }
     r.valid = r.problems.is_empty();
@@ -108,7 +122,9 @@ fn data_uri(uri: &str) -> Option<Vec<u8>> {
     if !meta.ends_with(";base64") {
         return None;
     }
-    base64::engine::general_purpose::STANDARD.decode(payload).ok()
+    base64::engine::general_purpose::STANDARD
+        .decode(payload)
+        .ok()
 }
 
 /// Width and height from a PNG's IHDR or a JPEG's first SOF marker.
@@ -162,7 +178,8 @@ mod tests {
         assert_eq!(image_size(&png), Some((256, 128)));
         // SOI, an APP0 segment, SOF0 with height 60 and width 100.
         let jpeg = [
-            0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x04, 0x00, 0x00, 0xFF, 0xC0, 0x00, 0x0B, 0x08, 0x00, 0x3C, 0x00, 0x64,
+            0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x04, 0x00, 0x00, 0xFF, 0xC0, 0x00, 0x0B, 0x08, 0x00,
+            0x3C, 0x00, 0x64,
         ];
         assert_eq!(image_size(&jpeg), Some((100, 60)));
         assert_eq!(image_size(b"GIF89a"), None);

@@ -48,7 +48,10 @@ pub struct WordPress {
 
 impl std::fmt::Debug for WordPress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WordPress").field("url", &self.url.as_str()).field("user", &self.user).finish()
+        f.debug_struct("WordPress")
+            .field("url", &self.url.as_str())
+            .field("user", &self.user)
+            .finish()
     }
 }
 
@@ -87,7 +90,10 @@ impl Default for ThreeDConfig {
 
 impl ThreeDConfig {
     /// Resolves the file's table against the runner's environment.
-    pub fn resolve(file: Option<ThreeDFile>, vars: &HashMap<String, String>) -> Result<Self, String> {
+    pub fn resolve(
+        file: Option<ThreeDFile>,
+        vars: &HashMap<String, String>,
+    ) -> Result<Self, String> {
         let f = file.unwrap_or_default();
         let parse_url = |what: &str, s: &str| -> Result<url::Url, String> {
             let u: url::Url = s.parse().map_err(|e| format!("[three_d] {what}: {e}"))?;
@@ -96,8 +102,13 @@ impl ThreeDConfig {
             }
             Ok(u)
         };
-        let vendor_url = parse_url("vendor_url", f.vendor_url.as_deref().unwrap_or(DEFAULT_VENDOR_URL))?;
-        let vendor_key_env = f.vendor_key_env.unwrap_or_else(|| DEFAULT_VENDOR_KEY_ENV.into());
+        let vendor_url = parse_url(
+            "vendor_url",
+            f.vendor_url.as_deref().unwrap_or(DEFAULT_VENDOR_URL),
+        )?;
+        let vendor_key_env = f
+            .vendor_key_env
+            .unwrap_or_else(|| DEFAULT_VENDOR_KEY_ENV.into());
         let vendor_key = vars.get(&vendor_key_env).filter(|v| !v.is_empty()).cloned();
         let poll = Duration::from_millis(f.poll_ms.unwrap_or(1000).max(10));
         let poll_max = Duration::from_millis(f.poll_max_ms.unwrap_or(10_000)).max(poll);
@@ -106,17 +117,34 @@ impl ThreeDConfig {
             None => None,
             Some(u) => {
                 let url = parse_url("wordpress_url", &u)?;
-                let user = f.wordpress_user.filter(|u| !u.is_empty()).ok_or("[three_d] wordpress_url is set without wordpress_user")?;
-                let env = f.wordpress_password_env.unwrap_or_else(|| DEFAULT_WORDPRESS_PASSWORD_ENV.into());
+                let user = f
+                    .wordpress_user
+                    .filter(|u| !u.is_empty())
+                    .ok_or("[three_d] wordpress_url is set without wordpress_user")?;
+                let env = f
+                    .wordpress_password_env
+                    .unwrap_or_else(|| DEFAULT_WORDPRESS_PASSWORD_ENV.into());
                 let password = vars
                     .get(&env)
                     .filter(|v| !v.is_empty())
                     .cloned()
                     .ok_or_else(|| format!("[three_d] wordpress_password_env: {env} is not set in the runner's environment"))?;
-                Some(WordPress { url, user, password })
+                Some(WordPress {
+                    url,
+                    user,
+                    password,
+                })
             }
         };
-        Ok(ThreeDConfig { vendor_url, vendor_key, vendor_key_env, poll, poll_max, generate_timeout, wordpress })
+        Ok(ThreeDConfig {
+            vendor_url,
+            vendor_key,
+            vendor_key_env,
+            poll,
+            poll_max,
+            generate_timeout,
+            wordpress,
+        })
     }
 }
 
@@ -129,8 +157,11 @@ mod tests {
         let d = ThreeDConfig::default();
         assert_eq!(d.vendor_url.as_str(), "https://api.tripo3d.ai/");
         assert!(d.vendor_key.is_none() && d.wordpress.is_none());
-        let vars: HashMap<String, String> =
-            [("K".to_string(), "k1".to_string()), ("WP".to_string(), "pw".to_string())].into();
+        let vars: HashMap<String, String> = [
+            ("K".to_string(), "k1".to_string()),
+            ("WP".to_string(), "pw".to_string()),
+        ]
+        .into();
         let f = ThreeDFile {
             vendor_url: Some("http://127.0.0.1:9/".into()),
             vendor_key_env: Some("K".into()),
@@ -142,10 +173,21 @@ mod tests {
         let c = ThreeDConfig::resolve(Some(f.clone()), &vars).unwrap();
         assert_eq!(c.vendor_key.as_deref(), Some("k1"));
         assert_eq!(c.wordpress.as_ref().unwrap().password, "pw");
-        assert!(!format!("{c:?}").contains("k1") && !format!("{c:?}").contains("pw"), "no key in Debug");
-        let missing = ThreeDFile { wordpress_password_env: Some("NOPE".into()), ..f.clone() };
-        assert!(ThreeDConfig::resolve(Some(missing), &vars).unwrap_err().contains("NOPE is not set"));
-        let bad = ThreeDFile { vendor_url: Some("ftp://x".into()), ..f };
+        assert!(
+            !format!("{c:?}").contains("k1") && !format!("{c:?}").contains("pw"),
+            "no key in Debug"
+        );
+        let missing = ThreeDFile {
+            wordpress_password_env: Some("NOPE".into()),
+            ..f.clone()
+        };
+        assert!(ThreeDConfig::resolve(Some(missing), &vars)
+            .unwrap_err()
+            .contains("NOPE is not set"));
+        let bad = ThreeDFile {
+            vendor_url: Some("ftp://x".into()),
+            ..f
+        };
         assert!(ThreeDConfig::resolve(Some(bad), &vars).is_err());
     }
 }

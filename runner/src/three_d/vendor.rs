@@ -52,15 +52,28 @@ impl Vendor {
             .timeout(Duration::from_secs(30))
             .send()
             .await
-            .map_err(|e| format!("the 3D vendor could not be reached ({what}): {}", e.without_url()))?;
+            .map_err(|e| {
+                format!(
+                    "the 3D vendor could not be reached ({what}): {}",
+                    e.without_url()
+                )
+            })?;
         let status = res.status();
         let body = res.text().await.unwrap_or_default();
         if !status.is_success() {
-            return Err(format!("the 3D vendor answered {} ({what}): {}", status.as_u16(), vendor_message(&body)));
+            return Err(format!(
+                "the 3D vendor answered {} ({what}): {}",
+                status.as_u16(),
+                vendor_message(&body)
+            ));
         }
-        let v: Value = serde_json::from_str(&body).map_err(|_| format!("the 3D vendor's answer ({what}) is not JSON"))?;
+        let v: Value = serde_json::from_str(&body)
+            .map_err(|_| format!("the 3D vendor's answer ({what}) is not JSON"))?;
         if v.get("code").and_then(Value::as_i64).unwrap_or(0) != 0 {
-            return Err(format!("the 3D vendor refused ({what}): {}", vendor_message(&body)));
+            return Err(format!(
+                "the 3D vendor refused ({what}): {}",
+                vendor_message(&body)
+            ));
         }
         Ok(v.get("data").cloned().unwrap_or(Value::Null))
     }
@@ -80,11 +93,22 @@ impl Vendor {
     }
 
     pub async fn status(&self, task_id: &str) -> Result<TaskState, String> {
-        let mut url = url::Url::parse(&endpoint(&self.base, "/v2/openapi/task")).map_err(|e| e.to_string())?;
-        url.path_segments_mut().map_err(|_| "bad vendor URL")?.push(task_id);
+        let mut url = url::Url::parse(&endpoint(&self.base, "/v2/openapi/task"))
+            .map_err(|e| e.to_string())?;
+        url.path_segments_mut()
+            .map_err(|_| "bad vendor URL")?
+            .push(task_id);
         let data = self.call(self.http.get(url), "polling the task").await?;
-        let status = data.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string();
-        let progress = data.get("progress").and_then(Value::as_f64).unwrap_or(0.0).clamp(0.0, 100.0);
+        let status = data
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_string();
+        let progress = data
+            .get("progress")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0)
+            .clamp(0.0, 100.0);
         Ok(match status.as_str() {
             "queued" | "running" => TaskState::Running { progress, status },
             "success" => {
@@ -93,10 +117,16 @@ impl Vendor {
                     .iter()
                     .find_map(|k| output.get(*k).and_then(Value::as_str))
                     .ok_or("the 3D vendor's finished task has no model URL")?;
-                TaskState::Succeeded { model_url: url.to_string() }
+                TaskState::Succeeded {
+                    model_url: url.to_string(),
+                }
             }
             other => TaskState::Failed {
-                reason: match data.get("error").or(data.get("message")).and_then(Value::as_str) {
+                reason: match data
+                    .get("error")
+                    .or(data.get("message"))
+                    .and_then(Value::as_str)
+                {
                     Some(m) => format!("the 3D vendor's task ended {other}: {m}"),
                     None => format!("the 3D vendor's task ended {other}"),
                 },
@@ -106,7 +136,9 @@ impl Vendor {
 
     /// Downloads the model (at most [`MAX_MODEL_BYTES`]).
     pub async fn download(&self, model_url: &str) -> Result<Vec<u8>, String> {
-        let url: url::Url = model_url.parse().map_err(|_| "the 3D vendor's model URL is not a URL".to_string())?;
+        let url: url::Url = model_url
+            .parse()
+            .map_err(|_| "the 3D vendor's model URL is not a URL".to_string())?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err("the 3D vendor's model URL is not http(s)".into());
         }
@@ -118,10 +150,17 @@ impl Vendor {
             .await
             .map_err(|e| format!("the model could not be downloaded: {}", e.without_url()))?;
         if !res.status().is_success() {
-            return Err(format!("the model's download answered {}", res.status().as_u16()));
+            return Err(format!(
+                "the model's download answered {}",
+                res.status().as_u16()
+            ));
         }
         let mut bytes = Vec::new();
-        while let Some(chunk) = res.chunk().await.map_err(|e| format!("the model's download broke off: {}", e.without_url()))? {
+        while let Some(chunk) = res
+            .chunk()
+            .await
+            .map_err(|e| format!("the model's download broke off: {}", e.without_url()))?
+        {
             bytes.extend_from_slice(&chunk);
             if bytes.len() > MAX_MODEL_BYTES {
                 return Err(format!("the model is over {MAX_MODEL_BYTES} bytes"));

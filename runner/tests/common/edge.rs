@@ -65,8 +65,11 @@ struct EdgeState {
     /// The edge's own URL (previews are served under it).
     url: Mutex<String>,
     /// Jobs' artifacts by (job, name), with the lease each was put under.
-    artifacts: Mutex<HashMap<(String, String), (String, Vec<u8>)>>,
+    artifacts: Mutex<Artifacts>,
 }
+
+/// (job, name) → (lease, bytes).
+type Artifacts = HashMap<(String, String), (String, Vec<u8>)>;
 
 #[derive(Clone)]
 pub struct FakeEdge {
