@@ -561,6 +561,8 @@ async fn the_judges_order_is_random_and_a_task_can_answer_through_a_round_table(
         message.contains("No round-table provider answered"),
         "{message}"
     );
+    let stages: Vec<String> = progress(&events).into_iter().map(|(_, s)| s).collect();
+    assert_eq!(stages, ["generating", "failed"]);
 
     // A task through the round table: the winner's answer is the result, the job is the
     // competition.

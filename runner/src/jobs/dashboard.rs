@@ -63,6 +63,14 @@ pub(super) async fn run(
     );
     let prompt = job.assignment.prompt.clone();
     let job_id = job.job_id().to_string();
+    let competes = matches!(
+        params,
+        DashboardParams::RoundTable { .. }
+            | DashboardParams::AgentTask {
+                use_round_table: true,
+                ..
+            }
+    );
     let end = match params {
         DashboardParams::AgentTask {
             agent_type,
@@ -127,7 +135,13 @@ pub(super) async fn run(
             error_message: None,
             result: Some(result),
         },
-        Err(why) => failed(why),
+        Err(why) => {
+            if competes {
+                // A competition's `failed` stage (`competition_update`).
+                progress(&p, 100.0, "failed", json!({"error": why}));
+            }
+            failed(why)
+        }
     }
 }
 
@@ -667,7 +681,6 @@ async fn round_table(
         .filter(|&i| entries[i].status == "ok")
         .collect();
     if ok.is_empty() {
-        progress(p, 10.0, "failed", json!({"error": "no provider answered"}));
         let why: Vec<String> = entries
             .iter()
             .map(|e| {
