@@ -3,7 +3,8 @@
 //! pollers for a fixed time, closed loop (each polls again as soon as its answer is read): p50/p99
 //! latency and requests/s, and freshness (a new node event appended → the first poller that sees
 //! it), first with full polls (every event each time), then with `?after=<next_after>` (only new
-//! events); then full polls paced as seed 001 recommends (every 1.5 s per poller, spread). Meanwhile the runner appends one event every 200 ms; freshness is measured from the
+//! events); then full polls paced as seed 001 recommends (every 1.5 s per poller, spread); then
+//! the same events pushed to 32 SSE streams (`/stream`), each event's delay to each stream. Meanwhile the runner appends one event every 200 ms; freshness is measured from the
 //! start of its POST (an upper bound: the room stores the event before the POST is answered).
 //!
 //! `cargo run --release -p kiln-e2e --bin bench_poll` starts its own edges (the `wrangler dev`
@@ -247,8 +248,69 @@ async fn phase(
     Ok(Phase { requests: latencies.len(), latencies, elapsed, freshness, appended: posted.len(), bytes, errors })
 }
 
+/// The same events pushed: `POLLERS` streams (`GET /v1/jobs/{id}/stream` from the current end)
+/// while the runner appends; each event's delay to each stream.
+async fn sse_phase(http: &reqwest::Client, base: &str, token: &str, runner: &mut HandRunner, length: Duration) -> anyhow::Result<(Vec<Duration>, usize)> {
+    let url = format!("{base}/v1/jobs/{}", runner.job_id);
+    let job: Value = http.get(&url).bearer_auth(token).send().await?.error_for_status()?.json().await?;
+    let count = job["job"]["events"].as_array().map_or(0, Vec::len);
+    let prefix = "fresh-s-".to_string();
+    let stop = Instant::now() + length;
+    let mut tasks = vec![];
+    for n in 0..POLLERS {
+        eprintln!("stream {n}");
+        let resp = http
+            .get(format!("{url}/stream"))
+            .bearer_auth(token)
+            .header("last-event-id", (count - 1).to_string())
+            .send()
+            .await?
+            .error_for_status()?;
+        let prefix = prefix.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut resp = resp;
+            let mut buf = String::new();
+            let mut arrivals: HashMap<u64, Instant> = HashMap::new();
+            let end = stop + Duration::from_secs(5);
+            while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(end.into(), resp.chunk()).await {
+                let at = Instant::now();
+                buf.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(i) = buf.find("\n\n") {
+                    let frame: String = buf.drain(..i + 2).collect();
+                    if let Some(k) = frame.split(prefix.as_str()).nth(1).and_then(|r| r.split('"').next()).and_then(|k| k.parse::<u64>().ok()) {
+                        arrivals.entry(k).or_insert(at);
+                    }
+                }
+                if Instant::now() > stop + Duration::from_secs(2) {
+                    break;
+                }
+            }
+            arrivals
+        }));
+    }
+    let mut posted = HashMap::new();
+    let mut k = 0u64;
+    while Instant::now() + APPEND_EVERY < stop {
+        tokio::time::sleep(APPEND_EVERY).await;
+        posted.insert(k, Instant::now());
+        let ev = json!({"type": "node", "node": "coder", "event_type": "node", "message": format!("{prefix}{k}"), "data": {}});
+        runner.post(http, base, vec![ev]).await?;
+        k += 1;
+    }
+    let mut delays = vec![];
+    for t in tasks {
+        for (k, at) in t.await? {
+            if let Some(p) = posted.get(&k) {
+                delays.push(at.saturating_duration_since(*p));
+            }
+        }
+    }
+    delays.sort();
+    Ok((delays, posted.len() * POLLERS))
+}
+
 async fn measure(label: &str, base: &str, length: Duration) -> anyhow::Result<Vec<Row>> {
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
     let email = format!("bench-poll-{}@example.com", uuid::Uuid::new_v4());
     let token = kiln_e2e::bench::user_token(&http, base, &email).await?;
     let init: Value = http
@@ -272,6 +334,7 @@ async fn measure(label: &str, base: &str, length: Duration) -> anyhow::Result<Ve
     let n = job["job"]["events"].as_array().map_or(0, Vec::len);
     anyhow::ensure!(n == EVENTS, "the job holds {n} events, not {EVENTS}");
 
+    eprintln!("{label}: {EVENTS} events stored");
     let mut rows = vec![];
     // One poller alone: the cost of an answer without queueing behind the others.
     for (query, name) in [("", "full"), ("?after=500", "?after (no new)")] {
@@ -299,6 +362,7 @@ async fn measure(label: &str, base: &str, length: Duration) -> anyhow::Result<Ve
         (true, None, "?after=next_after", "a"),
         (false, Some(paced), "full, every 1.5 s", "p"),
     ] {
+        eprintln!("{label}: phase {name}");
         let p = phase(&http, base, &token, &mut runner, incremental, pace, tag, length).await?;
         let rps = p.requests as f64 / p.elapsed.as_secs_f64();
         rows.push(Row {
@@ -320,5 +384,14 @@ async fn measure(label: &str, base: &str, length: Duration) -> anyhow::Result<Ve
             extra: format!("{} appended, {} seen; POST start -> first poller", p.appended, p.freshness.len()),
         });
     }
+    eprintln!("{label}: SSE phase");
+    let (delays, expected) = sse_phase(&http, base, &token, &mut runner, length).await?;
+    rows.push(Row {
+        name: format!("{label}: SSE, {POLLERS} streams"),
+        samples: delays.len(),
+        p50: percentile(&delays, 50.0),
+        p99: percentile(&delays, 99.0),
+        extra: format!("{} of {expected} deliveries; POST start -> each stream", delays.len()),
+    });
     Ok(rows)
 }
