@@ -3,8 +3,6 @@
 //! stopped agent refuses work with 409) and `learn` (an agent_learn job over the agent's recent
 //! failed and slow tasks; its new instructions are stored when it completes).
 
-use std::time::Instant;
-
 use kiln_schemas::dashboard::{check_task, ExecuteAnswer, ExecuteRequest};
 use kiln_schemas::runner::DashboardParams;
 use kiln_schemas::status::{JobStatus, JobType};
@@ -80,7 +78,8 @@ pub async fn submit_task(
 /// `POST /api/v1/agents/{agent_type}/execute` `ExecuteRequest` → `ExecuteAnswer` (status
 /// `started`; the task's result comes with `GET /api/v1/tasks/{task_id}` and the tasks channel).
 pub async fn execute(mut req: Request, ctx: &Ctx, who: &Principal, kind: &str) -> ApiResult {
-    let t0 = Instant::now();
+    // Workers' clock advances with I/O, which is what accepting a task waits on.
+    let t0 = now_ms();
     let a = owned_agent(ctx, who, kind).await?;
     let body: ExecuteRequest = body_as(&mut req).await?;
     let row = submit_task(ctx, who, &a, &body.task, &body.parameters, body.use_round_table).await?;
@@ -89,7 +88,7 @@ pub async fn execute(mut req: Request, ctx: &Ctx, who: &Principal, kind: &str) -
         agent_type: a.kind.clone(),
         status: "started".into(),
         result: None,
-        latency_ms: t0.elapsed().as_secs_f64() * 1000.0,
+        latency_ms: (now_ms() - t0).max(0) as f64,
         technique_used: a.technique.clone(),
     })
 }

@@ -22,7 +22,18 @@ pub async fn submit(mut req: Request, ctx: &Ctx, who: &Principal) -> ApiResult {
     let body: SubmitTask = body_as(&mut req).await?;
     let a = owned_agent(ctx, who, &body.agent_type).await?;
     let row = submit_task(ctx, who, &a, &body.prompt, &body.parameters, body.use_round_table).await?;
-    let task = owned_task(ctx, who, &row.id).await?;
+    // The task as submitted (a free runner may already hold it).
+    let task = TaskRow {
+        id: row.id,
+        owner: row.owner,
+        status: row.status,
+        prompt: row.prompt,
+        agent_type: Some(a.kind),
+        params: row.params,
+        created_at: row.created_at,
+        created_ms: row.created_ms,
+        ..Default::default()
+    };
     json(&task.view())
 }
 
