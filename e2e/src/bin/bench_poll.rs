@@ -45,6 +45,8 @@ struct HandRunner {
     job_id: String,
     lease_id: String,
     next_index: u64,
+    /// Batches the edge refused (each tried again).
+    refused: usize,
     _beats: tokio::task::JoinHandle<()>,
 }
 
@@ -92,12 +94,32 @@ impl HandRunner {
                 while let Ok(Some(Ok(_))) = tokio::time::timeout_at(until, ws.next()).await {}
             }
         });
-        Ok(HandRunner { token, job_id: job_id.to_string(), lease_id, next_index: 0, _beats: beats })
+        Ok(HandRunner { token, job_id: job_id.to_string(), lease_id, next_index: 0, refused: 0, _beats: beats })
     }
 
+    /// Posts a batch, tried again (the same indices: the room stores it once) after a refusal,
+    /// as a runner does; the refusals are counted.
     async fn post(&mut self, http: &reqwest::Client, base: &str, events: Vec<Value>) -> anyhow::Result<()> {
+        let mut last = None;
+        for attempt in 0..10u64 {
+            match self.try_post(http, base, &events).await {
+                Ok(()) => {
+                    self.next_index += events.len() as u64;
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.refused += 1;
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt")))
+    }
+
+    async fn try_post(&self, http: &reqwest::Client, base: &str, events: &[Value]) -> anyhow::Result<()> {
+        let events = events.to_vec();
         let first = self.next_index;
-        self.next_index += events.len() as u64;
         let events: Vec<Value> = events
             .into_iter()
             .enumerate()
@@ -363,7 +385,9 @@ async fn measure(label: &str, base: &str, length: Duration) -> anyhow::Result<Ve
         (false, Some(paced), "full, every 1.5 s", "p"),
     ] {
         eprintln!("{label}: phase {name}");
+        let refused_before = runner.refused;
         let p = phase(&http, base, &token, &mut runner, incremental, pace, tag, length).await?;
+        let refused = runner.refused - refused_before;
         let rps = p.requests as f64 / p.elapsed.as_secs_f64();
         rows.push(Row {
             name: format!("{label}: GET {name}"),
@@ -381,7 +405,11 @@ async fn measure(label: &str, base: &str, length: Duration) -> anyhow::Result<Ve
             samples: p.freshness.len(),
             p50: percentile(&p.freshness, 50.0),
             p99: percentile(&p.freshness, 99.0),
-            extra: format!("{} appended, {} seen; POST start -> first poller", p.appended, p.freshness.len()),
+            extra: format!(
+                "{} appended ({refused} batches refused, retried), {} seen; POST start -> first poller",
+                p.appended,
+                p.freshness.len()
+            ),
         });
     }
     eprintln!("{label}: SSE phase");
