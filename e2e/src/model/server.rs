@@ -172,6 +172,12 @@ pub(super) async fn serve_state(
     state: ServerState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Answers go out as written: without TCP_NODELAY a reused connection's small writes wait on
+    // Nagle and the client's delayed ACK (tens of ms).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     tokio::select! {
         served = axum::serve(listener, state.router()) => served,
         () = shutdown => Ok(()),
