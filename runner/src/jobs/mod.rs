@@ -129,7 +129,16 @@ struct JobEntry {
     cancel: CancelToken,
     /// False while the job waits for a free slot.
     started: Arc<AtomicBool>,
+    /// The job gave its slot back: its `finished` is handed to the reporter (the edge frees the
+    /// slot when it hears it), or it was cancelled (the edge freed it already).
+    ended: Arc<AtomicBool>,
     task: Option<JoinHandle<()>>,
+}
+
+impl JobEntry {
+    fn takes_slot(&self) -> bool {
+        !self.ended.load(Ordering::SeqCst) && !self.cancel.is_cancelled()
+    }
 }
 
 struct Inner {
@@ -162,7 +171,9 @@ impl Supervisor {
     }
 
     /// Takes a job. The edge is the authority on capacity: an assignment beyond it is accepted,
-    /// logged, and waits here for a slot (its lease is renewed by heartbeats meanwhile).
+    /// logged, and waits here for a slot (its lease is renewed by heartbeats meanwhile). A job
+    /// holds a slot until it hands over its `finished` or is cancelled, as the edge counts it;
+    /// removing its worktree and delivering its last events happen off the slot.
     pub fn assign(&self, assignment: Assignment) {
         let job_id = assignment.job_id.clone();
         let mut jobs = self.inner.jobs.lock().unwrap();
@@ -170,10 +181,11 @@ impl Supervisor {
             tracing::warn!(job_id, lease_id = %assignment.lease_id, held_lease = %held.lease_id, "assignment for a job already held; ignored");
             return;
         }
-        if jobs.len() >= self.inner.capacity as usize {
+        let in_slots = jobs.values().filter(|e| e.takes_slot()).count();
+        if in_slots >= self.inner.capacity as usize {
             tracing::warn!(
                 job_id,
-                held = jobs.len(),
+                held = in_slots,
                 capacity = self.inner.capacity,
                 "assignment beyond capacity; it waits for a free slot"
             );
@@ -188,12 +200,14 @@ impl Supervisor {
         let (controls, controls_rx) = mpsc::unbounded_channel();
         let cancel = CancelToken::default();
         let started = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(AtomicBool::new(false));
         let entry = JobEntry {
             lease_id: assignment.lease_id.clone(),
             job_type: assignment.job_type,
             controls,
             cancel: cancel.clone(),
             started: started.clone(),
+            ended: ended.clone(),
             task: None,
         };
         jobs.insert(job_id.clone(), entry);
@@ -202,7 +216,7 @@ impl Supervisor {
         let weak = Arc::downgrade(&self.inner);
         let key = job_id.clone();
         let task = tokio::spawn(async move {
-            run::run_job(services, assignment, slots, started, controls_rx, cancel).await;
+            run::run_job(services, assignment, slots, started, ended, controls_rx, cancel).await;
             if let Some(inner) = weak.upgrade() {
                 inner.jobs.lock().unwrap().remove(&job_id);
             }
@@ -288,9 +302,13 @@ impl Supervisor {
         let jobs = self.inner.jobs.lock().unwrap();
         let running = jobs
             .values()
-            .filter(|e| e.started.load(Ordering::SeqCst))
+            .filter(|e| e.started.load(Ordering::SeqCst) && e.takes_slot())
             .count() as u32;
-        (running, jobs.len() as u32 - running)
+        let waiting = jobs
+            .values()
+            .filter(|e| !e.started.load(Ordering::SeqCst) && e.takes_slot())
+            .count() as u32;
+        (running, waiting)
     }
 
     /// Cancels every job and waits until their workspaces are cleaned up.

@@ -28,6 +28,7 @@ pub(super) async fn run_job(
     assignment: Assignment,
     slots: Arc<Semaphore>,
     started: Arc<AtomicBool>,
+    ended: Arc<AtomicBool>,
     controls: mpsc::UnboundedReceiver<JobControl>,
     cancel: CancelToken,
 ) {
@@ -86,7 +87,7 @@ pub(super) async fn run_job(
         services,
         ..
     } = job;
-    let ended = match &finished {
+    let ended_count = match &finished {
         Some(RunnerEvent::Finished {
             outcome: Outcome::Completed,
             ..
@@ -102,6 +103,10 @@ pub(super) async fn run_job(
             // Nothing of the job runs any more once the edge hears that it ended: the sandbox
             // goes first (the worktree is removed while the events are delivered).
             cleanup(&services, &job_id, None, sandbox).await;
+            // The edge frees the slot when it hears `finished`, so it is free here first: an
+            // assignment for it never finds this runner full.
+            ended.store(true, Ordering::SeqCst);
+            drop(permit);
             // The job stays held (its lease renewed) until the edge has every event, unless it is
             // cancelled meanwhile or the runner stops: then what is undelivered is dropped.
             let stop_reporter = reporter.abort_handle();
@@ -123,6 +128,9 @@ pub(super) async fn run_job(
             tokio::join!(cleanup, delivered);
         }
         None => {
+            // The edge freed the slot at the cancel (or lease loss).
+            ended.store(true, Ordering::SeqCst);
+            drop(permit);
             reporter.abort();
             drop(sink);
             let t = Instant::now();
@@ -134,8 +142,7 @@ pub(super) async fn run_job(
             );
         }
     }
-    Metrics::inc(ended);
-    drop(permit);
+    Metrics::inc(ended_count);
 }
 
 async fn cleanup(
