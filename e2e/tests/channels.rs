@@ -4,14 +4,17 @@
 //! then follow, no gap, no duplicate; an `info` error when the buffer lost some), client messages
 //! refused with `error`s, keepalive, and `metrics_update` every 5 s.
 //!
-//! Messages are published as a job room publishes them (`crate::channels::publish`), through a
-//! route compiled only into the faults build; the last test shows that neither it nor the
-//! Dashboard object's own routes can be reached on the build production deploys.
+//! The first test drives real job events: an agent task submitted over REST, a hand-written runner
+//! posting its `started`, `progress` and `finished`, the room publishing `task_update` and
+//! `agent_status_update`. The others publish as a job room publishes (`crate::channels::publish`),
+//! through a route compiled only into the faults build; the last test shows that neither it nor
+//! the Dashboard object's own routes can be reached on the build production deploys.
 
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use kiln_e2e::{agent_api_secret, unique_email, Api, Method, StatusCode, TestEdge, WsClient};
+use kiln_schemas::runner::{Assignment, EdgeMessage, HeldJob, RunnerMessage};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -90,6 +93,112 @@ async fn close_code(edge: &TestEdge, path: &str, token: Option<&str>) -> (u16, S
             Some(Err(e)) => panic!("socket error: {e}"),
         }
     }
+}
+
+/// A runner socket driven by hand (hello, heartbeats, the assignment, event batches).
+struct HandRunner {
+    token: String,
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    index: u64,
+}
+
+impl HandRunner {
+    async fn connect(edge: &TestEdge) -> HandRunner {
+        let reg = kiln_e2e::runner_registration_token();
+        let (status, body) = edge.api().send(Method::POST, "/runner/v1/register", Some(&reg), Some(json!({"name": "by-hand"}))).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let token = body["token"].as_str().unwrap().to_string();
+        let mut req = format!("{}/runner/v1/connect", edge.ws_url()).into_client_request().unwrap();
+        req.headers_mut().insert("authorization", HeaderValue::from_str(&format!("Bearer {token}")).unwrap());
+        let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("runner socket");
+        let mut runner = HandRunner { token, ws, index: 0 };
+        let hello = RunnerMessage::Hello { name: "by-hand".into(), capacity: 1, running: vec![], version: "test".into(), tools: None };
+        runner.send(&hello).await;
+        runner
+    }
+
+    async fn send(&mut self, msg: &RunnerMessage) {
+        self.ws.send(Message::Text(serde_json::to_string(msg).unwrap().into())).await.expect("sending to the edge");
+    }
+
+    async fn assignment(&mut self) -> Assignment {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next()).await.expect("an assignment in time");
+            if let Some(Ok(Message::Text(t))) = msg {
+                if let Ok(EdgeMessage::Assign { assignment }) = serde_json::from_str(t.as_str()) {
+                    let held = vec![HeldJob { job_id: assignment.job_id.clone(), lease_id: assignment.lease_id.clone() }];
+                    self.send(&RunnerMessage::Heartbeat { running: held }).await;
+                    return assignment;
+                }
+            }
+        }
+    }
+
+    async fn post(&mut self, api: &Api, a: &Assignment, mut event: Value) {
+        event["index"] = json!(self.index);
+        self.index += 1;
+        let batch = json!({"lease_id": a.lease_id, "events": [event]});
+        let (status, ack) = api.send(Method::POST, &format!("/runner/v1/jobs/{}/events", a.job_id), Some(&self.token), Some(batch)).await;
+        assert_eq!((status, ack["lease_valid"].as_bool()), (StatusCode::OK, Some(true)), "{ack}");
+    }
+}
+
+#[tokio::test]
+async fn a_task_streams_from_its_job_events() {
+    let edge = TestEdge::start(&[]).await.expect("starting wrangler dev");
+    let api = edge.api();
+    let (_, ann) = user(&api).await;
+    let (_, bob) = user(&api).await;
+    let mut tasks = socket(&edge, "/api/ws/tasks", Some(&ann)).await;
+    let mut support = socket(&edge, "/api/ws/tasks?agent_type=support", Some(&ann)).await;
+    let mut agents = socket(&edge, "/api/ws/agents", Some(&ann)).await;
+    let mut bobs = socket(&edge, "/api/ws/tasks", Some(&bob)).await;
+    let mut runner = HandRunner::connect(&edge).await;
+
+    let (status, task) = api.post("/api/v1/tasks", &ann, json!({"agentType": "commerce", "prompt": "Price the BLACK ROSE ring"})).await;
+    assert!(status.is_success(), "{task}");
+    let id = task["taskId"].as_str().unwrap().to_string();
+    let a = runner.assignment().await;
+    assert_eq!(a.job_id, id);
+    runner.post(&api, &a, json!({"type": "started", "message": "started"})).await;
+    runner.post(&api, &a, json!({"type": "progress", "percent": 10.0, "stage": "answering", "data": {}})).await;
+    runner.post(&api, &a, json!({"type": "progress", "percent": 90.0, "stage": "answering", "data": {}})).await;
+    let result = json!({"answer": "$240", "technique": "chain_of_thought", "model": "demo"});
+    runner.post(&api, &a, json!({"type": "finished", "outcome": "completed", "message": "done", "result": result})).await;
+
+    // pending → running with rising progress → completed at 100, every one the task's.
+    let got = tasks.until(WAIT, "the completed task_update", |m| m["status"] == "completed").await;
+    let updates: Vec<&Value> = got.iter().filter(|m| m["type"] == "task_update").collect();
+    assert!(updates.iter().all(|m| m["task_id"] == id.as_str() && m["data"]["agent_type"] == "commerce"), "{got:#?}");
+    assert!(updates.iter().all(|m| m["data"]["agent_id"] == "commerce-001"), "{got:#?}");
+    let progress: Vec<f64> = updates.iter().map(|m| m["progress"].as_f64().unwrap()).collect();
+    assert!(progress.windows(2).all(|w| w[0] <= w[1]), "progress rises: {progress:?}");
+    for want in [10.0, 90.0, 100.0] {
+        assert!(progress.contains(&want), "{want} in {progress:?}");
+    }
+    let order = |s: &str| ["pending", "running", "completed"].iter().position(|x| *x == s).unwrap_or_else(|| panic!("status {s}"));
+    let statuses: Vec<usize> = updates.iter().map(|m| order(m["status"].as_str().unwrap())).collect();
+    assert!(statuses.windows(2).all(|w| w[0] <= w[1]) && statuses.contains(&1), "{got:#?}");
+    assert_eq!(updates.last().unwrap()["data"]["result"]["answer"], "$240", "{got:#?}");
+    let seqs: Vec<u64> = got.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "dense seqs: {seqs:?}");
+    got.iter().for_each(|m| rfc3339(&m["timestamp"]));
+
+    // The agent ran, then completed.
+    let got = agents.until(WAIT, "the agent completed", |m| m["status"] == "completed").await;
+    let statuses: Vec<&str> = got.iter().filter(|m| m["type"] == "agent_status_update").map(|m| m["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["running", "completed"], "{got:#?}");
+    assert_eq!((got[0]["agent_id"].as_str(), got[0]["data"]["task_id"].as_str()), (Some("commerce-001"), Some(id.as_str())));
+
+    // A filter for another agent, another owner: nothing.
+    assert!(drain(&mut support).await.is_empty(), "agent_type=support sees no commerce task");
+    assert!(drain(&mut bobs).await.is_empty(), "Bob sees none of Ann's tasks");
+
+    // A resume after the first update replays the rest, exactly.
+    let mut resumed = socket(&edge, &format!("/api/ws/tasks?after={}", seqs[0]), Some(&ann)).await;
+    let again: Vec<u64> = drain(&mut resumed).await.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(again, seqs[1..].to_vec());
 }
 
 #[tokio::test]
