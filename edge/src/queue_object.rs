@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures::channel::oneshot;
 use futures::future::{select, Either};
 use kiln_schemas::jobs::{NamedRunnerTools, QueueEntry, QueueView};
-use kiln_schemas::runner::{AppBuildParams, Assignment, EdgeMessage, LandingParams, RunnerMessage, RunnerRequest, RunnerTools};
+use kiln_schemas::runner::{AppBuildParams, Assignment, EdgeMessage, LandingParams, RunnerLoad, RunnerMessage, RunnerRequest, RunnerTools};
 use kiln_schemas::status::{JobStatus, JobType};
 use serde::{Deserialize, Serialize};
 use worker::{
@@ -99,6 +99,18 @@ pub struct Stats {
     /// What each connected runner reported of its tools in its `hello`.
     #[serde(default)]
     pub tools: Vec<NamedRunnerTools>,
+    /// Each connected runner and its last reported load (monitoring).
+    #[serde(default)]
+    pub runners: Vec<RunnerLoadView>,
+}
+
+/// A connected runner in monitoring: its name and the load its last `load` message reported.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunnerLoadView {
+    pub name: String,
+    pub load: Option<RunnerLoad>,
+    /// When it reported it (RFC 3339).
+    pub last_seen: String,
 }
 
 /// A new job's room as its row describes it (an app build still collecting starts there).
@@ -218,6 +230,9 @@ struct RunnerSocket {
     /// When the runner last sent anything on this socket.
     #[serde(default)]
     last_seen_ms: i64,
+    /// The host load its last `load` message reported (monitoring).
+    #[serde(default)]
+    load: Option<RunnerLoad>,
 }
 
 #[durable_object]
@@ -666,7 +681,16 @@ impl Queue {
             .filter_map(|ws| ws.deserialize_attachment::<RunnerSocket>().ok().flatten())
             .filter_map(|info| Some(NamedRunnerTools { name: info.name, tools: info.tools? }))
             .collect();
+        let runners = self
+            .state
+            .get_websockets()
+            .iter()
+            .filter_map(|ws| ws.deserialize_attachment::<RunnerSocket>().ok().flatten())
+            .filter(|info| info.capacity.is_some())
+            .map(|info| RunnerLoadView { name: info.name, load: info.load, last_seen: crate::time::rfc3339(info.last_seen_ms) })
+            .collect();
         self.with_core(|c| Stats {
+            runners,
             running: c.running(),
             queued: c.pending.len() as u32,
             max_concurrent,
@@ -728,6 +752,7 @@ impl Queue {
             socket_id: new_id(),
             connected_ms: now,
             last_seen_ms: now,
+            load: None,
         })?;
         Ok(Response::from_websocket(pair.client)?)
     }
@@ -792,6 +817,10 @@ impl Queue {
                     lease_secs: (self.limits.lease_ms / 1000) as u32,
                 })?;
                 self.schedule_alarm().await?;
+            }
+            RunnerMessage::Load(load) => {
+                info.load = Some(load);
+                ws.serialize_attachment(&info)?;
             }
             RunnerMessage::Reply { request_id, result } => {
                 ws.serialize_attachment(&info)?;

@@ -74,6 +74,18 @@ pub enum RunnerMessage {
     Heartbeat { running: Vec<HeldJob> },
     /// The answer to an [`EdgeMessage::Request`].
     Reply { request_id: String, result: Value },
+    /// The runner host's load, sent with each heartbeat (Kiln's addition for seed 002's
+    /// monitoring; the queue keeps the last one per runner). Runners that predate it send none.
+    Load(RunnerLoad),
+}
+
+/// A runner host's CPU and memory use (percent, 0–100).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunnerLoad {
+    /// CPU busy since the previous report, all cores together.
+    pub cpu_percent: f64,
+    /// Memory in use (total minus available).
+    pub memory_percent: f64,
 }
 
 /// A repository a runner is asked to mirror or fetch.

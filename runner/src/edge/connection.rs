@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use kiln_schemas::runner::{EdgeMessage, RepoResult, RunnerMessage, RunnerRequest, RunnerTools};
+use kiln_schemas::runner::{EdgeMessage, RepoResult, RunnerLoad, RunnerMessage, RunnerRequest, RunnerTools};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -259,6 +259,8 @@ impl Session {
         let mut ping =
             tokio::time::interval_at(tokio::time::Instant::now() + ping_period, ping_period);
         let (replies, mut reply_rx) = mpsc::unbounded_channel::<RunnerMessage>();
+        let mut host_load = HostLoad::default();
+        host_load.sample();
         loop {
             let deadline = self
                 .status
@@ -285,6 +287,9 @@ impl Session {
                 _ = ping.tick() => send_within(&mut tx, Message::Ping(Vec::new().into()), &self.status, limit).await?,
                 _ = heartbeat.tick() => {
                     send_within(&mut tx, encode(&RunnerMessage::Heartbeat { running: self.supervisor.held() }), &self.status, limit).await?;
+                    if let Some(load) = host_load.sample() {
+                        send_within(&mut tx, encode(&RunnerMessage::Load(load)), &self.status, limit).await?;
+                    }
                 }
                 Some(reply) = reply_rx.recv() => send_within(&mut tx, encode(&reply), &self.status, limit).await?,
             }
@@ -523,4 +528,79 @@ pub async fn answer_request(workspaces: &Workspaces, request: &RunnerRequest) ->
         }
     });
     futures::future::join_all(work).await
+}
+
+/// The host's CPU and memory use from `/proc/stat` and `/proc/meminfo` (Linux; elsewhere none),
+/// CPU as the busy share of all cores since the previous sample.
+#[derive(Debug, Default)]
+pub struct HostLoad {
+    /// The previous sample's (busy, total) jiffies.
+    last: Option<(u64, u64)>,
+}
+
+impl HostLoad {
+    /// The load since the previous call; none on the first call (no interval yet) or without /proc.
+    pub fn sample(&mut self) -> Option<RunnerLoad> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let now = cpu_jiffies(&stat)?;
+        let previous = self.last.replace(now);
+        let (busy0, total0) = previous?;
+        let cpu_percent = percent(now.0.saturating_sub(busy0), now.1.saturating_sub(total0))?;
+        let memory_percent = memory_percent(&meminfo)?;
+        Some(RunnerLoad { cpu_percent, memory_percent })
+    }
+}
+
+fn percent(part: u64, whole: u64) -> Option<f64> {
+    (whole > 0).then(|| ((part as f64 / whole as f64) * 1000.0).round() / 10.0)
+}
+
+/// `(busy, total)` jiffies of the `cpu` line of `/proc/stat` (idle and iowait are not busy).
+pub fn cpu_jiffies(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    if fields.len() < 4 {
+        return None;
+    }
+    // user nice system idle iowait irq softirq steal (guest and guest_nice are inside user and nice).
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields[3] + fields.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// Memory in use from `/proc/meminfo`: `MemTotal` minus `MemAvailable`, in percent.
+pub fn memory_percent(meminfo: &str) -> Option<f64> {
+    let field = |name: &str| -> Option<u64> {
+        meminfo.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse().ok()
+    };
+    let total = field("MemTotal:")?;
+    let available = field("MemAvailable:")?;
+    percent(total.saturating_sub(available), total)
+}
+
+#[cfg(test)]
+mod load_tests {
+    use super::*;
+
+    #[test]
+    fn cpu_and_memory_from_proc() {
+        let stat = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\n";
+        assert_eq!(cpu_jiffies(stat), Some((150, 1000)));
+        assert_eq!(cpu_jiffies("intr 1 2 3"), None);
+        let meminfo = "MemTotal:       8000000 kB\nMemFree:        1000000 kB\nMemAvailable:   6000000 kB\n";
+        assert_eq!(memory_percent(meminfo), Some(25.0));
+        assert_eq!(memory_percent("MemTotal: 0 kB\nMemAvailable: 0 kB"), None);
+        assert_eq!(percent(1, 3), Some(33.3));
+    }
+
+    #[test]
+    fn this_host_reports_a_load_from_the_second_sample() {
+        let mut load = HostLoad::default();
+        assert_eq!(load.sample(), None, "no interval yet");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let now = load.sample().expect("Linux has /proc");
+        assert!((0.0..=100.0).contains(&now.cpu_percent), "{now:?}");
+        assert!(now.memory_percent > 0.0 && now.memory_percent <= 100.0, "{now:?}");
+    }
 }
