@@ -279,8 +279,7 @@ async fn sse_phase(http: &reqwest::Client, base: &str, token: &str, runner: &mut
     let prefix = "fresh-s-".to_string();
     let stop = Instant::now() + length;
     let mut tasks = vec![];
-    for n in 0..POLLERS {
-        eprintln!("stream {n}");
+    for _ in 0..POLLERS {
         let resp = http
             .get(format!("{url}/stream"))
             .bearer_auth(token)
