@@ -146,10 +146,17 @@ impl HandRunner {
 
 #[tokio::test]
 async fn a_task_streams_from_its_job_events() {
-    let edge = TestEdge::start(&[]).await.expect("starting wrangler dev");
+    // Access tokens last 20 s here: the last check waits for Ann's sockets to be closed.
+    let edge = TestEdge::start(&[("ACCESS_TOKEN_TTL_SECS", "20")]).await.expect("starting wrangler dev");
     let api = edge.api();
     let (_, ann) = user(&api).await;
+    let logged_in = std::time::Instant::now();
     let (_, bob) = user(&api).await;
+    let mut expiring = {
+        let mut req = format!("{}/api/ws/metrics", edge.ws_url()).into_client_request().unwrap();
+        req.headers_mut().insert("authorization", HeaderValue::from_str(&format!("Bearer {ann}")).unwrap());
+        tokio_tungstenite::connect_async(req).await.expect("a metrics socket").0
+    };
     let mut tasks = socket(&edge, "/api/ws/tasks", Some(&ann)).await;
     let mut support = socket(&edge, "/api/ws/tasks?agent_type=support", Some(&ann)).await;
     let mut agents = socket(&edge, "/api/ws/agents", Some(&ann)).await;
@@ -199,6 +206,23 @@ async fn a_task_streams_from_its_job_events() {
     let mut resumed = socket(&edge, &format!("/api/ws/tasks?after={}", seqs[0]), Some(&ann)).await;
     let again: Vec<u64> = drain(&mut resumed).await.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
     assert_eq!(again, seqs[1..].to_vec());
+
+    // A socket lives no longer than its token: an `error`, then close code 4001, at its expiry.
+    let mut told = false;
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(30), expiring.next()).await.expect("closed by the token's expiry") {
+            Some(Ok(Message::Text(t))) => {
+                let m: Value = serde_json::from_str(t.as_str()).unwrap();
+                told |= m["type"] == "error" && m["message"].as_str().unwrap().contains("expired");
+            }
+            Some(Ok(Message::Close(Some(frame)))) => break u16::from(frame.code),
+            Some(Ok(_)) => {}
+            other => panic!("expected a close, got {other:?}"),
+        }
+    };
+    let after = logged_in.elapsed();
+    assert!(told && closed == 4001, "told {told}, code {closed}");
+    assert!(after > Duration::from_secs(18) && after < Duration::from_secs(26), "closed at the token's expiry: {after:?}");
 }
 
 #[tokio::test]
