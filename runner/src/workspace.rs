@@ -268,6 +268,11 @@ pub struct Workspaces {
     locks: Mutex<HashMap<RepoRef, Arc<AsyncMutex<()>>>>,
     /// Turns to fetch (`RUNNER_FETCH_PARALLELISM`).
     fetches: Arc<Semaphore>,
+    /// When the last fetch of each mirror that succeeded started: a job that asked before then
+    /// needs no fetch of its own (one fetch serves a burst of jobs).
+    fetched: Mutex<HashMap<RepoRef, std::time::Instant>>,
+    /// Fetches run, for tests and benches.
+    fetch_count: std::sync::atomic::AtomicU64,
 }
 
 /// What a sweep at start removed.
@@ -294,6 +299,8 @@ impl Workspaces {
             base_url,
             locks: Mutex::default(),
             fetches: Arc::new(Semaphore::new(crate::config::DEFAULT_FETCH_PARALLELISM)),
+            fetched: Mutex::default(),
+            fetch_count: Default::default(),
         }
     }
 
@@ -305,6 +312,11 @@ impl Workspaces {
 
     pub fn git(&self) -> &Git {
         &self.git
+    }
+
+    /// Fetches run so far.
+    pub fn fetches_run(&self) -> u64 {
+        self.fetch_count.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn worktrees_dir(&self) -> &Path {
@@ -339,6 +351,26 @@ impl Workspaces {
     /// Creates the mirror if needed and fetches every branch of the remote. Returns its path.
     pub async fn sync(&self, repo: &RepoRef) -> Result<PathBuf, GitError> {
         let _guard = self.lock(repo).await;
+        self.sync_locked(repo).await
+    }
+
+    /// The mirror as fetched after `asked`: a fetch that started since (a burst's jobs waited
+    /// for it on the lock) serves as this one's, else it fetches.
+    async fn sync_since_locked(
+        &self,
+        repo: &RepoRef,
+        asked: std::time::Instant,
+    ) -> Result<PathBuf, GitError> {
+        let mirror = self.mirror_path(repo);
+        let fresh = self
+            .fetched
+            .lock()
+            .unwrap()
+            .get(repo)
+            .is_some_and(|started| *started >= asked);
+        if fresh && mirror.join("HEAD").is_file() {
+            return Ok(mirror);
+        }
         self.sync_locked(repo).await
     }
 
@@ -378,9 +410,13 @@ impl Workspaces {
                 .acquire()
                 .await
                 .expect("the fetch semaphore is never closed");
+            let started = std::time::Instant::now();
+            self.fetch_count
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.git
                 .run(&mirror, &["fetch", "--prune", "--quiet", "origin"])
                 .await?;
+            self.fetched.lock().unwrap().insert(repo.clone(), started);
             // Asks the remote too. An empty remote has no HEAD to follow; that is only an
             // error for a job without a base.
             if let Err(e) = self
@@ -422,8 +458,9 @@ impl Workspaces {
                 "{b:?} is not a valid base branch name"
             )));
         }
+        let asked = std::time::Instant::now();
         let _guard = self.lock(repo).await;
-        let mirror = self.sync_locked(repo).await?;
+        let mirror = self.sync_since_locked(repo, asked).await?;
 
         let base_branch = match base {
             Some(b) => {
@@ -926,6 +963,7 @@ impl Workspaces {
             if in_use || !old(self) {
                 continue;
             }
+            self.fetched.lock().unwrap().remove(&repo);
             match tokio::fs::remove_dir_all(&mirror).await {
                 Ok(()) => {
                     tracing::info!(repo = %repo.slug(), max_age_days = max_age.as_secs() / 86_400, "removed a mirror unused for longer than RUNNER_MIRROR_MAX_AGE_DAYS");
@@ -1108,5 +1146,114 @@ mod tests {
             .env
             .iter()
             .all(|(k, _)| k != "GIT_CONFIG_COUNT"));
+    }
+}
+
+#[cfg(test)]
+mod burst_tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn git(dir: &Path, args: &[&str]) {
+        let out = std::process::Command::new("git").current_dir(dir).args(args).output().unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// A bare remote `acme/shop` with one commit on `main`, and a clone to push more from.
+    fn remote(dir: &Path) -> (String, PathBuf) {
+        let bare = dir.join("remote/acme/shop.git");
+        std::fs::create_dir_all(&bare).unwrap();
+        git(&bare, &["init", "--bare", "--quiet", "-b", "main"]);
+        let src = dir.join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        git(&src, &["init", "--quiet", "-b", "main"]);
+        std::fs::write(src.join("README.md"), "one\n").unwrap();
+        for args in [
+            &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "one"][..],
+            &["remote", "add", "origin", bare.to_str().unwrap()],
+        ] {
+            if args[0] == "-c" {
+                git(&src, &["add", "."]);
+            }
+            git(&src, args);
+        }
+        git(&src, &["push", "--quiet", "origin", "main"]);
+        (format!("file://{}", dir.join("remote").display()), src)
+    }
+
+    fn ms(d: Duration) -> f64 {
+        d.as_secs_f64() * 1000.0
+    }
+
+    /// Eight jobs of one repository assigned at once: each gets its own worktree on its branch,
+    /// from a fetch that started after it asked, and the burst fetches at most twice. Prints the
+    /// per-job times (worktree ready, worktree removed), p50 and max.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_jobs_on_one_repository_fetches_once_and_stays_isolated() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, src) = remote(dir.path());
+        let ws = Arc::new(Workspaces::new(dir.path().join("r"), dir.path().join("w"), &base, None));
+        let repo = RepoRef::new("acme", "shop").unwrap();
+        // The mirror exists (a runner's first job on a repository clones it).
+        ws.sync(&repo).await.unwrap();
+        let fetched_before = ws.fetches_run();
+
+        let start = |n: usize| {
+            let (ws, repo) = (ws.clone(), repo.clone());
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let wt = ws.create_worktree(&repo, &format!("job-{n}"), &format!("kiln/b{n}"), None).await.unwrap();
+                (t.elapsed(), wt)
+            })
+        };
+        let mut made = vec![];
+        for h in (0..8).map(start).collect::<Vec<_>>() {
+            made.push(h.await.unwrap());
+        }
+        let fetches = ws.fetches_run() - fetched_before;
+        let mut ready: Vec<Duration> = made.iter().map(|(d, _)| *d).collect();
+        for (n, (_, wt)) in made.iter().enumerate() {
+            assert_eq!(wt.path, ws.worktree_path(&format!("job-{n}")));
+            assert_eq!(wt.branch, format!("kiln/b{n}"));
+            assert_eq!(std::fs::read_to_string(wt.path.join("README.md")).unwrap(), "one\n");
+        }
+        std::fs::write(made[0].1.path.join("mine.txt"), "job 0's").unwrap();
+        assert!(!made[1].1.path.join("mine.txt").exists(), "a job never sees another's worktree");
+
+        // A commit pushed now is seen by the next job: a fetch is never older than its job.
+        std::fs::write(src.join("README.md"), "two\n").unwrap();
+        git(&src, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-am", "two"]);
+        git(&src, &["push", "--quiet", "origin", "main"]);
+        let (_, late) = start(8).await.unwrap();
+        assert_eq!(std::fs::read_to_string(late.path.join("README.md")).unwrap(), "two\n");
+
+        let mut removed = vec![];
+        let hs: Vec<_> = made
+            .into_iter()
+            .map(|(_, wt)| {
+                let ws = ws.clone();
+                tokio::spawn(async move {
+                    let t = Instant::now();
+                    ws.remove_worktree(&wt).await;
+                    assert!(!wt.path.exists());
+                    t.elapsed()
+                })
+            })
+            .collect();
+        for h in hs {
+            removed.push(h.await.unwrap());
+        }
+        ready.sort();
+        removed.sort();
+        println!(
+            "burst of 8: {fetches} fetches; worktree ready p50 {:.1} ms max {:.1} ms; removed p50 {:.1} ms max {:.1} ms",
+            ms(ready[3]),
+            ms(ready[7]),
+            ms(removed[3]),
+            ms(removed[7])
+        );
+        assert!(fetches <= 2, "{fetches} fetches for one burst");
+        ws.remove_worktree(&late).await;
+        assert_eq!(ws.sweep(&[]).await, Swept::default(), "nothing left behind");
     }
 }
