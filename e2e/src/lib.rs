@@ -34,6 +34,7 @@
 pub mod agents;
 pub mod app;
 pub mod bench;
+pub mod dashboard;
 pub mod fake3d;
 pub mod landing;
 mod edge;
