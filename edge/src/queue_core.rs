@@ -71,6 +71,12 @@ pub struct QueueState {
     pub leases: BTreeMap<String, Lease>,
     pub runners: Vec<RunnerSlot>,
     pub next_order: u64,
+    /// Jobs whose lease was released (ended: its runner's `finished`, a cancel) → the runner that
+    /// held it, until that runner's heartbeat stops naming the job. A runner lists a job until the
+    /// edge has its last events, so a heartbeat sent before the release may arrive after it: such
+    /// a job is neither renewed nor cancelled again. Not persisted: after a restart a runner may
+    /// at worst hear one needless cancel.
+    pub released: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -180,6 +186,8 @@ impl QueueState {
     ) -> Vec<String> {
         self.runners.retain(|r| r.runner_id != runner_id);
         self.runners.push(RunnerSlot { runner_id: runner_id.to_string(), capacity, socket_id: socket_id.to_string() });
+        // A hello may follow lost messages: whatever it holds without a lease is told again.
+        self.released.retain(|_, r| r != runner_id);
         self.heartbeat(runner_id, held, now_ms, limits)
     }
 
@@ -188,7 +196,11 @@ impl QueueState {
     pub fn disconnect(&mut self, runner_id: &str, socket_id: &str) -> bool {
         let before = self.runners.len();
         self.runners.retain(|r| !(r.runner_id == runner_id && r.socket_id == socket_id));
-        self.runners.len() != before
+        let forgotten = self.runners.len() != before;
+        if forgotten {
+            self.released.retain(|_, r| r != runner_id);
+        }
+        forgotten
     }
 
     /// The socket a runner is currently connected on.
@@ -199,7 +211,8 @@ impl QueueState {
     /// Renews the leases `runner_id` still holds; returns the jobs it reports but does not hold a
     /// lease for (cancelled, requeued elsewhere, or leased to another runner): the runner must stop
     /// them. A lease belongs to the runner it was given to: naming its id from another runner
-    /// neither renews nor moves it.
+    /// neither renews nor moves it. A job released while the runner held it (see
+    /// [`QueueState::released`]) is not stale: the runner is delivering its end, or was told.
     pub fn heartbeat(&mut self, runner_id: &str, held: &[(String, String)], now_ms: i64, limits: Limits) -> Vec<String> {
         let mut stale = vec![];
         for (job_id, lease_id) in held {
@@ -209,9 +222,12 @@ impl QueueState {
                     // The runner has it, so the room accepted it.
                     l.announced = true;
                 }
+                None if self.released.get(job_id).is_some_and(|r| r == runner_id) => {}
                 _ => stale.push(job_id.clone()),
             }
         }
+        // A released job the runner no longer names is done with.
+        self.released.retain(|job, r| r != runner_id || held.iter().any(|(j, _)| j == job));
         stale
     }
 
@@ -234,6 +250,7 @@ impl QueueState {
             let Some((_, runner_id)) = best else { break };
             let mut job = self.pending.remove(next);
             job.attempts += 1;
+            self.released.remove(&job.job_id);
             let lease = Lease {
                 job_id: job.job_id.clone(),
                 lease_id: new_lease_id(),
@@ -253,7 +270,13 @@ impl QueueState {
     /// Removes a job wherever it is (finished, cancelled). Returns its lease if it was running.
     pub fn release(&mut self, job_id: &str) -> Option<Lease> {
         self.pending.retain(|p| p.job_id != job_id);
-        self.leases.remove(job_id)
+        let lease = self.leases.remove(job_id);
+        if let Some(l) = &lease {
+            if l.announced && self.runners.iter().any(|r| r.runner_id == l.runner_id) {
+                self.released.insert(job_id.to_string(), l.runner_id.clone());
+            }
+        }
+        lease
     }
 
     /// Gives a leased job back to the queue at its old place (a dispatch the job refused).
@@ -663,6 +686,31 @@ mod tests {
         assert_eq!((q.free_slots(), q.socket_of("r1")), (2, Some("new")));
         assert!(q.disconnect("r1", "new"));
         assert_eq!(q.free_slots(), 0);
+    }
+
+    #[test]
+    fn a_heartbeat_sent_before_a_release_does_not_cancel_the_job() {
+        let mut q = QueueState::default();
+        q.enqueue(job("a", 0));
+        q.enqueue(job("b", 0));
+        q.connect("r1", "s1", 1, &[], 0, LIMITS);
+        let a = dispatch_announced(&mut q, 0, LIMITS).remove(0);
+        let held = vec![("a".to_string(), a.lease_id.clone())];
+        // The runner posts a's end; the room releases it and b takes the slot; then a heartbeat
+        // the runner sent while still delivering a's end arrives.
+        q.release("a");
+        let b = dispatch_announced(&mut q, 0, LIMITS).remove(0);
+        assert_eq!(b.runner_id, "r1");
+        assert!(q.heartbeat("r1", &held, 1_000, LIMITS).is_empty(), "a ended here: nothing to cancel");
+        assert!(q.heartbeat("r2", &held, 1_000, LIMITS) == ["a"], "another runner naming it is told");
+        assert_eq!(q.free_slots(), 0, "the heartbeat took no slot");
+        // Once the runner stops naming it, it would be told again (a later, stale report).
+        let hb = vec![("b".to_string(), b.lease_id.clone())];
+        assert!(q.heartbeat("r1", &hb, 2_000, LIMITS).is_empty());
+        assert_eq!(q.heartbeat("r1", &held, 3_000, LIMITS), ["a"]);
+        // A hello is answered with every job it holds without a lease.
+        q.release("b");
+        assert_eq!(q.connect("r1", "s2", 1, &hb, 4_000, LIMITS), ["b"]);
     }
 
     #[test]
