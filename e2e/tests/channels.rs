@@ -85,13 +85,11 @@ async fn close_code(edge: &TestEdge, path: &str, token: Option<&str>) -> (u16, S
         req.headers_mut().insert("authorization", HeaderValue::from_str(&format!("Bearer {t}")).unwrap());
     }
     let (mut stream, _) = tokio_tungstenite::connect_async(req).await.expect("the upgrade is accepted");
-    loop {
-        match tokio::time::timeout(WAIT, stream.next()).await.expect("closed in time") {
-            Some(Ok(Message::Close(Some(frame)))) => return (u16::from(frame.code), frame.reason.to_string()),
-            Some(Ok(Message::Close(None))) | None => panic!("closed without a code"),
-            Some(Ok(other)) => panic!("expected a close, got {other:?}"),
-            Some(Err(e)) => panic!("socket error: {e}"),
-        }
+    match tokio::time::timeout(WAIT, stream.next()).await.expect("closed in time") {
+        Some(Ok(Message::Close(Some(frame)))) => (u16::from(frame.code), frame.reason.to_string()),
+        Some(Ok(Message::Close(None))) | None => panic!("closed without a code"),
+        Some(Ok(other)) => panic!("expected a close, got {other:?}"),
+        Some(Err(e)) => panic!("socket error: {e}"),
     }
 }
 
@@ -313,7 +311,7 @@ async fn channels_ping_filter_scope_resume_and_refuse() {
     assert_eq!(got.iter().map(|m| m["seq"].as_u64().unwrap()).collect::<Vec<_>>(), ((s3 + 1)..=next).collect::<Vec<_>>(), "{got:#?}");
     assert_eq!(next, last + 1);
     // A filtered resume replays only what passes.
-    let mut resumed = socket(&edge, &format!("/api/ws/tasks?after=0&agent_type=commerce"), Some(&ann)).await;
+    let mut resumed = socket(&edge, "/api/ws/tasks?after=0&agent_type=commerce", Some(&ann)).await;
     let got = drain(&mut resumed).await;
     assert!(!got.is_empty() && got.iter().all(|m| m["data"]["agent_type"] == "commerce"), "{got:#?}");
     // Caught up: nothing replayed. Past the end: told, then follows.

@@ -139,10 +139,8 @@ impl Dashboard {
         let mut last_sent = self.last_sent.borrow_mut();
         for ws in self.state.get_websockets_with_tag(channel) {
             let Some(info) = attachment(&ws) else { continue };
-            if info.filters.is_empty() || info.filters.matches(message) {
-                if ws.send_with_str(&text).is_ok() {
-                    last_sent.insert(info.id, now);
-                }
+            if (info.filters.is_empty() || info.filters.matches(message)) && ws.send_with_str(&text).is_ok() {
+                last_sent.insert(info.id, now);
             }
         }
         Ok(seq)
