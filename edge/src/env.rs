@@ -38,6 +38,8 @@ pub struct Config {
     pub dashboard_keepalive_secs: u64,
     /// Seconds between `metrics_update`s (`DASHBOARD_METRICS_SECS`, default `METRICS_INTERVAL_SECS`).
     pub dashboard_metrics_secs: u64,
+    /// REST requests one principal may make a minute (`RATE_LIMIT_PER_MINUTE`, default 600; 0: off).
+    pub rate_limit_per_minute: u32,
 }
 
 fn var(env: &Env, name: &str) -> Option<String> {
@@ -62,6 +64,7 @@ impl Config {
             allow_anonymous_dashboard: var(env, "ALLOW_ANONYMOUS_DASHBOARD").is_some_and(|v| v.trim() == "true"),
             dashboard_keepalive_secs: num(env, "DASHBOARD_KEEPALIVE_SECS", kiln_schemas::dashboard::KEEPALIVE_SECS),
             dashboard_metrics_secs: num(env, "DASHBOARD_METRICS_SECS", kiln_schemas::dashboard::METRICS_INTERVAL_SECS),
+            rate_limit_per_minute: num(env, "RATE_LIMIT_PER_MINUTE", rate_limit::DEFAULT_PER_MINUTE),
             limits: Limits {
                 max_concurrent: num(env, "MAX_CONCURRENT_JOBS", 2),
                 max_per_owner: num(env, "MAX_CONCURRENT_JOBS_PER_OWNER", 0),

@@ -10,6 +10,7 @@ pub mod dashboard_store;
 pub mod landing_room;
 pub mod preview;
 pub mod landing_store;
+pub mod monitoring;
 pub mod queue_core;
 pub mod rate_limit;
 pub mod sealed;
@@ -28,6 +29,8 @@ mod http;
 #[cfg(target_arch = "wasm32")]
 mod job_room;
 #[cfg(target_arch = "wasm32")]
+mod metrics_object;
+#[cfg(target_arch = "wasm32")]
 mod queue_object;
 #[cfg(target_arch = "wasm32")]
 mod store;
@@ -37,12 +40,16 @@ pub use dashboard_object::Dashboard;
 #[cfg(target_arch = "wasm32")]
 pub use job_room::JobRoom;
 #[cfg(target_arch = "wasm32")]
+pub use metrics_object::Metrics;
+#[cfg(target_arch = "wasm32")]
 pub use queue_object::Queue;
+#[cfg(target_arch = "wasm32")]
+pub use rate_limit::RateLimiter;
 
 #[cfg(target_arch = "wasm32")]
 #[worker::event(fetch)]
-async fn fetch(req: worker::Request, env: worker::Env, _ctx: worker::Context) -> worker::Result<worker::Response> {
-    api::handle(req, env).await
+async fn fetch(req: worker::Request, env: worker::Env, ctx: worker::Context) -> worker::Result<worker::Response> {
+    api::handle(req, env, Some(&ctx)).await
 }
 
 /// Outbound webhook deliveries (Cloudflare Queues `WEBHOOK_DELIVERIES`).

@@ -76,8 +76,99 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Per-principal REST requests in a fixed one-minute window (`RATE_LIMIT_PER_MINUTE`, default
+/// 600; 0: off). Counted by one `RateLimiter` Durable Object per principal, in memory: exact
+/// across isolates; an object that restarts mid-window starts the window's count again.
+pub const DEFAULT_PER_MINUTE: u32 = 600;
+pub const WINDOW_MS: i64 = 60_000;
+
+/// A fixed window's counter: `(window start, count)`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Window {
+    pub start_ms: i64,
+    pub count: u32,
+}
+
+impl Window {
+    /// Counts a request at `now`: `Ok(remaining)` or `Err(retry_after_secs)` past `limit`
+    /// (a refused request is not counted).
+    pub fn hit(&mut self, limit: u32, now_ms: i64) -> Result<u32, u64> {
+        let start = now_ms - now_ms.rem_euclid(WINDOW_MS);
+        if start != self.start_ms {
+            *self = Window { start_ms: start, count: 0 };
+        }
+        if self.count >= limit {
+            let wait = (start + WINDOW_MS - now_ms).max(1) as u64;
+            return Err(wait.div_ceil(1000).max(1));
+        }
+        self.count += 1;
+        Ok(limit - self.count)
+    }
+}
+
 #[cfg(target_arch = "wasm32")]
 pub use d1::{purge, refund, reserve, Reservation};
+#[cfg(target_arch = "wasm32")]
+pub use object::{check, RateLimiter};
+
+#[cfg(target_arch = "wasm32")]
+mod object {
+    use std::cell::Cell;
+
+    use serde::Deserialize;
+    use serde_json::json;
+    use worker::{durable_object, wasm_bindgen, DurableObject, Env, Method, Request, Response, State};
+
+    use super::Window;
+    use crate::env::now_ms;
+    use crate::http::{self, ApiError, ApiResult};
+
+    /// One per principal (named by its owner id): the current window's count, in memory.
+    #[durable_object]
+    pub struct RateLimiter {
+        window: Cell<Window>,
+    }
+
+    impl DurableObject for RateLimiter {
+        fn new(_state: State, _env: Env) -> Self {
+            Self { window: Cell::new(Window::default()) }
+        }
+
+        async fn fetch(&self, req: Request) -> worker::Result<Response> {
+            let limit = req.url()?.query_pairs().find(|(k, _)| k == "limit").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+            let mut w = self.window.get();
+            let answer = w.hit(limit, now_ms());
+            self.window.set(w);
+            match answer {
+                Ok(remaining) => Response::from_json(&json!({"ok": true, "remaining": remaining})),
+                Err(retry) => Response::from_json(&json!({"ok": false, "retry_after": retry})),
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    struct Answer {
+        ok: bool,
+        #[serde(default)]
+        retry_after: u64,
+    }
+
+    /// Counts one REST request of `owner`; 429 with `Retry-After` past the limit (0: off).
+    pub async fn check(env: &worker::Env, owner: &str, limit: u32) -> ApiResult<()> {
+        if limit == 0 {
+            return Ok(());
+        }
+        let stub = env.durable_object("RATE_LIMITER")?.id_from_name(owner)?.get_stub()?;
+        let a: Answer = http::call(&stub, Method::Post, &format!("/hit?limit={limit}"), None::<&()>).await?;
+        if a.ok {
+            return Ok(());
+        }
+        Err(ApiError::TooManyRequests {
+            message: format!("rate limit of {limit} requests a minute reached; try again in {} seconds", a.retry_after),
+            retry_after_secs: a.retry_after,
+        })
+    }
+}
 
 #[cfg(target_arch = "wasm32")]
 mod d1 {
@@ -198,6 +289,17 @@ mod tests {
         let no_email = Limits { per_email: 0, ..limits };
         assert_eq!(keys(&no_email, "ann@example.com", "a").len(), 1);
         assert!(keys(&Limits { per_email: 0, per_address: 0, window_ms: 1 }, "a@b.io", "a").is_empty());
+    }
+
+    #[test]
+    fn a_fixed_window_refuses_past_its_limit_until_it_ends() {
+        let mut w = Window::default();
+        let t = 10 * WINDOW_MS + 15_000;
+        assert_eq!(w.hit(2, t), Ok(1));
+        assert_eq!(w.hit(2, t + 1), Ok(0));
+        assert_eq!(w.hit(2, t + 2), Err(45), "45 s to the window's end");
+        assert_eq!(w.hit(2, t + 44_500), Err(1), "rounded up, never 0");
+        assert_eq!(w.hit(2, t + 45_000), Ok(1), "a new window");
     }
 
     #[test]

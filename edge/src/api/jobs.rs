@@ -26,12 +26,17 @@ async fn stats(ctx: &Ctx) -> ApiResult<Stats> {
 
 pub async fn health(ctx: &Ctx) -> ApiResult {
     let st = stats(ctx).await?;
-    json(&Health::from_runners(
+    // Seed 002's `services` (edge, database, queue, runners): monitoring's D1 round trip and counts.
+    let services = crate::monitoring::services(&ctx.env, Some(&st)).await;
+    let mut health = serde_json::to_value(Health::from_runners(
         QueueCounts { running: st.running, queued: st.queued, max_concurrent: st.max_concurrent },
         st.runners_connected,
         st.free_slots,
         st.tools,
     ))
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    health["services"] = services;
+    json(&health)
 }
 
 pub async fn queue(ctx: &Ctx, who: &Principal) -> ApiResult {

@@ -29,7 +29,8 @@ pub struct Ctx {
     pub config: Config,
 }
 
-pub async fn handle(req: Request, env: Env) -> worker::Result<Response> {
+pub async fn handle(req: Request, env: Env, wctx: Option<&worker::Context>) -> worker::Result<Response> {
+    let started_ms = now_ms();
     let ctx = Ctx { config: Config::from_env(&env), env };
     warn_once_about(&ctx.config.cors);
     let origin = req.headers().get("origin").ok().flatten();
@@ -41,6 +42,7 @@ pub async fn handle(req: Request, env: Env) -> worker::Result<Response> {
         return Ok(resp);
     }
     let path = req.path();
+    let method = req.method();
     // The `/api/` face is seed 000's Django REST framework API and `/v1/` seed 001's FastAPI one:
     // their errors also carry `detail`.
     let with_detail = ["/api", "/v1"].iter().any(|p| path == *p || path.starts_with(&format!("{p}/")));
@@ -48,6 +50,13 @@ pub async fn handle(req: Request, env: Env) -> worker::Result<Response> {
     // A socket's upgrade answer is not read by CORS (and its headers are the runtime's).
     if resp.status_code() != 101 {
         apply_cors(&mut resp, &ctx.config.cors, origin.as_deref(), false);
+        // Monitoring: recorded in the isolate; a due flush runs after the answer (waitUntil).
+        if let Some(batch) = crate::monitoring::record(&method, &path, resp.status_code(), started_ms) {
+            match wctx {
+                Some(w) => w.wait_until(crate::monitoring::flush(ctx.env.clone(), batch)),
+                None => crate::monitoring::flush(ctx.env.clone(), batch).await,
+            }
+        }
     }
     Ok(resp)
 }
@@ -115,9 +124,27 @@ async fn route(req: Request, ctx: &Ctx) -> ApiResult {
         (Method::Get | Method::Head, ["preview", ..]) => crate::preview::serve(&req, ctx).await,
         _ => {
             let who = authenticate(&req, ctx).await?;
-            route_authenticated(req, ctx, &who, method, &segments).await
+            limited(req, ctx, &who, method, &segments).await
         }
     }
+}
+
+/// Per-principal rate limits on REST (`RATE_LIMIT_PER_MINUTE`; the service credential is not
+/// limited). A read runs beside its count (it changes nothing, so a refused one is only not
+/// answered); anything else waits for the count first.
+async fn limited(req: Request, ctx: &Ctx, who: &Principal, method: Method, segments: &[&str]) -> ApiResult {
+    let limit = ctx.config.rate_limit_per_minute;
+    if limit == 0 || matches!(who, Principal::Service) {
+        return route_authenticated(req, ctx, who, method, segments).await;
+    }
+    let count = crate::rate_limit::check(&ctx.env, who.owner(), limit);
+    if matches!(method, Method::Get | Method::Head) {
+        let (counted, answer) = futures::join!(count, route_authenticated(req, ctx, who, method, segments));
+        counted?;
+        return answer;
+    }
+    count.await?;
+    route_authenticated(req, ctx, who, method, segments).await
 }
 
 async fn route_authenticated(req: Request, ctx: &Ctx, who: &Principal, method: Method, segments: &[&str]) -> ApiResult {
@@ -179,6 +206,8 @@ async fn route_authenticated(req: Request, ctx: &Ctx, who: &Principal, method: M
         (Method::Get, ["api", "v1", "3d", id]) => dashboard::three_d::get(ctx, who, id).await,
         (Method::Post, ["api", "v1", "3d", id, "cancel"]) => dashboard::three_d::cancel(ctx, who, id).await,
         (Method::Get, ["api", "v1", "3d", id, "asset"]) => dashboard::three_d::asset(ctx, who, id).await,
+        // `GET /api/v1/monitoring/metrics?metrics=&time_range=` (seed 002's monitoring)
+        (Method::Get, ["api", "v1", "monitoring", "metrics"]) => crate::monitoring::metrics(req, ctx, who).await,
         // Seed 001's landing pages (`landing`).
         // `POST /v1/agent/init` · `POST /v1/agent/chat`
         (Method::Post, ["v1", "agent", "init"]) => landing::agent::init(req, ctx, who).await,
