@@ -302,13 +302,9 @@ impl Supervisor {
         let jobs = self.inner.jobs.lock().unwrap();
         let running = jobs
             .values()
-            .filter(|e| e.started.load(Ordering::SeqCst) && e.takes_slot())
+            .filter(|e| e.started.load(Ordering::SeqCst))
             .count() as u32;
-        let waiting = jobs
-            .values()
-            .filter(|e| !e.started.load(Ordering::SeqCst) && e.takes_slot())
-            .count() as u32;
-        (running, waiting)
+        (running, jobs.len() as u32 - running)
     }
 
     /// Cancels every job and waits until their workspaces are cleaned up.
