@@ -466,9 +466,12 @@ impl CompetitionRow {
     }
 }
 
+/// A pairwise result: `(a, b, score_a)`.
+pub type Pair = (String, String, f64);
+
 /// A competition's final result from its job's `result` (a `CompetitionView` plus `pairs`): the
 /// view to store and its pairwise results `(a, b, score_a)`. `None` when unreadable.
-pub fn competition_result(result: &Value) -> Option<(CompetitionView, Vec<(String, String, f64)>)> {
+pub fn competition_result(result: &Value) -> Option<(CompetitionView, Vec<Pair>)> {
     let mut view = result.clone();
     let pairs = view.as_object_mut()?.remove("pairs").unwrap_or(Value::Null);
     // A task answered through a round table carries it under `competition`.
@@ -479,7 +482,7 @@ pub fn competition_result(result: &Value) -> Option<(CompetitionView, Vec<(Strin
     Some((view, read_pairs(&pairs)))
 }
 
-fn read_pairs(pairs: &Value) -> Vec<(String, String, f64)> {
+fn read_pairs(pairs: &Value) -> Vec<Pair> {
     pairs
         .as_array()
         .map(|a| {
@@ -993,7 +996,7 @@ mod d1 {
         owner: &str,
         stage: &str,
         view: &CompetitionView,
-        pairs: &[(String, String, f64)],
+        pairs: &[Pair],
         now_ms: i64,
     ) -> ApiResult<()> {
         let now = crate::time::rfc3339(now_ms);
