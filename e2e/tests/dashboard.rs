@@ -310,6 +310,19 @@ async fn agents_tasks_stop_and_learning() {
     assert_eq!((c["instructions"].as_str(), c["status"].as_str()), (learned["instructions"].as_str(), Some("idle")));
     assert_eq!(get(&api, &bob, "/api/v1/agents/commerce").await["instructions"], original.as_str(), "bob's agent unchanged");
 
+    // What the face costs a reader on this machine: the agents list (agents and one grouped
+    // query over their jobs) and a task, 20 times each; printed, not asserted.
+    for path in ["/api/v1/agents".to_string(), path1.clone()] {
+        let mut ms = vec![];
+        for _ in 0..20 {
+            let t = Instant::now();
+            get(&api, &alice, &path).await;
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        ms.sort_by(|a, b| a.total_cmp(b));
+        println!("GET {path}: p50 {:.1} ms, max {:.1} ms over 20", ms[9], ms[19]);
+    }
+
     // The next task runs with the new instructions.
     let (_, t4) = api.post(exec, &alice, json!({"task": "Price the rose pendant"})).await;
     let a4 = runner.assignment().await;
