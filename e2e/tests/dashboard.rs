@@ -188,6 +188,11 @@ async fn agents_tasks_stop_and_learning() {
     refused(api.post(exec, &alice, json!({"task": "x", "parameters": [1]})).await, StatusCode::BAD_REQUEST, "parameters not an object");
     refused(api.post("/api/v1/agents/nope/execute", &alice, json!({"task": "x"})).await, StatusCode::NOT_FOUND, "unknown agent");
 
+    // The room's messages on the owner's tasks and agents channels.
+    let bearer = format!("Bearer {alice}");
+    let mut tasks_ch = kiln_e2e::WsClient::connect_path(&edge.ws_url(), "/api/ws/tasks", Some(&bearer)).await.expect("tasks channel");
+    let mut agents_ch = kiln_e2e::WsClient::connect_path(&edge.ws_url(), "/api/ws/agents", Some(&bearer)).await.expect("agents channel");
+
     // Execute: started; the runner gets the agent's definition; progress then completed.
     let (status, answer) = api.post(exec, &alice, json!({"task": "Price the BLACK ROSE ring", "parameters": {"currency": "EUR"}})).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
@@ -224,6 +229,22 @@ async fn agents_tasks_stop_and_learning() {
     let latency1 = done["metrics"]["latencyMs"].as_f64().expect("latency of an ended task");
     assert!(latency1 >= 100.0, "the task ran at least the 120 ms slept: {done}");
     assert!(done["metrics"]["endTime"].is_string());
+    let seen = tasks_ch
+        .until(WAIT, "task_update completed", |m| m["type"] == "task_update" && m["task_id"] == t1.as_str() && m["status"] == "completed")
+        .await;
+    let updates: Vec<(String, f64)> = seen
+        .iter()
+        .filter(|m| m["type"] == "task_update" && m["task_id"] == t1.as_str())
+        .map(|m| (m["status"].as_str().unwrap().to_string(), m["progress"].as_f64().unwrap()))
+        .collect();
+    assert!(updates.iter().any(|u| u == &("running".to_string(), 10.0)), "{updates:?}");
+    assert!(updates.iter().any(|u| u == &("running".to_string(), 90.0)), "{updates:?}");
+    assert_eq!(updates.last(), Some(&("completed".to_string(), 100.0)), "{updates:?}");
+    assert_eq!(seen.last().unwrap()["data"]["agent_id"], "commerce-001");
+    assert_eq!(seen.last().unwrap()["data"]["result"], result);
+    agents_ch
+        .until(WAIT, "agent completed", |m| m["type"] == "agent_status_update" && m["agent_id"] == "commerce-001" && m["status"] == "completed")
+        .await;
     let c = wait(&api, &alice, "/api/v1/agents/commerce", "agent completed", |a| a["status"] == "completed").await;
     assert_eq!((c["stats"]["tasksCompleted"].as_u64(), c["stats"]["successRate"].as_f64()), (Some(1), Some(1.0)));
     assert!((c["stats"]["avgLatencyMs"].as_f64().unwrap() - latency1).abs() < 5.0, "{c}");
