@@ -421,6 +421,8 @@ async fn production_refuses_anonymous_sockets_serves_metrics_and_exposes_no_publ
         assert!(m.get(key).is_some(), "{key} in {first}");
     }
     assert_eq!(m["active_connections"], 2, "Ann's tasks and metrics sockets: {first}");
+    // The monitoring module's numbers beside them: jobs and runners from the queue.
+    assert!(m["jobs_running"].is_number() && m["runners_connected"].is_number(), "{first}");
     assert_eq!((m["connections_by_channel"]["tasks"].as_u64(), m["connections_by_channel"]["metrics"].as_u64()), (Some(1), Some(1)));
     let second = metrics.until(Duration::from_secs(8), "metrics_update", |m| m["type"] == "metrics_update").await;
     let gap = at.elapsed();

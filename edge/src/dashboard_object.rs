@@ -51,6 +51,7 @@ const ALARM_SLACK_MS: i64 = 50;
 #[durable_object]
 pub struct Dashboard {
     state: State,
+    env: Env,
     /// Each channel's last seq (read from SQLite once).
     last_seq: RefCell<HashMap<String, u64>>,
     /// When each socket (by its id) was last sent something; lost on hibernation, when the
@@ -318,11 +319,17 @@ impl Dashboard {
         self.schedule(now).await
     }
 
-    /// The `metrics_update` of now: the monitoring numbers and this dashboard's connections.
+    /// The `metrics_update` of now: the monitoring numbers (`monitoring::snapshot`: runners' CPU
+    /// and memory, requests per second, latency, jobs) and this dashboard's connections.
     async fn metrics(&self, now: i64) -> Value {
+        let mut snapshot = match crate::monitoring::snapshot(&self.env).await {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        snapshot.remove("timestamp");
+        let now = now.max(now_ms());
         let connections: Vec<(&str, usize)> =
             CHANNELS.iter().map(|c| (*c, self.state.get_websockets_with_tag(c).len())).collect();
-        let mut snapshot = Map::new();
         let (count, since) = std::mem::replace(&mut *self.published.borrow_mut(), (0, now));
         let secs = ((now - since) as f64 / 1000.0).max(0.001);
         if since > 0 {
@@ -375,6 +382,7 @@ impl DurableObject for Dashboard {
         let config = Config::from_env(&env);
         let object = Self {
             state,
+            env,
             last_seq: RefCell::new(HashMap::new()),
             last_sent: RefCell::new(HashMap::new()),
             metrics_due_ms: RefCell::new(0),
