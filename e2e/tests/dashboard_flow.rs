@@ -304,10 +304,11 @@ async fn tasks_round_tables_and_3d_pipelines_stream_on_the_dashboard_channels() 
     drop(runner);
 }
 
-/// The production build refuses anonymous sockets (the setting is off there).
+/// The production build refuses anonymous sockets (the setting is off there); the REST face's
+/// per-user limit answers 429 with Retry-After, while sockets are not limited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn production_refuses_anonymous_dashboard_sockets() {
-    let edge = TestEdge::start_env("production", &[]).await.expect("starting wrangler dev");
+async fn production_refuses_anonymous_dashboard_sockets_and_limits_rest() {
+    let edge = TestEdge::start_env("production", &[("RATE_LIMIT_PER_MINUTE", "5")]).await.expect("starting wrangler dev");
     for ch in ["agents", "tasks", "round_table", "3d_pipeline", "metrics"] {
         match open_channel(&edge, &format!("/api/ws/{ch}"), None).await {
             Ok(_) => panic!("an anonymous {ch} socket was accepted"),
@@ -317,4 +318,19 @@ async fn production_refuses_anonymous_dashboard_sockets() {
     let ann = DashboardClient::register(&edge, "flow-prod").await;
     let mut ch = ann.channel("tasks", "").await;
     assert_eq!(ch.ping().await["type"], "pong");
+    let http = reqwest::Client::new();
+    let mut refused = None;
+    for _ in 0..8 {
+        let res = http.get(format!("{}/api/v1/agents", edge.url())).bearer_auth(&ann.token).send().await.unwrap();
+        if res.status() == StatusCode::TOO_MANY_REQUESTS {
+            let retry: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+            refused = Some((retry, res.json::<Value>().await.unwrap()));
+            break;
+        }
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    let (retry, body) = refused.expect("no 429 within 8 requests at 5 a minute");
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert!(body["error"].is_string() && body["detail"].is_string(), "{body}");
+    assert_eq!(ch.ping().await["type"], "pong", "sockets are not rate limited");
 }
