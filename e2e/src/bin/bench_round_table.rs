@@ -28,7 +28,7 @@ fn script() -> anyhow::Result<Script> {
         .map(|m| json!({"name": m, "when": {"model": m}, "stall_before_ms": ANSWER_MS, "chunk_delay_ms": 0, "text": format!("{m}: a one-sentence pitch for {{{{prompt_line}}}}.")}))
         .collect();
     rules.extend(Script::demo().rules.iter().map(|r| serde_json::to_value(r).unwrap()));
-    Ok(Script::from_value(json!({"model": "kiln-demo", "rules": rules}))?)
+    Script::from_value(json!({"model": "kiln-demo", "rules": rules}))
 }
 
 fn ms(d: Duration) -> f64 {
