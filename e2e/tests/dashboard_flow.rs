@@ -9,7 +9,7 @@
 //! socket seeing none of it; a round table of six providers where one fails, its stages in order
 //! on `round_table`, a winner among the five that answered and the stats updated; a 3D pipeline
 //! through generating/validating/uploading/completed on `3d_pipeline` and one rejected at
-//! validation; ping/pong, 4004, a CORS preflight from the dashboard's origins, a 429 from the
+//! validation; a learning cycle (learning, then idle with new instructions); ping/pong, 4004, a CORS preflight from the dashboard's origins, a 429 from the
 //! REST face; on the production build, anonymous sockets refused.
 
 use std::time::Duration;
@@ -196,6 +196,16 @@ async fn tasks_round_tables_and_3d_pipelines_stream_on_the_dashboard_channels() 
     assert!(bobs.drain(QUIET).await.is_empty(), "Bob saw Ann's task");
     let (status, _) = bob.get(&format!("/api/v1/tasks/{id}")).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "another owner's task is not found");
+
+    // A learning cycle: learning, then idle with the demo learner's instructions.
+    let (status, learn) = ann.post("/api/v1/agents/marketing/learn", json!({})).await;
+    assert!(status.is_success(), "{status} {learn}");
+    let seen = agents
+        .until(WAIT, "the agent idle after learning", |m| m["agent_id"] == "marketing-001" && m["status"] == "idle")
+        .await;
+    assert!(seen.iter().any(|m| m["agent_id"] == "marketing-001" && m["status"] == "learning"), "{seen:#?}");
+    let agent = ann.wait_for("/api/v1/agents/marketing", WAIT, |a| a["status"] == "idle").await;
+    assert!(agent["instructions"].as_str().unwrap_or("").starts_with("Answer the task directly, state your assumptions"), "{agent:#}");
 
     // A round table of six, one failing.
     let t = std::time::Instant::now();
