@@ -9,8 +9,9 @@
 //! socket seeing none of it; a round table of six providers where one fails, its stages in order
 //! on `round_table`, a winner among the five that answered and the stats updated; a 3D pipeline
 //! through generating/validating/uploading/completed on `3d_pipeline` and one rejected at
-//! validation; a learning cycle (learning, then idle with new instructions); ping/pong, 4004, a CORS preflight from the dashboard's origins, a 429 from the
-//! REST face; on the production build, anonymous sockets refused.
+//! validation; a learning cycle (learning, then idle with new instructions); ping/pong, 4004, a
+//! CORS preflight from the dashboard's origins, a 429 from a login; on the production build,
+//! anonymous sockets refused and the REST face's per-user limit (429, sockets unlimited).
 
 use std::time::Duration;
 
