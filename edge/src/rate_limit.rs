@@ -77,8 +77,9 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Per-principal REST requests in a fixed one-minute window (`RATE_LIMIT_PER_MINUTE`, default
-/// 600; 0: off). Counted by one `RateLimiter` Durable Object per principal, in memory: exact
-/// across isolates; an object that restarts mid-window starts the window's count again.
+/// 600; 0: off). Counted by one `RateLimiter` Durable Object per principal, in memory, which
+/// grants isolates blocks of requests ([`block`]): never more than the limit across isolates;
+/// an object that restarts mid-window starts the window's count again.
 pub const DEFAULT_PER_MINUTE: u32 = 600;
 pub const WINDOW_MS: i64 = 60_000;
 
@@ -93,7 +94,13 @@ impl Window {
     /// Counts a request at `now`: `Ok(remaining)` or `Err(retry_after_secs)` past `limit`
     /// (a refused request is not counted).
     pub fn hit(&mut self, limit: u32, now_ms: i64) -> Result<u32, u64> {
-        let start = now_ms - now_ms.rem_euclid(WINDOW_MS);
+        self.take(limit, 1, now_ms).map(|_| limit - self.count)
+    }
+
+    /// Grants up to `want` requests of the window at `now` (at least one, or
+    /// `Err(retry_after_secs)` when none is left).
+    pub fn take(&mut self, limit: u32, want: u32, now_ms: i64) -> Result<u32, u64> {
+        let start = window_start(now_ms);
         if start != self.start_ms {
             *self = Window { start_ms: start, count: 0 };
         }
@@ -101,8 +108,47 @@ impl Window {
             let wait = (start + WINDOW_MS - now_ms).max(1) as u64;
             return Err(wait.div_ceil(1000).max(1));
         }
-        self.count += 1;
-        Ok(limit - self.count)
+        let granted = want.max(1).min(limit - self.count);
+        self.count += granted;
+        Ok(granted)
+    }
+}
+
+pub fn window_start(now_ms: i64) -> i64 {
+    now_ms - now_ms.rem_euclid(WINDOW_MS)
+}
+
+/// Requests an isolate takes from a principal's counter at once (a twentieth of the limit): it
+/// spends them without asking again until the window ends. Never more than the limit is
+/// admitted; with several isolates, a principal may be refused while another isolate still
+/// holds some of the window's grants.
+pub fn block(limit: u32) -> u32 {
+    (limit / 20).max(1)
+}
+
+/// What an isolate holds of each principal's window: `(window start, requests left)`.
+#[derive(Debug, Default)]
+pub struct Grants(pub std::collections::HashMap<String, (i64, u32)>);
+
+impl Grants {
+    /// Spends one held request of `owner` in the window at `now`, if one is held.
+    pub fn spend(&mut self, owner: &str, now_ms: i64) -> bool {
+        match self.0.get_mut(owner) {
+            Some((start, left)) if *start == window_start(now_ms) && *left > 0 => {
+                *left -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Keeps a fresh grant (one of it spent by the request that asked).
+    pub fn keep(&mut self, owner: &str, now_ms: i64, granted: u32) {
+        if self.0.len() >= 10_000 {
+            let start = window_start(now_ms);
+            self.0.retain(|_, (s, _)| *s == start);
+        }
+        self.0.insert(owner.to_string(), (window_start(now_ms), granted.saturating_sub(1)));
     }
 }
 
@@ -113,13 +159,17 @@ pub use object::{check, RateLimiter};
 
 #[cfg(target_arch = "wasm32")]
 mod object {
-    use std::cell::Cell;
+    use std::cell::{Cell, RefCell};
 
     use serde::Deserialize;
     use serde_json::json;
     use worker::{durable_object, wasm_bindgen, DurableObject, Env, Method, Request, Response, State};
 
-    use super::Window;
+    use super::{block, Grants, Window};
+
+    thread_local! {
+        static GRANTS: RefCell<Grants> = RefCell::new(Grants::default());
+    }
     use crate::env::now_ms;
     use crate::http::{self, ApiError, ApiResult};
 
@@ -135,12 +185,14 @@ mod object {
         }
 
         async fn fetch(&self, req: Request) -> worker::Result<Response> {
-            let limit = req.url()?.query_pairs().find(|(k, _)| k == "limit").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+            let url = req.url()?;
+            let param = |name: &str| url.query_pairs().find(|(k, _)| k == name).and_then(|(_, v)| v.parse::<u32>().ok());
+            let (limit, want) = (param("limit").unwrap_or(0), param("want").unwrap_or(1));
             let mut w = self.window.get();
-            let answer = w.hit(limit, now_ms());
+            let answer = w.take(limit, want, now_ms());
             self.window.set(w);
             match answer {
-                Ok(remaining) => Response::from_json(&json!({"ok": true, "remaining": remaining})),
+                Ok(granted) => Response::from_json(&json!({"ok": true, "granted": granted})),
                 Err(retry) => Response::from_json(&json!({"ok": false, "retry_after": retry})),
             }
         }
@@ -150,17 +202,23 @@ mod object {
     struct Answer {
         ok: bool,
         #[serde(default)]
+        granted: u32,
+        #[serde(default)]
         retry_after: u64,
     }
 
-    /// Counts one REST request of `owner`; 429 with `Retry-After` past the limit (0: off).
+    /// Counts one REST request of `owner`; 429 with `Retry-After` past the limit (0: off). The
+    /// isolate spends a grant it holds without I/O; else it takes [`block`] from the principal's
+    /// object.
     pub async fn check(env: &worker::Env, owner: &str, limit: u32) -> ApiResult<()> {
-        if limit == 0 {
+        if limit == 0 || GRANTS.with(|g| g.borrow_mut().spend(owner, now_ms())) {
             return Ok(());
         }
         let stub = env.durable_object("RATE_LIMITER")?.id_from_name(owner)?.get_stub()?;
-        let a: Answer = http::call(&stub, Method::Post, &format!("/hit?limit={limit}"), None::<&()>).await?;
+        let path = format!("/take?limit={limit}&want={}", block(limit));
+        let a: Answer = http::call(&stub, Method::Post, &path, None::<&()>).await?;
         if a.ok {
+            GRANTS.with(|g| g.borrow_mut().keep(owner, now_ms(), a.granted));
             return Ok(());
         }
         Err(ApiError::TooManyRequests {
@@ -300,6 +358,28 @@ mod tests {
         assert_eq!(w.hit(2, t + 2), Err(45), "45 s to the window's end");
         assert_eq!(w.hit(2, t + 44_500), Err(1), "rounded up, never 0");
         assert_eq!(w.hit(2, t + 45_000), Ok(1), "a new window");
+        // Grants in blocks, never past the limit.
+        let mut w = Window::default();
+        assert_eq!(w.take(10, 4, t), Ok(4));
+        assert_eq!(w.take(10, 4, t), Ok(4));
+        assert_eq!(w.take(10, 4, t), Ok(2));
+        assert_eq!(w.take(10, 4, t), Err(45));
+        assert_eq!(block(600), 30);
+        assert_eq!(block(5), 1);
+    }
+
+    #[test]
+    fn an_isolate_spends_its_grants_within_their_window() {
+        let mut g = Grants::default();
+        let t = 10 * WINDOW_MS;
+        assert!(!g.spend("ann", t), "nothing held");
+        g.keep("ann", t, 3);
+        assert!(g.spend("ann", t + 1));
+        assert!(g.spend("ann", t + 2));
+        assert!(!g.spend("ann", t + 3), "the third was spent by the request that asked");
+        assert!(!g.spend("bob", t));
+        g.keep("ann", t, 5);
+        assert!(!g.spend("ann", t + WINDOW_MS), "a grant ends with its window");
     }
 
     #[test]
