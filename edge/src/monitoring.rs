@@ -305,7 +305,7 @@ impl Store {
         let mut total = Counts::default();
         let mut by_class = Bucket::new();
         let buckets = self.buckets(range);
-        let width = if buckets as *const _ == &self.minutes as *const _ { MINUTE_MS } else { HOUR_MS };
+        let width = if std::ptr::eq(buckets, &self.minutes) { MINUTE_MS } else { HOUR_MS };
         for (_, bucket) in buckets.range(since - width + 1..) {
             for (class, counts) in bucket {
                 total.merge(counts);
@@ -651,7 +651,7 @@ mod wasm {
         let db = env::db(env)?;
         let binds = [crate::store::s(&owner), crate::store::n(now - range.ms())];
         let rows: Vec<Row> = db
-            .prepare(&format!(
+            .prepare(format!(
                 "SELECT job_type, status, COUNT(*) AS n FROM jobs WHERE {cond} AND created_ms > ?2 GROUP BY job_type, status"
             ))
             .bind(&binds)?
