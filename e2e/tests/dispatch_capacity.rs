@@ -31,6 +31,8 @@ struct Runner {
     beyond: Vec<String>,
     /// Cancels for jobs this runner ended, or never held.
     needless_cancels: Vec<String>,
+    /// Assignments for a job already held or ended here.
+    duplicates: Vec<String>,
 }
 
 impl Runner {
@@ -88,6 +90,11 @@ async fn a_runner_is_never_assigned_beyond_its_capacity_nor_told_to_cancel_what_
                         let (job_id, lease_id) = (assignment.job_id.clone(), assignment.lease_id.clone());
                         {
                             let mut s = state.lock().unwrap();
+                            if s.slots.contains_key(&job_id) || s.delivering.contains_key(&job_id) || s.finished.contains(&job_id) {
+                                // The real runner ignores an assignment for a job it holds.
+                                s.duplicates.push(job_id);
+                                continue;
+                            }
                             s.assigned += 1;
                             if s.slots.len() >= CAPACITY {
                                 let held: Vec<_> = s.slots.keys().cloned().collect();
@@ -168,6 +175,7 @@ async fn a_runner_is_never_assigned_beyond_its_capacity_nor_told_to_cancel_what_
     let s = state.lock().unwrap();
     println!("assigned {} jobs, {} finished, at most {} held at once", s.assigned, s.finished.len(), s.max_held);
     assert!(s.beyond.is_empty(), "{} of {} assignments beyond capacity {CAPACITY}: {:#?}", s.beyond.len(), s.assigned, s.beyond);
+    assert!(s.duplicates.is_empty(), "assignments sent twice: {:?}", s.duplicates);
     assert!(s.needless_cancels.is_empty(), "cancels for jobs the runner had finished: {:?}", s.needless_cancels);
     assert_eq!(s.assigned, total, "each job assigned once");
     assert_eq!(s.max_held, CAPACITY, "the slots were all used");

@@ -72,11 +72,11 @@ pub struct QueueState {
     pub runners: Vec<RunnerSlot>,
     pub next_order: u64,
     /// Jobs whose lease was released (ended: its runner's `finished`, a cancel) → the runner that
-    /// held it, until that runner's heartbeat stops naming the job. A runner lists a job until the
-    /// edge has its last events, so a heartbeat sent before the release may arrive after it: such
-    /// a job is neither renewed nor cancelled again. Not persisted: after a restart a runner may
-    /// at worst hear one needless cancel.
-    pub released: BTreeMap<String, String>,
+    /// held it and when a heartbeat first came after the release, for a lease's time. A runner
+    /// lists a job until the edge has its last events, and heartbeats may arrive in any order
+    /// with the release: such a job is neither renewed nor cancelled again. Not persisted: after
+    /// a restart a runner may at worst hear one needless cancel.
+    pub released: BTreeMap<String, (String, i64)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -187,7 +187,7 @@ impl QueueState {
         self.runners.retain(|r| r.runner_id != runner_id);
         self.runners.push(RunnerSlot { runner_id: runner_id.to_string(), capacity, socket_id: socket_id.to_string() });
         // A hello may follow lost messages: whatever it holds without a lease is told again.
-        self.released.retain(|_, r| r != runner_id);
+        self.released.retain(|_, (r, _)| r != runner_id);
         self.heartbeat(runner_id, held, now_ms, limits)
     }
 
@@ -198,7 +198,7 @@ impl QueueState {
         self.runners.retain(|r| !(r.runner_id == runner_id && r.socket_id == socket_id));
         let forgotten = self.runners.len() != before;
         if forgotten {
-            self.released.retain(|_, r| r != runner_id);
+            self.released.retain(|_, (r, _)| r != runner_id);
         }
         forgotten
     }
@@ -214,6 +214,7 @@ impl QueueState {
     /// neither renews nor moves it. A job released while the runner held it (see
     /// [`QueueState::released`]) is not stale: the runner is delivering its end, or was told.
     pub fn heartbeat(&mut self, runner_id: &str, held: &[(String, String)], now_ms: i64, limits: Limits) -> Vec<String> {
+        self.released.retain(|_, (_, at)| *at == i64::MAX || *at + limits.lease_ms > now_ms);
         let mut stale = vec![];
         for (job_id, lease_id) in held {
             match self.leases.get_mut(job_id) {
@@ -222,12 +223,16 @@ impl QueueState {
                     // The runner has it, so the room accepted it.
                     l.announced = true;
                 }
-                None if self.released.get(job_id).is_some_and(|r| r == runner_id) => {}
+                None if self.released.get(job_id).is_some_and(|(r, _)| r == runner_id) => {}
                 _ => stale.push(job_id.clone()),
             }
         }
-        // A released job the runner no longer names is done with.
-        self.released.retain(|job, r| r != runner_id || held.iter().any(|(j, _)| j == job));
+        // Tolerated for a lease's time from the first heartbeat after the release.
+        for (_, at) in self.released.values_mut() {
+            if *at == i64::MAX {
+                *at = now_ms;
+            }
+        }
         stale
     }
 
@@ -273,7 +278,7 @@ impl QueueState {
         let lease = self.leases.remove(job_id);
         if let Some(l) = &lease {
             if l.announced && self.runners.iter().any(|r| r.runner_id == l.runner_id) {
-                self.released.insert(job_id.to_string(), l.runner_id.clone());
+                self.released.insert(job_id.to_string(), (l.runner_id.clone(), i64::MAX));
             }
         }
         lease
@@ -704,10 +709,12 @@ mod tests {
         assert!(q.heartbeat("r1", &held, 1_000, LIMITS).is_empty(), "a ended here: nothing to cancel");
         assert!(q.heartbeat("r2", &held, 1_000, LIMITS) == ["a"], "another runner naming it is told");
         assert_eq!(q.free_slots(), 0, "the heartbeat took no slot");
-        // Once the runner stops naming it, it would be told again (a later, stale report).
+        // A heartbeat that does not name it (sent before the assignment, arriving late) changes
+        // nothing; a lease's time after the release, naming it is stale again.
         let hb = vec![("b".to_string(), b.lease_id.clone())];
         assert!(q.heartbeat("r1", &hb, 2_000, LIMITS).is_empty());
-        assert_eq!(q.heartbeat("r1", &held, 3_000, LIMITS), ["a"]);
+        assert!(q.heartbeat("r1", &held, 3_000, LIMITS).is_empty());
+        assert_eq!(q.heartbeat("r1", &held, 31_000, LIMITS), ["a"]);
         // A hello is answered with every job it holds without a lease.
         q.release("b");
         assert_eq!(q.connect("r1", "s2", 1, &hb, 4_000, LIMITS), ["b"]);

@@ -250,6 +250,9 @@ pub struct Queue {
     /// Jobs whose gather turn found no runner: their rooms are told when one says hello, so the
     /// turn need not wait out its backoff.
     gather_waiting: RefCell<std::collections::BTreeSet<String>>,
+    /// Leases whose announcement is in flight: the alarm does not announce them a second time
+    /// (the room would accept the same lease again, and the runner get `assign` twice).
+    announcing: RefCell<std::collections::BTreeSet<String>>,
     /// When reconciliation last ran (0: not since the object started, so soon).
     reconciled_ms: RefCell<i64>,
     /// Test-only faults (`KILN_FAULTS`, builds with the `faults` feature).
@@ -468,6 +471,15 @@ impl Queue {
     /// (accepted, or dropped because the job ended); a room that did not answer leaves it
     /// unannounced, to be tried again.
     async fn announce(&self, lease: Lease) -> ApiResult<bool> {
+        if !self.announcing.borrow_mut().insert(lease.lease_id.clone()) {
+            return Ok(false);
+        }
+        let announced = self.announce_once(lease.clone()).await;
+        self.announcing.borrow_mut().remove(&lease.lease_id);
+        announced
+    }
+
+    async fn announce_once(&self, lease: Lease) -> ApiResult<bool> {
         let moved = self
             .room_call::<TransitionResult>(
                 &lease.job_id,
@@ -1045,6 +1057,7 @@ impl DurableObject for Queue {
             waiting: Rc::new(RefCell::new(HashMap::new())),
             in_flight: Rc::new(RefCell::new(HashMap::new())),
             gather_waiting: RefCell::new(Default::default()),
+            announcing: RefCell::new(Default::default()),
             reconciled_ms: RefCell::new(0),
         };
         if let Err(e) = queue.ensure_schema() {
