@@ -106,7 +106,9 @@ async fn a_runner_is_never_assigned_beyond_its_capacity_nor_told_to_cancel_what_
                         n += 1;
                         let (state, api, runner_token) = (state.clone(), api.clone(), runner_token.clone());
                         tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_millis(10 + (n * 7) % 31)).await;
+                            // Held long enough that a burst fills every slot however slowly a loaded machine
+                            // dispatches (the test checks that it did).
+                            tokio::time::sleep(Duration::from_millis(150 + (n * 7) % 31)).await;
                             {
                                 let mut s = state.lock().unwrap();
                                 s.slots.remove(&job_id);
