@@ -260,6 +260,23 @@ impl EdgeClient {
         .await
     }
 
+    /// PUTs `body` to `url`, retrying transient failures; an answer is only checked for its status.
+    async fn put_retried(&self, url: &Url, content_type: &str, body: Vec<u8>) -> Result<(), EdgeError> {
+        retry_transient(|| async {
+            let res = self
+                .http
+                .put(url.clone())
+                .bearer_auth(self.token())
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .timeout(Duration::from_secs(120))
+                .body(body.clone())
+                .send()
+                .await;
+            check_status(url, res).await.map(|_| ())
+        })
+        .await
+    }
+
     /// `PUT /runner/v1/jobs/{job_id}/bundle?lease_id=`: keeps the session's workspace (a git
     /// bundle of at most `MAX_BUNDLE_BYTES`) for its next job. Transient failures are retried.
     pub async fn put_bundle(
@@ -272,20 +289,7 @@ impl EdgeClient {
         if bundle.len() > MAX_BUNDLE_BYTES {
             return Err(too_big(&url, "bundle", bundle.len(), MAX_BUNDLE_BYTES));
         }
-        let body = bundle;
-        retry_transient(|| async {
-            let res = self
-                .http
-                .put(url.clone())
-                .bearer_auth(self.token())
-                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                .timeout(Duration::from_secs(120))
-                .body(body.clone())
-                .send()
-                .await;
-            check_status(&url, res).await.map(|_| ())
-        })
-        .await
+        self.put_retried(&url, "application/octet-stream", bundle).await
     }
 
     /// `PUT /runner/v1/jobs/{job_id}/artifact?lease_id=&name=`: keeps a file the job produced
@@ -385,19 +389,7 @@ impl EdgeClient {
                 ),
             });
         }
-        retry_transient(|| async {
-            let res = self
-                .http
-                .put(url.clone())
-                .bearer_auth(self.token())
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .timeout(Duration::from_secs(120))
-                .body(body.clone())
-                .send()
-                .await;
-            check_status(&url, res).await.map(|_| ())
-        })
-        .await
+        self.put_retried(&url, "application/json", body).await
     }
 
     /// `GET /runner/v1/jobs/{job_id}/snapshot?lease_id=`: the snapshot an earlier run of the job
