@@ -14,7 +14,7 @@ pub async fn edges_for_bench(vars: &[(&str, &str)]) -> anyhow::Result<Vec<(Strin
     let mut out = vec![];
     for (label, server) in [
         ("wrangler dev", crate::EdgeServer::WranglerDev),
-        ("workerd, no inspector", crate::EdgeServer::NoInspector),
+        ("workerd direct (scripts/dev)", crate::EdgeServer::Direct),
     ] {
         let edge = crate::TestEdge::start_with(server, vars).await?;
         let url = edge.url();

@@ -21,9 +21,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub enum EdgeServer {
     /// The `wrangler dev` command, as `scripts/dev` runs it (with its DevTools inspector).
     WranglerDev,
-    /// `scripts/serve-edge.mjs`: wrangler's programmatic dev server with the inspector off, which
-    /// the benchmarks also measure (the inspector costs every subrequest).
-    NoInspector,
+    /// `scripts/serve-edge.mjs`, as `scripts/dev` serves: one workerd through Miniflare, without
+    /// `wrangler dev`'s proxy workerd and inspector (which cost every request and subrequest).
+    Direct,
 }
 
 /// A running `wrangler dev` serving the repository's Worker (edge/build/worker/shim.mjs).
@@ -177,9 +177,12 @@ impl TestEdge {
                 }
                 cmd
             }
-            EdgeServer::NoInspector => {
+            EdgeServer::Direct => {
                 let mut node = Command::new("node");
                 node.arg(root.join("scripts/serve-edge.mjs"));
+                if self.script.is_some() {
+                    node.arg(&shim);
+                }
                 offline_and_quiet(&mut node, &root);
                 node
             }

@@ -22,7 +22,7 @@ const JOBS: usize = 20;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let model = ModelServer::demo();
-    let edge = TestEdge::start_with(EdgeServer::NoInspector, &[]).await?;
+    let edge = TestEdge::start_with(EdgeServer::Direct, &[]).await?;
     let api = edge.api();
     api.grant("*", "acme/*").await;
     let remotes = GitRemotes::new();

@@ -1,5 +1,7 @@
 //! Benchmarks of the control plane on loopback (issue 2's targets), printed as a table:
 //! - `GET /jobs/:id` latency at 32 concurrent clients;
+//! - where a short request's time goes: the same load on requests that do less and less (no
+//!   credential and no I/O, a credential check alone, a JWT with a one-row D1 read);
 //! - fan-out latency from one event appended (a chat message) to its arrival at each of 100
 //!   WebSocket subscribers of the same job.
 //!
@@ -133,7 +135,27 @@ async fn measure(label: &str, base: &str) -> anyhow::Result<Vec<Row>> {
 
     get_samples.sort();
     fan_samples.sort();
-    Ok(vec![
+    // --- where the time goes: the same load on requests that do less ---
+    let service = kiln_e2e::agent_api_secret();
+    let me = format!("{base}/api/auth/me/");
+    let mut breakdown = vec![];
+    for (what, method, url, token) in [
+        ("OPTIONS /jobs: no credential, no I/O", reqwest::Method::OPTIONS, format!("{base}/jobs"), None),
+        ("GET /api/auth/me/, service credential: no I/O", reqwest::Method::GET, me.clone(), Some(service.as_str())),
+        ("GET /api/auth/me/, user JWT: one D1 read", reqwest::Method::GET, me.clone(), Some(token.as_str())),
+        ("GET /jobs/:id, user JWT", reqwest::Method::GET, url.clone(), Some(token.as_str())),
+    ] {
+        let (mut samples, elapsed) = load(&http, method, &url, token, GET_CLIENTS, GET_REQUESTS).await?;
+        samples.sort();
+        breakdown.push(Row {
+            name: format!("{label}: {what}, {GET_CLIENTS} clients"),
+            samples: samples.len(),
+            p50: percentile(&samples, 50.0),
+            p99: percentile(&samples, 99.0),
+            extra: format!("{:.0} req/s", samples.len() as f64 / elapsed.as_secs_f64()),
+        });
+    }
+    let mut rows = vec![
         Row {
             name: format!("{label}: GET /jobs/:id, 1 client"),
             samples: single.len(),
@@ -155,5 +177,50 @@ async fn measure(label: &str, base: &str) -> anyhow::Result<Vec<Row>> {
             p99: percentile(&fan_samples, 99.0),
             extra: format!("{FANOUT_EVENTS} events in {:.2} s (target p99 ≤ 50 ms)", fan_elapsed.as_secs_f64()),
         },
-    ])
+    ];
+    rows.extend(breakdown);
+    Ok(rows)
+}
+
+/// `total` requests from `clients` concurrent clients (after one untimed request each): every
+/// latency, and the wall time of the timed part.
+async fn load(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    clients: usize,
+    total: usize,
+) -> anyhow::Result<(Vec<Duration>, Duration)> {
+    let request = |http: &reqwest::Client| {
+        let req = http.request(method.clone(), url);
+        match token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    };
+    for _ in 0..clients {
+        request(http).send().await?.error_for_status()?;
+    }
+    let started = Instant::now();
+    let mut tasks = vec![];
+    for _ in 0..clients {
+        let reqs: Vec<_> = (0..total / clients).map(|_| request(http)).collect();
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::with_capacity(reqs.len());
+            for req in reqs {
+                let t = Instant::now();
+                let resp = req.send().await?;
+                anyhow::ensure!(resp.status().is_success(), "answered {}", resp.status());
+                resp.bytes().await?;
+                samples.push(t.elapsed());
+            }
+            anyhow::Ok(samples)
+        }));
+    }
+    let mut samples = vec![];
+    for t in tasks {
+        samples.extend(t.await??);
+    }
+    Ok((samples, started.elapsed()))
 }

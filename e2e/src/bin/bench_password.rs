@@ -44,7 +44,7 @@ fn tail_of(log: &str, max: usize) -> &str {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let http = reqwest::Client::new();
-    for (label, server) in [("wrangler dev", EdgeServer::WranglerDev), ("workerd, no inspector", EdgeServer::NoInspector)] {
+    for (label, server) in [("wrangler dev", EdgeServer::WranglerDev), ("workerd direct (scripts/dev)", EdgeServer::Direct)] {
         // No rate limit (every sample is a refused login) and production's count for new hashes.
         let vars = [("AUTH_FAILURES_PER_EMAIL", "0"), ("AUTH_FAILURES_PER_ADDRESS", "0"), ("PASSWORD_ITERATIONS", "600000")];
         let mut edge = TestEdge::start_with(server, &vars).await?;

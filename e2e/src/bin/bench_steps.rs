@@ -374,7 +374,7 @@ async fn main() -> anyhow::Result<()> {
         None => JOBS,
     };
     let model = ModelServer::start(script());
-    for (label, server) in [("wrangler dev", EdgeServer::WranglerDev), ("workerd, no inspector", EdgeServer::NoInspector)] {
+    for (label, server) in [("wrangler dev", EdgeServer::WranglerDev), ("workerd direct (scripts/dev)", EdgeServer::Direct)] {
         eprintln!("{label}:");
         let m = measure(server, &model.url(), jobs).await?;
         print(label, jobs, &m);
