@@ -26,12 +26,12 @@ use crate::time::from_ms;
 /// Everything a handler needs.
 pub struct Ctx {
     pub env: Env,
-    pub config: Config,
+    pub config: std::rc::Rc<Config>,
 }
 
 pub async fn handle(req: Request, env: Env, wctx: Option<&worker::Context>) -> worker::Result<Response> {
     let started_ms = now_ms();
-    let ctx = Ctx { config: Config::from_env(&env), env };
+    let ctx = Ctx { config: Config::of_isolate(&env), env };
     warn_once_about(&ctx.config.cors);
     let origin = req.headers().get("origin").ok().flatten();
     if req.method() == Method::Options {
