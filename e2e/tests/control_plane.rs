@@ -627,6 +627,53 @@ async fn cancel_and_retry_follow_the_lifecycle() {
     }
 }
 
+/// `GET /jobs/:id` answers from the job's room, the list from D1: both show the same job at each
+/// step of its life (a client's name included), and another owner's id is a 404 from the room.
+#[tokio::test]
+async fn a_job_reads_the_same_from_its_room_and_from_the_list() {
+    let api = shared().await.api();
+    let token = api.new_user("same").await;
+    let (_, client) = api.post("/clients", &token, json!({"name": "Same Co"})).await;
+    let client_id = client["id"].as_str().expect("client id").to_string();
+    let (status, body) =
+        api.post(&format!("/clients/{client_id}/repository"), &token, json!({"githubOrg": "acme", "githubRepo": "same"})).await;
+    assert!(status.is_success(), "{body}");
+    let agree = |what: &'static str, id: String| {
+        let (api, token) = (api.clone(), token.clone());
+        async move {
+            let one = api.job(&token, &id).await;
+            let (_, list) = api.get("/jobs?limit=100", &token).await;
+            let listed = list["jobs"].as_array().expect("jobs").iter().find(|j| j["id"] == id.as_str()).cloned();
+            assert_eq!(Some(one.clone()), listed, "{what}: GET /jobs/:id and the list differ");
+            one
+        }
+    };
+    let by_client = api
+        .create_job(&token, json!({"prompt": "x", "clientId": client_id, "branchName": "same/client"}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let job = agree("a client's queued job", by_client.clone()).await;
+    assert_eq!(job["client"]["name"], "Same Co", "{job}");
+    let id = api.create_job(&token, code_job("same/one")).await["id"].as_str().unwrap().to_string();
+    assert_eq!(agree("queued", id.clone()).await["status"], "queued");
+    let (status, body) = api.post(&format!("/jobs/{id}/cancel"), &token, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let cancelled = agree("cancelled", id.clone()).await;
+    assert_eq!(cancelled["status"], "cancelled");
+    assert!(cancelled["completed_at"].is_string(), "{cancelled}");
+    let (_, retried) = api.post(&format!("/jobs/{id}/retry"), &token, json!({})).await;
+    let retried = retried["id"].as_str().expect("retry id").to_string();
+    assert_eq!(agree("a retry", retried.clone()).await["original_job_id"], id.as_str());
+
+    let other = api.new_user("same-other").await;
+    for path in [format!("/jobs/{id}"), format!("/jobs/{by_client}"), "/jobs/not-a-uuid".to_string()] {
+        let (status, body) = api.get(&path, &other).await;
+        assert_error(status, &body, StatusCode::NOT_FOUND, &path);
+    }
+}
+
 #[tokio::test]
 async fn another_users_job_is_404_everywhere_and_never_listed() {
     let edge = shared().await;

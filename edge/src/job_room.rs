@@ -130,6 +130,11 @@ impl RoomMeta {
 pub struct InitRequest {
     pub meta: RoomMeta,
     pub message: String,
+    /// The job's D1 row as inserted, for the jobs whose row only the room changes afterwards
+    /// (seed 003's code, task and ralph jobs): the room keeps it current and answers
+    /// `GET /jobs/:id` from it (`GET /row`), with no D1 read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row: Option<store::JobRow>,
 }
 
 /// `POST /init` with a first node event after the status event (a landing job created while
@@ -141,6 +146,8 @@ pub struct InitWithNote {
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<NodeNote>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row: Option<store::JobRow>,
 }
 
 /// A node event the edge itself writes (`EventBody::Node` without its timestamp).
@@ -231,8 +238,12 @@ struct Applied {
     page: Option<crate::landing_room::PageStatus>,
     /// What a finished job produced (a dashboard job's rows are written from it).
     result: Option<serde_json::Value>,
+    /// When it changed: the room's row and the D1 copy carry the same `updated_at`.
+    now: String,
 }
 
+/// The room's copy of its job's D1 row (`InitRequest::row`), under this key of `meta`.
+const ROW_KEY: &str = "row";
 /// Retry delay of a D1 status copy that failed.
 const D1_RETRY_MS: i64 = 2_000;
 /// The tombstone `kind` of a deleted message's row: its seq stays taken, nothing reads it.
@@ -447,7 +458,12 @@ impl RoomStore {
         let (texts, seq) = self.insert_events(bodies)?;
         // The status event's seq (the D1 copy's guard), not the `__end__` node's.
         let seq = seq + 1 - texts.len() as u64;
-        Ok(Some(Applied { from, meta, seq, patch, texts, page, result: result.cloned() }))
+        let now = rfc3339(now_ms());
+        if let Some(mut row) = self.kv_get::<store::JobRow>(ROW_KEY)? {
+            row.apply_status(meta.status, seq, &now, &patch);
+            self.kv_put(ROW_KEY, &row)?;
+        }
+        Ok(Some(Applied { from, meta, seq, patch, texts, page, result: result.cloned(), now }))
     }
 
     /// The storage part of a runner batch (inside [`JobRoom::atomically`]).
@@ -791,8 +807,12 @@ impl JobRoom {
             events.push(note.body(rfc3339(now_ms())));
         }
         let saved = meta.clone();
+        let row = req.row;
         let (texts, _) = self.atomically(move |st| {
             st.save_meta(&saved)?;
+            if let Some(row) = &row {
+                st.kv_put(ROW_KEY, row)?;
+            }
             st.insert_events(events)
         })?;
         self.broadcast(&texts);
@@ -840,7 +860,7 @@ impl JobRoom {
                 return;
             }
         };
-        let (job_id, seq, patch, now) = (meta.job_id.clone(), applied.seq, applied.patch.clone(), rfc3339(now_ms()));
+        let (job_id, seq, patch, now) = (meta.job_id.clone(), applied.seq, applied.patch.clone(), applied.now.clone());
         let page = applied.page.clone().zip(meta.landing_page_id.clone());
         if meta.status == JobStatus::Running {
             // On the dispatch path the runner is waiting: the D1 copy follows in the background
@@ -961,7 +981,7 @@ impl JobRoom {
     }
 
     async fn accept_socket(&self, req: &Request) -> ApiResult {
-        self.meta()?;
+        let meta = self.meta()?;
         let url = req.url()?;
         let mut after = None;
         let mut sender = String::from("user");
@@ -971,6 +991,8 @@ impl JobRoom {
                 "after" => after = Some(v.to_string()),
                 "sender" => sender = v.to_string(),
                 "expires_at_ms" => expires_at_ms = v.parse::<i64>().ok(),
+                // The Worker names the socket's principal: another owner's job is a 404.
+                "owner" if v != meta.owner => return Err(ApiError::NotFound("job not found".into())),
                 _ => {}
             }
         }
@@ -1585,6 +1607,16 @@ impl JobRoom {
                 json(&events)
             }
             (Method::Get, "/meta") => json(&self.meta()?),
+            // `?owner=`: the job's row as the room keeps it (`null` when it keeps none); 404 for
+            // another owner, as for a missing job.
+            (Method::Get, "/row") => {
+                let url = req.url()?;
+                let owner = url.query_pairs().find(|(k, _)| k == "owner").map(|(_, v)| v.to_string());
+                if owner.as_deref() != Some(self.meta()?.owner.as_str()) {
+                    return Err(ApiError::NotFound("job not found".into()));
+                }
+                json(&self.store().kv_get::<store::JobRow>(ROW_KEY)?)
+            }
             (Method::Post, "/messages") => {
                 #[derive(Deserialize)]
                 struct Msg {

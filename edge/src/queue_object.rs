@@ -972,7 +972,7 @@ impl Queue {
             let meta = match self.room_call::<RoomMeta>(&row.id, Method::Get, "/meta", None::<&()>).await {
                 Ok(meta) => meta,
                 Err(ApiError::NotFound(_)) => {
-                    let init = InitRequest { meta: room_meta(&row), message: "job queued".into() };
+                    let init = InitRequest { meta: room_meta(&row), message: "job queued".into(), row: None };
                     match self.room_call::<RoomMeta>(&row.id, Method::Post, "/init", Some(&init)).await {
                         Ok(meta) => meta,
                         Err(e) => {

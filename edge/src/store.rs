@@ -299,6 +299,44 @@ pub struct AppColumns {
     pub requirements_summary: Option<String>,
 }
 
+impl JobRow {
+    /// What [`update_job_status`] writes, applied to a copy of the row (the job room's): the same
+    /// columns, the same rules, so both answer the same view. Stale writes (`status_seq` not
+    /// newer) change nothing.
+    pub fn apply_status(&mut self, status: JobStatus, status_seq: u64, now: &str, patch: &JobPatch) {
+        if self.status_seq >= status_seq as i64 {
+            return;
+        }
+        self.status = status.as_str().to_string();
+        self.updated_at = now.to_string();
+        if status == JobStatus::Running {
+            self.started_at = Some(now.to_string());
+        }
+        if status.is_terminal() {
+            self.completed_at = Some(now.to_string());
+        }
+        fn keep<T: Clone>(column: &mut Option<T>, new: &Option<T>) {
+            if new.is_some() {
+                column.clone_from(new);
+            }
+        }
+        keep(&mut self.pr_url, &patch.pr_url);
+        keep(&mut self.completion_reason, &patch.completion_reason);
+        keep(&mut self.total_iterations, &patch.total_iterations);
+        keep(&mut self.error_message, &patch.error_message);
+        if let Some(a) = patch.attempts {
+            self.attempts = a;
+        }
+        self.status_seq = status_seq as i64;
+        keep(&mut self.usage, &patch.usage.as_ref().and_then(|u| serde_json::to_string(u).ok()));
+        if let Some(app) = &patch.app {
+            self.phase.clone_from(&app.phase);
+            self.is_paused = app.is_paused as i64;
+        }
+        keep(&mut self.requirements_summary, &patch.app.as_ref().and_then(|a| a.requirements_summary.clone()));
+    }
+}
+
 pub async fn update_job_status(
     db: &D1Database,
     id: &str,

@@ -91,7 +91,10 @@ fn messages_page(url: &worker::Url) -> ApiResult<(usize, u64)> {
 }
 
 pub async fn get(req: Request, ctx: &Ctx, who: &Principal, id: &str) -> ApiResult {
-    let row = store::owned_job(&env::db(&ctx.env)?, id, who.owner()).await?;
+    let row = match room_row(ctx, id, who.owner()).await? {
+        Some(row) => row,
+        None => store::owned_job(&env::db(&ctx.env)?, id, who.owner()).await?,
+    };
     let mut view = row.view();
     let url = req.url()?;
     let include = url.query_pairs().any(|(k, v)| k == "includeMessages" && (v == "true" || v == "1"));
@@ -109,6 +112,18 @@ pub async fn get(req: Request, ctx: &Ctx, who: &Principal, id: &str) -> ApiResul
     json(&view)
 }
 
+/// The job's row as its room keeps it (a job `POST /jobs` made), with no D1 read; `None` when the
+/// room keeps none (other faces' jobs, which D1 answers). Another owner's job is a 404.
+async fn room_row(ctx: &Ctx, id: &str, owner: &str) -> ApiResult<Option<store::JobRow>> {
+    if !kiln_schemas::validate::is_uuid(id) {
+        return Err(ApiError::NotFound("job not found".into()));
+    }
+    let mut path = worker::Url::parse("https://room/row").expect("static url");
+    path.query_pairs_mut().append_pair("owner", owner);
+    let path = format!("{}?{}", path.path(), path.query().unwrap_or_default());
+    http::call(&env::job_room(&ctx.env, id)?, Method::Get, &path, None::<&()>).await
+}
+
 /// Where a new job's code lives.
 struct Target {
     github_org: String,
@@ -118,6 +133,7 @@ struct Target {
     base_branch: Option<String>,
     /// The repository's known default branch (protected like `main`).
     default_branch: Option<String>,
+    client_name: Option<String>,
 }
 
 /// Resolves where a new job's code lives; a client or repository must be the caller's own.
@@ -140,6 +156,7 @@ async fn resolve_target(ctx: &Ctx, who: &Principal, job: &NewJob) -> ApiResult<T
                 repository_id: job.repository_id.clone(),
                 base_branch: None,
                 default_branch,
+                client_name: None,
             })
         }
         JobTarget::Client { client_id } => {
@@ -159,6 +176,7 @@ async fn resolve_target(ctx: &Ctx, who: &Principal, job: &NewJob) -> ApiResult<T
                 repository_id: Some(repo.id.clone()),
                 base_branch: Some(repo.default_branch.clone()),
                 default_branch: Some(repo.default_branch.clone()),
+                client_name: Some(client.name.clone()),
             })
         }
     }
@@ -174,7 +192,7 @@ pub(crate) async fn submit(
     branch_override: Option<String>,
     source_issue: Option<&IssueRef>,
 ) -> ApiResult<(JobRow, u32)> {
-    let Target { github_org, github_repo, client_id, repository_id, base_branch, default_branch } =
+    let Target { github_org, github_repo, client_id, repository_id, base_branch, default_branch, client_name } =
         resolve_target(ctx, who, &job).await?;
     // Checked before anything is stored: the repository must be granted to the caller, and the
     // branch must not be protected (neither may a retry's derived branch).
@@ -223,7 +241,7 @@ pub(crate) async fn submit(
         completed_at: None,
         created_ms: now,
         status_seq: 0,
-        client_name: None,
+        client_name,
         usage: None,
         ..Default::default()
     };
@@ -234,10 +252,11 @@ pub(crate) async fn submit(
         None => "job queued".to_string(),
     };
     // The room first, then the row, then the queue: a failure at any step leaves no job a user
-    // can see that will never run (a room without a row is invisible and never queued; a row
-    // whose enqueue failed is failed by its room; the queue's reconciliation enqueues any row
-    // left `queued` without a queue).
-    let init = InitRequest { meta: room_meta(&row), message };
+    // can see that will never run (a room whose row was not stored is never queued and never
+    // listed, and its id is handed to nobody; a row whose enqueue failed is failed by its room;
+    // the queue's reconciliation enqueues any row left `queued` without a queue). The room keeps
+    // the row current from here on (only it changes this kind's row) and answers `GET /jobs/:id`.
+    let init = InitRequest { meta: room_meta(&row), message, row: Some(row.clone()) };
     http::call::<RoomMeta>(&room, Method::Post, "/init", Some(&init)).await?;
     store::insert_job(&db, &row).await?;
     let q = env::queue(&ctx.env, &row.queue)?;

@@ -43,7 +43,7 @@ pub async fn create(mut req: Request, ctx: &Ctx, who: &Principal) -> ApiResult {
     };
     // The room first, then the row (as `POST /jobs`): a room without a row is invisible.
     let meta = RoomMeta::app_build(&id, who.owner(), DEFAULT_QUEUE, &idea);
-    let init = InitRequest { meta, message: "collecting requirements".into() };
+    let init = InitRequest { meta, message: "collecting requirements".into(), row: None };
     let room = env::job_room(&ctx.env, &id)?;
     http::call::<RoomMeta>(&room, Method::Post, "/init", Some(&init)).await?;
     if let Err(e) = store::insert_job(&env::db(&ctx.env)?, &row).await {

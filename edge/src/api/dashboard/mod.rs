@@ -71,7 +71,7 @@ pub async fn create_job(
         ..Default::default()
     };
     let room = env::job_room(&ctx.env, &id)?;
-    let init = InitWithNote { meta: room_meta(&row), message: "job queued".into(), node: None };
+    let init = InitWithNote { meta: room_meta(&row), message: "job queued".into(), node: None, row: None };
     http::call::<RoomMeta>(&room, Method::Post, "/init", Some(&init)).await?;
     store::insert_job(&db, &row).await?;
     if let Some(t) = agent_type {

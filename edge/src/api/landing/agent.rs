@@ -98,7 +98,7 @@ async fn submit(ctx: &Ctx, who: &Principal, kind: JobType, prompt: &str, session
         message: format!("Waiting for job {other} of this session to finish"),
         data: serde_json::json!({ "waiting_for": other }),
     });
-    let init = InitWithNote { meta: room_meta(&row), message: "job queued".into(), node };
+    let init = InitWithNote { meta: room_meta(&row), message: "job queued".into(), node, row: None };
     http::call::<RoomMeta>(&room, Method::Post, "/init", Some(&init)).await?;
     store::insert_job(&db, &row).await?;
     let q = env::queue(&ctx.env, &row.queue)?;
