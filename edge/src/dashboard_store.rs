@@ -1287,7 +1287,8 @@ pub mod room {
                     JobStatus::Cancelled => ("failed", facts.progress, Some("cancelled by user".to_string())),
                     _ => ("failed", facts.progress, Some(why.clone())),
                 };
-                let asset_key = if status == JobStatus::Completed { first_artifact(env, id).await } else { None };
+                // A failure after the upload to R2 (WordPress's, say) keeps the stored model's URL.
+                let asset_key = first_artifact(env, id).await;
                 let media = r.get("wordpress_media_id").and_then(Value::as_i64);
                 let wp_url = r.get("wordpress_url").and_then(Value::as_str);
                 log(id, "pipeline end", end_pipeline(&db, id, stage, progress, report, asset_key.as_deref(), media, wp_url, err.as_deref(), &now).await);
