@@ -484,6 +484,8 @@ struct WpState {
     base: String,
     uploads: Vec<Upload>,
     refused: u32,
+    /// Uploads still to fail with a 500 (a site in trouble).
+    failing: u32,
 }
 
 type Ws = Arc<Mutex<WpState>>;
@@ -528,6 +530,14 @@ async fn upload_media(State(s): State<Ws>, headers: HeaderMap, body: Bytes) -> R
         return (
             StatusCode::UNAUTHORIZED,
             Json(json!({"code": "rest_cannot_create", "message": "Sorry, you are not allowed to create posts as this user.", "data": {"status": 401}})),
+        )
+            .into_response();
+    }
+    if s.failing > 0 {
+        s.failing -= 1;
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"code": "rest_upload_unknown_error", "message": "The uploaded file could not be moved to wp-content/uploads.", "data": {"status": 500}})),
         )
             .into_response();
     }
@@ -599,6 +609,11 @@ impl FakeWordPress {
     /// Uploads refused for their credentials.
     pub fn refused(&self) -> u32 {
         self.state.lock().expect("lock").refused
+    }
+
+    /// Makes the next `n` uploads fail with a 500.
+    pub fn fail_next(&self, n: u32) {
+        self.state.lock().expect("lock").failing = n;
     }
 }
 
