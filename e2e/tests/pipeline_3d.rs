@@ -139,7 +139,11 @@ async fn text_to_3d_through_the_rest_face_the_runner_the_vendor_r2_and_wordpress
         error.contains("while uploading") && error.contains("WordPress answered 500"),
         "{p:#}"
     );
-    assert_eq!(p["asset_url"], format!("/api/v1/3d/{wp_failed}/asset"), "{p:#}");
+    assert_eq!(
+        p["asset_url"],
+        format!("/api/v1/3d/{wp_failed}/asset"),
+        "{p:#}"
+    );
     assert_eq!(p["report"]["valid"], true, "{p:#}");
     let res = http
         .get(format!("{}/api/v1/3d/{wp_failed}/asset", edge.url()))

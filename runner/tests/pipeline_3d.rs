@@ -255,17 +255,28 @@ async fn a_wordpress_failure_after_the_edge_has_the_model_fails_with_the_reason_
         "{r:#}"
     );
     assert!(
-        r["error"].as_str().is_some_and(|e| e.contains("WordPress answered 500")),
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("WordPress answered 500")),
         "{r:#}"
     );
     assert_eq!(r["report"]["valid"], true);
     let last = progress(&events).pop().unwrap();
     assert_eq!(
-        (last.1.as_str(), last.2["failed_stage"].as_str(), last.2["asset_url"].as_str()),
+        (
+            last.1.as_str(),
+            last.2["failed_stage"].as_str(),
+            last.2["asset_url"].as_str()
+        ),
         ("failed", Some("uploading"), Some(asset.as_str()))
     );
-    assert!(last.2["error"].as_str().is_some_and(|e| e.contains("WordPress answered 500")));
-    assert!(runner.edge.artifact(&id, "model.glb").is_some(), "the edge has the model");
+    assert!(last.2["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("WordPress answered 500")));
+    assert!(
+        runner.edge.artifact(&id, "model.glb").is_some(),
+        "the edge has the model"
+    );
     assert!(wp.uploads().is_empty());
     runner.stop().await;
 }
