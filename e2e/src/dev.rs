@@ -15,8 +15,6 @@ pub struct DevScript {
     /// The runner's health API.
     pub health: String,
     pub log: PathBuf,
-    /// Its demo remote, runner state and logs (`KILN_DEV_DIR`).
-    pub dev_dir: PathBuf,
     child: GroupChild,
     dir: tempfile::TempDir,
 }
@@ -26,7 +24,6 @@ impl DevScript {
     /// connected, asserting the runner talks to the demo model.
     pub async fn start(name: &str) -> DevScript {
         let dir = tempfile::Builder::new().prefix(&format!("kiln-{name}-")).tempdir().unwrap();
-        let dev_dir = dir.path().join("dev");
         let (port, model_port, fake3d_port, runner_port) = (free_port(), free_port(), free_port(), free_port());
         let mut cmd = Command::new(repo_root().join("scripts/dev"));
         cmd.current_dir(repo_root())
@@ -34,7 +31,7 @@ impl DevScript {
             .env("KILN_MODEL_PORT", model_port.to_string())
             .env("KILN_FAKE3D_PORT", fake3d_port.to_string())
             .env("KILN_STATE", dir.path().join("state"))
-            .env("KILN_DEV_DIR", &dev_dir)
+            .env("KILN_DEV_DIR", dir.path().join("dev"))
             .env("RUNNER_LISTEN", format!("127.0.0.1:{runner_port}"))
             .env("RUNNER_NAME", name);
         // A newcomer has none of these; the test process may.
@@ -66,7 +63,7 @@ impl DevScript {
             assert!(tokio::time::Instant::now() < deadline, "scripts/dev did not get ready; its output:\n{}", tail(&log, 8000));
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        DevScript { port, health, log, dev_dir, child, dir }
+        DevScript { port, health, log, child, dir }
     }
 
     /// A directory of its own for files a walk writes.
