@@ -824,8 +824,8 @@ impl JobRoom {
         crate::deliveries::job_changed(&self.state, &self.env, applied.from, meta, applied.seq, &applied.patch);
         if meta.job_type.is_dashboard() {
             // Seed 002's rows and channel messages: an end's result is written before its status
-            // copy; a start (the runner is waiting) in the background.
-            // A start writes no rows; a failed write of an end's is repaired from the alarm.
+            // copy (a failed write is repaired from the alarm); a start, which writes no rows, in
+            // the background (the runner is waiting).
             let (env, meta, error, result) = (self.env.clone(), meta.clone(), applied.patch.error_message.clone(), applied.result.clone());
             if applied.meta.status == JobStatus::Running {
                 self.state.wait_until(async move {
@@ -941,9 +941,11 @@ impl JobRoom {
     }
 
     /// Records that the dashboard rows (seed 002's task, competition or pipeline row) lag behind
-    /// the room, for the alarm to write them again.
+    /// the room, for the alarm to write them again. Each mark is numbered: a repair clears only
+    /// the mark it started from, so a write failing while it runs is repaired again.
     async fn mark_dashboard_stale(&self) {
-        if let Err(e) = self.store().kv_put("dashboard_stale", &true) {
+        let mark = self.store().kv_get::<u64>("dashboard_stale").ok().flatten().unwrap_or(0) + 1;
+        if let Err(e) = self.store().kv_put("dashboard_stale", &mark) {
             worker::console_error!("marking the dashboard rows stale: {e:?}");
         }
         if let Err(e) = self.alarm_by(now_ms() + D1_RETRY_MS).await {
@@ -953,6 +955,7 @@ impl JobRoom {
 
     /// Writes the dashboard rows again from the room's last progress event and the job's end.
     async fn repair_dashboard(&self) -> ApiResult<()> {
+        let mark = self.store().kv_get::<u64>("dashboard_stale")?.unwrap_or(0);
         let meta = self.meta()?;
         #[derive(Deserialize)]
         struct Row {
@@ -967,7 +970,7 @@ impl JobRoom {
         if !room::repair(&self.env, &meta, last, end.as_ref(), &fail).await {
             return Err(ApiError::Unavailable("a dashboard row write failed".into()));
         }
-        self.sql().exec("DELETE FROM meta WHERE k = 'dashboard_stale'", None)?;
+        self.sql().exec("DELETE FROM meta WHERE k = 'dashboard_stale' AND v = ?", vec![SqlStorageValue::from(mark.to_string())])?;
         Ok(())
     }
 
