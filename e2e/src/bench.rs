@@ -1,9 +1,13 @@
 //! Shared pieces of the benchmark commands: an edge to measure, a user token, percentiles and
 //! the printed table.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures::{SinkExt, StreamExt};
+use kiln_schemas::runner::{EdgeMessage, HeldJob, RunnerMessage};
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
 
 /// The edges to measure: `KILN_BENCH_URL` if set, else a fresh edge on each server in turn, with
 /// `vars`. Each comes with a label for the table.
@@ -71,6 +75,110 @@ pub fn print_table(title: &str, rows: &[Row]) {
             r.p99.as_secs_f64() * 1000.0,
             r.extra
         );
+    }
+}
+
+/// A hand-written runner that holds one job through the runner protocol (register, connect,
+/// `hello`, the assignment, heartbeats from a task of its own) and posts its event batches.
+pub struct HandRunner {
+    pub token: String,
+    pub job_id: String,
+    pub lease_id: String,
+    pub next_index: u64,
+    /// Batches the edge refused (each tried again).
+    pub refused: usize,
+    _beats: tokio::task::JoinHandle<()>,
+}
+
+impl HandRunner {
+    /// Registers, connects and waits for the job's assignment.
+    pub async fn hold(http: &reqwest::Client, base: &str, ws_base: &str, job_id: &str, name: &str) -> anyhow::Result<HandRunner> {
+        let reg: Value = http
+            .post(format!("{base}/runner/v1/register"))
+            .bearer_auth(crate::runner_registration_token())
+            .json(&json!({"name": format!("{name}-{}", uuid::Uuid::new_v4().simple())}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let token = reg["token"].as_str().ok_or_else(|| anyhow::anyhow!("register answered {reg}"))?.to_string();
+        let mut request = format!("{ws_base}/runner/v1/connect").into_client_request()?;
+        request.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
+        let (mut ws, _) = tokio_tungstenite::connect_async(request).await?;
+        let hello = RunnerMessage::Hello { name: name.into(), capacity: 1, running: vec![], version: "bench".into(), tools: None };
+        ws.send(Message::Text(serde_json::to_string(&hello)?.into())).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let lease_id = loop {
+            anyhow::ensure!(Instant::now() < deadline, "no assignment within 30 s");
+            match tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    if let Ok(EdgeMessage::Assign { assignment }) = serde_json::from_str(t.as_str()) {
+                        anyhow::ensure!(assignment.job_id == job_id, "assigned another job: {}", assignment.job_id);
+                        break assignment.lease_id;
+                    }
+                }
+                Ok(Some(Ok(_))) | Err(_) => {}
+                Ok(other) => anyhow::bail!("the runner socket ended: {other:?}"),
+            }
+        };
+        let held = vec![HeldJob { job_id: job_id.to_string(), lease_id: lease_id.clone() }];
+        let beats = tokio::spawn(async move {
+            loop {
+                let beat = RunnerMessage::Heartbeat { running: held.clone() };
+                if ws.send(Message::Text(serde_json::to_string(&beat).unwrap().into())).await.is_err() {
+                    return;
+                }
+                // Read (and drop) what the edge says until the next beat is due.
+                let until = tokio::time::Instant::now() + Duration::from_secs(2);
+                while let Ok(Some(Ok(_))) = tokio::time::timeout_at(until, ws.next()).await {}
+            }
+        });
+        Ok(HandRunner { token, job_id: job_id.to_string(), lease_id, next_index: 0, refused: 0, _beats: beats })
+    }
+
+    /// Posts a batch, tried again (the same indices: the room stores it once) after a refusal,
+    /// as a runner does; the refusals are counted.
+    pub async fn post(&mut self, http: &reqwest::Client, base: &str, events: Vec<Value>) -> anyhow::Result<()> {
+        let mut last = None;
+        for attempt in 0..10u64 {
+            match self.try_post(http, base, &events).await {
+                Ok(()) => {
+                    self.next_index += events.len() as u64;
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.refused += 1;
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt")))
+    }
+
+    async fn try_post(&self, http: &reqwest::Client, base: &str, events: &[Value]) -> anyhow::Result<()> {
+        let events = events.to_vec();
+        let first = self.next_index;
+        let events: Vec<Value> = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut e)| {
+                e["index"] = json!(first + i as u64);
+                e
+            })
+            .collect();
+        let ack: Value = http
+            .post(format!("{base}/runner/v1/jobs/{}/events", self.job_id))
+            .bearer_auth(&self.token)
+            .json(&json!({"lease_id": self.lease_id, "events": events}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        anyhow::ensure!(ack["lease_valid"] == true, "batch refused: {ack}");
+        Ok(())
     }
 }
 

@@ -250,6 +250,18 @@ fn serve(
     std::thread::JoinHandle<()>,
 ) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a fake");
+    serve_on(name, listener, app)
+}
+
+fn serve_on(
+    name: &str,
+    listener: std::net::TcpListener,
+    app: Router,
+) -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
     listener
         .set_nonblocking(true)
         .expect("a non-blocking listener");
@@ -386,22 +398,27 @@ async fn get_model(State(s): State<Vs>, Path(file): Path<String>) -> Response {
     }
 }
 
+fn vendor_app(key: &str) -> (Router, Vs) {
+    let state: Vs = Arc::new(Mutex::new(VendorState {
+        key: key.to_string(),
+        models: test_models()
+            .into_iter()
+            .map(|(n, b)| (n.to_string(), b))
+            .collect(),
+        ..Default::default()
+    }));
+    let app = Router::new()
+        .route("/v2/openapi/task", post(create_task))
+        .route("/v2/openapi/task/{id}", get(get_task))
+        .route("/models/{file}", get(get_model))
+        .with_state(state.clone());
+    (app, state)
+}
+
 impl FakeVendor {
     /// Serves [`test_models`] to callers with `key`.
     pub fn start(key: &str) -> FakeVendor {
-        let state: Vs = Arc::new(Mutex::new(VendorState {
-            key: key.to_string(),
-            models: test_models()
-                .into_iter()
-                .map(|(n, b)| (n.to_string(), b))
-                .collect(),
-            ..Default::default()
-        }));
-        let app = Router::new()
-            .route("/v2/openapi/task", post(create_task))
-            .route("/v2/openapi/task/{id}", get(get_task))
-            .route("/models/{file}", get(get_model))
-            .with_state(state.clone());
+        let (app, state) = vendor_app(key);
         let (addr, tx, thread) = serve("3D vendor", app);
         state.lock().expect("lock").base = format!("http://{addr}");
         FakeVendor {
@@ -467,6 +484,8 @@ struct WpState {
     base: String,
     uploads: Vec<Upload>,
     refused: u32,
+    /// Uploads still to fail with a 500 (a site in trouble).
+    failing: u32,
 }
 
 type Ws = Arc<Mutex<WpState>>;
@@ -514,6 +533,14 @@ async fn upload_media(State(s): State<Ws>, headers: HeaderMap, body: Bytes) -> R
         )
             .into_response();
     }
+    if s.failing > 0 {
+        s.failing -= 1;
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"code": "rest_upload_unknown_error", "message": "The uploaded file could not be moved to wp-content/uploads.", "data": {"status": 500}})),
+        )
+            .into_response();
+    }
     let disposition = header("content-disposition");
     let Some(filename) = disposition
         .split("filename=")
@@ -545,17 +572,22 @@ async fn upload_media(State(s): State<Ws>, headers: HeaderMap, body: Bytes) -> R
         .into_response()
 }
 
+fn wordpress_app(user: &str, password: &str) -> (Router, Ws) {
+    let state: Ws = Arc::new(Mutex::new(WpState {
+        authorization: format!("Basic {}", base64(format!("{user}:{password}").as_bytes())),
+        ..Default::default()
+    }));
+    let app = Router::new()
+        .route("/wp-json/wp/v2/media", post(upload_media))
+        .layer(axum::extract::DefaultBodyLimit::max(128 * 1024 * 1024))
+        .with_state(state.clone());
+    (app, state)
+}
+
 impl FakeWordPress {
     /// Accepts uploads from `user` with the application password `password`.
     pub fn start(user: &str, password: &str) -> FakeWordPress {
-        let state: Ws = Arc::new(Mutex::new(WpState {
-            authorization: format!("Basic {}", base64(format!("{user}:{password}").as_bytes())),
-            ..Default::default()
-        }));
-        let app = Router::new()
-            .route("/wp-json/wp/v2/media", post(upload_media))
-            .layer(axum::extract::DefaultBodyLimit::max(128 * 1024 * 1024))
-            .with_state(state.clone());
+        let (app, state) = wordpress_app(user, password);
         let (addr, tx, thread) = serve("WordPress", app);
         state.lock().expect("lock").base = format!("http://{addr}");
         FakeWordPress {
@@ -578,9 +610,71 @@ impl FakeWordPress {
     pub fn refused(&self) -> u32 {
         self.state.lock().expect("lock").refused
     }
+
+    /// Makes the next `n` uploads fail with a 500.
+    pub fn fail_next(&self, n: u32) {
+        self.state.lock().expect("lock").failing = n;
+    }
 }
 
 impl Drop for FakeWordPress {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The vendor and a WordPress site on one listener: the demo 3D vendor of `kiln-fake3d`, which
+/// `scripts/dev` runs when no vendor key is set. Every request is a line on stderr unless `quiet`.
+pub struct Demo3d {
+    addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Demo3d {
+    /// Serves on `listener`: the vendor for `key`, WordPress for `user` with `password`.
+    pub fn start(
+        listener: std::net::TcpListener,
+        key: &str,
+        user: &str,
+        password: &str,
+        quiet: bool,
+    ) -> std::io::Result<Demo3d> {
+        let base = format!("http://{}", listener.local_addr()?);
+        let (vendor, vs) = vendor_app(key);
+        let (wp, ws) = wordpress_app(user, password);
+        vs.lock().expect("lock").base = base.clone();
+        ws.lock().expect("lock").base = base;
+        let mut app = vendor.merge(wp);
+        if !quiet {
+            app = app.layer(axum::middleware::from_fn(
+                |req: axum::extract::Request, next: axum::middleware::Next| async move {
+                    let line = format!("{} {}", req.method(), req.uri().path());
+                    let res = next.run(req).await;
+                    eprintln!("{line} -> {}", res.status().as_u16());
+                    res
+                },
+            ));
+        }
+        let (addr, tx, thread) = serve_on("demo 3D vendor", listener, app);
+        Ok(Demo3d {
+            addr,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Demo3d {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());

@@ -35,6 +35,7 @@ pub mod agents;
 pub mod app;
 pub mod bench;
 pub mod dashboard;
+mod dev;
 pub mod fake3d;
 pub mod landing;
 mod edge;
@@ -47,6 +48,7 @@ mod proxy;
 mod runner;
 mod ws;
 
+pub use dev::DevScript;
 pub use edge::{EdgeServer, TestEdge};
 pub use git::GitRemotes;
 pub use github::{CommentCall, FakeGitHub, PullRequestCall};

@@ -576,3 +576,64 @@ async fn three_d_pipelines_through_their_stages() {
     refused(api.get("/api/v1/3d?limit=0", &alice).await, StatusCode::BAD_REQUEST, "limit 0");
     refused(api.get("/api/v1/3d/nope", &alice).await, StatusCode::NOT_FOUND, "bad id");
 }
+
+/// A failed D1 write of a dashboard row is repaired: the room marks its rows stale and its alarm
+/// writes them again from its own state (the last progress event, the job's end). Faults make
+/// each room's first two row writes fail: a task's progress and end, a pipeline's progress and
+/// stage, another pipeline's end (result and pipeline row). Without the repair each row stays
+/// where the failed write left it.
+#[tokio::test]
+async fn dashboard_rows_are_written_again_after_a_failed_write() {
+    let edge = TestEdge::start_with_faults(&[("KILN_FAULTS", "dashboard_rows=2")]).await.expect("starting wrangler dev");
+    let api = edge.api();
+    let alice = api.new_user("drest-repair").await;
+    let mut runner = HandRunner::connect(&edge, "repair", 1, None).await;
+
+    // A task: its progress write and its end's result write both fail.
+    let (status, task) = api.post("/api/v1/tasks", &alice, json!({"agentType": "commerce", "prompt": "Price the ring"})).await;
+    assert!(status.is_success(), "{task}");
+    let t = task["taskId"].as_str().unwrap().to_string();
+    let a = runner.assignment().await;
+    assert_eq!(a.job_id, t);
+    let path = format!("/api/v1/tasks/{t}");
+    runner.progress(&api, &a, 40.0, "answering").await;
+    let stale = get(&api, &alice, &path).await;
+    assert_eq!(stale["progress"], 0.0, "the write failed: {stale:#}");
+    let result = json!({"answer": "EUR 249", "technique": "chain_of_thought", "model": "demo"});
+    runner.finish(&api, &a, json!({"outcome": "completed", "result": result})).await;
+    let stale = get(&api, &alice, &path).await;
+    assert_eq!((stale["status"].as_str(), stale["result"].clone()), (Some("completed"), Value::Null), "the write failed: {stale:#}");
+    let repaired = wait(&api, &alice, &path, "the task's row repaired", |v| v["result"] == result).await;
+    assert_eq!(repaired["progress"], 100.0, "{repaired:#}");
+
+    // A pipeline: its progress and stage writes fail.
+    let (_, p) = api.post("/api/v1/3d", &alice, json!({"prompt": "Victorian rose ring"})).await;
+    let id = p["id"].as_str().unwrap().to_string();
+    let a = runner.assignment().await;
+    let path = format!("/api/v1/3d/{id}");
+    runner.progress(&api, &a, 30.0, "generating").await;
+    let stale = get(&api, &alice, &path).await;
+    assert_eq!((stale["stage"].as_str(), stale["progress"].as_f64()), (Some("pending"), Some(0.0)), "{stale:#}");
+    let repaired = wait(&api, &alice, &path, "the pipeline's stage repaired", |v| v["stage"] == "generating").await;
+    assert_eq!(repaired["progress"], 30.0);
+    runner.finish(&api, &a, json!({"outcome": "failed", "error_message": "the vendor failed"})).await;
+    wait(&api, &alice, &path, "failed", |v| v["stage"] == "failed").await;
+
+    // Another pipeline: its end's writes fail (the result and the pipeline row).
+    let (_, p) = api.post("/api/v1/3d", &alice, json!({"prompt": "A teapot"})).await;
+    let id = p["id"].as_str().unwrap().to_string();
+    let a = runner.assignment().await;
+    let path = format!("/api/v1/3d/{id}");
+    let glb = b"glTF\x02\x00\x00\x00model bytes".to_vec();
+    let url = format!("{}/runner/v1/jobs/{id}/artifact?lease_id={}&name=model.glb", edge.url(), a.lease_id);
+    let resp = reqwest::Client::new().put(&url).bearer_auth(&runner.token).body(glb).send().await.unwrap();
+    assert!(resp.status().is_success(), "artifact upload: {}", resp.status());
+    let report = json!({"valid": true, "triangles": 1200, "max_faces": 50000, "meshes": 1, "textures": 1, "images": [[512, 512]], "problems": []});
+    runner.finish(&api, &a, json!({"outcome": "completed", "result": {"report": report, "wordpress_media_id": 7}})).await;
+    let stale = get(&api, &alice, &path).await;
+    assert_eq!(stale["stage"], "pending", "{stale:#}");
+    let done = wait(&api, &alice, &path, "the pipeline's end repaired", |v| v["stage"] == "completed").await;
+    assert_eq!((done["progress"].as_f64(), done["report"].clone(), done["wordpress_media_id"].as_u64()), (Some(100.0), report, Some(7)));
+    assert_eq!(done["asset_url"], format!("/api/v1/3d/{id}/asset"));
+    assert!(edge.log().contains("injected fault: dashboard_rows"));
+}

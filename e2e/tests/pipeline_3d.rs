@@ -126,6 +126,35 @@ async fn text_to_3d_through_the_rest_face_the_runner_the_vendor_r2_and_wordpress
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(wp.uploads().len(), 1, "nothing more uploaded");
 
+    // WordPress failing after the model is in R2: failed with the reason, the asset kept.
+    wp.fail_next(1);
+    let (status, created) = api
+        .post("/api/v1/3d", &token, json!({"prompt": "a teacup"}))
+        .await;
+    assert!(status.is_success(), "{status} {created}");
+    let wp_failed = created["id"].as_str().unwrap().to_string();
+    let p = wait_stage(&api, &token, &wp_failed, "failed").await;
+    let error = p["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("while uploading") && error.contains("WordPress answered 500"),
+        "{p:#}"
+    );
+    assert_eq!(
+        p["asset_url"],
+        format!("/api/v1/3d/{wp_failed}/asset"),
+        "{p:#}"
+    );
+    assert_eq!(p["report"]["valid"], true, "{p:#}");
+    let res = http
+        .get(format!("{}/api/v1/3d/{wp_failed}/asset", edge.url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.bytes().await.unwrap().as_ref() == model.as_slice());
+    assert_eq!(wp.uploads().len(), 1, "the failed upload stored nothing");
+
     // The artifact endpoint's refusals, with a runner token of its own.
     let reg = kiln_e2e::runner_registration_token();
     let (status, body) = api

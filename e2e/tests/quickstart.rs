@@ -36,6 +36,7 @@ async fn the_readme_example_completes_on_scripts_dev_with_no_configuration() {
     cmd.current_dir(repo_root())
         .env("KILN_PORT", port.to_string())
         .env("KILN_MODEL_PORT", model_port.to_string())
+        .env("KILN_FAKE3D_PORT", free_port().to_string())
         .env("KILN_STATE", dir.path().join("state"))
         .env("KILN_DEV_DIR", &dev_dir)
         .env("RUNNER_LISTEN", format!("127.0.0.1:{runner_port}"))

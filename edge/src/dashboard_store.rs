@@ -1081,41 +1081,104 @@ pub mod room {
     use kiln_schemas::events::{EventBody, ServerEvent};
     use kiln_schemas::status::{JobStatus, JobType};
     use serde_json::{json, Value};
-    use worker::Env;
+    use worker::{D1Database, Env};
 
     use super::*;
     use crate::env::now_ms;
     use crate::job_room::RoomMeta;
     use crate::time::rfc3339;
 
-    async fn publish(env: &Env, owner: &str, channel: &str, msg: &Value) {
-        if let Err(e) = crate::channels::publish(env, owner, channel, msg).await {
-            worker::console_error!("publishing on {channel}: {e:?}");
+    /// What a hook does: its channel messages (none when `live` is off: a repair writes rows
+    /// only) and its D1 writes, each of which may fail (`fail`: an injected fault in test builds);
+    /// `ok` turns false at the first failed write, and the room then repairs the rows.
+    pub struct Out<'a> {
+        env: &'a Env,
+        owner: &'a str,
+        job_id: &'a str,
+        live: bool,
+        fail: &'a dyn Fn() -> bool,
+        ok: std::cell::Cell<bool>,
+    }
+
+    impl<'a> Out<'a> {
+        pub fn new(env: &'a Env, meta: &'a RoomMeta, live: bool, fail: &'a dyn Fn() -> bool) -> Self {
+            Out { env, owner: &meta.owner, job_id: &meta.job_id, live, fail, ok: std::cell::Cell::new(true) }
+        }
+
+        /// Whether every D1 write succeeded.
+        pub fn ok(&self) -> bool {
+            self.ok.get()
+        }
+
+        async fn publish(&self, channel: &str, msg: &Value) {
+            if !self.live {
+                return;
+            }
+            if let Err(e) = crate::channels::publish(self.env, self.owner, channel, msg).await {
+                worker::console_error!("publishing on {channel}: {e:?}");
+            }
+        }
+
+        fn log<T>(&self, what: &str, r: crate::http::ApiResult<T>) {
+            if let Err(e) = r {
+                worker::console_error!("job {}: dashboard {what} failed (the room's alarm writes it again): {e:?}", self.job_id);
+                self.ok.set(false);
+            }
+        }
+
+        /// One D1 write (not even started when a fault is injected).
+        async fn write<T>(&self, what: &str, w: impl std::future::Future<Output = crate::http::ApiResult<T>>) {
+            if (self.fail)() {
+                self.log::<()>(what, Err(crate::http::ApiError::Unavailable("injected fault: dashboard row write".into())));
+                return;
+            }
+            self.log(what, w.await);
         }
     }
 
-    fn log<T>(job_id: &str, what: &str, r: crate::http::ApiResult<T>) {
-        if let Err(e) = r {
-            worker::console_error!("job {job_id}: dashboard {what}: {e:?}");
-        }
-    }
-
-    /// Stored events of a runner batch (their JSON texts): each `progress` is published, the
-    /// batch's last one copied to the rows.
-    pub async fn on_events(env: &Env, meta: &RoomMeta, texts: &[String]) {
-        let progress: Vec<(f64, Option<String>, Value)> = texts
+    /// The progress events of stored events (their JSON texts).
+    pub fn progress_of(texts: &[String]) -> Vec<(f64, Option<String>, Value)> {
+        texts
             .iter()
             .filter_map(|t| serde_json::from_str::<ServerEvent>(t).ok())
             .filter_map(|e| match e.body {
                 EventBody::Progress { percent, stage, data, .. } => Some((percent, stage, data)),
                 _ => None,
             })
-            .collect();
+            .collect()
+    }
+
+    /// The rows' copy of a job's last progress (idempotent: the repair writes it again).
+    pub async fn write_progress(out: &Out<'_>, db: &D1Database, meta: &RoomMeta, percent: f64, stage: Option<&str>, now: &str) {
+        let id = &meta.job_id;
+        out.write("progress copy", set_progress(db, id, percent)).await;
+        match meta.job_type {
+            JobType::RoundTable => {
+                if let Some(stage) = competition_progress_stage(stage) {
+                    out.write("competition stage", set_competition_stage(db, id, stage)).await;
+                }
+            }
+            JobType::Pipeline3d => {
+                if let Some(stage) = pipeline_progress_stage(stage) {
+                    out.write("pipeline stage", set_pipeline_stage(db, id, stage, percent, now)).await;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Stored events of a runner batch: each `progress` is published, the batch's last one
+    /// copied to the rows.
+    pub async fn on_events(out: &Out<'_>, meta: &RoomMeta, texts: &[String]) {
+        let progress = progress_of(texts);
         let Some(last) = progress.last().cloned() else { return };
-        let Ok(db) = crate::env::db(env) else { return };
+        let db = match crate::env::db(out.env) {
+            Ok(db) => db,
+            Err(e) => return out.log("D1 binding", Err::<(), _>(e.into())),
+        };
         let id = &meta.job_id;
         let now = rfc3339(now_ms());
-        log(id, "progress copy", set_progress(&db, id, last.0).await);
+        write_progress(out, &db, meta, last.0, last.1.as_deref(), &now).await;
         match meta.job_type {
             JobType::AgentTask => {
                 let Ok(Some(facts)) = job_facts(&db, id).await else { return };
@@ -1125,30 +1188,24 @@ pub mod room {
                     if let (Some(m), Some(d)) = (extra.as_object_mut(), data.as_object()) {
                         m.extend(d.clone());
                     }
-                    publish(env, &meta.owner, "tasks", &task_update(id, &kind, JobStatus::Running, *percent, extra, &now)).await;
+                    out.publish("tasks", &task_update(id, &kind, JobStatus::Running, *percent, extra, &now)).await;
                 }
             }
             JobType::RoundTable => {
-                if let Some(stage) = competition_progress_stage(last.1.as_deref()) {
-                    log(id, "competition stage", set_competition_stage(&db, id, stage).await);
-                }
                 for (percent, stage, data) in &progress {
                     if let Some(stage) = competition_progress_stage(stage.as_deref()) {
                         let mut d = json!({ "progress": percent });
                         if let (Some(m), Some(x)) = (d.as_object_mut(), data.as_object()) {
                             m.extend(x.clone());
                         }
-                        publish(env, &meta.owner, "round_table", &competition_update(id, stage, d, &now)).await;
+                        out.publish("round_table", &competition_update(id, stage, d, &now)).await;
                     }
                 }
             }
             JobType::Pipeline3d => {
-                if let Some(stage) = pipeline_progress_stage(last.1.as_deref()) {
-                    log(id, "pipeline stage", set_pipeline_stage(&db, id, stage, last.0, &now).await);
-                }
                 for (percent, stage, data) in &progress {
                     if let Some(stage) = pipeline_progress_stage(stage.as_deref()) {
-                        publish(env, &meta.owner, "3d_pipeline", &pipeline_update(id, stage, *percent, data.clone(), &now)).await;
+                        out.publish("3d_pipeline", &pipeline_update(id, stage, *percent, data.clone(), &now)).await;
                     }
                 }
             }
@@ -1158,20 +1215,24 @@ pub mod room {
 
     /// A status change of a dashboard job; for an end, called before the status's D1 copy so
     /// that a reader who sees the end sees its result.
-    pub async fn on_status(env: &Env, meta: &RoomMeta, error: Option<&str>, result: Option<&Value>) {
-        let Ok(db) = crate::env::db(env) else { return };
+    pub async fn on_status(out: &Out<'_>, meta: &RoomMeta, error: Option<&str>, result: Option<&Value>) {
+        let env = out.env;
+        let db = match crate::env::db(env) {
+            Ok(db) => db,
+            Err(e) => return out.log("D1 binding", Err::<(), _>(e.into())),
+        };
         let id = &meta.job_id;
         let status = meta.status;
         let ended = status.is_terminal();
         let now_ms = now_ms();
         let now = rfc3339(now_ms);
         if ended {
-            log(id, "result copy", set_result(&db, id, result, status == JobStatus::Completed).await);
+            out.write("result copy", set_result(&db, id, result, status == JobStatus::Completed)).await;
         }
         let facts = match job_facts(&db, id).await {
             Ok(Some(f)) => f,
             other => {
-                log(id, "job row", other);
+                out.log("job row", other);
                 return;
             }
         };
@@ -1184,7 +1245,7 @@ pub mod room {
                 if ended {
                     extra = json!({ "result": result, "error": error });
                 }
-                publish(env, &meta.owner, "tasks", &task_update(id, &kind, status, progress, extra, &now)).await;
+                out.publish("tasks", &task_update(id, &kind, status, progress, extra, &now)).await;
                 let agent = match status {
                     JobStatus::Running => Some("running"),
                     s if s.is_terminal() => Some(agent_status_at_end(false, s)),
@@ -1196,12 +1257,12 @@ pub mod room {
                         "prompt_preview": preview(&facts.prompt),
                         "started_at": facts.started_at.clone().unwrap_or_else(|| now.clone()),
                     });
-                    publish(env, &meta.owner, "agents", &agent_status_update(&kind, a, data, &now)).await;
+                    out.publish("agents", &agent_status_update(&kind, a, data, &now)).await;
                 }
                 if status == JobStatus::Failed {
                     let msg = format!("Agent {} failed: {why}", agent_id(&kind));
-                    publish(env, &meta.owner, "tasks", &error_message(&msg, &now)).await;
-                    publish(env, &meta.owner, "agents", &error_message(&msg, &now)).await;
+                    out.publish("tasks", &error_message(&msg, &now)).await;
+                    out.publish("agents", &error_message(&msg, &now)).await;
                 }
                 // A task answered through a round table carries its competition.
                 if status == JobStatus::Completed {
@@ -1216,8 +1277,8 @@ pub mod room {
                             created_ms: now_ms,
                             ..Default::default()
                         };
-                        log(id, "task's competition", insert_competition_if_absent(&db, &row).await);
-                        log(id, "task's competition", end_competition(&db, id, &meta.owner, "completed", &view, &pairs, now_ms).await);
+                        out.write("task's competition", insert_competition_if_absent(&db, &row)).await;
+                        out.write("task's competition", end_competition(&db, id, &meta.owner, "completed", &view, &pairs, now_ms)).await;
                     }
                 }
             }
@@ -1226,12 +1287,12 @@ pub mod room {
                 if status == JobStatus::Completed {
                     match learned(result) {
                         Some((instructions, changes)) => {
-                            log(id, "new instructions", set_instructions(&db, &meta.owner, &kind, &instructions, &now).await);
+                            out.write("new instructions", set_instructions(&db, &meta.owner, &kind, &instructions, &now)).await;
                             data = json!({ "task_id": id, "changes": changes });
                         }
                         None => {
                             let msg = format!("Agent {}: the learning cycle answered no instructions", agent_id(&kind));
-                            publish(env, &meta.owner, "agents", &json!({"type": "error", "error_type": "warning", "message": msg, "timestamp": now})).await;
+                            out.publish("agents", &json!({"type": "error", "error_type": "warning", "message": msg, "timestamp": now})).await;
                         }
                     }
                 }
@@ -1239,16 +1300,16 @@ pub mod room {
                     JobStatus::Running | JobStatus::Queued | JobStatus::Collecting => "learning",
                     _ => "idle",
                 };
-                publish(env, &meta.owner, "agents", &agent_status_update(&kind, a, data, &now)).await;
+                out.publish("agents", &agent_status_update(&kind, a, data, &now)).await;
                 if status == JobStatus::Failed {
                     let msg = format!("Agent {} learning failed: {why}", agent_id(&kind));
-                    publish(env, &meta.owner, "agents", &error_message(&msg, &now)).await;
+                    out.publish("agents", &error_message(&msg, &now)).await;
                 }
             }
             JobType::RoundTable => {
                 if !ended {
                     if status == JobStatus::Running {
-                        publish(env, &meta.owner, "round_table", &competition_update(id, "generating", json!({"progress": facts.progress}), &now)).await;
+                        out.publish("round_table", &competition_update(id, "generating", json!({"progress": facts.progress}), &now)).await;
                     }
                     return;
                 }
@@ -1264,16 +1325,16 @@ pub mod room {
                         ("failed", v, vec![])
                     }
                 };
-                log(id, "competition end", end_competition(&db, id, &meta.owner, stage, &view, &pairs, now_ms).await);
+                out.write("competition end", end_competition(&db, id, &meta.owner, stage, &view, &pairs, now_ms)).await;
                 let data = json!({
                     "winner": winner_of(&view).map(|w| w.provider.clone()),
                     "entries_count": view.entries.len(),
                     "total_cost_usd": view.total_cost_usd,
                     "error": view.error,
                 });
-                publish(env, &meta.owner, "round_table", &competition_update(id, stage, data, &now)).await;
+                out.publish("round_table", &competition_update(id, stage, data, &now)).await;
                 if stage == "failed" {
-                    publish(env, &meta.owner, "round_table", &error_message(&format!("Competition {id} failed: {}", view.error.clone().unwrap_or_default()), &now)).await;
+                    out.publish("round_table", &error_message(&format!("Competition {id} failed: {}", view.error.clone().unwrap_or_default()), &now)).await;
                 }
             }
             JobType::Pipeline3d => {
@@ -1287,10 +1348,11 @@ pub mod room {
                     JobStatus::Cancelled => ("failed", facts.progress, Some("cancelled by user".to_string())),
                     _ => ("failed", facts.progress, Some(why.clone())),
                 };
-                let asset_key = if status == JobStatus::Completed { first_artifact(env, id).await } else { None };
+                // A failure after the upload to R2 (WordPress's, say) keeps the stored model's URL.
+                let asset_key = first_artifact(env, id).await;
                 let media = r.get("wordpress_media_id").and_then(Value::as_i64);
                 let wp_url = r.get("wordpress_url").and_then(Value::as_str);
-                log(id, "pipeline end", end_pipeline(&db, id, stage, progress, report, asset_key.as_deref(), media, wp_url, err.as_deref(), &now).await);
+                out.write("pipeline end", end_pipeline(&db, id, stage, progress, report, asset_key.as_deref(), media, wp_url, err.as_deref(), &now)).await;
                 let data = json!({
                     "prompt": preview(&facts.prompt),
                     "report": report,
@@ -1298,13 +1360,42 @@ pub mod room {
                     "wordpress_url": wp_url,
                     "error": err,
                 });
-                publish(env, &meta.owner, "3d_pipeline", &pipeline_update(id, stage, progress, data, &now)).await;
+                out.publish("3d_pipeline", &pipeline_update(id, stage, progress, data, &now)).await;
                 if let Some(e) = &err {
-                    publish(env, &meta.owner, "3d_pipeline", &error_message(&format!("3D pipeline {id} failed: {e}"), &now)).await;
+                    out.publish("3d_pipeline", &error_message(&format!("3D pipeline {id} failed: {e}"), &now)).await;
                 }
             }
             _ => {}
         }
+    }
+
+    /// How a dashboard job ended, kept by its room for [`repair`].
+    #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+    pub struct End {
+        pub error: Option<String>,
+        pub result: Option<Value>,
+    }
+
+    /// Writes a dashboard job's rows again from its room's state (its last progress event, and
+    /// for an ended job how it ended), publishing nothing: every write is idempotent, so a repair
+    /// after a failed write leaves the rows as if it had succeeded. Answers whether all succeeded.
+    pub async fn repair(env: &Env, meta: &RoomMeta, last: Option<(f64, Option<String>)>, end: Option<&End>, fail: &dyn Fn() -> bool) -> bool {
+        let out = Out::new(env, meta, false, fail);
+        let db = match crate::env::db(env) {
+            Ok(db) => db,
+            Err(e) => {
+                out.log("D1 binding", Err::<(), _>(e.into()));
+                return false;
+            }
+        };
+        if let Some((percent, stage)) = &last {
+            write_progress(&out, &db, meta, *percent, stage.as_deref(), &rfc3339(now_ms())).await;
+        }
+        if meta.status.is_terminal() {
+            let end = end.cloned().unwrap_or_default();
+            on_status(&out, meta, end.error.as_deref(), end.result.as_ref()).await;
+        }
+        out.ok()
     }
 
     /// The key of the first file a job stored under `artifacts/<job_id>/`.

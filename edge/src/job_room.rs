@@ -23,6 +23,7 @@ use worker::{
 };
 
 use crate::app_room::{self, GatherOutcome, GatherState, GatherStep, SYSTEM_SENDER};
+use crate::dashboard_store::room;
 use crate::env::{self, now_ms};
 use crate::http::{self, body_as, json, ApiError, ApiResult};
 use crate::store::{self, AppColumns, JobPatch};
@@ -843,13 +844,27 @@ impl JobRoom {
         crate::deliveries::job_changed(&self.state, &self.env, applied.from, meta, applied.seq, &applied.patch);
         if meta.job_type.is_dashboard() {
             // Seed 002's rows and channel messages: an end's result is written before its status
-            // copy; a start (the runner is waiting) in the background.
+            // copy (a failed write is repaired from the alarm); a start, which writes no rows, in
+            // the background (the runner is waiting).
             let (env, meta, error, result) = (self.env.clone(), meta.clone(), applied.patch.error_message.clone(), applied.result.clone());
-            let hook = async move { crate::dashboard_store::room::on_status(&env, &meta, error.as_deref(), result.as_ref()).await };
             if applied.meta.status == JobStatus::Running {
-                self.state.wait_until(hook);
+                self.state.wait_until(async move {
+                    let out = room::Out::new(&env, &meta, true, &|| false);
+                    room::on_status(&out, &meta, error.as_deref(), result.as_ref()).await
+                });
             } else {
-                hook.await;
+                if meta.status.is_terminal() {
+                    let end = room::End { error: error.clone(), result: result.clone() };
+                    if let Err(e) = self.store().kv_put("dashboard_end", &end) {
+                        worker::console_error!("job {}: keeping the dashboard end: {e:?}", meta.job_id);
+                    }
+                }
+                let fail = || self.fault("dashboard_rows");
+                let out = room::Out::new(&env, &meta, true, &fail);
+                room::on_status(&out, &meta, error.as_deref(), result.as_ref()).await;
+                if !out.ok() {
+                    self.mark_dashboard_stale().await;
+                }
             }
         }
         let fail = self.fault("room_d1_copies");
@@ -945,6 +960,40 @@ impl JobRoom {
         Ok(meta.status)
     }
 
+    /// Records that the dashboard rows (seed 002's task, competition or pipeline row) lag behind
+    /// the room, for the alarm to write them again. Each mark is numbered: a repair clears only
+    /// the mark it started from, so a write failing while it runs is repaired again.
+    async fn mark_dashboard_stale(&self) {
+        let mark = self.store().kv_get::<u64>("dashboard_stale").ok().flatten().unwrap_or(0) + 1;
+        if let Err(e) = self.store().kv_put("dashboard_stale", &mark) {
+            worker::console_error!("marking the dashboard rows stale: {e:?}");
+        }
+        if let Err(e) = self.alarm_by(now_ms() + D1_RETRY_MS).await {
+            worker::console_error!("scheduling the dashboard rows' repair: {e:?}");
+        }
+    }
+
+    /// Writes the dashboard rows again from the room's last progress event and the job's end.
+    async fn repair_dashboard(&self) -> ApiResult<()> {
+        let mark = self.store().kv_get::<u64>("dashboard_stale")?.unwrap_or(0);
+        let meta = self.meta()?;
+        #[derive(Deserialize)]
+        struct Row {
+            body: String,
+        }
+        let rows: Vec<Row> =
+            self.sql().exec("SELECT body FROM events WHERE kind = 'progress' ORDER BY seq DESC LIMIT 1", None)?.to_array()?;
+        let texts: Vec<String> = rows.into_iter().map(|r| r.body).collect();
+        let last = room::progress_of(&texts).pop().map(|(percent, stage, _)| (percent, stage));
+        let end = self.store().kv_get::<room::End>("dashboard_end")?;
+        let fail = || self.fault("dashboard_rows");
+        if !room::repair(&self.env, &meta, last, end.as_ref(), &fail).await {
+            return Err(ApiError::Unavailable("a dashboard row write failed".into()));
+        }
+        self.sql().exec("DELETE FROM meta WHERE k = 'dashboard_stale' AND v = ?", vec![SqlStorageValue::from(mark.to_string())])?;
+        Ok(())
+    }
+
     fn d1_stale(&self) -> ApiResult<bool> {
         #[derive(Deserialize)]
         struct Row {
@@ -971,7 +1020,12 @@ impl JobRoom {
         self.broadcast(&texts);
         self.follow_batch(followups).await;
         if meta.job_type.is_dashboard() {
-            crate::dashboard_store::room::on_events(&self.env, &meta, &texts).await;
+            let fail = || self.fault("dashboard_rows");
+            let out = room::Out::new(&self.env, &meta, true, &fail);
+            room::on_events(&out, &meta, &texts).await;
+            if !out.ok() {
+                self.mark_dashboard_stale().await;
+            }
         }
         if let Some(applied) = &applied {
             self.broadcast(&applied.texts);
@@ -1765,6 +1819,12 @@ impl DurableObject for JobRoom {
         if self.d1_stale().unwrap_or(false) {
             if let Err(e) = self.repair_d1().await {
                 worker::console_error!("D1 status copy failed again: {e:?}");
+                let _ = self.alarm_by(now_ms() + D1_RETRY_MS).await;
+            }
+        }
+        if self.flag("dashboard_stale") {
+            if let Err(e) = self.repair_dashboard().await {
+                worker::console_error!("dashboard rows write failed again: {e:?}");
                 let _ = self.alarm_by(now_ms() + D1_RETRY_MS).await;
             }
         }

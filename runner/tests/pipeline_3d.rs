@@ -232,6 +232,56 @@ async fn a_valid_model_is_generated_validated_and_uploaded_to_the_edge_and_wordp
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wordpress_failure_after_the_edge_has_the_model_fails_with_the_reason_and_the_asset() {
+    let vendor = FakeVendor::start(KEY);
+    let wp = FakeWordPress::start(WP_USER, WP_PASSWORD);
+    wp.fail_next(1);
+    let runner = runner(settings(&vendor, Some(&wp), Some(KEY), 30)).await;
+    let a = job("a teacup", 50_000);
+    let id = a.job_id.clone();
+    let events = runner.run(a, 60).await;
+    assert_started_and_finished(&events);
+    let (outcome, message, ..) = finished(&events);
+    assert_eq!(outcome, Outcome::Failed);
+    assert!(
+        message.contains("while uploading") && message.contains("WordPress answered 500"),
+        "{message}"
+    );
+    let asset = format!("{}/api/v1/3d/{id}/asset", runner.edge.url);
+    let r = result(&events);
+    assert_eq!(
+        (r["stage"].as_str(), r["asset_url"].as_str()),
+        (Some("uploading"), Some(asset.as_str())),
+        "{r:#}"
+    );
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("WordPress answered 500")),
+        "{r:#}"
+    );
+    assert_eq!(r["report"]["valid"], true);
+    let last = progress(&events).pop().unwrap();
+    assert_eq!(
+        (
+            last.1.as_str(),
+            last.2["failed_stage"].as_str(),
+            last.2["asset_url"].as_str()
+        ),
+        ("failed", Some("uploading"), Some(asset.as_str()))
+    );
+    assert!(last.2["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("WordPress answered 500")));
+    assert!(
+        runner.edge.artifact(&id, "model.glb").is_some(),
+        "the edge has the model"
+    );
+    assert!(wp.uploads().is_empty());
+    runner.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_that_fail_validation_fail_the_job_with_their_report() {
     let vendor = FakeVendor::start(KEY);
     let wp = FakeWordPress::start(WP_USER, WP_PASSWORD);

@@ -16,12 +16,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{SinkExt, StreamExt};
-use kiln_e2e::bench::{percentile, print_table, Row};
-use kiln_schemas::runner::{EdgeMessage, HeldJob, RunnerMessage};
+use kiln_e2e::bench::{percentile, print_table, HandRunner, Row};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
 
 const POLLERS: usize = 32;
 const EVENTS: usize = 500;
@@ -37,109 +33,6 @@ async fn main() -> anyhow::Result<()> {
     }
     print_table(&format!("GET /v1/jobs/{{id}}: {EVENTS} node events, {POLLERS} pollers, {secs} s per phase (loopback, 2 cores)"), &rows);
     Ok(())
-}
-
-/// A runner that holds one job: it answers nothing but heartbeats, from a task of its own.
-struct HandRunner {
-    token: String,
-    job_id: String,
-    lease_id: String,
-    next_index: u64,
-    /// Batches the edge refused (each tried again).
-    refused: usize,
-    _beats: tokio::task::JoinHandle<()>,
-}
-
-impl HandRunner {
-    /// Registers, connects and waits for the job's assignment.
-    async fn hold(http: &reqwest::Client, base: &str, ws_base: &str, job_id: &str) -> anyhow::Result<HandRunner> {
-        let reg: Value = http
-            .post(format!("{base}/runner/v1/register"))
-            .bearer_auth(kiln_e2e::runner_registration_token())
-            .json(&json!({"name": format!("bench-poll-{}", uuid::Uuid::new_v4().simple())}))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        let token = reg["token"].as_str().ok_or_else(|| anyhow::anyhow!("register answered {reg}"))?.to_string();
-        let mut request = format!("{ws_base}/runner/v1/connect").into_client_request()?;
-        request.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
-        let (mut ws, _) = tokio_tungstenite::connect_async(request).await?;
-        let hello = RunnerMessage::Hello { name: "bench-poll".into(), capacity: 1, running: vec![], version: "bench".into(), tools: None };
-        ws.send(Message::Text(serde_json::to_string(&hello)?.into())).await?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let lease_id = loop {
-            anyhow::ensure!(Instant::now() < deadline, "no assignment within 30 s");
-            match tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
-                Ok(Some(Ok(Message::Text(t)))) => {
-                    if let Ok(EdgeMessage::Assign { assignment }) = serde_json::from_str(t.as_str()) {
-                        anyhow::ensure!(assignment.job_id == job_id, "assigned another job: {}", assignment.job_id);
-                        break assignment.lease_id;
-                    }
-                }
-                Ok(Some(Ok(_))) | Err(_) => {}
-                Ok(other) => anyhow::bail!("the runner socket ended: {other:?}"),
-            }
-        };
-        let held = vec![HeldJob { job_id: job_id.to_string(), lease_id: lease_id.clone() }];
-        let beats = tokio::spawn(async move {
-            loop {
-                let beat = RunnerMessage::Heartbeat { running: held.clone() };
-                if ws.send(Message::Text(serde_json::to_string(&beat).unwrap().into())).await.is_err() {
-                    return;
-                }
-                // Read (and drop) what the edge says until the next beat is due.
-                let until = tokio::time::Instant::now() + Duration::from_secs(2);
-                while let Ok(Some(Ok(_))) = tokio::time::timeout_at(until, ws.next()).await {}
-            }
-        });
-        Ok(HandRunner { token, job_id: job_id.to_string(), lease_id, next_index: 0, refused: 0, _beats: beats })
-    }
-
-    /// Posts a batch, tried again (the same indices: the room stores it once) after a refusal,
-    /// as a runner does; the refusals are counted.
-    async fn post(&mut self, http: &reqwest::Client, base: &str, events: Vec<Value>) -> anyhow::Result<()> {
-        let mut last = None;
-        for attempt in 0..10u64 {
-            match self.try_post(http, base, &events).await {
-                Ok(()) => {
-                    self.next_index += events.len() as u64;
-                    return Ok(());
-                }
-                Err(e) => {
-                    self.refused += 1;
-                    last = Some(e);
-                    tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt")))
-    }
-
-    async fn try_post(&self, http: &reqwest::Client, base: &str, events: &[Value]) -> anyhow::Result<()> {
-        let events = events.to_vec();
-        let first = self.next_index;
-        let events: Vec<Value> = events
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut e)| {
-                e["index"] = json!(first + i as u64);
-                e
-            })
-            .collect();
-        let ack: Value = http
-            .post(format!("{base}/runner/v1/jobs/{}/events", self.job_id))
-            .bearer_auth(&self.token)
-            .json(&json!({"lease_id": self.lease_id, "events": events}))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        anyhow::ensure!(ack["lease_valid"] == true, "batch refused: {ack}");
-        Ok(())
-    }
 }
 
 /// A node event like the graph's (a tool event's data names files, never their contents).
@@ -346,7 +239,7 @@ async fn measure(label: &str, base: &str, length: Duration) -> anyhow::Result<Ve
         .await?;
     let job_id = init["job_id"].as_str().ok_or_else(|| anyhow::anyhow!("init answered {init}"))?.to_string();
     let ws_base = base.replacen("http", "ws", 1);
-    let mut runner = HandRunner::hold(&http, base, &ws_base, &job_id).await?;
+    let mut runner = HandRunner::hold(&http, base, &ws_base, &job_id, "bench-poll").await?;
     runner.post(&http, base, vec![json!({"type": "started", "message": "started"})]).await?;
     for chunk in (0..EVENTS).collect::<Vec<_>>().chunks(100) {
         runner.post(&http, base, chunk.iter().map(|i| node_event(*i)).collect()).await?;

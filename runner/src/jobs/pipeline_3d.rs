@@ -6,7 +6,8 @@
 //! (prompt, format, started_at, and what the stage learned); the vendor's own progress is scaled
 //! into 0–60, then 70, 85, 100. A failure anywhere ends the job failed with the reason (a model
 //! that fails validation, with its report in the result). A cancel drops the job wherever it is
-//! (while polling too: nothing more is asked of the vendor).
+//! (while polling too: nothing more is asked of the vendor). A WordPress upload that fails after the
+//! model is in R2 fails the job with the reason and the R2 asset's URL in its result.
 
 use std::time::Instant;
 
@@ -50,7 +51,8 @@ impl Run<'_> {
             .await;
     }
 
-    /// Ends the job failed at `stage`, telling the stage first.
+    /// Ends the job failed at `stage`, telling the stage first; the event and the result both
+    /// carry the reason and what was done before it (the report, the R2 asset's URL).
     async fn fail(
         &mut self,
         stage: &str,
@@ -58,12 +60,10 @@ impl Run<'_> {
         mut result: Map<String, Value>,
     ) -> RunnerEvent {
         let percent = self.percent;
-        self.progress(
-            percent,
-            "failed",
-            json!({"failed_stage": stage, "error": reason}),
-        )
-        .await;
+        result.insert("failed_stage".into(), json!(stage));
+        result.insert("error".into(), json!(reason));
+        self.progress(percent, "failed", Value::Object(result.clone()))
+            .await;
         result.insert("stage".into(), json!(stage));
         match failed(format!("3D pipeline failed while {stage}: {reason}")) {
             RunnerEvent::Finished {
