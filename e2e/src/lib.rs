@@ -35,6 +35,7 @@ pub mod agents;
 pub mod app;
 pub mod bench;
 pub mod dashboard;
+pub mod dev;
 pub mod fake3d;
 pub mod landing;
 mod edge;

@@ -5,81 +5,22 @@
 //!
 //! Like `quickstart.rs` this runs the real script, which builds what it needs in release mode.
 
-use std::process::Command;
 use std::time::Duration;
 
-use kiln_e2e::{free_port, repo_root, tail, GroupChild};
-
-/// The first ```sh block after `## Build an app`.
-fn readme_walkthrough() -> String {
-    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("reading README.md");
-    let section = &readme[readme.find("## Build an app").expect("README.md has a \"Build an app\" section")..];
-    let start = section.find("```sh\n").expect("\"Build an app\" has a ```sh block") + "```sh\n".len();
-    let end = start + section[start..].find("```").expect("the block ends");
-    section[start..end].to_string()
-}
+use kiln_e2e::dev::{readme_block, DevKiln};
 
 #[tokio::test]
 async fn the_readme_app_walkthrough_builds_an_app_on_scripts_dev_with_the_demo_model() {
-    let walkthrough = readme_walkthrough();
+    let walkthrough = readme_block("## Build an app");
     assert!(
         walkthrough.contains(r#"-d '{"prompt":"A reading list for people who read a lot"}'"#),
         "the README's idea changed; this test checks what it promises:\n{walkthrough}"
     );
 
-    let dir = tempfile::Builder::new().prefix("kiln-app-quickstart-").tempdir().unwrap();
-    let (port, model_port, runner_port) = (free_port(), free_port(), free_port());
-    let mut cmd = Command::new(repo_root().join("scripts/dev"));
-    cmd.current_dir(repo_root())
-        .env("KILN_PORT", port.to_string())
-        .env("KILN_MODEL_PORT", model_port.to_string())
-        .env("KILN_STATE", dir.path().join("state"))
-        .env("KILN_DEV_DIR", dir.path().join("dev"))
-        .env("RUNNER_LISTEN", format!("127.0.0.1:{runner_port}"))
-        .env("RUNNER_NAME", "app-quickstart");
-    // A newcomer has none of these; the test process may.
-    for (key, _) in std::env::vars() {
-        if key.starts_with("RUNNER_") && key != "RUNNER_LISTEN" && key != "RUNNER_NAME"
-            || ["GITHUB_TOKEN", "ANTHROPIC_API_KEY", "OPENAI_API_KEY", "MAX_CONCURRENT_JOBS", "REPOS_DIR", "WORKTREES_DIR"]
-                .contains(&key.as_str())
-        {
-            cmd.env_remove(&key);
-        }
-    }
-    let log = dir.path().join("dev.log");
-    let mut dev = GroupChild::spawn("scripts/dev", cmd, &log, None).unwrap();
-
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
-    let health = format!("http://127.0.0.1:{runner_port}/health");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(1200);
-    loop {
-        if let Some(status) = dev.exited() {
-            panic!("scripts/dev exited with {status}; its output:\n{}", tail(&log, 8000));
-        }
-        if let Ok(resp) = http.get(&health).send().await {
-            if let Ok(body) = resp.json::<serde_json::Value>().await {
-                if body["edge"]["connected"] == true {
-                    assert_eq!(body["agent"]["demoModel"], true, "{body}");
-                    break;
-                }
-            }
-        }
-        assert!(tokio::time::Instant::now() < deadline, "scripts/dev did not get ready; its output:\n{}", tail(&log, 8000));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-
-    let script = walkthrough.replace("127.0.0.1:8787", &format!("127.0.0.1:{port}"));
-    let out = tokio::time::timeout(
-        Duration::from_secs(240),
-        tokio::process::Command::new("bash").args(["-euo", "pipefail", "-c", &script]).current_dir(repo_root()).output(),
-    )
-    .await
-    .expect("the README's walkthrough finished within 4 minutes")
-    .expect("running bash");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let context = || format!("stdout:\n{stdout}\nstderr:\n{stderr}\nscripts/dev:\n{}", tail(&log, 4000));
-    assert!(out.status.success(), "the README's walkthrough failed ({}):\n{}", out.status, context());
+    let (dev, body) = DevKiln::start("app-quickstart").await;
+    assert_eq!(body["agent"]["demoModel"], true, "{body}");
+    let stdout = dev.run_block(&walkthrough, Duration::from_secs(240), "the README's walkthrough").await;
+    let context = || dev.context(&stdout, "");
 
     // What the README shows.
     for line in [
@@ -102,6 +43,5 @@ async fn the_readme_app_walkthrough_builds_an_app_on_scripts_dev_with_the_demo_m
         assert!(stdout.contains(line), "the output lacks {line:?}:\n{}", context());
     }
 
-    dev.terminate(Duration::from_secs(30));
-    assert!(http.get(&health).send().await.is_err(), "the runner stopped with scripts/dev");
+    dev.stop().await;
 }
