@@ -244,8 +244,8 @@ impl HandRunner {
         self.send(&RunnerMessage::Reply { request_id: request_id.into(), result }).await;
     }
 
-    /// Posts events under the assignment's lease (their indices go on per lease); asserts 200 and
-    /// answers the ack.
+    /// Posts events under the assignment's lease (their indices go on per lease); asserts 200 and a
+    /// valid lease (post a batch meant to be refused with [`Api::send`]) and answers the ack.
     pub async fn post(&mut self, api: &Api, a: &Assignment, events: Vec<Value>) -> Value {
         let next = self.next_index.entry(a.lease_id.clone()).or_insert(0);
         let events: Vec<Value> = events
@@ -259,6 +259,7 @@ impl HandRunner {
         let batch = json!({"lease_id": a.lease_id, "events": events});
         let (status, ack) = api.send(Method::POST, &format!("/runner/v1/jobs/{}/events", a.job_id), Some(&self.token), Some(batch)).await;
         assert_eq!(status, StatusCode::OK, "{ack}");
+        assert_eq!(ack["lease_valid"], true, "{ack}");
         ack
     }
 
