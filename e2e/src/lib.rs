@@ -55,7 +55,7 @@ pub use http::{unique_email, Api, PASSWORD};
 pub use procs::{tail, GroupChild};
 pub use proxy::CutProxy;
 pub use reqwest::{Method, StatusCode};
-pub use runner::{HandRunner, TestRunner, HAND_WAIT};
+pub use runner::{runner_socket, HandRunner, RunnerSocket, TestRunner, HAND_WAIT};
 pub use ws::{WsAuth, WsClient, WsRefused};
 
 use std::path::PathBuf;

@@ -149,11 +149,29 @@ impl Drop for TestRunner {
     }
 }
 
+/// A runner's socket to the edge.
+pub type RunnerSocket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Registers a runner named `name` and opens its socket (nothing said on it yet): its token and
+/// the socket.
+pub async fn runner_socket(edge: &TestEdge, name: &str) -> (String, RunnerSocket) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let api = edge.api();
+    let reg = runner_registration_token();
+    let (status, body) = api.send(Method::POST, "/runner/v1/register", Some(&reg), Some(json!({"name": name}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let token = body["token"].as_str().unwrap().to_string();
+    let mut request = format!("{}/runner/v1/connect", edge.ws_url()).into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("runner socket");
+    (token, ws)
+}
+
 /// A hand-written runner: the runner protocol's socket driven by a test (register, hello, the
 /// edge's messages, event batches under a lease) with no runner binary behind it.
 pub struct HandRunner {
     pub token: String,
-    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    ws: RunnerSocket,
     /// The jobs each heartbeat reports held.
     pub held: Vec<HeldJob>,
     /// Per lease: the next event index.
@@ -171,15 +189,7 @@ impl HandRunner {
 
     /// [`HandRunner::connect`] with the tools its hello reports.
     pub async fn connect_with(edge: &TestEdge, name: &str, capacity: u32, tools: Option<RunnerTools>) -> HandRunner {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let api = edge.api();
-        let reg = runner_registration_token();
-        let (status, body) = api.send(Method::POST, "/runner/v1/register", Some(&reg), Some(json!({"name": name}))).await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-        let token = body["token"].as_str().unwrap().to_string();
-        let mut request = format!("{}/runner/v1/connect", edge.ws_url()).into_client_request().unwrap();
-        request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("runner socket");
+        let (token, ws) = runner_socket(edge, name).await;
         let mut runner = HandRunner { token, ws, held: vec![], next_index: HashMap::new() };
         runner.send(&RunnerMessage::Hello { name: name.into(), capacity, running: vec![], version: "test".into(), tools }).await;
         runner
