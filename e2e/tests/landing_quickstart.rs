@@ -20,9 +20,10 @@ fn readme_output(heading: &str) -> String {
     section[start..end].to_string()
 }
 
-/// Every UUID as `<id>`, this Kiln's address as the README's.
+/// Every UUID as `<id>`, this Kiln's address as the README's, lines ended by `\n` (curl -I prints
+/// the headers' CRLF).
 fn normalized(text: &str, port: u16) -> String {
-    let text = text.replace(&format!("127.0.0.1:{port}"), "127.0.0.1:8787");
+    let text = text.replace(&format!("127.0.0.1:{port}"), "127.0.0.1:8787").replace('\r', "");
     let mut out = String::new();
     let mut rest = text.as_str();
     while !rest.is_empty() {
