@@ -35,7 +35,7 @@ pub mod agents;
 pub mod app;
 pub mod bench;
 pub mod dashboard;
-mod dev;
+pub mod dev;
 pub mod fake3d;
 pub mod landing;
 mod edge;
@@ -48,7 +48,6 @@ mod proxy;
 mod runner;
 mod ws;
 
-pub use dev::DevScript;
 pub use edge::{EdgeServer, TestEdge};
 pub use git::GitRemotes;
 pub use github::{CommentCall, FakeGitHub, PullRequestCall};
@@ -56,7 +55,7 @@ pub use http::{unique_email, Api, PASSWORD};
 pub use procs::{tail, GroupChild};
 pub use proxy::CutProxy;
 pub use reqwest::{Method, StatusCode};
-pub use runner::TestRunner;
+pub use runner::{runner_socket, HandRunner, RunnerSocket, TestRunner, HAND_WAIT};
 pub use ws::{WsAuth, WsClient, WsRefused};
 
 use std::path::PathBuf;

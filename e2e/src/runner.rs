@@ -1,15 +1,22 @@
 //! [`TestRunner`]: the real `runner` binary (target/debug/runner) connected to a [`TestEdge`],
-//! with its own repositories and worktrees directories.
+//! with its own repositories and worktrees directories; [`HandRunner`]: the runner protocol driven
+//! by hand.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use futures::{SinkExt, StreamExt};
+use kiln_schemas::runner::{Assignment, EdgeMessage, GatherRequest, HeldJob, RunnerMessage, RunnerRequest, RunnerTools};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
 use tempfile::TempDir;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::procs::{tail, GroupChild};
-use crate::{free_port, repo_root, runner_registration_token, TestEdge};
+use crate::{free_port, repo_root, runner_registration_token, Api, TestEdge};
 
 /// Inherited variables that would change how a runner behaves; tests set what they need.
 const SCRUBBED_PREFIXES: &[&str] = &["RUNNER_", "GITHUB_"];
@@ -139,5 +146,141 @@ impl TestRunner {
 impl Drop for TestRunner {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A runner's socket to the edge.
+pub type RunnerSocket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Registers a runner named `name` and opens its socket (nothing said on it yet): its token and
+/// the socket.
+pub async fn runner_socket(edge: &TestEdge, name: &str) -> (String, RunnerSocket) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let api = edge.api();
+    let reg = runner_registration_token();
+    let (status, body) = api.send(Method::POST, "/runner/v1/register", Some(&reg), Some(json!({"name": name}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let token = body["token"].as_str().unwrap().to_string();
+    let mut request = format!("{}/runner/v1/connect", edge.ws_url()).into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("runner socket");
+    (token, ws)
+}
+
+/// A hand-written runner: the runner protocol's socket driven by a test (register, hello, the
+/// edge's messages, event batches under a lease) with no runner binary behind it.
+pub struct HandRunner {
+    pub token: String,
+    ws: RunnerSocket,
+    /// The jobs each heartbeat reports held.
+    pub held: Vec<HeldJob>,
+    /// Per lease: the next event index.
+    next_index: HashMap<String, u64>,
+}
+
+/// How long [`HandRunner::expect`] and [`HandRunner::assignment`] wait.
+pub const HAND_WAIT: Duration = Duration::from_secs(15);
+
+impl HandRunner {
+    /// Registers a runner named `name` and says hello with `capacity` slots.
+    pub async fn connect(edge: &TestEdge, name: &str, capacity: u32) -> HandRunner {
+        HandRunner::connect_with(edge, name, capacity, None).await
+    }
+
+    /// [`HandRunner::connect`] with the tools its hello reports.
+    pub async fn connect_with(edge: &TestEdge, name: &str, capacity: u32, tools: Option<RunnerTools>) -> HandRunner {
+        let (token, ws) = runner_socket(edge, name).await;
+        let mut runner = HandRunner { token, ws, held: vec![], next_index: HashMap::new() };
+        runner.send(&RunnerMessage::Hello { name: name.into(), capacity, running: vec![], version: "test".into(), tools }).await;
+        runner
+    }
+
+    pub async fn send(&mut self, msg: &RunnerMessage) {
+        self.ws.send(Message::Text(serde_json::to_string(msg).unwrap().into())).await.expect("sending to the edge");
+    }
+
+    /// The next edge message that is not a `welcome` (the heartbeat's answer), heartbeating the
+    /// held jobs every 2 s meanwhile.
+    pub async fn next(&mut self, timeout: Duration) -> Option<EdgeMessage> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let beat = tokio::time::Instant::now() + Duration::from_secs(2);
+            match tokio::time::timeout_at(deadline.min(beat), self.ws.next()).await {
+                Err(_) if tokio::time::Instant::now() >= deadline => return None,
+                Err(_) => {
+                    let running = self.held.clone();
+                    self.send(&RunnerMessage::Heartbeat { running }).await;
+                }
+                Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str(t.as_str()).expect("an edge message") {
+                    EdgeMessage::Welcome { .. } => continue,
+                    m => return Some(m),
+                },
+                Ok(Some(Ok(_))) => continue,
+                Ok(other) => panic!("the runner socket ended: {other:?}"),
+            }
+        }
+    }
+
+    /// The next edge message, within [`HAND_WAIT`].
+    pub async fn expect(&mut self, what: &str) -> EdgeMessage {
+        self.next(HAND_WAIT).await.unwrap_or_else(|| panic!("no {what} within {HAND_WAIT:?}"))
+    }
+
+    /// The next assignment (a `cancel` of a job before it is skipped), held from now on (in place
+    /// of an earlier lease of the same job).
+    pub async fn assignment(&mut self) -> Assignment {
+        loop {
+            match self.expect("assignment").await {
+                EdgeMessage::Assign { assignment } => {
+                    self.held.retain(|h| h.job_id != assignment.job_id);
+                    self.held.push(HeldJob { job_id: assignment.job_id.clone(), lease_id: assignment.lease_id.clone() });
+                    return assignment;
+                }
+                EdgeMessage::Cancel { .. } => continue,
+                other => panic!("expected an assignment, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next gather request, with its request id.
+    pub async fn gather(&mut self) -> (String, GatherRequest) {
+        match self.expect("gather request").await {
+            EdgeMessage::Request { request_id, request: RunnerRequest::Gather(g) } => (request_id, g),
+            other => panic!("expected a gather request, got {other:?}"),
+        }
+    }
+
+    pub async fn reply(&mut self, request_id: &str, result: Value) {
+        self.send(&RunnerMessage::Reply { request_id: request_id.into(), result }).await;
+    }
+
+    /// Posts events under the assignment's lease (their indices go on per lease); asserts 200 and a
+    /// valid lease (post a batch meant to be refused with [`Api::send`]) and answers the ack.
+    pub async fn post(&mut self, api: &Api, a: &Assignment, events: Vec<Value>) -> Value {
+        let next = self.next_index.entry(a.lease_id.clone()).or_insert(0);
+        let events: Vec<Value> = events
+            .into_iter()
+            .map(|mut e| {
+                e["index"] = json!(*next);
+                *next += 1;
+                e
+            })
+            .collect();
+        let batch = json!({"lease_id": a.lease_id, "events": events});
+        let (status, ack) = api.send(Method::POST, &format!("/runner/v1/jobs/{}/events", a.job_id), Some(&self.token), Some(batch)).await;
+        assert_eq!(status, StatusCode::OK, "{ack}");
+        assert_eq!(ack["lease_valid"], true, "{ack}");
+        ack
+    }
+
+    /// Posts a `finished` event (`finished`'s fields over `{"message": "done"}`) and holds the job
+    /// no more.
+    pub async fn finish(&mut self, api: &Api, a: &Assignment, finished: Value) {
+        let mut ev = json!({"type": "finished", "message": "done"});
+        for (k, v) in finished.as_object().unwrap() {
+            ev[k] = v.clone();
+        }
+        self.post(api, a, vec![ev]).await;
+        self.held.retain(|h| h.job_id != a.job_id);
     }
 }

@@ -7,27 +7,20 @@
 
 use std::time::Duration;
 
-use kiln_e2e::{repo_root, DevScript};
-
-/// The first ```sh block after `## Build an app`.
-fn readme_walkthrough() -> String {
-    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("reading README.md");
-    let section = &readme[readme.find("## Build an app").expect("README.md has a \"Build an app\" section")..];
-    let start = section.find("```sh\n").expect("\"Build an app\" has a ```sh block") + "```sh\n".len();
-    let end = start + section[start..].find("```").expect("the block ends");
-    section[start..end].to_string()
-}
+use kiln_e2e::dev::{readme_block, DevKiln};
 
 #[tokio::test]
 async fn the_readme_app_walkthrough_builds_an_app_on_scripts_dev_with_the_demo_model() {
-    let walkthrough = readme_walkthrough();
+    let walkthrough = readme_block("## Build an app");
     assert!(
         walkthrough.contains(r#"-d '{"prompt":"A reading list for people who read a lot"}'"#),
         "the README's idea changed; this test checks what it promises:\n{walkthrough}"
     );
 
-    let dev = DevScript::start("app-quickstart").await;
-    let (stdout, context) = dev.run(&walkthrough, &repo_root(), Duration::from_secs(240)).await;
+    let (dev, body) = DevKiln::start("app-quickstart").await;
+    assert_eq!(body["agent"]["demoModel"], true, "{body}");
+    let stdout = dev.run_block(&walkthrough, Duration::from_secs(240), "the README's walkthrough").await;
+    let context = || dev.context(&stdout, "");
 
     // What the README shows.
     for line in [

@@ -6,105 +6,11 @@
 
 use std::time::{Duration, Instant};
 
-use futures::{SinkExt, StreamExt};
-use kiln_e2e::{Api, Method, StatusCode, TestEdge, WsAuth, WsClient};
-use kiln_schemas::runner::{Assignment, EdgeMessage, GatherRequest, HeldJob, RunnerMessage, RunnerRequest};
+use kiln_e2e::{Api, HandRunner, Method, StatusCode, TestEdge, WsAuth, WsClient};
+use kiln_schemas::runner::EdgeMessage;
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-struct HandRunner {
-    token: String,
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    held: Vec<HeldJob>,
-}
-
-impl HandRunner {
-    async fn connect(edge: &TestEdge, name: &str, capacity: u32) -> HandRunner {
-        let api = edge.api();
-        let reg = kiln_e2e::runner_registration_token();
-        let (status, body) = api.send(Method::POST, "/runner/v1/register", Some(&reg), Some(json!({"name": name}))).await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-        let token = body["token"].as_str().unwrap().to_string();
-        let mut request = format!("{}/runner/v1/connect", edge.ws_url()).into_client_request().unwrap();
-        request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("runner socket");
-        let mut runner = HandRunner { token, ws, held: vec![] };
-        runner.send(&RunnerMessage::Hello { name: name.into(), capacity, running: vec![], version: "test".into(), tools: None }).await;
-        runner
-    }
-
-    async fn send(&mut self, msg: &RunnerMessage) {
-        self.ws.send(Message::Text(serde_json::to_string(msg).unwrap().into())).await.expect("sending to the edge");
-    }
-
-    /// The next edge message that is not a `welcome` (the heartbeat's answer), heartbeating the
-    /// jobs it holds meanwhile.
-    async fn next(&mut self, timeout: Duration) -> Option<EdgeMessage> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let beat = tokio::time::Instant::now() + Duration::from_secs(2);
-            match tokio::time::timeout_at(deadline.min(beat), self.ws.next()).await {
-                Err(_) if tokio::time::Instant::now() >= deadline => return None,
-                Err(_) => {
-                    let running = self.held.clone();
-                    self.send(&RunnerMessage::Heartbeat { running }).await;
-                }
-                Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str(t.as_str()).expect("an edge message") {
-                    EdgeMessage::Welcome { .. } => continue,
-                    m => return Some(m),
-                },
-                Ok(Some(Ok(_))) => continue,
-                Ok(other) => panic!("the runner socket ended: {other:?}"),
-            }
-        }
-    }
-
-    async fn expect(&mut self, what: &str) -> EdgeMessage {
-        self.next(WAIT).await.unwrap_or_else(|| panic!("no {what} within {WAIT:?}"))
-    }
-
-    /// The next gather request, with its request id.
-    async fn gather(&mut self) -> (String, GatherRequest) {
-        match self.expect("gather request").await {
-            EdgeMessage::Request { request_id, request: RunnerRequest::Gather(g) } => (request_id, g),
-            other => panic!("expected a gather request, got {other:?}"),
-        }
-    }
-
-    async fn reply(&mut self, request_id: &str, result: Value) {
-        self.send(&RunnerMessage::Reply { request_id: request_id.into(), result }).await;
-    }
-
-    async fn assignment(&mut self) -> Assignment {
-        match self.expect("assignment").await {
-            EdgeMessage::Assign { assignment } => {
-                self.held = vec![HeldJob { job_id: assignment.job_id.clone(), lease_id: assignment.lease_id.clone() }];
-                assignment
-            }
-            other => panic!("expected an assignment, got {other:?}"),
-        }
-    }
-
-    async fn post(&self, api: &Api, job_id: &str, lease_id: &str, first: u64, events: Vec<Value>) -> Value {
-        let events: Vec<Value> = events
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut e)| {
-                e["index"] = json!(first + i as u64);
-                e
-            })
-            .collect();
-        let batch = json!({"lease_id": lease_id, "events": events});
-        let (status, ack) = api.send(Method::POST, &format!("/runner/v1/jobs/{job_id}/events"), Some(&self.token), Some(batch)).await;
-        assert_eq!(status, StatusCode::OK, "{ack}");
-        ack
-    }
-}
 
 async fn create(api: &Api, token: &str, idea: &str) -> String {
     let (status, job) = api.post("/api/jobs/", token, json!({"prompt": idea})).await;
@@ -191,7 +97,7 @@ async fn an_app_build_collects_its_requirements_runs_its_pipeline_and_continues(
     // The pipeline's events, and the rows they write.
     let lease = a.lease_id.clone();
     runner
-        .post(&api, &job_id, &lease, 0, vec![
+        .post(&api, &a, vec![
             json!({"type": "started", "message": "started"}),
             json!({"type": "stage", "role": "agent", "sender": "Narrator", "content": "Planning begins", "metadata": {"type": "description"}}),
             json!({"type": "dialogue", "agent": "CEO", "message": "Ship it blue.", "order": 1}),
@@ -274,7 +180,7 @@ async fn an_app_build_collects_its_requirements_runs_its_pipeline_and_continues(
     assert_eq!(status, StatusCode::BAD_REQUEST, "no lease id");
 
     // The run ends: build_done; its runner may still leave its final snapshot.
-    runner.post(&api, &job_id, &lease, 14, vec![json!({"type": "finished", "outcome": "completed", "message": "built"})]).await;
+    runner.post(&api, &a, vec![json!({"type": "finished", "outcome": "completed", "message": "built"})]).await;
     until(&mut ws, "build_done", |e| e["kind"] == "jobStatus" && e["status"] == "build_done").await;
     let (status, body) = put(runner.token.clone(), lease.clone(), snap.clone()).await;
     assert_eq!(status, StatusCode::OK, "the ended run's final snapshot: {body}");

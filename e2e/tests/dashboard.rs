@@ -7,24 +7,12 @@
 
 use std::time::{Duration, Instant};
 
-use futures::{SinkExt, StreamExt};
-use kiln_e2e::{Api, Method, StatusCode, TestEdge};
+use kiln_e2e::{Api, HandRunner, Method, StatusCode, TestEdge};
 use kiln_schemas::dashboard::{elo, ProviderView};
-use kiln_schemas::runner::{Assignment, DashboardParams, EdgeMessage, HeldJob, RunnerMessage, RunnerTools};
+use kiln_schemas::runner::{Assignment, DashboardParams, RunnerTools};
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-struct HandRunner {
-    token: String,
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    held: Vec<HeldJob>,
-    next_index: std::collections::HashMap<String, u64>,
-}
 
 fn tools(providers: &[(&str, &str)]) -> RunnerTools {
     RunnerTools {
@@ -41,86 +29,9 @@ fn tools(providers: &[(&str, &str)]) -> RunnerTools {
     }
 }
 
-impl HandRunner {
-    async fn connect(edge: &TestEdge, name: &str, capacity: u32, tools: Option<RunnerTools>) -> HandRunner {
-        let api = edge.api();
-        let reg = kiln_e2e::runner_registration_token();
-        let (status, body) = api.send(Method::POST, "/runner/v1/register", Some(&reg), Some(json!({"name": name}))).await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-        let token = body["token"].as_str().unwrap().to_string();
-        let mut request = format!("{}/runner/v1/connect", edge.ws_url()).into_client_request().unwrap();
-        request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("runner socket");
-        let mut runner = HandRunner { token, ws, held: vec![], next_index: Default::default() };
-        runner.send(&RunnerMessage::Hello { name: name.into(), capacity, running: vec![], version: "test".into(), tools }).await;
-        runner
-    }
-
-    async fn send(&mut self, msg: &RunnerMessage) {
-        self.ws.send(Message::Text(serde_json::to_string(msg).unwrap().into())).await.expect("sending to the edge");
-    }
-
-    async fn next(&mut self, timeout: Duration) -> Option<EdgeMessage> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let beat = tokio::time::Instant::now() + Duration::from_secs(2);
-            match tokio::time::timeout_at(deadline.min(beat), self.ws.next()).await {
-                Err(_) if tokio::time::Instant::now() >= deadline => return None,
-                Err(_) => {
-                    let running = self.held.clone();
-                    self.send(&RunnerMessage::Heartbeat { running }).await;
-                }
-                Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str(t.as_str()).expect("an edge message") {
-                    EdgeMessage::Welcome { .. } => continue,
-                    m => return Some(m),
-                },
-                Ok(Some(Ok(_))) => continue,
-                Ok(other) => panic!("the runner socket ended: {other:?}"),
-            }
-        }
-    }
-
-    async fn assignment(&mut self) -> Assignment {
-        loop {
-            match self.next(WAIT).await {
-                Some(EdgeMessage::Assign { assignment }) => {
-                    self.held.push(HeldJob { job_id: assignment.job_id.clone(), lease_id: assignment.lease_id.clone() });
-                    return assignment;
-                }
-                Some(EdgeMessage::Cancel { .. }) => continue,
-                other => panic!("expected an assignment, got {other:?}"),
-            }
-        }
-    }
-
-    async fn post(&mut self, api: &Api, a: &Assignment, events: Vec<Value>) -> Value {
-        let next = self.next_index.entry(a.lease_id.clone()).or_insert(0);
-        let events: Vec<Value> = events
-            .into_iter()
-            .map(|mut e| {
-                e["index"] = json!(*next);
-                *next += 1;
-                e
-            })
-            .collect();
-        let batch = json!({"lease_id": a.lease_id, "events": events});
-        let (status, ack) = api.send(Method::POST, &format!("/runner/v1/jobs/{}/events", a.job_id), Some(&self.token), Some(batch)).await;
-        assert_eq!(status, StatusCode::OK, "{ack}");
-        ack
-    }
-
-    async fn progress(&mut self, api: &Api, a: &Assignment, percent: f64, stage: &str) {
-        self.post(api, a, vec![json!({"type": "progress", "percent": percent, "stage": stage, "data": {"step": stage}})]).await;
-    }
-
-    async fn finish(&mut self, api: &Api, a: &Assignment, finished: Value) {
-        let mut ev = json!({"type": "finished", "message": "done"});
-        for (k, v) in finished.as_object().unwrap() {
-            ev[k] = v.clone();
-        }
-        self.post(api, a, vec![ev]).await;
-        self.held.retain(|h| h.job_id != a.job_id);
-    }
+/// Posts a `progress` event.
+async fn progress(runner: &mut HandRunner, api: &Api, a: &Assignment, percent: f64, stage: &str) {
+    runner.post(api, a, vec![json!({"type": "progress", "percent": percent, "stage": stage, "data": {"step": stage}})]).await;
 }
 
 /// GET as `token`, asserting 200.
@@ -162,7 +73,7 @@ async fn agents_tasks_stop_and_learning() {
     let api = edge.api();
     let alice = api.new_user("drest-a").await;
     let bob = api.new_user("drest-b").await;
-    let mut runner = HandRunner::connect(&edge, "hand", 1, None).await;
+    let mut runner = HandRunner::connect_with(&edge, "hand", 1, None).await;
 
     // No credentials: 401.
     refused(api.send(Method::GET, "/api/v1/agents", None, None).await, StatusCode::UNAUTHORIZED, "no token");
@@ -210,11 +121,11 @@ async fn agents_tasks_stop_and_learning() {
         other => panic!("an agent task's params: {other:?}"),
     }
     let path1 = format!("/api/v1/tasks/{t1}");
-    runner.progress(&api, &a, 10.0, "answering").await;
+    progress(&mut runner, &api, &a, 10.0, "answering").await;
     let running = wait(&api, &alice, &path1, "running at 10", |t| t["status"] == "running" && t["progress"] == 10.0).await;
     assert_eq!((running["agentType"].as_str(), running["prompt"].as_str()), (Some("commerce"), Some("Price the BLACK ROSE ring")));
     wait(&api, &alice, "/api/v1/agents/commerce", "agent running", |a| a["status"] == "running").await;
-    runner.progress(&api, &a, 90.0, "answering").await;
+    progress(&mut runner, &api, &a, 90.0, "answering").await;
     assert_eq!(get(&api, &alice, &path1).await["progress"], 90.0);
     runner
         .post(&api, &a, vec![json!({"type": "usage", "usage": {"source": "agent.commerce", "input_tokens": 100, "output_tokens": 50, "cost_usd": 0.25}})])
@@ -323,7 +234,7 @@ async fn agents_tasks_stop_and_learning() {
         }
         other => panic!("a learning cycle's params: {other:?}"),
     }
-    runner.progress(&api, &al, 10.0, "learning").await;
+    progress(&mut runner, &api, &al, 10.0, "learning").await;
     assert_eq!(get(&api, &alice, "/api/v1/agents/commerce").await["status"], "learning");
     let learned = json!({"instructions": "Quote prices in the customer's currency; answer within 5 s.", "changes": ["currency", "latency"], "reviewed": 1});
     runner.finish(&api, &al, json!({"outcome": "completed", "result": learned})).await;
@@ -373,8 +284,8 @@ async fn round_tables_stats_elo_and_providers() {
     let api = edge.api();
     let alice = api.new_user("drest-rt-a").await;
     let bob = api.new_user("drest-rt-b").await;
-    let mut runner = HandRunner::connect(&edge, "rt-1", 1, Some(tools(&[("openai/gpt", "gpt"), ("anthropic/claude", "claude")]))).await;
-    let _other = HandRunner::connect(&edge, "rt-2", 0, Some(tools(&[("anthropic/claude", "claude"), ("google/gemini", "gemini")]))).await;
+    let mut runner = HandRunner::connect_with(&edge, "rt-1", 1, Some(tools(&[("openai/gpt", "gpt"), ("anthropic/claude", "claude")]))).await;
+    let _other = HandRunner::connect_with(&edge, "rt-2", 0, Some(tools(&[("anthropic/claude", "claude"), ("google/gemini", "gemini")]))).await;
 
     // Providers from both runners' hello, once each.
     let providers = wait(&api, &alice, "/api/v1/round-table/providers", "both runners", |p| p.as_array().is_some_and(|a| a.len() == 3)).await;
@@ -406,11 +317,11 @@ async fn round_tables_stats_elo_and_providers() {
         assert_eq!(a.job_id, id);
         assert_eq!(a.dashboard, Some(DashboardParams::RoundTable { providers: Some(vec!["openai/gpt".into(), "anthropic/claude".into()]) }));
         let path = format!("/api/v1/round-table/{id}");
-        runner.progress(&api, &a, 10.0, "generating").await;
+        progress(&mut runner, &api, &a, 10.0, "generating").await;
         wait(&api, &alice, &path, "generating", |c| c["stage"] == "generating").await;
-        runner.progress(&api, &a, 40.0, "scoring").await;
+        progress(&mut runner, &api, &a, 40.0, "scoring").await;
         wait(&api, &alice, &path, "scoring", |c| c["stage"] == "scoring").await;
-        runner.progress(&api, &a, 70.0, "ab_testing").await;
+        progress(&mut runner, &api, &a, 70.0, "ab_testing").await;
         wait(&api, &alice, &path, "ab_testing", |c| c["stage"] == "ab_testing").await;
         runner.finish(&api, &a, json!({"outcome": "completed", "result": competition_result(&id, &prompt, winner, loser)})).await;
         let done = wait(&api, &alice, &path, "completed", |c| c["stage"] == "completed").await;
@@ -496,7 +407,7 @@ async fn three_d_pipelines_through_their_stages() {
     let api = edge.api();
     let alice = api.new_user("drest-3d-a").await;
     let bob = api.new_user("drest-3d-b").await;
-    let mut runner = HandRunner::connect(&edge, "3d", 1, None).await;
+    let mut runner = HandRunner::connect_with(&edge, "3d", 1, None).await;
 
     // Bad input.
     for (body, what) in [
@@ -523,7 +434,7 @@ async fn three_d_pipelines_through_their_stages() {
 
     // Stages and progress as the runner reports them.
     for (pct, stage) in [(30.0, "generating"), (70.0, "validating"), (85.0, "uploading")] {
-        runner.progress(&api, &a, pct, stage).await;
+        progress(&mut runner, &api, &a, pct, stage).await;
         let v = wait(&api, &alice, &path, stage, |v| v["stage"] == stage).await;
         assert_eq!(v["progress"], pct);
     }
@@ -551,7 +462,7 @@ async fn three_d_pipelines_through_their_stages() {
     let (_, p2) = api.post("/api/v1/3d", &alice, json!({"prompt": "Too detailed"})).await;
     let id2 = p2["id"].as_str().unwrap().to_string();
     let a2 = runner.assignment().await;
-    runner.progress(&api, &a2, 70.0, "validating").await;
+    progress(&mut runner, &api, &a2, 70.0, "validating").await;
     let bad = json!({"valid": false, "triangles": 90000, "max_faces": 50000, "meshes": 1, "textures": 0, "images": [], "problems": ["90000 triangles over 50000"]});
     runner.finish(&api, &a2, json!({"outcome": "failed", "error_message": "validation failed: 90000 triangles over 50000", "result": {"report": bad}})).await;
     let f = wait(&api, &alice, &format!("/api/v1/3d/{id2}"), "failed", |v| v["stage"] == "failed").await;
@@ -562,7 +473,7 @@ async fn three_d_pipelines_through_their_stages() {
     let (_, p3) = api.post("/api/v1/3d", &alice, json!({"prompt": "Cancelled ring"})).await;
     let id3 = p3["id"].as_str().unwrap().to_string();
     let a3 = runner.assignment().await;
-    runner.progress(&api, &a3, 12.0, "generating").await;
+    progress(&mut runner, &api, &a3, 12.0, "generating").await;
     let (status, c) = api.post(&format!("/api/v1/3d/{id3}/cancel"), &alice, json!({})).await;
     assert_eq!((status, c["stage"].as_str(), c["error"].as_str()), (StatusCode::OK, Some("failed"), Some("cancelled by user")), "{c}");
     refused(api.post(&format!("/api/v1/3d/{id3}/cancel"), &bob, json!({})).await, StatusCode::NOT_FOUND, "bob cancels");
@@ -587,7 +498,7 @@ async fn dashboard_rows_are_written_again_after_a_failed_write() {
     let edge = TestEdge::start_with_faults(&[("KILN_FAULTS", "dashboard_rows=2")]).await.expect("starting wrangler dev");
     let api = edge.api();
     let alice = api.new_user("drest-repair").await;
-    let mut runner = HandRunner::connect(&edge, "repair", 1, None).await;
+    let mut runner = HandRunner::connect_with(&edge, "repair", 1, None).await;
 
     // A task: its progress write and its end's result write both fail.
     let (status, task) = api.post("/api/v1/tasks", &alice, json!({"agentType": "commerce", "prompt": "Price the ring"})).await;
@@ -596,7 +507,7 @@ async fn dashboard_rows_are_written_again_after_a_failed_write() {
     let a = runner.assignment().await;
     assert_eq!(a.job_id, t);
     let path = format!("/api/v1/tasks/{t}");
-    runner.progress(&api, &a, 40.0, "answering").await;
+    progress(&mut runner, &api, &a, 40.0, "answering").await;
     let stale = get(&api, &alice, &path).await;
     assert_eq!(stale["progress"], 0.0, "the write failed: {stale:#}");
     let result = json!({"answer": "EUR 249", "technique": "chain_of_thought", "model": "demo"});
@@ -611,7 +522,7 @@ async fn dashboard_rows_are_written_again_after_a_failed_write() {
     let id = p["id"].as_str().unwrap().to_string();
     let a = runner.assignment().await;
     let path = format!("/api/v1/3d/{id}");
-    runner.progress(&api, &a, 30.0, "generating").await;
+    progress(&mut runner, &api, &a, 30.0, "generating").await;
     let stale = get(&api, &alice, &path).await;
     assert_eq!((stale["stage"].as_str(), stale["progress"].as_f64()), (Some("pending"), Some(0.0)), "{stale:#}");
     let repaired = wait(&api, &alice, &path, "the pipeline's stage repaired", |v| v["stage"] == "generating").await;

@@ -8,7 +8,8 @@
 
 use std::time::Duration;
 
-use kiln_e2e::{repo_root, DevScript};
+use kiln_e2e::dev::DevKiln;
+use kiln_e2e::repo_root;
 
 /// Every ```sh block of the `## Dashboard (seed 002)` section, in order.
 fn readme_walk() -> String {
@@ -35,9 +36,12 @@ async fn the_readme_dashboard_walk_runs_on_scripts_dev_with_the_demo_model_and_3
         walk.contains(r#"-d '{"prompt":"A low-poly coffee mug"}'"#) && walk.contains("/api/ws/3d_pipeline?after=0"),
         "the README's walk changed; this test checks what it promises:\n{walk}"
     );
-    let dev = DevScript::start("dashboard-quickstart").await;
-    let scratch = dev.scratch();
-    let (stdout, context) = dev.run(&walk, &scratch, Duration::from_secs(180)).await;
+    let (dev, health) = DevKiln::start("dashboard-quickstart").await;
+    assert_eq!(health["agent"]["demoModel"], true, "{health}");
+    let scratch = dev.dir.path().join("walk");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let stdout = dev.run_block_in(&walk, &scratch, Duration::from_secs(180), "the README's dashboard walk").await;
+    let context = || dev.context(&stdout, "");
 
     for line in [
         r#""agentType":"marketing","prompt":"A tagline for a mug shop","status":"completed","result":{"answer":"[demo model] "#,

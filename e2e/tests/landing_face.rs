@@ -16,15 +16,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
-use kiln_e2e::{Api, Method, StatusCode, TestEdge};
-use kiln_schemas::runner::{Assignment, EdgeMessage, HeldJob, RunnerMessage};
+use kiln_e2e::{Api, HandRunner, Method, StatusCode, TestEdge};
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
 use tokio::sync::OnceCell;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -461,70 +455,6 @@ async fn another_users_ids_answer_404_everywhere() {
 // ---------------------------------------------------------------------------------------------
 // The stream, with a hand-written runner.
 
-struct HandRunner {
-    token: String,
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    held: Vec<HeldJob>,
-}
-
-impl HandRunner {
-    async fn connect(edge: &TestEdge, name: &str) -> HandRunner {
-        let api = edge.api();
-        let reg = kiln_e2e::runner_registration_token();
-        let (status, body) = api.send(Method::POST, "/runner/v1/register", Some(&reg), Some(json!({"name": name}))).await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-        let token = body["token"].as_str().unwrap().to_string();
-        let mut request = format!("{}/runner/v1/connect", edge.ws_url()).into_client_request().unwrap();
-        request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("runner socket");
-        let mut runner = HandRunner { token, ws, held: vec![] };
-        runner.send(&RunnerMessage::Hello { name: name.into(), capacity: 2, running: vec![], version: "test".into(), tools: None }).await;
-        runner
-    }
-
-    async fn send(&mut self, msg: &RunnerMessage) {
-        self.ws.send(Message::Text(serde_json::to_string(msg).unwrap().into())).await.expect("sending to the edge");
-    }
-
-    /// The next assignment, heartbeating meanwhile.
-    async fn assignment(&mut self) -> Assignment {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let beat = tokio::time::Instant::now() + Duration::from_secs(2);
-            match tokio::time::timeout_at(deadline.min(beat), self.ws.next()).await {
-                Err(_) if tokio::time::Instant::now() >= deadline => panic!("no assignment within {WAIT:?}"),
-                Err(_) => {
-                    let running = self.held.clone();
-                    self.send(&RunnerMessage::Heartbeat { running }).await;
-                }
-                Ok(Some(Ok(Message::Text(t)))) => {
-                    if let EdgeMessage::Assign { assignment } = serde_json::from_str(t.as_str()).expect("an edge message") {
-                        self.held.push(HeldJob { job_id: assignment.job_id.clone(), lease_id: assignment.lease_id.clone() });
-                        return assignment;
-                    }
-                }
-                Ok(Some(Ok(_))) => {}
-                Ok(other) => panic!("the runner socket ended: {other:?}"),
-            }
-        }
-    }
-
-    async fn post(&self, api: &Api, a: &Assignment, first: u64, events: Vec<Value>) {
-        let events: Vec<Value> = events
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut e)| {
-                e["index"] = json!(first + i as u64);
-                e
-            })
-            .collect();
-        let batch = json!({"lease_id": a.lease_id, "events": events});
-        let (status, ack) = api.send(Method::POST, &format!("/runner/v1/jobs/{}/events", a.job_id), Some(&self.token), Some(batch)).await;
-        assert_eq!(status, StatusCode::OK, "{ack}");
-        assert_eq!(ack["lease_valid"], true, "{ack}");
-    }
-}
-
 fn node(node: &str, event_type: &str, message: &str) -> Value {
     json!({"type": "node", "node": node, "event_type": event_type, "message": message, "data": {"n": message}})
 }
@@ -607,7 +537,7 @@ async fn the_stream_follows_resumes_and_ends() {
     let api = edge.api();
     let u = User::new(&edge, "lf-sse").await;
     let other = User::new(&edge, "lf-sse-other").await;
-    let mut runner = HandRunner::connect(&edge, "hand-sse").await;
+    let mut runner = HandRunner::connect(&edge, "hand-sse", 2).await;
     let s = session("sse");
     let init = u.init(&s, "Streamed").await;
     let job = init["job_id"].as_str().unwrap().to_string();
@@ -619,7 +549,7 @@ async fn the_stream_follows_resumes_and_ends() {
 
     // A stream opened before any node event: it follows them live.
     let mut live = Sse::open(&edge, &u.token, &job, "", None).await;
-    runner.post(&api, &a, 0, vec![json!({"type": "started", "message": "started"}), node("router", "node", "Planning next steps...")]).await;
+    runner.post(&api, &a, vec![json!({"type": "started", "message": "started"}), node("router", "node", "Planning next steps...")]).await;
     let (i, e) = live.event().await.expect("the router's event");
     assert_eq!((i, e["node"].as_str(), e["event_type"].as_str()), (0, Some("router"), Some("node")));
     let polled = u.job(&job).await;
@@ -632,7 +562,7 @@ async fn the_stream_follows_resumes_and_ends() {
     let names = ["router", "design_planner", "design_planner", "designer", "designer", "coder"];
     let kinds = ["node_completed", "node", "node_completed", "node", "node_completed", "node"];
     let more: Vec<Value> = names.iter().zip(kinds).map(|(n, k)| node(n, k, &format!("{n} {k}"))).collect();
-    runner.post(&api, &a, 2, more).await;
+    runner.post(&api, &a, more).await;
     let mut seen = vec![e];
     for want in 1..=3u64 {
         let (i, e) = live.event().await.expect("an event");
@@ -641,7 +571,7 @@ async fn the_stream_follows_resumes_and_ends() {
     }
     // The client goes away after index 3 and comes back with Last-Event-ID: 3, while more arrive.
     drop(live);
-    runner.post(&api, &a, 8, vec![node("coder_tools", "tool", "Created 3 file(s)"), node("coder", "node_completed", "done")]).await;
+    runner.post(&api, &a, vec![node("coder_tools", "tool", "Created 3 file(s)"), node("coder", "node_completed", "done")]).await;
     let mut resumed = Sse::open(&edge, &u.token, &job, "?after=1", Some("3")).await;
     for want in 4..=8u64 {
         let (i, e) = resumed.event().await.expect("an event");
@@ -650,7 +580,7 @@ async fn the_stream_follows_resumes_and_ends() {
     }
     // The job ends: __end__, then the stream ends.
     runner
-        .post(&api, &a, 10, vec![json!({"type": "finished", "outcome": "completed", "message": "deployed", "result": {"preview_url": "x"}})])
+        .post(&api, &a, vec![json!({"type": "finished", "outcome": "completed", "message": "deployed", "result": {"preview_url": "x"}})])
         .await;
     let (i, end) = resumed.event().await.expect("the __end__ event");
     assert_eq!((i, end["node"].as_str(), end["event_type"].as_str()), (9, Some("__end__"), Some("job_completed")), "{end}");
@@ -707,7 +637,7 @@ async fn the_stream_follows_resumes_and_ends() {
     assert_eq!(status, StatusCode::OK, "the preview is served");
     let (status, body) = u.send(Method::DELETE, &format!("/v1/landing-pages/{page}"), None, None).await;
     refused(status, &body, StatusCode::CONFLICT, "pending or running");
-    runner.post(&api, &b, 0, vec![json!({"type": "finished", "outcome": "completed", "message": "ok"})]).await;
+    runner.post(&api, &b, vec![json!({"type": "finished", "outcome": "completed", "message": "ok"})]).await;
     assert_eq!(u.job(&chat).await["status"], "completed");
     let (status, body) = u.send(Method::DELETE, &format!("/v1/landing-pages/{page}"), None, None).await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");

@@ -8,102 +8,12 @@
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use futures::{SinkExt, StreamExt};
 use kiln_e2e::landing::{payload, session, LandingClient};
-use kiln_e2e::{Api, Method, StatusCode, TestEdge};
-use kiln_schemas::runner::{Assignment, EdgeMessage, HeldJob, RunnerMessage};
+use kiln_e2e::{HandRunner, Method, StatusCode, TestEdge};
+use kiln_schemas::runner::EdgeMessage;
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-struct HandRunner {
-    token: String,
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    held: Vec<HeldJob>,
-    /// Per lease: the next event index.
-    next_index: std::collections::HashMap<String, u64>,
-}
-
-impl HandRunner {
-    async fn connect(edge: &TestEdge, name: &str, capacity: u32) -> HandRunner {
-        let api = edge.api();
-        let reg = kiln_e2e::runner_registration_token();
-        let (status, body) = api.send(Method::POST, "/runner/v1/register", Some(&reg), Some(json!({"name": name}))).await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-        let token = body["token"].as_str().unwrap().to_string();
-        let mut request = format!("{}/runner/v1/connect", edge.ws_url()).into_client_request().unwrap();
-        request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("runner socket");
-        let mut runner = HandRunner { token, ws, held: vec![], next_index: Default::default() };
-        runner.send(&RunnerMessage::Hello { name: name.into(), capacity, running: vec![], version: "test".into(), tools: None }).await;
-        runner
-    }
-
-    async fn send(&mut self, msg: &RunnerMessage) {
-        self.ws.send(Message::Text(serde_json::to_string(msg).unwrap().into())).await.expect("sending to the edge");
-    }
-
-    /// The next edge message that is not a `welcome`, heartbeating the held jobs meanwhile.
-    async fn next(&mut self, timeout: Duration) -> Option<EdgeMessage> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let beat = tokio::time::Instant::now() + Duration::from_secs(2);
-            match tokio::time::timeout_at(deadline.min(beat), self.ws.next()).await {
-                Err(_) if tokio::time::Instant::now() >= deadline => return None,
-                Err(_) => {
-                    let running = self.held.clone();
-                    self.send(&RunnerMessage::Heartbeat { running }).await;
-                }
-                Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str(t.as_str()).expect("an edge message") {
-                    EdgeMessage::Welcome { .. } => continue,
-                    m => return Some(m),
-                },
-                Ok(Some(Ok(_))) => continue,
-                Ok(other) => panic!("the runner socket ended: {other:?}"),
-            }
-        }
-    }
-
-    async fn assignment(&mut self) -> Assignment {
-        match self.next(WAIT).await {
-            Some(EdgeMessage::Assign { assignment }) => {
-                self.held.push(HeldJob { job_id: assignment.job_id.clone(), lease_id: assignment.lease_id.clone() });
-                assignment
-            }
-            other => panic!("expected an assignment, got {other:?}"),
-        }
-    }
-
-    /// Posts events under the assignment's lease (indices continue per lease).
-    async fn post(&mut self, api: &Api, a: &Assignment, events: Vec<Value>) -> Value {
-        let next = self.next_index.entry(a.lease_id.clone()).or_insert(0);
-        let events: Vec<Value> = events
-            .into_iter()
-            .map(|mut e| {
-                e["index"] = json!(*next);
-                *next += 1;
-                e
-            })
-            .collect();
-        let batch = json!({"lease_id": a.lease_id, "events": events});
-        let (status, ack) = api.send(Method::POST, &format!("/runner/v1/jobs/{}/events", a.job_id), Some(&self.token), Some(batch)).await;
-        assert_eq!(status, StatusCode::OK, "{ack}");
-        ack
-    }
-
-    async fn finish(&mut self, api: &Api, a: &Assignment, finished: Value) {
-        let mut ev = json!({"type": "finished", "message": "done"});
-        for (k, v) in finished.as_object().unwrap() {
-            ev[k] = v.clone();
-        }
-        self.post(api, a, vec![ev]).await;
-        self.held.retain(|h| h.job_id != a.job_id);
-    }
-}
 
 fn node(node: &str, event_type: &str, message: &str) -> Value {
     json!({"type": "node", "node": node, "event_type": event_type, "message": message, "data": {}})
@@ -437,10 +347,7 @@ async fn a_gather_turn_in_flight_does_not_hold_the_rooms_alarm() {
     let (status, job) = api.post("/api/jobs/", &token, json!({"prompt": "A recipe book"})).await;
     assert_eq!(status, StatusCode::CREATED, "{job}");
     let job_id = job["id"].as_str().unwrap().to_string();
-    let (request_id, gather) = match runner.next(WAIT).await {
-        Some(EdgeMessage::Request { request_id, request: kiln_schemas::runner::RunnerRequest::Gather(g) }) => (request_id, g),
-        other => panic!("expected a gather request, got {other:?}"),
-    };
+    let (request_id, gather) = runner.gather().await;
     assert_eq!(gather.job_id, job_id);
 
     // The turn stays unanswered; the socket opened with the 6 s token closes at its expiry.
@@ -463,7 +370,7 @@ async fn a_gather_turn_in_flight_does_not_hold_the_rooms_alarm() {
     // The late reply is taken: the gatherer's question is the job's next message.
     let started = Instant::now();
     let reply = json!({"reply": "Which cuisines should it cover?", "sender": "Gatherer"});
-    runner.send(&RunnerMessage::Reply { request_id, result: reply }).await;
+    runner.reply(&request_id, reply).await;
     let (_, pair) = api.login(&email, kiln_e2e::PASSWORD).await;
     let fresh = pair["access"].as_str().unwrap().to_string();
     let deadline = Instant::now() + WAIT;

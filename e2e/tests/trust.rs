@@ -241,21 +241,15 @@ async fn protected_branches_and_the_default_branch_are_refused_at_create() {
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// A runner socket driven by hand that says only what a test tells it (no heartbeats of its own).
 struct HandRunner {
     token: String,
-    ws: Socket,
+    ws: kiln_e2e::RunnerSocket,
 }
 
 impl HandRunner {
     async fn connect(edge: &TestEdge, name: &str, capacity: u32, running: Vec<HeldJob>) -> HandRunner {
-        let api = edge.api();
-        let reg = kiln_e2e::runner_registration_token();
-        let (status, body) = api.send(Method::POST, "/runner/v1/register", Some(&reg), Some(json!({"name": name}))).await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-        let token = body["token"].as_str().unwrap().to_string();
-        let mut request = format!("{}/runner/v1/connect", edge.ws_url()).into_client_request().unwrap();
-        request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("runner socket");
+        let (token, ws) = kiln_e2e::runner_socket(edge, name).await;
         let mut runner = HandRunner { token, ws };
         runner.send(&RunnerMessage::Hello { name: name.into(), capacity, running, version: "test".into(), tools: None }).await;
         runner

@@ -3,7 +3,8 @@
 //!
 //! Internal API (called by the Worker and the Queue object, never exposed):
 //! `POST /init`, `POST /transition`, `POST /append`, `POST /runner-batch`, `GET /events` (one page:
-//! `after`, `limit`, `kind`), `GET /ws` (replays the log after `after` a page at a time, then
+//! `after`, `limit`, `kind`), `GET /indexed-events` (one kind's events by their index among that
+//! kind: `kind`, `offset`, `limit`; with how many there are and the last), `GET /ws` (replays the log after `after` a page at a time, then
 //! follows), `POST /check-lease` (a runner's snapshot call), `POST /gather-now` (the queue: a
 //! runner connected). An app build's (seed 000's face):
 //! `POST /messages`, `GET /messages`, `DELETE /messages/<seq>`, `GET /steps`, `POST /pause`,
@@ -216,6 +217,15 @@ struct SocketInfo {
     /// then (the room's alarm), and takes no message after it.
     #[serde(default)]
     expires_at_ms: Option<i64>,
+}
+
+/// `GET /indexed-events`' answer: `events` from the index asked for, `total` of that kind, and
+/// the `last` of them (whatever the page holds).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IndexedEvents {
+    pub total: u64,
+    pub events: Vec<ServerEvent>,
+    pub last: Option<ServerEvent>,
 }
 
 /// Events the replay of a new socket reads from SQLite at a time.
@@ -775,6 +785,36 @@ impl JobRoom {
                 .to_array()?,
         };
         Ok(rows.into_iter().map(|r| (r.seq as u64, r.body)).collect())
+    }
+
+    /// `GET /indexed-events`: the events of `kind` from the `offset`th on (counting that kind
+    /// only), at most `limit`, with their count and the last of them, as [`IndexedEvents`]' JSON.
+    /// The stored texts are answered as they are, never parsed.
+    fn indexed_events(&self, kind: &str, offset: u64, limit: usize) -> ApiResult<String> {
+        #[derive(Deserialize)]
+        struct Count {
+            n: i64,
+        }
+        #[derive(Deserialize)]
+        struct Row {
+            body: String,
+        }
+        let sql = self.sql();
+        let k = || SqlStorageValue::from(kind.to_string());
+        let total = sql.exec("SELECT COUNT(*) AS n FROM events WHERE kind = ?", vec![k()])?.to_array::<Count>()?.first().map_or(0, |c| c.n) as u64;
+        let page: Vec<Row> = sql
+            .exec(
+                "SELECT body FROM events WHERE kind = ? ORDER BY seq LIMIT ? OFFSET ?",
+                vec![k(), SqlStorageValue::from(limit as i64), SqlStorageValue::from(offset as i64)],
+            )?
+            .to_array()?;
+        let last = if page.is_empty() || offset + (page.len() as u64) < total {
+            sql.exec("SELECT body FROM events WHERE kind = ? ORDER BY seq DESC LIMIT 1", vec![k()])?.to_array::<Row>()?.pop().map(|r| r.body)
+        } else {
+            page.last().map(|r| r.body.clone())
+        };
+        let events: Vec<&str> = page.iter().map(|r| r.body.as_str()).collect();
+        Ok(format!(r#"{{"total":{total},"events":[{}],"last":{}}}"#, events.join(","), last.as_deref().unwrap_or("null")))
     }
 
     fn status_event(meta: &RoomMeta, message: &str, patch: &JobPatch) -> EventBody {
@@ -1659,6 +1699,17 @@ impl JobRoom {
                 let events: Vec<serde_json::Value> =
                     bodies.iter().filter_map(|(_, b)| serde_json::from_str(b).ok()).collect();
                 json(&events)
+            }
+            (Method::Get, "/indexed-events") => {
+                self.meta()?;
+                let url = req.url()?;
+                let param = |name: &str| url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.to_string());
+                let kind = param("kind").ok_or_else(|| ApiError::BadRequest("kind is required".into()))?;
+                let offset = param("offset").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let limit = param("limit").and_then(|v| v.parse().ok()).unwrap_or(EVENTS_PAGE).clamp(1, MAX_EVENTS_READ);
+                let headers = worker::Headers::new();
+                headers.set("content-type", "application/json")?;
+                Ok(Response::ok(self.indexed_events(&kind, offset, limit)?)?.with_headers(headers))
             }
             (Method::Get, "/meta") => json(&self.meta()?),
             // `?owner=`: the job's row as the room keeps it (`null` when it keeps none); 404 for

@@ -63,9 +63,24 @@ pub fn title(t: JobType) -> &'static str {
     }
 }
 
-/// The status the job's `__end__` node says it ended with, if it has one.
-pub fn end_status(events: &[NodeEventView]) -> Option<&'static str> {
-    let end = events.iter().rev().find(|e| e.node == END_NODE)?;
+/// A job's node events as its view needs them: how many the job has, the ones answered (all, or
+/// those from an index on), and the last of them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodePage {
+    pub total: u64,
+    pub events: Vec<NodeEventView>,
+    pub last: Option<NodeEventView>,
+}
+
+impl NodePage {
+    /// All of a job's node events.
+    pub fn whole(all: Vec<NodeEventView>) -> NodePage {
+        NodePage { total: all.len() as u64, last: all.last().cloned(), events: all }
+    }
+}
+
+/// The status an `__end__` node says its job ended with.
+pub fn end_status(end: &NodeEventView) -> Option<&'static str> {
     match end.event_type.as_str() {
         "job_completed" => Some("completed"),
         "job_failed" => Some("failed"),
@@ -83,26 +98,25 @@ impl LandingJobRow {
         JobStatus::parse(&self.status).unwrap_or(JobStatus::Failed)
     }
 
-    /// The job as seed 001 shows it, with `events` (all of the job's node events, in order) and
-    /// the ones answered (`from` on). The status is the row's, unless the log already holds the
-    /// `__end__` node (the room writes it with the terminal status; its D1 copy follows): read the
-    /// row before the log, and a terminal status always comes with its `__end__`.
-    pub fn view(&self, all: Vec<NodeEventView>, from: Option<u64>) -> LandingJobView {
-        let status = end_status(&all).unwrap_or_else(|| landing_status(self.core_status())).to_string();
-        let error_message = self.error_message.clone().or_else(|| {
-            all.iter().rev().find(|e| e.node == END_NODE && e.event_type == "job_failed").map(|e| e.message.clone())
-        });
+    /// The job as seed 001 shows it, with the `page` of its node events answered (all of them, or
+    /// from `from` on). The status is the row's, unless the log already holds the `__end__` node
+    /// (the room writes it with the terminal status, and no node event after it; its D1 copy
+    /// follows): read the row before the log, and a terminal status always comes with its
+    /// `__end__`.
+    pub fn view(&self, page: NodePage, from: Option<u64>) -> LandingJobView {
+        let NodePage { total, events, last } = page;
+        let end = last.as_ref().filter(|e| e.node == END_NODE);
+        let status = end.and_then(end_status).unwrap_or_else(|| landing_status(self.core_status())).to_string();
+        let error_message = self
+            .error_message
+            .clone()
+            .or_else(|| end.filter(|e| e.event_type == "job_failed").map(|e| e.message.clone()));
         let mut updated_at = self.updated_at.clone();
-        if let Some(last) = all.last() {
+        if let Some(last) = &last {
             if last.timestamp > updated_at {
                 updated_at = last.timestamp.clone();
             }
         }
-        let total = all.len() as u64;
-        let events = match from {
-            None => all,
-            Some(n) => all.into_iter().skip(n.min(total) as usize).collect(),
-        };
         let t = self.job_type();
         LandingJobView {
             id: self.id.clone(),
@@ -122,7 +136,7 @@ impl LandingJobRow {
 
     /// The job in a list: no `events` key (a list reads no room; poll the job for them).
     pub fn list_view(&self) -> Value {
-        let mut v = serde_json::to_value(self.view(vec![], None)).unwrap_or(Value::Null);
+        let mut v = serde_json::to_value(self.view(NodePage::default(), None)).unwrap_or(Value::Null);
         if let Some(m) = v.as_object_mut() {
             m.remove("events");
         }
@@ -502,7 +516,7 @@ mod tests {
             .iter()
             .map(|e| node_view("j", e).unwrap())
             .collect();
-        let v = row("running").view(evs.clone(), None);
+        let v = row("running").view(NodePage::whole(evs.clone()), None);
         assert_eq!((v.kind.as_str(), v.status.as_str()), ("chat", "failed"));
         assert_eq!(v.error_message.as_deref(), Some("boom"));
         assert_eq!(v.updated_at, "2026-01-01T00:00:05.000Z");
@@ -510,13 +524,18 @@ mod tests {
         assert_eq!(v.next_after, None);
         let json = serde_json::to_value(&v).unwrap();
         assert!(json.get("next_after").is_none());
-        let v = row("running").view(evs.clone(), Some(1));
+        // A page from index 1 (as the room answers it): the status still comes from the last.
+        let from = |n: usize| NodePage { total: 3, events: evs[n.min(3)..].to_vec(), last: evs.last().cloned() };
+        let v = row("running").view(from(1), Some(1));
         assert_eq!(v.events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["j:3", "j:5"]);
         assert_eq!(v.next_after, Some(3));
-        let v = row("running").view(evs, Some(9));
+        let v = row("running").view(from(9), Some(9));
         assert!(v.events.is_empty());
-        assert_eq!(v.next_after, Some(3));
-        assert_eq!(row("queued").view(vec![], None).status, "pending");
+        assert_eq!((v.status.as_str(), v.next_after), ("failed", Some(3)));
+        assert_eq!(v.updated_at, "2026-01-01T00:00:05.000Z");
+        let running = NodePage { total: 2, events: vec![], last: Some(evs[1].clone()) };
+        assert_eq!(row("running").view(running, Some(2)).status, "running");
+        assert_eq!(row("queued").view(NodePage::default(), None).status, "pending");
         assert!(row("queued").list_view().get("events").is_none());
     }
 

@@ -43,7 +43,7 @@ async fn runner(server: &ModelServer) -> (TestRunner, TempDir) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_designs_codes_checks_and_publishes_then_chat_and_deploy_work_on_the_same_workspace() {
-    let server = ModelServer::start(Script::from_value(script()).unwrap());
+    let server = model_server();
     let (runner, _agent) = runner(&server).await;
     let page = new_page();
 
@@ -54,30 +54,9 @@ async fn init_designs_codes_checks_and_publishes_then_chat_and_deploy_work_on_th
     let events = runner.run(a, 60).await;
     let init_ms = t.elapsed().as_millis();
     assert_started_and_finished(&events);
-    assert_eq!(
-        finished(&events).0,
-        Outcome::Completed,
-        "{:#?}",
-        lines(&events)
-    );
-    assert_eq!(
-        path(&events),
-        [
-            "router node",
-            "router node_completed",
-            "design_planner node",
-            "design_planner node_completed",
-            "designer node",
-            "designer node_completed",
-            "coder node",
-            "coder_tools tool",
-            "coder node_completed",
-            "build_check node",
-            "build_check node_completed",
-            "deployer node",
-            "deployer node_completed",
-        ]
-    );
+    assert_completed(&events);
+    assert_eq!(path(&events)[..6], DESIGNED);
+    assert_eq!(path(&events)[6..], CODED_AND_PUBLISHED);
     let router = node_data(&events, "router", "node_completed");
     assert_eq!(router["route"], "design");
     let planner = node_data(&events, "design_planner", "node_completed");
@@ -183,26 +162,9 @@ async fn init_designs_codes_checks_and_publishes_then_chat_and_deploy_work_on_th
     let t = std::time::Instant::now();
     let events = runner.run(a, 60).await;
     let chat_ms = t.elapsed().as_millis();
-    assert_eq!(
-        finished(&events).0,
-        Outcome::Completed,
-        "{:#?}",
-        lines(&events)
-    );
-    assert_eq!(
-        path(&events),
-        [
-            "router node",
-            "router node_completed",
-            "coder node",
-            "coder_tools tool",
-            "coder node_completed",
-            "build_check node",
-            "build_check node_completed",
-            "deployer node",
-            "deployer node_completed",
-        ]
-    );
+    assert_completed(&events);
+    assert_eq!(path(&events)[..2], ["router node", "router node_completed"]);
+    assert_eq!(path(&events)[2..], CODED_AND_PUBLISHED);
     assert_eq!(
         node_data(&events, "router", "node_completed")["route"],
         "code"
@@ -257,12 +219,7 @@ async fn init_designs_codes_checks_and_publishes_then_chat_and_deploy_work_on_th
     let a = landing_job(&page, payload("x"), Some("Publish it DEPLOY_ONLY"));
     let deploy_id = a.job_id.clone();
     let events = runner.run(a, 60).await;
-    assert_eq!(
-        finished(&events).0,
-        Outcome::Completed,
-        "{:#?}",
-        lines(&events)
-    );
+    assert_completed(&events);
     assert_eq!(
         path(&events),
         [
@@ -286,35 +243,14 @@ async fn init_designs_codes_checks_and_publishes_then_chat_and_deploy_work_on_th
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_build_is_repaired_by_the_fixer() {
-    let server = ModelServer::start(Script::from_value(script()).unwrap());
+    let server = model_server();
     let (runner, _agent) = runner(&server).await;
     let page = new_page();
     let events = runner
         .run(landing_job(&page, payload("signups BREAK_BUILD"), None), 60)
         .await;
-    assert_eq!(
-        finished(&events).0,
-        Outcome::Completed,
-        "{:#?}",
-        lines(&events)
-    );
-    assert_eq!(
-        path(&events)[6..],
-        [
-            "coder node",
-            "coder_tools tool",
-            "coder node_completed",
-            "build_check node",
-            "build_check error",
-            "deployment_fixer node",
-            "deployment_fixer_tools tool",
-            "deployment_fixer node_completed",
-            "build_check node",
-            "build_check node_completed",
-            "deployer node",
-            "deployer node_completed",
-        ]
-    );
+    assert_completed(&events);
+    assert_eq!(path(&events)[6..], REPAIRED_AND_PUBLISHED);
     let check = node_data(&events, "build_check", "error");
     assert_eq!(check["passed"], false);
     assert_eq!(
@@ -343,7 +279,7 @@ async fn a_broken_build_is_repaired_by_the_fixer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_the_fixer_cannot_repair_fails_after_its_attempts_and_publishes_nothing() {
-    let server = ModelServer::start(Script::from_value(script()).unwrap());
+    let server = model_server();
     let (runner, _agent) = runner(&server).await;
     let page = new_page();
     let a = landing_job(&page, payload("signups BREAK_BUILD ALWAYS_BROKEN"), None);
@@ -400,18 +336,13 @@ async fn a_build_the_fixer_cannot_repair_fails_after_its_attempts_and_publishes_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_the_router_cannot_act_on_ends_with_its_question() {
-    let server = ModelServer::start(Script::from_value(script()).unwrap());
+    let server = model_server();
     let (runner, _agent) = runner(&server).await;
     let page = new_page();
     let a = landing_job(&page, payload("x"), Some("Change which one?"));
     let id = a.job_id.clone();
     let events = runner.run(a, 60).await;
-    assert_eq!(
-        finished(&events).0,
-        Outcome::Completed,
-        "{:#?}",
-        lines(&events)
-    );
+    assert_completed(&events);
     assert_eq!(
         path(&events),
         ["router node", "router node_completed", "router clarify"]
@@ -516,19 +447,14 @@ async fn a_paused_landing_job_waits_between_nodes_until_resumed() {
         .send(EdgeMessage::Resume { job_id: id.clone() })
         .await;
     let events = runner.edge.wait_finished(&id, 60).await;
-    assert_eq!(
-        finished(&events).0,
-        Outcome::Completed,
-        "{:#?}",
-        lines(&events)
-    );
+    assert_completed(&events);
     assert!(runner.edge.preview(&page).is_some());
     runner.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spent_llm_budget_fails_the_job_at_its_node() {
-    let server = ModelServer::start(Script::from_value(script()).unwrap());
+    let server = model_server();
     let mut llm = llm(&server);
     llm.budget = kiln_runner::llm::Budget {
         max_tokens: Some(400),
@@ -579,12 +505,7 @@ async fn a_router_answer_that_cannot_be_read_designs_an_init_and_fails_a_chat() 
             60,
         )
         .await;
-    assert_eq!(
-        finished(&events).0,
-        Outcome::Completed,
-        "{:#?}",
-        lines(&events)
-    );
+    assert_completed(&events);
     let router = node_data(&events, "router", "node_completed");
     assert_eq!(router["route"], "design");
     assert!(

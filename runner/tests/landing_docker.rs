@@ -6,17 +6,16 @@
 mod common;
 
 use common::landing::*;
-use common::{docker_host, finished, RunnerOptions, TestRunner};
-use kiln_e2e::model::{ModelServer, Script};
+use common::{docker_host, RunnerOptions, TestRunner};
 use kiln_runner::config::ExecutorKind;
 use kiln_runner::docker::{container_name, DockerClient};
-use kiln_schemas::runner::{Outcome, RunnerEvent};
+use kiln_schemas::runner::RunnerEvent;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_landing_session_builds_checks_and_repairs_its_page_in_the_jobs_container() {
     let host = docker_host().await;
-    let server = ModelServer::start(Script::from_value(script()).unwrap());
+    let server = model_server();
     let runner = TestRunner::start(RunnerOptions {
         executor: ExecutorKind::Docker,
         docker_host: Some(host.clone()),
@@ -43,24 +42,8 @@ async fn a_landing_session_builds_checks_and_repairs_its_page_in_the_jobs_contai
         .await;
     assert!(docker.container_exists(&container_name(&id)).await.unwrap());
     let events = runner.edge.wait_finished(&id, 90).await;
-    assert_eq!(
-        finished(&events).0,
-        Outcome::Completed,
-        "{:#?}",
-        lines(&events)
-    );
-    assert_eq!(
-        path(&events)[6..],
-        [
-            "coder node",
-            "coder_tools tool",
-            "coder node_completed",
-            "build_check node",
-            "build_check node_completed",
-            "deployer node",
-            "deployer node_completed",
-        ]
-    );
+    assert_completed(&events);
+    assert_eq!(path(&events)[6..], CODED_AND_PUBLISHED);
     assert!(lines(&events).iter().any(|l| l == "OK: index.html builds"));
     let preview = runner.edge.preview(&page).unwrap();
     assert_eq!(
@@ -81,12 +64,7 @@ async fn a_landing_session_builds_checks_and_repairs_its_page_in_the_jobs_contai
     );
     let id = a.job_id.clone();
     let events = runner.run(a, 90).await;
-    assert_eq!(
-        finished(&events).0,
-        Outcome::Completed,
-        "{:#?}",
-        lines(&events)
-    );
+    assert_completed(&events);
     assert_eq!(
         node_data(&events, "build_check", "error")["errors"],
         json!(["index.html references styles.css, which does not exist"])

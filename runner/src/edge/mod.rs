@@ -260,19 +260,25 @@ impl EdgeClient {
         .await
     }
 
-    /// PUTs `body` to `url`, retrying transient failures; an answer is only checked for its status.
-    async fn put_retried(&self, url: &Url, content_type: &str, body: Vec<u8>) -> Result<(), EdgeError> {
+    /// PUTs `body` to `url`, retrying transient failures; answers the response (its status checked).
+    async fn put_retried(
+        &self,
+        url: &Url,
+        content_type: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, EdgeError> {
         retry_transient(|| async {
             let res = self
                 .http
                 .put(url.clone())
                 .bearer_auth(self.token())
                 .header(reqwest::header::CONTENT_TYPE, content_type)
-                .timeout(Duration::from_secs(120))
+                .timeout(timeout)
                 .body(body.clone())
                 .send()
                 .await;
-            check_status(url, res).await.map(|_| ())
+            check_status(url, res).await
         })
         .await
     }
@@ -289,7 +295,9 @@ impl EdgeClient {
         if bundle.len() > MAX_BUNDLE_BYTES {
             return Err(too_big(&url, "bundle", bundle.len(), MAX_BUNDLE_BYTES));
         }
-        self.put_retried(&url, "application/octet-stream", bundle).await
+        self.put_retried(&url, "application/octet-stream", bundle, Duration::from_secs(120))
+            .await
+            .map(|_| ())
     }
 
     /// `PUT /runner/v1/jobs/{job_id}/artifact?lease_id=&name=`: keeps a file the job produced
@@ -311,20 +319,10 @@ impl EdgeClient {
         struct Stored {
             url: String,
         }
-        let stored = retry_transient(|| async {
-            let res = self
-                .http
-                .put(url.clone())
-                .bearer_auth(self.token())
-                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                .timeout(Duration::from_secs(300))
-                .body(bytes.clone())
-                .send()
-                .await;
-            read_json::<Stored>(&url, Ok(check_status(&url, res).await?)).await
-        })
-        .await?;
-        Ok(stored.url)
+        let res = self
+            .put_retried(&url, "application/octet-stream", bytes, Duration::from_secs(300))
+            .await?;
+        Ok(read_json::<Stored>(&url, Ok(res)).await?.url)
     }
 
     /// `PUT /runner/v1/jobs/{job_id}/preview?lease_id=`: publishes the landing page's files,
@@ -353,19 +351,10 @@ impl EdgeClient {
             return Err(too_big(&url, "preview", bytes, MAX_PREVIEW_BYTES));
         }
         let body = serde_json::to_vec(preview).expect("a preview serializes");
-        retry_transient(|| async {
-            let res = self
-                .http
-                .put(url.clone())
-                .bearer_auth(self.token())
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .timeout(Duration::from_secs(120))
-                .body(body.clone())
-                .send()
-                .await;
-            read_json::<Published>(&url, Ok(check_status(&url, res).await?)).await
-        })
-        .await
+        let res = self
+            .put_retried(&url, "application/json", body, Duration::from_secs(120))
+            .await?;
+        read_json::<Published>(&url, Ok(res)).await
     }
 
     /// `PUT /runner/v1/jobs/{job_id}/snapshot?lease_id=`: keeps the workspace's text files in
@@ -389,7 +378,9 @@ impl EdgeClient {
                 ),
             });
         }
-        self.put_retried(&url, "application/json", body).await
+        self.put_retried(&url, "application/json", body, Duration::from_secs(120))
+            .await
+            .map(|_| ())
     }
 
     /// `GET /runner/v1/jobs/{job_id}/snapshot?lease_id=`: the snapshot an earlier run of the job

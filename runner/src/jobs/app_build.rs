@@ -436,14 +436,7 @@ pub(super) async fn run(
     }
 
     let job = &*job;
-    let mut pipeline = Pipeline::new(
-        job.sink.clone(),
-        s.llm.clone(),
-        s.llm.config().budget,
-        job.cancel.clone(),
-        controls,
-        params.paused,
-    );
+    let mut pipeline = job.pipeline(controls, params.paused);
     let build = App {
         job,
         params: &params,
@@ -452,10 +445,7 @@ pub(super) async fn run(
     }
     .run(&mut pipeline);
     // A workspace that outgrows its limit ends the job like any other job's.
-    tokio::select! {
-        f = build => f,
-        over = job.watch_workspace() => failed(over),
-    }
+    job.within_workspace_limit(build).await
 }
 
 struct App<'a> {

@@ -52,15 +52,7 @@ pub(super) async fn run(
         return failed("The assignment of this dashboard job carries no dashboard parameters");
     };
     let job = &*job;
-    let s = job.services.clone();
-    let mut p = Pipeline::new(
-        job.sink.clone(),
-        s.llm.clone(),
-        s.llm.config().budget,
-        job.cancel.clone(),
-        controls,
-        false,
-    );
+    let mut p = job.pipeline(controls, false);
     let prompt = job.assignment.prompt.clone();
     let job_id = job.job_id().to_string();
     let competes = matches!(

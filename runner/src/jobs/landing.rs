@@ -439,14 +439,7 @@ pub(super) async fn run(
     }
 
     let job = &*job;
-    let mut pipeline = Pipeline::new(
-        job.sink.clone(),
-        s.llm.clone(),
-        s.llm.config().budget,
-        job.cancel.clone(),
-        controls,
-        false,
-    );
+    let mut pipeline = job.pipeline(controls, false);
     let graph = Landing {
         job,
         request: request_text(&params),
@@ -455,10 +448,7 @@ pub(super) async fn run(
         dir: path,
     }
     .run(&mut pipeline);
-    tokio::select! {
-        f = graph => f,
-        over = job.watch_workspace() => failed(over),
-    }
+    job.within_workspace_limit(graph).await
 }
 
 struct Landing<'a> {

@@ -20,6 +20,7 @@ use crate::executor::{ExecError, ExecSpec, Execution, Sandbox, StdinWriter};
 use crate::github::NewPullRequest;
 use crate::metrics::Metrics;
 use crate::output::OutputCollector;
+use crate::pipeline::Pipeline;
 use crate::reporter::{self, EventSink};
 use crate::workspace::{RepoRef, Worktree};
 
@@ -368,9 +369,22 @@ impl JobRun {
         };
         // Handlers check the worktree after every command; this catches one that grows it while
         // a long command runs.
+        this.within_workspace_limit(handler).await
+    }
+
+    /// A pipeline for the job's steps: its sink, the runner's model and budget, the job's cancel
+    /// and controls, started `paused` or not.
+    pub fn pipeline(&self, controls: mpsc::UnboundedReceiver<JobControl>, paused: bool) -> Pipeline {
+        let llm = self.services.llm.clone();
+        let budget = llm.config().budget;
+        Pipeline::new(self.sink.clone(), llm, budget, self.cancel.clone(), controls, paused)
+    }
+
+    /// `work`'s `finished` event, or a failed one as soon as the worktree outgrows its limit.
+    pub async fn within_workspace_limit(&self, work: impl std::future::Future<Output = RunnerEvent>) -> RunnerEvent {
         tokio::select! {
-            f = handler => f,
-            over = this.watch_workspace() => failed(over),
+            f = work => f,
+            over = self.watch_workspace() => failed(over),
         }
     }
 

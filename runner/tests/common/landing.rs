@@ -4,15 +4,62 @@
 use std::path::Path;
 use std::time::Duration;
 
-use kiln_e2e::model::ModelServer;
+use kiln_e2e::model::{ModelServer, Script};
 use kiln_runner::llm::{Api, ApiKey, LlmConfig, ModelRef, Provider, RetryPolicy};
 use kiln_schemas::landing::PreviewBundle;
-use kiln_schemas::runner::{Assignment, LandingParams, RunnerEvent};
+use kiln_schemas::runner::{Assignment, LandingParams, Outcome, RunnerEvent};
 use kiln_schemas::status::JobType;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
-use super::{assignment, TestRunner};
+use super::{assignment, finished, TestRunner};
+
+/// An init job's design nodes.
+pub const DESIGNED: [&str; 6] = [
+    "router node",
+    "router node_completed",
+    "design_planner node",
+    "design_planner node_completed",
+    "designer node",
+    "designer node_completed",
+];
+
+/// The nodes after the design of a job whose code builds and is published.
+pub const CODED_AND_PUBLISHED: [&str; 7] = [
+    "coder node",
+    "coder_tools tool",
+    "coder node_completed",
+    "build_check node",
+    "build_check node_completed",
+    "deployer node",
+    "deployer node_completed",
+];
+
+/// The nodes after the design of a job whose build the fixer repairs before it is published.
+pub const REPAIRED_AND_PUBLISHED: [&str; 12] = [
+    "coder node",
+    "coder_tools tool",
+    "coder node_completed",
+    "build_check node",
+    "build_check error",
+    "deployment_fixer node",
+    "deployment_fixer_tools tool",
+    "deployment_fixer node_completed",
+    "build_check node",
+    "build_check node_completed",
+    "deployer node",
+    "deployer node_completed",
+];
+
+/// The scripted model server, answering [`script`].
+pub fn model_server() -> ModelServer {
+    ModelServer::start(Script::from_value(script()).unwrap())
+}
+
+/// Asserts that the job completed (its lines shown when it did not).
+pub fn assert_completed(events: &[RunnerEvent]) {
+    assert_eq!(finished(events).0, Outcome::Completed, "{:#?}", lines(events));
+}
 
 /// The coder and the fixer: a coding agent's work, scripted.
 pub const AGENT: &str = r##"#!/bin/sh

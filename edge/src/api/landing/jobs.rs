@@ -14,7 +14,7 @@ use serde_json::json;
 use worker::{Delay, Headers, Method, Request, RequestInit, Response, WebSocket, WebsocketEvent};
 
 use super::super::Ctx;
-use super::{node_events, owned_job, param, scope};
+use super::{node_at, node_page, owned_job, param, scope};
 use crate::auth::Principal;
 use crate::env;
 use crate::http::{self, json, ApiError, ApiResult};
@@ -25,8 +25,7 @@ use crate::store::JobPatch;
 /// The job as seed 001 shows it; events from index `from` on when given. The row is read before
 /// the log, so a terminal status always comes with its `__end__` event.
 async fn envelope(ctx: &Ctx, row: &LandingJobRow, from: Option<u64>) -> ApiResult<LandingJobEnvelope> {
-    let events = node_events(ctx, &row.id).await?.into_iter().map(|(_, v)| v).collect();
-    Ok(LandingJobEnvelope { job: row.view(events, from) })
+    Ok(LandingJobEnvelope { job: row.view(node_page(ctx, &row.id, from).await?, from) })
 }
 
 /// `GET /v1/jobs/<id>[?after=N]` → `{"job"}`.
@@ -88,12 +87,10 @@ pub async fn stream(req: Request, ctx: &Ctx, who: &Principal, expires_at_ms: Opt
     let mut index = 0;
     let mut ended = false;
     if start > 0 {
-        for (seq, ev) in node_events(ctx, &row.id).await? {
-            if index >= start {
-                break;
-            }
+        let (total, before) = node_at(ctx, &row.id, start - 1).await?;
+        if let Some((seq, ev)) = before {
             cursor = seq;
-            index += 1;
+            index = total.min(start);
             ended = ev.node == END_NODE;
         }
     }

@@ -18,8 +18,8 @@ use super::Ctx;
 use crate::auth::Principal;
 use crate::env;
 use crate::http::{self, ApiError, ApiResult};
-use crate::job_room::MAX_EVENTS_READ;
-use crate::landing_store::{self, node_view, LandingJobRow, PageRow, Scope};
+use crate::job_room::{IndexedEvents, MAX_EVENTS_READ};
+use crate::landing_store::{self, node_view, LandingJobRow, NodePage, PageRow, Scope};
 
 /// What `who` may see.
 pub fn scope(who: &Principal) -> Scope<'_> {
@@ -52,27 +52,37 @@ pub fn param(url: &Url, name: &str) -> Option<String> {
     url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.to_string())
 }
 
-/// Pages of the room's log a read goes through at most (a landing job holds far fewer events).
+/// Pages of the room's log a whole read goes through at most (a landing job holds far fewer
+/// events).
 const MAX_PAGES: usize = 20;
 
-/// The job's node events in order, each with its seq, read from its room a page at a time.
-pub async fn node_events(ctx: &Ctx, job_id: &str) -> ApiResult<Vec<(u64, NodeEventView)>> {
+/// The job's node events from index `from` on (all when `None`), with their count and the last,
+/// read from its room a page at a time: only the events answered cross from the room.
+pub async fn node_page(ctx: &Ctx, job_id: &str, from: Option<u64>) -> ApiResult<NodePage> {
     let room = env::job_room(&ctx.env, job_id)?;
-    let mut out = vec![];
-    let mut after = 0;
+    let views = |evs: &[ServerEvent]| evs.iter().filter_map(|e| node_view(job_id, e)).collect::<Vec<_>>();
+    let mut page = NodePage::default();
+    let mut offset = from.unwrap_or(0);
     for _ in 0..MAX_PAGES {
-        let page: Vec<ServerEvent> =
-            http::call(&room, Method::Get, &format!("/events?kind=node&after={after}&limit={MAX_EVENTS_READ}"), None::<&()>).await?;
-        let full = page.len() == MAX_EVENTS_READ;
-        for ev in &page {
-            after = ev.seq;
-            if let Some(v) = node_view(job_id, ev) {
-                out.push((ev.seq, v));
-            }
-        }
-        if !full {
+        let read: IndexedEvents =
+            http::call(&room, Method::Get, &format!("/indexed-events?kind=node&offset={offset}&limit={MAX_EVENTS_READ}"), None::<&()>).await?;
+        page.total = read.total;
+        page.last = read.last.as_ref().and_then(|e| node_view(job_id, e));
+        offset += read.events.len() as u64;
+        let full = read.events.len() == MAX_EVENTS_READ;
+        page.events.extend(views(&read.events));
+        if !full || offset >= read.total {
             break;
         }
     }
-    Ok(out)
+    Ok(page)
+}
+
+/// The job's node event at index `index`, with its seq, or (when the job has no event there) its
+/// last one and how many it has.
+pub async fn node_at(ctx: &Ctx, job_id: &str, index: u64) -> ApiResult<(u64, Option<(u64, NodeEventView)>)> {
+    let room = env::job_room(&ctx.env, job_id)?;
+    let read: IndexedEvents = http::call(&room, Method::Get, &format!("/indexed-events?kind=node&offset={index}&limit=1"), None::<&()>).await?;
+    let ev = read.events.first().or(read.last.as_ref());
+    Ok((read.total, ev.and_then(|e| node_view(job_id, e).map(|v| (e.seq, v)))))
 }
