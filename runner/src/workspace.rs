@@ -277,6 +277,8 @@ pub struct Workspaces {
     /// When the last fetch of each mirror that succeeded started: a job that asked before then
     /// needs no fetch of its own (one fetch serves a burst of jobs).
     fetched: Mutex<HashMap<RepoRef, std::time::Instant>>,
+    /// Each mirror's default branch as its last fetch left `refs/remotes/origin/HEAD`.
+    default_branch: Mutex<HashMap<RepoRef, String>>,
     /// Fetches run, for tests and benches.
     fetch_count: std::sync::atomic::AtomicU64,
     /// Per mirror: worktrees in use, and finished ones whose entry and branch are still to drop.
@@ -326,6 +328,7 @@ impl Workspaces {
             locks: Mutex::default(),
             fetches: Arc::new(Semaphore::new(crate::config::DEFAULT_FETCH_PARALLELISM)),
             fetched: Mutex::default(),
+            default_branch: Mutex::default(),
             fetch_count: Default::default(),
             state: Mutex::default(),
             url_set: Mutex::default(),
@@ -461,12 +464,35 @@ impl Workspaces {
             {
                 tracing::debug!(repo = %repo.slug(), error = %e, "remote HEAD unknown");
             }
+            let head = self.symbolic_head(&mirror).await;
+            let mut known = self.default_branch.lock().unwrap();
+            match head {
+                Some(b) => known.insert(repo.clone(), b),
+                None => known.remove(repo),
+            };
         }
         // The mirror's last use, for the garbage collection of mirrors nobody uses.
         if let Err(e) = tokio::fs::write(mirror.join(LAST_USED_FILE), b"").await {
             tracing::warn!(repo = %repo.slug(), error = %e, "could not mark the mirror as used");
         }
         Ok(mirror)
+    }
+
+    /// The remote's default branch as `refs/remotes/origin/HEAD` names it.
+    async fn symbolic_head(&self, mirror: &Path) -> Option<String> {
+        let head = self
+            .git
+            .run(
+                mirror,
+                &["symbolic-ref", "--quiet", "refs/remotes/origin/HEAD"],
+            )
+            .await
+            .ok()?;
+        Some(
+            head.trim()
+                .trim_start_matches("refs/remotes/origin/")
+                .to_string(),
+        )
     }
 
     /// Fetches the repository and adds the job's worktree on `branch`, started from `base` (the
@@ -522,22 +548,16 @@ impl Workspaces {
                 b.to_string()
             }
             None => {
-                let head = self
-                    .git
-                    .run(
-                        &mirror,
-                        &["symbolic-ref", "--quiet", "refs/remotes/origin/HEAD"],
-                    )
-                    .await
-                    .map_err(|_| {
+                let known = self.default_branch.lock().unwrap().get(repo).cloned();
+                match known {
+                    Some(b) => b,
+                    None => self.symbolic_head(&mirror).await.ok_or_else(|| {
                         GitError::Invalid(format!(
                             "{} has no default branch (is it empty?)",
                             repo.slug()
                         ))
-                    })?;
-                head.trim()
-                    .trim_start_matches("refs/remotes/origin/")
-                    .to_string()
+                    })?,
+                }
             }
         };
 
@@ -1131,6 +1151,7 @@ impl Workspaces {
                 continue;
             }
             self.fetched.lock().unwrap().remove(&repo);
+            self.default_branch.lock().unwrap().remove(&repo);
             self.state.lock().unwrap().remove(&repo);
             match tokio::fs::remove_dir_all(&mirror).await {
                 Ok(()) => {
