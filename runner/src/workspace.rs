@@ -2,14 +2,15 @@
 //! job at `WORKTREES_DIR/<job_id>` on the job's branch (an app build's is a new repository of its
 //! own there, its git directory beside it at `<job_id>.git`). What the worktrees of a mirror share
 //! and git does not lock for us (fetch, worktree add and prune, deleting branches) holds that
-//! mirror's lock; what one worktree does on its own (status, add, commit, push) runs without it:
-//! git keeps each worktree's index and HEAD apart and updates each ref under a lock file. No git
-//! command collects garbage on its own (`gc.auto=0`, `maintenance.auto=false`): that runs under the
-//! lock when no worktree of the mirror is in use. A finished job's directory is deleted at once;
-//! its worktree entry and branch are dropped in a batch under the lock when nobody waits for it
-//! (or before a worktree that needs them gone is added). User-supplied names are validated and
-//! never reach git as options. Commands inside a worktree name its git directory explicitly, so a `.git` file the
-//! agent rewrote cannot point git at configuration (and hooks) of the agent's making.
+//! mirror's lock; what one worktree does on its own (checkout, status, add, commit, push) runs
+//! without it: git keeps each worktree's index and HEAD apart and updates each ref under a lock
+//! file. No git command collects garbage on its own (`gc.auto=0`, `maintenance.auto=false`): that
+//! runs under the lock when no worktree of the mirror is in use. A finished job's directory is
+//! deleted at once; its worktree entry and branch are dropped in a batch under the lock when it is
+//! free (or before a worktree that needs them gone is added). User-supplied names are validated
+//! and never reach git as options. Commands inside a worktree name its git directory explicitly,
+//! so a `.git` file the agent rewrote cannot point git at configuration (and hooks) of the
+//! agent's making.
 //!
 //! Bounded: at most `RUNNER_FETCH_PARALLELISM` fetches run at once; at start the runner sweeps
 //! what a crash left (worktrees no job holds, their branches in the mirrors); mirrors no job or
