@@ -648,7 +648,8 @@ impl JobRun {
         result
     }
 
-    fn mark(&self, f: impl FnOnce(&mut Marks)) {
+    /// Notes an instant of the job's life for its timing line.
+    pub(super) fn mark(&self, f: impl FnOnce(&mut Marks)) {
         f(&mut self.marks.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
