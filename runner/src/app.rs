@@ -291,6 +291,7 @@ impl Application {
         gc.abort();
         tracing::info!("stopping: cancelling the jobs held here");
         self.supervisor.shutdown().await;
+        self.workspaces.drop_finished().await;
         stop.cancel();
         let _ = session.await;
         match server.await {

@@ -1,10 +1,16 @@
 //! Git workspaces: a bare mirror per repository at `REPOS_DIR/<org>/<repo>.git`, and a worktree per
 //! job at `WORKTREES_DIR/<job_id>` on the job's branch (an app build's is a new repository of its
-//! own there, its git directory beside it at `<job_id>.git`). Every git operation on a mirror (fetch,
-//! worktree add and remove, commit, push) holds that mirror's lock, so concurrent jobs on one
-//! repository never race on its refs. User-supplied names are validated and never reach git as
-//! options. Commands inside a worktree name its git directory explicitly, so a `.git` file the
-//! agent rewrote cannot point git at configuration (and hooks) of the agent's making.
+//! own there, its git directory beside it at `<job_id>.git`). What the worktrees of a mirror share
+//! and git does not lock for us (fetch, worktree add and prune, deleting branches) holds that
+//! mirror's lock; what one worktree does on its own (checkout, status, add, commit, push) runs
+//! without it: git keeps each worktree's index and HEAD apart and updates each ref under a lock
+//! file. No git command collects garbage on its own (`gc.auto=0`, `maintenance.auto=false`): that
+//! runs under the lock when no worktree of the mirror is in use. A finished job's directory is
+//! deleted at once; its worktree entry and branch are dropped in a batch under the lock when it is
+//! free (or before a worktree that needs them gone is added). User-supplied names are validated
+//! and never reach git as options. Commands inside a worktree name its git directory explicitly,
+//! so a `.git` file the agent rewrote cannot point git at configuration (and hooks) of the
+//! agent's making.
 //!
 //! Bounded: at most `RUNNER_FETCH_PARALLELISM` fetches run at once; at start the runner sweeps
 //! what a crash left (worktrees no job holds, their branches in the mirrors); mirrors no job or
@@ -254,6 +260,7 @@ impl Worktree {
             "-c",
             "push.recurseSubmodules=no",
         ];
+        all.extend_from_slice(&NO_AUTO_GC);
         all.extend_from_slice(args);
         all
     }
@@ -271,8 +278,30 @@ pub struct Workspaces {
     /// When the last fetch of each mirror that succeeded started: a job that asked before then
     /// needs no fetch of its own (one fetch serves a burst of jobs).
     fetched: Mutex<HashMap<RepoRef, std::time::Instant>>,
+    /// Each mirror's default branch as its last fetch left `refs/remotes/origin/HEAD`.
+    default_branch: Mutex<HashMap<RepoRef, String>>,
     /// Fetches run, for tests and benches.
     fetch_count: std::sync::atomic::AtomicU64,
+    /// Per mirror: worktrees in use, and finished ones whose entry and branch are still to drop.
+    state: Mutex<HashMap<RepoRef, MirrorState>>,
+    /// Mirrors whose `origin` this run has pointed at the git host.
+    url_set: Mutex<std::collections::HashSet<RepoRef>>,
+}
+
+/// Options every command on a mirror or its worktrees carries: no automatic garbage collection
+/// (it would pack refs and objects under worktrees working without the lock).
+const NO_AUTO_GC: [&str; 4] = ["-c", "gc.auto=0", "-c", "maintenance.auto=false"];
+
+/// At most this many finished worktrees wait to be dropped; the next clean-up then waits for the
+/// lock.
+const MAX_PENDING: usize = 32;
+
+#[derive(Debug, Default)]
+struct MirrorState {
+    /// Worktrees of jobs that hold them (added, not yet removed).
+    in_use: usize,
+    /// Finished worktrees (directory already deleted): their path and branch.
+    pending: Vec<(PathBuf, String)>,
 }
 
 /// What a sweep at start removed.
@@ -300,7 +329,10 @@ impl Workspaces {
             locks: Mutex::default(),
             fetches: Arc::new(Semaphore::new(crate::config::DEFAULT_FETCH_PARALLELISM)),
             fetched: Mutex::default(),
+            default_branch: Mutex::default(),
             fetch_count: Default::default(),
+            state: Mutex::default(),
+            url_set: Mutex::default(),
         }
     }
 
@@ -337,15 +369,17 @@ impl Workspaces {
         self.worktrees_dir.join(job_id)
     }
 
-    async fn lock(&self, repo: &RepoRef) -> OwnedMutexGuard<()> {
-        let lock = self
-            .locks
+    fn mutex(&self, repo: &RepoRef) -> Arc<AsyncMutex<()>> {
+        self.locks
             .lock()
             .unwrap()
             .entry(repo.clone())
             .or_default()
-            .clone();
-        lock.lock_owned().await
+            .clone()
+    }
+
+    async fn lock(&self, repo: &RepoRef) -> OwnedMutexGuard<()> {
+        self.mutex(repo).lock_owned().await
     }
 
     /// Creates the mirror if needed and fetches every branch of the remote. Returns its path.
@@ -399,11 +433,13 @@ impl Workspaces {
             self.git
                 .run(&mirror, &["remote", "add", "--", "origin", &url])
                 .await?;
-        } else {
+        } else if !self.url_set.lock().unwrap().contains(repo) {
+            // Once per mirror and run: the git host's URL is fixed while the runner runs.
             self.git
                 .run(&mirror, &["remote", "set-url", "--", "origin", &url])
                 .await?;
         }
+        self.url_set.lock().unwrap().insert(repo.clone());
         {
             let _turn = self
                 .fetches
@@ -414,7 +450,10 @@ impl Workspaces {
             self.fetch_count
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.git
-                .run(&mirror, &["fetch", "--prune", "--quiet", "origin"])
+                .run(
+                    &mirror,
+                    &[&NO_AUTO_GC[..], &["fetch", "--prune", "--quiet", "origin"]].concat(),
+                )
                 .await?;
             self.fetched.lock().unwrap().insert(repo.clone(), started);
             // Asks the remote too. An empty remote has no HEAD to follow; that is only an
@@ -426,12 +465,35 @@ impl Workspaces {
             {
                 tracing::debug!(repo = %repo.slug(), error = %e, "remote HEAD unknown");
             }
+            let head = self.symbolic_head(&mirror).await;
+            let mut known = self.default_branch.lock().unwrap();
+            match head {
+                Some(b) => known.insert(repo.clone(), b),
+                None => known.remove(repo),
+            };
         }
         // The mirror's last use, for the garbage collection of mirrors nobody uses.
         if let Err(e) = tokio::fs::write(mirror.join(LAST_USED_FILE), b"").await {
             tracing::warn!(repo = %repo.slug(), error = %e, "could not mark the mirror as used");
         }
         Ok(mirror)
+    }
+
+    /// The remote's default branch as `refs/remotes/origin/HEAD` names it.
+    async fn symbolic_head(&self, mirror: &Path) -> Option<String> {
+        let head = self
+            .git
+            .run(
+                mirror,
+                &["symbolic-ref", "--quiet", "refs/remotes/origin/HEAD"],
+            )
+            .await
+            .ok()?;
+        Some(
+            head.trim()
+                .trim_start_matches("refs/remotes/origin/")
+                .to_string(),
+        )
     }
 
     /// Fetches the repository and adds the job's worktree on `branch`, started from `base` (the
@@ -487,22 +549,16 @@ impl Workspaces {
                 b.to_string()
             }
             None => {
-                let head = self
-                    .git
-                    .run(
-                        &mirror,
-                        &["symbolic-ref", "--quiet", "refs/remotes/origin/HEAD"],
-                    )
-                    .await
-                    .map_err(|_| {
+                let known = self.default_branch.lock().unwrap().get(repo).cloned();
+                match known {
+                    Some(b) => b,
+                    None => self.symbolic_head(&mirror).await.ok_or_else(|| {
                         GitError::Invalid(format!(
                             "{} has no default branch (is it empty?)",
                             repo.slug()
                         ))
-                    })?;
-                head.trim()
-                    .trim_start_matches("refs/remotes/origin/")
-                    .to_string()
+                    })?,
+                }
             }
         };
 
@@ -510,6 +566,17 @@ impl Workspaces {
             .await
             .map_err(io_err(format!("creating {}", self.worktrees_dir.display())))?;
         let path = self.worktree_path(job_id);
+        // A finished worktree of this path or branch (a retry's) is dropped first: git would
+        // refuse a path still registered, or a branch still checked out.
+        let needed = self
+            .state
+            .lock()
+            .unwrap()
+            .get(repo)
+            .is_some_and(|s| s.pending.iter().any(|(p, b)| *p == path || b == branch));
+        if needed {
+            self.drop_pending_locked(repo, &mirror).await;
+        }
         if path.exists() {
             self.remove_locked(&mirror, &path, None).await;
         }
@@ -522,6 +589,7 @@ impl Workspaces {
                     "worktree",
                     "add",
                     "--quiet",
+                    "--no-checkout",
                     "--no-track",
                     "-B",
                     branch,
@@ -531,25 +599,51 @@ impl Workspaces {
                 ],
             )
             .await?;
-
-        let dotgit = tokio::fs::read_to_string(path.join(".git"))
-            .await
-            .map_err(io_err("reading the new worktree's .git"))?;
-        let git_dir = dotgit
-            .trim()
-            .strip_prefix("gitdir: ")
-            .map(PathBuf::from)
-            .ok_or_else(|| {
-                GitError::Invalid(format!("unexpected .git file in {}", path.display()))
-            })?;
-        Ok(Worktree {
+        self.state
+            .lock()
+            .unwrap()
+            .entry(repo.clone())
+            .or_default()
+            .in_use += 1;
+        let git_dir = async {
+            let dotgit = tokio::fs::read_to_string(path.join(".git"))
+                .await
+                .map_err(io_err("reading the new worktree's .git"))?;
+            dotgit
+                .trim()
+                .strip_prefix("gitdir: ")
+                .map(PathBuf::from)
+                .ok_or_else(|| {
+                    GitError::Invalid(format!("unexpected .git file in {}", path.display()))
+                })
+        }
+        .await;
+        let git_dir = match git_dir {
+            Ok(d) => d,
+            Err(e) => {
+                self.remove_locked(&mirror, &path, Some(branch)).await;
+                self.release(repo);
+                return Err(e);
+            }
+        };
+        drop(_guard);
+        let wt = Worktree {
             repo: repo.clone(),
             path,
             git_dir,
             branch: branch.to_string(),
             base_branch,
             standalone: false,
-        })
+        };
+        // The checkout writes only the worktree's own index and files: without the lock.
+        if let Err(e) = self
+            .in_worktree(&wt, &["reset", "--quiet", "--hard", "HEAD"])
+            .await
+        {
+            self.remove_worktree(&wt).await;
+            return Err(e);
+        }
+        Ok(wt)
     }
 
     /// An app build's workspace: a new git repository at `WORKTREES_DIR/<job_id>` (no remote),
@@ -612,7 +706,6 @@ impl Workspaces {
         if let Some(sha) = self.commit_all(wt, message).await? {
             return Ok(sha);
         }
-        let _guard = self.lock(&wt.repo).await;
         self.in_worktree(
             wt,
             &[
@@ -694,7 +787,6 @@ impl Workspaces {
     /// The workspace's `main` as a git bundle (its whole history); `None` before its first
     /// commit.
     pub async fn bundle(&self, wt: &Worktree) -> Result<Option<Vec<u8>>, GitError> {
-        let _guard = self.lock(&wt.repo).await;
         if self
             .in_worktree(wt, &["rev-parse", "--verify", "--quiet", "refs/heads/main"])
             .await
@@ -727,7 +819,6 @@ impl Workspaces {
     /// Stages everything in the worktree (without committing): the baseline the next
     /// [`Workspaces::changes`] compares with.
     pub async fn stage_all(&self, wt: &Worktree) -> Result<(), GitError> {
-        let _guard = self.lock(&wt.repo).await;
         match self
             .in_worktree(wt, &["add", "--all", "--ignore-errors"])
             .await
@@ -740,7 +831,6 @@ impl Workspaces {
     /// What changed in the worktree since it was last staged (or committed): files created,
     /// updated and deleted, by path, sorted.
     pub async fn changes(&self, wt: &Worktree) -> Result<Changes, GitError> {
-        let _guard = self.lock(&wt.repo).await;
         let out = self
             .in_worktree(
                 wt,
@@ -768,7 +858,6 @@ impl Workspaces {
         wt: &Worktree,
         message: &str,
     ) -> Result<Option<String>, GitError> {
-        let _guard = self.lock(&wt.repo).await;
         // A path git cannot add (a nested repository without commits, an unreadable file) must
         // not cost the rest of the work: add what can be added and say what could not.
         match self
@@ -794,23 +883,27 @@ impl Workspaces {
         Ok(Some(sha.trim().to_string()))
     }
 
-    /// Pushes the job's branch to the remote.
+    /// Pushes the job's branch to the remote. To its URL, not `origin`: a push to a remote
+    /// would also update `refs/remotes/origin/`, which only a fetch under the lock writes.
     pub async fn push(&self, wt: &Worktree) -> Result<(), GitError> {
-        let _guard = self.lock(&wt.repo).await;
         let refspec = format!("HEAD:refs/heads/{}", wt.branch);
+        let url = self.remote_url(&wt.repo);
         self.in_worktree(
             wt,
-            &["push", "--quiet", "--no-verify", "origin", "--", &refspec],
+            &["push", "--quiet", "--no-verify", &url, "--", &refspec],
         )
         .await?;
         Ok(())
     }
 
     /// Removes the worktree and its local branch (the remote keeps what was pushed); an app
-    /// build's workspace goes with its git directory.
+    /// build's workspace goes with its git directory. The directory goes at once, without the
+    /// mirror's lock; the worktree's entry and branch are dropped with any other finished ones
+    /// when the lock is free (else by a later clean-up, or before a worktree that needs them
+    /// gone is added).
     pub async fn remove_worktree(&self, wt: &Worktree) {
-        let _guard = self.lock(&wt.repo).await;
         if wt.standalone {
+            let _guard = self.lock(&wt.repo).await;
             for dir in [&wt.path, &wt.git_dir] {
                 if let Err(e) = tokio::fs::remove_dir_all(dir).await {
                     if e.kind() != std::io::ErrorKind::NotFound {
@@ -822,9 +915,104 @@ impl Workspaces {
             self.locks.lock().unwrap().remove(&wt.repo);
             return;
         }
+        if let Err(e) = tokio::fs::remove_dir_all(&wt.path).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %wt.path.display(), error = %e, "could not delete a worktree directory");
+            }
+        }
+        let waiting = {
+            let mut state = self.state.lock().unwrap();
+            let s = state.entry(wt.repo.clone()).or_default();
+            s.pending.push((wt.path.clone(), wt.branch.clone()));
+            s.pending.len()
+        };
+        self.release(&wt.repo);
+        let _guard = match self.mutex(&wt.repo).try_lock_owned() {
+            Ok(g) => g,
+            Err(_) if waiting >= MAX_PENDING => self.lock(&wt.repo).await,
+            // Whoever holds the lock now is on a job's way; a later clean-up drops these.
+            Err(_) => return,
+        };
         let mirror = self.mirror_path(&wt.repo);
-        self.remove_locked(&mirror, &wt.path, Some(&wt.branch))
-            .await;
+        self.drop_pending_locked(&wt.repo, &mirror).await;
+        self.maintain_if_quiet_locked(&wt.repo, &mirror).await;
+    }
+
+    /// Drops every finished worktree's entry and branch still pending (at a graceful stop).
+    pub async fn drop_finished(&self) {
+        let repos: Vec<RepoRef> = self
+            .state
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, s)| !s.pending.is_empty())
+            .map(|(r, _)| r.clone())
+            .collect();
+        for repo in repos {
+            let _guard = self.lock(&repo).await;
+            self.drop_pending_locked(&repo, &self.mirror_path(&repo))
+                .await;
+        }
+    }
+
+    /// One worktree of the mirror no longer in use.
+    fn release(&self, repo: &RepoRef) {
+        if let Some(s) = self.state.lock().unwrap().get_mut(repo) {
+            s.in_use = s.in_use.saturating_sub(1);
+        }
+    }
+
+    /// Drops the entries and branches of the finished worktrees (their directories are gone):
+    /// one `worktree prune` and one `branch -D` for all of them.
+    async fn drop_pending_locked(&self, repo: &RepoRef, mirror: &Path) {
+        let pending = match self.state.lock().unwrap().get_mut(repo) {
+            Some(s) => std::mem::take(&mut s.pending),
+            None => return,
+        };
+        if pending.is_empty() {
+            return;
+        }
+        for (path, _) in &pending {
+            // Deleted without the lock; a failure there left it.
+            if path.exists() {
+                self.remove_locked(mirror, path, None).await;
+            }
+        }
+        if let Err(e) = self.git.run(mirror, &["worktree", "prune"]).await {
+            tracing::warn!(repo = %repo.slug(), error = %e, "git worktree prune failed");
+        }
+        let mut args = vec!["branch", "--quiet", "-D", "--"];
+        args.extend(pending.iter().map(|(_, b)| b.as_str()));
+        if let Err(e) = self.git.run(mirror, &args).await {
+            // One branch that is gone (or checked out again) fails the command; the rest were
+            // deleted. What is left over is swept at the next start.
+            tracing::debug!(repo = %repo.slug(), error = %e, "git branch -D failed");
+        }
+        tracing::debug!(repo = %repo.slug(), worktrees = pending.len(), "dropped finished worktrees");
+    }
+
+    /// Garbage collection (`git gc --auto`, in the foreground) when no worktree of the mirror
+    /// is in use: automatic collection is off for every other command.
+    async fn maintain_if_quiet_locked(&self, repo: &RepoRef, mirror: &Path) {
+        let quiet = self
+            .state
+            .lock()
+            .unwrap()
+            .get(repo)
+            .is_none_or(|s| s.in_use == 0);
+        if !quiet {
+            return;
+        }
+        if let Err(e) = self
+            .git
+            .run(
+                mirror,
+                &["-c", "gc.autoDetach=false", "gc", "--auto", "--quiet"],
+            )
+            .await
+        {
+            tracing::warn!(repo = %repo.slug(), error = %e, "git gc --auto failed");
+        }
     }
 
     /// The mirrors on disk (`REPOS_DIR/<org>/<repo>.git`) whose names are valid.
@@ -964,6 +1152,8 @@ impl Workspaces {
                 continue;
             }
             self.fetched.lock().unwrap().remove(&repo);
+            self.default_branch.lock().unwrap().remove(&repo);
+            self.state.lock().unwrap().remove(&repo);
             match tokio::fs::remove_dir_all(&mirror).await {
                 Ok(()) => {
                     tracing::info!(repo = %repo.slug(), max_age_days = max_age.as_secs() / 86_400, "removed a mirror unused for longer than RUNNER_MIRROR_MAX_AGE_DAYS");
@@ -1155,8 +1345,16 @@ mod burst_tests {
     use std::time::Instant;
 
     fn git(dir: &Path, args: &[&str]) {
-        let out = std::process::Command::new("git").current_dir(dir).args(args).output().unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new("git")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// A bare remote `acme/shop` with one commit on `main`, and a clone to push more from.
@@ -1169,7 +1367,16 @@ mod burst_tests {
         git(&src, &["init", "--quiet", "-b", "main"]);
         std::fs::write(src.join("README.md"), "one\n").unwrap();
         for args in [
-            &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "one"][..],
+            &[
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "commit",
+                "--quiet",
+                "-m",
+                "one",
+            ][..],
             &["remote", "add", "origin", bare.to_str().unwrap()],
         ] {
             if args[0] == "-c" {
@@ -1185,6 +1392,58 @@ mod burst_tests {
         d.as_secs_f64() * 1000.0
     }
 
+    /// A finished worktree whose entry and branch wait for the lock (a job held it at the
+    /// clean-up) does not stand in the way of a retry: the same job id and branch get a fresh
+    /// worktree from the base, and the earlier attempt's commit is gone from the branch.
+    #[tokio::test]
+    async fn a_retry_reuses_a_branch_still_pending_deletion() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, _src) = remote(dir.path());
+        let ws = Workspaces::new(dir.path().join("r"), dir.path().join("w"), &base, None);
+        let repo = RepoRef::new("acme", "shop").unwrap();
+        let first = ws
+            .create_worktree(&repo, "job-r", "kiln/retry", None)
+            .await
+            .unwrap();
+        std::fs::write(first.path.join("attempt.txt"), "one").unwrap();
+        ws.commit_all(&first, "attempt one").await.unwrap().unwrap();
+        let held = ws.lock(&repo).await;
+        ws.remove_worktree(&first).await;
+        assert!(!first.path.exists(), "the directory goes at once");
+        let mirror = ws.mirror_path(&repo);
+        let branches = |m: &Path| {
+            let out = std::process::Command::new("git")
+                .current_dir(m)
+                .args(["for-each-ref", "--format=%(refname:short)", "refs/heads/"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        assert_eq!(
+            branches(&mirror),
+            "kiln/retry",
+            "pending while the lock is held"
+        );
+        drop(held);
+
+        let again = ws
+            .create_worktree(&repo, "job-r", "kiln/retry", None)
+            .await
+            .unwrap();
+        assert_eq!(again.path, first.path);
+        assert!(
+            !again.path.join("attempt.txt").exists(),
+            "started from the base again"
+        );
+        assert_eq!(
+            std::fs::read_to_string(again.path.join("README.md")).unwrap(),
+            "one\n"
+        );
+        ws.remove_worktree(&again).await;
+        assert_eq!(branches(&mirror), "", "dropped once the lock was free");
+        assert_eq!(ws.sweep(&[]).await, Swept::default(), "nothing left behind");
+    }
+
     /// Eight jobs of one repository assigned at once: each gets its own worktree on its branch,
     /// from a fetch that started after it asked, and the burst fetches at most twice. Prints the
     /// per-job times (worktree ready, worktree removed), p50 and max.
@@ -1192,7 +1451,12 @@ mod burst_tests {
     async fn a_burst_of_jobs_on_one_repository_fetches_once_and_stays_isolated() {
         let dir = tempfile::tempdir().unwrap();
         let (base, src) = remote(dir.path());
-        let ws = Arc::new(Workspaces::new(dir.path().join("r"), dir.path().join("w"), &base, None));
+        let ws = Arc::new(Workspaces::new(
+            dir.path().join("r"),
+            dir.path().join("w"),
+            &base,
+            None,
+        ));
         let repo = RepoRef::new("acme", "shop").unwrap();
         // The mirror exists (a runner's first job on a repository clones it).
         ws.sync(&repo).await.unwrap();
@@ -1202,7 +1466,10 @@ mod burst_tests {
             let (ws, repo) = (ws.clone(), repo.clone());
             tokio::spawn(async move {
                 let t = Instant::now();
-                let wt = ws.create_worktree(&repo, &format!("job-{n}"), &format!("kiln/b{n}"), None).await.unwrap();
+                let wt = ws
+                    .create_worktree(&repo, &format!("job-{n}"), &format!("kiln/b{n}"), None)
+                    .await
+                    .unwrap();
                 (t.elapsed(), wt)
             })
         };
@@ -1215,17 +1482,38 @@ mod burst_tests {
         for (n, (_, wt)) in made.iter().enumerate() {
             assert_eq!(wt.path, ws.worktree_path(&format!("job-{n}")));
             assert_eq!(wt.branch, format!("kiln/b{n}"));
-            assert_eq!(std::fs::read_to_string(wt.path.join("README.md")).unwrap(), "one\n");
+            assert_eq!(
+                std::fs::read_to_string(wt.path.join("README.md")).unwrap(),
+                "one\n"
+            );
         }
         std::fs::write(made[0].1.path.join("mine.txt"), "job 0's").unwrap();
-        assert!(!made[1].1.path.join("mine.txt").exists(), "a job never sees another's worktree");
+        assert!(
+            !made[1].1.path.join("mine.txt").exists(),
+            "a job never sees another's worktree"
+        );
 
         // A commit pushed now is seen by the next job: a fetch is never older than its job.
         std::fs::write(src.join("README.md"), "two\n").unwrap();
-        git(&src, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-am", "two"]);
+        git(
+            &src,
+            &[
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "commit",
+                "--quiet",
+                "-am",
+                "two",
+            ],
+        );
         git(&src, &["push", "--quiet", "origin", "main"]);
         let (_, late) = start(8).await.unwrap();
-        assert_eq!(std::fs::read_to_string(late.path.join("README.md")).unwrap(), "two\n");
+        assert_eq!(
+            std::fs::read_to_string(late.path.join("README.md")).unwrap(),
+            "two\n"
+        );
 
         let mut removed = vec![];
         let hs: Vec<_> = made

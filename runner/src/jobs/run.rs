@@ -33,6 +33,7 @@ pub(super) async fn run_job(
     controls: mpsc::UnboundedReceiver<JobControl>,
     cancel: CancelToken,
 ) {
+    let assigned = Instant::now();
     let job_id = assignment.job_id.clone();
     let on_lost = cancel.clone();
     let lost_id = job_id.clone();
@@ -59,6 +60,7 @@ pub(super) async fn run_job(
     };
     started.store(true, Ordering::SeqCst);
     Metrics::inc(&metrics.jobs_started);
+    let slot = Instant::now();
 
     // The wall-clock limit counts from the slot: time spent waiting for one is not the job's.
     let (limit, source) = services.limits.job_limit(assignment.timeout_seconds);
@@ -69,6 +71,7 @@ pub(super) async fn run_job(
         worktree: None,
         sandbox: None,
         cancel: cancel.clone(),
+        marks: Default::default(),
     };
     let finished = tokio::select! {
         f = job.execute(controls) => Some(f),
@@ -86,8 +89,10 @@ pub(super) async fn run_job(
         worktree,
         sandbox,
         services,
+        marks,
         ..
     } = job;
+    let marks = marks.into_inner().unwrap_or_else(|e| e.into_inner());
     let ended_count = match &finished {
         Some(RunnerEvent::Finished {
             outcome: Outcome::Completed,
@@ -111,12 +116,19 @@ pub(super) async fn run_job(
             // The job stays held (its lease renewed) until the edge has every event, unless it is
             // cancelled meanwhile or the runner stops: then what is undelivered is dropped.
             let stop_reporter = reporter.abort_handle();
+            let mut handed = None;
             let deliver = async {
                 sink.send(event).await;
+                handed = Some(Instant::now());
                 drop(sink);
                 reporter.await
             };
-            let cleanup = cleanup(&services, &job_id, worktree, None);
+            let mut cleaned = Duration::ZERO;
+            let cleanup = async {
+                let t = Instant::now();
+                cleanup(&services, &job_id, worktree, None).await;
+                cleaned = t.elapsed();
+            };
             let delivered = async {
                 tokio::select! {
                     end = deliver => tracing::debug!(job_id, ?end, "events delivered"),
@@ -127,6 +139,7 @@ pub(super) async fn run_job(
                 }
             };
             tokio::join!(cleanup, delivered);
+            marks.log(&job_id, assigned, slot, handed, cleaned);
         }
         None => {
             // The edge freed the slot at the cancel (or lease loss).
@@ -276,6 +289,44 @@ pub(crate) struct JobRun {
     pub sandbox: Option<Arc<dyn Sandbox>>,
     /// The job's cancel token (LLM steps abort their calls with it).
     pub cancel: CancelToken,
+    /// When its workspace was ready and its agent ran, for the job's timing line.
+    pub marks: std::sync::Mutex<Marks>,
+}
+
+/// Instants of a job's life on this runner, logged (`job timings`, info) when it ends.
+#[derive(Debug, Default)]
+pub(crate) struct Marks {
+    pub worktree_ready: Option<Instant>,
+    /// The first agent run's start and the last one's end.
+    pub agent_started: Option<Instant>,
+    pub agent_exited: Option<Instant>,
+}
+
+impl Marks {
+    /// One info line: slot wait, then from the slot to the worktree and to the agent's start,
+    /// from the agent's exit to `finished` handed to the reporter, and the clean-up (µs).
+    fn log(
+        &self,
+        job_id: &str,
+        assigned: Instant,
+        slot: Instant,
+        handed: Option<Instant>,
+        cleanup: Duration,
+    ) {
+        let us = |from: Instant, to: Option<Instant>| {
+            to.map(|t| t.saturating_duration_since(from).as_micros() as u64)
+        };
+        let after_agent_us = self.agent_exited.and_then(|exit| us(exit, handed));
+        tracing::info!(
+            job_id,
+            slot_wait_us = slot.duration_since(assigned).as_micros() as u64,
+            to_worktree_us = us(slot, self.worktree_ready),
+            to_agent_us = us(slot, self.agent_started),
+            after_agent_us,
+            cleanup_us = cleanup.as_micros() as u64,
+            "job timings"
+        );
+    }
 }
 
 impl JobRun {
@@ -313,7 +364,10 @@ impl JobRun {
         }
         if a.job_type.is_dashboard() {
             // Seed 002's kinds land in the dashboard's own modules.
-            return failed(format!("This runner does not run {} jobs yet", a.job_type.as_str()));
+            return failed(format!(
+                "This runner does not run {} jobs yet",
+                a.job_type.as_str()
+            ));
         }
         let repo = match RepoRef::new(&a.github_org, &a.github_repo) {
             Ok(r) => r,
@@ -348,6 +402,7 @@ impl JobRun {
             .await;
         let path = wt.path.clone();
         self.worktree = Some(wt);
+        self.mark(|m| m.worktree_ready = Some(Instant::now()));
         if let Err(f) = self.prepare_sandbox(&path).await {
             return f;
         }
@@ -590,15 +645,26 @@ impl JobRun {
             Ok(e) => e,
             Err(e) => return CommandResult::not_run(e.to_string()),
         };
+        self.mark(|m| {
+            m.agent_started.get_or_insert_with(Instant::now);
+        });
         if let Some(stdin) = exec.stdin.take() {
             tokio::spawn(write_and_close(stdin, prompt_line(prompt)));
         }
-        self.stream(
-            exec,
-            OutputCollector::new(self.services.agent.format, promise),
-            controls,
-        )
-        .await
+        let result = self
+            .stream(
+                exec,
+                OutputCollector::new(self.services.agent.format, promise),
+                controls,
+            )
+            .await;
+        self.mark(|m| m.agent_exited = Some(Instant::now()));
+        result
+    }
+
+    /// Notes an instant of the job's life for its timing line.
+    pub(super) fn mark(&self, f: impl FnOnce(&mut Marks)) {
+        f(&mut self.marks.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// Runs a command without input (ralph's feedback commands); its output is plain text.

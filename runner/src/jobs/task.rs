@@ -136,6 +136,9 @@ impl JobRun {
             Ok(e) => e,
             Err(e) => return failed(format!("The agent could not start: {e}")),
         };
+        self.mark(|m| {
+            m.agent_started.get_or_insert_with(std::time::Instant::now);
+        });
         let (input, lines) = mpsc::unbounded_channel();
         if let Some(stdin) = exec.stdin.take() {
             tokio::spawn(feed_stdin(stdin, lines));
@@ -185,6 +188,7 @@ impl JobRun {
                 },
             }
         }
+        self.mark(|m| m.agent_exited = Some(std::time::Instant::now()));
         for ev in collector.finish() {
             self.sink.send(ev).await;
         }
