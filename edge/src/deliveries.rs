@@ -21,6 +21,7 @@ use kiln_schemas::webhooks::{signature_header, DELIVERY_HEADER, SIGNATURE_HEADER
 use serde::Deserialize;
 use worker::{Context, Env, MessageBatch, MessageBuilder, MessageExt, State};
 
+use crate::cache::TtlCache;
 use crate::env::{new_id, now_ms};
 use crate::http::{ApiError, ApiResult};
 use crate::job_room::RoomMeta;
@@ -131,22 +132,47 @@ fn spawn(state: &State, env: &Env, event: JobEvent) {
     });
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 struct SubscriptionFilter {
     id: String,
     events: String,
     job_types: Option<String>,
 }
 
+/// How long an isolate trusts the enabled subscriptions it read for an owner. A subscription made,
+/// changed or deleted here is seen at once in this isolate ([`forget_subscriptions`]); other
+/// isolates may go on from their copy for up to this long.
+const SUBSCRIPTIONS_TTL_MS: i64 = 5_000;
+
+thread_local! {
+    /// Each owner's enabled subscriptions: every status change of every job reads them, and most
+    /// owners have none (a D1 read per change was three per job).
+    static OWNER_SUBSCRIPTIONS: std::cell::RefCell<TtlCache<Vec<SubscriptionFilter>>> =
+        std::cell::RefCell::new(TtlCache::new(SUBSCRIPTIONS_TTL_MS, 4096));
+}
+
+/// Forgets `owner`'s subscriptions in this isolate (one of them was made, changed or deleted).
+pub fn forget_subscriptions(owner: &str) {
+    OWNER_SUBSCRIPTIONS.with(|c| c.borrow_mut().forget(owner));
+}
+
 /// Stores the deliveries an event makes and sends their messages.
 async fn record(env: &Env, event: JobEvent) -> ApiResult<()> {
     let db = crate::env::db(env)?;
-    let subs = db
-        .prepare("SELECT id, events, job_types FROM webhook_subscriptions WHERE owner = ?1 AND enabled = 1")
-        .bind(&[s(&event.owner)])?
-        .all()
-        .await?
-        .results::<SubscriptionFilter>()?;
+    let subs = match OWNER_SUBSCRIPTIONS.with(|c| c.borrow_mut().get(&event.owner, now_ms())) {
+        Some(subs) => subs,
+        None => {
+            let generation = OWNER_SUBSCRIPTIONS.with(|c| c.borrow().generation());
+            let subs = db
+                .prepare("SELECT id, events, job_types FROM webhook_subscriptions WHERE owner = ?1 AND enabled = 1")
+                .bind(&[s(&event.owner)])?
+                .all()
+                .await?
+                .results::<SubscriptionFilter>()?;
+            OWNER_SUBSCRIPTIONS.with(|c| c.borrow_mut().put(event.owner.clone(), subs.clone(), now_ms(), generation));
+            subs
+        }
+    };
     if subs.is_empty() {
         return Ok(());
     }

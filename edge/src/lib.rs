@@ -4,6 +4,7 @@
 pub mod app_store;
 pub mod app_room;
 pub mod auth;
+pub mod cache;
 pub mod channels;
 pub mod cors;
 pub mod dashboard_store;

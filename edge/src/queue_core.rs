@@ -25,6 +25,9 @@ pub struct Pending {
     /// `landing:<landing_page_id>`); a key's waiting job blocks no other job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// When the job was submitted (epoch ms; 0 when not known): its assignment says how long ago.
+    #[serde(default)]
+    pub submitted_ms: i64,
 }
 
 /// A job held by a runner.
@@ -408,7 +411,7 @@ mod tests {
     }
 
     fn owned(id: &str, owner: &str, priority: i32) -> Pending {
-        Pending { job_id: id.into(), priority, order: 0, attempts: 0, owner: owner.into(), title: None, created_at: "t".into(), serial: None }
+        Pending { job_id: id.into(), priority, order: 0, attempts: 0, owner: owner.into(), title: None, created_at: "t".into(), serial: None, submitted_ms: 0 }
     }
 
     fn serial(id: &str, owner: &str, key: &str, priority: i32) -> Pending {

@@ -150,6 +150,7 @@ pub fn enqueue_request(row: &JobRow) -> EnqueueRequest {
         title: row.title.clone(),
         created_at: row.created_at.clone(),
         serial: row.landing_page_id.as_deref().filter(|_| row.job_type().is_landing()).map(crate::landing_room::serial_key),
+        submitted_ms: row.created_ms,
     };
     let assignment = Assignment {
         job_id: row.id.clone(),
@@ -177,6 +178,7 @@ pub fn enqueue_request(row: &JobRow) -> EnqueueRequest {
         landing: landing_params(row),
         // A webhook-started job's issue (`sourceIssue` in its params).
         source_issue: kiln_schemas::webhooks::IssueRef::from_params(&row.params),
+        queued_ms: None,
         // A dashboard job's inputs (seed 002), kept in its row's params at submit: the agent's
         // definition as it was then, technique, parameters, providers, 3D limits.
         dashboard: if row.job_type().is_dashboard() { crate::dashboard_store::params_of(&row.params) } else { None },
@@ -237,6 +239,12 @@ struct RunnerSocket {
 
 #[durable_object]
 pub struct Queue {
+    inner: Rc<QueueInner>,
+}
+
+/// The queue's state and logic, shared with the work it leaves running after an answer (a
+/// dispatch after an enqueue or a release).
+pub struct QueueInner {
     state: State,
     env: Env,
     limits: Limits,
@@ -265,7 +273,7 @@ struct DataRow {
     data: String,
 }
 
-impl Queue {
+impl QueueInner {
     fn sql(&self) -> SqlStorage {
         self.state.storage().sql()
     }
@@ -467,6 +475,14 @@ impl Queue {
         }
     }
 
+    /// Dispatches once the caller has its answer: an enqueue or a release is persisted before it
+    /// answers, and the caller (`POST /jobs`, a job's room at its end) need not wait for the room
+    /// calls and socket sends a dispatch makes.
+    fn dispatch_after_answer(self: &Rc<Self>) {
+        let this = self.clone();
+        self.state.wait_until(async move { this.dispatch_or_retry().await });
+    }
+
     /// Tells the room a lease (again), then the runner. Answers whether the lease was settled
     /// (accepted, or dropped because the job ended); a room that did not answer leaves it
     /// unannounced, to be tried again.
@@ -523,6 +539,7 @@ impl Queue {
         let mut assignment: Assignment = serde_json::from_str(&row.data)?;
         assignment.lease_id = lease.lease_id.clone();
         assignment.attempt = lease.attempt;
+        assignment.queued_ms = (lease.pending.submitted_ms > 0).then(|| (now_ms() - lease.pending.submitted_ms).max(0) as u64);
         if room_app.is_some() {
             assignment.app = room_app;
         }
@@ -544,7 +561,7 @@ impl Queue {
         Ok(true)
     }
 
-    async fn enqueue(&self, req: EnqueueRequest) -> ApiResult<Position> {
+    async fn enqueue(self: &Rc<Self>, req: EnqueueRequest) -> ApiResult<Position> {
         let job_id = req.pending.job_id.clone();
         if self.fault("queue_drop_enqueue") {
             // As if the object restarted before persisting: answered, but forgotten.
@@ -556,17 +573,17 @@ impl Queue {
         )?;
         let position = self.with_core(|c| c.enqueue(req.pending))?;
         self.persist(&job_id)?;
-        self.dispatch_or_retry().await;
+        self.dispatch_after_answer();
         Ok(Position { position })
     }
 
-    async fn release(&self, req: ReleaseRequest) -> ApiResult<serde_json::Value> {
+    async fn release(self: &Rc<Self>, req: ReleaseRequest) -> ApiResult<serde_json::Value> {
         let lease = self.with_core(|c| c.release(&req.job_id))?;
         self.persist(&req.job_id)?;
         if let (Some(lease), true) = (&lease, req.cancel) {
             self.send_to_runner(&lease.runner_id, &EdgeMessage::Cancel { job_id: req.job_id.clone() });
         }
-        self.dispatch_or_retry().await;
+        self.dispatch_after_answer();
         Ok(serde_json::json!({ "was_running": lease.is_some() }))
     }
 
@@ -1018,7 +1035,7 @@ impl Queue {
         self.schedule_alarm().await
     }
 
-    async fn route(&self, mut req: Request) -> ApiResult {
+    async fn route(self: &Rc<Self>, mut req: Request) -> ApiResult {
         let path = req.path();
         let url = req.url()?;
         let query = |name: &str| url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.to_string());
@@ -1043,6 +1060,43 @@ impl Queue {
 
 impl DurableObject for Queue {
     fn new(state: State, env: Env) -> Self {
+        Queue { inner: Rc::new(QueueInner::new(state, env)) }
+    }
+
+    async fn fetch(&self, req: Request) -> worker::Result<Response> {
+        Ok(self.inner.route(req).await.unwrap_or_else(ApiError::into_response))
+    }
+
+    async fn alarm(&self) -> worker::Result<Response> {
+        if let Err(e) = self.inner.on_alarm().await {
+            worker::console_error!("queue alarm: {e:?}; trying again");
+            self.inner.state.storage().set_alarm(Duration::from_millis(RETRY_MS as u64)).await?;
+        }
+        Response::ok("ok")
+    }
+
+    async fn websocket_message(&self, ws: WebSocket, message: WebSocketIncomingMessage) -> worker::Result<()> {
+        if let WebSocketIncomingMessage::String(text) = message {
+            if let Err(e) = self.inner.on_runner_message(&ws, &text).await {
+                worker::console_error!("runner message: {e:?}");
+            }
+        }
+        Ok(())
+    }
+
+    async fn websocket_close(&self, ws: WebSocket, _code: usize, _reason: String, _was_clean: bool) -> worker::Result<()> {
+        self.inner.forget_socket(&ws);
+        Ok(())
+    }
+
+    async fn websocket_error(&self, ws: WebSocket, _error: worker::Error) -> worker::Result<()> {
+        self.inner.forget_socket(&ws);
+        Ok(())
+    }
+}
+
+impl QueueInner {
+    fn new(state: State, env: Env) -> Self {
         let config = Config::from_env(&env);
         let reconcile_secs = env.var("RECONCILE_SECS").ok().and_then(|v| v.to_string().trim().parse::<i64>().ok()).unwrap_or(30);
         let queue = Self {
@@ -1066,39 +1120,9 @@ impl DurableObject for Queue {
         queue
     }
 
-    async fn fetch(&self, req: Request) -> worker::Result<Response> {
-        Ok(self.route(req).await.unwrap_or_else(ApiError::into_response))
-    }
-
-    async fn alarm(&self) -> worker::Result<Response> {
-        if let Err(e) = self.on_alarm().await {
-            worker::console_error!("queue alarm: {e:?}; trying again");
-            self.state.storage().set_alarm(Duration::from_millis(RETRY_MS as u64)).await?;
-        }
-        Response::ok("ok")
-    }
-
-    async fn websocket_message(&self, ws: WebSocket, message: WebSocketIncomingMessage) -> worker::Result<()> {
-        if let WebSocketIncomingMessage::String(text) = message {
-            if let Err(e) = self.on_runner_message(&ws, &text).await {
-                worker::console_error!("runner message: {e:?}");
-            }
-        }
-        Ok(())
-    }
-
-    async fn websocket_close(&self, ws: WebSocket, _code: usize, _reason: String, _was_clean: bool) -> worker::Result<()> {
-        self.forget_socket(&ws);
-        Ok(())
-    }
-
-    async fn websocket_error(&self, ws: WebSocket, _error: worker::Error) -> worker::Result<()> {
-        self.forget_socket(&ws);
-        Ok(())
-    }
 }
 
-impl Queue {
+impl QueueInner {
     /// A runner's socket closed: the runner stops counting as capacity; its leases run out unless
     /// it reconnects and re-announces them.
     fn forget_socket(&self, ws: &WebSocket) {

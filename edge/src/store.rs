@@ -152,6 +152,12 @@ impl JobRow {
 
 const JOB_SELECT: &str = "SELECT j.*, c.name AS client_name FROM jobs j LEFT JOIN clients c ON c.id = j.client_id";
 
+/// Deletes a job's row (one whose room never opened).
+pub async fn delete_job_row(db: &D1Database, id: &str) -> ApiResult<()> {
+    db.prepare("DELETE FROM jobs WHERE id = ?1").bind(&[s(id)])?.run().await?;
+    Ok(())
+}
+
 pub async fn insert_job(db: &D1Database, j: &JobRow) -> ApiResult<()> {
     db.prepare(
         "INSERT INTO jobs (id, owner, job_type, status, queue, prompt, title, branch_name, client_id, feature_id,

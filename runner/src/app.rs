@@ -287,8 +287,20 @@ impl Application {
                 workspaces.collect_garbage(max_age).await;
             }
         });
+        // Finished worktrees' entries and branches are dropped in batches; what a quiet moment
+        // leaves is dropped within a second.
+        let workspaces = self.workspaces.clone();
+        let tidy = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                workspaces.tidy().await;
+            }
+        });
         shutdown.await;
         gc.abort();
+        tidy.abort();
         tracing::info!("stopping: cancelling the jobs held here");
         self.supervisor.shutdown().await;
         self.workspaces.drop_finished().await;

@@ -292,9 +292,21 @@ pub struct Workspaces {
 /// (it would pack refs and objects under worktrees working without the lock).
 const NO_AUTO_GC: [&str; 4] = ["-c", "gc.auto=0", "-c", "maintenance.auto=false"];
 
+/// Finished worktrees wait to be dropped until this many have gathered (or until the next
+/// [`Workspaces::tidy`]): one `worktree prune` and one `branch -D` then serve them all, off the
+/// jobs' way.
+const DROP_BATCH: usize = 16;
+
 /// At most this many finished worktrees wait to be dropped; the next clean-up then waits for the
 /// lock.
 const MAX_PENDING: usize = 32;
+
+/// How long a mirror's default branch, as its remote's HEAD names it, is trusted before a fetch
+/// asks again (`remote set-head --auto` is one more connection to the git host).
+const HEAD_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `git gc --auto` runs at most this often per mirror (when no worktree of it is in use).
+const GC_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Debug, Default)]
 struct MirrorState {
@@ -302,6 +314,10 @@ struct MirrorState {
     in_use: usize,
     /// Finished worktrees (directory already deleted): their path and branch.
     pending: Vec<(PathBuf, String)>,
+    /// When the remote's HEAD was last asked.
+    head_asked: Option<std::time::Instant>,
+    /// When `git gc --auto` last ran.
+    maintained: Option<std::time::Instant>,
 }
 
 /// What a sweep at start removed.
@@ -456,21 +472,30 @@ impl Workspaces {
                 )
                 .await?;
             self.fetched.lock().unwrap().insert(repo.clone(), started);
-            // Asks the remote too. An empty remote has no HEAD to follow; that is only an
-            // error for a job without a base.
-            if let Err(e) = self
-                .git
-                .run(&mirror, &["remote", "set-head", "origin", "--auto"])
-                .await
-            {
-                tracing::debug!(repo = %repo.slug(), error = %e, "remote HEAD unknown");
+            // The remote's HEAD is asked again only every HEAD_TTL (or while it is unknown): a
+            // repository's default branch rarely changes, and asking is another connection.
+            let head_due = !self.default_branch.lock().unwrap().contains_key(repo)
+                || self.mirror_state(repo, |s| {
+                    s.head_asked.is_none_or(|t| t.elapsed() >= HEAD_TTL)
+                });
+            if head_due {
+                // An empty remote has no HEAD to follow; that is only an error for a job
+                // without a base.
+                if let Err(e) = self
+                    .git
+                    .run(&mirror, &["remote", "set-head", "origin", "--auto"])
+                    .await
+                {
+                    tracing::debug!(repo = %repo.slug(), error = %e, "remote HEAD unknown");
+                }
+                let head = self.symbolic_head(&mirror).await;
+                let mut known = self.default_branch.lock().unwrap();
+                match head {
+                    Some(b) => known.insert(repo.clone(), b),
+                    None => known.remove(repo),
+                };
+                self.mirror_state(repo, |s| s.head_asked = Some(std::time::Instant::now()));
             }
-            let head = self.symbolic_head(&mirror).await;
-            let mut known = self.default_branch.lock().unwrap();
-            match head {
-                Some(b) => known.insert(repo.clone(), b),
-                None => known.remove(repo),
-            };
         }
         // The mirror's last use, for the garbage collection of mirrors nobody uses.
         if let Err(e) = tokio::fs::write(mirror.join(LAST_USED_FILE), b"").await {
@@ -505,6 +530,21 @@ impl Workspaces {
         branch: &str,
         base: Option<&str>,
     ) -> Result<Worktree, GitError> {
+        self.create_worktree_since(repo, job_id, branch, base, std::time::Instant::now())
+            .await
+    }
+
+    /// [`Workspaces::create_worktree`] for a job submitted at `submitted`: a fetch of the mirror
+    /// that started since then serves it (a job that waited in the queue while others of its
+    /// repository ran needs no fetch of its own).
+    pub async fn create_worktree_since(
+        &self,
+        repo: &RepoRef,
+        job_id: &str,
+        branch: &str,
+        base: Option<&str>,
+        submitted: std::time::Instant,
+    ) -> Result<Worktree, GitError> {
         if !is_job_id(job_id) {
             return Err(GitError::Invalid(format!(
                 "{job_id:?} is not a valid job id"
@@ -520,9 +560,8 @@ impl Workspaces {
                 "{b:?} is not a valid base branch name"
             )));
         }
-        let asked = std::time::Instant::now();
         let _guard = self.lock(repo).await;
-        let mirror = self.sync_since_locked(repo, asked).await?;
+        let mirror = self.sync_since_locked(repo, submitted).await?;
 
         let base_branch = match base {
             Some(b) => {
@@ -927,6 +966,10 @@ impl Workspaces {
             s.pending.len()
         };
         self.release(&wt.repo);
+        if waiting < DROP_BATCH {
+            // Dropped with a batch, or by the next tidy-up.
+            return;
+        }
         let _guard = match self.mutex(&wt.repo).try_lock_owned() {
             Ok(g) => g,
             Err(_) if waiting >= MAX_PENDING => self.lock(&wt.repo).await,
@@ -938,17 +981,39 @@ impl Workspaces {
         self.maintain_if_quiet_locked(&wt.repo, &mirror).await;
     }
 
-    /// Drops every finished worktree's entry and branch still pending (at a graceful stop).
-    pub async fn drop_finished(&self) {
-        let repos: Vec<RepoRef> = self
-            .state
+    /// The runner's tidy-up (every second): drops the finished worktrees of each mirror whose
+    /// lock is free, and collects its garbage when none of its worktrees is in use. Never waits
+    /// for a lock: a mirror busy now is tidied next time.
+    pub async fn tidy(&self) {
+        for repo in self.with_pending() {
+            let Ok(_guard) = self.mutex(&repo).try_lock_owned() else {
+                continue;
+            };
+            let mirror = self.mirror_path(&repo);
+            self.drop_pending_locked(&repo, &mirror).await;
+            self.maintain_if_quiet_locked(&repo, &mirror).await;
+        }
+    }
+
+    /// The mirrors with finished worktrees still to drop.
+    fn with_pending(&self) -> Vec<RepoRef> {
+        self.state
             .lock()
             .unwrap()
             .iter()
             .filter(|(_, s)| !s.pending.is_empty())
             .map(|(r, _)| r.clone())
-            .collect();
-        for repo in repos {
+            .collect()
+    }
+
+    /// Runs `f` on the mirror's state (made on first use).
+    fn mirror_state<T>(&self, repo: &RepoRef, f: impl FnOnce(&mut MirrorState) -> T) -> T {
+        f(self.state.lock().unwrap().entry(repo.clone()).or_default())
+    }
+
+    /// Drops every finished worktree's entry and branch still pending (at a graceful stop).
+    pub async fn drop_finished(&self) {
+        for repo in self.with_pending() {
             let _guard = self.lock(&repo).await;
             self.drop_pending_locked(&repo, &self.mirror_path(&repo))
                 .await;
@@ -992,7 +1057,8 @@ impl Workspaces {
     }
 
     /// Garbage collection (`git gc --auto`, in the foreground) when no worktree of the mirror
-    /// is in use: automatic collection is off for every other command.
+    /// is in use, at most every [`GC_EVERY`]: automatic collection is off for every other
+    /// command.
     async fn maintain_if_quiet_locked(&self, repo: &RepoRef, mirror: &Path) {
         let quiet = self
             .state
@@ -1001,6 +1067,16 @@ impl Workspaces {
             .get(repo)
             .is_none_or(|s| s.in_use == 0);
         if !quiet {
+            return;
+        }
+        let due = self.mirror_state(repo, |s| {
+            let due = s.maintained.is_none_or(|t| t.elapsed() >= GC_EVERY);
+            if due {
+                s.maintained = Some(std::time::Instant::now());
+            }
+            due
+        });
+        if !due {
             return;
         }
         if let Err(e) = self
@@ -1440,6 +1516,7 @@ mod burst_tests {
             "one\n"
         );
         ws.remove_worktree(&again).await;
+        ws.tidy().await;
         assert_eq!(branches(&mirror), "", "dropped once the lock was free");
         assert_eq!(ws.sweep(&[]).await, Swept::default(), "nothing left behind");
     }
@@ -1542,6 +1619,7 @@ mod burst_tests {
         );
         assert!(fetches <= 2, "{fetches} fetches for one burst");
         ws.remove_worktree(&late).await;
+        ws.tidy().await;
         assert_eq!(ws.sweep(&[]).await, Swept::default(), "nothing left behind");
     }
 }

@@ -95,8 +95,13 @@ async fn a_worktree_starts_from_the_default_branch_and_its_commit_is_pushed() {
     );
 
     f.ws.remove_worktree(&wt).await;
-    assert!(!wt.path.exists());
+    assert!(!wt.path.exists(), "the directory goes at once");
     let mirror = f.ws.mirror_path(&f.repo);
+    assert!(
+        git(&mirror, &["branch", "--list", "kiln/feature-x"]).contains("kiln/feature-x"),
+        "the entry and branch wait for a batch or the runner's tidy-up"
+    );
+    f.ws.tidy().await;
     assert_eq!(
         git(&mirror, &["branch", "--list", "kiln/feature-x"]).trim(),
         "",
@@ -207,11 +212,8 @@ async fn concurrent_jobs_on_one_repository_all_succeed() {
     }
 }
 
-#[tokio::test]
-async fn new_remote_commits_are_fetched_for_the_next_job() {
-    let f = fixture();
-    f.ws.sync(&f.repo).await.unwrap();
-    // Someone pushes to main after the mirror was made.
+/// Someone else commits `file` to the remote's main.
+fn push_to_main(f: &Fixture, file: &str) {
     let other = tempfile::tempdir().unwrap();
     let remote = f.remotes.path(ORG, REPO);
     git(
@@ -219,16 +221,62 @@ async fn new_remote_commits_are_fetched_for_the_next_job() {
         &["clone", "--quiet", remote.to_str().unwrap(), "c"],
     );
     let c = other.path().join("c");
-    std::fs::write(c.join("LATER.md"), "later\n").unwrap();
-    git(&c, &["add", "LATER.md"]);
-    git(&c, &["commit", "--quiet", "-m", "later"]);
+    std::fs::write(c.join(file), "pushed\n").unwrap();
+    git(&c, &["add", file]);
+    git(&c, &["commit", "--quiet", "-m", file]);
     git(&c, &["push", "--quiet", "origin", "main"]);
+}
+
+#[tokio::test]
+async fn new_remote_commits_are_fetched_for_the_next_job() {
+    let f = fixture();
+    f.ws.sync(&f.repo).await.unwrap();
+    // Someone pushes to main after the mirror was made.
+    push_to_main(&f, "LATER.md");
 
     let wt =
         f.ws.create_worktree(&f.repo, "job-6", "kiln/later", None)
             .await
             .unwrap();
     assert!(wt.path.join("LATER.md").is_file());
+}
+
+/// A job that waited in the queue is served by a fetch that started after its submission; one
+/// submitted after the last fetch started fetches, and sees what was pushed before it.
+#[tokio::test]
+async fn a_fetch_since_a_jobs_submission_serves_it() {
+    let f = fixture();
+    let waited = std::time::Instant::now();
+    let first =
+        f.ws.create_worktree(&f.repo, "job-q0", "kiln/q0", None)
+            .await
+            .unwrap();
+    let fetched = f.ws.fetches_run();
+    let queued =
+        f.ws.create_worktree_since(&f.repo, "job-q1", "kiln/q1", None, waited)
+            .await
+            .unwrap();
+    assert_eq!(
+        f.ws.fetches_run(),
+        fetched,
+        "the fetch that started after its submission serves it"
+    );
+
+    push_to_main(&f, "PUSHED.md");
+    let submitted = std::time::Instant::now();
+    let fresh =
+        f.ws.create_worktree_since(&f.repo, "job-q2", "kiln/q2", None, submitted)
+            .await
+            .unwrap();
+    assert_eq!(
+        f.ws.fetches_run(),
+        fetched + 1,
+        "submitted after the last fetch started"
+    );
+    assert!(fresh.path.join("PUSHED.md").is_file());
+    for wt in [first, queued, fresh] {
+        f.ws.remove_worktree(&wt).await;
+    }
 }
 
 /// An agent can rewrite the worktree's `.git` file, or leave a nested repository behind; the
@@ -507,4 +555,54 @@ async fn a_runner_sweeps_at_start_what_a_crashed_run_left_and_reports_disk_in_he
         .send(kiln_schemas::runner::EdgeMessage::Cancel { job_id: id.clone() })
         .await;
     runner.wait_released(&id).await;
+}
+
+/// Finished worktrees leave their entries and branches for a batch: the sixteenth clean-up drops
+/// all sixteen with one `worktree prune` and one `branch -D`, and the runner's tidy-up drops
+/// what a quiet moment leaves.
+#[tokio::test]
+async fn finished_worktrees_are_dropped_in_batches_and_by_the_tidy_up() {
+    let f = fixture();
+    let mirror = f.ws.mirror_path(&f.repo);
+    let count = || {
+        git(&mirror, &["branch", "--list", "kiln/b*"])
+            .lines()
+            .count()
+    };
+    for i in 0..15 {
+        let wt =
+            f.ws.create_worktree(&f.repo, &format!("job-b{i}"), &format!("kiln/b{i}"), None)
+                .await
+                .unwrap();
+        f.ws.remove_worktree(&wt).await;
+        assert!(!wt.path.exists(), "the directory goes at once");
+    }
+    assert_eq!(count(), 15, "fifteen wait for a batch");
+    let wt =
+        f.ws.create_worktree(&f.repo, "job-b15", "kiln/b15", None)
+            .await
+            .unwrap();
+    f.ws.remove_worktree(&wt).await;
+    assert_eq!(count(), 0, "the sixteenth drops the batch");
+    assert_eq!(
+        git(&mirror, &["worktree", "list", "--porcelain"])
+            .matches("worktree ")
+            .count(),
+        1,
+        "only the mirror itself"
+    );
+
+    let wt =
+        f.ws.create_worktree(&f.repo, "job-b16", "kiln/b16", None)
+            .await
+            .unwrap();
+    f.ws.remove_worktree(&wt).await;
+    assert_eq!(count(), 1);
+    f.ws.tidy().await;
+    assert_eq!(count(), 0, "the tidy-up drops the rest");
+    assert_eq!(
+        f.ws.sweep(&[]).await,
+        Default::default(),
+        "nothing left behind"
+    );
 }

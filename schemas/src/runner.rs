@@ -208,6 +208,11 @@ pub struct Assignment {
     /// it with the pull request it opens (issue 12).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_issue: Option<crate::webhooks::IssueRef>,
+    /// How long the job waited for this dispatch since it was submitted, in ms (a duration, so
+    /// no clock is compared across machines). A fetch of the repository that started after the
+    /// submission serves the job: the work starts from the remote as it was then or later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_ms: Option<u64>,
 }
 
 /// What a dashboard job (seed 002) starts from, by kind.

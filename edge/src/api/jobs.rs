@@ -251,14 +251,28 @@ pub(crate) async fn submit(
         Some(orig) => format!("job queued (retry of {orig})"),
         None => "job queued".to_string(),
     };
-    // The room first, then the row, then the queue: a failure at any step leaves no job a user
-    // can see that will never run (a room whose row was not stored is never queued and never
-    // listed, and its id is handed to nobody; a row whose enqueue failed is failed by its room;
-    // the queue's reconciliation enqueues any row left `queued` without a queue). The room keeps
-    // the row current from here on (only it changes this kind's row) and answers `GET /jobs/:id`.
+    // The room and the row together, then the queue: a failure at any step leaves no job a user
+    // can see that will never run. A room whose row was not stored is never queued and never
+    // listed, and its id is handed to nobody; a row whose room was not opened is deleted again
+    // (were that to fail too, the queue's reconciliation would enqueue it and its dispatch, which
+    // finds no room, drop it); a row whose enqueue failed is failed by its room; the
+    // reconciliation enqueues any row left `queued` without a queue. The room keeps the row
+    // current from here on (only it changes this kind's row) and answers `GET /jobs/:id`.
     let init = InitRequest { meta: room_meta(&row), message, row: Some(row.clone()) };
-    http::call::<RoomMeta>(&room, Method::Post, "/init", Some(&init)).await?;
-    store::insert_job(&db, &row).await?;
+    let (opened, stored) =
+        futures::join!(http::call::<RoomMeta>(&room, Method::Post, "/init", Some(&init)), store::insert_job(&db, &row));
+    match (opened, stored) {
+        (Ok(_), Ok(())) => {}
+        (Ok(_), Err(e)) => return Err(e),
+        (Err(e), stored) => {
+            if stored.is_ok() {
+                if let Err(e2) = store::delete_job_row(&db, &id).await {
+                    worker::console_error!("job {id}: its room did not open ({e:?}) and deleting its row failed ({e2:?})");
+                }
+            }
+            return Err(e);
+        }
+    }
     let q = env::queue(&ctx.env, &row.queue)?;
     let pos = match http::call::<Position>(&q, Method::Post, "/enqueue", Some(&enqueue_request(&row))).await {
         Ok(pos) => pos,

@@ -11,7 +11,8 @@ use kiln_schemas::runner::{
 use worker::{Headers, HttpMetadata, Method, Request, RequestInit, Response};
 
 use super::Ctx;
-use crate::auth::{bearer, tokens, TokenCache};
+use crate::auth::{bearer, tokens};
+use crate::cache::TtlCache;
 use crate::env::{self, new_id, now_ms, random};
 use crate::http::{self, body_as, json, json_status, ApiError, ApiResult};
 use crate::preview;
@@ -87,19 +88,24 @@ async fn authenticate(req: &Request, ctx: &Ctx) -> ApiResult<RunnerRow> {
     if let Some(row) = KNOWN_RUNNERS.with(|c| c.borrow_mut().get(&hash, now_ms())) {
         return Ok(row);
     }
+    let generation = KNOWN_RUNNERS.with(|c| c.borrow().generation());
     let row = store::runner_by_token_hash(&env::db(&ctx.env)?, &hash)
         .await?
         .ok_or_else(|| ApiError::Unauthorized("invalid runner token".into()))?;
-    KNOWN_RUNNERS.with(|c| c.borrow_mut().put(hash, row.clone(), now_ms()));
+    KNOWN_RUNNERS.with(|c| c.borrow_mut().put(hash, row.clone(), now_ms(), generation));
     Ok(row)
 }
+
+/// How long an isolate trusts a runner token D1 confirmed.
+const RUNNER_TOKEN_TTL_MS: i64 = 60_000;
 
 thread_local! {
     /// Runner tokens this isolate has checked recently, by token hash: a runner posts a batch of
     /// events per step, and a D1 read per batch was most of an LLM step's overhead on the edge.
     /// Only tokens D1 confirmed are kept (a wrong token is read every time). Runners are never
-    /// revoked today; a revocation must wait out the TTL (`TokenCache`).
-    static KNOWN_RUNNERS: std::cell::RefCell<TokenCache<RunnerRow>> = std::cell::RefCell::new(TokenCache::default());
+    /// revoked today; a revocation must wait out the TTL.
+    static KNOWN_RUNNERS: std::cell::RefCell<TtlCache<RunnerRow>> =
+        std::cell::RefCell::new(TtlCache::new(RUNNER_TOKEN_TTL_MS, 1024));
 }
 
 

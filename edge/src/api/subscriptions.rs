@@ -156,6 +156,7 @@ pub async fn create(mut req: Request, ctx: &Ctx, who: &Principal) -> ApiResult {
     ])?
     .run()
     .await?;
+    crate::deliveries::forget_subscriptions(who.owner());
     let mut view = row.view();
     view.secret = Some(secret);
     Ok(json_status(&view, 201))
@@ -211,6 +212,7 @@ pub async fn update(mut req: Request, ctx: &Ctx, who: &Principal, id: &str) -> A
         ])?
         .run()
         .await?;
+    crate::deliveries::forget_subscriptions(who.owner());
     json(&row.view())
 }
 
@@ -228,6 +230,7 @@ pub async fn delete(ctx: &Ctx, who: &Principal, id: &str) -> ApiResult {
         db.prepare("DELETE FROM webhook_subscriptions WHERE id = ?1 AND owner = ?2").bind(&[s(&row.id), s(who.owner())])?,
     ])
     .await?;
+    crate::deliveries::forget_subscriptions(who.owner());
     Ok(Response::empty()?.with_status(204))
 }
 

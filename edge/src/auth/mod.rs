@@ -1,12 +1,10 @@
 //! Credentials: password hashing, access JWTs, opaque tokens (refresh and runner tokens) and the
 //! principal a request acts as. Pure code, tested natively; the clock is always passed in.
 
-mod cache;
 pub mod jwt;
 pub mod password;
 pub mod tokens;
 
-pub use cache::TokenCache;
 
 /// Who a request acts as. Every job, client and repository is owned by an `owner` string.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -64,6 +64,7 @@ pub(super) async fn run_job(
 
     // The wall-clock limit counts from the slot: time spent waiting for one is not the job's.
     let (limit, source) = services.limits.job_limit(assignment.timeout_seconds);
+    let queued = assignment.queued_ms;
     let mut job = JobRun {
         services,
         assignment,
@@ -72,6 +73,7 @@ pub(super) async fn run_job(
         sandbox: None,
         cancel: cancel.clone(),
         marks: Default::default(),
+        submitted: submitted_at(assigned, queued),
     };
     let finished = tokio::select! {
         f = job.execute(controls) => Some(f),
@@ -291,6 +293,18 @@ pub(crate) struct JobRun {
     pub cancel: CancelToken,
     /// When its workspace was ready and its agent ran, for the job's timing line.
     pub marks: std::sync::Mutex<Marks>,
+    /// When the job was submitted, on this runner's clock: the assignment's arrival less the
+    /// time it says the job waited (so never earlier than the submission).
+    pub submitted: Instant,
+}
+
+/// When a job assigned at `assigned` was submitted, on this runner's clock: `queued_ms` before
+/// (the arrival is after the edge's dispatch, so this is never before the submission); the
+/// assignment itself when the edge did not say.
+pub(crate) fn submitted_at(assigned: Instant, queued_ms: Option<u64>) -> Instant {
+    queued_ms
+        .and_then(|q| assigned.checked_sub(Duration::from_millis(q)))
+        .unwrap_or(assigned)
 }
 
 /// Instants of a job's life on this runner, logged (`job timings`, info) when it ends.
@@ -386,7 +400,13 @@ impl JobRun {
         let t = Instant::now();
         let wt = match s
             .workspaces
-            .create_worktree(&repo, &a.job_id, &a.branch_name, a.base_branch.as_deref())
+            .create_worktree_since(
+                &repo,
+                &a.job_id,
+                &a.branch_name,
+                a.base_branch.as_deref(),
+                self.submitted,
+            )
             .await
         {
             Ok(wt) => wt,
@@ -429,14 +449,28 @@ impl JobRun {
 
     /// A pipeline for the job's steps: its sink, the runner's model and budget, the job's cancel
     /// and controls, started `paused` or not.
-    pub fn pipeline(&self, controls: mpsc::UnboundedReceiver<JobControl>, paused: bool) -> Pipeline {
+    pub fn pipeline(
+        &self,
+        controls: mpsc::UnboundedReceiver<JobControl>,
+        paused: bool,
+    ) -> Pipeline {
         let llm = self.services.llm.clone();
         let budget = llm.config().budget;
-        Pipeline::new(self.sink.clone(), llm, budget, self.cancel.clone(), controls, paused)
+        Pipeline::new(
+            self.sink.clone(),
+            llm,
+            budget,
+            self.cancel.clone(),
+            controls,
+            paused,
+        )
     }
 
     /// `work`'s `finished` event, or a failed one as soon as the worktree outgrows its limit.
-    pub async fn within_workspace_limit(&self, work: impl std::future::Future<Output = RunnerEvent>) -> RunnerEvent {
+    pub async fn within_workspace_limit(
+        &self,
+        work: impl std::future::Future<Output = RunnerEvent>,
+    ) -> RunnerEvent {
         tokio::select! {
             f = work => f,
             over = self.watch_workspace() => failed(over),
@@ -809,6 +843,16 @@ mod tests {
         assert_eq!(prompt_line("hi"), "hi\n");
         assert_eq!(prompt_line("hi\n\n"), "hi\n");
         assert_eq!(prompt_line("a\nb"), "a\nb\n");
+    }
+
+    #[test]
+    fn a_jobs_submission_is_its_arrival_less_its_wait() {
+        let assigned = Instant::now();
+        assert_eq!(submitted_at(assigned, None), assigned);
+        assert_eq!(
+            submitted_at(assigned, Some(250)),
+            assigned - Duration::from_millis(250)
+        );
     }
 
     #[test]

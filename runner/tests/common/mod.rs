@@ -183,6 +183,7 @@ pub fn assignment(job_type: JobType, prompt: &str) -> Assignment {
         landing: None,
         dashboard: None,
         source_issue: None,
+        queued_ms: None,
     }
 }
 
