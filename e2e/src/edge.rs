@@ -65,14 +65,29 @@ impl TestEdge {
         let script = faults_build().await?.clone();
         let mut edge = Self::prepare(EdgeServer::WranglerDev, None, vars).await?;
         edge.script = Some(script);
-        edge.spawn().await?;
+        edge.first_spawn().await?;
         Ok(edge)
     }
 
     async fn launch(server: EdgeServer, wrangler_env: Option<&str>, vars: &[(&str, &str)]) -> anyhow::Result<TestEdge> {
         let mut edge = Self::prepare(server, wrangler_env, vars).await?;
-        edge.spawn().await?;
+        edge.first_spawn().await?;
         Ok(edge)
+    }
+
+    /// The first start, on the port chosen for it or, when another process bound that port in
+    /// the meantime (a free port is free only until someone takes it), on another.
+    async fn first_spawn(&mut self) -> anyhow::Result<()> {
+        let mut attempt = 0;
+        loop {
+            match self.spawn().await {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("Address already in use") => {
+                    attempt += 1;
+                    self.port = free_port();
+                }
+                other => return other,
+            }
+        }
     }
 
     async fn prepare(server: EdgeServer, wrangler_env: Option<&str>, vars: &[(&str, &str)]) -> anyhow::Result<TestEdge> {

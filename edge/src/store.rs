@@ -258,25 +258,25 @@ pub async fn list_jobs(db: &D1Database, owner: &str, q: &ListQuery) -> ApiResult
     struct Count {
         total: i64,
     }
-    let total = db
-        .prepare(format!("SELECT COUNT(*) AS total FROM jobs j{filter}"))
-        .bind(&args)?
-        .first::<Count>(None)
-        .await?
-        .map_or(0, |c| c.total as u64);
     let mut page_args = args.clone();
     page_args.push(n(q.limit as i64));
     page_args.push(n(q.offset as i64));
-    let rows = db
-        .prepare(format!(
-            "{JOB_SELECT}{filter} ORDER BY j.created_ms DESC, j.id DESC LIMIT ?{} OFFSET ?{}",
-            args.len() + 1,
-            args.len() + 2
-        ))
-        .bind(&page_args)?
-        .all()
-        .await?
-        .results::<JobRow>()?;
+    // The count and the page in one round trip (and one transaction: they agree).
+    let results = db
+        .batch(vec![
+            db.prepare(format!("SELECT COUNT(*) AS total FROM jobs j{filter}")).bind(&args)?,
+            db.prepare(format!(
+                "{JOB_SELECT}{filter} ORDER BY j.created_ms DESC, j.id DESC LIMIT ?{} OFFSET ?{}",
+                args.len() + 1,
+                args.len() + 2
+            ))
+            .bind(&page_args)?,
+        ])
+        .await?;
+    let [count, page] = <[worker::d1::D1Result; 2]>::try_from(results)
+        .map_err(|r| ApiError::Internal(format!("a batch of 2 statements answered {} results", r.len())))?;
+    let total = count.results::<Count>()?.first().map_or(0, |c| c.total as u64);
+    let rows = page.results::<JobRow>()?;
     Ok((rows, total))
 }
 
