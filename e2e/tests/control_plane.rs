@@ -35,6 +35,16 @@ async fn start(vars: &[(&str, &str)]) -> TestEdge {
     edge
 }
 
+/// A client of `token`'s user named `name`, with the repository `acme/<repo>`: its id.
+async fn client_with_repository(api: &kiln_e2e::Api, token: &str, name: &str, repo: &str) -> String {
+    let (_, client) = api.post("/clients", token, json!({"name": name})).await;
+    let client_id = client["id"].as_str().expect("client id").to_string();
+    let (status, body) =
+        api.post(&format!("/clients/{client_id}/repository"), token, json!({"githubOrg": "acme", "githubRepo": repo})).await;
+    assert!(status.is_success(), "{body}");
+    client_id
+}
+
 fn code_job(branch: &str) -> Value {
     json!({"prompt": "Add a logout button to the header", "githubOrg": "acme", "githubRepo": "shop", "branchName": branch})
 }
@@ -551,11 +561,7 @@ async fn list_filters_paginates_and_puts_the_newest_first() {
 async fn list_filters_by_client_and_defaults_to_fifty() {
     let api = shared().await.api();
     let token = api.new_user("many").await;
-    let (_, client) = api.post("/clients", &token, json!({"name": "Many"})).await;
-    let client_id = client["id"].as_str().expect("client id").to_string();
-    let (status, body) =
-        api.post(&format!("/clients/{client_id}/repository"), &token, json!({"githubOrg": "acme", "githubRepo": "many"})).await;
-    assert!(status.is_success(), "{body}");
+    let client_id = client_with_repository(&api, &token, "Many", "many").await;
     let mut by_client = vec![];
     for i in 0..52 {
         let body = if i < 3 {
@@ -633,11 +639,7 @@ async fn cancel_and_retry_follow_the_lifecycle() {
 async fn a_job_reads_the_same_from_its_room_and_from_the_list() {
     let api = shared().await.api();
     let token = api.new_user("same").await;
-    let (_, client) = api.post("/clients", &token, json!({"name": "Same Co"})).await;
-    let client_id = client["id"].as_str().expect("client id").to_string();
-    let (status, body) =
-        api.post(&format!("/clients/{client_id}/repository"), &token, json!({"githubOrg": "acme", "githubRepo": "same"})).await;
-    assert!(status.is_success(), "{body}");
+    let client_id = client_with_repository(&api, &token, "Same Co", "same").await;
     let agree = |what: &'static str, id: String| {
         let (api, token) = (api.clone(), token.clone());
         async move {

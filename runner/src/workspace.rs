@@ -6,8 +6,9 @@
 //! without it: git keeps each worktree's index and HEAD apart and updates each ref under a lock
 //! file. No git command collects garbage on its own (`gc.auto=0`, `maintenance.auto=false`): that
 //! runs under the lock when no worktree of the mirror is in use. A finished job's directory is
-//! deleted at once; its worktree entry and branch are dropped in a batch under the lock when it is
-//! free (or before a worktree that needs them gone is added). User-supplied names are validated
+//! deleted at once; its worktree entry and branch are dropped with others in a batch under the
+//! lock (every [`DROP_BATCH`] clean-ups, at the runner's tidy-up, or before a worktree that needs
+//! them gone is added). User-supplied names are validated
 //! and never reach git as options. Commands inside a worktree name its git directory explicitly,
 //! so a `.git` file the agent rewrote cannot point git at configuration (and hooks) of the
 //! agent's making.
@@ -607,12 +608,9 @@ impl Workspaces {
         let path = self.worktree_path(job_id);
         // A finished worktree of this path or branch (a retry's) is dropped first: git would
         // refuse a path still registered, or a branch still checked out.
-        let needed = self
-            .state
-            .lock()
-            .unwrap()
-            .get(repo)
-            .is_some_and(|s| s.pending.iter().any(|(p, b)| *p == path || b == branch));
+        let needed = self.mirror_state(repo, |s| {
+            s.pending.iter().any(|(p, b)| *p == path || b == branch)
+        });
         if needed {
             self.drop_pending_locked(repo, &mirror).await;
         }
@@ -638,12 +636,7 @@ impl Workspaces {
                 ],
             )
             .await?;
-        self.state
-            .lock()
-            .unwrap()
-            .entry(repo.clone())
-            .or_default()
-            .in_use += 1;
+        self.mirror_state(repo, |s| s.in_use += 1);
         let git_dir = async {
             let dotgit = tokio::fs::read_to_string(path.join(".git"))
                 .await
@@ -959,12 +952,10 @@ impl Workspaces {
                 tracing::warn!(path = %wt.path.display(), error = %e, "could not delete a worktree directory");
             }
         }
-        let waiting = {
-            let mut state = self.state.lock().unwrap();
-            let s = state.entry(wt.repo.clone()).or_default();
+        let waiting = self.mirror_state(&wt.repo, |s| {
             s.pending.push((wt.path.clone(), wt.branch.clone()));
             s.pending.len()
-        };
+        });
         self.release(&wt.repo);
         if waiting < DROP_BATCH {
             // Dropped with a batch, or by the next tidy-up.
@@ -1433,6 +1424,19 @@ mod burst_tests {
         );
     }
 
+    /// `git commit --quiet <args>` as a test author.
+    fn commit(dir: &Path, args: &[&str]) {
+        let id = [
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "--quiet",
+        ];
+        git(dir, &[&id[..], args].concat());
+    }
+
     /// A bare remote `acme/shop` with one commit on `main`, and a clone to push more from.
     fn remote(dir: &Path) -> (String, PathBuf) {
         let bare = dir.join("remote/acme/shop.git");
@@ -1442,24 +1446,9 @@ mod burst_tests {
         std::fs::create_dir_all(&src).unwrap();
         git(&src, &["init", "--quiet", "-b", "main"]);
         std::fs::write(src.join("README.md"), "one\n").unwrap();
-        for args in [
-            &[
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@t",
-                "commit",
-                "--quiet",
-                "-m",
-                "one",
-            ][..],
-            &["remote", "add", "origin", bare.to_str().unwrap()],
-        ] {
-            if args[0] == "-c" {
-                git(&src, &["add", "."]);
-            }
-            git(&src, args);
-        }
+        git(&src, &["add", "."]);
+        commit(&src, &["-m", "one"]);
+        git(&src, &["remote", "add", "origin", bare.to_str().unwrap()]);
         git(&src, &["push", "--quiet", "origin", "main"]);
         (format!("file://{}", dir.join("remote").display()), src)
     }
@@ -1572,19 +1561,7 @@ mod burst_tests {
 
         // A commit pushed now is seen by the next job: a fetch is never older than its job.
         std::fs::write(src.join("README.md"), "two\n").unwrap();
-        git(
-            &src,
-            &[
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@t",
-                "commit",
-                "--quiet",
-                "-am",
-                "two",
-            ],
-        );
+        commit(&src, &["-am", "two"]);
         git(&src, &["push", "--quiet", "origin", "main"]);
         let (_, late) = start(8).await.unwrap();
         assert_eq!(

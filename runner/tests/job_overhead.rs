@@ -14,7 +14,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use common::{assignment, finished, RunnerOptions, TestRunner, ORG, REPO};
+use common::{assignment, finished, percentile, RunnerOptions, TestRunner, BUILD, ORG, REPO};
 use kiln_schemas::runner::Outcome;
 use kiln_schemas::status::JobType;
 
@@ -41,11 +41,6 @@ fn field(line: &str, key: &str) -> Option<u64> {
         .filter_map(|w| w.split_once('='))
         .find(|(k, _)| *k == key)
         .and_then(|(_, v)| v.trim_matches('"').parse().ok())
-}
-
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,13 +96,8 @@ async fn a_no_op_jobs_time_in_the_runner() {
         v.sort_unstable();
         v
     };
-    let build = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
     println!(
-        "{JOBS} no-op code jobs of one repository, {SLOTS} slots ({build} build): {:.1} jobs/s",
+        "{JOBS} no-op code jobs of one repository, {SLOTS} slots ({BUILD} build): {:.1} jobs/s",
         JOBS as f64 / elapsed.as_secs_f64()
     );
     println!("{:<34} {:>9} {:>9}", "ms", "p50", "p99");

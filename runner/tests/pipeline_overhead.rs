@@ -12,7 +12,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assignment, finished, RunnerOptions, TestRunner};
+use common::{assignment, finished, percentile, RunnerOptions, TestRunner, BUILD};
 use kiln_e2e::model::{ModelServer, Script};
 use kiln_runner::llm::{Api, ApiKey, LlmConfig, ModelRef, Provider};
 use kiln_runner::pipeline::Overhead;
@@ -24,11 +24,6 @@ use serde_json::json;
 const JOBS: usize = 6;
 /// Nine dialogue turns (no consensus), the PRD and the backlog.
 const STEPS_PER_JOB: usize = 11;
-
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_engines_overhead_per_llm_step() {
@@ -137,13 +132,8 @@ async fn the_engines_overhead_per_llm_step() {
     for v in [&mut before, &mut after, &mut total] {
         v.sort_unstable();
     }
-    let build = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
     println!(
-        "\nPipeline engine overhead per LLM step ({} steps, {build} build), microseconds:",
+        "\nPipeline engine overhead per LLM step ({} steps, {BUILD} build), microseconds:",
         samples.len()
     );
     println!("| measure | p50 | p99 | max |");

@@ -108,7 +108,6 @@ thread_local! {
         std::cell::RefCell::new(TtlCache::new(RUNNER_TOKEN_TTL_MS, 1024));
 }
 
-
 async fn connect(req: &Request, ctx: &Ctx, runner: &RunnerRow) -> ApiResult {
     let upgrade = req.headers().get("upgrade")?.unwrap_or_default();
     if !upgrade.eq_ignore_ascii_case("websocket") {
@@ -356,4 +355,3 @@ async fn get_snapshot(req: &Request, ctx: &Ctx, runner: &RunnerRow, job_id: &str
     headers.set("content-type", "application/json")?;
     Ok(Response::from_bytes(bytes)?.with_headers(headers))
 }
-

@@ -30,6 +30,19 @@ pub use github::FakeGithub;
 pub const ORG: &str = "acme";
 pub const REPO: &str = "site";
 
+/// The nearest-index percentile `p` (0..=1) of sorted samples, for the overhead benchmarks.
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// Which build a benchmark ran in, for its printed table.
+pub const BUILD: &str = if cfg!(debug_assertions) {
+    "debug"
+} else {
+    "release"
+};
+
 /// `tests/agents`, holding `agent.sh` (see its header for the words a prompt can use).
 pub fn agents_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/agents")
