@@ -34,6 +34,8 @@ mod metrics_object;
 #[cfg(target_arch = "wasm32")]
 mod queue_object;
 #[cfg(target_arch = "wasm32")]
+mod room_pool;
+#[cfg(target_arch = "wasm32")]
 mod store;
 
 #[cfg(target_arch = "wasm32")]

@@ -480,7 +480,10 @@ impl QueueInner {
     /// calls and socket sends a dispatch makes.
     fn dispatch_after_answer(self: &Rc<Self>) {
         let this = self.clone();
-        self.state.wait_until(async move { this.dispatch_or_retry().await });
+        self.state.wait_until(async move {
+            worker::Delay::from(Duration::ZERO).await;
+            this.dispatch_or_retry().await
+        });
     }
 
     /// Tells the room a lease (again), then the runner. Answers whether the lease was settled

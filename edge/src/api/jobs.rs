@@ -197,7 +197,7 @@ pub(crate) async fn submit(
     // Checked before anything is stored: the repository must be granted to the caller, and the
     // branch must not be protected (neither may a retry's derived branch).
     grants::require(ctx, who, &[(&github_org, &github_repo)]).await?;
-    let id = new_id();
+    let id = crate::room_pool::take().unwrap_or_else(new_id);
     let now = now_ms();
     let created_at = rfc3339(now);
     let branch_name = branch_override

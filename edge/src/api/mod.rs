@@ -47,6 +47,12 @@ pub async fn handle(req: Request, env: Env, wctx: Option<&worker::Context>) -> w
     // their errors also carry `detail`.
     let with_detail = ["/api", "/v1"].iter().any(|p| path == *p || path.starts_with(&format!("{p}/")));
     let mut resp = route(req, &ctx).await.unwrap_or_else(|e| e.respond(with_detail));
+    // A submission took a room opened ahead (or found none): the next is opened after the answer.
+    if let (Some(w), Method::Post) = (wctx, &method) {
+        if crate::room_pool::wanted() {
+            w.wait_until(crate::room_pool::refill(ctx.env.clone()));
+        }
+    }
     // A socket's upgrade answer is not read by CORS (and its headers are the runtime's).
     if resp.status_code() != 101 {
         apply_cors(&mut resp, &ctx.config.cors, origin.as_deref(), false);
