@@ -23,9 +23,9 @@ use crate::http;
 const TARGET: usize = 2;
 
 /// How long a refill waits after the answer that asked for it: the job just submitted is
-/// dispatched first (its queue dispatches after its answer too), and on one thread the two
-/// would otherwise take turns.
-const PAUSE: Duration = Duration::from_millis(5);
+/// dispatched, and its submitter's first reads and socket answered, before the next room is
+/// opened (on one thread they would otherwise take turns). Only the next submission needs it.
+const PAUSE: Duration = Duration::from_millis(50);
 
 thread_local! {
     static READY: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
