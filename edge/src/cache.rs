@@ -9,7 +9,10 @@
 //! change moves the cache's generation, and [`TtlCache::put`] of an answer read under an older
 //! generation is dropped.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::future::Future;
+use std::thread::LocalKey;
 
 pub struct TtlCache<V> {
     entries: HashMap<String, (V, i64)>,
@@ -77,6 +80,24 @@ impl<V: Clone> TtlCache<V> {
     }
 }
 
+/// `key`'s value from `cache` while it is fresh, else what `load` answers, kept unless the cache
+/// changed while it was read (see [`TtlCache::put`]); a failed `load` keeps nothing. `now` is the
+/// clock, in ms.
+pub async fn read_through<V: Clone + 'static, E>(
+    cache: &'static LocalKey<RefCell<TtlCache<V>>>,
+    key: &str,
+    now: fn() -> i64,
+    load: impl Future<Output = Result<V, E>>,
+) -> Result<V, E> {
+    if let Some(value) = cache.with(|c| c.borrow_mut().get(key, now())) {
+        return Ok(value);
+    }
+    let generation = cache.with(|c| c.borrow().generation());
+    let value = load.await?;
+    cache.with(|c| c.borrow_mut().put(key.to_string(), value.clone(), now(), generation));
+    Ok(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,5 +148,40 @@ mod tests {
         assert_eq!(cache.get("ann", 5), Some(vec![]));
         cache.clear();
         assert!(cache.is_empty());
+    }
+
+    thread_local! {
+        static GRANTS: RefCell<TtlCache<Vec<&'static str>>> = RefCell::new(TtlCache::new(TTL, MAX));
+    }
+
+    fn clock() -> i64 {
+        0
+    }
+
+    #[test]
+    fn read_through_loads_once_keeps_no_failure_and_no_answer_that_raced_a_change() {
+        use futures::executor::block_on;
+        let loads = std::cell::Cell::new(0);
+        let load = |value: Result<Vec<&'static str>, &'static str>| {
+            let loads = &loads;
+            async move {
+                loads.set(loads.get() + 1);
+                value
+            }
+        };
+        assert_eq!(block_on(read_through(&GRANTS, "ann", clock, load(Ok(vec!["acme/*"])))), Ok(vec!["acme/*"]));
+        assert_eq!(block_on(read_through(&GRANTS, "ann", clock, load(Ok(vec![])))), Ok(vec!["acme/*"]));
+        assert_eq!(loads.get(), 1, "a fresh entry answers without a load");
+
+        assert_eq!(block_on(read_through(&GRANTS, "bob", clock, load(Err("d1 down")))), Err("d1 down"));
+        assert_eq!(block_on(read_through(&GRANTS, "bob", clock, load(Ok(vec!["acme/web"])))), Ok(vec!["acme/web"]));
+        assert_eq!(loads.get(), 3, "a failed load is not kept");
+
+        let raced = async {
+            GRANTS.with(|c| c.borrow_mut().forget("cat"));
+            Ok::<_, &str>(vec!["old"])
+        };
+        assert_eq!(block_on(read_through(&GRANTS, "cat", clock, raced)), Ok(vec!["old"]));
+        assert_eq!(GRANTS.with(|c| c.borrow_mut().get("cat", 0)), None, "an answer read across a change is not kept");
     }
 }

@@ -21,7 +21,7 @@ use kiln_schemas::webhooks::{signature_header, DELIVERY_HEADER, SIGNATURE_HEADER
 use serde::Deserialize;
 use worker::{Context, Env, MessageBatch, MessageBuilder, MessageExt, State};
 
-use crate::cache::TtlCache;
+use crate::cache::{self, TtlCache};
 use crate::env::{new_id, now_ms};
 use crate::http::{ApiError, ApiResult};
 use crate::job_room::RoomMeta;
@@ -159,20 +159,16 @@ pub fn forget_subscriptions(owner: &str) {
 /// Stores the deliveries an event makes and sends their messages.
 async fn record(env: &Env, event: JobEvent) -> ApiResult<()> {
     let db = crate::env::db(env)?;
-    let subs = match OWNER_SUBSCRIPTIONS.with(|c| c.borrow_mut().get(&event.owner, now_ms())) {
-        Some(subs) => subs,
-        None => {
-            let generation = OWNER_SUBSCRIPTIONS.with(|c| c.borrow().generation());
-            let subs = db
-                .prepare("SELECT id, events, job_types FROM webhook_subscriptions WHERE owner = ?1 AND enabled = 1")
+    let subs = cache::read_through(&OWNER_SUBSCRIPTIONS, &event.owner, now_ms, async {
+        Ok::<_, ApiError>(
+            db.prepare("SELECT id, events, job_types FROM webhook_subscriptions WHERE owner = ?1 AND enabled = 1")
                 .bind(&[s(&event.owner)])?
                 .all()
                 .await?
-                .results::<SubscriptionFilter>()?;
-            OWNER_SUBSCRIPTIONS.with(|c| c.borrow_mut().put(event.owner.clone(), subs.clone(), now_ms(), generation));
-            subs
-        }
-    };
+                .results::<SubscriptionFilter>()?,
+        )
+    })
+    .await?;
     if subs.is_empty() {
         return Ok(());
     }

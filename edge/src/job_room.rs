@@ -1667,7 +1667,7 @@ impl JobRoom {
         let path = req.path();
         match (req.method(), path.as_str()) {
             (Method::Post, "/init") => self.init(body_as(&mut req).await?).await,
-            // Opened ahead of its job (`api::jobs::warm_rooms`): the constructor made the schema,
+            // Opened ahead of its job (`room_pool::refill`): the constructor made the schema,
             // whose commit is out before this answer is.
             (Method::Post, "/warm") => Ok(Response::empty()?.with_status(204)),
             (Method::Post, "/transition") => json(&self.transition(body_as(&mut req).await?).await?),

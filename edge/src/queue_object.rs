@@ -481,6 +481,8 @@ impl QueueInner {
     fn dispatch_after_answer(self: &Rc<Self>) {
         let this = self.clone();
         self.state.wait_until(async move {
+            // One timer turn first: on the edge's one thread the caller's answer is then written
+            // before the dispatch's room transition and socket send run.
             worker::Delay::from(Duration::ZERO).await;
             this.dispatch_or_retry().await
         });
@@ -1123,9 +1125,6 @@ impl QueueInner {
         queue
     }
 
-}
-
-impl QueueInner {
     /// A runner's socket closed: the runner stops counting as capacity; its leases run out unless
     /// it reconnects and re-announces them.
     fn forget_socket(&self, ws: &WebSocket) {

@@ -1051,17 +1051,8 @@ impl Workspaces {
     /// is in use, at most every [`GC_EVERY`]: automatic collection is off for every other
     /// command.
     async fn maintain_if_quiet_locked(&self, repo: &RepoRef, mirror: &Path) {
-        let quiet = self
-            .state
-            .lock()
-            .unwrap()
-            .get(repo)
-            .is_none_or(|s| s.in_use == 0);
-        if !quiet {
-            return;
-        }
         let due = self.mirror_state(repo, |s| {
-            let due = s.maintained.is_none_or(|t| t.elapsed() >= GC_EVERY);
+            let due = s.in_use == 0 && s.maintained.is_none_or(|t| t.elapsed() >= GC_EVERY);
             if due {
                 s.maintained = Some(std::time::Instant::now());
             }

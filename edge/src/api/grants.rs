@@ -8,7 +8,7 @@ use worker::Request;
 
 use super::Ctx;
 use crate::auth::Principal;
-use crate::cache::TtlCache;
+use crate::cache::{self, TtlCache};
 use crate::env::{self, new_id, now_ms};
 use crate::http::{body_json, json, json_status, ApiError, ApiResult};
 use crate::store::{self, GrantRow};
@@ -28,16 +28,11 @@ pub async fn require(ctx: &Ctx, who: &Principal, repos: &[(&str, &str)]) -> ApiR
     if repos.is_empty() {
         return Ok(());
     }
-    let patterns = match USER_GRANTS.with(|c| c.borrow_mut().get(id, now_ms())) {
-        Some(patterns) => patterns,
-        None => {
-            let generation = USER_GRANTS.with(|c| c.borrow().generation());
-            let rows = store::grants_of_user(&env::db(&ctx.env)?, id, email).await?;
-            let patterns: Vec<String> = rows.into_iter().map(|g| g.repository).collect();
-            USER_GRANTS.with(|c| c.borrow_mut().put(id.clone(), patterns.clone(), now_ms(), generation));
-            patterns
-        }
-    };
+    let patterns = cache::read_through(&USER_GRANTS, id, now_ms, async {
+        let rows = store::grants_of_user(&env::db(&ctx.env)?, id, email).await?;
+        Ok::<_, ApiError>(rows.into_iter().map(|g| g.repository).collect::<Vec<String>>())
+    })
+    .await?;
     for (org, repo) in repos {
         if !is_granted(patterns.iter().map(String::as_str), org, repo) {
             return Err(ApiError::Forbidden(not_granted_message(org, repo)));

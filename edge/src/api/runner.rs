@@ -12,7 +12,7 @@ use worker::{Headers, HttpMetadata, Method, Request, RequestInit, Response};
 
 use super::Ctx;
 use crate::auth::{bearer, tokens};
-use crate::cache::TtlCache;
+use crate::cache::{self, TtlCache};
 use crate::env::{self, new_id, now_ms, random};
 use crate::http::{self, body_as, json, json_status, ApiError, ApiResult};
 use crate::preview;
@@ -85,15 +85,12 @@ async fn authenticate(req: &Request, ctx: &Ctx) -> ApiResult<RunnerRow> {
     let header = req.headers().get("authorization")?;
     let token = bearer(header.as_deref()).ok_or_else(|| ApiError::Unauthorized("runner token required".into()))?;
     let hash = tokens::digest(token);
-    if let Some(row) = KNOWN_RUNNERS.with(|c| c.borrow_mut().get(&hash, now_ms())) {
-        return Ok(row);
-    }
-    let generation = KNOWN_RUNNERS.with(|c| c.borrow().generation());
-    let row = store::runner_by_token_hash(&env::db(&ctx.env)?, &hash)
-        .await?
-        .ok_or_else(|| ApiError::Unauthorized("invalid runner token".into()))?;
-    KNOWN_RUNNERS.with(|c| c.borrow_mut().put(hash, row.clone(), now_ms(), generation));
-    Ok(row)
+    cache::read_through(&KNOWN_RUNNERS, &hash, now_ms, async {
+        store::runner_by_token_hash(&env::db(&ctx.env)?, &hash)
+            .await?
+            .ok_or_else(|| ApiError::Unauthorized("invalid runner token".into()))
+    })
+    .await
 }
 
 /// How long an isolate trusts a runner token D1 confirmed.

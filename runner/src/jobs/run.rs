@@ -449,28 +449,14 @@ impl JobRun {
 
     /// A pipeline for the job's steps: its sink, the runner's model and budget, the job's cancel
     /// and controls, started `paused` or not.
-    pub fn pipeline(
-        &self,
-        controls: mpsc::UnboundedReceiver<JobControl>,
-        paused: bool,
-    ) -> Pipeline {
+    pub fn pipeline(&self, controls: mpsc::UnboundedReceiver<JobControl>, paused: bool) -> Pipeline {
         let llm = self.services.llm.clone();
         let budget = llm.config().budget;
-        Pipeline::new(
-            self.sink.clone(),
-            llm,
-            budget,
-            self.cancel.clone(),
-            controls,
-            paused,
-        )
+        Pipeline::new(self.sink.clone(), llm, budget, self.cancel.clone(), controls, paused)
     }
 
     /// `work`'s `finished` event, or a failed one as soon as the worktree outgrows its limit.
-    pub async fn within_workspace_limit(
-        &self,
-        work: impl std::future::Future<Output = RunnerEvent>,
-    ) -> RunnerEvent {
+    pub async fn within_workspace_limit(&self, work: impl std::future::Future<Output = RunnerEvent>) -> RunnerEvent {
         tokio::select! {
             f = work => f,
             over = self.watch_workspace() => failed(over),
